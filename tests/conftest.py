@@ -1,0 +1,19 @@
+"""Shared test fixtures: deterministic seeding and the Triton interpreter switch."""
+import os
+import random
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,380 @@
+"""Wan2.1 text-to-video diffusion transformer (DiT), one implementation for every size.
+
+Follows Wan2.1 (Wan team, "Wan: Open and Advanced Large-Scale Video Generative Models", 2025):
+3D patch embedding → per block [adaLN-modulated self-attention with RMSNorm on q/k and 3D RoPE,
+cross-attention to the text states, adaLN-modulated GELU(tanh) FFN] → modulated head.
+Rectified-flow velocity model: given x_s = (1-s)·x0 + s·ε and timestep 1000·s it predicts v = ε - x0.
+
+The parameter names follow the official Wan checkpoint layout (blocks.N.self_attn.q, ...);
+`turbo_infer.models.wan_keys` converts from/to the diffusers `WanTransformer3DModel` layout.
+Numerics match diffusers at fp32 (norms and modulation in fp32, sinusoid in fp32, RoPE angles in
+fp64). Self-attention goes through a pluggable backend (`turbo_infer.layers.attention`), so SLA and
+the low-bit kernels replace it per model; cross-attention always stays dense SDPA.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from turbo_infer.layers.attention import make_attention
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(kw_only=True)
+class WanConfig:
+    """Architecture of a Wan2.1 T2V DiT. Sizes are channels unless stated."""
+
+    dim: int  # model width (hidden size)
+    ffn_dim: int  # FFN inner width
+    num_heads: int  # attention heads; head_dim = dim // num_heads
+    num_layers: int  # transformer blocks
+    text_dim: int = 4096  # width of the text encoder states (umT5-XXL: 4096, toy MiniLM: 384)
+    in_channels: int = 16  # latent channels in
+    out_channels: int = 16  # latent channels out
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (frames, height, width) patch in latent cells
+    eps: float = 1e-6  # LayerNorm / RMSNorm epsilon
+    cross_attn_norm: bool = True  # affine LayerNorm before cross-attention
+    rope_theta: float = 10000.0
+    attention: str = "sdpa"  # self-attention backend name (see turbo_infer.layers.attention)
+    attention_options: dict = field(default_factory=dict)  # backend options, e.g. {"topk": 0.1}
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_channels", "out_channels", "freq_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"WanConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.dim % self.num_heads:
+            raise ValueError(f"WanConfig.dim ({self.dim}) must be divisible by num_heads ({self.num_heads})")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ValueError(f"WanConfig head_dim ({self.head_dim}) must be even and >= 6 for 3D RoPE")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"WanConfig.patch_size must be 3 positive ints, got {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "WanConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown WanConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# Size presets; also the CLI's `--config` choices.
+WAN_CONFIGS: dict[str, WanConfig] = {
+    # Toy world: MiniLM text (384), toy codec latents (48 ch = 3 RGB x 4 x 4 space-to-depth). ~3.7M params.
+    "toy": WanConfig(dim=192, ffn_dim=768, num_heads=3, num_layers=6, text_dim=384, in_channels=48, out_channels=48),
+    "wan2.1-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "wan2.1-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def get_config(name_or_config: "str | WanConfig | dict", **overrides) -> WanConfig:
+    """Resolve a preset name, dict or WanConfig, applying `overrides` (e.g. attention="sla")."""
+    if isinstance(name_or_config, WanConfig):
+        cfg = name_or_config
+    elif isinstance(name_or_config, dict):
+        cfg = WanConfig.from_dict(name_or_config)
+    elif name_or_config in WAN_CONFIGS:
+        cfg = WAN_CONFIGS[name_or_config]
+    else:
+        raise ValueError(f"unknown Wan config {name_or_config!r}; choose one of {sorted(WAN_CONFIGS)}")
+    return replace(cfg, **overrides) if overrides else replace(cfg)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Timestep embedding [cos, sin] of t·10000^(-i/half), computed in fp32 as diffusers does.
+
+    t: (B,) float timesteps in [0, 1000] -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32 (Wan normalizes q/k across all heads)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def layer_norm_fp32(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """LayerNorm evaluated in fp32 (returns fp32), as Wan's FP32LayerNorm."""
+    w = norm.weight.float() if norm.weight is not None else None
+    b = norm.bias.float() if norm.bias is not None else None
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps)
+
+
+class RoPE3D(nn.Module):
+    """3D rotary embedding: head_dim split into (frames, height, width) parts of sizes
+    (d - 4·(d//6), 2·(d//6), 2·(d//6)); consecutive channel pairs rotate by pos·θ^(-2i/part)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim = head_dim
+        hw = 2 * (head_dim // 6)
+        self.parts = (head_dim - 2 * hw, hw, hw)
+        self.theta = theta
+        self._cache: dict = {}
+
+    def freqs(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape (L, head_dim/2) for a (F', H', W') token grid, L = F'·H'·W' (fp32)."""
+        key = (grid, str(device))
+        if key not in self._cache:
+            angles = []
+            for n, part in zip(grid, self.parts):
+                inv = 1.0 / (self.theta ** (torch.arange(0, part, 2, dtype=torch.float64) / part))  # (part/2,)
+                angles.append(torch.outer(torch.arange(n, dtype=torch.float64), inv))  # (n, part/2)
+            f, h, w = grid
+            a = torch.cat(
+                [
+                    angles[0][:, None, None].expand(f, h, w, -1),
+                    angles[1][None, :, None].expand(f, h, w, -1),
+                    angles[2][None, None, :].expand(f, h, w, -1),
+                ],
+                dim=-1,
+            ).reshape(f * h * w, -1)  # (L, head_dim/2)
+            self._cache[key] = (a.cos().float().to(device), a.sin().float().to(device))
+        return self._cache[key]
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, H, D) with cos/sin (L, D/2) -> rotated x, same dtype."""
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)  # (B, L, H, D)
+        return out.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with RMSNorm(q, k) across heads, 3D RoPE and a pluggable backend."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+        self.attn = make_attention(cfg.attention, cfg.head_dim, **cfg.attention_options)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # x: (B, L, dim)
+        B, L, _ = x.shape
+        q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)  # (B, L, H, D)
+        k = self.norm_k(self.k(x)).view(B, L, self.num_heads, self.head_dim)
+        v = self.v(x).view(B, L, self.num_heads, self.head_dim)
+        q, k = RoPE3D.apply(q, *rope), RoPE3D.apply(k, *rope)
+        o = self.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
+        return self.o(o.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
+
+
+class WanCrossAttention(nn.Module):
+    """Dense cross-attention from video tokens to text states (q/k RMSNorm, no RoPE)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, dim), context: (B, Lc, dim)
+        B, L, _ = x.shape
+        Lc = context.shape[1]
+        q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
+        k = self.norm_k(self.k(context)).view(B, Lc, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v(context).view(B, Lc, self.num_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
+        return self.o(o.transpose(1, 2).reshape(B, L, -1))
+
+
+# ----------------------------------------------------------------------------- block and model
+
+
+class WanBlock(nn.Module):
+    """One DiT block. Modulation e = modulation + time_proj(t) gives (shift, scale, gate) for the
+    self-attention and for the FFN (6 vectors of size dim)."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(cfg)
+        self.norm3 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
+        self.cross_attn = WanCrossAttention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, context, rope):
+        # x: (B, L, dim); e: (B, 6, dim) fp32; context: (B, Lc, dim)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # each (B, dim)
+        h = (layer_norm_fp32(x, self.norm1) * (1 + scale1[:, None]) + shift1[:, None]).to(x.dtype)
+        x = (x.float() + self.self_attn(h, rope).float() * gate1[:, None]).to(x.dtype)
+        h = layer_norm_fp32(x, self.norm3).to(x.dtype) if self.norm3 is not None else x
+        x = x + self.cross_attn(h, context)
+        h = (layer_norm_fp32(x, self.norm2) * (1 + scale2[:, None]) + shift2[:, None]).to(x.dtype)
+        x = (x.float() + self.ffn(h).float() * gate2[:, None]).to(x.dtype)
+        return x
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, temb):
+        # x: (B, L, dim), temb: (B, dim) fp32
+        shift, scale = (self.modulation.float() + temb[:, None]).unbind(1)  # (B, dim) each
+        h = (layer_norm_fp32(x, self.norm) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+        return self.head(h)  # (B, L, C_out * pt * ph * pw)
+
+
+class WanModel(nn.Module):
+    """Wan2.1 T2V DiT: velocity v(x_s, 1000·s, text) for latents x of shape (B, C, F, H, W)."""
+
+    def __init__(self, config: "WanConfig | str"):
+        super().__init__()
+        cfg = self.config = get_config(config)
+        self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+        self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
+        self.gradient_checkpointing = False  # activation checkpointing per block when training
+        self.init_weights()
+
+    def init_weights(self):
+        """Xavier linears, zero biases (as Wan's reference init); the head starts at zero output."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.head.head.weight)
+        nn.init.zeros_(self.head.head.bias)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> "WanModel":
+        self.gradient_checkpointing = enabled
+        return self
+
+    def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """(B, C, F, H, W) -> tokens (B, L, dim) and the token grid (F', H', W')."""
+        pt, ph, pw = self.config.patch_size
+        _, _, f, h, w = x.shape
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent (F, H, W)=({f}, {h}, {w}) must be divisible by the patch size {self.config.patch_size}")
+        tokens = self.patch_embedding(x)  # (B, dim, F', H', W')
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).contiguous(), grid  # (B, L, dim)
+
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(B, L, C·pt·ph·pw) -> (B, C, F'·pt, H'·ph, W'·pw)."""
+        pt, ph, pw = self.config.patch_size
+        f, h, w = grid
+        B = x.shape[0]
+        x = x.reshape(B, f, h, w, pt, ph, pw, -1)  # (B, F', H', W', pt, ph, pw, C)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
+        return x.reshape(B, -1, f * pt, h * ph, w * pw)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Predict the rectified-flow velocity.
+
+        x: (B, C_in, F, H, W) noisy latents; timestep: (B,) or scalar, float, 1000·s in [0, 1000];
+        context: (B, L_text, text_dim) text-encoder states (zero-padded). Returns (B, C_out, F, H, W).
+        """
+        cfg = self.config
+        if x.ndim != 5 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be (B, {cfg.in_channels}, F, H, W), got {tuple(x.shape)}")
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be (B, L, {cfg.text_dim}), got {tuple(context.shape)}")
+        B = x.shape[0]
+        timestep = torch.as_tensor(timestep, device=x.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(B)
+        dtype = self.patch_embedding.weight.dtype
+
+        tokens, grid = self.patchify(x.to(dtype))  # (B, L, dim)
+        rope = self.rope.freqs(grid, x.device)
+        # time: sinusoid (fp32) -> MLP -> 6-way modulation, kept in fp32
+        temb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype)).float()  # (B, dim)
+        e = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # (B, 6, dim)
+        ctx = self.text_embedding(context.to(dtype))  # (B, Lc, dim)
+
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, e, ctx, rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, e, ctx, rope)
+        out = self.head(tokens, temb)  # (B, L, C·p)
+        return self.unpatchify(out, grid).float()
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        config: "str | WanConfig | dict | None" = None,
+        device: "torch.device | str | None" = None,
+        dtype: "torch.dtype | None" = None,
+        strict: bool = True,
+        **overrides,
+    ) -> "WanModel":
+        """Load weights (official Wan or diffusers layout; single file, sharded index or directory).
+
+        config: preset name / WanConfig / dict; None = read `config.json` beside the weights or infer the
+        preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla")."""
+        from turbo_infer.models.wan_keys import infer_config, load_wan_state_dict
+
+        state, file_config = load_wan_state_dict(path)
+        cfg = get_config(config if config is not None else (file_config or infer_config(state, path)), **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
+        # strict=False: parameters the file lacks are ones a backend adds (SLA's proj_l), which are
+        # zero-initialised by design; anything still on meta after that is an error.
+        for name in missing:
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            old = getattr(mod, attr)
+            setattr(mod, attr, nn.Parameter(torch.zeros(old.shape, dtype=torch.float32), requires_grad=old.requires_grad))
+        for name, p in model.named_parameters():
+            if p.is_meta:
+                raise ValueError(f"{path}: checkpoint has no tensor for parameter {name!r}")
+        return model.to(device=device, dtype=dtype)

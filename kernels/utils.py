@@ -1,0 +1,54 @@
+"""Shared launch helpers for the Triton kernels in turbo_kernels.
+
+Small, dependency-free utilities that every kernel file uses the same way: whether a tensor
+should go through Triton at all (CUDA, or CPU under the interpreter), ceil-division, powers of
+two for tile shapes, and argument checks that raise errors naming the argument.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether kernels should be launched for these tensors.
+
+    CUDA tensors always go through Triton; CPU tensors only when the interpreter is on (tests).
+    Otherwise callers fall back to their pure-torch reference.
+    """
+    if all(t.is_cuda for t in tensors):
+        return True
+    return all(t.device.type == "cpu" for t in tensors) and interpreter_enabled()
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+def is_power_of_2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def check_float_dtype(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32)) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_block(name: str, value: int, minimum: int = 16) -> None:
+    """Tile sizes must be powers of two >= minimum (tl.arange and tl.dot need it)."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum or not is_power_of_2(value):
+        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")

@@ -1,0 +1,221 @@
+"""Rectified-flow samplers for the teacher: Euler and UniPC (bh2, order 2), with timestep shift and
+classifier-free guidance.
+
+Time convention (DESIGN.md "The model"): x_s = (1 - s)·x0 + s·ε for s in [0, 1]; the network is
+called as `model(x, 1000·s, context)` and predicts the velocity v = ε - x0. Sampling integrates
+dx/ds = v from s = 1 (noise) to s = 0 (data).
+
+Schedule (diffusers' UniPCMultistepScheduler with use_flow_sigmas=True, as WanPipeline uses it):
+u_i = linspace(1, 1/1000, steps + 1)[:-1], shifted by shift(u, k) = k·u / (1 + (k - 1)·u)
+(k > 1 spends more steps at high noise; Wan's default k = 5), the first value nudged to 1 - 1e-6
+(UniPC takes log(1 - s)), then a final 0. Stored as float32 like diffusers' sigmas.
+
+Guidance: v = v_u + w·(v_c - v_u), both from ONE batched forward (cond and uncond stacked on the
+batch axis); w = 1 or no unconditional context = one conditional forward.
+
+UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of
+Diffusion Models"), data-prediction form, B(h) = e^h - 1 ("bh2"), multistep order 2, written for
+the flow path (α_s = 1 - s, σ_s = s, λ_s = log(α_s/σ_s)): the predictor UniP-2 extrapolates with
+the previous x0-prediction, the corrector UniC refines each new state with the model output just
+computed there (no extra forward), lower order at the first and last steps. It reproduces
+diffusers' scheduler step by step (tests/infer/test_samplers.py).
+
+To add a sampler (e.g. rCM's few-step one), subclass `FlowSampler` and add one entry to `SAMPLERS`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+# model(x (B, C, F, H, W), timestep (B,) = 1000·s, context (B, L, D)) -> v, x's shape
+Model = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def shift_time(u, shift: float):
+    """Timestep shift: k·u / (1 + (k - 1)·u); k = 1 is the identity, k > 1 moves u toward 1."""
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def flow_schedule(steps: int, shift: float) -> torch.Tensor:
+    """(steps + 1,) float32 noise levels s_0 ≈ 1 > s_1 > ... > s_steps = 0 (see module docstring)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not isinstance(shift, (int, float)) or not shift > 0 or not math.isfinite(shift):
+        raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+    u = torch.linspace(1.0, 1.0 / 1000, steps + 1, dtype=torch.float64)[:-1]
+    s = shift_time(u, float(shift))
+    if abs(s[0].item() - 1.0) < 1e-6:
+        s[0] -= 1e-6  # keep log(1 - s) finite at the first step, as diffusers does
+    return torch.cat([s, s.new_zeros(1)]).float()
+
+
+def guided_velocity(model: Model, x: torch.Tensor, s: float, context: torch.Tensor,
+                    uncond: torch.Tensor | None, guidance: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """CFG velocity v_u + w·(v_c - v_u) at noise level s, in one batched forward; float32 result.
+
+    x (B, C, F, H, W); context (B, L, D); uncond (B or 1, L, D) or None (conditional only);
+    dtype: the network's input dtype (None = x's)."""
+    B = x.shape[0]
+    dtype = dtype or x.dtype
+    use_cfg = uncond is not None and guidance != 1.0
+    if use_cfg:
+        uncond = uncond.expand(B, -1, -1) if uncond.shape[0] == 1 else uncond
+        x_in = torch.cat([x, x])  # (2B, C, F, H, W): cond first, then uncond
+        ctx = torch.cat([context, uncond.to(context.dtype)])  # (2B, L, D)
+    else:
+        x_in, ctx = x, context
+    t = torch.full((x_in.shape[0],), 1000.0 * s, device=x.device, dtype=torch.float32)
+    v = model(x_in.to(dtype), t, ctx.to(dtype)).float()
+    if not use_cfg:
+        return v
+    v_c, v_u = v.chunk(2)
+    return v_u + guidance * (v_c - v_u)
+
+
+class FlowSampler:
+    """Base: integrate the rectified-flow ODE from `noise` (= x at s ≈ 1) to s = 0.
+
+    `sample(model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
+    dtype=None) -> x0` (float32, noise's shape). guidance: CFG weight w (1 = no CFG); uncond: the
+    unconditional context (None = no CFG); dtype: the network's input dtype (None = float32).
+    """
+
+    name = ""
+
+    def _check(self, noise, context, uncond, guidance):
+        if not isinstance(noise, torch.Tensor) or noise.dim() != 5:
+            raise ValueError(f"noise must be a (B, C, F, H, W) tensor, got "
+                             f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+        if not isinstance(context, torch.Tensor) or context.dim() != 3 or context.shape[0] != noise.shape[0]:
+            raise ValueError(f"context must be a (B={noise.shape[0]}, L, D) tensor, got "
+                             f"{tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__}")
+        if uncond is not None and (uncond.dim() != 3 or uncond.shape[0] not in (1, noise.shape[0])
+                                   or uncond.shape[1:] != context.shape[1:]):
+            raise ValueError(f"uncond must have shape (1 or B, {context.shape[1]}, {context.shape[2]}), "
+                             f"got {tuple(uncond.shape)}")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+
+    def sample(self, model: Model, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None = None,
+               guidance: float = 1.0, steps: int = 50, shift: float = 5.0, progress: bool = False,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FlowEulerSampler(FlowSampler):
+    """First-order Euler on dx/ds = v: x_{i+1} = x_i + (s_{i+1} - s_i)·v(x_i, s_i)."""
+
+    name = "euler"
+
+    @torch.no_grad()
+    def sample(self, model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
+               dtype=None):
+        self._check(noise, context, uncond, guidance)
+        sig = flow_schedule(steps, shift).tolist()
+        x = noise.float()
+        for i in tqdm(range(steps), desc=self.name, disable=not progress):
+            v = guided_velocity(model, x, sig[i], context, uncond, guidance, dtype)
+            x = x + (sig[i + 1] - sig[i]) * v
+        return x
+
+
+def _lam(s: float) -> float:
+    """Half log-SNR of the flow path: λ = log(α/σ) = log((1 - s)/s); +inf at s = 0."""
+    return math.inf if s == 0.0 else math.log(1.0 - s) - math.log(s)
+
+
+class FlowUniPCSampler(FlowSampler):
+    """UniPC, bh2, multistep order 2, x0 (data) prediction, on the flow path (see module docstring).
+
+    Notation per step from s0 = s_i to t = s_{i+1}: h = λ_t - λ_s0, α = 1 - s, σ = s, m = x0-prediction
+    x - s·v. Base update x_t = (σ_t/σ_s0)·x - α_t·(e^{-h} - 1)·m_s0, plus the UniPC residuals below.
+    """
+
+    name = "unipc"
+    order = 2
+
+    @torch.no_grad()
+    def sample(self, model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
+               dtype=None):
+        self._check(noise, context, uncond, guidance)
+        sig = flow_schedule(steps, shift).tolist()
+        x = noise.float()
+        ms: list[torch.Tensor] = []  # x0-predictions at s_0 .. s_i (the last two are used)
+        x_prev = None
+        prev_order = 0
+        for i in tqdm(range(steps), desc=self.name, disable=not progress):
+            v = guided_velocity(model, x, sig[i], context, uncond, guidance, dtype)
+            m = x - sig[i] * v  # x0-prediction at the uncorrected state
+            if i > 0:
+                # UniC: correct the state reached by the last predictor with the new model output m
+                x = self._corrector(x_prev, ms, m, sig, i, prev_order)
+            ms = (ms + [m])[-self.order:]
+            order = min(self.order, steps - i, i + 1)  # warm-up at the start, lower order at the end
+            x_prev = x
+            x = self._predictor(x, ms, sig, i, order)
+            prev_order = order
+        return x
+
+    @staticmethod
+    def _coeffs(s0: float, t: float):
+        h = _lam(t) - _lam(s0)
+        hh = -h
+        h_phi_1 = math.expm1(hh)  # e^{-h} - 1
+        B_h = h_phi_1  # bh2: B(h) = e^h - 1 in data-prediction form
+        return h, hh, h_phi_1, B_h
+
+    @staticmethod
+    def _predictor(x, ms, sig, i, order):
+        """UniP-p from s_i to s_{i+1}: p = 1 is DPM-Solver-1; p = 2 adds ½·B(h)·D1 with
+        D1 = (m_{i-1} - m_i) / r, r = (λ_{i-1} - λ_i)/h."""
+        s0, t = sig[i], sig[i + 1]
+        h, _, h_phi_1, B_h = FlowUniPCSampler._coeffs(s0, t)
+        alpha_t, sigma_t = 1.0 - t, t
+        m0 = ms[-1]
+        x_t = (sigma_t / s0) * x - (alpha_t * h_phi_1) * m0
+        if order == 2:
+            r = (_lam(sig[i - 1]) - _lam(s0)) / h
+            D1 = (ms[-2] - m0) / r
+            x_t = x_t - (alpha_t * B_h * 0.5) * D1
+        return x_t
+
+    @staticmethod
+    def _corrector(x_prev, ms, m_t, sig, i, order):
+        """UniC-p for the step s_{i-1} -> s_i, using m_t = x0-prediction at s_i. Weights ρ solve
+        R·ρ = b with R_kj = r_j^k, b_k = k!·φ_{k+1}(h)/B(h) (order 1: ρ = ½)."""
+        s0, t = sig[i - 1], sig[i]
+        h, hh, h_phi_1, B_h = FlowUniPCSampler._coeffs(s0, t)
+        alpha_t, sigma_t = 1.0 - t, t
+        m0 = ms[-1]
+        x_t = (sigma_t / s0) * x_prev - (alpha_t * h_phi_1) * m0
+        D1_t = m_t - m0
+        if order == 1:
+            return x_t - (alpha_t * B_h * 0.5) * D1_t
+        # order 2: one previous point r1 and the new point r = 1
+        r1 = (_lam(sig[i - 2]) - _lam(s0)) / h
+        D1 = (ms[-2] - m0) / r1
+        h_phi_k = h_phi_1 / hh - 1.0
+        b1 = h_phi_k / B_h
+        h_phi_k = h_phi_k / hh - 0.5
+        b2 = 2.0 * h_phi_k / B_h
+        # solve [[1, 1], [r1, 1]]·[ρ0, ρ1] = [b1, b2]
+        rho0 = (b1 - b2) / (1.0 - r1)
+        rho1 = b1 - rho0
+        return x_t - (alpha_t * B_h) * (rho0 * D1 + rho1 * D1_t)
+
+
+# Registry: the CLI's --sampler choices. One entry per sampler class.
+SAMPLERS: dict[str, type[FlowSampler]] = {
+    FlowEulerSampler.name: FlowEulerSampler,
+    FlowUniPCSampler.name: FlowUniPCSampler,
+}
+
+
+def get_sampler(name: str) -> FlowSampler:
+    """Instantiate the sampler registered under `name`."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
+    return SAMPLERS[name]()

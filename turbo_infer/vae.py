@@ -1,0 +1,167 @@
+"""Video codecs between pixels and the DiT's latent space.
+
+    WanVAE    Wan2.1's causal 3D VAE through diffusers `AutoencoderKLWan`, from a local directory;
+              latents normalized per channel with the config's latents_mean / latents_std exactly as
+              diffusers' WanPipeline does (z_norm = (z - mean) / std; decode undoes it).
+    ToyCodec  the toy world's codec: a fixed, lossless 4x4 space-to-depth permutation, no weights.
+
+Both expose: `latent_channels`, `spatial_factor`, `temporal_factor`, `latent_shape(F, H, W)`,
+`check_size(F, H, W)` (ValueError naming the bad argument), `encode(video) -> latents`,
+`decode(latents) -> video` with video (B, 3, F, H, W) float in [-1, 1].
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _check_video(video: torch.Tensor, name: str = "video") -> None:
+    if not isinstance(video, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(video).__name__}")
+    if video.dim() != 5 or video.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (B, 3, F, H, W), got {tuple(video.shape)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy codec
+# ---------------------------------------------------------------------------------------------
+class ToyCodec:
+    """Lossless space-to-depth codec: (B, 3, F, H, W) -> (B, 3*4*4, F, H/4, W/4).
+
+    Latent channel c*16 + 4*i + j holds pixel (4*h + i, 4*w + j) of color channel c: a pure
+    permutation, so values stay in [-1, 1] and decode(encode(v)) == v exactly. A fixed map cannot
+    also whiten the latents, so they are NOT unit-variance: the toy teacher is trained by flow
+    matching on these latents as they are (x0 in [-1, 1], noise N(0, 1)). No temporal compression.
+    """
+
+    patch = 4
+    spatial_factor = 4
+    temporal_factor = 1
+    latent_channels = 3 * 4 * 4
+
+    def to(self, *args, **kwargs) -> "ToyCodec":  # stateless: nothing to move
+        return self
+
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name, v in (("height", height), ("width", width)):
+            if v % self.patch:
+                raise ValueError(f"{name}={v} is not divisible by the toy codec's factor {self.patch}")
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of the latent of a num_frames x height x width video."""
+        self.check_size(num_frames, height, width)
+        return (self.latent_channels, num_frames, height // self.patch, width // self.patch)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        _check_video(video)
+        B, C, F, H, W = video.shape
+        self.check_size(F, H, W)
+        p = self.patch
+        x = video.reshape(B, C, F, H // p, p, W // p, p)  # (B, C, F, H/p, i, W/p, j)
+        x = x.permute(0, 1, 4, 6, 2, 3, 5)  # (B, C, i, j, F, H/p, W/p)
+        return x.reshape(B, C * p * p, F, H // p, W // p)  # (B, 48, F, H/4, W/4)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        p = self.patch
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
+        B, _, F, h, w = latents.shape
+        x = latents.reshape(B, 3, p, p, F, h, w)  # (B, C, i, j, F, h, w)
+        x = x.permute(0, 1, 4, 5, 2, 6, 3)  # (B, C, F, h, i, w, j)
+        # clamp is the identity on encoded videos (exact round trip) and bounds generated latents
+        return x.reshape(B, 3, F, h * p, w * p).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan VAE
+# ---------------------------------------------------------------------------------------------
+def _resolve_vae_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"Wan VAE directory not found: {path}")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "vae" / "config.json").is_file():  # a diffusers Wan repo root
+        return path / "vae"
+    raise FileNotFoundError(f"no config.json in Wan VAE directory {path} (nor in {path}/vae)")
+
+
+class WanVAE:
+    """Wan2.1 VAE (diffusers `AutoencoderKLWan`) from a local directory.
+
+    Args:
+        path: directory with the diffusers config.json + weights, or a diffusers Wan repo root
+            holding vae/.
+        device, dtype: where/how the VAE runs (the Wan pipeline runs it in fp32).
+    `encode` returns normalized latents (B, z_dim, (F-1)/4+1, H/8, W/8) using the posterior mean
+    (deterministic) unless `sample=True`; `decode` returns a float32 video clamped to [-1, 1].
+    """
+
+    def __init__(self, path, device="cpu", dtype=torch.float32):
+        try:
+            from diffusers import AutoencoderKLWan
+        except ImportError as e:  # pragma: no cover - diffusers is needed only for the Wan VAE
+            raise ImportError("WanVAE needs diffusers (pip install diffusers)") from e
+        vae_dir = _resolve_vae_dir(Path(path))
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
+        self.model.to(self.device).eval().requires_grad_(False)
+        cfg = self.model.config
+        self.latent_channels = int(cfg.z_dim)
+        # the architecture fixes the factors: one 2x spatial downsample per stage after the first,
+        # one 2x temporal downsample per True in temperal_downsample (Wan2.1: 8 and 4)
+        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
+        self.temporal_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
+        self.latents_mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.latents_std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    def to(self, device=None, dtype=None) -> "WanVAE":
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            self.dtype = dtype
+        self.model.to(device=self.device, dtype=self.dtype)
+        return self
+
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if (num_frames - 1) % self.temporal_factor:
+            raise ValueError(f"num_frames={num_frames} is invalid for the Wan VAE: num_frames - 1 must be "
+                             f"divisible by {self.temporal_factor} (e.g. 1, 5, ..., 81)")
+        for name, v in (("height", height), ("width", width)):
+            if v % self.spatial_factor:
+                raise ValueError(f"{name}={v} is not divisible by the Wan VAE's factor {self.spatial_factor}")
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of the latent: (16, (F-1)/4+1, H/8, W/8) for Wan2.1."""
+        self.check_size(num_frames, height, width)
+        return (self.latent_channels, (num_frames - 1) // self.temporal_factor + 1,
+                height // self.spatial_factor, width // self.spatial_factor)
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+        """video (B, 3, F, H, W) in [-1, 1] -> normalized latents (B, z_dim, F', H', W') float32."""
+        _check_video(video)
+        self.check_size(*video.shape[2:])
+        dist = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return (z.float() - self.latents_mean.to(z.device)) / self.latents_std.to(z.device)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (B, z_dim, F', H', W') -> video (B, 3, F, H, W) float32 in [-1, 1]."""
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(f"latents must have shape (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
+        z = latents.float().to(self.device) * self.latents_std.to(self.device) + self.latents_mean.to(self.device)
+        video = self.model.decode(z.to(self.dtype), return_dict=False)[0]
+        return video.float().clamp(-1.0, 1.0)

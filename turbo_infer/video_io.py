@@ -1,0 +1,123 @@
+"""Video files: write mp4 (H.264) and gif through imageio-ffmpeg's ffmpeg, read them back.
+
+Frames are uint8 (F, H, W, 3) RGB, a torch tensor or a numpy array. Writes are atomic: the file is
+written under a temporary name in the target directory and renamed into place, so a crash never
+leaves a truncated video at `path`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _as_frames(video) -> np.ndarray:
+    """Validate a (F, H, W, 3) uint8 video and return it as a contiguous numpy array."""
+    if isinstance(video, torch.Tensor):
+        video = video.detach().cpu().numpy()
+    if not isinstance(video, np.ndarray):
+        raise TypeError(f"video must be a torch.Tensor or numpy array, got {type(video).__name__}")
+    if video.dtype != np.uint8:
+        raise TypeError(f"video must be uint8, got {video.dtype}")
+    if video.ndim != 4 or video.shape[-1] != 3 or min(video.shape[:3]) < 1:
+        raise ValueError(f"video must have shape (F, H, W, 3) with F, H, W >= 1, got {video.shape}")
+    return np.ascontiguousarray(video)
+
+
+def _check_fps(fps) -> float:
+    if not isinstance(fps, (int, float)) or not fps > 0:
+        raise ValueError(f"fps must be a number > 0, got {fps!r}")
+    return float(fps)
+
+
+def _tmp_path(path: Path) -> Path:
+    # same directory (rename stays on one filesystem) and same suffix (ffmpeg picks the muxer by it)
+    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+
+
+def write_mp4(path, video, fps: float = 8) -> Path:
+    """Write `video` (F, H, W, 3) uint8 as H.264 mp4 (yuv420p). yuv420p needs even sizes: odd
+    heights/widths are padded by one replicated edge row/column (never rescaled). Returns the path."""
+    import imageio_ffmpeg
+
+    frames = _as_frames(video)
+    fps = _check_fps(fps)
+    path = Path(path)
+    F, H, W, _ = frames.shape
+    pad_h, pad_w = H % 2, W % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = _tmp_path(path)
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), size=(W + pad_w, H + pad_h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
+            quality=8, macro_block_size=1, output_params=["-movflags", "+faststart"],
+        )
+        writer.send(None)  # start ffmpeg
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_gif(path, video, fps: float = 8) -> Path:
+    """Write `video` (F, H, W, 3) uint8 as a looping gif through ffmpeg (one 256-color palette for
+    the whole clip from palettegen, no dithering: lossy for clips with more colors). Every frame is
+    kept (Pillow's writer would merge identical consecutive frames)."""
+    import imageio_ffmpeg
+
+    frames = _as_frames(video)
+    fps = _check_fps(fps)
+    path = Path(path)
+    F, H, W, _ = frames.shape
+    tmp = _tmp_path(path)
+    palette = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), size=(W, H), fps=fps, codec="gif", pix_fmt_out="pal8", quality=None,
+            macro_block_size=1, output_params=["-filter_complex", palette, "-loop", "0"],
+        )
+        writer.send(None)  # start ffmpeg
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_video(path, video, fps: float = 8) -> Path:
+    """Write mp4 or gif chosen by the suffix of `path`."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".mp4":
+        return write_mp4(path, video, fps)
+    if suffix == ".gif":
+        return write_gif(path, video, fps)
+    raise ValueError(f"path {str(path)!r}: unsupported video suffix {suffix!r} (use .mp4 or .gif)")
+
+
+def read_video(path) -> np.ndarray:
+    """Read an mp4 or gif back as a (F, H, W, 3) uint8 numpy array."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"video file not found: {path}")
+    if path.suffix.lower() == ".gif":
+        from PIL import Image, ImageSequence
+
+        with Image.open(path) as im:
+            return np.stack([np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)])
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    W, H = meta["size"]
+    frames = [np.frombuffer(buf, dtype=np.uint8).reshape(H, W, 3) for buf in reader]
+    return np.stack(frames)

@@ -276,6 +276,7 @@ class WanModel(nn.Module):
         self.head = WanHead(cfg)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False  # activation checkpointing per block when training
+        self.sequence_shard = None  # set by turbo_infer.sequence_parallel (Ulysses); None = single device
         self.init_weights()
 
     def init_weights(self):
@@ -335,6 +336,10 @@ class WanModel(nn.Module):
         temb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype)).float()  # (B, dim)
         e = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # (B, 6, dim)
         ctx = self.text_embedding(context.to(dtype))  # (B, Lc, dim)
+        sp = self.sequence_shard
+        if sp is not None:  # Ulysses: this rank keeps L/P tokens (and their RoPE rows) until the head
+            rope = tuple(sp.shard(r, dim=0) for r in rope)
+            tokens = sp.shard(tokens, dim=1)  # (B, L/P, dim)
 
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -342,6 +347,8 @@ class WanModel(nn.Module):
             else:
                 tokens = block(tokens, e, ctx, rope)
         out = self.head(tokens, temb)  # (B, L, C·p)
+        if sp is not None:
+            out = sp.gather(out, dim=1)  # (B, L, C·p)
         return self.unpatchify(out, grid).float()
 
     # ------------------------------------------------------------------ loading

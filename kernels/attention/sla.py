@@ -1,0 +1,478 @@
+"""Sparse-linear attention (SLA): exact softmax attention on critical blocks + linear attention on the rest.
+
+Follows Zhang et al. 2025, "SLA: Beyond Sparsity in Diffusion Transformers via Fine-Tunable
+Sparse-Linear Attention" (arXiv 2509.24006), and DESIGN.md "Sparse-linear attention".
+
+Definition implemented here (per batch and head; q, k, v: (L, D); scale = 1/sqrt(D)):
+
+    M   = block map (turbo_kernels.attention.blockmap): per query block i its n critical key blocks
+    O_s = softmax(q k^T * scale restricted to critical blocks) v            # sparse branch, exact
+    O_l[r] = sum_{c marginal for r} (phi(q_r).phi(k_c)) v_c
+             / (1e-5 + sum_{c marginal for r} phi(q_r).phi(k_c))            # linear branch
+    O   = O_s + proj_l(O_l)                                                 # proj_l: Linear(D, D), fp32
+
+Which keys the linear branch sees -- a documented choice. DESIGN.md writes the linear branch over
+ALL keys (as thu-ml/SLA's public module computes it), while the paper (Sec. 4, Algorithm 1) splits
+the block map into critical (top kh%), marginal and negligible (bottom kl%) blocks and computes
+linear attention over the MARGINAL blocks only: for M_c[i, j] = 0 it accumulates
+h_j = phi(K_j)^T V_j and z_j = rowsum(phi(K_j)^T), and O_l_i = phi(Q_i) H_i / (phi(Q_i) Z_i).
+We follow the paper: the linear branch covers exactly the non-critical key blocks, so no key is
+counted by both branches. There is no negligible class (kl = 0, as in DESIGN and the public
+code), so "marginal" = "not critical". Consequences: topk = 1.0 leaves no marginal block, the
+linear branch is identically 0 and O = O_s + proj_l.bias = dense attention when proj_l is zero.
+
+How it is computed:
+- sparse branch: Triton kernels below. Forward: one program per (query tile, batch*head) walks
+  the query block's row of the ascending lookup table, online softmax in fp32 with exp2 and
+  log2(e) folded into the scale. Backward: dQ walks the same query-major table; dK/dV walk the
+  key-major inverted table (BlockMap.inverse(), CSR), never a dense Nq x Nk map.
+- linear branch: block-level GEMMs in torch (autograd gives the backward). With
+  h_j = phi(K_j)^T V_j (D x D) and z_j = phi(K_j)^T 1 per key block, the marginal sums are one
+  dense matrix product over blocks, H = (1 - M) @ h and Z = (1 - M) @ z, then
+  O_l = phi(Q_i) H_i / (eps + phi(Q_i) Z_i) per query block. Summing the complement directly
+  avoids the cancellation of the paper's "total minus critical" pre-aggregation, and costs
+  2 Nq Nk D^2 flops per head on tensor cores. h and z are divided by Lk first (the ratio is
+  unchanged, eps is divided too) so that fp16 sums over 75k tokens cannot overflow.
+
+Public API:
+    sla_reference(q, k, v, topk, block_q, block_k, feature_map, proj_l, *, block_map, return_branches)
+        pure torch, dense masks; returns O, or (O_s, O_l) with return_branches=True.
+    sla_attention(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, *, block_map, config)
+        autograd-capable fast path (Triton on CUDA and under TRITON_INTERPRET=1; the reference on
+        other CPU tensors). Returns O in q's dtype.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from turbo_kernels.attention.blockmap import BlockMap, check_qk, sla_block_map, sla_block_map_reference
+from turbo_kernels.utils import check_block, check_float_dtype, next_power_of_2, use_triton
+
+__all__ = ["sla_reference", "sla_attention", "linear_branch", "feature_map_fn", "SLAKernelConfig",
+           "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
+
+FEATURE_MAPS = ("softmax", "elu", "relu")
+LINEAR_EPS = 1e-5  # denominator epsilon of the linear branch (paper / public code)
+LOG2E = 1.4426950408889634
+
+
+def feature_map_fn(x: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi(x) over the head dimension: softmax (default), elu+1 or relu. Math in >= fp32."""
+    xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    if feature_map == "softmax":
+        return torch.softmax(xf, dim=-1)
+    if feature_map == "elu":
+        return F.elu(xf) + 1.0
+    if feature_map == "relu":
+        return F.relu(xf)
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def _check_inputs(q, k, v, topk, block_q, block_k, feature_map) -> None:
+    check_qk(q, k, topk, block_q, block_k)
+    check_float_dtype("v", v, (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if v.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if v.device != q.device:
+        raise ValueError(f"v ({v.device}) must be on the device of q ({q.device})")
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
+
+
+def _check_proj(proj_weight, proj_bias, D: int) -> None:
+    if proj_weight is not None and tuple(proj_weight.shape) != (D, D):
+        raise ValueError(f"proj_weight must have shape ({D}, {D}), got {tuple(proj_weight.shape)}")
+    if proj_bias is not None and tuple(proj_bias.shape) != (D,):
+        raise ValueError(f"proj_bias must have shape ({D},), got {tuple(proj_bias.shape)}")
+
+
+def _apply_proj(o_l: torch.Tensor, proj_l) -> torch.Tensor:
+    """proj_l: None (the zero-initialised projection: contributes 0), an nn.Module, or (weight, bias)."""
+    if proj_l is None:
+        return torch.zeros_like(o_l)
+    if isinstance(proj_l, torch.nn.Module):
+        return proj_l(o_l.to(next(proj_l.parameters()).dtype)).to(o_l.dtype)
+    weight, bias = proj_l
+    return F.linear(o_l, weight.to(o_l.dtype), None if bias is None else bias.to(o_l.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float, block_q: int = 128,
+                  block_k: int = 64, feature_map: str = "softmax", proj_l=None, *,
+                  block_map: BlockMap | None = None, return_branches: bool = False):
+    """Pure-torch SLA with dense (L x L) masks: the spec, the CPU path and the test oracle.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D). topk in (0, 1]. proj_l: None (zero projection, so
+    O = O_s), an nn.Module, or a (weight (D, D), bias (D,) or None) pair. block_map: reuse a
+    precomputed map (default: `sla_block_map_reference`). Math in float32 (float64 for float64
+    inputs). Returns O (B, H, Lq, D) in q's dtype, or (O_s, O_l) in the compute dtype when
+    return_branches=True.
+    """
+    _check_inputs(q, k, v, topk, block_q, block_k, feature_map)
+    bm = block_map if block_map is not None else sla_block_map_reference(q, k, topk, block_q, block_k)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    critical = bm.token_mask()  # (B, H, Lq, Lk) bool
+    # sparse branch: exact softmax over the critical keys only
+    s = torch.matmul(qc, kc.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
+    o_s = torch.matmul(torch.softmax(s.masked_fill(~critical, float("-inf")), dim=-1), vc)
+    # linear branch: linear attention over the marginal (non-critical) keys
+    a = torch.matmul(feature_map_fn(qc, feature_map), feature_map_fn(kc, feature_map).transpose(-1, -2))
+    a = a * (~critical).to(ct)  # (B, H, Lq, Lk) linear scores on marginal keys
+    o_l = torch.matmul(a, vc) / (LINEAR_EPS + a.sum(dim=-1, keepdim=True))
+    if return_branches:
+        return o_s, o_l
+    return (o_s + _apply_proj(o_l, proj_l)).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear branch (torch, block-level GEMMs; autograd provides the backward)
+# ----------------------------------------------------------------------------------------------
+def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap,
+                  feature_map: str = "softmax") -> torch.Tensor:
+    """O_l over the marginal key blocks of `bm`, as block GEMMs. Returns (B, H, Lq, D) float32.
+
+    GEMM operands are in q's dtype (fp16/bf16 tensor cores, fp32 accumulate), the division in
+    fp32. Equals the `o_l` of `sla_reference` (see the module docstring for the derivation).
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Nq, Nk, bq, bk = bm.num_q_blocks, bm.num_k_blocks, bm.block_q, bm.block_k
+    if bm.n == Nk:  # no marginal block: the branch is exactly zero
+        return torch.zeros(B, H, Lq, D, device=q.device, dtype=torch.float32)
+    cdt = q.dtype
+    fq = feature_map_fn(q, feature_map).to(cdt)  # (B, H, Lq, D)
+    fk = (feature_map_fn(k, feature_map) / Lk).to(cdt)  # (B, H, Lk, D), pre-divided by Lk (range)
+    fk = F.pad(fk, (0, 0, 0, Nk * bk - Lk)).view(B, H, Nk, bk, D)  # zero rows: padding adds nothing
+    vb = F.pad(v, (0, 0, 0, Nk * bk - Lk)).view(B, H, Nk, bk, D)
+    h = torch.matmul(fk.transpose(-1, -2), vb)  # (B, H, Nk, D, D)  h_j = phi(K_j)^T V_j / Lk
+    z = fk.sum(dim=3)  # (B, H, Nk, D)                             z_j = phi(K_j)^T 1 / Lk
+    marginal = (~bm.dense()).to(cdt)  # (B, H, Nq, Nk)
+    Hm = torch.matmul(marginal, h.reshape(B, H, Nk, D * D)).view(B, H, Nq, D, D)
+    Zm = torch.matmul(marginal, z)  # (B, H, Nq, D)
+    fq = F.pad(fq, (0, 0, 0, Nq * bq - Lq)).view(B, H, Nq, bq, D)
+    num = torch.matmul(fq, Hm)  # (B, H, Nq, bq, D)
+    den = torch.matmul(fq, Zm.unsqueeze(-1))  # (B, H, Nq, bq, 1)
+    o_l = num.float() / (LINEAR_EPS / Lk + den.float())
+    return o_l.view(B, H, Nq * bq, D)[:, :, :Lq]
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels: sparse branch
+# ----------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the reference path is used
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _sla_fwd_kernel(Q, K, V, O, LSE, LUT,
+                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                        H, Lq, Lk, D, n_sel, num_qb, qk_scale,
+                        MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+        # One program: BLOCK_M queries (inside one map block of MAP_BQ) of one (batch, head).
+        # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions);
+        # a tile of BLOCK_N positions may span several blocks (BLOCK_N > MAP_BK) or part of one.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < D
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
+                    mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, n_sel * MAP_BK, BLOCK_N):
+            pos = start + offs_n  # position in the concatenated selected keys
+            entry = pos // MAP_BK
+            kb = tl.load(lut + entry, mask=entry < n_sel, other=0)
+            tok = kb * MAP_BK + pos % MAP_BK  # (BLOCK_N,) key token indices
+            if EVEN_N:
+                k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+                v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+            else:
+                valid = (entry < n_sel) & (tok < Lk)
+                k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+                v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale
+                s = tl.where(valid[None, :], s, float("-inf"))
+            # online softmax: the first tile always holds a valid key (every LUT block has >= 1
+            # token and tiles start at block starts), so m_new is finite from then on.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        mask_m = offs_m < Lq
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+
+    @triton.jit
+    def _sla_bwd_preprocess(O, DO, DELTA, H, Lq, D, sob, soh, sol, sdb, sdh, sdl,
+                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        # delta_r = sum_d dO[r, d] * O_s[r, d]  (fp32), the softmax-backward row term.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D)
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :], mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+        tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+    @triton.jit
+    def _sla_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, LUT,
+                           sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl,
+                           H, Lq, Lk, D, n_sel, num_qb, qk_scale, sm_scale,
+                           MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+        # dQ = scale * sum_selected dS K,  dS = P * (dO V^T - delta),  P = exp2(S*log2e - lse2).
+        # Key tokens past Lk load as k = v = 0 and multiply k = 0; P is still zeroed there so
+        # that exp2(-lse) can never overflow into inf * 0.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_d = offs_d < D
+        mask_qd = (offs_m[:, None] < Lq) & mask_d[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask_qd, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :], mask=mask_qd, other=0.0)
+        lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        K += b * skb + h * skh
+        V += b * svb + h * svh
+        lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, n_sel * MAP_BK, BLOCK_N):
+            pos = start + offs_n
+            entry = pos // MAP_BK
+            kb = tl.load(lut + entry, mask=entry < n_sel, other=0)
+            tok = kb * MAP_BK + pos % MAP_BK
+            valid = (entry < n_sel) & (tok < Lk)
+            k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+            v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+            if not EVEN_N:
+                p = tl.where(valid[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v))
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k)
+        dq = dq * sm_scale
+        tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                 mask=mask_qd)
+
+    @triton.jit
+    def _sla_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_OFF, KV_QIDX,
+                             sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
+                             sgb, sgh, sgl, H, Lq, Lk, D, num_kb, inv_len, qk_scale, sm_scale,
+                             MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+        # One program: BLOCK_N keys (inside one map key block j) of one (batch, head). It walks
+        # only the query blocks that selected j (key-major CSR table), BLOCK_M query tokens at a
+        # time over their concatenation (count_j * MAP_BQ positions).
+        # dV = sum P^T dO;  dK = scale * sum dS^T Q. Query rows past Lq load as q = dO = 0 with
+        # lse = delta = 0, so their P^T dO and dS^T Q terms vanish -- no mask needed.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_m = tl.arange(0, BLOCK_M)
+        mask_d = offs_d < D
+        mask_kd = (offs_n[:, None] < Lk) & mask_d[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=mask_kd, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask_kd, other=0.0)
+        Q += b * sqb + h * sqh
+        DO += b * sdb + h * sdh
+        LSE += pid_bh.to(tl.int64) * Lq
+        DELTA += pid_bh.to(tl.int64) * Lq
+        kblk = (pid_n * BLOCK_N) // MAP_BK
+        off_ptr = KV_OFF + pid_bh.to(tl.int64) * (num_kb + 1) + kblk
+        first = tl.load(off_ptr)
+        count = tl.load(off_ptr + 1) - first
+        qidx = KV_QIDX + pid_bh.to(tl.int64) * inv_len + first
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start in range(0, count * MAP_BQ, BLOCK_M):
+            pos = start + offs_m
+            entry = pos // MAP_BQ
+            qb = tl.load(qidx + entry, mask=entry < count, other=0)
+            tok = qb * MAP_BQ + pos % MAP_BQ  # (BLOCK_M,) query token indices
+            valid = (entry < count) & (tok < Lq)
+            q = tl.load(Q + tok[:, None] * sql + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+            do = tl.load(DO + tok[:, None] * sdl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+            lse = tl.load(LSE + tok, mask=valid, other=0.0)
+            delta = tl.load(DELTA + tok, mask=valid, other=0.0)
+            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+            dv += tl.dot(pT.to(do.dtype), do)
+            dpT = tl.dot(v, tl.trans(do))
+            dsT = pT * (dpT - delta[None, :])
+            dk += tl.dot(dsT.to(q.dtype), q)
+        dk = dk * sm_scale
+        tl.store(DK + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_kd)
+        tl.store(DV + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_kd)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launchers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SLAKernelConfig:
+    """Tiles, warps and pipeline depth of the three sparse-branch kernels.
+
+    fwd_block_m / dq_block_m must divide the map's block_q (clamped to it); dkdv_block_n must
+    divide block_k (clamped). fwd_block_n / dq_block_n / dkdv_block_m may exceed a map block:
+    a tile then gathers several table entries. Defaults: see DEFAULT_CONFIG's comment.
+    """
+
+    fwd_block_m: int = 128
+    fwd_block_n: int = 64
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_block_m: int = 64
+    dq_block_n: int = 64
+    dq_warps: int = 4
+    dq_stages: int = 2
+    dkdv_block_m: int = 64
+    dkdv_block_n: int = 64
+    dkdv_warps: int = 4
+    dkdv_stages: int = 2
+
+    def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
+        for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
+            check_block(f"config.{name}", getattr(self, name))
+        return replace(self, fwd_block_m=min(self.fwd_block_m, block_q), dq_block_m=min(self.dq_block_m, block_q),
+                       dkdv_block_n=min(self.dkdv_block_n, block_k))
+
+
+# H100 SXM, Triton 3.6, bf16, B1 H12 L32760 D128, 128x64 map blocks: see BENCHMARKS.md "Attention (SLA)".
+DEFAULT_CONFIG = SLAKernelConfig()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    sm_scale = 1.0 / math.sqrt(D)
+    even_n = (Lk % bm.block_k == 0) and ((bm.n * bm.block_k) % cfg.fwd_block_n == 0)
+    grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
+    _sla_fwd_kernel[grid](q, k, v, o, lse, bm.lut, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                          H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E,
+                          MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+                          BLOCK_D=max(16, next_power_of_2(D)), EVEN_N=even_n,
+                          num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return o, lse
+
+
+def _sparse_backward(do, q, k, v, o, lse, bm: BlockMap, cfg: SLAKernelConfig):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    BLOCK_D = max(16, next_power_of_2(D))
+    sm_scale = 1.0 / math.sqrt(D)
+    do = _last_dim_contiguous(do)
+    delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    _sla_bwd_preprocess[(triton.cdiv(Lq, 64), B * H)](o, do, delta, H, Lq, D, *_strides(o), *_strides(do),
+                                                       BLOCK_M=64, BLOCK_D=BLOCK_D, num_warps=4)
+    dq = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    even_n = (Lk % bm.block_k == 0) and ((bm.n * bm.block_k) % cfg.dq_block_n == 0)
+    _sla_bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_block_m), B * H)](
+        q, k, v, do, dq, lse, delta, bm.lut, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, sm_scale,
+        MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
+        EVEN_N=even_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    kv_off, kv_qidx = bm.inverse()
+    dk = torch.empty(B, H, Lk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, H, Lk, D, device=q.device, dtype=v.dtype)
+    _sla_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
+        q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, *_strides(q), *_strides(k), *_strides(v),
+        *_strides(do), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1], sm_scale * LOG2E,
+        sm_scale, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
+        BLOCK_D=BLOCK_D, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bm: BlockMap, cfg: SLAKernelConfig):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        o, lse = _sparse_forward(q, k, v, bm, cfg)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.bm, ctx.cfg = bm, cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = _sparse_backward(do, q, k, v, o, lse, ctx.bm, ctx.cfg)
+        return dq, dk, dv, None, None
+
+
+def sparse_attention(q, k, v, bm: BlockMap, config: SLAKernelConfig | None = None) -> torch.Tensor:
+    """Sparse branch alone: softmax attention over the critical blocks of `bm` (Triton, autograd)."""
+    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    return _SparseAttention.apply(q, k, v, bm, cfg)
+
+
+def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight: torch.Tensor | None,
+                  proj_bias: torch.Tensor | None, topk: float, block_q: int = 128, block_k: int = 64,
+                  feature_map: str = "softmax", *, block_map: BlockMap | None = None,
+                  config: SLAKernelConfig | None = None) -> torch.Tensor:
+    """SLA forward with autograd: O = O_s + O_l @ proj_weight^T + proj_bias, in q's dtype.
+
+    q: (B, H, Lq, D); k, v: (B, H, Lk, D), fp16/bf16 (fp32 works too, slower). proj_weight:
+    (D, D) or None (zero projection), proj_bias: (D,) or None. Gradients flow to q, k, v and the
+    projection. CPU tensors without TRITON_INTERPRET=1, and float64 inputs, take `sla_reference`.
+    """
+    _check_inputs(q, k, v, topk, block_q, block_k, feature_map)
+    _check_proj(proj_weight, proj_bias, q.shape[-1])
+    if triton is None or not use_triton(q, k, v) or q.dtype == torch.float64:
+        return sla_reference(q, k, v, topk, block_q, block_k, feature_map,
+                             None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
+    bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k)
+    o_s = sparse_attention(q, k, v, bm, config)  # (B, H, Lq, D) q.dtype
+    if proj_weight is None:
+        return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)
+    o_l = linear_branch(q, k, v, bm, feature_map)  # (B, H, Lq, D) fp32
+    return (o_s.float() + F.linear(o_l, proj_weight.float(), None if proj_bias is None else proj_bias.float())).to(q.dtype)

@@ -1,0 +1,204 @@
+"""SLA (sparse-linear attention): Triton kernels vs the pure-torch reference, on the CPU interpreter.
+
+Shapes are small and awkward (L = 200 with 32 x 16 map blocks: a ragged 8-token query tail and a
+ragged 8-token key tail, several blocks per row), kernel tiles smaller than, equal to and larger
+than the map blocks. Same inputs are cloned into both paths; the same BlockMap is passed to both
+so that the comparison is of the attention arithmetic (test_blockmap.py checks the map).
+
+dtype -> (atol, rtol), and why:
+    float32: (1e-4, 1e-4)  the interpreter's fp32 tl.dot is exact fp32 math; only the summation
+                           order (online softmax, block GEMMs) differs: ~1e-6 observed.
+    float16: (4e-3, 4e-3)  P (and dS) are rounded to fp16 before the second matmul (rel 2^-11 ~
+                           5e-4 per term) and the linear branch's GEMM outputs are fp16; outputs
+                           and gradients are O(1), observed max errors ~1e-3.
+bfloat16 is not tested here: the interpreter's bf16 tl.dot is wrong; it is checked on the GPU by
+tools/bench_attention.py (error vs the reference in the printed table).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbo_kernels.attention.blockmap import sla_block_map
+from turbo_kernels.attention.sla import (SLAKernelConfig, linear_branch, sla_attention, sla_reference,
+                                         sparse_attention)
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3)}
+
+# Kernel tiles for 32 x 16 map blocks: equal to the map blocks, and a mix where forward/dQ tiles
+# gather two table entries (block_n 32 > block_k 16) and dK/dV tiles split query blocks (16 < 32).
+CFG_EQUAL = SLAKernelConfig(fwd_block_m=32, fwd_block_n=16, dq_block_m=32, dq_block_n=16, dkdv_block_m=32,
+                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
+CFG_MIXED = SLAKernelConfig(fwd_block_m=16, fwd_block_n=32, dq_block_m=16, dq_block_n=32, dkdv_block_m=16,
+                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
+
+
+def assert_close(got, ref, dtype, name):
+    atol, rtol = TOL[dtype]
+    got, ref = got.float(), ref.float()
+    err = (got - ref).abs()
+    bad = err > atol + rtol * ref.abs()
+    if bad.any():
+        idx = torch.topk(err.flatten(), min(5, err.numel())).indices
+        worst = [(tuple(int(i) for i in torch.unravel_index(j, err.shape)), got.flatten()[j].item(),
+                  ref.flatten()[j].item()) for j in idx]
+        raise AssertionError(f"{name}: {int(bad.sum())}/{err.numel()} elements off (atol {atol}, rtol {rtol}); "
+                             f"worst (index, got, ref): {worst}")
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+
+
+def make_inputs(dtype, B=1, H=2, Lq=200, Lk=200, D=32):
+    q = torch.randn(B, H, Lq, D, dtype=dtype)
+    k = torch.randn(B, H, Lk, D, dtype=dtype)
+    v = torch.randn(B, H, Lk, D, dtype=dtype)
+    return q, k, v
+
+
+def proj(D, dtype=torch.float32):
+    return torch.randn(D, D, dtype=dtype) / math.sqrt(D), 0.1 * torch.randn(D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("cfg", [CFG_EQUAL, CFG_MIXED], ids=["equal", "mixed"])
+def test_sparse_forward_matches_reference(dtype, cfg):
+    q, k, v = make_inputs(dtype)
+    bm = sla_block_map(q, k, 0.3, 32, 16)
+    o_s = sparse_attention(q, k, v, bm, cfg)
+    ref_s, _ = sla_reference(q, k, v, 0.3, 32, 16, block_map=bm, return_branches=True)
+    assert o_s.dtype == dtype and o_s.shape == q.shape
+    assert_close(o_s, ref_s, dtype, "O_s")
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_linear_branch_matches_reference(feature_map, dtype):
+    q, k, v = make_inputs(dtype, Lq=200, Lk=150)
+    bm = sla_block_map(q, k, 0.2, 32, 16)
+    _, ref_l = sla_reference(q, k, v, 0.2, 32, 16, feature_map, block_map=bm, return_branches=True)
+    assert_close(linear_branch(q, k, v, bm, feature_map), ref_l, dtype, f"O_l[{feature_map}]")
+
+
+def test_linear_branch_is_zero_without_marginal_blocks():
+    q, k, v = make_inputs(torch.float32, Lq=70, Lk=70)
+    bm = sla_block_map(q, k, 1.0, 32, 16)
+    assert torch.count_nonzero(linear_branch(q, k, v, bm)) == 0
+    _, ref_l = sla_reference(q, k, v, 1.0, 32, 16, block_map=bm, return_branches=True)
+    assert torch.count_nonzero(ref_l) == 0
+
+
+def _grads_vs_reference(dtype, cfg, Lq=200, Lk=200, D=32, topk=0.3, feature_map="softmax"):
+    q, k, v = make_inputs(dtype, Lq=Lq, Lk=Lk, D=D)
+    W, b = proj(D)
+    bm = sla_block_map(q, k, topk, 32, 16)
+    ours = [t.clone().requires_grad_() for t in (q, k, v, W, b)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v, W, b)]
+    o = sla_attention(*ours, topk, 32, 16, feature_map, block_map=bm, config=cfg)
+    o_ref = sla_reference(*ref[:3], topk, 32, 16, feature_map, proj_l=(ref[3], ref[4]), block_map=bm)
+    assert o.dtype == dtype
+    assert_close(o, o_ref, dtype, "O")
+    g = torch.randn_like(o)
+    o.backward(g)
+    o_ref.backward(g)
+    for name, a, r in zip(("dq", "dk", "dv", "dW", "db"), ours, ref):
+        assert a.grad is not None, f"{name} missing"
+        # dW/db sum over all B*H*L rows: scale the tolerance by the gradient's magnitude
+        scale = 1.0 if name in ("dq", "dk", "dv") else max(1.0, r.grad.abs().max().item())
+        assert_close(a.grad / scale, r.grad / scale, dtype, name)
+
+
+@pytest.mark.parametrize("dtype,cfg", [(torch.float16, CFG_EQUAL), (torch.float16, CFG_MIXED),
+                                       (torch.float32, CFG_MIXED)], ids=["fp16-equal", "fp16-mixed", "fp32-mixed"])
+def test_forward_and_every_gradient(dtype, cfg):
+    _grads_vs_reference(dtype, cfg)
+
+
+def test_gradients_uneven_lengths_and_head_dim():
+    # Lq != Lk (both ragged), head dim 24 (not a power of two: masked to 32), one block selected
+    _grads_vs_reference(torch.float16, CFG_MIXED, Lq=90, Lk=75, D=24, topk=0.1, feature_map="elu")
+
+
+def test_topk_one_equals_dense_attention():
+    q, k, v = make_inputs(torch.float16, Lq=200, Lk=200)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().float().requires_grad_() for t in (q, k, v)]
+    zero_w, zero_b = torch.zeros(32, 32), torch.zeros(32)
+    o = sla_attention(*ours, zero_w, zero_b, 1.0, 32, 16, config=CFG_MIXED)
+    o_ref = F.scaled_dot_product_attention(*ref)
+    assert_close(o, o_ref, torch.float16, "O vs SDPA")
+    g = torch.randn_like(o_ref)
+    o.backward(g.half())
+    o_ref.backward(g)
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref):
+        assert_close(a.grad, r.grad, torch.float16, f"{name} vs SDPA")
+
+
+def test_reference_gradcheck_float64():
+    q, k, v = (torch.randn(1, 1, 24, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    W = (0.3 * torch.randn(8, 8, dtype=torch.float64)).requires_grad_()
+    b = (0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+    bm = sla_block_map(q.detach(), k.detach(), 0.5, 16, 16)  # fixed map: selection is not differentiable
+
+    def f(q, k, v, W, b):
+        return sla_reference(q, k, v, 0.5, 16, 16, "softmax", proj_l=(W, b), block_map=bm)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, W, b), eps=1e-6, atol=1e-5)
+
+
+def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = make_inputs(torch.float32, Lq=40, Lk=40, D=16)
+    W, b = proj(16)
+    o = sla_attention(q, k, v, W, b, 0.5, 16, 16)
+    torch.testing.assert_close(o, sla_reference(q, k, v, 0.5, 16, 16, proj_l=(W, b)))
+
+
+@pytest.mark.parametrize("change,exc,word", [
+    (dict(topk=0.0), ValueError, "topk"),
+    (dict(topk=1.01), ValueError, "topk"),
+    (dict(block_q=24), ValueError, "block_q"),
+    (dict(feature_map="gelu"), ValueError, "feature_map"),
+    (dict(v=torch.randn(1, 2, 30, 16)), ValueError, "v must have the shape"),
+    (dict(q=torch.randn(2, 40, 16)), ValueError, "q must have shape"),
+    (dict(k=torch.randn(1, 2, 40, 8)), ValueError, "agree"),
+    (dict(v=torch.randn(1, 2, 40, 16, dtype=torch.float16)), TypeError, "share a dtype"),
+    (dict(q=torch.randint(0, 3, (1, 2, 40, 16))), TypeError, "q must have dtype"),
+    (dict(proj_weight=torch.zeros(16, 8)), ValueError, "proj_weight"),
+    (dict(proj_bias=torch.zeros(8)), ValueError, "proj_bias"),
+])
+def test_bad_arguments(change, exc, word):
+    args = dict(q=torch.randn(1, 2, 40, 16), k=torch.randn(1, 2, 40, 16), v=torch.randn(1, 2, 40, 16),
+                proj_weight=torch.zeros(16, 16), proj_bias=torch.zeros(16), topk=0.5, block_q=16, block_k=16,
+                feature_map="softmax") | change
+    with pytest.raises(exc, match=word):
+        sla_attention(**args)
+    if "proj" not in next(iter(change)):
+        with pytest.raises(exc, match=word):
+            sla_reference(**{n: a for n, a in args.items() if not n.startswith("proj")})
+
+
+# ---------------------------------------------------------------------------- module wrapper
+def test_module_and_registry():
+    from turbo_infer.layers.attention import make_attention
+    from turbo_infer.layers.sla import SparseLinearAttention
+
+    m = make_attention("sla", 16, topk=0.5, block_q=16, block_k=16)
+    assert isinstance(m, SparseLinearAttention)
+    assert m.proj_l.weight.dtype == torch.float32 and torch.count_nonzero(m.proj_l.weight) == 0
+    m = m.to(torch.bfloat16)
+    assert m.proj_l.weight.dtype == torch.float32, "proj_l must stay fp32"
+    q, k, v = (torch.randn(1, 2, 40, 16, dtype=torch.bfloat16) for _ in range(3))
+    o = m(q, k, v)
+    assert o.dtype == torch.bfloat16 and o.shape == q.shape
+    # zero proj_l: the output is the block-sparse attention alone
+    o_s, _ = sla_reference(q, k, v, 0.5, 16, 16, return_branches=True)
+    torch.testing.assert_close(o.float(), o_s.to(torch.bfloat16).float())
+    with torch.no_grad():
+        m.proj_l.weight.normal_()
+    torch.testing.assert_close(m(q, k, v), sla_reference(q, k, v, 0.5, 16, 16, proj_l=m.proj_l))
+    with pytest.raises(ValueError, match="topk"):
+        SparseLinearAttention(16, topk=0)
+    with pytest.raises(ValueError, match="feature_map"):
+        SparseLinearAttention(16, feature_map="tanh")
+    with pytest.raises(ValueError, match="head dim"):
+        m(q[..., :8], k[..., :8], v[..., :8])

@@ -1,0 +1,94 @@
+"""Lightning DataModule for toy videos: streams webdataset shards (`shards.py`) or, with no shards
+given, generates videos on the fly (`stream.ToyVideoStream`).
+
+Batches are `stream.collate_toy` dicts: "video" uint8 (B, F, H, W, 3), "caption", "attributes",
+"key", "labels". Training streams never end (shards are re-read pass after pass, reshuffled):
+bound the run with `max_steps`. Validation is one finite pass. Shards and samples skipped for
+corruption are counted in `skipped_shards` / `skipped_samples` (summed over DataLoader workers).
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from .shards import SkipCounter, shard_pipeline
+from .stream import ToyVideoStream, collate_toy
+
+ShardSource = str | os.PathLike | Iterable[str]
+
+
+class ToyVideoDataModule(LightningDataModule):
+    """Toy video batches for training and validation.
+
+    train_shards / val_shards: a shard directory, brace pattern or list of .tar paths; None
+        generates videos on the fly instead (train: endless "train" split; val: the first
+        `val_samples` videos of the "eval" split, i.e. held-out seeds and caption templates).
+    batch_size: videos per batch per rank. num_workers: DataLoader processes per rank (0 = main).
+    shuffle_buffer: samples held by each worker's shuffle buffer (training shards only).
+    seed: dataset seed for on-the-fly videos and the shard/sample shuffling.
+    val_samples: size of the on-the-fly validation set.
+    train_repeat: False reads the training shards once (a finite epoch) instead of endlessly.
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSource | None = None,
+        val_shards: ShardSource | None = None,
+        *,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        val_samples: int = 256,
+        train_repeat: bool = True,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0), ("val_samples", val_samples, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"ToyVideoDataModule.{name} must be an int >= {low}, got {value!r}")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.seed, self.val_samples, self.train_repeat, self.pin_memory = seed, val_samples, train_repeat, pin_memory
+        self.counter = SkipCounter()
+        self.train_set = self.val_set = None
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards cut short by corruption or truncation so far (all workers)."""
+        return self.counter.shards
+
+    @property
+    def skipped_samples(self) -> int:
+        """Undecodable samples skipped so far (all workers)."""
+        return self.counter.samples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_shards is None:
+            self.train_set = ToyVideoStream(seed=self.seed, split="train")
+        else:
+            self.train_set = shard_pipeline(self.train_shards, counter=self.counter, split="train",
+                                            shuffle_buffer=self.shuffle_buffer, repeat=self.train_repeat, seed=self.seed)
+        if self.val_shards is None:
+            self.val_set = ToyVideoStream(seed=self.seed, split="eval", num_samples=self.val_samples)
+        else:
+            self.val_set = shard_pipeline(self.val_shards, counter=self.counter, split="eval",
+                                          shuffle_buffer=0, shuffle_shards=False, repeat=False, seed=self.seed)
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_toy,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set)

@@ -1,0 +1,120 @@
+"""Scores for toy-world generations, computed from the judge's outputs.
+
+- prompt adherence: per video, the fraction of the prompt's attribute slots (background, number of
+  objects, and shape/color/motion of each object the prompt names; see
+  `attributes.flatten_attributes`) that the judge recognises in the video; averaged over videos.
+- per-attribute accuracy: per slot, the fraction of videos whose predicted value equals the truth
+  (obj2.* over the videos whose truth has two objects).
+- Fréchet distance between Gaussian fits of two feature sets (Heusel et al. 2017, "GANs trained
+  by a two time-scale update rule...", eq. 6): ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2).
+- diversity: mean pairwise Euclidean distance between the judge features of the videos made for
+  one prompt (different seeds), averaged over prompts. Mode collapse shows as a drop.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .attributes import flatten_attributes
+
+# ----------------------------------------------------------------------------- attributes
+
+
+def adherence_per_video(pred_attrs: Sequence[dict[str, Any]], prompt_attrs: Sequence[dict[str, Any]]) -> np.ndarray:
+    """(N,) fraction of each prompt's slots that the prediction matches."""
+    if len(pred_attrs) != len(prompt_attrs):
+        raise ValueError(f"pred_attrs ({len(pred_attrs)}) and prompt_attrs ({len(prompt_attrs)}) must have the same length")
+    scores = []
+    for pred, prompt in zip(pred_attrs, prompt_attrs):
+        p, want = flatten_attributes(pred), flatten_attributes(prompt)
+        scores.append(sum(p.get(k) == v for k, v in want.items()) / len(want))
+    return np.asarray(scores, dtype=np.float64)
+
+
+def prompt_adherence(pred_attrs: Sequence[dict[str, Any]], prompt_attrs: Sequence[dict[str, Any]]) -> float:
+    """Mean over videos of the fraction of the prompt's attributes the judge recognises (1.0 = all)."""
+    if len(pred_attrs) == 0:
+        raise ValueError("prompt_adherence: no videos")
+    return float(adherence_per_video(pred_attrs, prompt_attrs).mean())
+
+
+def per_attribute_accuracy(pred_attrs: Sequence[dict[str, Any]], true_attrs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Accuracy per slot ("background", "num_objects", "obj1.shape", ..., "obj2.motion"), each over
+    the videos whose truth has that slot."""
+    if len(pred_attrs) != len(true_attrs) or len(pred_attrs) == 0:
+        raise ValueError(f"pred_attrs ({len(pred_attrs)}) and true_attrs ({len(true_attrs)}) must be equal and non-empty")
+    hits: dict[str, list[bool]] = {}
+    for pred, true in zip(pred_attrs, true_attrs):
+        p = flatten_attributes(pred)
+        for k, v in flatten_attributes(true).items():
+            hits.setdefault(k, []).append(p.get(k) == v)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+# ----------------------------------------------------------------------------- features
+
+
+def _as_features(x, name: str) -> np.ndarray:
+    try:
+        import torch
+
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().double().numpy()
+    except ImportError:  # pragma: no cover
+        pass
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (num_videos, feature_dim), got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return a
+
+
+def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (numpy or torch).
+
+    The matrix square root (scipy.linalg.sqrtm) of S_a S_b can come out complex or non-finite
+    when the covariances are near-singular (N < D, or collapsed features); then `eps` * I is added
+    to both covariances and the root retried; an imaginary part above 1e-3 of the largest
+    eigenvalue is reported as a warning and dropped. Returns a float >= 0.
+    """
+    from scipy import linalg
+
+    a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feats_a and feats_b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"frechet_distance needs >= 2 videos per set, got {len(a)} and {len(b)}")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
+    covmean = linalg.sqrtm(s_a @ s_b)
+    if not np.all(np.isfinite(covmean)):
+        offset = eps * np.eye(len(s_a))
+        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    if np.iscomplexobj(covmean):
+        scale = max(np.abs(np.linalg.eigvals(s_a @ s_b)).max(), 1e-12)
+        if np.abs(covmean.imag).max() > 1e-3 * scale:
+            warnings.warn(f"frechet_distance: dropping an imaginary part of {np.abs(covmean.imag).max():.3g}", stacklevel=2)
+        covmean = covmean.real
+    d = float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
+    return max(d, 0.0)  # rounding can leave -1e-12 for identical sets
+
+
+def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
+    """Mean over prompts of the mean pairwise Euclidean distance between the (n_i, D) features of
+    one prompt's videos (n_i >= 2 each). Accepts a dict prompt -> features or a list of arrays."""
+    groups = list(features_by_prompt.values()) if isinstance(features_by_prompt, Mapping) else list(features_by_prompt)
+    if not groups:
+        raise ValueError("diversity: no prompts")
+    means = []
+    for i, g in enumerate(groups):
+        f = _as_features(g, f"features_by_prompt[{i}]")
+        if len(f) < 2:
+            raise ValueError(f"diversity needs >= 2 videos per prompt, prompt {i} has {len(f)}")
+        d = np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0.0))  # (n, n)
+        iu = np.triu_indices(len(f), k=1)
+        means.append(d[iu].mean())
+    return float(np.mean(means))

@@ -105,21 +105,22 @@ def quantize_v_reference(v: torch.Tensor, pv: str = "fp8"):
 
 
 def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *, tile: int, block_q: int,
-                             block_k: int, out_dtype: torch.dtype) -> torch.Tensor:
+                             block_k: int, out_dtype: torch.dtype, group: int = 1) -> torch.Tensor:
     """Online-softmax attention over key tiles, emulating the kernels' arithmetic.
 
     q_i8: (B, H, Lq, D) int8; k_i8: (B, H, Lk, D) int8; v_q: (B, H, Lk, D) fp8/fp16; scales as
-    returned by the quantizers; lut: (B, H, cdiv(Lq, block_q), n) int64 indices of key tiles of
-    `tile` tokens, visited in order (dense: all tiles ascending; sparse: the critical blocks).
-    Returns (B, H, Lq, D) in out_dtype.
+    returned by the quantizers (Q per block_q tokens, K per block_k); lut: (B, H, cdiv(Lq, block_q),
+    n) indices of key tiles of `tile` tokens. Each online-softmax step takes the next `group` tiles
+    of the row (dense: all tiles ascending, group 1; sparse: the critical blocks, `group` per
+    kernel iteration). Returns (B, H, Lq, D) in out_dtype.
     """
     B, H, Lq, D = q_i8.shape
     Lk = k_i8.shape[2]
-    nq, nt = cdiv(Lq, block_q), cdiv(Lk, tile)
+    nq, nt, n = cdiv(Lq, block_q), cdiv(Lk, tile), lut.shape[-1]
     dev = q_i8.device
 
-    def pad(t, n):  # zero-pad the token axis (dim 2) to n
-        out = torch.zeros(t.shape[0], t.shape[1], n, *t.shape[3:], dtype=t.dtype, device=dev)
+    def pad(t, size):  # zero-pad the token axis (dim 2) to size
+        out = torch.zeros(t.shape[0], t.shape[1], size, *t.shape[3:], dtype=t.dtype, device=dev)
         out[:, :, : t.shape[2]] = t
         return out
 
@@ -134,14 +135,17 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
     m = torch.full((B, H, nq, block_q), float("-inf"), device=dev)
     l = torch.zeros(B, H, nq, block_q, device=dev)
     acc = torch.zeros(B, H, nq, block_q, D, device=dev)
-    for j in range(lut.shape[-1]):
-        idx = lut[..., j].long()  # (B, H, nq)
-        g = idx[..., None, None].expand(B, H, nq, tile, D)
-        k_j = torch.gather(kt, 2, g)  # (B, H, nq, T, D)
-        v_j = torch.gather(vt, 2, g)
-        ks_j = torch.gather(ks_t, 2, idx[..., None].expand(B, H, nq, tile))  # (B, H, nq, T)
-        ok = valid[idx]  # (B, H, nq, T)
-        qk = (qb @ k_j.transpose(-1, -2)).float()  # exact int32 dot products  (B, H, nq, bq, T)
+    for j0 in range(0, n, group):
+        ks, vs, kss, oks = [], [], [], []
+        for j in range(j0, j0 + group):  # the tiles of this step, side by side on the key axis
+            idx = lut[..., min(j, n - 1)].long()  # (B, H, nq)
+            g = idx[..., None, None].expand(B, H, nq, tile, D)
+            ks.append(torch.gather(kt, 2, g))  # (B, H, nq, T, D)
+            vs.append(torch.gather(vt, 2, g))
+            kss.append(torch.gather(ks_t, 2, idx[..., None].expand(B, H, nq, tile)))  # (B, H, nq, T)
+            oks.append(valid[idx] & (j < n))  # (B, H, nq, T)
+        k_j, v_j, ks_j, ok = (torch.cat(t, dim=3) for t in (ks, vs, kss, oks))
+        qk = (qb @ k_j.transpose(-1, -2)).float()  # exact int32 dot products  (B, H, nq, bq, G·T)
         s = qk * (qs[..., None] * ks_j)[..., None, :]
         s = torch.where(ok[..., None, :], s, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
@@ -313,8 +317,8 @@ DEFAULT_CONFIG = LowbitConfig()
 class QuantizedQKV:
     """Quantized, zero-padded operands of the low-bit kernels.
 
-    q_i8: (B, H, Lq_pad, D) int8; q_scale: (B, H, Lq_pad/128) fp32 (includes softmax scale·log2 e);
-    k_i8: (B, H, Lk_pad, D) int8 (smoothed); k_scale: (B, H, Lk_pad/64); k_mean: (B, H, D);
+    q_i8: (B, H, Lq_pad, D) int8; q_scale: (B, H, Lq_pad/block_q) fp32 (includes softmax scale·log2 e);
+    k_i8: (B, H, Lk_pad, D) int8 (smoothed); k_scale: (B, H, Lk_pad/block_k); k_mean: (B, H, D);
     v_q: (B, H, D, Lk_pad) fp8 e4m3 or fp16 (transposed); v_scale: (B, H, D) fp32.
     """
 
@@ -327,6 +331,8 @@ class QuantizedQKV:
     v_scale: torch.Tensor
     lq: int
     lk: int
+    block_q: int = QUANT_BLOCK_Q
+    block_k: int = QUANT_BLOCK_K
 
 
 def _check_qkv(q, k, v, pv):
@@ -347,25 +353,32 @@ def _check_qkv(q, k, v, pv):
         raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
 
 
-def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None) -> QuantizedQKV:
-    """Launch the quantization kernels (smooth K, int8 Q/K per block, fp8/fp16 V per channel)."""
+def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_q: int = QUANT_BLOCK_Q,
+                 block_k: int = QUANT_BLOCK_K) -> QuantizedQKV:
+    """Launch the quantization kernels (smooth K, int8 Q/K per block, fp8/fp16 V per channel).
+
+    block_q / block_k: tokens per Q / K scale (powers of two in [16, 128]).
+    """
     _check_qkv(q, k, v, pv)
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if blk not in (16, 32, 64, 128):
+            raise ValueError(f"{name} must be one of 16, 32, 64, 128, got {blk!r}")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
-    Lq_pad, Lk_pad = cdiv(Lq, PAD) * PAD, cdiv(Lk, PAD) * PAD
+    Lq_pad, Lk_pad = cdiv(Lq, PAD) * PAD, cdiv(Lk, PAD) * PAD  # PAD is a multiple of every block size
     dev = q.device
     k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D), one read of K
     q_i8 = torch.empty(B, H, Lq_pad, D, dtype=torch.int8, device=dev)
     k_i8 = torch.empty(B, H, Lk_pad, D, dtype=torch.int8, device=dev)
-    q_scale = torch.empty(B, H, Lq_pad // QUANT_BLOCK_Q, dtype=torch.float32, device=dev)
-    k_scale = torch.empty(B, H, Lk_pad // QUANT_BLOCK_K, dtype=torch.float32, device=dev)
-    _quant_int8_block_kernel[(Lq_pad // QUANT_BLOCK_Q, B * H)](
+    q_scale = torch.empty(B, H, Lq_pad // block_q, dtype=torch.float32, device=dev)
+    k_scale = torch.empty(B, H, Lk_pad // block_k, dtype=torch.float32, device=dev)
+    _quant_int8_block_kernel[(Lq_pad // block_q, B * H)](
         q, k_mean, q_i8, q_scale, *q.stride(), H, Lq, Lq_pad, q_scale.shape[-1], sm_scale * LOG2E,
-        D=D, BLOCK=QUANT_BLOCK_Q, SUB_MEAN=False, num_warps=8)
-    _quant_int8_block_kernel[(Lk_pad // QUANT_BLOCK_K, B * H)](
+        D=D, BLOCK=block_q, SUB_MEAN=False, num_warps=8 if block_q * D >= 128 * 128 else 4)
+    _quant_int8_block_kernel[(Lk_pad // block_k, B * H)](
         k, k_mean, k_i8, k_scale, *k.stride(), H, Lk, Lk_pad, k_scale.shape[-1], 1.0,
-        D=D, BLOCK=QUANT_BLOCK_K, SUB_MEAN=True, num_warps=4)
+        D=D, BLOCK=block_k, SUB_MEAN=True, num_warps=8 if block_k * D >= 128 * 128 else 4)
     fp8 = pv == "fp8"
     if fp8:
         amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)  # (B, H, D), no |v| copy
@@ -378,18 +391,20 @@ def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None) -> 
         v_q = torch.empty(B, H, D, Lk_pad, dtype=torch.float16, device=dev)
     _quant_v_kernel[(Lk_pad // 64, B * H)](v, v_inv, v_q, *v.stride(), H, Lk, Lk_pad, D=D, BLOCK=64, FP8=fp8,
                                            EXACT_CAST=interpreter_enabled(), num_warps=4)
-    return QuantizedQKV(q_i8, q_scale, k_i8, k_scale, k_mean, v_q, v_scale, Lq, Lk)
+    return QuantizedQKV(q_i8, q_scale, k_i8, k_scale, k_mean, v_q, v_scale, Lq, Lk, block_q, block_k)
 
 
 def lowbit_attention_quantized(qkv: QuantizedQKV, out: torch.Tensor, config: LowbitConfig = DEFAULT_CONFIG) -> torch.Tensor:
     """Run the dense kernel on pre-quantized operands, writing into out (B, H, Lq, D)."""
+    if qkv.block_q % config.block_m:
+        raise ValueError(f"config.block_m={config.block_m} must divide the Q quantization block {qkv.block_q}")
     B, H, Lq_pad, D = qkv.q_i8.shape
     Lk_pad = qkv.k_i8.shape[2]
     grid = (cdiv(qkv.lq, config.block_m), B * H)
     _lowbit_attn_fwd_kernel[grid](
         qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1],
-        D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=QUANT_BLOCK_Q, QBK=QUANT_BLOCK_K,
+        D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=qkv.block_q, QBK=qkv.block_k,
         PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, FAST_I2F=config.fast_i2f, EXACT_CAST=interpreter_enabled(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -1,0 +1,206 @@
+"""sagesla: the sparse branch of SLA computed with SageAttention's low-bit arithmetic.
+
+Same quantization as turbo_kernels.attention.lowbit (smoothed K; int8 Q per query block and K per
+key block, with SLA's block sizes as the quantization blocks; fp8 e4m3 V per channel, or fp16),
+but each query block visits only its critical key blocks, read from the SLA block map
+(`turbo_kernels.attention.blockmap.sla_block_map`, the one implementation shared with `sla`):
+
+    O_s[i] = softmax_{keys in critical blocks of i}(q kᵀ·scale) v        (int8 QKᵀ, fp8/fp16 PV)
+
+The full sagesla output adds the linear branch of SLA unchanged: O = O_s + proj_l(O_l)
+(turbo_kernels.attention.sla.linear_branch; see turbo_infer.layers.lowbit_attention).
+
+Kernel: one program per (query block, batch·head) walks the block's row of the ascending lookup
+table, GROUP key blocks per online-softmax step (GROUP·block_k keys gathered into one tile, so the
+tensor-core tiles stay as deep as the dense kernel's). Ragged tails and a short last group are
+masked only on the steps that contain them. Forward only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from turbo_kernels.attention.blockmap import BlockMap
+from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, quantize_qk_reference,
+                                           quantize_qkv, quantize_v_reference)
+from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
+
+try:
+    import triton
+    import triton.language as tl
+
+    from turbo_kernels.gemm.quantize import round_to_fp8_grid
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+
+
+def _check_map(q, k, bm: BlockMap):
+    if not isinstance(bm, BlockMap):
+        raise TypeError(f"block_map must be a BlockMap, got {type(bm).__name__}")
+    B, H, Lq, _ = q.shape
+    if bm.q_len != Lq or bm.k_len != k.shape[2] or tuple(bm.lut.shape[:2]) != (B, H):
+        raise ValueError(f"block_map was built for (B, H, Lq, Lk) = ({bm.lut.shape[0]}, {bm.lut.shape[1]}, {bm.q_len}, "
+                         f"{bm.k_len}), inputs are ({B}, {H}, {Lq}, {k.shape[2]})")
+    for name, blk in (("block_q", bm.block_q), ("block_k", bm.block_k)):
+        if blk not in (16, 32, 64, 128):
+            raise ValueError(f"block_map.{name} must be one of 16, 32, 64, 128 for the low-bit kernels, got {blk}")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference
+# ----------------------------------------------------------------------------------------------
+def sagesla_sparse_reference(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: float | None = None,
+                             group: int = 1) -> torch.Tensor:
+    """Low-bit sparse branch in plain torch (emulates the kernel; `group` = its GROUP)."""
+    _check_qkv(q, k, v, pv)
+    _check_map(q, k, block_map)
+    bq, bk = block_map.block_q, block_map.block_k
+    q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale, block_q=bq, block_k=bk)
+    v_q, v_s = quantize_v_reference(v, pv)
+    return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, block_map.lut, tile=bk, block_q=bq, block_k=bk,
+                                    out_dtype=q.dtype, group=group)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk, L_pad,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, BLK_K: tl.constexpr, PV_FP8: tl.constexpr,
+                     FAST_I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+        """One online-softmax step over LUT entries j0 .. j0 + BLOCK_N/BLK_K − 1 (gathered tile)."""
+        t = tl.arange(0, BLOCK_N)
+        entry = j0 + t // BLK_K  # LUT entry of each tile column
+        kb = tl.load(lut_row + tl.minimum(entry, n - 1))  # its key block
+        offs_n = kb * BLK_K + t % BLK_K  # key token index  (BLOCK_N,)
+        offs_d = tl.arange(0, D)
+        k = tl.load(K_base + offs_n[None, :] * D + offs_d[:, None])  # (D, BLOCK_N) int8 (padded rows are 0)
+        ks = tl.load(KS_base + kb)  # (BLOCK_N,) one scale per key block
+        qk = tl.dot(q, k, out_dtype=tl.int32)
+        if FAST_I2F:
+            qk_f = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |i| < 2²²
+        else:
+            qk_f = qk.to(tl.float32)
+        s = qk_f * (qs * ks)[None, :]
+        if MASK:
+            s = tl.where(((entry < n) & (offs_n < Lk))[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # 8.0 == lowbit.P_SHIFT
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
+        if PV_FP8:
+            if EXACT_CAST:
+                p = round_to_fp8_grid(p)
+            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
+        else:
+            acc = tl.dot(p.to(tl.float16), v, acc)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _lowbit_sparse_fwd_kernel(Q, K, V, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol, stride_od,
+                                  H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
+                                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr, BLK_K: tl.constexpr,
+                                  GROUP: tl.constexpr, PV_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
+                                  EXACT_CAST: tl.constexpr):
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        qblk = (pid_m * BLOCK_M) // BLK_Q  # the block-map row of this tile
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + bh * Lq_pad * D + offs_m[:, None] * D + offs_d[None, :])
+        qs = tl.load(QS + bh * n_qs + qblk)
+        K_base = K + bh * Lk_pad * D
+        V_base = V + bh * D * Lk_pad
+        KS_base = KS + bh * n_ks
+        lut_row = LUT + (bh * n_qblk + qblk) * n
+        n_kblk = tl.cdiv(Lk, BLK_K)
+        ragged = (Lk % BLK_K) != 0
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for j0 in range(0, n, GROUP):
+            # mask only a short last group, or the step holding the ragged last key block
+            last = tl.load(lut_row + tl.minimum(j0 + GROUP, n) - 1)
+            if (j0 + GROUP > n) | (ragged & (last == n_kblk - 1)):
+                acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, FAST_I2F, EXACT_CAST, True)
+            else:
+                acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, FAST_I2F, EXACT_CAST, False)
+        vs = tl.load(VS + bh * D + offs_d)
+        out = acc / l_i[:, None] * vs[None, :]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SparseLowbitConfig:
+    """block_m: query rows per program (divides block_q); group: key blocks per softmax step."""
+
+    block_m: int = 128
+    group: int = 2
+    num_warps: int = 8
+    num_stages: int = 3
+    fast_i2f: bool = True
+
+    def __post_init__(self):
+        if self.block_m not in (16, 32, 64, 128):
+            raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {self.block_m}")
+        if self.group not in (1, 2, 4):
+            raise ValueError(f"group must be 1, 2 or 4, got {self.group}")
+
+
+DEFAULT_SPARSE_CONFIG = SparseLowbitConfig()
+
+
+def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.Tensor,
+                             config: SparseLowbitConfig = DEFAULT_SPARSE_CONFIG) -> torch.Tensor:
+    """Run the sparse kernel on operands quantized with the map's block sizes; writes out (B, H, Lq, D)."""
+    if (qkv.block_q, qkv.block_k) != (block_map.block_q, block_map.block_k):
+        raise ValueError(f"operands were quantized with blocks ({qkv.block_q}, {qkv.block_k}), the map uses "
+                         f"({block_map.block_q}, {block_map.block_k})")
+    block_m = min(config.block_m, block_map.block_q)
+    group = max(1, min(config.group, 128 // block_map.block_k))  # gathered tile ≤ 128 keys
+    B, H, Lq_pad, D = qkv.q_i8.shape
+    Lk_pad = qkv.k_i8.shape[2]
+    lut = block_map.lut if block_map.lut.dtype == torch.int32 and block_map.lut.is_contiguous() else \
+        block_map.lut.to(torch.int32).contiguous()
+    grid = (cdiv(qkv.lq, block_m), B * H)
+    _lowbit_sparse_fwd_kernel[grid](
+        qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
+        H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
+        block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=block_map.block_k, GROUP=group,
+        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, FAST_I2F=config.fast_i2f, EXACT_CAST=interpreter_enabled(),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out
+
+
+def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: float | None = None,
+                   config: SparseLowbitConfig | None = None) -> torch.Tensor:
+    """Low-bit sparse branch: softmax over each query block's critical key blocks. Forward only.
+
+    q: (B, H, Lq, D), k/v: (B, H, Lk, D) → (B, H, Lq, D) in q's dtype. Triton on CUDA (and on CPU
+    under TRITON_INTERPRET=1), else the reference.
+    """
+    _check_qkv(q, k, v, pv)
+    _check_map(q, k, block_map)
+    config = DEFAULT_SPARSE_CONFIG if config is None else config
+    if triton is None or not use_triton(q, k, v):
+        group = max(1, min(config.group, 128 // block_map.block_k))
+        return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group)
+    qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
+    with torch.no_grad():
+        return sagesla_sparse_quantized(qkv, block_map, torch.empty_like(q), config)
+
+
+__all__ = ["SparseLowbitConfig", "sagesla_sparse", "sagesla_sparse_quantized", "sagesla_sparse_reference"]

@@ -1,0 +1,105 @@
+"""Low-bit attention backends: `sage` (dense) and `sagesla` (sparse-linear), forward only.
+
+sage:    SageAttention-style dense attention (turbo_kernels.attention.lowbit): int8 QKᵀ with
+         smoothed K, fp8 e4m3 PV on sm89+ (fp16 PV on sm80), fp32 accumulation.
+sagesla: SLA (turbo_infer.layers.sla.SparseLinearAttention) whose sparse branch runs the same
+         low-bit arithmetic (turbo_kernels.attention.lowbit_sparse); the block map
+         (turbo_kernels.attention.blockmap.sla_block_map), the linear branch and the zero-init
+         fp32 `proj_l` are SLA's own: O = O_s^lowbit + proj_l(O_l).
+
+Which kernels run is decided by turbo_kernels.capability.kernel_support for the tensors' device;
+CPU tensors (and GPUs without int8 tensor cores) run the torch references, which emulate the
+quantization exactly. These backends are for inference: their kernels have no backward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_reference
+from turbo_kernels.attention.lowbit import PV_MODES, lowbit_attention, lowbit_attention_reference
+from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
+from turbo_kernels.attention.sla import linear_branch
+from turbo_kernels.capability import kernel_support
+from turbo_infer.layers.attention import register_attention
+from turbo_infer.layers.sla import SparseLinearAttention
+
+
+def _pv_for(t: torch.Tensor, pv: str | None) -> tuple[bool, str]:
+    """(run the Triton kernels?, PV format) for tensors on t's device."""
+    if not t.is_cuda:
+        return False, pv or "fp8"
+    cap = kernel_support(t.device)
+    return cap.int8_attention, pv or cap.attention_pv
+
+
+def _check_pv(pv):
+    if pv is not None and pv not in PV_MODES:
+        raise ValueError(f"pv must be None (choose by device) or one of {PV_MODES}, got {pv!r}")
+
+
+class SageAttention(nn.Module):
+    """Dense low-bit attention over (B, H, L, D) → (B, H, L, D) in q's dtype.
+
+    head_dim: D (a power of two in [16, 256]).
+    pv:       "fp8" | "fp16" | None (None: fp8 where the GPU has fp8 tensor cores, else fp16;
+              the CPU reference emulates fp8).
+    """
+
+    def __init__(self, head_dim: int, pv: str | None = None):
+        super().__init__()
+        if not isinstance(head_dim, int) or head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two in [16, 256] for low-bit attention, got {head_dim!r}")
+        _check_pv(pv)
+        self.head_dim, self.pv = head_dim, pv
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D)
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head dim {q.shape[-1]}, this SageAttention was built for {self.head_dim}")
+        fast, pv = _pv_for(q, self.pv)
+        if fast:
+            return lowbit_attention(q, k, v, pv=pv)
+        return lowbit_attention_reference(q, k, v, pv=pv)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, pv={self.pv or 'auto'}"
+
+
+class SageSparseLinearAttention(SparseLinearAttention):
+    """SLA with a low-bit sparse branch; same options and `proj_l` as SparseLinearAttention, plus pv."""
+
+    def __init__(self, head_dim: int, topk: float = 0.1, block_q: int = 128, block_k: int = 64,
+                 feature_map: str = "softmax", pv: str | None = None):
+        super().__init__(head_dim, topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map)
+        if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+            raise ValueError(f"head_dim must be a power of two in [16, 256] for low-bit attention, got {head_dim!r}")
+        for name, blk in (("block_q", block_q), ("block_k", block_k)):
+            if blk > 128:
+                raise ValueError(f"{name} must be <= 128 for the low-bit kernels, got {blk}")
+        _check_pv(pv)
+        self.pv = pv
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D)
+        if q.shape[-1] != self.head_dim:
+            raise ValueError(f"q has head dim {q.shape[-1]}, this attention was built for {self.head_dim}")
+        fast, pv = _pv_for(q, self.pv)
+        with torch.no_grad():
+            if fast:
+                bm = sla_block_map(q, k, self.topk, self.block_q, self.block_k)
+                o_s = sagesla_sparse(q, k, v, bm, pv=pv)  # (B, H, Lq, D) q.dtype
+            else:
+                bm = sla_block_map_reference(q, k, self.topk, self.block_q, self.block_k)
+                o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv)
+            o_l = linear_branch(q, k, v, bm, self.feature_map)  # (B, H, Lq, D) fp32
+            return (o_s.float() + self.proj_l(o_l)).to(q.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", pv={self.pv or 'auto'}"
+
+
+register_attention("sage", lambda head_dim, **o: SageAttention(head_dim, **o))
+register_attention("sagesla", lambda head_dim, **o: SageSparseLinearAttention(head_dim, **o))
+
+__all__ = ["SageAttention", "SageSparseLinearAttention"]

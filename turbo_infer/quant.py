@@ -1,0 +1,156 @@
+"""W8A8 linear layers and the module swap that installs them (DESIGN.md "W8A8 linear").
+
+`W8A8Linear` holds an nn.Linear's weight quantized per output channel (int8 or fp8 e4m3) and
+quantizes its input per token (dynamic) or with a static per-tensor scale from calibration.
+On a GPU that supports the format (turbo_kernels.capability) it runs the Triton/cuBLAS kernels;
+elsewhere it runs the same arithmetic as a dequantized matmul in torch (the CPU fallback).
+An input may also arrive already quantized (`QuantizedActivation`, e.g. from the fused
+norm + modulation + quantization kernel), which skips the activation-quantization pass.
+
+`quantize_model(model, plan, act_scales)` swaps nn.Linear modules by qualified name following a
+mixed-precision plan {name: "int8" | "fp8" | "bf16"}; layers named in `exclude` (SLA's proj_l, the
+patch embedding, the head) always stay in floating point.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from turbo_kernels.capability import kernel_support
+from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows, quantize_rows_reference, quantize_weight
+from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
+
+PRECISIONS = ("int8", "fp8", "bf16")
+DEFAULT_EXCLUDE = ("proj_l", "patch_embedding", "head")
+
+
+@dataclass
+class QuantizedActivation:
+    """A pre-quantized input: data (M, K) int8/fp8, scale (M,) fp32, and the shape to restore (..., K)."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.bfloat16  # output dtype of the consuming linear
+
+
+class W8A8Linear(nn.Module):
+    """y = x Wᵀ + b with W int8/fp8 per output channel and x quantized per token (or static)."""
+
+    def __init__(self, in_features: int, out_features: int, *, mode: str = "int8", bias: bool = True,
+                 act_scale: float | None = None, device=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if act_scale is not None and not (isinstance(act_scale, (int, float)) and act_scale > 0):
+            raise ValueError(f"act_scale must be None (dynamic per token) or a float > 0, got {act_scale!r}")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.act_scale = None if act_scale is None else float(act_scale)
+        self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=QDTYPE[mode], device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "int8", act_scale: float | None = None) -> "W8A8Linear":
+        """Quantize a float nn.Linear (weight per output channel; bias kept in fp32)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        m = cls(linear.in_features, linear.out_features, mode=mode, bias=linear.bias is not None,
+                act_scale=act_scale, device=linear.weight.device)
+        w_q, w_s = quantize_weight(linear.weight, mode)
+        m.weight_q.copy_(w_q)
+        m.weight_scale.copy_(w_s)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias.detach().float())
+        return m
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_q.float() * self.weight_scale[:, None]
+
+    def _use_kernels(self, t: torch.Tensor) -> bool:
+        if not t.is_cuda:
+            return False
+        cap = kernel_support(t.device)
+        return cap.fp8_gemm if self.mode == "fp8" else cap.int8_gemm
+
+    def quantize_input(self, x: torch.Tensor) -> QuantizedActivation:
+        """Quantize x (..., K) per token (or with the static scale)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+        if self._use_kernels(x):
+            q, s = quantize_rows(x, self.mode, self.act_scale)
+        else:
+            q, s = quantize_rows_reference(x.reshape(-1, self.in_features), self.mode, self.act_scale)
+        return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
+
+    def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
+        """x: (..., in_features) float, or a QuantizedActivation → (..., out_features) in x's dtype."""
+        qa = x if isinstance(x, QuantizedActivation) else self.quantize_input(x)
+        if qa.data.dtype != self.weight_q.dtype:
+            raise TypeError(f"activation dtype {qa.data.dtype} does not match this layer's mode {self.mode!r}")
+        bias = self.bias
+        if self._use_kernels(qa.data):
+            y = w8a8_matmul(qa.data, qa.scale, self.weight_q, self.weight_scale, bias, out_dtype=qa.dtype)
+        else:  # CPU fallback: the dequantized product (exact int8 products, same epilogue order)
+            y = w8a8_matmul_reference(qa.data, qa.scale, self.weight_q, self.weight_scale, bias, out_dtype=qa.dtype)
+        return y.view(*qa.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        act = "dynamic per-token" if self.act_scale is None else f"static {self.act_scale:g}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
+                f"bias={self.bias is not None}, act={act}")
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    parts = name.split(".")
+    return any(e in parts for e in exclude)
+
+
+def quantizable_linears(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Qualified names of the nn.Linear modules that quantize_model may swap."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _excluded(n, exclude)]
+
+
+def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str, float] | None = None, *,
+                   exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+    """Swap nn.Linear modules named in `plan` for W8A8Linear, in place.
+
+    plan: {qualified module name: "int8" | "fp8" | "bf16"}; "bf16" leaves the layer as it is.
+    act_scales: {name: static per-tensor activation scale} from calibration; absent = dynamic
+    per-token scales. Names whose dotted path contains an `exclude` entry are never quantized
+    (a warning says so). Returns the names that were swapped.
+    """
+    if not isinstance(plan, dict):
+        raise TypeError(f"plan must be a dict {{module name: precision}}, got {type(plan).__name__}")
+    act_scales = act_scales or {}
+    modules = dict(model.named_modules())
+    for name, prec in plan.items():
+        if prec not in PRECISIONS:
+            raise ValueError(f"plan[{name!r}] must be one of {PRECISIONS}, got {prec!r}")
+        if name not in modules:
+            raise ValueError(f"plan names module {name!r}, which the model does not have")
+        if not isinstance(modules[name], (nn.Linear, W8A8Linear)):
+            raise ValueError(f"plan[{name!r}]: module is a {type(modules[name]).__name__}, not an nn.Linear")
+    for name in act_scales:
+        if name not in plan:
+            raise ValueError(f"act_scales names {name!r}, which is not in the plan")
+    swapped = []
+    for name, prec in plan.items():
+        if prec == "bf16" or not isinstance(modules[name], nn.Linear):
+            continue
+        if _excluded(name, exclude):
+            warnings.warn(f"quantize_model: {name!r} is excluded ({tuple(exclude)}) and stays in floating point")
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, W8A8Linear.from_linear(modules[name], prec, act_scales.get(name)))
+        swapped.append(name)
+    return swapped
+
+
+__all__ = ["DEFAULT_EXCLUDE", "PRECISIONS", "QuantizedActivation", "W8A8Linear", "quantizable_linears",
+           "quantize_model"]

@@ -140,6 +140,47 @@ def test_toy_world_end_to_end_from_checkpoint(tmp_path):
                                ref.generate_latents(["a red circle moving left"], guidance=3.0, **SMALL))
 
 
+def test_wan_world_end_to_end_on_tiny_parts(tmp_path):
+    """TurboPipeline.wan with a tiny DiT, a tiny random umT5 + tokenizer and a tiny AutoencoderKLWan."""
+    import json
+
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
+
+    from turbo_infer.models.wan import WanConfig
+
+    tk = Tokenizer(models.Unigram())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.train_from_iterator(["a red circle moving left", "a blue square"] * 10, trainers.UnigramTrainer(
+        vocab_size=40, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    vocab = [(piece, score) for piece, score in json.loads(tk.to_str())["model"]["vocab"]]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(tmp_path / "umt5")
+    UMT5EncoderModel(UMT5Config(vocab_size=len(vocab), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                relative_attention_num_buckets=8)).save_pretrained(tmp_path / "umt5")
+    AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                     temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                     latents_std=[1.0] * 4).save_pretrained(tmp_path / "vae")
+    cfg = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=32, in_channels=4, out_channels=4)
+    model = WanModel(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "dit.safetensors"))
+
+    pipe = TurboPipeline.wan(tmp_path / "dit.safetensors", tmp_path / "umt5", tmp_path / "vae", config=cfg)
+    assert pipe.default_shift == 5.0 and pipe.text_encoder.max_length == 512
+    v = pipe.generate(["a red circle"], steps=2, guidance=5.0, num_frames=5, height=16, width=32,
+                      sampler="unipc", progress=False)
+    assert v.shape == (1, 5, 16, 32, 3) and v.dtype == torch.uint8
+    with pytest.raises(ValueError, match="num_frames=8 is invalid"):
+        pipe.generate(["a"], steps=1, num_frames=8, height=16, width=16, progress=False)
+    with pytest.raises(ValueError, match="height=8 must be divisible by 16"):
+        pipe.generate(["a"], steps=1, num_frames=5, height=8, width=16, progress=False)
+    with pytest.raises(FileNotFoundError, match="vae_path"):
+        TurboPipeline.wan(tmp_path / "dit.safetensors", tmp_path / "umt5", tmp_path / "no_vae", config=cfg)
+
+
 def test_video_to_uint8():
     v = torch.tensor([-1.0, -0.5, 0.0, 1.0, 2.0]).view(1, 1, 5, 1, 1).expand(1, 3, 5, 1, 1)
     u = video_to_uint8(v)

@@ -302,7 +302,7 @@ class Recipe:
         return _plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
     def resolved_run_dir(self, recipe_path: str | Path | None = None) -> Path:
         """logging.run_dir, or runs/<recipe file stem> when it is None."""

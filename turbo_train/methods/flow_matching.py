@@ -1,0 +1,316 @@
+"""Flow-matching (rectified-flow) training of the Wan DiT: the teacher's training method.
+
+Rectified flow (Liu et al. 2022, "Flow Straight and Fast"; Lipman et al. 2022, "Flow Matching for
+Generative Modeling"), in Wan's convention (DESIGN.md "The model"):
+    x_s = (1 - s)·x0 + s·eps,  eps ~ N(0, I),  s in (0, 1)
+    L = E_{x0, eps, s} || v_theta(x_s, 1000·s, c) - (eps - x0) ||^2       (mean over C, F, H, W)
+with s drawn from a logit-normal (Esser et al. 2024, SD3, Sec. 3.1: s = sigmoid(m + σ·n)) or a
+shifted uniform (u ~ U[0, 1), s = k·u / (1 + (k-1)·u), Wan's timestep shift), and the caption
+replaced by the empty prompt with probability p so that one network is both the conditional and the
+unconditional model of classifier-free guidance (Ho & Salimans 2022).
+
+Training: AdamW with fp32 master weights, linear warmup then constant or cosine LR, bf16 autocast on
+GPU (trainer.precision bf16-mixed), an EMA of the weights (EDM2 power EMA, `turbo_train.ema`) that is
+exported as a standalone safetensors file loadable by `WanModel.from_pretrained`.
+Batches: {"video": uint8 (B, F, H, W, 3) | float (B, 3, F, H, W) in [-1, 1], "caption": [str]}
+(toy world; the toy codec maps video -> latent) or {"latent": (B, C, F, H, W), "caption" or
+"context": (B, L, D)} (precomputed latents).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from turbo_infer.models.wan import WanModel
+from turbo_infer.samplers import shift_time
+from turbo_train import ema as ema_lib
+from turbo_train.lightning_compat import LightningModule
+from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
+
+# ----------------------------------------------------------------------------- the loss and its pieces
+
+
+def sample_time(n: int, cfg: FlowMatchingConfig, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) float32 flow times s in (0, 1) drawn from cfg.time_distribution."""
+    if cfg.time_distribution == "logit_normal":
+        z = torch.randn(n, device=device, generator=generator, dtype=torch.float32)
+        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    if cfg.time_distribution == "shifted_uniform":
+        u = torch.rand(n, device=device, generator=generator, dtype=torch.float32)
+        return shift_time(u, cfg.shift)
+    raise ValueError(f"time_distribution must be 'logit_normal' or 'shifted_uniform', got {cfg.time_distribution!r}")
+
+
+def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace each sample's text states by the empty-prompt states with probability p (for CFG).
+
+    context (B, L, D), empty (1, L, D) -> (context', dropped (B,) bool)."""
+    B = context.shape[0]
+    dropped = torch.rand(B, device=context.device, generator=generator) < p  # (B,)
+    out = torch.where(dropped[:, None, None], empty.to(context.dtype).expand_as(context), context)
+    return out, dropped
+
+
+def rectified_flow_loss(net: Callable, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor,
+                        eps: torch.Tensor) -> torch.Tensor:
+    """Per-sample flow-matching loss (B,): mean over (C, F, H, W) of (v_theta(x_s, 1000·s) - (eps - x0))^2.
+
+    x0, eps: (B, C, F, H, W) float32; s: (B,) in (0, 1); context (B, L, D)."""
+    s_ = s.view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
+    x_s = (1.0 - s_) * x0 + s_ * eps  # point on the straight path from data (s=0) to noise (s=1)
+    v = net(x_s, timestep=1000.0 * s, context=context).float()  # (B, C, F, H, W)
+    return (v - (eps - x0)).pow(2).flatten(1).mean(1)  # (B,)
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str = "constant",
+                  min_lr_ratio: float = 0.0) -> float:
+    """LR factor at optimizer step `step` (0-based): linear warmup (step+1)/warmup_steps, then 1
+    (constant) or a cosine from 1 down to min_lr_ratio at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        span = max(1, total_steps - warmup_steps)
+        progress = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def build_wan_model(cfg: ModelConfig) -> WanModel:
+    """The DiT of a recipe's model section: random init, or the weights of cfg.checkpoint."""
+    wan_cfg = cfg.wan_config()
+    if cfg.checkpoint is not None:
+        model = WanModel.from_pretrained(cfg.checkpoint, config=wan_cfg)
+    else:
+        model = WanModel(wan_cfg)
+    model.to(dtype=getattr(torch, cfg.dtype))
+    return model.enable_activation_checkpointing(cfg.activation_checkpointing)
+
+
+def build_text_encoder(cfg: ModelConfig, device):
+    """The recipe's text encoder on `device` (fp32, with its embedding cache)."""
+    if cfg.text_encoder == "minilm":
+        from turbo_infer.text_encoders import MiniLMTextEncoder
+
+        return MiniLMTextEncoder(device=device, path=cfg.text_encoder_path, max_length=cfg.text_max_length,
+                                 cache_size=cfg.text_cache_size)
+    raise ValueError(f"model.text_encoder: unsupported encoder {cfg.text_encoder!r}")
+
+
+def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (biases, norm weights and modulation tables excluded)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and not name.endswith("modulation") else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def video_to_model_space(video: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, F, H, W, 3) -> float32 (B, 3, F, H, W) in [-1, 1]; a float (B, 3, F, H, W) passes."""
+    if video.dtype == torch.uint8:
+        if video.ndim != 5 or video.shape[-1] != 3:
+            raise ValueError(f"batch['video'] uint8 must be (B, F, H, W, 3), got {tuple(video.shape)}")
+        return video.float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
+    if not video.is_floating_point() or video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"batch['video'] must be uint8 (B, F, H, W, 3) or float (B, 3, F, H, W), got "
+                         f"{tuple(video.shape)} {video.dtype}")
+    return video.float()
+
+
+# ----------------------------------------------------------------------------- the Lightning module
+
+
+class FlowMatchingModule(LightningModule):
+    """Trains a Wan DiT by rectified flow with caption dropout, AdamW, warmup and an EMA.
+
+    recipe: the validated training recipe (model, method.flow_matching, optim, ema, checkpoint).
+    model: the DiT to train; None = built from recipe.model.
+    text_encoder: object with encode(list[str]) -> (B, L, D) and empty_embedding() -> (1, L, D);
+        None = the recipe's encoder, built on first use on this module's device.
+    codec: video -> latent codec with encode((B, 3, F, H, W)); None = the toy codec.
+    export_dir: where ema.safetensors is written (with each checkpoint and at fit end); None = nowhere.
+    """
+
+    def __init__(self, recipe: Recipe, *, model: WanModel | None = None, text_encoder=None, codec=None,
+                 export_dir: str | Path | None = None):
+        super().__init__()
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"recipe must be a turbo_train.recipe.Recipe, got {type(recipe).__name__}")
+        self.save_hyperparameters({"recipe": recipe.to_dict()})
+        self.recipe = recipe
+        self.fm: FlowMatchingConfig = recipe.method.flow_matching
+        self.model = model if model is not None else build_wan_model(recipe.model)
+        # EMA weights: a frozen fp32 copy, a submodule so it follows the device and lands in checkpoints
+        self.ema = None
+        if recipe.ema.kind != "none":
+            self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
+            self.ema.enable_activation_checkpointing(False)
+            self._ema_gamma = ema_lib.sigma_rel_to_gamma(recipe.ema.sigma_rel) if recipe.ema.kind == "power" else None
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # k of the EMA schedule
+        self._text_encoder = text_encoder
+        if codec is None:
+            from turbo_infer.vae import ToyCodec
+
+            codec = ToyCodec()
+        self.codec = codec
+        self._empty = None  # (1, L, D) empty-prompt states, on this module's device
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+
+    # ------------------------------------------------------------------ encoding
+
+    @property
+    def text_encoder(self):
+        if self._text_encoder is None:
+            self._text_encoder = build_text_encoder(self.recipe.model, self.device)
+        return self._text_encoder
+
+    def _autocast_off(self):
+        return torch.autocast(self.device.type, enabled=False)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> (B, L, D) float32 text states on this device (fp32: no autocast, so cached and
+        fresh embeddings agree with what inference computes)."""
+        with self._autocast_off():
+            return self.text_encoder.encode(list(captions)).to(self.device, torch.float32)
+
+    def empty_context(self) -> torch.Tensor:
+        if self._empty is None or self._empty.device != self.device:
+            with torch.no_grad(), self._autocast_off():
+                self._empty = self.text_encoder.empty_embedding().to(self.device, torch.float32)
+        return self._empty
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32)."""
+        if "latent" in batch:
+            x0 = batch["latent"].float()
+        elif "video" in batch:
+            x0 = self.codec.encode(video_to_model_space(batch["video"])).float()  # (B, 48, F, H/4, W/4) for the toy codec
+        else:
+            raise ValueError(f"batch needs 'video' or 'latent', got keys {sorted(batch)}")
+        if "context" in batch:
+            context = batch["context"].float()
+        elif "caption" in batch:
+            context = self.encode_text(batch["caption"])
+        else:
+            raise ValueError(f"batch needs 'caption' or 'context', got keys {sorted(batch)}")
+        if context.shape[0] != x0.shape[0]:
+            raise ValueError(f"batch has {x0.shape[0]} samples but {context.shape[0]} captions/contexts")
+        return x0, context
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # 1. encode: pixels -> latents x0, captions -> text states, some dropped to the empty prompt
+        x0, context = self.encode_batch(batch)
+        context, dropped = drop_captions(context, self.empty_context(), self.fm.caption_dropout)
+        # 2. sample the flow time s and the noise eps
+        B = x0.shape[0]
+        s = sample_time(B, self.fm, device=x0.device)
+        eps = torch.randn_like(x0)
+        # 3. forward on x_s = (1-s)·x0 + s·eps and regress v = eps - x0
+        per_sample = rectified_flow_loss(self.model, x0, context, s, eps)
+        loss = per_sample.mean()
+        # 4. log
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/caption_dropped", dropped.float().mean(), batch_size=B)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # global grad L2 norm before clipping (Lightning clips after this hook), and the LR
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            self.log("train/grad_norm", norm, prog_bar=True)
+        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta."""
+        if self.ema is None:
+            return
+        k = int(self.ema_updates.item())
+        if self.recipe.ema.kind == "power":
+            beta = ema_lib.power_ema_beta(k, self._ema_gamma)
+        else:
+            beta = ema_lib.fixed_ema_beta(k, self.recipe.ema.decay)
+        ema_lib.update_ema(self.ema, self.model, beta)
+        self.ema_updates += 1
+
+    def configure_optimizers(self):
+        opt = adamw(self.model, self.recipe.optim)
+        o = self.recipe.optim
+        fn = partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
+                     schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ validation
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # the same loss at fixed s and noise per batch index (comparable across runs), no caption dropout
+        x0, context = self.encode_batch(batch)
+        g = torch.Generator(device=x0.device).manual_seed(10_000 + batch_idx)
+        s = sample_time(x0.shape[0], self.fm, device=x0.device, generator=g)
+        eps = torch.randn(x0.shape, device=x0.device, generator=g, dtype=x0.dtype)
+        B = x0.shape[0]
+        self.log("val/loss", rectified_flow_loss(self.model, x0, context, s, eps).mean(), sync_dist=True, batch_size=B)
+        if self.ema is not None:
+            self.log("val/loss_ema", rectified_flow_loss(self.ema, x0, context, s, eps).mean(), sync_dist=True, batch_size=B)
+
+    # ------------------------------------------------------------------ export
+
+    def export_weights(self, path: str | Path | None = None) -> Path | None:
+        """Write the EMA weights (the trained weights if ema.kind is none) as a standalone safetensors
+        with the WanConfig in its metadata. Default path: <export_dir>/ema.safetensors (model.safetensors
+        without EMA). Returns the path, or None where nothing is written (no export_dir, not rank 0)."""
+        if path is None:
+            if self.export_dir is None:
+                return None
+            path = self.export_dir / ("ema.safetensors" if self.ema is not None else "model.safetensors")
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        from turbo_infer.models.wan_keys import save_wan_checkpoint
+
+        net = self.ema if self.ema is not None else self.model
+        dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
+        if next(net.parameters()).dtype != dtype:
+            net = copy.deepcopy(net).to(dtype)
+        meta = {
+            "turbo_method": "flow_matching",
+            "turbo_weights": "ema" if self.ema is not None else "raw",
+            "turbo_ema_updates": str(int(self.ema_updates.item())),
+            "turbo_recipe": json.dumps(self.recipe.to_dict()),
+        }
+        save_wan_checkpoint(net, path, extra_metadata=meta)
+        return Path(path)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.recipe.checkpoint.export_ema:
+            self.export_weights()
+
+    def on_fit_end(self) -> None:
+        if self.recipe.checkpoint.export_ema:
+            path = self.export_weights()
+            if path is not None:
+                print(f"turbo-train: wrote {path} ({int(self.ema_updates.item())} EMA updates)")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from turbo_infer.samplers import SAMPLERS, get_sampler
+from turbo_infer.samplers import SAMPLERS, batch_randn, get_sampler
 from turbo_infer.text_encoders import check_prompts
 
 # Where the toy teacher ships inside the package.
@@ -137,13 +137,9 @@ class TurboPipeline:
         check_video_size(num_frames, height, width, spatial_factor=self.vae.spatial_factor,
                          temporal_factor=self.vae.temporal_factor, patch_size=self.patch_size)
 
-    def initial_noise(self, batch: int, seed: int, latent_shape) -> torch.Tensor:
-        """(batch, *latent_shape) float32 N(0, 1) on `device`; item i from a CPU generator seeded seed + i."""
-        noise = []
-        for i in range(batch):
-            g = torch.Generator(device="cpu").manual_seed(seed + i)
-            noise.append(torch.randn(tuple(latent_shape), generator=g, dtype=torch.float32))
-        return torch.stack(noise).to(self.device)
+    def generators(self, batch: int, seed: int) -> list[torch.Generator]:
+        """One CPU generator per batch item, item i seeded with seed + i."""
+        return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(batch)]
 
     @torch.no_grad()
     def generate_latents(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,
@@ -159,9 +155,11 @@ class TurboPipeline:
         shift = self.default_shift if shift is None else shift
         context = self.text_encoder.encode(prompts).to(self.device)  # (B, L, D)
         uncond = self.text_encoder.empty_embedding().to(self.device) if guidance != 1.0 else None  # (1, L, D)
-        noise = self.initial_noise(len(prompts), seed, self.vae.latent_shape(num_frames, height, width))
+        gens = self.generators(len(prompts), seed)
+        noise = batch_randn(self.vae.latent_shape(num_frames, height, width), gens, self.device)  # (B, C, F, H, W)
         return get_sampler(sampler).sample(self.transformer, noise, context, uncond=uncond, guidance=guidance,
-                                           steps=steps, shift=shift, progress=progress, dtype=self.dtype)
+                                           steps=steps, shift=shift, progress=progress, dtype=self.dtype,
+                                           generators=gens)
 
     @torch.no_grad()
     def generate(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,

@@ -75,12 +75,22 @@ def guided_velocity(model: Model, x: torch.Tensor, s: float, context: torch.Tens
     return v_u + guidance * (v_c - v_u)
 
 
+def batch_randn(shape, generators: list[torch.Generator], device=None) -> torch.Tensor:
+    """(len(generators), *shape) float32 N(0, 1): item i drawn on the CPU from generators[i], then
+    moved to `device` (same numbers on every device)."""
+    out = torch.stack([torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators])
+    return out.to(device) if device is not None else out
+
+
 class FlowSampler:
     """Base: integrate the rectified-flow ODE from `noise` (= x at s ≈ 1) to s = 0.
 
     `sample(model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
-    dtype=None) -> x0` (float32, noise's shape). guidance: CFG weight w (1 = no CFG); uncond: the
-    unconditional context (None = no CFG); dtype: the network's input dtype (None = float32).
+    dtype=None, generators=None) -> x0` (float32, noise's shape). guidance: CFG weight w (1 = no CFG);
+    uncond: the unconditional context (None = no CFG); dtype: the network's input dtype (None =
+    float32); generators: one CPU torch.Generator per batch item, for samplers that draw fresh noise
+    during sampling (use `batch_randn`, so an item's result does not depend on its batch); the ODE
+    samplers here are deterministic and ignore it.
     """
 
     name = ""
@@ -101,7 +111,7 @@ class FlowSampler:
 
     def sample(self, model: Model, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor | None = None,
                guidance: float = 1.0, steps: int = 50, shift: float = 5.0, progress: bool = False,
-               dtype: torch.dtype | None = None) -> torch.Tensor:
+               dtype: torch.dtype | None = None, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -112,7 +122,7 @@ class FlowEulerSampler(FlowSampler):
 
     @torch.no_grad()
     def sample(self, model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
-               dtype=None):
+               dtype=None, generators=None):
         self._check(noise, context, uncond, guidance)
         sig = flow_schedule(steps, shift).tolist()
         x = noise.float()
@@ -139,7 +149,7 @@ class FlowUniPCSampler(FlowSampler):
 
     @torch.no_grad()
     def sample(self, model, noise, context, uncond=None, guidance=1.0, steps=50, shift=5.0, progress=False,
-               dtype=None):
+               dtype=None, generators=None):
         self._check(noise, context, uncond, guidance)
         sig = flow_schedule(steps, shift).tolist()
         x = noise.float()

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from turbo_infer.samplers import (SAMPLERS, FlowEulerSampler, FlowUniPCSampler, flow_schedule, get_sampler,
-                                  guided_velocity, shift_time)
+from turbo_infer.samplers import (SAMPLERS, FlowEulerSampler, FlowUniPCSampler, batch_randn, flow_schedule,
+                                  get_sampler, guided_velocity, shift_time)
 
 # Tolerances:
 #   vs diffusers (fp32 state, same float32 sigmas): 1e-5 abs on |x| ~ 5. The only difference is that
@@ -157,6 +157,17 @@ def test_samplers_batched_equals_single(name):
     for i in range(3):
         one = sampler.sample(model, noise[i:i + 1], ctx[i:i + 1], uncond, guidance=3.0, steps=6, shift=3.0)
         torch.testing.assert_close(one[0], both[i], atol=1e-6, rtol=1e-6)
+
+
+def test_batch_randn_is_per_item_and_reproducible():
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    a = batch_randn((2, 3), gens(5, 6, 7))
+    assert a.shape == (3, 2, 3) and a.dtype == torch.float32
+    assert torch.equal(a[1:2], batch_randn((2, 3), gens(6)))  # item noise ignores the rest of the batch
+    assert torch.equal(a, batch_randn((2, 3), gens(5, 6, 7)))
+    assert not torch.equal(a[0], a[1])
 
 
 def test_progress_bar_counts_steps(capsys):

@@ -59,8 +59,8 @@ class BlockMap:
     def shape(self) -> tuple[int, int]:
         return self.lut.shape[0], self.lut.shape[1]
 
-    def inverse(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key-major inverted table in CSR form, built once and cached.
+    def inverse(self, cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key-major inverted table in CSR form (cached unless cache=False).
 
         Returns (kv_offsets, kv_qidx):
           kv_offsets (B, H, num_k_blocks + 1) int32: query blocks that selected key block j are
@@ -68,7 +68,7 @@ class BlockMap:
           kv_qidx    (B, H, num_q_blocks * n) int32, ascending within each key block.
         Built by one sort of (key block, query block) pairs: O(Nq * n log) work, no dense map.
         """
-        if self._inverse is None:
+        if self._inverse is None or not cache:
             B, H, Nq, n = self.lut.shape
             Nk = self.num_k_blocks
             lut = self.lut.reshape(B * H, Nq * n).long()
@@ -79,8 +79,10 @@ class BlockMap:
             counts.scatter_add_(1, lut, torch.ones_like(lut))
             kv_offsets = torch.zeros(B * H, Nk + 1, dtype=torch.int64, device=lut.device)
             kv_offsets[:, 1:] = counts.cumsum(-1)
-            self._inverse = (kv_offsets.to(torch.int32).reshape(B, H, Nk + 1),
-                             kv_qidx.reshape(B, H, Nq * n))
+            inverse = (kv_offsets.to(torch.int32).reshape(B, H, Nk + 1), kv_qidx.reshape(B, H, Nq * n))
+            if not cache:
+                return inverse
+            self._inverse = inverse
         return self._inverse
 
     def dense(self) -> torch.Tensor:

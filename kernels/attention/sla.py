@@ -177,11 +177,53 @@ except ImportError:  # CPU-only install: the reference path is used
 if triton is not None:
 
     @triton.jit
-    def _sla_fwd_kernel(Q, K, V, O, LSE, LUT,
+    def _phi(x, mask_d, FEATURE: tl.constexpr):
+        # phi over the head dim of an fp32 tile (rows, BLOCK_D); padded columns come out 0.
+        # FEATURE: 0 softmax, 1 elu+1, 2 relu.
+        if FEATURE == 0:
+            x = tl.where(mask_d[None, :], x, float("-inf"))
+            e = tl.exp(x - tl.max(x, axis=1)[:, None])
+            y = e / tl.sum(e, axis=1)[:, None]
+        elif FEATURE == 1:
+            y = tl.where(x > 0, x + 1.0, tl.exp(x))
+            y = tl.where(mask_d[None, :], y, 0.0)
+        else:
+            y = tl.maximum(x, 0.0)
+        return y
+
+    @triton.jit
+    def _sla_lin_state_kernel(K, V, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
+                              MAP_BK: tl.constexpr, BLOCK_D: tl.constexpr, FEATURE: tl.constexpr):
+        # Per key block j of one (batch, head): h_j = phi(K_j)^T V_j / Lk  (D x D, fp32 accumulate)
+        # and z_j = phi(K_j)^T 1 / Lk (D). Rows past Lk are zeroed after phi. Stored in the GEMM
+        # operand dtype (that of V): HS (BH, Nk, D, D), ZS (BH, Nk, D).
+        pid_j = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_n = pid_j * MAP_BK + tl.arange(0, MAP_BK)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = (offs_n[:, None] < Lk) & mask_d[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+        fk = _phi(k.to(tl.float32), mask_d, FEATURE) * inv_lk
+        fk = tl.where(offs_n[:, None] < Lk, fk, 0.0)
+        hj = tl.dot(tl.trans(fk.to(v.dtype)), v)  # (BLOCK_D, BLOCK_D)
+        zj = tl.sum(fk, axis=0)
+        base = pid_bh.to(tl.int64) * num_kb + pid_j
+        tl.store(HS + base * D * D + offs_d[:, None] * D + offs_d[None, :], hj.to(HS.dtype.element_ty),
+                 mask=mask_d[:, None] & mask_d[None, :])
+        tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=mask_d)
+
+    @triton.jit
+    def _sla_fwd_kernel(Q, K, V, O, LSE, LUT, HM, ZM, WT, BIAS,
                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                        H, Lq, Lk, D, n_sel, num_qb, qk_scale,
+                        H, Lq, Lk, D, n_sel, num_qb, qk_scale, lin_eps,
                         MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+                        STORE_LSE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        FEATURE: tl.constexpr):
         # One program: BLOCK_M queries (inside one map block of MAP_BQ) of one (batch, head).
         # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions);
         # a tile of BLOCK_N positions may span several blocks (BLOCK_N > MAP_BK) or part of one.
@@ -226,9 +268,25 @@ if triton is not None:
             m_i = m_new
         acc = acc / l_i[:, None]
         mask_m = offs_m < Lq
+        if STORE_LSE:
+            tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+        if LINEAR:
+            # fused linear branch + projection (inference path): with this query block's marginal
+            # sums Hm (D x D) and Zm (D), O += (phi(q) Hm / (eps + phi(q).Zm)) W^T
+            mask_dd = mask_d[:, None] & mask_d[None, :]
+            base = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+            hm = tl.load(HM + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+            zm = tl.load(ZM + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            fq = _phi(q.to(tl.float32), mask_d, FEATURE)
+            num = tl.dot(fq.to(hm.dtype), hm)
+            den = tl.sum(fq * zm[None, :], axis=1) + lin_eps
+            o_l = num / den[:, None]
+            wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+            acc += tl.dot(o_l.to(wt.dtype), wt)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
                  mask=mask_m[:, None] & mask_d[None, :])
-        tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
 
     @triton.jit
     def _sla_bwd_preprocess(O, DO, DELTA, H, Lq, D, sob, soh, sol, sdb, sdh, sdl,
@@ -387,20 +445,47 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig):
+def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bias=None, feature_map="softmax",
+                    store_lse: bool = True):
+    """Launch the forward kernel. linear: None, or (Hm, Zm, W^T) of `_linear_state` for the fused
+    inference epilogue; bias: (D,) fp32 or None. Returns (O, LSE or None)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32) if store_lse else o
     sm_scale = 1.0 / math.sqrt(D)
     even_n = (Lk % bm.block_k == 0) and ((bm.n * bm.block_k) % cfg.fwd_block_n == 0)
+    hm, zm, wt = linear if linear is not None else (o, o, o)
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_fwd_kernel[grid](q, k, v, o, lse, bm.lut, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                          H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E,
+    _sla_fwd_kernel[grid](q, k, v, o, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                          H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
                           MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-                          BLOCK_D=max(16, next_power_of_2(D)), EVEN_N=even_n,
+                          BLOCK_D=max(16, next_power_of_2(D)), EVEN_N=even_n, STORE_LSE=store_lse,
+                          LINEAR=linear is not None, HAS_BIAS=bias is not None,
+                          FEATURE=FEATURE_MAPS.index(feature_map),
                           num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
-    return o, lse
+    return o, (lse if store_lse else None)
+
+
+def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor):
+    """Marginal sums of the linear branch per query block, for the fused forward epilogue.
+
+    h_j, z_j per key block (Triton, one read of K and V), then Hm = (1 - M) @ h and
+    Zm = (1 - M) @ z as batched tensor-core GEMMs. Returns (Hm (B*H, Nq, D, D), Zm (B*H, Nq, D),
+    W^T (D, D)), all in q's dtype.
+    """
+    B, H, Lq, D = q.shape
+    Lk, Nq, Nk = k.shape[2], bm.num_q_blocks, bm.num_k_blocks
+    hs = torch.empty(B * H, Nk, D, D, device=q.device, dtype=q.dtype)
+    zs = torch.empty(B * H, Nk, D, device=q.device, dtype=q.dtype)
+    _sla_lin_state_kernel[(Nk, B * H)](k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
+                                       MAP_BK=bm.block_k, BLOCK_D=max(16, next_power_of_2(D)),
+                                       FEATURE=FEATURE_MAPS.index(feature_map), num_warps=4)
+    marginal = (~bm.dense()).view(B * H, Nq, Nk).to(q.dtype)  # (BH, Nq, Nk)
+    hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)
+    zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
+    return hm, zm, proj_weight.t().to(q.dtype).contiguous()
 
 
 def _sparse_backward(do, q, k, v, o, lse, bm: BlockMap, cfg: SLAKernelConfig):
@@ -419,7 +504,7 @@ def _sparse_backward(do, q, k, v, o, lse, bm: BlockMap, cfg: SLAKernelConfig):
         *_strides(dq), H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, sm_scale,
         MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
         EVEN_N=even_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
-    kv_off, kv_qidx = bm.inverse()
+    kv_off, kv_qidx = bm.inverse(cache=False)  # built per backward: its cost belongs to the backward
     dk = torch.empty(B, H, Lk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, Lk, D, device=q.device, dtype=v.dtype)
     _sla_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
@@ -471,6 +556,17 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
         return sla_reference(q, k, v, topk, block_q, block_k, feature_map,
                              None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
     bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, proj_weight, proj_bias))
+    if not needs_grad:  # inference: map, state GEMMs, one fused kernel for O_s + proj_l(O_l)
+        cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        linear = None
+        if proj_weight is not None and bm.n < bm.num_k_blocks:
+            linear = _linear_state(q, k, v, bm, feature_map, proj_weight)
+        bias = None if proj_bias is None else proj_bias.float().contiguous()
+        return _sparse_forward(q, k, v, bm, cfg, linear, bias, feature_map, store_lse=False)[0]
+    # training: sparse branch through its autograd.Function, linear branch through torch autograd
     o_s = sparse_attention(q, k, v, bm, config)  # (B, H, Lq, D) q.dtype
     if proj_weight is None:
         return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)

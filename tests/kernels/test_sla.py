@@ -79,6 +79,21 @@ def test_linear_branch_matches_reference(feature_map, dtype):
     assert_close(linear_branch(q, k, v, bm, feature_map), ref_l, dtype, f"O_l[{feature_map}]")
 
 
+@pytest.mark.parametrize("feature_map,dtype,cfg", [("softmax", torch.float16, CFG_MIXED),
+                                                  ("elu", torch.float32, CFG_EQUAL),
+                                                  ("relu", torch.float16, CFG_EQUAL)])
+def test_fused_inference_forward(feature_map, dtype, cfg):
+    # no grad: state kernel + marginal GEMMs + one kernel with the linear branch and proj_l fused
+    q, k, v = make_inputs(dtype, Lq=200, Lk=170, D=24)
+    W, b = proj(24)
+    bm = sla_block_map(q, k, 0.25, 32, 16)
+    with torch.no_grad():
+        o = sla_attention(q, k, v, W, b, 0.25, 32, 16, feature_map, block_map=bm, config=cfg)
+    ref = sla_reference(q, k, v, 0.25, 32, 16, feature_map, proj_l=(W, b), block_map=bm)
+    assert o.dtype == dtype
+    assert_close(o, ref, dtype, f"fused O[{feature_map}]")
+
+
 def test_linear_branch_is_zero_without_marginal_blocks():
     q, k, v = make_inputs(torch.float32, Lq=70, Lk=70)
     bm = sla_block_map(q, k, 1.0, 32, 16)

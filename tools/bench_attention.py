@@ -1,0 +1,214 @@
+"""Benchmark SLA (turbo_kernels.attention.sla) against cuDNN SDPA on the Wan attention shapes.
+
+    python tools/bench_attention.py [--shapes 1.3b,14b_720p] [--topks 0.05,0.1,0.2] [--check] [--sweep]
+
+Per shape: cuDNN SDPA forward and backward (dense, bf16), then for each topk the whole SLA
+forward (block map + sparse branch + linear branch + projection) and backward, the ratio vs
+cuDNN, the parts of the forward, and the error of our output against `sla_reference` (fp32
+math, same block map) on a slice of one head (the dense reference does not fit at full size).
+--check first runs small GPU correctness checks in bf16/fp16 (output and every gradient vs the
+reference, topk = 1 vs SDPA, a non-contiguous (B, L, H, D) layout); --sweep times kernel
+tile/warp/stage variants at the 1.3B shape. Writes benchmarks/attention.json (and $OUT/).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_harness import Harness, backward_fn, time_ms  # noqa: E402
+
+from turbo_kernels.attention.blockmap import BlockMap, sla_block_map  # noqa: E402
+from turbo_kernels.attention.sla import (DEFAULT_CONFIG, _sparse_backward, _sparse_forward, linear_branch,  # noqa: E402
+                                         sla_attention, sla_reference, sparse_attention)
+
+SHAPES = {"1.3b": (1, 12, 32760, 128), "14b_720p": (1, 40, 75600, 128)}  # (B, H, L, D)
+BLOCK_Q, BLOCK_K = 128, 64
+
+
+def cudnn(q, k, v):
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def slice_map(bm: BlockMap, heads: slice, q_blocks: int) -> BlockMap:
+    lut = bm.lut[:, heads, :q_blocks].contiguous()
+    return BlockMap(lut=lut, n=bm.n, num_q_blocks=q_blocks, num_k_blocks=bm.num_k_blocks, block_q=bm.block_q,
+                    block_k=bm.block_k, q_len=min(bm.q_len, q_blocks * bm.block_q), k_len=bm.k_len)
+
+
+def make_qkv(B, H, L, D, dtype=torch.bfloat16, requires_grad=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_(requires_grad)
+            for _ in range(3)]
+
+
+def make_proj(D, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(D, D, device="cuda", generator=g) / math.sqrt(D)
+    return w, 0.1 * torch.randn(D, device="cuda", generator=g)
+
+
+# ---------------------------------------------------------------------------- correctness
+def check(h: Harness) -> None:
+    print("== GPU correctness (vs sla_reference in fp32 math, same block map)", flush=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        for (B, H, L, D, topk, layout) in [(1, 2, 3000, 128, 0.1, "bhld"), (2, 3, 1000, 64, 0.3, "blhd"),
+                                          (1, 2, 777, 128, 1.0, "bhld")]:
+            g = torch.Generator(device="cuda").manual_seed(123)
+            if layout == "blhd":  # (B, L, H, D) storage viewed as (B, H, L, D), as the Wan model calls it
+                base = [torch.randn(B, L, H, D, device="cuda", dtype=dtype, generator=g) for _ in range(3)]
+                q, k, v = [t.transpose(1, 2) for t in base]
+            else:
+                q, k, v = make_qkv(B, H, L, D, dtype)
+            W, b = make_proj(D)
+            bm = sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K)
+            ours = [t.detach().clone().requires_grad_() for t in (q, k, v, W, b)]
+            ref = [t.detach().clone().float().requires_grad_() for t in (q, k, v, W, b)]
+            o = sla_attention(*ours, topk, BLOCK_Q, BLOCK_K, block_map=bm)
+            o_ref = sla_reference(*ref[:3], topk, BLOCK_Q, BLOCK_K, proj_l=(ref[3], ref[4]), block_map=bm)
+            gout = torch.randn_like(o_ref)
+            o.backward(gout.to(dtype))
+            o_ref.backward(gout)
+            errs = {"O": rel_err(o, o_ref)}
+            for name, a, r in zip(("dq", "dk", "dv", "dW", "db"), ours, ref):
+                errs[name] = rel_err(a.grad, r.grad)
+            case = f"{str(dtype)[6:]}-L{L}-{layout}-k{topk}"
+            h.note(case, "ours vs ref", "chk", **{k: round(v, 6) for k, v in errs.items()})
+            print(f"  {case}: " + " ".join(f"{k}={v:.2e}" for k, v in errs.items()), flush=True)
+            if topk == 1.0:
+                with torch.no_grad():
+                    o0 = sla_attention(q, k, v, torch.zeros_like(W), torch.zeros_like(b), 1.0, BLOCK_Q, BLOCK_K)
+                    dense = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+                mx = (o0.float() - dense).abs().max().item()
+                h.note(case, "topk1 vs sdpa", "chk", max_abs=mx, rel=rel_err(o0, dense))
+                print(f"  {case}: topk=1 vs fp32 SDPA max abs {mx:.2e} rel {rel_err(o0, dense):.2e}", flush=True)
+
+
+# ---------------------------------------------------------------------------- tuning sweep
+FWD_VARIANTS = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
+                (64, 64, 4, 3), (128, 128, 4, 3)]
+DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+DKDV_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 2), (32, 64, 4, 2)]
+
+
+def sweep(h: Harness, tag="1.3b", topk=0.1) -> None:
+    print(f"== sweep at {tag} topk {topk}", flush=True)
+    q, k, v = make_qkv(*SHAPES[tag])
+    bm = sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K)
+    for bmq, bn, w, s in FWD_VARIANTS:
+        cfg = replace(DEFAULT_CONFIG, fwd_block_m=bmq, fwd_block_n=bn, fwd_warps=w, fwd_stages=s)
+        try:
+            h.measure(tag, f"fwd m{bmq} n{bn} w{w} s{s}", "fwd", lambda: _sparse_forward(q, k, v, bm, cfg))
+        except Exception as e:  # noqa: BLE001  (a variant may not fit in shared memory)
+            print(f"  fwd variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    o, lse = _sparse_forward(q, k, v, bm, DEFAULT_CONFIG)
+    do = torch.randn_like(o)
+    for bmq, bn, w, s in DQ_VARIANTS:
+        cfg = replace(DEFAULT_CONFIG, dq_block_m=bmq, dq_block_n=bn, dq_warps=w, dq_stages=s)
+        try:
+            h.measure(tag, f"bwd dq m{bmq} n{bn} w{w} s{s}", "bwd",
+                      lambda: _sparse_backward(do, q, k, v, o, lse, bm, cfg))
+        except Exception as e:  # noqa: BLE001
+            print(f"  dq variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    for bmq, bn, w, s in DKDV_VARIANTS:
+        cfg = replace(DEFAULT_CONFIG, dkdv_block_m=bmq, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=s)
+        try:
+            h.measure(tag, f"bwd dkdv m{bmq} n{bn} w{w} s{s}", "bwd",
+                      lambda: _sparse_backward(do, q, k, v, o, lse, bm, cfg))
+        except Exception as e:  # noqa: BLE001
+            print(f"  dkdv variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+# ---------------------------------------------------------------------------- main benchmark
+def bench_shape(h: Harness, tag: str, topks: list[float]) -> None:
+    B, H, L, D = SHAPES[tag]
+    print(f"== {tag}: B{B} H{H} L{L} D{D} bf16, blocks {BLOCK_Q}x{BLOCK_K}", flush=True)
+    q, k, v = make_qkv(B, H, L, D, requires_grad=True)
+    W, b = make_proj(D)
+    W.requires_grad_()
+    b.requires_grad_()
+    with torch.no_grad():
+        dense_fwd = h.measure(tag, "cudnn", "fwd", lambda: cudnn(q, k, v))
+    dense_bwd = h.measure(tag, "cudnn", "bwd", backward_fn(lambda: cudnn(q, k, v), [q, k, v]))
+    h.figure(f"cudnn_fwd_ms_{tag}", dense_fwd)
+    h.figure(f"cudnn_bwd_ms_{tag}", dense_bwd)
+    for topk in topks:
+        name = f"sla k={topk}"
+        with torch.no_grad():
+            fwd = h.measure(tag, name, "fwd", lambda: sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K))
+            bm = sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K)
+            h.measure(tag, f"  part: block map k={topk}", "fwd", lambda: sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K))
+            h.measure(tag, f"  part: sparse k={topk}", "fwd", lambda: sparse_attention(q, k, v, bm))
+            h.measure(tag, f"  part: linear k={topk}", "fwd", lambda: linear_branch(q, k, v, bm))
+        bwd = h.measure(tag, name, "bwd", backward_fn(lambda: sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K),
+                                                      [q, k, v, W, b]))
+        with torch.no_grad():
+            o_s = sparse_attention(q, k, v, bm)
+            o_sp, lse = _sparse_forward(q.detach(), k.detach(), v.detach(), bm, DEFAULT_CONFIG)
+            do = torch.randn_like(o_sp)
+            h.measure(tag, f"  part: sparse bwd k={topk}", "bwd",
+                      lambda: _sparse_backward(do, q.detach(), k.detach(), v.detach(), o_sp, lse, bm, DEFAULT_CONFIG))
+            # error vs the fp32 reference on head 0 and the first 16 query blocks
+            out = sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K, block_map=bm)
+            nqb = 16
+            sm = slice_map(bm, slice(0, 1), nqb)
+            rows = sm.q_len
+            ref = sla_reference(q[:, :1, :rows].float(), k[:, :1].float(), v[:, :1].float(), topk, BLOCK_Q,
+                                BLOCK_K, proj_l=(W, b), block_map=sm)
+            err = rel_err(out[:, :1, :rows], ref)
+            ref_s, _ = sla_reference(q[:, :1, :rows].float(), k[:, :1].float(), v[:, :1].float(), topk, BLOCK_Q,
+                                     BLOCK_K, block_map=sm, return_branches=True)
+            err_s = rel_err(o_s[:, :1, :rows], ref_s)
+            del ref, ref_s
+        h.note(tag, name, "err", rel_err_O=err, rel_err_Os=err_s, fwd_x=dense_fwd / fwd, bwd_x=dense_bwd / bwd)
+        print(f"  {tag} topk {topk}: fwd {fwd:.3f} ms ({dense_fwd / fwd:.2f}x cuDNN), bwd {bwd:.3f} ms "
+              f"({dense_bwd / bwd:.2f}x), rel err O {err:.2e}, O_s {err_s:.2e}", flush=True)
+        h.figure(f"sla_fwd_ms_{tag}_topk{topk}", fwd)
+        h.figure(f"sla_bwd_ms_{tag}_topk{topk}", bwd)
+        h.figure(f"sla_fwd_speedup_{tag}_topk{topk}", dense_fwd / fwd)
+        h.figure(f"sla_bwd_speedup_{tag}_topk{topk}", dense_bwd / bwd)
+        h.figure(f"sla_rel_err_{tag}_topk{topk}", err)
+        torch.cuda.empty_cache()
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="1.3b,14b_720p")
+    p.add_argument("--topks", default="0.05,0.1,0.2")
+    p.add_argument("--check", action="store_true", help="small GPU correctness checks first")
+    p.add_argument("--sweep", action="store_true", help="time kernel config variants at the 1.3B shape")
+    args = p.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h = Harness("attention")
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    steps = ([("check", check)] if args.check else []) + ([("sweep", sweep)] if args.sweep else [])
+    steps += [(tag, lambda h, tag=tag: bench_shape(h, tag, [float(t) for t in args.topks.split(",")]))
+              for tag in args.shapes.split(",")]
+    for name, step in steps:
+        try:
+            step(h)
+        except Exception:  # noqa: BLE001  keep going: one failing step must not lose the others' numbers
+            print(f"!! step {name} failed:\n{traceback.format_exc()}", flush=True)
+            torch.cuda.empty_cache()
+    h.print_table()
+    h.write()
+
+
+if __name__ == "__main__":
+    main()

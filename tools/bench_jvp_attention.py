@@ -35,9 +35,9 @@ from turbo_kernels.attention import jvp_attention as J  # noqa: E402
 SHAPES = {"1.3b": (1, 12, 32760, 128), "14b_720p": (1, 40, 75600, 128)}  # (B, H, L, D)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per mode beside the defaults, D = 128
 SWEEP = {
-    "fused": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
-    "tangent": [(128, 64, 8, 2), (64, 64, 4, 3)],
-    "fwd": [(128, 128, 8, 3), (128, 64, 4, 3)],
+    "fused": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)],
+    "tangent": [(128, 32, 8, 3), (64, 64, 4, 2)],
+    "fwd": [(128, 128, 8, 2), (128, 64, 4, 3)],
 }
 
 
@@ -129,8 +129,12 @@ def sweep(h: Harness, tensors, tag, default_ms: dict) -> dict:
         for cfg in cfgs:
             try:
                 fns[mode](tiles_of(cfg))
+                ran = J.fitted_tiles(mode, cfg)
+                if ran != {cfg}:  # stepped down at launch (did not fit): not the config asked for
+                    print(f"  {mode} {cfg}: does not fit, launched as {ran}; skipped", flush=True)
+                    continue
                 ms = h.measure(tag, f"sweep_{mode}_{'x'.join(map(str, cfg))}", "fwd", lambda: fns[mode](tiles_of(cfg)))
-            except Exception as e:  # e.g. out of shared memory for a large tile
+            except Exception as e:
                 print(f"  {mode} {cfg}: failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
                 continue
             if ms < best[mode][1]:
@@ -201,8 +205,11 @@ def bench(h: Harness, tag: str, best: dict | None = None) -> dict:
         if math.isfinite(v_):  # a non-finite error stays in the table (finite=False), not in figures
             h.figure(f"jvp_attn_{k_}_{tag}", v_)
     for mode in ("fused", "tangent", "fwd"):
-        for name, val in zip(("block_m", "block_n", "num_warps", "num_stages"), best.get(mode, J._CUDA_TILES[mode])):
-            h.figure(f"jvp_attn_{mode}_{name}_{tag}", val)
+        ran = J.fitted_tiles(mode, best.get(mode, J._CUDA_TILES[mode]))
+        print(f"  {mode} launched with {ran}", flush=True)
+        if len(ran) == 1:
+            for name, val in zip(("block_m", "block_n", "num_warps", "num_stages"), ran.pop()):
+                h.figure(f"jvp_attn_{mode}_{name}_{tag}", val)
     return dict(fused=fused_ms, tangent=tan_ms, fwd=fwd_ms), (q, k, v, tq, tk, tv)
 
 

@@ -130,6 +130,7 @@ def jvp_attention_reference(q, k, v, tq=None, tk=None, tv=None, scale=None):
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # the runtime works without Triton (CPU fallback)
     triton = None
 
@@ -297,10 +298,13 @@ if triton is not None:
 # Default tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode on CUDA, head dim <= 128.
 # Measured on one H100 at B1 H12 L32760 D128 bf16 by tools/bench_jvp_attention.py (sweep in
 # benchmarks/jvp_attention.json and BENCHMARKS.md "JVP attention"); head dims > 128 halve BLOCK_M.
+# (128, 64, 8, 3) for fused/tangent asks 256 KiB of shared memory (K, tK, V, tV tiles x 3 stages
+# + Q, tQ) > the H100's 227 KiB: OutOfResources, seen on the H100. Configs that do not fit a GPU
+# are stepped down at launch (`_fit_tiles`: fewer stages, then smaller BLOCK_N, then BLOCK_M).
 _CUDA_TILES = {
     "fwd": (128, 64, 8, 3),
-    "fused": (128, 64, 8, 3),
-    "tangent": (128, 64, 8, 3),
+    "fused": (128, 64, 8, 2),
+    "tangent": (128, 64, 8, 2),
 }
 _INTERPRETER_TILES = (32, 32, 4, 1)  # CPU interpreter: small tiles keep numpy fast
 
@@ -313,6 +317,31 @@ def _tiles(mode: str, device: torch.device, d: int, block_m, block_n, num_warps,
     check_block("block_m", bm)
     check_block("block_n", bn)
     return bm, bn, num_warps or w, num_stages or s
+
+
+_FITTED: dict = {}  # launch key -> the (BLOCK_M, BLOCK_N, num_warps, num_stages) that fitted
+
+
+def fitted_tiles(mode: str, asked: tuple) -> set:
+    """The tile configs actually launched for `mode` when `asked` was requested (for benchmarks)."""
+    return {v for k, v in _FITTED.items() if k[0] == mode and k[5:9] == tuple(asked)}
+
+
+def _fit_tiles(key, bm, bn, warps, stages):
+    """Tile configs to try in order: the fitted one if known, else the asked one stepped down."""
+    if key in _FITTED:
+        yield _FITTED[key]
+        return
+    while True:
+        yield bm, bn, warps, stages
+        if stages > 1:
+            stages -= 1
+        elif bn > 16:
+            bn //= 2
+        elif bm > 16:
+            bm //= 2
+        else:
+            return
 
 
 def _unit_last(t):
@@ -347,8 +376,7 @@ def _launch_impl(mode, q, k, v, tq, tk, tv, o, lse, scale, block_m, block_n, num
     if B * H > 0 and LQ > 0:
         dummy = q  # placeholder pointer for absent tangents (never read: HAS_T* is constexpr False)
         tq_, tk_, tv_ = (t if t is not None else dummy for t in (tq, tk, tv))
-        grid = (cdiv(LQ, bm), B * H)
-        _jvp_attn_fwd_kernel[grid](
+        args = (
             q, k, v, tq_, tk_, tv_, o, to, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -356,14 +384,28 @@ def _launch_impl(mode, q, k, v, tq, tk, tv, o, lse, scale, block_m, block_n, num
             tv_.stride(0), tv_.stride(1), tv_.stride(2),
             o.stride(0), o.stride(1), o.stride(2), to.stride(0), to.stride(1), to.stride(2),
             H, LQ, LK, D, DV, scale, scale * LOG2E,
+        )
+        meta = dict(
             COMPUTE_T=compute_t, STATS_GIVEN=stats_given, WRITE_LSE=not stats_given,
             HAS_TQ=compute_t and tq is not None, HAS_TK=compute_t and tk is not None,
             HAS_TV=compute_t and tv is not None,
             EVEN_D=bd == D, EVEN_DV=bdv == DV,
-            # fp32 inputs: full fp32 products (the reference path); 16-bit inputs ignore the flag
-            DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv, num_warps=warps, num_stages=stages,
+            # fp32 inputs: full fp32 products (the reference path); 16-bit inputs: Triton's default
+            DOT_PREC="ieee" if q.dtype == torch.float32 else None,
+            BLOCK_D=bd, BLOCK_DV=bdv,
         )
+        key = (mode, q.device.index, q.dtype, D, DV, bm, bn, warps, stages, meta["HAS_TQ"], meta["HAS_TK"],
+               meta["HAS_TV"])
+        for bm_, bn_, warps_, stages_ in _fit_tiles(key, bm, bn, warps, stages):
+            try:
+                _jvp_attn_fwd_kernel[(cdiv(LQ, bm_), B * H)](
+                    *args, **meta, BLOCK_M=bm_, BLOCK_N=bn_, num_warps=warps_, num_stages=stages_)
+            except OutOfResources:
+                continue  # raised at load, before the launch: nothing was written
+            _FITTED[key] = (bm_, bn_, warps_, stages_)
+            break
+        else:
+            raise RuntimeError(f"no tile config of {mode!r} fits this GPU, starting from {(bm, bn, warps, stages)}")
     if stats_given:
         return q.new_empty(0), to, q.new_empty(0, dtype=torch.float32)
     return o, (to if compute_t else q.new_empty(0)), lse

@@ -141,6 +141,35 @@ def test_every_output_element_is_written(monkeypatch):
         assert torch.isfinite(t).all(), name
 
 
+def test_tiles_step_down_when_they_do_not_fit(monkeypatch):
+    # a GPU with less shared memory raises OutOfResources at load for big tiles: the launcher steps
+    # down (stages, then BLOCK_N, then BLOCK_M), remembers what fitted and still gives exact results
+    import turbo_kernels.attention.jvp_attention as mod
+    from triton.runtime.errors import OutOfResources
+    real, tried = mod._jvp_attn_fwd_kernel, []
+
+    class Picky:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tried.append((meta["BLOCK_M"], meta["BLOCK_N"], meta["num_warps"], meta["num_stages"]))
+                if meta["num_stages"] > 1 or meta["BLOCK_N"] > 16:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(mod, "_jvp_attn_fwd_kernel", Picky())
+    monkeypatch.setattr(mod, "_FITTED", {})
+    q, k, v, tq, tk, tv = make(1, 2, 45, 45, 32, 32, torch.float32)
+    o, to = jvp_attention(q, k, v, tq, tk, tv, block_m=32, block_n=64, num_stages=2)
+    assert tried == [(32, 64, 4, 2), (32, 64, 4, 1), (32, 32, 4, 1), (32, 16, 4, 1)]
+    assert mod.fitted_tiles("fused", (32, 64, 4, 2)) == {(32, 16, 4, 1)}
+    ro, rto = jvp_attention_reference(q, k, v, tq, tk, tv)
+    assert_close(to, rto, *TOL[torch.float32], "tO")
+    tried.clear()
+    jvp_attention(q, k, v, tq, tk, tv, block_m=32, block_n=64, num_stages=2)
+    assert tried == [(32, 16, 4, 1)]  # remembered: no second round of failures
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_forward_lse_and_tangent_from_stats(dtype):
     q, k, v, tq, tk, tv = make(2, 2, 45, 38, 32, 32, dtype)

@@ -197,7 +197,8 @@ def load_judge(path: str | os.PathLike | None = None, device: str | torch.device
 class JudgeTrainConfig:
     """Judge training recipe (recipes/toy/judge.yaml sets these keys)."""
 
-    steps: int = 6000  # optimizer steps; one fresh batch of generated videos each
+    steps: int = 4000  # optimizer steps; one fresh batch of generated videos each
+    max_minutes: float | None = None  # wall-clock cap on the training loop (the LR decay follows it); None = none
     batch_size: int = 256  # videos per step
     lr: float = 2e-3  # AdamW peak learning rate
     weight_decay: float = 0.01  # AdamW decoupled weight decay
@@ -225,6 +226,8 @@ class JudgeTrainConfig:
             raise ValueError(f"JudgeTrainConfig.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0 or self.noise_std < 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("JudgeTrainConfig.weight_decay and noise_std must be >= 0, min_lr_ratio in [0, 1]")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"JudgeTrainConfig.max_minutes must be None or > 0, got {self.max_minutes}")
         if self.num_workers is not None and int(self.num_workers) < 0:
             raise ValueError(f"JudgeTrainConfig.num_workers must be None or >= 0, got {self.num_workers}")
 
@@ -244,13 +247,16 @@ class JudgeTrainConfig:
         return cls(**data)
 
 
-def lr_at(step: int, cfg: JudgeTrainConfig) -> float:
-    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps. The
-    warm-up is capped at a fifth of the run, so short runs still reach the peak rate."""
+def lr_at(step: int, cfg: JudgeTrainConfig, elapsed_s: float = 0.0) -> float:
+    """Linear warm-up to cfg.lr over min(warmup_steps, steps / 5) steps, then cosine decay to
+    cfg.lr * cfg.min_lr_ratio. Progress is the larger of step / steps and elapsed / max_minutes,
+    so a run cut by the time cap still ends with the decay done."""
     warmup = min(cfg.warmup_steps, cfg.steps // 5)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     t = (step - warmup) / max(1, cfg.steps - warmup)
+    if cfg.max_minutes is not None:
+        t = max(t, elapsed_s / (60.0 * cfg.max_minutes))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
@@ -330,8 +336,9 @@ def train_judge(
             x = (x + sigma * torch.randn(x.shape, device=dev, generator=noise_gen)).clamp(-1, 1)
         labels = {h: v.to(dev, non_blocking=True) for h, v in batch["labels"].items()}
         # forward, loss, update
+        lr = lr_at(step, cfg, time.time() - t0)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr
         loss = judge_loss(judge(x), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,10 +346,11 @@ def train_judge(
         # log
         loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            print(f"step {step}/{cfg.steps} loss {loss_ema:.4f} lr {lr_at(step - 1, cfg):.2e} "
+        out_of_time = cfg.max_minutes is not None and time.time() - t0 >= 60.0 * cfg.max_minutes
+        if step % cfg.log_every == 0 or step == cfg.steps or out_of_time:
+            print(f"step {step}/{cfg.steps} loss {loss_ema:.4f} lr {lr:.2e} "
                   f"{(time.time() - t0) / step:.3f} s/step", flush=True)
-        if step >= cfg.steps:
+        if step >= cfg.steps or out_of_time:
             break
     train_seconds = time.time() - t0
 
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--recipe", type=Path, default=None, help="YAML recipe (e.g. recipes/toy/judge.yaml); flags override it")
     p.add_argument("--out-dir", type=Path, required=True, help="where judge.safetensors and judge.json go")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe, else 6000)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: recipe, else 4000)")
     p.add_argument("--batch-size", type=int, default=None, help="videos per step (default: recipe, else 256)")
     p.add_argument("--seed", type=int, default=None, help="training data and init seed (default: recipe, else 0)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:N (default: recipe, else cuda)")

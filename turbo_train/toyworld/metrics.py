@@ -90,10 +90,12 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     mu_a, mu_b = a.mean(0), b.mean(0)
     s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.all(np.isfinite(covmean)):
-        offset = eps * np.eye(len(s_a))
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    with warnings.catch_warnings():  # "matrix is singular" is expected for N < D; the result is checked below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.all(np.isfinite(covmean)):
+            offset = eps * np.eye(len(s_a))
+            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     if np.iscomplexobj(covmean):
         scale = max(np.abs(np.linalg.eigvals(s_a @ s_b)).max(), 1e-12)
         if np.abs(covmean.imag).max() > 1e-3 * scale:

@@ -23,7 +23,6 @@ backward either); calling backward raises.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -104,15 +103,21 @@ def quantize_v_reference(v: torch.Tensor, pv: str = "fp8"):
     return v_q, amax / FP8_MAX
 
 
+def _fma32(a, b, c):
+    """fp32 fused multiply-add, emulated in float64 (exact for the operands used here)."""
+    return (torch.as_tensor(a, dtype=torch.float64) * torch.as_tensor(b).double() + torch.as_tensor(c).double()).float()
+
+
 def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *, tile: int, block_q: int,
-                             block_k: int, out_dtype: torch.dtype, group: int = 1) -> torch.Tensor:
+                             block_k: int, out_dtype: torch.dtype, group: int = 1, i2f: int = 2) -> torch.Tensor:
     """Online-softmax attention over key tiles, emulating the kernels' arithmetic.
 
     q_i8: (B, H, Lq, D) int8; k_i8: (B, H, Lk, D) int8; v_q: (B, H, Lk, D) fp8/fp16; scales as
     returned by the quantizers (Q per block_q tokens, K per block_k); lut: (B, H, cdiv(Lq, block_q),
     n) indices of key tiles of `tile` tokens. Each online-softmax step takes the next `group` tiles
     of the row (dense: all tiles ascending, group 1; sparse: the critical blocks, `group` per
-    kernel iteration). Returns (B, H, Lq, D) in out_dtype.
+    kernel iteration). i2f: the kernels' int32→fp32 score path (0/1: S = qk·sc; 2: fused FMA, see
+    lowbit_online_step). Returns (B, H, Lq, D) in out_dtype.
     """
     B, H, Lq, D = q_i8.shape
     Lk = k_i8.shape[2]
@@ -146,11 +151,28 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
             oks.append(valid[idx] & (j < n))  # (B, H, nq, T)
         k_j, v_j, ks_j, ok = (torch.cat(t, dim=3) for t in (ks, vs, kss, oks))
         qk = (qb @ k_j.transpose(-1, -2)).float()  # exact int32 dot products  (B, H, nq, bq, G·T)
-        s = qk * (qs[..., None] * ks_j)[..., None, :]
-        s = torch.where(ok[..., None, :], s, float("-inf"))
-        m_new = torch.maximum(m, s.amax(-1))
+        if i2f == 2:
+            b = qk + 12582912.0  # 1.5·2²³ + qk, exact
+            if tile * group <= block_k:  # one K scale per step: int row max, one FMA per score
+                sc = qs * ks_j[..., 0]  # (B, H, nq)
+                qk_max = torch.where(ok[..., None, :], qk, float("-inf")).amax(-1)
+                m_new = torch.maximum(m, qk_max * sc[..., None])
+                c = _fma32(12582912.0, sc[..., None], m_new - P_SHIFT)  # (B, H, nq, bq)
+                x = _fma32(b, sc[..., None, None], -c[..., None])
+            else:
+                sc = qs[..., None] * ks_j  # (B, H, nq, G·T)
+                s = _fma32(b, sc[..., None, :], -(12582912.0 * sc)[..., None, :])
+                s = torch.where(ok[..., None, :], s, float("-inf"))
+                m_new = torch.maximum(m, s.amax(-1))
+                x = s - (m_new - P_SHIFT)[..., None]
+            x = torch.where(ok[..., None, :], x, float("-inf"))
+        else:
+            s = qk * (qs[..., None] * ks_j)[..., None, :]
+            s = torch.where(ok[..., None, :], s, float("-inf"))
+            m_new = torch.maximum(m, s.amax(-1))
+            x = s - (m_new - P_SHIFT)[..., None]
         alpha = torch.exp2(m - m_new)
-        p = torch.exp2(s - (m_new - P_SHIFT)[..., None])  # 256·softmax numerators, ≤ 256
+        p = torch.exp2(x)  # 256·softmax numerators, ≤ 256
         l = l * alpha + p.sum(-1)
         p_q = p.to(v_q.dtype).double()
         acc = acc * alpha[..., None] + (p_q @ v_j).float()
@@ -159,10 +181,11 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
     return out.view(B, H, nq * block_q, D)[:, :, :Lq].to(out_dtype)
 
 
-def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_n: int = 128):
+def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_n: int = 128,
+                               i2f: int = 2):
     """Sage-style low-bit attention in plain torch. q: (B, H, Lq, D), k/v: (B, H, Lk, D).
 
-    block_n: key tile of the online softmax (the kernel's BLOCK_N; changes rounding only).
+    block_n, i2f: the kernel's BLOCK_N and score path (they change rounding only).
     """
     q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale)
     v_q, v_s = quantize_v_reference(v, pv)
@@ -170,7 +193,7 @@ def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | No
     nq, nt = cdiv(Lq, QUANT_BLOCK_Q), cdiv(k.shape[2], block_n)
     lut = torch.arange(nt, device=q.device).expand(B, H, nq, nt)
     return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, lut, tile=block_n, block_q=QUANT_BLOCK_Q,
-                                    block_k=QUANT_BLOCK_K, out_dtype=q.dtype)
+                                    block_k=QUANT_BLOCK_K, out_dtype=q.dtype, i2f=i2f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,30 +247,53 @@ if triton is not None:
         tl.store(Out + bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], y)
 
     @triton.jit
-    def _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, L_pad,
-                     D: tl.constexpr, BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr,
-                     FAST_I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
-        """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, D)
-        k = tl.load(K_base + offs_n[None, :] * D + offs_d[:, None])  # (D, BLOCK_N) int8, zero-padded
-        ks = tl.load(KS_base + offs_n // QBK)  # (BLOCK_N,) K scale per token
-        qk = tl.dot(q, k, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact
-        if FAST_I2F:
-            # int32 → fp32 without the quarter-rate I2F unit: for |i| < 2²² the bits of
-            # 0x4B400000 + i are the float 1.5·2²³ + i exactly; subtracting 1.5·2²³ is exact too.
-            qk_f = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    def lowbit_online_step(acc, l_i, m_i, qk, qs, ks, valid, v, SCALAR_K: tl.constexpr, I2F: tl.constexpr,
+                           PV_FP8: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+        """Online-softmax update with one tile of int32 scores qk (BLOCK_M, BLOCK_N) and V (BLOCK_N, D).
+
+        qs: the tile's Q scale; ks: its K scale (a scalar when SCALAR_K, i.e. the tile lies in one
+        K quantization block, else one per column); valid: (BLOCK_N,) key mask, used when MASK.
+        The score of a column is S = qk·(qs·ks) in log2 units. I2F picks how int32 becomes fp32:
+          0: cvt (the quarter-rate conversion unit); 1: b = bits(qk + 0x4B400000) = 1.5·2²³ + qk
+          exactly (|qk| < 2²²), S = (b − 1.5·2²³)·sc; 2: fused, S − m' = fma(b, sc, −(1.5·2²³·sc + m'))
+          with the row max taken on the int32 scores when SCALAR_K (one IMNMX + one FFMA per score
+          instead of I2F + FMUL + FMNMX + FADD). The constant's rounding moves S by ≤ 1 ulp of
+          1.5·2²³·sc, i.e. < one int8 score step.
+        """
+        if I2F == 2:
+            b = (qk + 0x4B400000).to(tl.float32, bitcast=True)
+            if SCALAR_K:
+                sc = qs * ks
+                if MASK:
+                    qk = tl.where(valid[None, :], qk, -2147483647)
+                m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * sc)
+                x = tl.fma(b, sc, -tl.fma(12582912.0, sc, m_new - 8.0)[:, None])  # S − (m_new − 8)
+            else:
+                sc = qs * ks
+                s = tl.fma(b, sc[None, :], -(12582912.0 * sc)[None, :])
+                if MASK:
+                    s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                x = s - (m_new - 8.0)[:, None]
+            if MASK:
+                x = tl.where(valid[None, :], x, float("-inf"))
         else:
-            qk_f = qk.to(tl.float32)
-        s = qk_f * (qs * ks)[None, :]  # log2-domain scores (softmax scale·log2 e is inside qs)
-        if MASK:
-            s = tl.where((offs_n < Lk)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            if I2F == 1:
+                qk_f = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+            else:
+                qk_f = qk.to(tl.float32)
+            if SCALAR_K:
+                s = qk_f * (qs * ks)
+            else:
+                s = qk_f * (qs * ks)[None, :]
+            if MASK:
+                s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            x = s - (m_new - 8.0)[:, None]  # 8.0 == P_SHIFT
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # 8.0 == P_SHIFT
+        p = tl.math.exp2(x)  # 256·softmax numerators
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
         if PV_FP8:
             if EXACT_CAST:
                 p = round_to_fp8_grid(p)
@@ -257,11 +303,28 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, L_pad,
+                     D: tl.constexpr, BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr,
+                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+        """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, D)
+        k = tl.load(K_base + offs_n[None, :] * D + offs_d[:, None])  # (D, BLOCK_N) int8, zero-padded
+        if BLOCK_N <= QBK:
+            ks = tl.load(KS_base + start_n // QBK)  # the whole tile shares one K scale
+        else:
+            ks = tl.load(KS_base + offs_n // QBK)  # (BLOCK_N,) K scale per token
+        qk = tl.dot(q, k, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact
+        v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
+        return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, offs_n < Lk, v, BLOCK_N <= QBK, I2F, PV_FP8,
+                                  EXACT_CAST, MASK)
+
+    @triton.jit
     def _lowbit_attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, stride_ob, stride_oh, stride_ol, stride_od,
                                 H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks,
                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                QBQ: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
-                                EXACT_CAST: tl.constexpr):
+                                QBQ: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
+                                EXACT_CAST: tl.constexpr, WS: tl.constexpr):
         """One program = BLOCK_M queries of one (b, h) against all keys (dense)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -277,12 +340,12 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         n_full = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in range(0, n_full, BLOCK_N):  # full tiles: no masking
+        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):  # full tiles: no masking
             acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, Lk_pad,
-                                         D, BLOCK_N, QBK, PV_FP8, FAST_I2F, EXACT_CAST, False)
+                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, False)
         if n_full < Lk:  # ragged tail: mask keys ≥ Lk
             acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, n_full, Lk, Lk_pad,
-                                         D, BLOCK_N, QBK, PV_FP8, FAST_I2F, EXACT_CAST, True)
+                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, True)
         vs = tl.load(VS + bh * D + offs_d)
         out = acc / l_i[:, None] * vs[None, :]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -300,9 +363,12 @@ class LowbitConfig:
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    fast_i2f: bool = True
+    i2f: int = 2  # int32 → fp32 score path, see lowbit_online_step: 0 cvt, 1 magic add, 2 fused FMA
+    warp_specialize: bool = False  # Triton's automatic warp specialization of the key loop
 
     def __post_init__(self):
+        if self.i2f not in (0, 1, 2):
+            raise ValueError(f"i2f must be 0, 1 or 2, got {self.i2f!r}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"block_m must be one of 16, 32, 64, 128 (it must divide {QUANT_BLOCK_Q}), got {self.block_m}")
         if self.block_n not in (16, 32, 64, 128):
@@ -310,7 +376,7 @@ class LowbitConfig:
 
 
 # H100 (sm90), B1 H12 L32760 D128: see BENCHMARKS.md "Low-bit attention and W8A8" for the sweep.
-DEFAULT_CONFIG = LowbitConfig()
+DEFAULT_CONFIG = LowbitConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, i2f=2)
 
 
 @dataclass
@@ -405,7 +471,8 @@ def lowbit_attention_quantized(qkv: QuantizedQKV, out: torch.Tensor, config: Low
         qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1],
         D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=qkv.block_q, QBK=qkv.block_k,
-        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, FAST_I2F=config.fast_i2f, EXACT_CAST=interpreter_enabled(),
+        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),
+        WS=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -432,7 +499,7 @@ def lowbit_attention(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None,
     _check_qkv(q, k, v, pv)
     config = DEFAULT_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
-        return lowbit_attention_reference(q, k, v, pv=pv, sm_scale=sm_scale, block_n=config.block_n)
+        return lowbit_attention_reference(q, k, v, pv=pv, sm_scale=sm_scale, block_n=config.block_n, i2f=config.i2f)
     return _LowbitAttention.apply(q, k, v, pv, sm_scale, config)
 
 

@@ -30,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.gemm.quantize import round_to_fp8_grid
+    from turbo_kernels.attention.lowbit import lowbit_online_step
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -52,15 +52,15 @@ def _check_map(q, k, bm: BlockMap):
 # torch reference
 # ----------------------------------------------------------------------------------------------
 def sagesla_sparse_reference(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: float | None = None,
-                             group: int = 1) -> torch.Tensor:
-    """Low-bit sparse branch in plain torch (emulates the kernel; `group` = its GROUP)."""
+                             group: int = 1, i2f: int = 2) -> torch.Tensor:
+    """Low-bit sparse branch in plain torch (emulates the kernel; `group`, `i2f` = its GROUP, I2F)."""
     _check_qkv(q, k, v, pv)
     _check_map(q, k, block_map)
     bq, bk = block_map.block_q, block_map.block_k
     q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale, block_q=bq, block_k=bk)
     v_q, v_s = quantize_v_reference(v, pv)
     return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, block_map.lut, tile=bk, block_q=bq, block_k=bk,
-                                    out_dtype=q.dtype, group=group)
+                                    out_dtype=q.dtype, group=group, i2f=i2f)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk, L_pad,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLK_K: tl.constexpr, PV_FP8: tl.constexpr,
-                     FAST_I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
         """One online-softmax step over LUT entries j0 .. j0 + BLOCK_N/BLK_K − 1 (gathered tile)."""
         t = tl.arange(0, BLOCK_N)
         entry = j0 + t // BLK_K  # LUT entry of each tile column
@@ -79,34 +79,20 @@ if triton is not None:
         offs_n = kb * BLK_K + t % BLK_K  # key token index  (BLOCK_N,)
         offs_d = tl.arange(0, D)
         k = tl.load(K_base + offs_n[None, :] * D + offs_d[:, None])  # (D, BLOCK_N) int8 (padded rows are 0)
-        ks = tl.load(KS_base + kb)  # (BLOCK_N,) one scale per key block
+        if BLOCK_N == BLK_K:
+            ks = tl.load(KS_base + tl.load(lut_row + j0))  # one key block: one scale
+        else:
+            ks = tl.load(KS_base + kb)  # (BLOCK_N,) one scale per key block
         qk = tl.dot(q, k, out_dtype=tl.int32)
-        if FAST_I2F:
-            qk_f = (qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # exact for |i| < 2²²
-        else:
-            qk_f = qk.to(tl.float32)
-        s = qk_f * (qs * ks)[None, :]
-        if MASK:
-            s = tl.where(((entry < n) & (offs_n < Lk))[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - (m_new - 8.0)[:, None])  # 8.0 == lowbit.P_SHIFT
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
         v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
-        if PV_FP8:
-            if EXACT_CAST:
-                p = round_to_fp8_grid(p)
-            acc = tl.dot(p.to(tl.float8e4nv), v, acc)
-        else:
-            acc = tl.dot(p.to(tl.float16), v, acc)
-        return acc, l_i, m_new
+        return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, (entry < n) & (offs_n < Lk), v, BLOCK_N == BLK_K, I2F,
+                                  PV_FP8, EXACT_CAST, MASK)
 
     @triton.jit
     def _lowbit_sparse_fwd_kernel(Q, K, V, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol, stride_od,
                                   H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
                                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr, BLK_K: tl.constexpr,
-                                  GROUP: tl.constexpr, PV_FP8: tl.constexpr, FAST_I2F: tl.constexpr,
+                                  GROUP: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
                                   EXACT_CAST: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -130,10 +116,10 @@ if triton is not None:
             last = tl.load(lut_row + tl.minimum(j0 + GROUP, n) - 1)
             if (j0 + GROUP > n) | (ragged & (last == n_kblk - 1)):
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
-                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, FAST_I2F, EXACT_CAST, True)
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, True)
             else:
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
-                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, FAST_I2F, EXACT_CAST, False)
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, False)
         vs = tl.load(VS + bh * D + offs_d)
         out = acc / l_i[:, None] * vs[None, :]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -151,9 +137,11 @@ class SparseLowbitConfig:
     group: int = 2
     num_warps: int = 8
     num_stages: int = 3
-    fast_i2f: bool = True
+    i2f: int = 2  # int32 → fp32 score path (turbo_kernels.attention.lowbit.lowbit_online_step)
 
     def __post_init__(self):
+        if self.i2f not in (0, 1, 2):
+            raise ValueError(f"i2f must be 0, 1 or 2, got {self.i2f!r}")
         if self.block_m not in (16, 32, 64, 128):
             raise ValueError(f"block_m must be one of 16, 32, 64, 128, got {self.block_m}")
         if self.group not in (1, 2, 4):
@@ -180,7 +168,7 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
         qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
         block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=block_map.block_k, GROUP=group,
-        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, FAST_I2F=config.fast_i2f, EXACT_CAST=interpreter_enabled(),
+        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -197,7 +185,7 @@ def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: f
     config = DEFAULT_SPARSE_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
         group = max(1, min(config.group, 128 // block_map.block_k))
-        return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group)
+        return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f)
     qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
     with torch.no_grad():
         return sagesla_sparse_quantized(qkv, block_map, torch.empty_like(q), config)

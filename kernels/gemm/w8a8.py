@@ -85,7 +85,10 @@ if triton is not None:
             else:
                 a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
                 b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
-            acc = tl.dot(a, b, acc)
+            if INT8:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                acc = tl.dot(a, b, acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         # epilogue: dequantize, add bias, cast

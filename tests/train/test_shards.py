@@ -171,3 +171,16 @@ def test_datamodule_on_the_fly():
     assert [len(b["key"]) for b in val] == [4, 2] and val[0]["key"][0].startswith("eval-")
     with pytest.raises(ValueError, match="batch_size"):
         ToyVideoDataModule(batch_size=0)
+
+
+def test_pipeline_works_in_spawned_workers(shard_dir, tmp_path):
+    # spawn pickles the pipeline (stages and the shared counter) into the worker
+    from torch.utils.data import DataLoader
+
+    from turbo_train.toyworld.stream import collate_toy
+
+    urls = _damaged_copy(shard_dir, tmp_path, DAMAGES["empty file"])
+    counter = SkipCounter("spawn")
+    pipe = shard_pipeline(urls, counter=counter, shuffle_buffer=4)
+    loader = DataLoader(pipe, batch_size=4, num_workers=1, collate_fn=collate_toy, multiprocessing_context="spawn")
+    assert sum(len(b["key"]) for b in loader) == 6 and counter.shards == 1

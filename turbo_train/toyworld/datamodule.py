@@ -31,6 +31,8 @@ class ToyVideoDataModule(LightningDataModule):
     seed: dataset seed for on-the-fly videos and the shard/sample shuffling.
     val_samples: size of the on-the-fly validation set.
     train_repeat: False reads the training shards once (a finite epoch) instead of endlessly.
+    multiprocessing_context: start method of the DataLoader workers ("fork", "spawn", ...; None =
+        the platform default).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ToyVideoDataModule(LightningDataModule):
         val_samples: int = 256,
         train_repeat: bool = True,
         pin_memory: bool = False,
+        multiprocessing_context: str | None = None,
     ):
         super().__init__()
         for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
@@ -54,7 +57,8 @@ class ToyVideoDataModule(LightningDataModule):
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.seed, self.val_samples, self.train_repeat, self.pin_memory = seed, val_samples, train_repeat, pin_memory
-        self.counter = SkipCounter()
+        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        self.counter = SkipCounter(self.multiprocessing_context)
         self.train_set = self.val_set = None
 
     @property
@@ -81,7 +85,8 @@ class ToyVideoDataModule(LightningDataModule):
 
     def _loader(self, dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_toy,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          multiprocessing_context=self.multiprocessing_context)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

@@ -3,9 +3,9 @@ reads a toy video and names its background and, per object slot, shape, color an
 whether a second object is there); its penultimate features feed the Fréchet distance and the
 diversity score (metrics.py).
 
-Network (JudgeConfig defaults, 0.36 M parameters), input (B, 3, F=8, H=64, W=64) in [-1, 1]:
+Network (JudgeConfig defaults, 0.37 M parameters), input (B, 3, F=8, H=64, W=64) in [-1, 1]:
     4 x [Conv3d 3x3x3 -> GroupNorm(8) -> SiLU], strides (1,2,2) (1,2,2) (2,2,2) (1,2,2)
-        -> (B, 128, 4, 4, 4); receptive field 31 px, 9 frames: a whole object and its path
+        -> (B, 128, 4, 4, 4); receptive field 31 px x 11 frames: a whole object and its path
     [mean ; max] over (F, H, W) -> Linear -> SiLU        = features (B, 256)
     one Linear head per attribute slot (attributes.HEADS)
 Objects are told apart by the canonical order (obj1 = the lower COLORS index), so the heads must

@@ -127,10 +127,14 @@ def list_shards(source: str | os.PathLike | Iterable[str], split: str | None = N
 
 class SkipCounter:
     """Counts skipped shards and samples across DataLoader worker processes (shared memory) and
-    logs each skip with its reason. Read `shards` / `samples` from any process."""
+    logs each skip with its reason. Read `shards` / `samples` from any process.
 
-    def __init__(self):
-        ctx = multiprocessing.get_context()
+    context: the multiprocessing start method of the DataLoader that will read through this
+    counter (its locks must come from the same one); None = the platform default, which is also
+    the DataLoader's default."""
+
+    def __init__(self, context: str | None = None):
+        ctx = multiprocessing.get_context(context)
         self._shards = ctx.Value("q", 0)
         self._samples = ctx.Value("q", 0)
 
@@ -158,28 +162,33 @@ class SkipCounter:
 # ----------------------------------------------------------------------------- reading
 
 
-def _shard_source(urls: list[str], shuffle: bool, seed: int, repeat: bool):
+class _ShardSource:
     """Stage 0: {"url": ...} dicts, pass after pass when `repeat`; the order of each pass is
-    shuffled with (seed, pass), identically on every rank, so split_by_node partitions it."""
+    shuffled with (seed, pass), identically on every rank, so split_by_node partitions it.
+    (Stages are small classes, not closures, so the pipeline pickles for spawned workers.)"""
 
-    def source():
+    def __init__(self, urls: list[str], shuffle: bool, seed: int, repeat: bool):
+        self.urls, self.shuffle, self.seed, self.repeat = urls, shuffle, seed, repeat
+
+    def __call__(self) -> Iterator[dict]:
         epoch = 0
         while True:
-            order = list(urls)
-            if shuffle:
-                random.Random(hash((seed, epoch))).shuffle(order)
+            order = list(self.urls)
+            if self.shuffle:
+                random.Random(hash((self.seed, epoch))).shuffle(order)
             yield from ({"url": u} for u in order)
             epoch += 1
-            if not repeat:
+            if not self.repeat:
                 return
 
-    return source
 
-
-def _read_shards(counter: SkipCounter):
+class _ReadShards:
     """Stage: url dicts -> raw samples, one shard at a time through webdataset's tar reader."""
 
-    def stage(src: Iterator[dict]) -> Iterator[dict]:
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         for item in src:
             url = item["url"]
             errors: list[BaseException] = []
@@ -208,26 +217,25 @@ def _read_shards(counter: SkipCounter):
                 yield pending
             if errors:
                 exn = errors[0]
-                counter.skip_shard(url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
+                self.counter.skip_shard(url, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}")
             elif cut:
-                counter.skip_shard(url, f"truncated: {seen} of {expected} samples")
+                self.counter.skip_shard(url, f"truncated: {seen} of {expected} samples")
             elif seen == 0:
-                counter.skip_shard(url, "no samples")
-
-    return stage
+                self.counter.skip_shard(url, "no samples")
 
 
-def _shuffle_samples(bufsize: int, seed: int):
+class _ShuffleSamples:
     """Stage: webdataset's shuffle buffer, seeded per (seed, rank, worker) when iteration starts."""
 
-    def stage(src):
-        if bufsize <= 1:
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed = bufsize, seed
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        if self.bufsize <= 1:
             return src
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
-        rng = random.Random(hash((seed, rank, worker)))
-        return wds.shuffle(bufsize, initial=min(bufsize, 100), rng=rng)(src)
-
-    return stage
+        rng = random.Random(hash((self.seed, rank, worker)))
+        return wds.shuffle(self.bufsize, initial=min(self.bufsize, 100), rng=rng)(src)
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
@@ -269,10 +277,10 @@ def shard_pipeline(
         raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
     shard_list = list_shards(urls, split)
     return wds.DataPipeline(
-        _shard_source(shard_list, shuffle_shards, seed, repeat),
+        _ShardSource(shard_list, shuffle_shards, seed, repeat),
         wds.split_by_node,
         wds.split_by_worker,
-        _read_shards(counter),
-        _shuffle_samples(shuffle_buffer, seed),
+        _ReadShards(counter),
+        _ShuffleSamples(shuffle_buffer, seed),
         wds.map(decode_sample, handler=counter.skip_sample),
     )

@@ -31,8 +31,16 @@ def check_supported(recipe: Recipe) -> None:
     if recipe.trainer.strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(f"trainer.strategy: {recipe.trainer.strategy!r} is not implemented yet (the cluster issue "
                          f"adds fsdp2 and DeepSpeed ZeRO); use one of {list(SUPPORTED_STRATEGIES)}")
+    if recipe.method.name == "sla":
+        from turbo_train.methods.sla import check_sla_recipe
+
+        check_sla_recipe(recipe)  # dense teacher weights set, uncond file for latent shards
     if recipe.data.source == "latent_shards":
         raise ValueError("data.source: 'latent_shards' has no reader yet; use toy_onthefly or toy_shards")
+    if recipe.method.name == "rcm":
+        from turbo_train.methods.rcm import check_rcm_recipe
+
+        check_rcm_recipe(recipe)  # teacher weights / uncond file set, no accumulation or clipping
     if recipe.data.source == "toy_shards" and not has_module("webdataset"):
         raise ValueError("data.source: 'toy_shards' needs the webdataset package (pip install webdataset); "
                          "toy_onthefly needs nothing extra")
@@ -67,6 +75,14 @@ def build_module(recipe: Recipe, export_dir: str | Path | None = None):
         from turbo_train.methods.flow_matching import FlowMatchingModule
 
         return FlowMatchingModule(recipe, export_dir=export_dir)
+    if recipe.method.name == "rcm":
+        from turbo_train.methods.rcm import RCMModule
+
+        return RCMModule(recipe, export_dir=export_dir)
+    if recipe.method.name == "sla":
+        from turbo_train.methods.sla import SLAFinetuneModule
+
+        return SLAFinetuneModule(recipe, export_dir=export_dir)
     raise ValueError(f"method.name: no module for {recipe.method.name!r}")
 
 
@@ -105,7 +121,8 @@ def build_strategy(recipe: Recipe):
         return "auto"
     if name == "ddp":
         # every DiT parameter gets a gradient each step; the frozen EMA copy is skipped by DDP
-        return pl.strategies.DDPStrategy(find_unused_parameters=False)
+        # (rCM alternates student and fake-score steps: each step leaves one network's parameters unused)
+        return pl.strategies.DDPStrategy(find_unused_parameters=recipe.method.name == "rcm")
     check_supported(recipe)  # raises for the names not implemented yet
     raise ValueError(f"trainer.strategy: unknown strategy {name!r}")
 
@@ -161,10 +178,23 @@ class ThroughputMonitor(Callback):
             pl_module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
 
 
+class StepCheckpoint(pl.callbacks.ModelCheckpoint):
+    """ModelCheckpoint that also saves (a step checkpoint and last.ckpt) when training stops between
+    every_n_train_steps marks, at max_steps or max_time: Lightning's own on_train_end writes last.ckpt
+    only if none was ever written, so a resumed run would otherwise repeat the final steps."""
+
+    def on_train_end(self, trainer, pl_module):
+        if not self._should_skip_saving_checkpoint(trainer):  # skips if this step is already saved
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
 def build_callbacks(recipe: Recipe, run_dir: Path) -> list:
     ck, t = recipe.checkpoint, recipe.trainer
     cbs = [
-        pl.callbacks.ModelCheckpoint(
+        StepCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
             filename="step{step:08d}",
             auto_insert_metric_name=False,

@@ -33,6 +33,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from turbo_train.methods.rcm import RCMConfig  # rCM's section lives beside its Lightning module
+from turbo_train.methods.sla import SLAFinetuneConfig  # so does SLA fine-tuning's
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -78,9 +81,13 @@ class MethodConfig:
 
     # training method: flow_matching (teacher from scratch or fine-tune); rcm, sla and calibrate
     # join this list with their own sections
-    name: Literal["flow_matching"] = "flow_matching"
+    name: Literal["flow_matching", "rcm", "sla"] = "flow_matching"
     # settings of method `flow_matching`
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    # settings of method `rcm`: distillation into a 1-4 step student (turbo_train/methods/rcm.py)
+    rcm: RCMConfig = field(default_factory=RCMConfig)
+    # settings of method `sla`: SLA fine-tuning against the dense model (turbo_train/methods/sla.py)
+    sla: SLAFinetuneConfig = field(default_factory=SLAFinetuneConfig)
 
 
 # ----------------------------------------------------------------------------- model
@@ -293,7 +300,7 @@ class Recipe:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
-        if self.method.name == "flow_matching" and self.model.preset != "toy" and self.data.source.startswith("toy"):
+        if self.method.name in ("flow_matching", "rcm", "sla") and self.model.preset != "toy" and self.data.source.startswith("toy"):
             raise FieldError("data.source", f"{self.data.source!r} makes toy-world videos; model.preset "
                                             f"{self.model.preset!r} needs data.source: latent_shards")
 

@@ -180,10 +180,11 @@ def test_scm_loss_gradient_is_normalised_g_and_nan_samples_are_zeroed():
     F_theta = torch.randn(SHAPE, dtype=torch.float64, requires_grad=True)
     F_T, J = torch.randn(SHAPE, dtype=torch.float64), torch.randn(SHAPE, dtype=torch.float64)
     r = 0.3
-    loss, n_nan = scm_loss(F_theta, F_T, J, x_t, t, r, scale=100.0)
+    loss, n_nan, g_norm = scm_loss(F_theta, F_T, J, x_t, t, r, scale=100.0)
     assert loss.shape == (2,) and n_nan.item() == 0
     cos, sin = b(torch.cos(t), x_t), b(torch.sin(t), x_t)
     g = -cos * torch.sqrt(1 - r**2 * sin**2) * (F_theta.detach() - F_T) - r * (cos * sin * x_t + J)
+    torch.testing.assert_close(g_norm, g.flatten(1).norm(dim=1))
     g = g / (g.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1, 1) + 0.1)
     # at F_θ = F_sg the loss is scale·‖g‖² and its gradient on F_θ is -2·scale·g
     torch.testing.assert_close(loss, 100.0 * (g**2).flatten(1).sum(1))
@@ -193,7 +194,7 @@ def test_scm_loss_gradient_is_normalised_g_and_nan_samples_are_zeroed():
     F_bad = F_theta.detach().clone()
     F_bad[1, 0, 0, 0, 0] = float("nan")
     F_bad.requires_grad_(True)
-    loss, n_nan = scm_loss(F_bad, F_T, J, x_t, t, r)
+    loss, n_nan, _ = scm_loss(F_bad, F_T, J, x_t, t, r)
     assert n_nan.item() == 1 and torch.isfinite(loss).all() and loss[1].item() == 0.0
     loss.sum().backward()
     assert torch.isfinite(F_bad.grad).all() and F_bad.grad[1].abs().sum().item() == 0.0

@@ -208,12 +208,14 @@ def tangent_warmup_ratio(step: int, warmup: int) -> float:
 
 
 def scm_loss(F_theta: torch.Tensor, F_teacher: torch.Tensor, J: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-             r: float, scale: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_sCM per sample (§2.6-2.9) and the number of samples zeroed for NaNs.
+             r: float, scale: float = 100.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L_sCM per sample (§2.6-2.9), the number of samples zeroed for NaNs, and ‖g‖₂ per sample before
+    normalisation (the consistency residual cos t·df/dt at r = 1; the loss value itself stays near
+    scale·‖g‖²/(‖g‖ + 0.1)², i.e. ~scale while ‖g‖ >> 0.1).
 
     g = -cos t·√(1 - r²·sin²t)·(F_sg - F_T) - r·(cos t·sin t·x_t + J); samples whose g or F_θ holds a
     NaN are zeroed; g ← g / (‖g‖₂ + 0.1) per sample in float64; L = scale·Σ_{C,F,H,W}(F_θ - F_sg - g)²,
-    whose gradient on F_θ is -2·scale·g. Returns ((B,) float64 loss, scalar int64 NaN count)."""
+    whose gradient on F_θ is -2·scale·g. Returns ((B,) float64 loss, scalar int64 NaN count, (B,) ‖g‖₂)."""
     cos, sin = _b(torch.cos(t.double()), x_t), _b(torch.sin(t.double()), x_t)
     F_sg = F_theta.detach().double()
     # r multiplies the whole second term, J included: the spec prints "-(r·cos t·sin t·x_t + J)", but
@@ -226,9 +228,10 @@ def scm_loss(F_theta: torch.Tensor, F_teacher: torch.Tensor, J: torch.Tensor, x_
     F_theta = torch.where(keep, F_theta.double(), 0.0)
     F_sg = torch.where(keep, F_sg, 0.0)
     # §2.8: per-sample normalisation (the code's ‖g‖₂, not the paper's ‖g‖²)
-    g = g / (g.flatten(1).norm(dim=1).reshape(keep.shape) + 0.1)
+    g_norm = g.flatten(1).norm(dim=1)  # (B,)
+    g = g / (g_norm.reshape(keep.shape) + 0.1)
     loss = scale * ((F_theta - F_sg - g) ** 2).flatten(1).sum(1)
-    return loss, bad.sum()
+    return loss, bad.sum(), g_norm
 
 
 # ----------------------------------------------------------------------------- DMD regulariser (§3)

@@ -184,3 +184,12 @@ def test_pipeline_works_in_spawned_workers(shard_dir, tmp_path):
     pipe = shard_pipeline(urls, counter=counter, shuffle_buffer=4)
     loader = DataLoader(pipe, batch_size=4, num_workers=1, collate_fn=collate_toy, multiprocessing_context="spawn")
     assert sum(len(b["key"]) for b in loader) == 6 and counter.shards == 1
+
+
+def test_an_endless_stream_over_unreadable_shards_raises(tmp_path):
+    for k in range(2):
+        (tmp_path / f"train-{k:06d}.tar").write_bytes(b"junk" * 100)
+    counter = SkipCounter()
+    with pytest.raises(RuntimeError, match="gave no sample"):
+        next(iter(shard_pipeline(tmp_path, counter=counter, split="train", repeat=True)))
+    assert counter.shards == 2

@@ -20,7 +20,9 @@ Reading (`shard_pipeline`), a webdataset DataPipeline:
      read with meta.json's shard_size; complete samples before the cut are kept
   -> shuffle buffer -> decode (a bad sample is logged, counted and skipped).
 A rank or worker that gets no shard yields nothing (no empty check, like WebDataset's
-empty_check=False). Counts live in a `SkipCounter` shared with DataLoader worker processes.
+empty_check=False). Counts live in a `SkipCounter` shared with DataLoader worker processes. An
+endless (repeat) stream raises once as many shards in a row as the list holds gave no sample, for
+it would otherwise spin forever.
 """
 from __future__ import annotations
 
@@ -185,10 +187,12 @@ class _ShardSource:
 class _ReadShards:
     """Stage: url dicts -> raw samples, one shard at a time through webdataset's tar reader."""
 
-    def __init__(self, counter: SkipCounter):
+    def __init__(self, counter: SkipCounter, give_up_after: int | None = None):
         self.counter = counter
+        self.give_up_after = give_up_after  # consecutive unreadable shards before raising (None: never)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        failures = 0
         for item in src:
             url = item["url"]
             errors: list[BaseException] = []
@@ -222,6 +226,10 @@ class _ReadShards:
                 self.counter.skip_shard(url, f"truncated: {seen} of {expected} samples")
             elif seen == 0:
                 self.counter.skip_shard(url, "no samples")
+            failures = failures + 1 if seen == 0 else 0
+            if self.give_up_after is not None and failures >= self.give_up_after:
+                raise RuntimeError(f"toy shards: the last {failures} shards read gave no sample (last: {url}); "
+                                   "an endless stream over unreadable shards would never yield")
 
 
 class _ShuffleSamples:
@@ -280,7 +288,7 @@ def shard_pipeline(
         _ShardSource(shard_list, shuffle_shards, seed, repeat),
         wds.split_by_node,
         wds.split_by_worker,
-        _ReadShards(counter),
+        _ReadShards(counter, give_up_after=len(shard_list) if repeat else None),
         _ShuffleSamples(shuffle_buffer, seed),
         wds.map(decode_sample, handler=counter.skip_sample),
     )

@@ -46,6 +46,15 @@ def check_supported(recipe: Recipe) -> None:
                          "toy_onthefly needs nothing extra")
 
 
+def check_paths(recipe: Recipe) -> None:
+    """Raise FileNotFoundError naming the recipe key for input paths that do not exist."""
+    m = recipe.model
+    if m.checkpoint is not None and not Path(m.checkpoint).exists():
+        raise FileNotFoundError(f"model.checkpoint: not found: {m.checkpoint}")
+    if m.text_encoder_path is not None and not (Path(m.text_encoder_path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.text_encoder_path: no text encoder (config.json) in {m.text_encoder_path}")
+
+
 def uses_gpu(recipe: Recipe) -> bool:
     """Whether the run's accelerator resolves to CUDA."""
     acc = recipe.trainer.accelerator
@@ -258,6 +267,7 @@ def fit(recipe: Recipe, run_dir: str | Path, module=None):
     """Build everything from `recipe` and train; returns (trainer, module). `module` replaces the
     recipe's module (tests pass one with a small fake text encoder)."""
     check_supported(recipe)
+    check_paths(recipe)
     run_dir = Path(run_dir)
     # the frozen EMA copy is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

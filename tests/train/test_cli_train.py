@@ -159,3 +159,10 @@ def test_resume_from_missing_path_is_a_clear_error(tmp_path, capsys, monkeypatch
     code, _, err = run_main([str(SMOKE), "--set", f"logging.run_dir={tmp_path / 'r'}",
                              "--set", f"checkpoint.resume={tmp_path / 'gone.ckpt'}"], capsys)
     assert code == 2 and "checkpoint.resume" in err and "gone.ckpt" in err
+
+
+@pytest.mark.parametrize("key", ["model.checkpoint", "model.text_encoder_path"])
+def test_missing_input_paths_name_their_key(tmp_path, capsys, key):
+    code, _, err = run_main([str(SMOKE), "--set", f"logging.run_dir={tmp_path / 'r'}",
+                             "--set", f"{key}={tmp_path / 'missing'}"], capsys)
+    assert code == 2 and key in err and "missing" in err

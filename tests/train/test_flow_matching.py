@@ -294,3 +294,19 @@ def test_no_ema_exports_the_trained_weights(tmp_path):
     assert m.ema is None
     m.update_ema()  # a no-op
     assert m.export_weights() == tmp_path / "model.safetensors"
+
+
+def test_model_checkpoint_initialises_the_weights(tmp_path):
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+
+    src = FlowMatchingModule(tiny_recipe(), text_encoder=FakeTextEncoder())
+    for p in src.model.parameters():
+        p.data.normal_()
+    save_wan_checkpoint(src.model, tmp_path / "init.safetensors")
+    r = recipe_from_dict({"model": {"overrides": dict(TINY), "checkpoint": str(tmp_path / "init.safetensors"),
+                                    "activation_checkpointing": True}})
+    m = FlowMatchingModule(r, text_encoder=FakeTextEncoder())
+    for (n, a), b in zip(src.model.state_dict().items(), m.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert m.model.gradient_checkpointing and not m.ema.gradient_checkpointing
+    assert torch.equal(next(m.ema.parameters()), next(m.model.parameters()))  # EMA starts at the init

@@ -375,8 +375,11 @@ class LowbitConfig:
             raise ValueError(f"block_n must be one of 16, 32, 64, 128 (it must divide {PAD}), got {self.block_n}")
 
 
-# H100 (sm90), B1 H12 L32760 D128: see BENCHMARKS.md "Low-bit attention and W8A8" for the sweep.
-DEFAULT_CONFIG = LowbitConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, i2f=2)
+# H100 (sm90), Triton 3.6, B1 H12 L32760 D128, kernel only: 128×64 tiles, 4 warps, 4 stages, fused score
+# path 8.24 ms (cuDNN bf16 11.37). Sweep (tools/bench_lowbit.py): 3 stages 8.33, 2 stages 9.50; i2f=1 9.15,
+# i2f=0 9.03; 64×64 8.98; 64×128 10.11; 128×128 with 8 warps 11.59 (4 warps: 16.69); warp_specialize no gain.
+# One warpgroup per CTA and two CTAs per SM overlap one CTA's softmax with the other's tensor-core work.
+DEFAULT_CONFIG = LowbitConfig(block_m=128, block_n=64, num_warps=4, num_stages=4, i2f=2)
 
 
 @dataclass

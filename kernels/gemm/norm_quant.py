@@ -136,11 +136,12 @@ if triton is not None:
 # host launcher
 # ----------------------------------------------------------------------------------------------
 def norm_modulate_quant(x, shift=None, scale=None, *, norm: str = "layer", weight=None, bias=None, eps: float = 1e-6,
-                        quant: str | None = "int8", act_scale: float | None = None):
+                        quant: str | None = "int8", act_scale: float | None = None, num_warps: int | None = None):
     """Fused norm → modulation → per-token (or static) quantization.
 
     x: (B, L, C) or (M, C); shift/scale: (C,), (B, C), (B, 1, C) or (B, L, C), or None.
     Returns (y_q (B·L, C) int8/fp8, s (B·L,) fp32) when quant is "int8"/"fp8"; y like x when None.
+    num_warps: tuning (default scales with C).
     """
     _check(x, norm, quant)
     if triton is None or not use_triton(x):
@@ -171,7 +172,7 @@ def norm_modulate_quant(x, shift=None, scale=None, *, norm: str = "layer", weigh
             eps, inv, s, BLOCK_C=block_c, RMS=norm == "rms", HAS_W=weight is not None, HAS_B=bias is not None,
             HAS_SCALE=sc is not None, HAS_SHIFT=sh is not None, QUANT=quant is not None,
             STATIC=act_scale is not None, FP8=quant == "fp8", EXACT_CAST=interpreter_enabled(),
-            num_warps=min(16, max(4, block_c // 256)))
+            num_warps=num_warps or min(16, max(4, block_c // 256)))
     if quant is None:
         return out.view(x.shape)
     return out, out_scale

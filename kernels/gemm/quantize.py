@@ -120,11 +120,26 @@ if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(X, Out, Scale, stride_xm, K, static_inv, static_scale,
                               BLOCK_K: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
-                              EXACT_CAST: tl.constexpr):
-        """One program = one row: (dynamic) amax pass over K, then the quantize pass."""
+                              EXACT_CAST: tl.constexpr, ONE_PASS: tl.constexpr):
+        """One program = one row: (dynamic) amax pass over K, then the quantize pass.
+
+        ONE_PASS (K ≤ BLOCK_K): the row stays in registers, one read instead of two.
+        """
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
         qmax = 448.0 if FP8 else 127.0
+        if ONE_PASS:
+            x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if STATIC:
+                inv = static_inv
+                scale = static_scale
+            else:
+                amax_s = tl.max(tl.abs(x), 0)
+                inv = tl.where(amax_s > 0, tl.math.div_rn(qmax, tl.maximum(amax_s, 1e-30)), 0.0)
+                scale = tl.math.div_rn(amax_s, qmax)
+            tl.store(Out + row * K + offs, quantize_tile(x, inv, FP8, EXACT_CAST), mask=offs < K)
+            tl.store(Scale + row, scale)
+            return
         if STATIC:
             inv = static_inv
             scale = static_scale
@@ -153,11 +168,13 @@ def static_inv_scale(static_scale: float) -> tuple[float, float]:
     return float(torch.tensor(1.0) / s), float(s)
 
 
-def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None):
+def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None, *, block_k: int | None = None,
+                  num_warps: int | None = None):
     """Per-token (or static per-tensor) activation quantization of x (..., K).
 
     Returns (x_q (M, K) int8/fp8 contiguous, scale (M,) fp32) with M = x.numel() // K.
     CUDA (or CPU under TRITON_INTERPRET=1) runs the Triton kernel, otherwise the reference.
+    block_k / num_warps: tuning (default: the whole row in one tile up to 16384 elements).
     """
     _check_mode(mode)
     check_float_dtype("x", x)
@@ -173,10 +190,12 @@ def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None)
     if M == 0:
         return out, scale
     inv, s = static_inv_scale(static_scale) if static_scale is not None else (1.0, 1.0)
-    block_k = min(1024, next_power_of_2(K))
+    block_k = block_k or min(16384, next_power_of_2(K))
+    if num_warps is None:
+        num_warps = 4 if block_k <= 2048 else 8
     _quantize_rows_kernel[(M,)](x2, out, scale, x2.stride(0), K, inv, s, BLOCK_K=block_k,
                                 STATIC=static_scale is not None, FP8=mode == "fp8",
-                                EXACT_CAST=interpreter_enabled(), num_warps=4)
+                                EXACT_CAST=interpreter_enabled(), ONE_PASS=K <= block_k, num_warps=num_warps)
     return out, scale
 
 

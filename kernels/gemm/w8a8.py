@@ -15,34 +15,54 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_kernels.utils import cdiv, use_triton
+from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows_reference, static_inv_scale
+from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
 
 try:
     import triton
     import triton.language as tl
+
+    from turbo_kernels.gemm.quantize import quantize_tile
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
 
 BACKENDS = ("auto", "triton", "scaled_mm")
-# fp8 path in `auto`: cuBLAS through torch._scaled_mm unless the benchmark shows our kernel faster
-# (tools/bench_lowbit.py measures both on the H100; BENCHMARKS.md records the outcome).
-FP8_BACKEND = "scaled_mm"
+ACTIVATIONS = (None, "gelu_tanh")
+# fp8 path in `auto`. H100, Wan-1.3B FFN shapes, M=32760 (tools/bench_lowbit.py, run 2):
+#   1536→8960: Triton 128×256×128 0.910 ms, torch._scaled_mm row-wise 0.915 ms (bf16 1.363);
+#   8960→1536: Triton 0.708 ms, torch._scaled_mm 0.908 ms (bf16 1.262). So our kernel.
+FP8_BACKEND = "triton"
+GELU_C = 1.5957691216057308  # 2·sqrt(2/π): gelu_tanh(x) = x·sigmoid(2·sqrt(2/π)·(x + 0.044715x³))
+
+
+def gelu_tanh_reference(y: torch.Tensor) -> torch.Tensor:
+    """GELU (tanh form) written as the kernel computes it: x / (1 + exp(−2√(2/π)(x + 0.044715x³)))."""
+    u = GELU_C * (y + 0.044715 * y * y * y)
+    return y / (1.0 + torch.exp(-u))
 
 
 # ----------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------
-def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16) -> torch.Tensor:
-    """Dequantized product, with the kernel's epilogue order: (acc·s_x)·s_w + bias.
+def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, *,
+                          activation: str | None = None, out_quant: str | None = None,
+                          out_scale: float | None = None):
+    """Dequantized product, with the kernel's epilogue order: act((acc·s_x)·s_w + bias).
 
     acc is computed in float64, exact for int8 (|acc| < 2⁵³) and for fp8 products (rounding only
     in the kernel's fp32 sum); then rounded to fp32 like the kernel's int32→fp32 conversion.
+    out_quant ("int8" | "fp8") with a static out_scale returns (y_q, scale (M,)) instead: the next
+    W8A8 layer's input, quantized in the epilogue.
     """
     acc = (x_q.double() @ w_q.double().t()).float()  # (M, N)
     y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()[None, :]
+    if activation == "gelu_tanh":
+        y = gelu_tanh_reference(y)
+    if out_quant is not None:
+        return quantize_rows_reference(y, out_quant, out_scale)
     return y.to(out_dtype)
 
 
@@ -55,7 +75,8 @@ if triton is not None:
     def _w8a8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K, stride_am, stride_bn, stride_cm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
-                          EVEN_K: tl.constexpr):
+                          EVEN_K: tl.constexpr, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
+                          OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr):
         """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -97,8 +118,15 @@ if triton is not None:
         y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
         if HAS_BIAS:
             y = y + tl.load(Bias + offs_bn).to(tl.float32)[None, :]
+        if GELU:
+            u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
+            y = y / (1.0 + tl.exp(-u))
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if OUT_QUANT:  # static per-tensor scale: the next layer's input, 1 byte per element
+            tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
+        else:
+            tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,18 +175,35 @@ def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 
 def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat16, backend: str = "auto",
-                config: GemmConfig | None = None) -> torch.Tensor:
-    """(M, K) × (N, K)ᵀ → (M, N) in out_dtype. backend: auto | triton | scaled_mm (fp8 on CUDA only)."""
+                config: GemmConfig | None = None, activation: str | None = None, out_quant: str | None = None,
+                out_scale: float | None = None):
+    """(M, K) × (N, K)ᵀ → (M, N) in out_dtype. backend: auto | triton | scaled_mm (fp8 on CUDA only).
+
+    activation: None or "gelu_tanh" (fused in the epilogue). out_quant: None, or "int8"/"fp8" with a
+    static out_scale (> 0, from calibration): the epilogue writes the quantized next-layer input
+    and the call returns (y_q (M, N), scale (M,)). Epilogue options force the Triton kernel.
+    """
     _check_operands(x_q, x_scale, w_q, w_scale, bias)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if out_quant is not None:
+        if out_quant not in MODES:
+            raise ValueError(f"out_quant must be None or one of {MODES}, got {out_quant!r}")
+        if out_scale is None:
+            raise ValueError("out_quant needs a static out_scale (per-token scales cannot be formed in one tile)")
+        out_inv, out_s = static_inv_scale(out_scale)
     if triton is None or not use_triton(x_q, w_q):
-        return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=activation,
+                                     out_quant=out_quant, out_scale=out_scale)
     M, K = x_q.shape
     N = w_q.shape[0]
     fp8 = x_q.dtype == torch.float8_e4m3fn
     if backend == "auto":
         backend = FP8_BACKEND if fp8 else "triton"
+    if activation is not None or out_quant is not None:
+        backend = "triton"
     if backend == "scaled_mm":
         if not fp8:
             raise ValueError("backend='scaled_mm' needs float8_e4m3fn operands (use 'triton' for int8)")
@@ -167,17 +212,22 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     cfg = DEFAULT_GEMM_CONFIG if config is None else config
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
-    out = torch.empty(M, N, dtype=out_dtype, device=x_q.device)
+    out = torch.empty(M, N, dtype=QDTYPE[out_quant] if out_quant else out_dtype, device=x_q.device)
     if M == 0:
-        return out
+        return (out, torch.empty(0, device=x_q.device)) if out_quant else out
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _w8a8_gemm_kernel[grid](
         x_q, w_q, out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,
         M, N, K, x_q.stride(0), w_q.stride(0), out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
+        GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
+        out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if out_quant:
+        return out, torch.full((M,), out_s, dtype=torch.float32, device=x_q.device)
     return out
 
 
-__all__ = ["BACKENDS", "FP8_BACKEND", "GemmConfig", "w8a8_matmul", "w8a8_matmul_reference"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "FP8_BACKEND", "GemmConfig", "gelu_tanh_reference", "w8a8_matmul",
+           "w8a8_matmul_reference"]

@@ -187,7 +187,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10  # optimizer steps between logged metrics (loss, lr, grad norm, throughput)
     val_every_n_steps: int = 0  # optimizer steps between validation runs (0 = no validation)
     val_batches: int = 4  # batches per validation run (flow-matching loss at fixed noise)
-    seed: int = 0  # global seed for init, noise and time sampling (per rank: seed + rank offsets by Lightning)
+    seed: int = 0  # seed of the weight init (all ranks alike) and of noise, flow times and caption dropout (offset per rank)
     matmul_precision: Literal["highest", "high", "medium"] = "high"  # fp32 matmuls: high = TF32 on Ampere+
 
     def __post_init__(self):

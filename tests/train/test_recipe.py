@@ -97,7 +97,7 @@ def test_unknown_key_names_dotted_key_and_file(tmp_path, text, key, fragment):
     ("optim: {betas: [0.9]}", "optim.betas"),
     ("ema: 0.999", "ema"),
     ("data: {source: imagenet}", "data.source"),
-    ("method: {name: rcm}", "method.name"),
+    ("method: {name: dreambooth}", "method.name"),
 ])
 def test_ill_typed_value_names_dotted_key_and_file(tmp_path, text, key):
     p = write(tmp_path, text)

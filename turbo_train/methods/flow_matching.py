@@ -215,6 +215,11 @@ class FlowMatchingModule(LightningModule):
 
     # ------------------------------------------------------------------ training
 
+    def on_train_start(self) -> None:
+        # seed_everything seeded every rank alike (same init); give each rank its own stream of noise,
+        # flow times and caption dropout, and a resumed run a stream that does not replay step 0's
+        torch.manual_seed(self.recipe.trainer.seed + 1_000_003 * self.global_rank + 7919 * self.global_step)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # 1. encode: pixels -> latents x0, captions -> text states, some dropped to the empty prompt
         x0, context = self.encode_batch(batch)

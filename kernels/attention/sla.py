@@ -177,6 +177,19 @@ except ImportError:  # CPU-only install: the reference path is used
 if triton is not None:
 
     @triton.jit
+    def _load2d(ptrs, row_ok, col_ok, ROWS: tl.constexpr, COLS: tl.constexpr):
+        # Load a 2-D tile, masking rows and/or columns only where the shapes need it.
+        if ROWS and COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        elif ROWS:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        elif COLS:
+            x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+        return x
+
+    @triton.jit
     def _phi(x, mask_d, FEATURE: tl.constexpr):
         # phi over the head dim of an fp32 tile (rows, BLOCK_D); padded columns come out 0.
         # FEATURE: 0 softmax, 1 elu+1, 2 relu.
@@ -190,6 +203,17 @@ if triton is not None:
         else:
             y = tl.maximum(x, 0.0)
         return y
+
+    @triton.jit
+    def _phi_bwd(x, y, dy, mask_d, FEATURE: tl.constexpr):
+        # d phi^T: softmax y (dy - <dy, y>); elu+1 dy * (x > 0 ? 1 : y); relu dy * (x > 0).
+        if FEATURE == 0:
+            dx = y * (dy - tl.sum(dy * y, axis=1)[:, None])
+        elif FEATURE == 1:
+            dx = tl.where(mask_d[None, :], dy * tl.where(x > 0, 1.0, y), 0.0)
+        else:
+            dx = tl.where(x > 0, dy, 0.0)
+        return dx
 
     @triton.jit
     def _sla_lin_state_kernel(K, V, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
@@ -217,16 +241,37 @@ if triton is not None:
         tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def _sla_fwd_kernel(Q, K, V, O, LSE, LUT, HM, ZM, WT, BIAS,
+    def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
+        # One online-softmax step over a tile of keys (pointers kp/vp: (BLOCK_N, BLOCK_D)).
+        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
+        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores
+        if MASK:
+            s = tl.where(tok_ok[None, :], s, float("-inf"))
+        # log2(e)/sqrt(d) folded into one multiply-add: p = exp2(s * c - m), m in scaled units.
+        # The first tile always holds a valid key (every LUT block has >= 1 token and tiles start
+        # at block starts), so m_new is finite from the first step on.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _sla_fwd_kernel(Q, K, V, O, OS, LSE, LUT, HM, ZM, WT, BIAS,
                         sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                         H, Lq, Lk, D, n_sel, num_qb, qk_scale, lin_eps,
                         MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
-                        STORE_LSE: tl.constexpr, LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr,
-                        FEATURE: tl.constexpr):
+                        STORE_LSE: tl.constexpr, STORE_OS: tl.constexpr, LINEAR: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr):
         # One program: BLOCK_M queries (inside one map block of MAP_BQ) of one (batch, head).
-        # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions);
-        # a tile of BLOCK_N positions may span several blocks (BLOCK_N > MAP_BK) or part of one.
+        # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions).
+        # BLOCK_N <= MAP_BK: a tile lies inside one block, its rows are contiguous from a scalar
+        #   base, and only the last LUT entry can be the ragged tail block (the LUT is ascending),
+        #   so every tile but those of the last entry runs unmasked.
+        # BLOCK_N > MAP_BK: a tile gathers BLOCK_N // MAP_BK entries (vector LUT load), masked.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -235,44 +280,44 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         offs_n = tl.arange(0, BLOCK_N)
         mask_d = offs_d < D
+        mask_m = offs_m < Lq
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-                    mask=(offs_m[:, None] < Lq) & mask_d[None, :], other=0.0)
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         K += b * skb + h * skh
         V += b * svb + h * svh
         lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, n_sel * MAP_BK, BLOCK_N):
-            pos = start + offs_n  # position in the concatenated selected keys
-            entry = pos // MAP_BK
-            kb = tl.load(lut + entry, mask=entry < n_sel, other=0)
-            tok = kb * MAP_BK + pos % MAP_BK  # (BLOCK_N,) key token indices
-            if EVEN_N:
-                k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-                v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=mask_d[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-            else:
-                valid = (entry < n_sel) & (tok < Lk)
-                k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-                v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-                s = tl.where(valid[None, :], s, float("-inf"))
-            # online softmax: the first tile always holds a valid key (every LUT block has >= 1
-            # token and tiles start at block starts), so m_new is finite from then on.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        if BLOCK_N <= MAP_BK:
+            n_even = n_sel * MAP_BK if EVEN_N else (n_sel - 1) * MAP_BK
+            for start in range(0, n_even, BLOCK_N):
+                tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
+                                          V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
+                                          False, PAD_D)
+            for start in range(n_even, n_sel * MAP_BK, BLOCK_N):
+                tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
+                                          V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
+                                          True, PAD_D)
+        else:
+            for start in range(0, n_sel * MAP_BK, BLOCK_N):
+                pos = start + offs_n  # position in the concatenated selected keys
+                entry = pos // MAP_BK
+                tok = tl.load(lut + entry, mask=entry < n_sel, other=0) * MAP_BK + pos % MAP_BK
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
+                                          V + tok[:, None] * svl + offs_d[None, :], (entry < n_sel) & (tok < Lk),
+                                          mask_d, qk_scale, True, PAD_D)
         acc = acc / l_i[:, None]
-        mask_m = offs_m < Lq
         if STORE_LSE:
             tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
+        if STORE_OS:  # training: the sparse branch alone, for the backward's delta term
+            tl.store(OS + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(OS.dtype.element_ty),
+                     mask=mask_m[:, None] & mask_d[None, :])
         if LINEAR:
-            # fused linear branch + projection (inference path): with this query block's marginal
-            # sums Hm (D x D) and Zm (D), O += (phi(q) Hm / (eps + phi(q).Zm)) W^T
+            # linear branch + projection with this query block's marginal sums Hm (D x D) and
+            # Zm (D): O += (phi(q) Hm / (eps + phi(q).Zm)) W^T
             mask_dd = mask_d[:, None] & mask_d[None, :]
             base = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
             hm = tl.load(HM + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
@@ -305,14 +350,32 @@ if triton is not None:
         tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
     @triton.jit
-    def _sla_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, LUT,
+    def _dq_tile(dq, q, do, lse, delta, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
+        # dQ += dS K over one key tile, dS = P * (dO V^T - delta), P = exp2(S * c - lse2).
+        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
+        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
+        if MASK:  # masked keys load as 0; zero P too so that exp2(-lse) can never meet inf * 0
+            p = tl.where(tok_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        return dq + tl.dot(ds.to(k.dtype), k)
+
+    @triton.jit
+    def _sla_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, LUT, HM, ZM, W, DHM, DZM, OL,
                            sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl, sgb, sgh, sgl,
-                           H, Lq, Lk, D, n_sel, num_qb, qk_scale, sm_scale,
+                           H, Lq, Lk, D, n_sel, num_qb, tiles_per_bh, qk_scale, sm_scale, lin_eps,
                            MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr):
-        # dQ = scale * sum_selected dS K,  dS = P * (dO V^T - delta),  P = exp2(S*log2e - lse2).
-        # Key tokens past Lk load as k = v = 0 and multiply k = 0; P is still zeroed there so
-        # that exp2(-lse) can never overflow into inf * 0.
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
+                           LINEAR: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr):
+        # Sparse branch: dQ = scale * sum over the LUT's keys of dS K (same tiling as the forward).
+        # Linear branch (LINEAR), per query row r of block i, with Hm_i, Zm_i the marginal sums:
+        #   o_l = phi(q) Hm / den, den = eps + phi(q).Zm, dO_l = dO W (proj_l's input gradient)
+        #   dnum = dO_l / den, dden = -<dO_l, o_l> / den
+        #   dphi(q) = dnum Hm^T + dden Zm^T  ->  dQ += phi'(q)^T dphi(q)
+        #   dHm_i += phi(q)^T dnum, dZm_i += phi(q)^T dden (this tile's part, stored per tile),
+        #   and o_l is stored for dW = dO^T o_l.
+        # Query rows past Lq load as q = dO = 0: dnum = dden = 0 there, so they add nothing.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -330,35 +393,66 @@ if triton is not None:
         V += b * svb + h * svh
         lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, n_sel * MAP_BK, BLOCK_N):
-            pos = start + offs_n
-            entry = pos // MAP_BK
-            kb = tl.load(lut + entry, mask=entry < n_sel, other=0)
-            tok = kb * MAP_BK + pos % MAP_BK
-            valid = (entry < n_sel) & (tok < Lk)
-            k = tl.load(K + tok[:, None] * skl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-            v = tl.load(V + tok[:, None] * svl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-            if not EVEN_N:
-                p = tl.where(valid[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+        if BLOCK_N <= MAP_BK:
+            n_even = n_sel * MAP_BK if EVEN_N else (n_sel - 1) * MAP_BK
+            for start in range(0, n_even, BLOCK_N):
+                tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
+                dq = _dq_tile(dq, q, do, lse, delta, K + tok[:, None] * skl + offs_d[None, :],
+                              V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale, False, PAD_D)
+            for start in range(n_even, n_sel * MAP_BK, BLOCK_N):
+                tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
+                dq = _dq_tile(dq, q, do, lse, delta, K + tok[:, None] * skl + offs_d[None, :],
+                              V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale, True, PAD_D)
+        else:
+            for start in range(0, n_sel * MAP_BK, BLOCK_N):
+                pos = start + offs_n
+                entry = pos // MAP_BK
+                tok = tl.load(lut + entry, mask=entry < n_sel, other=0) * MAP_BK + pos % MAP_BK
+                dq = _dq_tile(dq, q, do, lse, delta, K + tok[:, None] * skl + offs_d[None, :],
+                              V + tok[:, None] * svl + offs_d[None, :], (entry < n_sel) & (tok < Lk), mask_d,
+                              qk_scale, True, PAD_D)
         dq = dq * sm_scale
+        if LINEAR:
+            mask_dd = mask_d[:, None] & mask_d[None, :]
+            base = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+            hm = tl.load(HM + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+            zm = tl.load(ZM + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w = tl.load(W + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)  # (out, in)
+            x = q.to(tl.float32)
+            fq = _phi(x, mask_d, FEATURE)
+            den = tl.sum(fq * zm[None, :], axis=1) + lin_eps
+            o_l = tl.dot(fq.to(hm.dtype), hm) / den[:, None]
+            do_l = tl.dot(do, w)
+            dnum = do_l / den[:, None]
+            dden = -tl.sum(do_l * o_l, axis=1) / den
+            dfq = tl.dot(dnum.to(hm.dtype), tl.trans(hm)) + dden[:, None] * zm[None, :]
+            dq += _phi_bwd(x, fq, dfq, mask_d, FEATURE)
+            tile = pid_bh.to(tl.int64) * tiles_per_bh + pid_m
+            dhm = tl.dot(tl.trans(fq.to(hm.dtype)), dnum.to(hm.dtype))  # (BLOCK_D, BLOCK_D)
+            tl.store(DHM + tile * D * D + offs_d[:, None] * D + offs_d[None, :], dhm.to(DHM.dtype.element_ty),
+                     mask=mask_dd)
+            tl.store(DZM + tile * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DZM.dtype.element_ty),
+                     mask=mask_d)
+            tl.store(OL + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], o_l.to(OL.dtype.element_ty),
+                     mask=mask_qd)
         tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                  mask=mask_qd)
 
     @triton.jit
-    def _sla_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_OFF, KV_QIDX,
+    def _sla_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_OFF, KV_QIDX, DH, DZ,
                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
-                             sgb, sgh, sgl, H, Lq, Lk, D, num_kb, inv_len, qk_scale, sm_scale,
+                             sgb, sgh, sgl, H, Lq, Lk, D, num_kb, inv_len, qk_scale, sm_scale, inv_lk,
                              MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, LINEAR: tl.constexpr,
+                             FEATURE: tl.constexpr):
         # One program: BLOCK_N keys (inside one map key block j) of one (batch, head). It walks
         # only the query blocks that selected j (key-major CSR table), BLOCK_M query tokens at a
         # time over their concatenation (count_j * MAP_BQ positions).
         # dV = sum P^T dO;  dK = scale * sum dS^T Q. Query rows past Lq load as q = dO = 0 with
         # lse = delta = 0, so their P^T dO and dS^T Q terms vanish -- no mask needed.
+        # Linear branch (LINEAR), with dh_j, dz_j the gradients of h_j = fk^T V_j, z_j = fk^T 1
+        # (fk = phi(K_j) / Lk; summed over the query blocks for which j is marginal by a GEMM):
+        #   dV += fk dh_j,  d fk = V dh_j^T + 1 dz_j^T,  dK += phi'(k)^T (d fk / Lk).
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -382,11 +476,14 @@ if triton is not None:
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, count * MAP_BQ, BLOCK_M):
-            pos = start + offs_m
-            entry = pos // MAP_BQ
-            qb = tl.load(qidx + entry, mask=entry < count, other=0)
-            tok = qb * MAP_BQ + pos % MAP_BQ  # (BLOCK_M,) query token indices
-            valid = (entry < count) & (tok < Lq)
+            if BLOCK_M <= MAP_BQ:  # a tile inside one query block: scalar base, contiguous rows
+                tok = tl.load(qidx + start // MAP_BQ) * MAP_BQ + start % MAP_BQ + offs_m
+                valid = tok < Lq
+            else:
+                pos = start + offs_m
+                entry = pos // MAP_BQ
+                tok = tl.load(qidx + entry, mask=entry < count, other=0) * MAP_BQ + pos % MAP_BQ
+                valid = (entry < count) & (tok < Lq)
             q = tl.load(Q + tok[:, None] * sql + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
             do = tl.load(DO + tok[:, None] * sdl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
             lse = tl.load(LSE + tok, mask=valid, other=0.0)
@@ -397,6 +494,16 @@ if triton is not None:
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q)
         dk = dk * sm_scale
+        if LINEAR:
+            mask_dd = mask_d[:, None] & mask_d[None, :]
+            base = pid_bh.to(tl.int64) * num_kb + kblk
+            dh = tl.load(DH + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+            dz = tl.load(DZ + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            x = k.to(tl.float32)
+            y = _phi(x, mask_d, FEATURE)
+            dv += tl.dot((y * inv_lk).to(dh.dtype), dh)
+            dfk = tl.dot(v, tl.trans(dh)) + dz[None, :]
+            dk += _phi_bwd(x, y, dfk * inv_lk, mask_d, FEATURE)
         tl.store(DK + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_kd)
         tl.store(DV + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_kd)
 
@@ -406,17 +513,18 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SLAKernelConfig:
-    """Tiles, warps and pipeline depth of the three sparse-branch kernels.
+    """Tiles, warps and pipeline depth of the sparse-branch kernels.
 
     fwd_block_m / dq_block_m must divide the map's block_q (clamped to it); dkdv_block_n must
-    divide block_k (clamped). fwd_block_n / dq_block_n / dkdv_block_m may exceed a map block:
-    a tile then gathers several table entries. Defaults: see DEFAULT_CONFIG's comment.
+    divide block_k (clamped). fwd_block_n / dq_block_n <= block_k give contiguous tiles with a
+    scalar base (fast path); larger values gather several table entries per tile (masked).
+    dkdv_block_m <= block_q likewise. Defaults: see DEFAULT_CONFIG's comment.
     """
 
     fwd_block_m: int = 128
     fwd_block_n: int = 64
     fwd_warps: int = 8
-    fwd_stages: int = 3
+    fwd_stages: int = 2
     dq_block_m: int = 64
     dq_block_n: int = 64
     dq_warps: int = 4
@@ -425,6 +533,7 @@ class SLAKernelConfig:
     dkdv_block_n: int = 64
     dkdv_warps: int = 4
     dkdv_stages: int = 2
+    state_warps: int = 8
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -433,7 +542,15 @@ class SLAKernelConfig:
                        dkdv_block_n=min(self.dkdv_block_n, block_k))
 
 
-# H100 SXM, Triton 3.6, bf16, B1 H12 L32760 D128, 128x64 map blocks: see BENCHMARKS.md "Attention (SLA)".
+# Measured on an H100 SXM (Triton 3.6, bf16, B1 H12 L32760 D128, 128x64 map blocks, topk 0.1),
+# sweep in tools/bench_attention.py --sweep, first version of the kernels (vector-gathered tiles):
+#   forward  (block_m, block_n, warps, stages): (128,64,8,2) 1.86 ms < (128,64,4,3) 1.93
+#            < (128,64,8,3) 2.13 < (128,128,8,2) 2.14 < (64,64,4,3) 2.15 < (128,128,8,3) 2.21
+#            < (128,128,4,3) 3.43
+#   backward (dQ and dK/dV kernels, whole sparse backward): dQ (64,64,4,2) 5.31 ms, (128,64,8,2)
+#            5.37, (128,128,8,2) 5.41, (64,64,4,3) 5.48, (64,128,4,2) 6.64; dK/dV (64,64,4,2) 5.44,
+#            (32,64,4,2) 5.44, (128,64,8,2) 7.38, (64,64,8,3) 8.50, (128,64,4,2) 16.8.
+# See BENCHMARKS.md "Attention (SLA)" for the figures of the current kernels.
 DEFAULT_CONFIG = SLAKernelConfig()
 
 
@@ -445,31 +562,44 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _block_d(D: int) -> int:
+    return max(16, next_power_of_2(D))
+
+
 def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bias=None, feature_map="softmax",
-                    store_lse: bool = True):
-    """Launch the forward kernel. linear: None, or (Hm, Zm, W^T) of `_linear_state` for the fused
-    inference epilogue; bias: (D,) fp32 or None. Returns (O, LSE or None)."""
+                    store_lse: bool = True, store_os: bool = False):
+    """Launch the forward kernel.
+
+    linear: None, or (Hm, Zm, W^T) of `_linear_state` (linear branch + proj_l fused in the
+    epilogue); bias: (D,) fp32 or None. Returns (O, LSE or None, O_s or None): O_s, the sparse
+    branch alone, is stored when store_os (training: the backward's delta needs it).
+    """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    o_s = torch.empty_like(o) if store_os else o
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32) if store_lse else o
     sm_scale = 1.0 / math.sqrt(D)
-    even_n = (Lk % bm.block_k == 0) and ((bm.n * bm.block_k) % cfg.fwd_block_n == 0)
     hm, zm, wt = linear if linear is not None else (o, o, o)
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_fwd_kernel[grid](q, k, v, o, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
+    _sla_fwd_kernel[grid](q, k, v, o, o_s, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
                           *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                           H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
                           MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-                          BLOCK_D=max(16, next_power_of_2(D)), EVEN_N=even_n, STORE_LSE=store_lse,
-                          LINEAR=linear is not None, HAS_BIAS=bias is not None,
-                          FEATURE=FEATURE_MAPS.index(feature_map),
+                          BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
+                          STORE_OS=store_os, LINEAR=linear is not None, HAS_BIAS=bias is not None,
+                          FEATURE=FEATURE_MAPS.index(feature_map), PAD_D=D != _block_d(D),
                           num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
-    return o, (lse if store_lse else None)
+    return o, (lse if store_lse else None), (o_s if store_os else None)
 
 
-def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor):
-    """Marginal sums of the linear branch per query block, for the fused forward epilogue.
+def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
+    """(B*H, Nq, Nk) 0/1 matrix of the marginal (non-critical) blocks, a GEMM operand."""
+    return (~bm.dense()).view(-1, bm.num_q_blocks, bm.num_k_blocks).to(dtype)
+
+
+def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig):
+    """Marginal sums of the linear branch per query block, for the forward epilogue.
 
     h_j, z_j per key block (Triton, one read of K and V), then Hm = (1 - M) @ h and
     Zm = (1 - M) @ z as batched tensor-core GEMMs. Returns (Hm (B*H, Nq, D, D), Zm (B*H, Nq, D),
@@ -480,49 +610,77 @@ def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Te
     hs = torch.empty(B * H, Nk, D, D, device=q.device, dtype=q.dtype)
     zs = torch.empty(B * H, Nk, D, device=q.device, dtype=q.dtype)
     _sla_lin_state_kernel[(Nk, B * H)](k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
-                                       MAP_BK=bm.block_k, BLOCK_D=max(16, next_power_of_2(D)),
-                                       FEATURE=FEATURE_MAPS.index(feature_map), num_warps=4)
-    marginal = (~bm.dense()).view(B * H, Nq, Nk).to(q.dtype)  # (BH, Nq, Nk)
+                                       MAP_BK=bm.block_k, BLOCK_D=_block_d(D),
+                                       FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.state_warps)
+    marginal = _marginal(bm, q.dtype)  # (BH, Nq, Nk)
     hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)
     zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
     return hm, zm, proj_weight.t().to(q.dtype).contiguous()
 
 
-def _sparse_backward(do, q, k, v, o, lse, bm: BlockMap, cfg: SLAKernelConfig):
+def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, linear=None, feature_map="softmax"):
+    """dQ, dK, dV of the sparse branch, plus the linear branch's when linear = (Hm, Zm, W).
+
+    Returns (dq, dk, dv, o_l): o_l (B, H, Lq, D) is the linear branch's output (for dW), or None.
+    """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    BLOCK_D = max(16, next_power_of_2(D))
+    BLOCK_D = _block_d(D)
     sm_scale = 1.0 / math.sqrt(D)
+    feature = FEATURE_MAPS.index(feature_map)
     do = _last_dim_contiguous(do)
     delta = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
-    _sla_bwd_preprocess[(triton.cdiv(Lq, 64), B * H)](o, do, delta, H, Lq, D, *_strides(o), *_strides(do),
+    _sla_bwd_preprocess[(triton.cdiv(Lq, 64), B * H)](o_s, do, delta, H, Lq, D, *_strides(o_s), *_strides(do),
                                                        BLOCK_M=64, BLOCK_D=BLOCK_D, num_warps=4)
     dq = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
-    even_n = (Lk % bm.block_k == 0) and ((bm.n * bm.block_k) % cfg.dq_block_n == 0)
-    _sla_bwd_dq_kernel[(triton.cdiv(Lq, cfg.dq_block_m), B * H)](
-        q, k, v, do, dq, lse, delta, bm.lut, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, sm_scale,
+    n_tiles = triton.cdiv(Lq, cfg.dq_block_m)
+    split = bm.block_q // cfg.dq_block_m  # dQ tiles per query block
+    tiles_per_bh = bm.num_q_blocks * split
+    if linear is not None:
+        hm, zm, w = linear
+        dhm = torch.empty(B * H, tiles_per_bh, D, D, device=q.device, dtype=q.dtype)  # per-tile dHm parts
+        dzm = torch.empty(B * H, tiles_per_bh, D, device=q.device, dtype=q.dtype)
+        dhm[:, n_tiles:].zero_()  # tiles past Lq (at most split - 1) are never written
+        dzm[:, n_tiles:].zero_()
+        o_l = torch.empty_like(dq)
+    else:
+        hm = zm = w = dhm = dzm = o_l = dq
+    _sla_bwd_dq_kernel[(n_tiles, B * H)](
+        q, k, v, do, dq, lse, delta, bm.lut, hm, zm, w, dhm, dzm, o_l,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+        H, Lq, Lk, D, bm.n, bm.num_q_blocks, tiles_per_bh, sm_scale * LOG2E, sm_scale, LINEAR_EPS / Lk,
         MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
-        EVEN_N=even_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+        EVEN_N=Lk % bm.block_k == 0, LINEAR=linear is not None, FEATURE=feature, PAD_D=D != BLOCK_D,
+        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    if linear is not None:
+        # gradients of h_j, z_j: sum over the query-block tiles for which key block j is marginal
+        marginal_t = _marginal(bm, q.dtype).repeat_interleave(split, dim=1).transpose(1, 2)  # (BH, Nk, tiles)
+        dh = torch.bmm(marginal_t, dhm.view(B * H, tiles_per_bh, D * D))  # (BH, Nk, D*D)
+        dz = torch.bmm(marginal_t, dzm)  # (BH, Nk, D)
+    else:
+        dh = dz = dq
     kv_off, kv_qidx = bm.inverse(cache=False)  # built per backward: its cost belongs to the backward
     dk = torch.empty(B, H, Lk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, Lk, D, device=q.device, dtype=v.dtype)
     _sla_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, *_strides(q), *_strides(k), *_strides(v),
+        q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, dh, dz, *_strides(q), *_strides(k), *_strides(v),
         *_strides(do), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1], sm_scale * LOG2E,
-        sm_scale, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n,
-        BLOCK_D=BLOCK_D, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
-    return dq, dk, dv
+        sm_scale, 1.0 / Lk, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m,
+        BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, LINEAR=linear is not None, FEATURE=feature,
+        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    return dq, dk, dv, (o_l if linear is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
 class _SparseAttention(torch.autograd.Function):
+    """The sparse branch alone (O_s), for proj_l = None / no marginal block."""
+
     @staticmethod
     def forward(ctx, q, k, v, bm: BlockMap, cfg: SLAKernelConfig):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = _sparse_forward(q, k, v, bm, cfg)
+        o, lse, _ = _sparse_forward(q, k, v, bm, cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.bm, ctx.cfg = bm, cfg
         return o
@@ -530,8 +688,35 @@ class _SparseAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _sparse_backward(do, q, k, v, o, lse, ctx.bm, ctx.cfg)
+        dq, dk, dv, _ = _sparse_backward(do, q, k, v, o, lse, ctx.bm, ctx.cfg)
         return dq, dk, dv, None, None
+
+
+class _SparseLinearAttention(torch.autograd.Function):
+    """Whole SLA: O = O_s + proj_l(O_l); gradients to q, k, v, proj weight and bias."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, weight, bias, bm: BlockMap, cfg: SLAKernelConfig, feature_map: str):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        hm, zm, wt = _linear_state(q, k, v, bm, feature_map, weight, cfg)
+        b32 = None if bias is None else bias.float().contiguous()
+        o, lse, o_s = _sparse_forward(q, k, v, bm, cfg, (hm, zm, wt), b32, feature_map, store_os=True)
+        ctx.save_for_backward(q, k, v, o_s, lse, hm, zm, weight)
+        ctx.bm, ctx.cfg, ctx.feature_map, ctx.has_bias = bm, cfg, feature_map, bias is not None
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o_s, lse, hm, zm, weight = ctx.saved_tensors
+        w = weight.to(q.dtype).contiguous()  # (out, in): dO_l = dO W
+        dq, dk, dv, o_l = _sparse_backward(do, q, k, v, o_s, lse, ctx.bm, ctx.cfg, (hm, zm, w), ctx.feature_map)
+        D = q.shape[-1]
+        dw = db = None
+        if ctx.needs_input_grad[3]:  # dW = dO^T O_l over all rows (tensor-core GEMM, fp32 out)
+            dw = torch.matmul(do.reshape(-1, D).t(), o_l.reshape(-1, D)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[4]:
+            db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
+        return dq, dk, dv, dw, db, None, None, None
 
 
 def sparse_attention(q, k, v, bm: BlockMap, config: SLAKernelConfig | None = None) -> torch.Tensor:
@@ -556,19 +741,17 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
         return sla_reference(q, k, v, topk, block_q, block_k, feature_map,
                              None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
     bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k)
+    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    has_linear = proj_weight is not None and bm.n < bm.num_k_blocks  # else O_l = 0: proj_l adds its bias
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, proj_weight, proj_bias))
-    if not needs_grad:  # inference: map, state GEMMs, one fused kernel for O_s + proj_l(O_l)
-        cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        linear = None
-        if proj_weight is not None and bm.n < bm.num_k_blocks:
-            linear = _linear_state(q, k, v, bm, feature_map, proj_weight)
-        bias = None if proj_bias is None else proj_bias.float().contiguous()
-        return _sparse_forward(q, k, v, bm, cfg, linear, bias, feature_map, store_lse=False)[0]
-    # training: sparse branch through its autograd.Function, linear branch through torch autograd
-    o_s = sparse_attention(q, k, v, bm, config)  # (B, H, Lq, D) q.dtype
-    if proj_weight is None:
+    if needs_grad and has_linear:
+        return _SparseLinearAttention.apply(q, k, v, proj_weight, proj_bias, bm, cfg, feature_map)
+    if needs_grad:
+        o_s = _SparseAttention.apply(q, k, v, bm, cfg)
         return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)
-    o_l = linear_branch(q, k, v, bm, feature_map)  # (B, H, Lq, D) fp32
-    return (o_s.float() + F.linear(o_l, proj_weight.float(), None if proj_bias is None else proj_bias.float())).to(q.dtype)
+    # inference: block map, linear state (kernel + 2 GEMMs), one fused kernel for O_s + proj_l(O_l)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg) if has_linear else None
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    return _sparse_forward(q, k, v, bm, cfg, linear, bias, feature_map, store_lse=False)[0]

@@ -133,6 +133,11 @@ def test_gradients_uneven_lengths_and_head_dim():
     _grads_vs_reference(torch.float16, CFG_MIXED, Lq=90, Lk=75, D=24, topk=0.1, feature_map="elu")
 
 
+def test_gradients_even_keys_relu():
+    # Lk a multiple of block_k: the unmasked fast path of every key tile
+    _grads_vs_reference(torch.float16, CFG_EQUAL, Lq=120, Lk=96, D=32, topk=0.4, feature_map="relu")
+
+
 def test_topk_one_equals_dense_attention():
     q, k, v = make_inputs(torch.float16, Lq=200, Lk=200)
     ours = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -157,7 +162,7 @@ def test_reference_gradcheck_float64():
     def f(q, k, v, W, b):
         return sla_reference(q, k, v, 0.5, 16, 16, "softmax", proj_l=(W, b), block_map=bm)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, W, b), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(f, (q, k, v, W, b), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_cpu_without_interpreter_falls_back_to_reference(monkeypatch):

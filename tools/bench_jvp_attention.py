@@ -4,8 +4,8 @@
 
 At the Wan-1.3B self-attention shape (B1 H12 L32760 D128, bf16): cuDNN SDPA forward (O only, the
 floor's unit), our fused JVP forward (O and tO, six GEMMs), our flash forward with LSE, our
-tangent-from-LSE kernel (five GEMMs), and the whole autograd.Function under torch.func.jvp (what
-the sdpa_jvp backend costs inside rCM's no-grad JVP pass). Errors of O and tO vs the fp32
+tangent-from-LSE kernel (five GEMMs), the sdpa_jvp module under torch.func.jvp without grad (what
+it costs inside rCM's JVP pass) and the autograd.Function applied directly the same way. Errors of O and tO vs the fp32
 closed-form reference on a slice of query rows (the full (L, L) reference does not fit), next to
 the error of torch.func.jvp of bf16 math SDPA on the same slice (what plain PyTorch would give).
 --check (after the default-tile figures): small GPU correctness checks (bf16/fp16, ragged
@@ -171,6 +171,14 @@ def bench(h: Harness, tag: str, best: dict | None = None) -> dict:
             return torch.func.jvp(attn, (q, k, v), (tq, tk, tv))
 
     mod_ms = h.measure(tag, "sdpa_jvp_under_func_jvp", "fwd", module_jvp)
+    scale = D ** -0.5
+
+    def function_jvp():  # the autograd.Function applied directly: forward with LSE, then tangent kernel
+        with torch.no_grad():
+            return torch.func.jvp(lambda a, b, c: J.JVPAttentionFunction.apply(a, b, c, scale, {})[0],
+                                  (q, k, v), (tq, tk, tv))
+
+    fn_ms = h.measure(tag, "function_under_func_jvp", "fwd", function_jvp)
 
     # errors on a slice of query rows (all keys): rows are independent, so the slice is exact
     rows = slice(0, 1024)
@@ -201,6 +209,7 @@ def bench(h: Harness, tag: str, best: dict | None = None) -> dict:
     h.figure(f"jvp_attn_tangent_from_lse_ms_{tag}", tan_ms)
     h.figure(f"jvp_attn_module_func_jvp_ms_{tag}", mod_ms)
     h.figure(f"jvp_attn_module_func_jvp_vs_cudnn_ratio_{tag}", mod_ms / cudnn_ms)
+    h.figure(f"jvp_attn_function_func_jvp_ms_{tag}", fn_ms)
     for k_, v_ in errs.items():
         if math.isfinite(v_):  # a non-finite error stays in the table (finite=False), not in figures
             h.figure(f"jvp_attn_{k_}_{tag}", v_)

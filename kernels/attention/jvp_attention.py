@@ -24,7 +24,13 @@ which keeps the register budget at two (BLOCK_M, D) fp32 tiles.
 Second form, `tangent given stats`: when a primal pass has already produced O and the log-sum-exp
 (LSE) of each row, P = exp(S - LSE) is exact block by block, no running max, no rescaling and no
 P V GEMM: tO = sum_blocks(P tV + (P*tS) V) - r O with O read back. Five GEMMs. The autograd.Function
-uses it under torch.func.jvp (forward pass -> O, LSE; jvp -> tO).
+uses it under forward AD (forward pass -> O, LSE; jvp -> tO).
+
+Measured on one H100 at B1 H12 L32760 D128 bf16 (benchmarks/jvp_attention.json): fused (O, tO)
+36.7 ms = 3.26x cuDNN's forward (11.26 ms), 539 TFLOP/s counting six GEMMs; flash forward with LSE
+13.0 ms; tangent from LSE 31.0 ms. Forward + tangent (44 ms) is slower than the fused pass, so
+`jvp_flash_attention` sends a no-grad JVP (rCM's tangent pass) straight to the fused kernel by
+unpacking the forward-AD duals itself; the autograd.Function serves the cases that need grad.
 
 Masking (the public FA2-JVP kernel produced NaNs at ragged boundaries): out-of-range keys get
 S = -inf so P~ = 0 exactly, and their K/tK/V/tV loads are zero, so tS = 0 and H~ = 0 -- no inf*0.
@@ -42,6 +48,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from turbo_kernels.utils import cdiv, check_block, check_float_dtype, next_power_of_2, use_triton
@@ -296,11 +303,15 @@ if triton is not None:
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 # Default tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per mode on CUDA, head dim <= 128.
-# Measured on one H100 at B1 H12 L32760 D128 bf16 by tools/bench_jvp_attention.py (sweep in
-# benchmarks/jvp_attention.json and BENCHMARKS.md "JVP attention"); head dims > 128 halve BLOCK_M.
-# (128, 64, 8, 3) for fused/tangent asks 256 KiB of shared memory (K, tK, V, tV tiles x 3 stages
-# + Q, tQ) > the H100's 227 KiB: OutOfResources, seen on the H100. Configs that do not fit a GPU
-# are stepped down at launch (`_fit_tiles`: fewer stages, then smaller BLOCK_N, then BLOCK_M).
+# Sweep on one H100, B1 H12 L32760 D128 bf16 (tools/bench_jvp_attention.py --sweep, ms):
+#   fused    128x64x8x2 36.7 | 128x32x8x3 40.4 | 64x32x4x3 47.8 | 128x32x8x2 50.7 | 64x64x4x2 55.8
+#            128x64x8x3 does not fit: 256 KiB of shared memory (K, tK, V, tV x 3 stages + Q, tQ)
+#            against the H100's 227 KiB (OutOfResources)
+#   tangent  128x64x8x2 31.0 | 128x32x8x3 32.2 | 64x64x4x2 47.7
+#   fwd      128x64x8x3 13.0 | 128x128x8x2 14.7 | 128x64x4x3 15.9
+# Configs that do not fit a GPU (less shared memory: A100, consumer cards) are stepped down at
+# launch (`_fit_tiles`: fewer stages, then smaller BLOCK_N, then BLOCK_M); head dims > 128 start
+# from BLOCK_M 64.
 _CUDA_TILES = {
     "fwd": (128, 64, 8, 3),
     "fused": (128, 64, 8, 2),
@@ -479,8 +490,9 @@ class JVPAttentionFunction(torch.autograd.Function):
     """softmax(q k^T * scale) v with both a backward and a jvp rule (setup_context style).
 
     forward:  inputs that need grad (the student's forward with grad) -> SDPA (cuDNN/flash on GPU,
-              its fastest forward). Otherwise (the JVP pass runs under no_grad) -> our flash forward,
-              which also returns each row's LSE so that jvp needs no second softmax pass.
+              its fastest forward). Otherwise -> our flash forward, which also returns each row's
+              LSE so that jvp needs no second softmax pass (measured 13.0 + 31.0 ms at the 1.3B
+              shape vs an estimated 11.3 + 36.7 for SDPA + fused).
     jvp:      with a saved LSE -> `tangent` kernel (5 GEMMs); without (forward ran SDPA) -> the
               fused kernel (6 GEMMs; its O is recomputed and dropped). CPU without Triton -> reference.
     backward: recompute through SDPA with autograd and take its VJP (SDPA's own backward kernel:
@@ -534,9 +546,23 @@ class JVPAttentionFunction(torch.autograd.Function):
 
 
 def jvp_flash_attention(q, k, v, scale=None, **tiles):
-    """Attention that works under autograd (backward) and torch.func.jvp / forward AD (jvp).
+    """Attention that works under autograd (backward) and torch.func.jvp / forward AD.
 
-    q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) -> (B, H, Lq, Dv). See JVPAttentionFunction.
+    q: (B, H, Lq, D), k: (B, H, Lk, D), v: (B, H, Lk, Dv) -> (B, H, Lq, Dv). Dispatch:
+      no input needs grad, some carry a forward-AD tangent (rCM's no-grad JVP pass) -> the fused
+          kernel on the unpacked primals/tangents, one pass for (O, tO), re-packed as a dual;
+      no input needs grad, no tangents (inference) -> SDPA (cuDNN on GPU);
+      otherwise -> JVPAttentionFunction (SDPA forward and backward, jvp rule for forward AD).
+    Only the innermost forward-AD level is seen (no nested torch.func.jvp through this op).
     """
     scale = check_attention_inputs(q, k, v, scale=scale)
-    return JVPAttentionFunction.apply(q, k, v, scale, tiles)[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return JVPAttentionFunction.apply(q, k, v, scale, tiles)[0]
+    if not use_triton(q, k, v) or triton is None:
+        return JVPAttentionFunction.apply(q, k, v, scale, tiles)[0]  # jvp via the reference on CPU
+    (pq, tq), (pk, tk), (pv, tv) = (fwAD.unpack_dual(t) for t in (q, k, v))
+    if tq is None and tk is None and tv is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    check_attention_inputs(pq, pk, pv, tq, tk, tv, scale)
+    o, to, _ = _launch("fused", pq, pk, pv, tq, tk, tv, scale, **tiles)
+    return fwAD.make_dual(o, to)

@@ -241,19 +241,42 @@ def test_function_under_forward_ad_and_func_jvp():
     assert_close(to, rto, *TOL[torch.float32], "func.jvp tO")
 
 
-@pytest.mark.parametrize("needs_grad,modes", [(False, ["fwd", "tangent"]), (True, ["fused"])])
-def test_function_paths_under_func_jvp(needs_grad, modes, monkeypatch):
-    # no grad (rCM's JVP pass): Triton forward with LSE, then the 5-GEMM tangent kernel; inputs that
-    # need grad: SDPA forward (no LSE), then jvp falls back to the fused 6-GEMM kernel
+@pytest.mark.parametrize("needs_grad,tangents,modes", [
+    (False, True, ["fused"]),   # rCM's no-grad JVP pass: one fused pass on the unpacked duals
+    (False, False, []),         # inference: plain SDPA, no Triton launch
+    (True, True, ["fused"]),    # grad needed: JVPAttentionFunction, SDPA forward, fused kernel in jvp
+])
+def test_dispatch_of_jvp_flash_attention(needs_grad, tangents, modes, monkeypatch):
     import turbo_kernels.attention.jvp_attention as mod
     seen, real_launch = [], mod._launch
     monkeypatch.setattr(mod, "_launch", lambda mode, *a, **kw: seen.append(mode) or real_launch(mode, *a, **kw))
     q, k, v, tq, tk, tv = make(1, 2, 45, 45, 32, 32, torch.float32)
     w = torch.ones((), requires_grad=needs_grad)
-    _, to = torch.func.jvp(lambda a, b, c: jvp_flash_attention(a * w, b, c, block_m=16, block_n=16),
-                           (q, k, v), (tq, tk, tv))
+    f = lambda a, b, c: jvp_flash_attention(a * w, b, c, block_m=16, block_n=16)  # noqa: E731
+    if tangents:
+        o, to = torch.func.jvp(f, (q, k, v), (tq, tk, tv))
+        assert_close(to, jvp_attention_reference(q, k, v, tq, tk, tv)[1], *TOL[torch.float32], "tO")
+    else:
+        with torch.no_grad():
+            o = f(q, k, v)
     assert seen == modes
-    assert_close(to, jvp_attention_reference(q, k, v, tq, tk, tv)[1], *TOL[torch.float32], "tO")
+    assert_close(o, attention_reference(q, k, v), *TOL[torch.float32], "O")
+
+
+def test_function_forward_lse_then_tangent_kernel(monkeypatch):
+    # the autograd.Function applied directly without grad: Triton forward with LSE, then the
+    # 5-GEMM tangent kernel in its jvp rule
+    import turbo_kernels.attention.jvp_attention as mod
+    seen, real_launch = [], mod._launch
+    monkeypatch.setattr(mod, "_launch", lambda mode, *a, **kw: seen.append(mode) or real_launch(mode, *a, **kw))
+    q, k, v, tq, tk, tv = make(1, 2, 45, 45, 32, 32, torch.float32)
+    tiles = dict(block_m=16, block_n=16)
+    o, to = torch.func.jvp(lambda a, b, c: mod.JVPAttentionFunction.apply(a, b, c, 32 ** -0.5, tiles)[0],
+                           (q, k, v), (tq, tk, tv))
+    assert seen == ["fwd", "tangent"]
+    ro, rto = jvp_attention_reference(q, k, v, tq, tk, tv)
+    assert_close(o, ro, *TOL[torch.float32], "O")
+    assert_close(to, rto, *TOL[torch.float32], "tO")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

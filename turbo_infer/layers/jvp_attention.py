@@ -4,8 +4,9 @@ rCM's tangent dF/dt comes from torch.func.jvp through the whole student (RCM.md 
 same student then runs a forward with grad. This backend serves both with one module:
 
     CUDA (or CPU under TRITON_INTERPRET=1)  turbo_kernels.attention.jvp_attention.jvp_flash_attention:
-                                            SDPA forward + SDPA backward when grads are needed,
-                                            Triton flash forward + Triton tangent kernel under jvp
+                                            no-grad JVP (rCM's tangent pass) -> one fused Triton pass
+                                            for (O, tO); grads needed -> SDPA forward and backward
+                                            (a jvp rule too); plain inference -> SDPA
     CPU otherwise                           F.scaled_dot_product_attention on the math backend: the
                                             CPU flash kernel has no forward-AD formula, math has one
 

@@ -38,7 +38,7 @@ The first key block always holds key 0, so every row's running max is finite aft
 rows see S = 0, are computed and never stored). Only the last, ragged key block pays for the mask.
 
 Layout: q, tq (B, H, Lq, D); k, tk (B, H, Lk, D); v, tv (B, H, Lk, Dv); any strides with a
-unit-stride last dim. tK = tV = None for cross-attention (no GEMM is spent on them).
+unit-stride last dim (others are copied). tK = tV = None for cross-attention (no GEMM on them).
 
 File order (STYLE.md): references, @triton.jit kernels, host launchers, autograd.Function.
 """

@@ -316,6 +316,8 @@ def train_judge(
     if workers is None:
         cores = os.cpu_count() or 1
         workers = 0 if cores <= 2 else min(12, cores - 2)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input shape: let cuDNN pick its conv3d kernels once
     torch.manual_seed(cfg.seed)
     judge = Judge(cfg.model).to(dev)
     decay = [p for n, p in judge.named_parameters() if p.dim() > 1]

@@ -451,7 +451,7 @@ def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, blo
     fp8 = pv == "fp8"
     if fp8:
         amax = torch.linalg.vector_norm(v, float("inf"), dim=2, dtype=torch.float32)  # (B, H, D), no |v| copy
-        v_inv = torch.where(amax > 0, FP8_MAX / amax, torch.zeros_like(amax)).contiguous()
+        v_inv = _safe_inv(FP8_MAX, amax).contiguous()  # same IEEE division as the reference
         v_scale = amax / FP8_MAX
         v_q = torch.empty(B, H, D, Lk_pad, dtype=torch.float8_e4m3fn, device=dev)
     else:

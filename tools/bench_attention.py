@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import Harness, backward_fn, time_ms  # noqa: E402
 
 from turbo_kernels.attention.blockmap import BlockMap, sla_block_map  # noqa: E402
-from turbo_kernels.attention.sla import (DEFAULT_CONFIG, _sparse_backward, _sparse_forward, linear_branch,  # noqa: E402
-                                         sla_attention, sla_reference, sparse_attention)
+from turbo_kernels.attention.sla import SLAKernelConfig  # noqa: E402
+from turbo_kernels.attention.sla import (DEFAULT_CONFIG, _linear_state, _sparse_backward, _sparse_forward,  # noqa: E402
+                                         sla_attention, sla_reference)
 
 SHAPES = {"1.3b": (1, 12, 32760, 128), "14b_720p": (1, 40, 75600, 128)}  # (B, H, L, D)
 BLOCK_Q, BLOCK_K = 128, 64
@@ -99,42 +100,49 @@ def check(h: Harness) -> None:
 
 
 # ---------------------------------------------------------------------------- tuning sweep
-FWD_VARIANTS = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2),
-                (64, 64, 4, 3), (128, 128, 4, 3)]
-DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
-DKDV_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (128, 64, 4, 2), (32, 64, 4, 2)]
+FWD_VARIANTS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)]
+DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+DKDV_VARIANTS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)]
 
 
-def sweep(h: Harness, tag="1.3b", topk=0.1) -> None:
+def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
+    """Time kernel variants (sparse forward; whole backward with the linear branch) and return the
+    fastest of each kernel as a config."""
     print(f"== sweep at {tag} topk {topk}", flush=True)
     q, k, v = make_qkv(*SHAPES[tag])
+    W, _ = make_proj(q.shape[-1])
     bm = sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K)
-    for bmq, bn, w, s in FWD_VARIANTS:
-        cfg = replace(DEFAULT_CONFIG, fwd_block_m=bmq, fwd_block_n=bn, fwd_warps=w, fwd_stages=s)
-        try:
-            h.measure(tag, f"fwd m{bmq} n{bn} w{w} s{s}", "fwd", lambda: _sparse_forward(q, k, v, bm, cfg))
-        except Exception as e:  # noqa: BLE001  (a variant may not fit in shared memory)
-            print(f"  fwd variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    o, lse = _sparse_forward(q, k, v, bm, DEFAULT_CONFIG)
+    best = DEFAULT_CONFIG
+
+    def run(kind, variants, fields, make_fn):
+        nonlocal best
+        times = {}
+        for var in variants:
+            cfg = replace(best, **dict(zip(fields, var)))
+            try:
+                times[var] = h.measure(tag, f"{kind} " + " ".join(f"{f.split('_')[-1][0]}{x}" for f, x in zip(fields, var)),
+                                       "bwd" if kind != "fwd" else "fwd", make_fn(cfg))
+            except Exception as e:  # noqa: BLE001  (a variant may not fit in shared memory)
+                print(f"  {kind} variant {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        if times:
+            best = replace(best, **dict(zip(fields, min(times, key=times.get))))
+
+    run("fwd", FWD_VARIANTS, ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
+        lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
+    hm, zm, _ = _linear_state(q, k, v, bm, "softmax", W, best)
+    o, lse, o_s = _sparse_forward(q, k, v, bm, best, store_os=True)
     do = torch.randn_like(o)
-    for bmq, bn, w, s in DQ_VARIANTS:
-        cfg = replace(DEFAULT_CONFIG, dq_block_m=bmq, dq_block_n=bn, dq_warps=w, dq_stages=s)
-        try:
-            h.measure(tag, f"bwd dq m{bmq} n{bn} w{w} s{s}", "bwd",
-                      lambda: _sparse_backward(do, q, k, v, o, lse, bm, cfg))
-        except Exception as e:  # noqa: BLE001
-            print(f"  dq variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    for bmq, bn, w, s in DKDV_VARIANTS:
-        cfg = replace(DEFAULT_CONFIG, dkdv_block_m=bmq, dkdv_block_n=bn, dkdv_warps=w, dkdv_stages=s)
-        try:
-            h.measure(tag, f"bwd dkdv m{bmq} n{bn} w{w} s{s}", "bwd",
-                      lambda: _sparse_backward(do, q, k, v, o, lse, bm, cfg))
-        except Exception as e:  # noqa: BLE001
-            print(f"  dkdv variant {(bmq, bn, w, s)} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    lin = (hm, zm, W.to(q.dtype).contiguous())
+    run("dq", DQ_VARIANTS, ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages"),
+        lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
+    run("dkdv", DKDV_VARIANTS, ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
+        lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
+    print(f"  tuned config: {best}", flush=True)
+    return best
 
 
 # ---------------------------------------------------------------------------- main benchmark
-def bench_shape(h: Harness, tag: str, topks: list[float]) -> None:
+def bench_shape(h: Harness, tag: str, topks: list[float], cfg: SLAKernelConfig) -> None:
     B, H, L, D = SHAPES[tag]
     print(f"== {tag}: B{B} H{H} L{L} D{D} bf16, blocks {BLOCK_Q}x{BLOCK_K}", flush=True)
     q, k, v = make_qkv(B, H, L, D, requires_grad=True)
@@ -146,34 +154,43 @@ def bench_shape(h: Harness, tag: str, topks: list[float]) -> None:
     dense_bwd = h.measure(tag, "cudnn", "bwd", backward_fn(lambda: cudnn(q, k, v), [q, k, v]))
     h.figure(f"cudnn_fwd_ms_{tag}", dense_fwd)
     h.figure(f"cudnn_bwd_ms_{tag}", dense_bwd)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
     for topk in topks:
         name = f"sla k={topk}"
+
+        def sla(block_map=None):
+            return sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K, block_map=block_map, config=cfg)
+
         with torch.no_grad():
-            fwd = h.measure(tag, name, "fwd", lambda: sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K))
-            bm = sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K)
-            h.measure(tag, f"  part: block map k={topk}", "fwd", lambda: sla_block_map(q, k, topk, BLOCK_Q, BLOCK_K))
-            h.measure(tag, f"  part: sparse k={topk}", "fwd", lambda: sparse_attention(q, k, v, bm))
-            h.measure(tag, f"  part: linear k={topk}", "fwd", lambda: linear_branch(q, k, v, bm))
-        bwd = h.measure(tag, name, "bwd", backward_fn(lambda: sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K),
-                                                      [q, k, v, W, b]))
+            fwd = h.measure(tag, name, "fwd", sla)
+            bm = sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K)
+            lin = _linear_state(qd, kd, vd, bm, "softmax", W.detach(), cfg)
+            h.measure(tag, f"  part: block map k={topk}", "fwd", lambda: sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K))
+            h.measure(tag, f"  part: linear state k={topk}", "fwd",
+                      lambda: _linear_state(qd, kd, vd, bm, "softmax", W.detach(), cfg))
+            h.measure(tag, f"  part: fused kernel k={topk}", "fwd",
+                      lambda: _sparse_forward(qd, kd, vd, bm, cfg, lin, b.detach(), store_lse=False))
+            h.measure(tag, f"  part: sparse only k={topk}", "fwd",
+                      lambda: _sparse_forward(qd, kd, vd, bm, cfg, store_lse=False))
+        bwd = h.measure(tag, name, "bwd", backward_fn(sla, [q, k, v, W, b]))
         with torch.no_grad():
-            o_s = sparse_attention(q, k, v, bm)
-            o_sp, lse = _sparse_forward(q.detach(), k.detach(), v.detach(), bm, DEFAULT_CONFIG)
-            do = torch.randn_like(o_sp)
-            h.measure(tag, f"  part: sparse bwd k={topk}", "bwd",
-                      lambda: _sparse_backward(do, q.detach(), k.detach(), v.detach(), o_sp, lse, bm, DEFAULT_CONFIG))
+            _, lse, o_s = _sparse_forward(qd, kd, vd, bm, cfg, lin, b.detach(), store_os=True)
+            do = torch.randn_like(o_s)
+            h.measure(tag, f"  part: sparse bwd k={topk}", "bwd", lambda: _sparse_backward(do, qd, kd, vd, o_s, lse, bm, cfg))
+            w_c = W.detach().to(qd.dtype).contiguous()
+            h.measure(tag, f"  part: kernels bwd k={topk}", "bwd",
+                      lambda: _sparse_backward(do, qd, kd, vd, o_s, lse, bm, cfg, (lin[0], lin[1], w_c)))
             # error vs the fp32 reference on head 0 and the first 16 query blocks
-            out = sla_attention(q, k, v, W, b, topk, BLOCK_Q, BLOCK_K, block_map=bm)
-            nqb = 16
-            sm = slice_map(bm, slice(0, 1), nqb)
+            out = sla(block_map=bm)
+            sm = slice_map(bm, slice(0, 1), 16)
             rows = sm.q_len
-            ref = sla_reference(q[:, :1, :rows].float(), k[:, :1].float(), v[:, :1].float(), topk, BLOCK_Q,
-                                BLOCK_K, proj_l=(W, b), block_map=sm)
+            ref = sla_reference(qd[:, :1, :rows].float(), kd[:, :1].float(), vd[:, :1].float(), topk, BLOCK_Q,
+                                BLOCK_K, proj_l=(W.detach(), b.detach()), block_map=sm)
             err = rel_err(out[:, :1, :rows], ref)
-            ref_s, _ = sla_reference(q[:, :1, :rows].float(), k[:, :1].float(), v[:, :1].float(), topk, BLOCK_Q,
+            ref_s, _ = sla_reference(qd[:, :1, :rows].float(), kd[:, :1].float(), vd[:, :1].float(), topk, BLOCK_Q,
                                      BLOCK_K, block_map=sm, return_branches=True)
             err_s = rel_err(o_s[:, :1, :rows], ref_s)
-            del ref, ref_s
+            del ref, ref_s, lin
         h.note(tag, name, "err", rel_err_O=err, rel_err_Os=err_s, fwd_x=dense_fwd / fwd, bwd_x=dense_bwd / bwd)
         print(f"  {tag} topk {topk}: fwd {fwd:.3f} ms ({dense_fwd / fwd:.2f}x cuDNN), bwd {bwd:.3f} ms "
               f"({dense_bwd / bwd:.2f}x), rel err O {err:.2e}, O_s {err_s:.2e}", flush=True)
@@ -192,14 +209,21 @@ def main() -> None:
     p.add_argument("--shapes", default="1.3b,14b_720p")
     p.add_argument("--topks", default="0.05,0.1,0.2")
     p.add_argument("--check", action="store_true", help="small GPU correctness checks first")
-    p.add_argument("--sweep", action="store_true", help="time kernel config variants at the 1.3B shape")
+    p.add_argument("--sweep", action="store_true",
+                   help="time kernel variants at the 1.3B shape; the main runs use the fastest of each")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     h = Harness("attention")
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    steps = ([("check", check)] if args.check else []) + ([("sweep", sweep)] if args.sweep else [])
-    steps += [(tag, lambda h, tag=tag: bench_shape(h, tag, [float(t) for t in args.topks.split(",")]))
-              for tag in args.shapes.split(",")]
+    cfg = DEFAULT_CONFIG
+    steps = ([("check", check)] if args.check else [])
+    steps += [(tag, lambda h, tag=tag: bench_shape(h, tag, [float(t) for t in args.topks.split(",")], cfg))
+              for tag in args.shapes.split(",") if tag]
+    if args.sweep:
+        try:  # the main runs then use the fastest variant of each kernel (printed)
+            cfg = sweep(h)
+        except Exception:  # noqa: BLE001
+            print(f"!! sweep failed:\n{traceback.format_exc()}", flush=True)
     for name, step in steps:
         try:
             step(h)

@@ -28,6 +28,10 @@ SUPPORTED_STRATEGIES = ("auto", "ddp")
 
 def check_supported(recipe: Recipe) -> None:
     """Raise ValueError (naming the recipe key) for settings this runner cannot run yet."""
+    if recipe.method.name == "rcm":
+        from turbo_train.methods.rcm import check_rcm_recipe
+
+        check_rcm_recipe(recipe)  # first: unset "<...>" paths; no accumulation or clipping
     if recipe.trainer.strategy not in SUPPORTED_STRATEGIES:
         raise ValueError(f"trainer.strategy: {recipe.trainer.strategy!r} is not implemented yet (the cluster issue "
                          f"adds fsdp2 and DeepSpeed ZeRO); use one of {list(SUPPORTED_STRATEGIES)}")
@@ -37,10 +41,6 @@ def check_supported(recipe: Recipe) -> None:
         check_sla_recipe(recipe)  # dense teacher weights set, uncond file for latent shards
     if recipe.data.source == "latent_shards":
         raise ValueError("data.source: 'latent_shards' has no reader yet; use toy_onthefly or toy_shards")
-    if recipe.method.name == "rcm":
-        from turbo_train.methods.rcm import check_rcm_recipe
-
-        check_rcm_recipe(recipe)  # teacher weights / uncond file set, no accumulation or clipping
     if recipe.data.source == "toy_shards" and not has_module("webdataset"):
         raise ValueError("data.source: 'toy_shards' needs the webdataset package (pip install webdataset); "
                          "toy_onthefly needs nothing extra")

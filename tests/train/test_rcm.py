@@ -224,7 +224,14 @@ def test_recipe_checks_name_the_key(tmp_path):
     shards = replace(r, data=replace(r.data, source="latent_shards", train_shards="x/{0..1}.tar"))
     with pytest.raises(ValueError, match="method.rcm.uncond_path"):
         check_rcm_recipe(shards)
+    with pytest.raises(ValueError, match=r"method.rcm.uncond_path: not set \('<negative-prompt states>'\)"):
+        check_rcm_recipe(replace(shards, method=replace(r.method, rcm=replace(r.method.rcm,
+                                                                                uncond_path="<negative-prompt states>"))))
     check_rcm_recipe(replace(shards, method=replace(r.method, rcm=replace(r.method.rcm, uncond_path="neg.safetensors"))))
+    with pytest.raises(ValueError, match="data.train_shards: not set"):
+        check_rcm_recipe(replace(shards, data=replace(shards.data, train_shards="<latent shards>")))
+    with pytest.raises(ValueError, match="model.checkpoint: not set"):
+        check_rcm_recipe(replace(r, model=replace(r.model, checkpoint="<Wan2.1-T2V-1.3B weights>")))
     with pytest.raises(ValueError, match="trainer.gradient_clip_val"):
         check_rcm_recipe(replace(r, trainer=replace(r.trainer, gradient_clip_val=1.0)))
     with pytest.raises(ValueError, match="trainer.accumulate_grad_batches"):

@@ -120,16 +120,27 @@ class RCMConfig:
         return self.loss_mode in ("rcm", "dmd", "cm_discrete")
 
 
+def is_placeholder(value) -> bool:
+    """A path the user has not set: null, or a shipped recipe's "<...>" placeholder."""
+    return value is None or (isinstance(value, str) and value.strip().startswith("<"))
+
+
 def check_rcm_recipe(recipe: "Recipe") -> None:
     """Checks that need the whole recipe, run before anything is built (runner.check_supported).
-    Raise ValueError naming the key: the placeholders of the Wan recipes must be set."""
+    Raise ValueError naming the key; the local paths of the Wan recipes ship as "<...>" placeholders."""
     r = recipe.method.rcm
-    if recipe.model.checkpoint is None:
-        raise ValueError("model.checkpoint: rCM distils a teacher: set the teacher's weights, e.g. "
-                         "--set model.checkpoint=/path/to/teacher.safetensors")
-    if recipe.data.source == "latent_shards" and r.uncond_path is None and r.guidance != 1.0:
-        raise ValueError("method.rcm.uncond_path: latent shards carry precomputed text states, so the teacher's "
-                         "unconditional (negative-prompt) states must come from a file; set it, or guidance: 1")
+
+    def unset(key, value, what):
+        if is_placeholder(value):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"{key}: not set ({shown}): {what}; set it in the recipe or with --set {key}=...")
+
+    unset("model.checkpoint", recipe.model.checkpoint, "rCM distils a teacher: the path of its weights")
+    if recipe.data.source in ("toy_shards", "latent_shards"):
+        unset("data.train_shards", recipe.data.train_shards, "the training shards (path, glob or brace pattern)")
+    if recipe.data.source == "latent_shards" and r.guidance != 1.0:
+        unset("method.rcm.uncond_path", r.uncond_path, "latent shards carry precomputed text states, so the "
+              "teacher's unconditional (negative-prompt) states must come from a file (or set guidance: 1)")
     if recipe.trainer.accumulate_grad_batches != 1:
         raise ValueError("trainer.accumulate_grad_batches: rCM steps its two optimizers by hand (manual "
                          "optimization), which Lightning runs without accumulation; set it to 1")

@@ -217,10 +217,58 @@ class FlowUniPCSampler(FlowSampler):
         return x_t - (alpha_t * B_h) * (rho0 * D1 + rho1 * D1_t)
 
 
+class RCMSampler(FlowSampler):
+    """rCM few-step sampler (Zheng et al. 2025, arXiv 2510.08431; shared/RCM.md §6) for distilled students.
+
+    TrigFlow times [atan(σ_max), 1.5, 1.4, 1.0] truncated to `steps` (1-4), then 0, used as RF times
+    s = sin t/(sin t + cos t): 4 steps s = 0.98765, 0.93378, 0.85290, 0.60898, 0 (σ_max = 80, 480p).
+    Float64 state, network in `dtype`: x = s_0·z; per step v = net(x, 1000·s_cur), x0 = x - s_cur·v,
+    x = (1 - s_next)·x0 + s_next·z_new with fresh noise z_new (from `generators`, one CPU generator per
+    item, so a result depends only on its seed; None = the global RNG). The last step returns x0.
+    Conditional only: the student has the teacher's CFG distilled in, so `uncond` and `guidance` are
+    ignored (one forward per step), and so is `shift` (the grid is fixed).
+    """
+
+    name = "rcm"
+    sigma_max = 80.0  # 480p; Wan at 720p uses 120
+    mid_times = (1.5, 1.4, 1.0)  # TrigFlow times after atan(sigma_max)
+
+    @classmethod
+    def timesteps(cls, steps: int, sigma_max: float | None = None) -> torch.Tensor:
+        """(steps + 1,) float64 RF times s_0 > ... > s_steps = 0."""
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1 + len(cls.mid_times):
+            raise ValueError(f"steps must be an int in 1..{1 + len(cls.mid_times)} for the rcm sampler, got {steps!r}")
+        t = torch.tensor([math.atan(sigma_max or cls.sigma_max), *cls.mid_times][:steps] + [0.0], dtype=torch.float64)
+        return torch.sin(t) / (torch.sin(t) + torch.cos(t))
+
+    @torch.no_grad()
+    def sample(self, model, noise, context, uncond=None, guidance=1.0, steps=4, shift=5.0, progress=False,
+               dtype=None, generators=None):
+        self._check(noise, context, uncond, guidance)
+        if generators is not None and len(generators) != noise.shape[0]:
+            raise ValueError(f"generators: need one per batch item ({noise.shape[0]}), got {len(generators)}")
+        sig = self.timesteps(steps).tolist()
+        dtype = dtype or torch.float32
+        x = sig[0] * noise.double()  # (B, C, F, H, W)
+        for i in tqdm(range(steps), desc=self.name, disable=not progress):
+            t = torch.full((x.shape[0],), 1000.0 * sig[i], device=x.device, dtype=torch.float32)
+            v = model(x.to(dtype), t, context.to(dtype)).double()
+            x0 = x - sig[i] * v  # the student's clean estimate at s_i
+            if sig[i + 1] == 0.0:
+                return x0.float()
+            if generators is not None:
+                z = batch_randn(noise.shape[1:], generators, noise.device).double()
+            else:
+                z = torch.randn(noise.shape, device=noise.device, dtype=torch.float64)
+            x = (1.0 - sig[i + 1]) * x0 + sig[i + 1] * z  # re-noise to s_{i+1} with fresh noise
+        raise AssertionError("unreachable: the last time is 0")
+
+
 # Registry: the CLI's --sampler choices. One entry per sampler class.
 SAMPLERS: dict[str, type[FlowSampler]] = {
     FlowEulerSampler.name: FlowEulerSampler,
     FlowUniPCSampler.name: FlowUniPCSampler,
+    RCMSampler.name: RCMSampler,
 }
 
 

@@ -7,9 +7,14 @@ elsewhere it runs the same arithmetic as a dequantized matmul in torch (the CPU 
 An input may also arrive already quantized (`QuantizedActivation`, e.g. from the fused
 norm + modulation + quantization kernel), which skips the activation-quantization pass.
 
-`quantize_model(model, plan, act_scales)` swaps nn.Linear modules by qualified name following a
-mixed-precision plan {name: "int8" | "fp8" | "bf16"}; layers named in `exclude` (SLA's proj_l, the
-patch embedding, the head) always stay in floating point.
+`quantize_model(model, plan, act_scales, smooth=...)` swaps nn.Linear modules by qualified name
+following a mixed-precision plan {name: "int8" | "fp8" | "bf16"}; layers named in `exclude` (SLA's
+proj_l, the patch embedding, the head) always stay in floating point.
+
+Outlier input channels (a few channels 10–100× the rest) inflate a per-token int8 scale for the
+whole row. SmoothQuant (Xiao et al., ICML 2023) moves that range into the weight: with per-channel
+factors s_j = amax(|X_j|)^α / amax(|W_:,j|)^(1−α), y = (x/s)(W·s)ᵀ; `smoothquant_factors` computes
+s from calibration statistics and `W8A8Linear.from_linear(..., smooth=s)` applies it.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class W8A8Linear(nn.Module):
     """y = x Wᵀ + b with W int8/fp8 per output channel and x quantized per token (or static)."""
 
     def __init__(self, in_features: int, out_features: int, *, mode: str = "int8", bias: bool = True,
-                 act_scale: float | None = None, device=None):
+                 act_scale: float | None = None, smooth: bool = False, device=None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -53,15 +58,33 @@ class W8A8Linear(nn.Module):
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=QDTYPE[mode], device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
+        # SmoothQuant: inputs are multiplied by smooth_inv = 1/s before quantization (None: off)
+        self.register_buffer("smooth_inv", torch.ones(in_features, dtype=torch.float32, device=device)
+                             if smooth else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, mode: str = "int8", act_scale: float | None = None) -> "W8A8Linear":
-        """Quantize a float nn.Linear (weight per output channel; bias kept in fp32)."""
+    def from_linear(cls, linear: nn.Linear, mode: str = "int8", act_scale: float | None = None,
+                    smooth: torch.Tensor | None = None) -> "W8A8Linear":
+        """Quantize a float nn.Linear (weight per output channel; bias kept in fp32).
+
+        act_scale: None (dynamic per-token scales) or a static per-tensor scale (> 0), calibrated on
+        the inputs as this layer sees them (divided by `smooth` when given).
+        smooth: optional (in_features,) positive SmoothQuant factors s (see smoothquant_factors).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        weight = linear.weight.detach()
+        if smooth is not None:
+            if not isinstance(smooth, torch.Tensor) or smooth.shape != (linear.in_features,):
+                raise ValueError(f"smooth must be a tensor of shape ({linear.in_features},)")
+            if not bool((smooth > 0).all()) or not bool(torch.isfinite(smooth).all()):
+                raise ValueError("smooth factors must be finite and > 0")
+            weight = weight.float() * smooth.float().to(weight.device)[None, :]  # W·s
         m = cls(linear.in_features, linear.out_features, mode=mode, bias=linear.bias is not None,
-                act_scale=act_scale, device=linear.weight.device)
-        w_q, w_s = quantize_weight(linear.weight, mode)
+                act_scale=act_scale, smooth=smooth is not None, device=linear.weight.device)
+        if smooth is not None:
+            m.smooth_inv.copy_(1.0 / smooth.float())
+        w_q, w_s = quantize_weight(weight, mode)
         m.weight_q.copy_(w_q)
         m.weight_scale.copy_(w_s)
         if linear.bias is not None:
@@ -69,7 +92,9 @@ class W8A8Linear(nn.Module):
         return m
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_q.float() * self.weight_scale[:, None]
+        """The weight this layer multiplies by, in the original input space: (W_q·s_w) / s."""
+        w = self.weight_q.float() * self.weight_scale[:, None]
+        return w if self.smooth_inv is None else w * self.smooth_inv[None, :]
 
     def _use_kernels(self, t: torch.Tensor) -> bool:
         if not t.is_cuda:
@@ -82,9 +107,10 @@ class W8A8Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
         if self._use_kernels(x):
-            q, s = quantize_rows(x, self.mode, self.act_scale)
+            q, s = quantize_rows(x, self.mode, self.act_scale, smooth_inv=self.smooth_inv)
         else:
-            q, s = quantize_rows_reference(x.reshape(-1, self.in_features), self.mode, self.act_scale)
+            q, s = quantize_rows_reference(x.reshape(-1, self.in_features), self.mode, self.act_scale,
+                                           self.smooth_inv)
         return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
 
     def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
@@ -102,7 +128,25 @@ class W8A8Linear(nn.Module):
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else f"static {self.act_scale:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
-                f"bias={self.bias is not None}, act={act}")
+                f"bias={self.bias is not None}, act={act}, smooth={self.smooth_inv is not None}")
+
+
+def smoothquant_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
+                        min_factor: float = 1e-5) -> torch.Tensor:
+    """SmoothQuant per-input-channel factors s_j = amax|X_j|^α / amax|W_:,j|^(1−α).
+
+    act_amax: (K,) calibration amax of each input channel; weight: (N, K); alpha in [0, 1] (0.5
+    balances the two ranges). Channels with no signal get factor 1.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if act_amax.dim() != 1 or weight.dim() != 2 or act_amax.shape[0] != weight.shape[1]:
+        raise ValueError(f"act_amax (K,) and weight (N, K) must agree, got {tuple(act_amax.shape)} and "
+                         f"{tuple(weight.shape)}")
+    a = act_amax.float().clamp_min(0)
+    w = weight.detach().float().abs().amax(dim=0)
+    s = a.pow(alpha) / w.clamp_min(min_factor).pow(1.0 - alpha)
+    return torch.where((a > 0) & (w > 0), s.clamp_min(min_factor), torch.ones_like(s))
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:
@@ -116,17 +160,18 @@ def quantizable_linears(model: nn.Module, exclude: Iterable[str] = DEFAULT_EXCLU
 
 
 def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str, float] | None = None, *,
-                   exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
+                   smooth: dict[str, torch.Tensor] | None = None, exclude: Iterable[str] = DEFAULT_EXCLUDE) -> list[str]:
     """Swap nn.Linear modules named in `plan` for W8A8Linear, in place.
 
     plan: {qualified module name: "int8" | "fp8" | "bf16"}; "bf16" leaves the layer as it is.
     act_scales: {name: static per-tensor activation scale} from calibration; absent = dynamic
-    per-token scales. Names whose dotted path contains an `exclude` entry are never quantized
-    (a warning says so). Returns the names that were swapped.
+    per-token scales. smooth: {name: (in_features,) SmoothQuant factors}. Names whose dotted path
+    contains an `exclude` entry are never quantized (a warning says so). Returns the names swapped.
     """
     if not isinstance(plan, dict):
         raise TypeError(f"plan must be a dict {{module name: precision}}, got {type(plan).__name__}")
     act_scales = act_scales or {}
+    smooth = smooth or {}
     modules = dict(model.named_modules())
     for name, prec in plan.items():
         if prec not in PRECISIONS:
@@ -135,9 +180,10 @@ def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str,
             raise ValueError(f"plan names module {name!r}, which the model does not have")
         if not isinstance(modules[name], (nn.Linear, W8A8Linear)):
             raise ValueError(f"plan[{name!r}]: module is a {type(modules[name]).__name__}, not an nn.Linear")
-    for name in act_scales:
-        if name not in plan:
-            raise ValueError(f"act_scales names {name!r}, which is not in the plan")
+    for what, table in (("act_scales", act_scales), ("smooth", smooth)):
+        for name in table:
+            if name not in plan:
+                raise ValueError(f"{what} names {name!r}, which is not in the plan")
     swapped = []
     for name, prec in plan.items():
         if prec == "bf16" or not isinstance(modules[name], nn.Linear):
@@ -147,10 +193,10 @@ def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str,
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, W8A8Linear.from_linear(modules[name], prec, act_scales.get(name)))
+        setattr(parent, child, W8A8Linear.from_linear(modules[name], prec, act_scales.get(name), smooth.get(name)))
         swapped.append(name)
     return swapped
 
 
 __all__ = ["DEFAULT_EXCLUDE", "PRECISIONS", "QuantizedActivation", "W8A8Linear", "quantizable_linears",
-           "quantize_model"]
+           "quantize_model", "smoothquant_factors"]

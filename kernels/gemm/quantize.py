@@ -43,15 +43,19 @@ def round_half_away(y: torch.Tensor) -> torch.Tensor:
     return torch.trunc(y + torch.where(y >= 0, 0.5, -0.5))
 
 
-def quantize_rows_reference(x: torch.Tensor, mode: str, static_scale: float | None = None):
+def quantize_rows_reference(x: torch.Tensor, mode: str, static_scale: float | None = None,
+                            smooth_inv: torch.Tensor | None = None):
     """Quantize each row of x (..., K) with its own scale (dynamic) or with one static scale.
 
-    Returns (x_q (..., K) int8/fp8, scale (...,) fp32) with x ≈ x_q·scale[..., None].
-    An all-zero row gets scale 0 and zeros.
+    smooth_inv: optional (K,) per-channel factors applied first (SmoothQuant: x/s, with s folded
+    into the weight). Returns (x_q (..., K) int8/fp8, scale (...,) fp32) with
+    x·smooth_inv ≈ x_q·scale[..., None]. An all-zero row gets scale 0 and zeros.
     """
     _check_mode(mode)
     qmax = QMAX[mode]
     xf = x.float()
+    if smooth_inv is not None:
+        xf = xf * smooth_inv.float()
     if static_scale is None:
         amax = xf.abs().amax(dim=-1)  # (...,)
         inv = torch.where(amax > 0, torch.tensor(qmax) / amax, torch.zeros_like(amax))
@@ -118,9 +122,9 @@ if triton is not None:
             return y.to(tl.int8)
 
     @triton.jit
-    def _quantize_rows_kernel(X, Out, Scale, stride_xm, K, static_inv, static_scale,
+    def _quantize_rows_kernel(X, SI, Out, Scale, stride_xm, K, static_inv, static_scale,
                               BLOCK_K: tl.constexpr, STATIC: tl.constexpr, FP8: tl.constexpr,
-                              EXACT_CAST: tl.constexpr, ONE_PASS: tl.constexpr):
+                              EXACT_CAST: tl.constexpr, ONE_PASS: tl.constexpr, SMOOTH: tl.constexpr):
         """One program = one row: (dynamic) amax pass over K, then the quantize pass.
 
         ONE_PASS (K ≤ BLOCK_K): the row stays in registers, one read instead of two.
@@ -130,6 +134,8 @@ if triton is not None:
         qmax = 448.0 if FP8 else 127.0
         if ONE_PASS:
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = x * tl.load(SI + offs, mask=offs < K, other=0.0)
             if STATIC:
                 inv = static_inv
                 scale = static_scale
@@ -147,12 +153,16 @@ if triton is not None:
             amax = tl.zeros([BLOCK_K], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 x = tl.load(X + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+                if SMOOTH:
+                    x = x * tl.load(SI + k0 + offs, mask=k0 + offs < K, other=0.0)
                 amax = tl.maximum(amax, tl.abs(x))
             amax_s = tl.max(amax, 0)
             inv = tl.where(amax_s > 0, tl.math.div_rn(qmax, tl.maximum(amax_s, 1e-30)), 0.0)
             scale = tl.math.div_rn(amax_s, qmax)
         for k0 in range(0, K, BLOCK_K):  # second read of the row hits L2
             x = tl.load(X + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = x * tl.load(SI + k0 + offs, mask=k0 + offs < K, other=0.0)
             tl.store(Out + row * K + k0 + offs, quantize_tile(x, inv, FP8, EXACT_CAST), mask=k0 + offs < K)
         tl.store(Scale + row, scale)
 
@@ -168,20 +178,24 @@ def static_inv_scale(static_scale: float) -> tuple[float, float]:
     return float(torch.tensor(1.0) / s), float(s)
 
 
-def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None, *, block_k: int | None = None,
-                  num_warps: int | None = None):
+def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None, *,
+                  smooth_inv: torch.Tensor | None = None, block_k: int | None = None, num_warps: int | None = None):
     """Per-token (or static per-tensor) activation quantization of x (..., K).
 
     Returns (x_q (M, K) int8/fp8 contiguous, scale (M,) fp32) with M = x.numel() // K.
     CUDA (or CPU under TRITON_INTERPRET=1) runs the Triton kernel, otherwise the reference.
+    smooth_inv: optional (K,) per-channel factors multiplied in first (SmoothQuant).
     block_k / num_warps: tuning (default: the whole row in one tile up to 16384 elements).
     """
     _check_mode(mode)
     check_float_dtype("x", x)
     K = x.shape[-1]
+    if smooth_inv is not None and (not isinstance(smooth_inv, torch.Tensor) or smooth_inv.shape != (K,)):
+        raise ValueError(f"smooth_inv must be a tensor of shape ({K},), got "
+                         f"{tuple(smooth_inv.shape) if isinstance(smooth_inv, torch.Tensor) else type(smooth_inv)}")
     x2 = x.reshape(-1, K)  # (M, K)
     if triton is None or not use_triton(x2):
-        return quantize_rows_reference(x2, mode, static_scale)
+        return quantize_rows_reference(x2, mode, static_scale, smooth_inv)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -193,9 +207,11 @@ def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None,
     block_k = block_k or min(16384, next_power_of_2(K))
     if num_warps is None:
         num_warps = 4 if block_k <= 2048 else 8
-    _quantize_rows_kernel[(M,)](x2, out, scale, x2.stride(0), K, inv, s, BLOCK_K=block_k,
+    si = smooth_inv.float().contiguous() if smooth_inv is not None else x2
+    _quantize_rows_kernel[(M,)](x2, si, out, scale, x2.stride(0), K, inv, s, BLOCK_K=block_k,
                                 STATIC=static_scale is not None, FP8=mode == "fp8",
-                                EXACT_CAST=interpreter_enabled(), ONE_PASS=K <= block_k, num_warps=num_warps)
+                                EXACT_CAST=interpreter_enabled(), ONE_PASS=K <= block_k,
+                                SMOOTH=smooth_inv is not None, num_warps=num_warps)
     return out, scale
 
 

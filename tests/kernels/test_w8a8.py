@@ -1,0 +1,213 @@
+"""W8A8 kernels: activation quantization, the int8/fp8 GEMM with fused epilogues, fused norm+quant.
+
+Kernels run on the CPU interpreter (TRITON_INTERPRET=1). int8 tl.dot is exact there and fp8
+tl.dot is exact per product (fp8×fp8 fits fp32) with fp32 sums; the fp32→fp8 cast is made exact
+by `round_to_fp8_grid`. Tolerances of kernel vs reference, and why:
+    quantizers (int8/fp8 values, fp32 scales): bit-exact (same fp32 operations, IEEE division).
+    int8 GEMM (fp32 out): ≤ 1e-6 relative: exact int32 accumulators, same epilogue order.
+    fp8 GEMM (fp32 out):  ≤ 1e-5 relative: fp32 summation order of ≤ K exact products (K·2⁻²⁴).
+    bf16/fp16 outputs: one output ulp (2⁻⁷ / 2⁻¹⁰ relative): the interpreter truncates fp32→bf16
+    where a GPU rounds to nearest (half an ulp).
+    fused LayerNorm/RMSNorm: ≤ 0.1 % of the quantized values may differ by one step (rsqrt and
+    the row sums are computed in a different order than torch's), none by more.
+Error vs the float layer, from the quantization steps (Gaussian data, K ≥ 256):
+    int8: per-token/per-channel step = amax/127 with amax ≈ 3.5–4σ; rounding error RMS
+          step/√12 ≈ 0.9 % of σ per operand, √2 of that on the product: ≈ 1.3 % → bound 2e-2.
+    fp8:  3 mantissa bits, relative RMS ≈ 2⁻⁴/√3·E[1/m] ≈ 2.6 % per operand → ≈ 3.7 % → bound 5e-2
+          (DESIGN.md measured 3.7 %; the 2e-2 of the issue is below fp8 e4m3's resolution).
+    int8 with outlier input channels (4 channels ×20): the row amax grows ~5×, so does every
+          channel's step: measured ≈ 5 %; SmoothQuant factors (α = 0.5) bring it back to ≈ 1.5 %
+          ≤ 2e-2 (see tests/infer/test_quant.py).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbo_kernels.gemm import norm_quant as NQ
+from turbo_kernels.gemm import quantize as Q
+from turbo_kernels.gemm import w8a8 as W
+
+SMALL = W.GemmConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def same_q(a, b):
+    return torch.equal(a.float(), b.float())
+
+
+# ----------------------------------------------------------------------------- activation quantization
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("static", [None, 0.02])
+@pytest.mark.parametrize("shape,block_k", [((7, 300), None), ((3, 3000), 1024), ((1, 1), None)],
+                         ids=["one-pass", "two-pass", "one-element"])
+def test_quantize_rows_kernel_bitwise(mode, static, shape, block_k):
+    x = (torch.randn(*shape) * 3).to(torch.bfloat16)
+    if shape[0] > 2:
+        x[2] = 0  # an all-zero row: scale 0, zeros
+    got_q, got_s = Q.quantize_rows(x, mode, static, block_k=block_k)
+    ref_q, ref_s = Q.quantize_rows_reference(x, mode, static)
+    assert got_q.dtype == Q.QDTYPE[mode] and got_q.shape == x.shape
+    assert same_q(got_q, ref_q) and torch.equal(got_s, ref_s)
+    if static is None and shape[0] > 2:
+        assert got_s[2] == 0 and not got_q[2].float().any()
+
+
+def test_quantize_rows_smooth_and_shapes():
+    x = torch.randn(2, 5, 40)  # (..., K) inputs flatten to (M, K)
+    si = torch.rand(40) + 0.5
+    for mode in ("int8", "fp8"):
+        got_q, got_s = Q.quantize_rows(x, mode, smooth_inv=si)
+        ref_q, ref_s = Q.quantize_rows_reference(x.reshape(10, 40), mode, smooth_inv=si)
+        assert got_q.shape == (10, 40) and same_q(got_q, ref_q) and torch.equal(got_s, ref_s)
+    q0, s0 = Q.quantize_rows(torch.randn(0, 16), "int8")  # no rows
+    assert q0.shape == (0, 16) and s0.shape == (0,)
+
+
+def test_quantization_step_and_saturation():
+    x = torch.randn(64, 256)
+    q, s = Q.quantize_rows_reference(x, "int8")
+    assert ((Q.dequantize(q, s) - x).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()  # half a step
+    assert (q.abs().amax(dim=1) == 127).all()  # each row's amax maps to ±127
+    q, s = Q.quantize_rows_reference(x, "fp8")
+    normal = x.abs() >= 2 ** -6 * s[:, None]
+    assert ((Q.dequantize(q, s) - x).abs() <= 2 ** -4 * x.abs() + 1e-7)[normal].all()  # half an fp8 ulp
+    q, s = Q.quantize_rows(torch.tensor([[1.0, -10.0, 0.05]]), "int8", static_scale=0.05)  # static: saturate
+    assert q.tolist() == [[20, -127, 1]] and s.tolist() == [0.05000000074505806]
+    q, _ = Q.quantize_rows(torch.tensor([[1000.0, -1000.0]]), "fp8", static_scale=1.0)
+    assert q.float().tolist() == [[448.0, -448.0]]
+
+
+def test_weight_quantization_per_channel():
+    w = torch.randn(10, 33)
+    w[3] = 0
+    w[5] *= 100
+    for mode in ("int8", "fp8"):
+        w_q, w_s = Q.quantize_weight(w, mode)
+        assert w_q.shape == w.shape and w_s.shape == (10,) and w_s[3] == 0
+        assert torch.allclose(w_s[5] / w_s[0], w[5].abs().max() / w[0].abs().max())  # own scale per row
+        step = w_s[:, None] if mode == "int8" else 2 ** -4 * w.abs() + 2 ** -9 * w_s[:, None]
+        assert ((Q.dequantize(w_q, w_s) - w).abs() <= step * (1 + 1e-6)).all()
+
+
+# ----------------------------------------------------------------------------- GEMM
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M,K,N", [(37, 80, 50), (64, 64, 96), (1, 32, 8)], ids=["ragged-K", "even-K", "one-token"])
+def test_gemm_kernel_matches_reference(mode, M, K, N):
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    xq, xs = Q.quantize_rows(x, mode)
+    wq, ws = Q.quantize_weight(w, mode)
+    got = W.w8a8_matmul(xq, xs, wq, ws, b, out_dtype=torch.float32, backend="triton", config=SMALL)
+    ref = W.w8a8_matmul_reference(xq, xs, wq, ws, b, out_dtype=torch.float32)
+    assert rel(got, ref) <= (1e-6 if mode == "int8" else 1e-5)
+    # error vs the float layer: bounds derived in the module docstring
+    f = F.linear(x.double(), w.double(), b.double())
+    if K >= 64:
+        assert rel(got, f) <= (2e-2 if mode == "int8" else 5e-2)
+    # no bias, bf16 / fp16 outputs
+    for dt in (torch.bfloat16, torch.float16):
+        got = W.w8a8_matmul(xq, xs, wq, ws, None, out_dtype=dt, backend="triton", config=SMALL)
+        ref = W.w8a8_matmul_reference(xq, xs, wq, ws, None, out_dtype=torch.float32)
+        ulp = 2 ** -7 if dt == torch.bfloat16 else 2 ** -10
+        assert got.dtype == dt and ((got.float() - ref).abs() <= ulp * ref.abs() + 1e-6).all()
+
+
+def test_gemm_outlier_channels_error():
+    x, w = torch.randn(64, 1536), torch.randn(128, 1536) / 1536 ** 0.5
+    x[:, :4] *= 20
+    f = x.double() @ w.double().t()
+    for mode, bound in (("int8", 6e-2), ("fp8", 5e-2)):  # int8: ~5 % measured, see docstring
+        xq, xs = Q.quantize_rows(x, mode)
+        wq, ws = Q.quantize_weight(w, mode)
+        assert rel(W.w8a8_matmul_reference(xq, xs, wq, ws, out_dtype=torch.float32), f) <= bound
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("out_quant", [None, "int8", "fp8"])
+def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
+    M, K, N = 40, 64, 72
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    xq, xs = Q.quantize_rows(x, mode)
+    wq, ws = Q.quantize_weight(w, mode)
+    kw = dict(activation="gelu_tanh", out_quant=out_quant, out_scale=0.01 if out_quant else None)
+    got = W.w8a8_matmul(xq, xs, wq, ws, b, out_dtype=torch.float32, backend="triton", config=SMALL, **kw)
+    ref = W.w8a8_matmul_reference(xq, xs, wq, ws, b, out_dtype=torch.float32, **kw)
+    if out_quant is None:
+        assert rel(got, ref) <= 1e-5
+        plain = W.w8a8_matmul_reference(xq, xs, wq, ws, b, out_dtype=torch.float32)
+        assert torch.allclose(ref, F.gelu(plain, approximate="tanh"), atol=1e-5)  # the formula is GELU(tanh)
+    else:
+        assert got[0].dtype == Q.QDTYPE[out_quant] and (got[1] == ref[1]).all()
+        mismatch = (got[0].float() != ref[0].float()).float().mean()
+        assert mismatch <= 0.01  # exp() rounding can move a value across a rounding boundary
+        assert (Q.dequantize(*got) - Q.dequantize(*ref)).abs().max() <= 2 * float(got[1][0]) * (
+            1 if out_quant == "int8" else 32)
+
+
+def test_gemm_bad_inputs():
+    xq, xs = Q.quantize_rows(torch.randn(4, 16), "int8")
+    wq, ws = Q.quantize_weight(torch.randn(8, 16), "fp8")
+    with pytest.raises(TypeError, match="must match x_q dtype"):
+        W.w8a8_matmul(xq, xs, wq, ws)
+    wq, ws = Q.quantize_weight(torch.randn(8, 12), "int8")
+    with pytest.raises(ValueError, match="must agree in K"):
+        W.w8a8_matmul(xq, xs, wq, ws)
+    wq, ws = Q.quantize_weight(torch.randn(8, 16), "int8")
+    with pytest.raises(ValueError, match="x_scale must have shape"):
+        W.w8a8_matmul(xq, xs[:2], wq, ws)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        W.w8a8_matmul(xq, xs, wq, ws, torch.zeros(3))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        W.w8a8_matmul(xq, xs, wq, ws, backend="cublas")
+    with pytest.raises(ValueError, match="needs a static out_scale"):
+        W.w8a8_matmul(xq, xs, wq, ws, out_quant="int8")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        Q.quantize_rows(torch.randn(2, 4), "int4")
+    with pytest.raises(ValueError, match="static act_scale must be > 0"):
+        Q.quantize_rows(torch.randn(2, 4), "int8", static_scale=0.0)
+
+
+# ----------------------------------------------------------------------------- fused norm + modulation + quant
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("quant,static", [(None, None), ("int8", None), ("fp8", None), ("int8", 0.05)])
+def test_norm_modulate_quant_kernel(norm, quant, static):
+    B, L, C = 2, 5, 200
+    x = (torch.randn(B, L, C) * 2 + 1).to(torch.bfloat16)
+    shift, scale = torch.randn(B, C), 0.1 * torch.randn(B, L, C)  # per-sample shift, per-token scale
+    w, b = torch.randn(C), torch.randn(C)
+    kw = dict(norm=norm, weight=w, bias=b, quant=quant, act_scale=static)
+    got = NQ.norm_modulate_quant(x, shift, scale, **kw)
+    ref = NQ.norm_modulate_quant_reference(x, shift, scale, **kw)
+    if quant is None:
+        assert got.shape == x.shape and got.dtype == x.dtype
+        assert ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-6).all()  # one bf16 ulp
+        return
+    (gq, gs), (rq, rs) = got, ref
+    assert gq.shape == (B * L, C) and gq.dtype == Q.QDTYPE[quant]
+    assert torch.allclose(gs, rs, rtol=1e-6, atol=0)
+    assert (gq.float() != rq.float()).float().mean() <= 1e-3
+    step = rs[:, None] if quant == "int8" else 2 ** -3 * Q.dequantize(rq, rs).abs() + 2 ** -9 * rs[:, None]
+    assert ((Q.dequantize(gq, gs) - Q.dequantize(rq, rs)).abs() <= step * (1 + 1e-5)).all()
+
+
+def test_norm_modulate_quant_matches_model_math():
+    """Same y as the Wan block's eager LayerNorm + modulation (fp32), then per-token int8."""
+    x = torch.randn(1, 33, 64)
+    shift, scale = torch.randn(1, 64), 0.1 * torch.randn(1, 64)
+    y = F.layer_norm(x, (64,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+    q, s = NQ.norm_modulate_quant(x, shift, scale, quant="int8")
+    assert ((Q.dequantize(q, s) - y[0]).abs() <= s[:, None] / 2 + 1e-5).all()
+    assert torch.allclose(NQ.norm_modulate_quant(x, shift[0], None, quant=None), F.layer_norm(x, (64,), eps=1e-6) + shift,
+                          atol=1e-5)
+
+
+def test_norm_modulate_quant_bad_inputs():
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(ValueError, match="norm must be one of"):
+        NQ.norm_modulate_quant(x, norm="batch")
+    with pytest.raises(ValueError, match="scale must have shape"):
+        NQ.norm_modulate_quant(x, None, torch.randn(3, 16))
+    with pytest.raises(ValueError, match="quant must be one of"):
+        NQ.norm_modulate_quant(x, quant="int4")

@@ -208,11 +208,17 @@ def test_recipe_checks_name_the_key(tmp_path):
 
     with pytest.raises(ValueError, match=r"^model\.checkpoint: "):
         check_supported(no_ckpt)
+    placeholder = recipe_from_dict({**r.to_dict(), "model": {**r.to_dict()["model"], "checkpoint": "<path to weights>"}})
+    with pytest.raises(ValueError, match=r"^model\.checkpoint: not set \('<path to weights>'\)"):
+        check_sla_recipe(placeholder)
     sparse = recipe_from_dict({**r.to_dict(), "model": {**r.to_dict()["model"], "attention": "sla"}})
     with pytest.raises(ValueError, match=r"^model\.attention: "):
         check_sla_recipe(sparse)
     d = r.to_dict()
-    d["data"] = {**d["data"], "source": "latent_shards", "train_shards": "x-{0..3}.tar"}
+    d["data"] = {**d["data"], "source": "latent_shards", "train_shards": "<shards>"}
+    with pytest.raises(ValueError, match=r"data\.train_shards: not set"):
+        check_sla_recipe(recipe_from_dict(d))
+    d["data"]["train_shards"] = "x-{0..3}.tar"
     with pytest.raises(ValueError, match=r"method\.sla\.uncond_path"):
         check_sla_recipe(recipe_from_dict(d))
     d["method"]["sla"]["caption_dropout"] = 0.0

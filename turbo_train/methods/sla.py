@@ -110,19 +110,31 @@ class SLAFinetuneConfig:
                                   logit_std=self.logit_std, shift=self.shift, caption_dropout=self.caption_dropout)
 
 
+def is_placeholder(value) -> bool:
+    """A path the user has not set: null, or a shipped recipe's "<...>" placeholder (as the rCM recipes)."""
+    return value is None or (isinstance(value, str) and value.strip().startswith("<"))
+
+
 def check_sla_recipe(recipe: "Recipe") -> None:
     """Whole-recipe checks run before anything is built (runner.check_supported); each ValueError
-    names the key to set."""
+    names the key to set. The local paths of the Wan recipes ship as "<...>" placeholders."""
     c = recipe.method.sla
-    if recipe.model.checkpoint is None:
-        raise ValueError("model.checkpoint: SLA fine-tuning starts from the dense model's weights (the original "
-                         "teacher, RCM.md §8); set it, e.g. --set model.checkpoint=/path/to/teacher.safetensors")
+
+    def unset(key, value, what):
+        if is_placeholder(value):
+            shown = "null" if value is None else repr(value)
+            raise ValueError(f"{key}: not set ({shown}): {what}; set it in the recipe or with --set {key}=...")
+
+    unset("model.checkpoint", recipe.model.checkpoint,
+          "SLA fine-tuning starts from the dense model's weights (the original teacher, RCM.md §8)")
     if recipe.model.attention in SLA_BACKENDS:
         raise ValueError(f"model.attention: must be the dense backend of the original model (e.g. sdpa), got "
                          f"{recipe.model.attention!r}; the SLA settings go in method.sla (topk, block_q, block_k)")
-    if recipe.data.source == "latent_shards" and c.caption_dropout > 0 and c.uncond_path is None:
-        raise ValueError("method.sla.uncond_path: latent shards carry precomputed text states, so caption dropout "
-                         "needs the unconditional (negative-prompt) states from a file; set it, or caption_dropout: 0")
+    if recipe.data.source in ("toy_shards", "latent_shards"):
+        unset("data.train_shards", recipe.data.train_shards, "the training shards (path, glob or brace pattern)")
+    if recipe.data.source == "latent_shards" and c.caption_dropout > 0:
+        unset("method.sla.uncond_path", c.uncond_path, "latent shards carry precomputed text states, so caption "
+              "dropout needs the unconditional (negative-prompt) states from a file (or set caption_dropout: 0)")
 
 
 # ----------------------------------------------------------------------------- the losses

@@ -146,7 +146,7 @@ def test_combined_scm_dmd_loss_falls_on_a_fixed_batch(tmp_path):
     uncond = m.uncond_context(ctx)
     opt = torch.optim.AdamW(m.student.parameters(), lr=1e-3, betas=(0.0, 0.999), weight_decay=0.0)
     scm, residual = [], []
-    for _ in range(16):
+    for _ in range(12):
         torch.manual_seed(123)  # same t, ε, t_D and rollout noise every step
         l_scm, logs = m.scm_student_loss(x0, ctx, uncond, r=0.0)
         l_dmd, dlogs = m.dmd_student_loss(x0, ctx, uncond)
@@ -157,7 +157,7 @@ def test_combined_scm_dmd_loss_falls_on_a_fixed_batch(tmp_path):
         opt.zero_grad()
         loss.float().backward()
         opt.step()
-    # measured here: ‖g‖ + wf 6.31 -> 3.04 and L_sCM 96.1 -> 90.5 after 15 steps; bounds leave margin
+    # measured here: ‖g‖ + wf 6.31 -> 3.50 and L_sCM 96.1 -> 92.1 after 11 steps; the bounds leave margin
     assert residual[-1] < 0.7 * residual[0], residual
     assert scm[-1] < scm[0] - 2.0, scm
 

@@ -122,7 +122,7 @@ def test_cli_help(capsys):
 
 @pytest.mark.slow
 def test_judge_learns_on_cpu(tmp_path):
-    # 100 steps x 32 videos (~2 min on 2 free cores). A CPU run of 120 x 32 reached background
+    # 100 steps x 32 videos (3 min 44 s measured on 2 cores shared with other jobs). A CPU run of 120 x 32 reached background
     # 0.99, obj1 color 0.92, count 0.97, obj1 motion 0.82 (shape, learnt last, 0.27; chance 0.25):
     # the bounds below prove it learns the easy attributes without waiting for shapes.
     metrics = train_judge(tmp_path, steps=100, batch_size=32, seed=0, device="cpu", eval_samples=256, num_workers=0, log_every=25)

@@ -26,13 +26,19 @@ How it is computed:
   the query block's row of the ascending lookup table, online softmax in fp32 with exp2 and
   log2(e) folded into the scale. Backward: dQ walks the same query-major table; dK/dV walk the
   key-major inverted table (BlockMap.inverse(), CSR), never a dense Nq x Nk map.
-- linear branch: block-level GEMMs in torch (autograd gives the backward). With
+- linear branch: block-level GEMMs on tensor cores plus small per-tile kernels. With
   h_j = phi(K_j)^T V_j (D x D) and z_j = phi(K_j)^T 1 per key block, the marginal sums are one
   dense matrix product over blocks, H = (1 - M) @ h and Z = (1 - M) @ z, then
   O_l = phi(Q_i) H_i / (eps + phi(Q_i) Z_i) per query block. Summing the complement directly
   avoids the cancellation of the paper's "total minus critical" pre-aggregation, and costs
   2 Nq Nk D^2 flops per head on tensor cores. h and z are divided by Lk first (the ratio is
   unchanged, eps is divided too) so that fp16 sums over 75k tokens cannot overflow.
+  Forward: `_sla_lin_state_kernel` (h_j, z_j; one read of K, V), the two GEMMs, then
+  O_l and proj_l per query tile (`_lin_fwd_tile`). Backward: per query tile dq_lin and this
+  tile's dHm, dZm (`_lin_bwd_q_tile`); dh = (1 - M)^T dHm, dz = (1 - M)^T dZm (GEMMs); per key
+  tile dk_lin, dv_lin (`_lin_bwd_kv_tile`); dW = dO^T O_l (GEMM). The tile functions run either
+  in the epilogues of the sparse kernels or as separate kernels (SLAKernelConfig.fuse_linear).
+  `linear_branch` is the same math in plain torch (documentation and test oracle).
 
 Public API:
     sla_reference(q, k, v, topk, block_q, block_k, feature_map, proj_l, *, block_map, return_branches)
@@ -138,7 +144,10 @@ def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float
 # ----------------------------------------------------------------------------------------------
 def linear_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap,
                   feature_map: str = "softmax") -> torch.Tensor:
-    """O_l over the marginal key blocks of `bm`, as block GEMMs. Returns (B, H, Lq, D) float32.
+    """O_l over the marginal key blocks of `bm`, as block GEMMs in plain torch (autograd-capable).
+
+    The block-GEMM formulation the Triton path implements, kept as its readable form and a test
+    oracle (the fast path does not call it). Returns (B, H, Lq, D) float32.
 
     GEMM operands are in q's dtype (fp16/bf16 tensor cores, fp32 accumulate), the division in
     fp32. Equals the `o_l` of `sla_reference` (see the module docstring for the derivation).
@@ -241,6 +250,129 @@ if triton is not None:
         tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=mask_d)
 
     @triton.jit
+    def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr):
+        # proj_l(O_l) without bias for one query tile, fp32: with this query block's marginal sums
+        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T.
+        mask_dd = mask_d[:, None] & mask_d[None, :]
+        hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+        zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        fq = _phi(q.to(tl.float32), mask_d, FEATURE)
+        o_l = tl.dot(fq.to(hm.dtype), hm) / (tl.sum(fq * zm[None, :], axis=1) + lin_eps)[:, None]
+        wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+        return tl.dot(o_l.to(wt.dtype), wt)
+
+    @triton.jit
+    def _lin_bwd_q_tile(q, do, HM, ZM, W, DHM, DZM, qblock, tile, D, offs_d, mask_d, lin_eps,
+                        FEATURE: tl.constexpr):
+        # Linear branch, query side, per row r of block i (Hm_i, Zm_i the marginal sums):
+        #   o_l = phi(q) Hm / den, den = eps + phi(q).Zm, dO_l = dO W (proj_l's input gradient)
+        #   dnum = dO_l / den, dden = -<dO_l, o_l> / den
+        #   dphi(q) = dnum Hm^T + dden Zm^T  ->  dq_lin = phi'(q)^T dphi(q)
+        #   dHm_i += phi(q)^T dnum, dZm_i += phi(q)^T dden: this tile's parts, stored at `tile`.
+        # Rows past Lq come in as q = dO = 0: dnum = dden = 0 there, so they add nothing.
+        # Returns (dq_lin, o_l), fp32; o_l feeds dW = dO^T o_l.
+        mask_dd = mask_d[:, None] & mask_d[None, :]
+        hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+        zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        w = tl.load(W + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)  # (out, in)
+        x = q.to(tl.float32)
+        fq = _phi(x, mask_d, FEATURE)
+        den = tl.sum(fq * zm[None, :], axis=1) + lin_eps
+        o_l = tl.dot(fq.to(hm.dtype), hm) / den[:, None]
+        do_l = tl.dot(do, w)
+        dnum = do_l / den[:, None]
+        dden = -tl.sum(do_l * o_l, axis=1) / den
+        dfq = tl.dot(dnum.to(hm.dtype), tl.trans(hm)) + dden[:, None] * zm[None, :]
+        dhm = tl.dot(tl.trans(fq.to(hm.dtype)), dnum.to(hm.dtype))  # (BLOCK_D, BLOCK_D)
+        tl.store(DHM + tile * D * D + offs_d[:, None] * D + offs_d[None, :], dhm.to(DHM.dtype.element_ty), mask=mask_dd)
+        tl.store(DZM + tile * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DZM.dtype.element_ty), mask=mask_d)
+        return _phi_bwd(x, fq, dfq, mask_d, FEATURE), o_l
+
+    @triton.jit
+    def _lin_bwd_kv_tile(k, v, DH, DZ, kblock, D, offs_d, mask_d, inv_lk, FEATURE: tl.constexpr):
+        # Linear branch, key side, with dh_j, dz_j the gradients of h_j = fk^T V_j, z_j = fk^T 1
+        # (fk = phi(K_j) / Lk; summed over the query blocks for which j is marginal by a GEMM):
+        #   dV = fk dh_j,  d fk = V dh_j^T + 1 dz_j^T,  dK = phi'(k)^T (d fk / Lk).
+        mask_dd = mask_d[:, None] & mask_d[None, :]
+        dh = tl.load(DH + kblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
+        dz = tl.load(DZ + kblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        x = k.to(tl.float32)
+        y = _phi(x, mask_d, FEATURE)
+        dv = tl.dot((y * inv_lk).to(dh.dtype), dh)
+        dfk = tl.dot(v, tl.trans(dh)) + dz[None, :]
+        return _phi_bwd(x, y, dfk * inv_lk, mask_d, FEATURE), dv
+
+    @triton.jit
+    def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, sqb, sqh, sql, sob, soh, sol, H, Lq, D, num_qb, lin_eps,
+                            MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr):
+        # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel.
+        # OS may be O itself (inference: each program reads its tile before writing it).
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = (offs_m[:, None] < Lq) & mask_d[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+        o_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
+        acc = tl.load(OS + o_ptrs, mask=mask, other=0.0).to(tl.float32)
+        qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+        acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
+        tl.store(O + o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sla_lin_bwd_q_kernel(Q, DO, DQ, HM, ZM, W, DHM, DZM, OL, sqb, sqh, sql, sdb, sdh, sdl, sgb, sgh, sgl,
+                              H, Lq, D, num_qb, tiles_per_bh, lin_eps,
+                              MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                              FEATURE: tl.constexpr):
+        # Unfused variant: dQ += the linear branch's part, after the sparse dQ kernel.
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = (offs_m[:, None] < Lq) & mask_d[None, :]
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdl + offs_d[None, :], mask=mask, other=0.0)
+        g_ptrs = b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :]
+        dq = tl.load(DQ + g_ptrs, mask=mask, other=0.0).to(tl.float32)
+        qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+        dq_lin, o_l = _lin_bwd_q_tile(q, do, HM, ZM, W, DHM, DZM, qblock, pid_bh.to(tl.int64) * tiles_per_bh + pid_m,
+                                      D, offs_d, mask_d, lin_eps, FEATURE)
+        tl.store(DQ + g_ptrs, (dq + dq_lin).to(DQ.dtype.element_ty), mask=mask)
+        tl.store(OL + g_ptrs, o_l.to(OL.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _sla_lin_bwd_kv_kernel(K, V, DK, DV, DH, DZ, skb, skh, skl, svb, svh, svl, sgb, sgh, sgl,
+                               H, Lk, D, num_kb, inv_lk, MAP_BK: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_D: tl.constexpr, FEATURE: tl.constexpr):
+        # Unfused variant: dK, dV += the linear branch's parts, after the sparse dK/dV kernel.
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask = (offs_n[:, None] < Lk) & mask_d[None, :]
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
+        g_ptrs = b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :]
+        kblock = pid_bh.to(tl.int64) * num_kb + (pid_n * BLOCK_N) // MAP_BK
+        dk_lin, dv_lin = _lin_bwd_kv_tile(k, v, DH, DZ, kblock, D, offs_d, mask_d, inv_lk, FEATURE)
+        dk = tl.load(DK + g_ptrs, mask=mask, other=0.0).to(tl.float32) + dk_lin
+        dv = tl.load(DV + g_ptrs, mask=mask, other=0.0).to(tl.float32) + dv_lin
+        tl.store(DK + g_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
         # One online-softmax step over a tile of keys (pointers kp/vp: (BLOCK_N, BLOCK_D)).
         k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
@@ -315,19 +447,9 @@ if triton is not None:
         if STORE_OS:  # training: the sparse branch alone, for the backward's delta term
             tl.store(OS + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(OS.dtype.element_ty),
                      mask=mask_m[:, None] & mask_d[None, :])
-        if LINEAR:
-            # linear branch + projection with this query block's marginal sums Hm (D x D) and
-            # Zm (D): O += (phi(q) Hm / (eps + phi(q).Zm)) W^T
-            mask_dd = mask_d[:, None] & mask_d[None, :]
-            base = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-            hm = tl.load(HM + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
-            zm = tl.load(ZM + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            fq = _phi(q.to(tl.float32), mask_d, FEATURE)
-            num = tl.dot(fq.to(hm.dtype), hm)
-            den = tl.sum(fq * zm[None, :], axis=1) + lin_eps
-            o_l = num / den[:, None]
-            wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
-            acc += tl.dot(o_l.to(wt.dtype), wt)
+        if LINEAR:  # fused linear branch + projection (see _lin_fwd_tile)
+            qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+            acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -369,13 +491,7 @@ if triton is not None:
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
                            LINEAR: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr):
         # Sparse branch: dQ = scale * sum over the LUT's keys of dS K (same tiling as the forward).
-        # Linear branch (LINEAR), per query row r of block i, with Hm_i, Zm_i the marginal sums:
-        #   o_l = phi(q) Hm / den, den = eps + phi(q).Zm, dO_l = dO W (proj_l's input gradient)
-        #   dnum = dO_l / den, dden = -<dO_l, o_l> / den
-        #   dphi(q) = dnum Hm^T + dden Zm^T  ->  dQ += phi'(q)^T dphi(q)
-        #   dHm_i += phi(q)^T dnum, dZm_i += phi(q)^T dden (this tile's part, stored per tile),
-        #   and o_l is stored for dW = dO^T o_l.
-        # Query rows past Lq load as q = dO = 0: dnum = dden = 0 there, so they add nothing.
+        # LINEAR: the linear branch's dQ part is added in the epilogue (_lin_bwd_q_tile).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -412,27 +528,11 @@ if triton is not None:
                               V + tok[:, None] * svl + offs_d[None, :], (entry < n_sel) & (tok < Lk), mask_d,
                               qk_scale, True, PAD_D)
         dq = dq * sm_scale
-        if LINEAR:
-            mask_dd = mask_d[:, None] & mask_d[None, :]
-            base = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-            hm = tl.load(HM + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
-            zm = tl.load(ZM + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            w = tl.load(W + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)  # (out, in)
-            x = q.to(tl.float32)
-            fq = _phi(x, mask_d, FEATURE)
-            den = tl.sum(fq * zm[None, :], axis=1) + lin_eps
-            o_l = tl.dot(fq.to(hm.dtype), hm) / den[:, None]
-            do_l = tl.dot(do, w)
-            dnum = do_l / den[:, None]
-            dden = -tl.sum(do_l * o_l, axis=1) / den
-            dfq = tl.dot(dnum.to(hm.dtype), tl.trans(hm)) + dden[:, None] * zm[None, :]
-            dq += _phi_bwd(x, fq, dfq, mask_d, FEATURE)
-            tile = pid_bh.to(tl.int64) * tiles_per_bh + pid_m
-            dhm = tl.dot(tl.trans(fq.to(hm.dtype)), dnum.to(hm.dtype))  # (BLOCK_D, BLOCK_D)
-            tl.store(DHM + tile * D * D + offs_d[:, None] * D + offs_d[None, :], dhm.to(DHM.dtype.element_ty),
-                     mask=mask_dd)
-            tl.store(DZM + tile * D + offs_d, tl.sum(fq * dden[:, None], axis=0).to(DZM.dtype.element_ty),
-                     mask=mask_d)
+        if LINEAR:  # fused linear branch (see _lin_bwd_q_tile)
+            qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
+            dq_lin, o_l = _lin_bwd_q_tile(q, do, HM, ZM, W, DHM, DZM, qblock, pid_bh.to(tl.int64) * tiles_per_bh + pid_m,
+                                          D, offs_d, mask_d, lin_eps, FEATURE)
+            dq += dq_lin
             tl.store(OL + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], o_l.to(OL.dtype.element_ty),
                      mask=mask_qd)
         tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgl + offs_d[None, :], dq.to(DQ.dtype.element_ty),
@@ -450,9 +550,7 @@ if triton is not None:
         # time over their concatenation (count_j * MAP_BQ positions).
         # dV = sum P^T dO;  dK = scale * sum dS^T Q. Query rows past Lq load as q = dO = 0 with
         # lse = delta = 0, so their P^T dO and dS^T Q terms vanish -- no mask needed.
-        # Linear branch (LINEAR), with dh_j, dz_j the gradients of h_j = fk^T V_j, z_j = fk^T 1
-        # (fk = phi(K_j) / Lk; summed over the query blocks for which j is marginal by a GEMM):
-        #   dV += fk dh_j,  d fk = V dh_j^T + 1 dz_j^T,  dK += phi'(k)^T (d fk / Lk).
+        # LINEAR: the linear branch's dK/dV parts are added in the epilogue (_lin_bwd_kv_tile).
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -494,16 +592,11 @@ if triton is not None:
             dsT = pT * (dpT - delta[None, :])
             dk += tl.dot(dsT.to(q.dtype), q)
         dk = dk * sm_scale
-        if LINEAR:
-            mask_dd = mask_d[:, None] & mask_d[None, :]
-            base = pid_bh.to(tl.int64) * num_kb + kblk
-            dh = tl.load(DH + base * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
-            dz = tl.load(DZ + base * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            x = k.to(tl.float32)
-            y = _phi(x, mask_d, FEATURE)
-            dv += tl.dot((y * inv_lk).to(dh.dtype), dh)
-            dfk = tl.dot(v, tl.trans(dh)) + dz[None, :]
-            dk += _phi_bwd(x, y, dfk * inv_lk, mask_d, FEATURE)
+        if LINEAR:  # fused linear branch (see _lin_bwd_kv_tile)
+            dk_lin, dv_lin = _lin_bwd_kv_tile(k, v, DH, DZ, pid_bh.to(tl.int64) * num_kb + kblk, D, offs_d, mask_d,
+                                              inv_lk, FEATURE)
+            dk += dk_lin
+            dv += dv_lin
         tl.store(DK + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask_kd)
         tl.store(DV + b * sgb + h * sgh + offs_n[:, None] * sgl + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask_kd)
 
@@ -534,6 +627,10 @@ class SLAKernelConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     state_warps: int = 8
+    # True: the linear branch (and proj_l) runs in the epilogues of the sparse kernels (measured,
+    # see BENCHMARKS.md: it slows their main loops). False: in separate small kernels after them
+    # (CPU-tested; not yet timed on a GPU).
+    fuse_linear: bool = True
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -550,7 +647,10 @@ class SLAKernelConfig:
 #   backward (dQ and dK/dV kernels, whole sparse backward): dQ (64,64,4,2) 5.31 ms, (128,64,8,2)
 #            5.37, (128,128,8,2) 5.41, (64,64,4,3) 5.48, (64,128,4,2) 6.64; dK/dV (64,64,4,2) 5.44,
 #            (32,64,4,2) 5.44, (128,64,8,2) 7.38, (64,64,8,3) 8.50, (128,64,4,2) 16.8.
-# See BENCHMARKS.md "Attention (SLA)" for the figures of the current kernels.
+# Current kernels, same GPU and shape, defaults (BENCHMARKS.md "Attention (SLA)"): sparse forward
+# 1.57 ms, 2.17 ms with the fused linear epilogue; sparse backward 4.82 ms, 8.41 ms with the fused
+# linear epilogues. fuse_linear=False (separate linear kernels) is not timed yet: --sweep
+# compares both and picks the faster.
 DEFAULT_CONFIG = SLAKernelConfig()
 
 
@@ -568,11 +668,12 @@ def _block_d(D: int) -> int:
 
 def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bias=None, feature_map="softmax",
                     store_lse: bool = True, store_os: bool = False):
-    """Launch the forward kernel.
+    """Launch the forward kernel(s).
 
-    linear: None, or (Hm, Zm, W^T) of `_linear_state` (linear branch + proj_l fused in the
-    epilogue); bias: (D,) fp32 or None. Returns (O, LSE or None, O_s or None): O_s, the sparse
-    branch alone, is stored when store_os (training: the backward's delta needs it).
+    linear: None, or (Hm, Zm, W^T) of `_linear_state` (linear branch + proj_l, in the sparse
+    kernel's epilogue when cfg.fuse_linear, else in `_sla_lin_fwd_kernel` after it); bias: (D,)
+    fp32 or None. Returns (O, LSE or None, O_s or None): O_s, the sparse branch alone, is kept
+    when store_os (training: the backward's delta needs it).
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -580,16 +681,23 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
     o_s = torch.empty_like(o) if store_os else o
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32) if store_lse else o
     sm_scale = 1.0 / math.sqrt(D)
+    feature = FEATURE_MAPS.index(feature_map)
+    fused = cfg.fuse_linear or linear is None
     hm, zm, wt = linear if linear is not None else (o, o, o)
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_fwd_kernel[grid](q, k, v, o, o_s, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
+    _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
                           *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                           H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
                           MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
                           BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
-                          STORE_OS=store_os, LINEAR=linear is not None, HAS_BIAS=bias is not None,
-                          FEATURE=FEATURE_MAPS.index(feature_map), PAD_D=D != _block_d(D),
+                          STORE_OS=store_os and fused, LINEAR=fused and linear is not None,
+                          HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
                           num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    if not fused:  # O = O_s + proj_l(O_l) (+ bias), O_s read back (in place when o_s is o)
+        _sla_lin_fwd_kernel[grid](q, o_s, o, hm, zm, wt, bias if bias is not None else o, *_strides(q), *_strides(o),
+                                  H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q,
+                                  BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
+                                  FEATURE=feature, num_warps=cfg.fwd_warps)
     return o, (lse if store_lse else None), (o_s if store_os else None)
 
 
@@ -645,13 +753,19 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
         o_l = torch.empty_like(dq)
     else:
         hm = zm = w = dhm = dzm = o_l = dq
+    fused = cfg.fuse_linear and linear is not None
     _sla_bwd_dq_kernel[(n_tiles, B * H)](
         q, k, v, do, dq, lse, delta, bm.lut, hm, zm, w, dhm, dzm, o_l,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, Lq, Lk, D, bm.n, bm.num_q_blocks, tiles_per_bh, sm_scale * LOG2E, sm_scale, LINEAR_EPS / Lk,
         MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
-        EVEN_N=Lk % bm.block_k == 0, LINEAR=linear is not None, FEATURE=feature, PAD_D=D != BLOCK_D,
+        EVEN_N=Lk % bm.block_k == 0, LINEAR=fused, FEATURE=feature, PAD_D=D != BLOCK_D,
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    if linear is not None and not fused:
+        _sla_lin_bwd_q_kernel[(n_tiles, B * H)](
+            q, do, dq, hm, zm, w, dhm, dzm, o_l, *_strides(q), *_strides(do), *_strides(dq),
+            H, Lq, D, bm.num_q_blocks, tiles_per_bh, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.dq_block_m,
+            BLOCK_D=BLOCK_D, FEATURE=feature, num_warps=cfg.dq_warps)
     if linear is not None:
         # gradients of h_j, z_j: sum over the query-block tiles for which key block j is marginal
         marginal_t = _marginal(bm, q.dtype).repeat_interleave(split, dim=1).transpose(1, 2)  # (BH, Nk, tiles)
@@ -666,8 +780,13 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
         q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, dh, dz, *_strides(q), *_strides(k), *_strides(v),
         *_strides(do), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1], sm_scale * LOG2E,
         sm_scale, 1.0 / Lk, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m,
-        BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, LINEAR=linear is not None, FEATURE=feature,
+        BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, LINEAR=fused, FEATURE=feature,
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    if linear is not None and not fused:
+        _sla_lin_bwd_kv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
+            k, v, dk, dv, dh, dz, *_strides(k), *_strides(v), *_strides(dk), H, Lk, D, bm.num_k_blocks, 1.0 / Lk,
+            MAP_BK=bm.block_k, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, FEATURE=feature,
+            num_warps=cfg.dkdv_warps)
     return dq, dk, dv, (o_l if linear is not None else None)
 
 

@@ -15,6 +15,7 @@ bfloat16 is not tested here: the interpreter's bf16 tl.dot is wrong; it is check
 tools/bench_attention.py (error vs the reference in the printed table).
 """
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -32,6 +33,9 @@ CFG_EQUAL = SLAKernelConfig(fwd_block_m=32, fwd_block_n=16, dq_block_m=32, dq_bl
                             dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
 CFG_MIXED = SLAKernelConfig(fwd_block_m=16, fwd_block_n=32, dq_block_m=16, dq_block_n=32, dkdv_block_m=16,
                             dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
+# the linear branch in separate kernels after the sparse ones instead of in their epilogues
+CFG_UNFUSED = replace(CFG_EQUAL, fuse_linear=False)
+CFG_UNFUSED_MIXED = replace(CFG_MIXED, fuse_linear=False)
 
 
 def assert_close(got, ref, dtype, name):
@@ -81,7 +85,8 @@ def test_linear_branch_matches_reference(feature_map, dtype):
 
 @pytest.mark.parametrize("feature_map,dtype,cfg", [("softmax", torch.float16, CFG_MIXED),
                                                   ("elu", torch.float32, CFG_EQUAL),
-                                                  ("relu", torch.float16, CFG_EQUAL)])
+                                                  ("relu", torch.float16, CFG_EQUAL),
+                                                  ("softmax", torch.float16, CFG_UNFUSED_MIXED)])
 def test_fused_inference_forward(feature_map, dtype, cfg):
     # no grad: state kernel + marginal GEMMs + one kernel with the linear branch and proj_l fused
     q, k, v = make_inputs(dtype, Lq=200, Lk=170, D=24)
@@ -123,7 +128,8 @@ def _grads_vs_reference(dtype, cfg, Lq=200, Lk=200, D=32, topk=0.3, feature_map=
 
 
 @pytest.mark.parametrize("dtype,cfg", [(torch.float16, CFG_EQUAL), (torch.float16, CFG_MIXED),
-                                       (torch.float32, CFG_MIXED)], ids=["fp16-equal", "fp16-mixed", "fp32-mixed"])
+                                       (torch.float32, CFG_MIXED), (torch.float16, CFG_UNFUSED_MIXED)],
+                         ids=["fp16-equal", "fp16-mixed", "fp32-mixed", "fp16-unfused"])
 def test_forward_and_every_gradient(dtype, cfg):
     _grads_vs_reference(dtype, cfg)
 
@@ -136,6 +142,10 @@ def test_gradients_uneven_lengths_and_head_dim():
 def test_gradients_even_keys_relu():
     # Lk a multiple of block_k: the unmasked fast path of every key tile
     _grads_vs_reference(torch.float16, CFG_EQUAL, Lq=120, Lk=96, D=32, topk=0.4, feature_map="relu")
+
+
+def test_gradients_unfused_elu_head_dim():
+    _grads_vs_reference(torch.float16, CFG_UNFUSED, Lq=90, Lk=75, D=24, topk=0.3, feature_map="elu")
 
 
 def test_topk_one_equals_dense_attention():

@@ -852,7 +852,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
 
     q: (B, H, Lq, D); k, v: (B, H, Lk, D), fp16/bf16 (fp32 works too, slower). proj_weight:
     (D, D) or None (zero projection), proj_bias: (D,) or None. Gradients flow to q, k, v and the
-    projection. CPU tensors without TRITON_INTERPRET=1, and float64 inputs, take `sla_reference`.
+    projection (when no block is marginal, e.g. topk = 1, proj_weight is unused and gets no
+    .grad). CPU tensors without TRITON_INTERPRET=1, and float64 inputs, take `sla_reference`.
     """
     _check_inputs(q, k, v, topk, block_q, block_k, feature_map)
     _check_proj(proj_weight, proj_bias, q.shape[-1])

@@ -151,11 +151,14 @@ def test_samplers_batched_equals_single(name):
     ctx = torch.randn(3, 5, 6)
     uncond = torch.zeros(1, 5, 6)
     sampler = get_sampler(name)
-    both = sampler.sample(model, noise, ctx, uncond, guidance=3.0, steps=6, shift=3.0)
-    again = sampler.sample(model, noise, ctx, uncond, guidance=3.0, steps=6, shift=3.0)
+    steps = 4 if name == "rcm" else 6  # the rcm sampler takes 1..4 steps
+    gens = lambda *seeds: [torch.Generator().manual_seed(s) for s in seeds]  # per-item noise (rcm re-noises)
+    kw = dict(guidance=3.0, steps=steps, shift=3.0)
+    both = sampler.sample(model, noise, ctx, uncond, generators=gens(0, 1, 2), **kw)
+    again = sampler.sample(model, noise, ctx, uncond, generators=gens(0, 1, 2), **kw)
     assert torch.equal(both, again)  # deterministic
     for i in range(3):
-        one = sampler.sample(model, noise[i:i + 1], ctx[i:i + 1], uncond, guidance=3.0, steps=6, shift=3.0)
+        one = sampler.sample(model, noise[i:i + 1], ctx[i:i + 1], uncond, generators=gens(i), **kw)
         torch.testing.assert_close(one[0], both[i], atol=1e-6, rtol=1e-6)
 
 

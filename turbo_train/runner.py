@@ -5,8 +5,9 @@ Strategies: `auto` and `ddp` are implemented (DDP over NCCL on GPUs, gloo on the
 `fsdp2` (ModelParallelStrategy + fully_shard), `deepspeed_zero2` and `deepspeed_zero3` are valid
 recipe values that `check_supported` refuses with a ValueError until the cluster issue adds them.
 Data: `toy_onthefly` needs only torch and numpy (plain DataLoaders over `ToyVideoStream`),
-`toy_shards` needs webdataset (`ToyVideoDataModule`, imported only then); `latent_shards` has no
-reader yet. Logging: a CSV log always, wandb (offline by default) when installed.
+`toy_shards` needs webdataset (`ToyVideoDataModule`, imported only then), and so does `latent_shards`
+(`latent_shards.LatentShardDataModule`: shards written by `turbo-train synth`). Logging: a CSV log
+always, wandb (offline by default) when installed.
 """
 from __future__ import annotations
 
@@ -39,10 +40,8 @@ def check_supported(recipe: Recipe) -> None:
         from turbo_train.methods.sla import check_sla_recipe
 
         check_sla_recipe(recipe)  # dense teacher weights set, uncond file for latent shards
-    if recipe.data.source == "latent_shards":
-        raise ValueError("data.source: 'latent_shards' has no reader yet; use toy_onthefly or toy_shards")
-    if recipe.data.source == "toy_shards" and not has_module("webdataset"):
-        raise ValueError("data.source: 'toy_shards' needs the webdataset package (pip install webdataset); "
+    if recipe.data.source in ("toy_shards", "latent_shards") and not has_module("webdataset"):
+        raise ValueError(f"data.source: {recipe.data.source!r} needs the webdataset package (pip install webdataset); "
                          "toy_onthefly needs nothing extra")
 
 
@@ -121,6 +120,13 @@ def build_data(recipe: Recipe) -> dict:
                                 shuffle_buffer=d.shuffle_buffer, seed=d.seed, val_samples=val_samples,
                                 pin_memory=uses_gpu(recipe))
         return {"datamodule": dm}  # with validation off, limit_val_batches=0 keeps its val loader unused
+    if d.source == "latent_shards":
+        from turbo_train.latent_shards import LatentShardDataModule
+
+        return {"datamodule": LatentShardDataModule(d.train_shards, d.val_shards if validate else None,
+                                                    batch_size=d.batch_size, num_workers=d.num_workers,
+                                                    shuffle_buffer=d.shuffle_buffer, seed=d.seed,
+                                                    pin_memory=uses_gpu(recipe))}
     raise ValueError(f"data.source: no reader for {d.source!r}")
 
 

@@ -187,9 +187,11 @@ class _ShardSource:
 class _ReadShards:
     """Stage: url dicts -> raw samples, one shard at a time through webdataset's tar reader."""
 
-    def __init__(self, counter: SkipCounter, give_up_after: int | None = None):
+    def __init__(self, counter: SkipCounter, give_up_after: int | None = None,
+                 required: tuple[str, ...] = REQUIRED_MEMBERS):
         self.counter = counter
         self.give_up_after = give_up_after  # consecutive unreadable shards before raising (None: never)
+        self.required = tuple(required)  # members every complete sample has (latent shards name theirs)
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         failures = 0
@@ -213,7 +215,7 @@ class _ReadShards:
                         expected = int(json.loads(raw["meta.json"])["shard_size"])
                     except Exception:  # noqa: BLE001  (the decode stage reports the bad sample)
                         pass
-            stub = pending is not None and not all(k in pending for k in REQUIRED_MEMBERS)
+            stub = pending is not None and not all(k in pending for k in self.required)
             if stub:  # the member list stops mid-sample: the shard was cut there; drop the stub
                 pending, seen = None, seen - 1
             cut = bool(errors) or stub or (expected is not None and seen < expected)

@@ -7,6 +7,9 @@ and fits the run (`turbo_train.runner.fit`). New knobs belong in the recipe, not
     turbo-train recipes/toy/teacher.yaml
     turbo-train recipes/toy/teacher-cpu-smoke.yaml --set trainer.max_steps=2 --set logging.wandb=false
     python -m turbo_train.cli recipes/toy/teacher.yaml --dry-run
+
+`turbo-train synth {teacher,toy-videos} ...` writes latent shards instead (turbo_train/synth.py; a
+first argument "synth" is that tool, never a recipe file).
 """
 from __future__ import annotations
 
@@ -33,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["synth"]:  # the latent-shard tool, not a recipe
+        from turbo_train.synth import main as synth_main
+
+        return synth_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -334,6 +334,7 @@ def synthesize_teacher(
         uncond = pipe.text_encoder.empty_embedding().float().cpu().contiguous()  # (1, L, D)
     tmp = out / f".uncond.safetensors.{os.getpid()}.tmp"
     save_file({"embedding": uncond}, str(tmp))
+    os.chmod(tmp, 0o644)  # safetensors creates it owner-only
     os.replace(tmp, out / "uncond.safetensors")
     return write_latent_shards(out, num_samples, samples_per_shard, make_samples, settings=settings,
                                latent_shape=latent_shape, latent_dtype=latent_dtype, with_context=store_context,

@@ -105,6 +105,9 @@ class ModelConfig:
     attention: str = "sdpa"  # self-attention backend (turbo_infer.layers.attention): sdpa | sla | sage | sagesla
     attention_options: dict = field(default_factory=dict)  # backend options, e.g. {topk: 0.1}; {} = defaults
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    # torch.compile each DiT block in place (turbo_train/parallel.py: after activation checkpointing,
+    # before FSDP); the first steps pay the compile time (minutes at the 14B shape)
+    compile: bool = False
     # storage dtype of the trained weights (the optimizer's master copy); compute dtype is trainer.precision
     dtype: Literal["float32", "bfloat16"] = "float32"
     text_encoder: Literal["minilm"] = "minilm"  # prompt encoder: minilm (toy world, 384-dim per-token states)
@@ -177,9 +180,13 @@ class TrainerConfig:
     num_nodes: int = 1  # machines; devices·num_nodes processes in all
     # auto = bf16-mixed on a GPU (bf16 autocast, fp32 master weights), 32-true on the CPU
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
-    # auto/ddp today; fsdp2, deepspeed_zero2 and deepspeed_zero3 are accepted names the runner
-    # refuses until the cluster issue (10) implements them
+    # auto: one device, or DDP when there are several; ddp: DistributedDataParallel; fsdp2: FSDP2
+    # fully_shard per block (turbo_train/parallel.py, Lightning's ModelParallelStrategy);
+    # deepspeed_zero2 / deepspeed_zero3: DeepSpeed ZeRO stage 2 / 3 (GPU only)
     strategy: Literal["auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3"] = "auto"
+    # ranks of one Ulysses sequence-parallel group (they split every video's tokens; fsdp2 only); must
+    # divide devices·num_nodes and the model's heads; 1 = no sequence parallelism
+    sequence_parallel: int = 1
     max_steps: int = 1000  # optimizer steps to train for (> 0)
     max_time_minutes: float | None = None  # wall-clock cap in minutes (stops early, still exports); None = no cap
     accumulate_grad_batches: int = 1  # forward/backward passes per optimizer step (1 = no accumulation)
@@ -187,8 +194,13 @@ class TrainerConfig:
     log_every_n_steps: int = 10  # optimizer steps between logged metrics (loss, lr, grad norm, throughput)
     val_every_n_steps: int = 0  # optimizer steps between validation runs (0 = no validation)
     val_batches: int = 4  # batches per validation run (flow-matching loss at fixed noise)
-    seed: int = 0  # seed of the weight init (all ranks alike) and of noise, flow times and caption dropout (offset per rank)
+    # seed of the weight init (all ranks alike) and of the noise, flow times and caption dropout, reseeded per
+    # optimizer step and micro-batch slot (turbo_train.callbacks.DeterministicSteps: resumes bitwise)
+    seed: int = 0
     matmul_precision: Literal["highest", "high", "medium"] = "high"  # fp32 matmuls: high = TF32 on Ampere+
+    # optimizer steps in a row whose loss or gradient is NaN/Inf (each one skipped: no update, counted
+    # in train/nonfinite_skipped) after which training stops with a checkpoint; 0 = never stop
+    max_nonfinite_steps: int = 20
 
     def __post_init__(self):
         if self.devices != "auto":
@@ -203,6 +215,8 @@ class TrainerConfig:
         _require(self.log_every_n_steps >= 1, "log_every_n_steps", f"must be >= 1, got {self.log_every_n_steps}")
         _require(self.val_every_n_steps >= 0, "val_every_n_steps", f"must be >= 0, got {self.val_every_n_steps}")
         _require(self.val_batches >= 1, "val_batches", f"must be >= 1, got {self.val_batches}")
+        _require(self.sequence_parallel >= 1, "sequence_parallel", f"must be >= 1, got {self.sequence_parallel}")
+        _require(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", f"must be >= 0, got {self.max_nonfinite_steps}")
         _require(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
 
 

@@ -8,8 +8,12 @@ builders cover the shipped worlds:
     TurboPipeline.wan(transformer_path, text_encoder_path, vae_path, config="wan2.1-1.3b")
                                          Wan2.1: umT5 + Wan VAE from local directories
 
+    TurboPipeline.from_bundle(path)      a bundle written by turbo-export (turbo_infer.bundle): its
+                                         DiT (W8A8 / SLA / sagesla), text encoder, VAE and sampler
+
 `generate(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift)` returns a uint8
-tensor (B, F, H, W, 3). Noise for prompt i comes from a CPU torch.Generator seeded with seed + i, so
+tensor (B, F, H, W, 3); sampler, steps and guidance left as None take `sample_defaults` (euler, 50
+steps, CFG 5; a bundle's own sampler settings for from_bundle). Noise for prompt i comes from a CPU torch.Generator seeded with seed + i, so
 a prompt's video does not depend on the other prompts in the batch.
 """
 from __future__ import annotations
@@ -82,6 +86,9 @@ class TurboPipeline:
         self.vae = vae
         self.default_shift = default_shift
         self.fps = fps
+        # sampler settings used when generate() gets None (from_bundle: the bundle's own)
+        self.sample_defaults = {"sampler": "euler", "steps": 50, "guidance": 5.0}
+        self.manifest = None  # a bundle's manifest (from_bundle), else None
         cfg = getattr(transformer, "config", None)
         self.patch_size = tuple(getattr(cfg, "patch_size", (1, 1, 1)))
         if cfg is not None:
@@ -132,6 +139,36 @@ class TurboPipeline:
         vae = WanVAE(vae_path, device=device, dtype=torch.float32)
         return cls(model, text, vae, device=device, dtype=dtype, default_shift=WAN_SHIFT, fps=16)
 
+    @classmethod
+    def from_bundle(cls, path, device=None, *, text_encoder=None, vae=None, text_encoder_path=None, vae_path=None,
+                    allow_reference: bool = False, verify: bool = True, dtype=None,
+                    progress: bool = False) -> "TurboPipeline":
+        """A bundle directory written by turbo-export (see turbo_infer.bundle): hashes verified and
+        the target checked against this device before any weight is read; the DiT is built with the
+        bundle's W8A8 layers and attention backend, its tensors mmap'd straight onto `device`;
+        generate() then defaults to the bundle's sampler, steps and guidance.
+
+        device: None = cuda if available, else cpu. text_encoder / vae: objects to use instead of
+        the ones the manifest references; text_encoder_path / vae_path: override the referenced
+        directories. allow_reference: run a GPU target on a device lacking its kernels, through the
+        torch references (slow; e.g. an int8 bundle on the CPU). verify: check sha256 (default).
+        dtype: compute dtype (None = the bundle's). progress: bar over the hashing."""
+        from turbo_infer.bundle import build_text_encoder, build_vae, load_transformer
+
+        device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, manifest = load_transformer(path, device, dtype=dtype, allow_reference=allow_reference,
+                                           verify=verify, progress=progress)
+        if text_encoder is None:
+            text_encoder = build_text_encoder(manifest, device, text_encoder_path)
+        if vae is None:
+            vae = build_vae(manifest, device, vae_path)
+        s = manifest["sampler"]
+        pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
+                   default_shift=float(s["shift"]), fps=manifest["video"]["fps"])
+        pipe.sample_defaults = {"sampler": s["name"], "steps": s["steps"], "guidance": float(s["guidance"])}
+        pipe.manifest = manifest
+        return pipe
+
     # ------------------------------------------------------------------ generation
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         check_video_size(num_frames, height, width, spatial_factor=self.vae.spatial_factor,
@@ -142,11 +179,14 @@ class TurboPipeline:
         return [torch.Generator(device="cpu").manual_seed(seed + i) for i in range(batch)]
 
     @torch.no_grad()
-    def generate_latents(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,
-                         height: int = 64, width: int = 64, sampler: str = "euler", shift: float | None = None,
-                         progress: bool = True) -> torch.Tensor:
+    def generate_latents(self, prompts, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                         num_frames: int = 8, height: int = 64, width: int = 64, sampler: str | None = None,
+                         shift: float | None = None, progress: bool = True) -> torch.Tensor:
         """Sample latents (B, C, F', H', W') float32; arguments as `generate`."""
         prompts = check_prompts(prompts)
+        d = self.sample_defaults
+        steps, guidance = (d["steps"] if steps is None else steps), (d["guidance"] if guidance is None else guidance)
+        sampler = d["sampler"] if sampler is None else sampler
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         if sampler not in SAMPLERS:
@@ -162,13 +202,14 @@ class TurboPipeline:
                                            generators=gens)
 
     @torch.no_grad()
-    def generate(self, prompts, steps: int = 50, guidance: float = 5.0, seed: int = 0, num_frames: int = 8,
-                 height: int = 64, width: int = 64, sampler: str = "euler", shift: float | None = None,
-                 progress: bool = True) -> torch.Tensor:
+    def generate(self, prompts, steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                 num_frames: int = 8, height: int = 64, width: int = 64, sampler: str | None = None,
+                 shift: float | None = None, progress: bool = True) -> torch.Tensor:
         """Generate one video per prompt -> uint8 tensor (B, num_frames, height, width, 3) on the CPU.
 
         prompts: list of strings (a bare string is one prompt); steps: sampler steps (network
         evaluations = steps, x2 batch under CFG); guidance: CFG weight w (1 = conditional only);
+        steps / guidance / sampler None = `sample_defaults` (euler 50 steps CFG 5, or the bundle's);
         seed: base seed (prompt i uses seed + i); num_frames/height/width: output video size (checked
         against the VAE factors and the DiT's patch); sampler: a key of SAMPLERS; shift: timestep
         shift (None = the world's default: toy 3, Wan 5); progress: tqdm bar over steps."""

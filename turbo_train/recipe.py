@@ -35,6 +35,7 @@ import yaml
 
 from turbo_train.methods.rcm import RCMConfig  # rCM's section lives beside its Lightning module
 from turbo_train.methods.sla import SLAFinetuneConfig  # so does SLA fine-tuning's
+from turbo_train.methods.calibrate import CalibrateConfig  # and W8A8 calibration's
 
 # ----------------------------------------------------------------------------- errors
 
@@ -79,15 +80,17 @@ class FlowMatchingConfig:
 class MethodConfig:
     """Which method trains, and each method's own section (only the named one is used)."""
 
-    # training method: flow_matching (teacher from scratch or fine-tune); rcm, sla and calibrate
-    # join this list with their own sections
-    name: Literal["flow_matching", "rcm", "sla"] = "flow_matching"
+    # training method: flow_matching (teacher from scratch or fine-tune), rcm, sla, or calibrate
+    # (W8A8 statistics and a mixed-precision plan; trains nothing)
+    name: Literal["flow_matching", "rcm", "sla", "calibrate"] = "flow_matching"
     # settings of method `flow_matching`
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
     # settings of method `rcm`: distillation into a 1-4 step student (turbo_train/methods/rcm.py)
     rcm: RCMConfig = field(default_factory=RCMConfig)
     # settings of method `sla`: SLA fine-tuning against the dense model (turbo_train/methods/sla.py)
     sla: SLAFinetuneConfig = field(default_factory=SLAFinetuneConfig)
+    # settings of method `calibrate`: W8A8 scales and plan (turbo_train/methods/calibrate.py)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
 
 
 # ----------------------------------------------------------------------------- model

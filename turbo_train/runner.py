@@ -1,27 +1,41 @@
 """Build a training run from a recipe and fit it: method module, data, strategy, loggers, callbacks,
 Trainer, resume point. `turbo-train` (cli.py) is a thin shell around `fit`.
 
-Strategies: `auto` and `ddp` are implemented (DDP over NCCL on GPUs, gloo on the CPU). The names
-`fsdp2` (ModelParallelStrategy + fully_shard), `deepspeed_zero2` and `deepspeed_zero3` are valid
-recipe values that `check_supported` refuses with a ValueError until the cluster issue adds them.
-Data: `toy_onthefly` needs only torch and numpy (plain DataLoaders over `ToyVideoStream`),
-`toy_shards` needs webdataset (`ToyVideoDataModule`, imported only then), and so does `latent_shards`
-(`latent_shards.LatentShardDataModule`: shards written by `turbo-train synth`). Logging: a CSV log
-always, wandb (offline by default) when installed.
+Strategies (trainer.strategy), the same recipe from one CPU to many GPUs and nodes:
+  auto     one device (or Lightning's DDP when there are several)
+  ddp      DistributedDataParallel: NCCL on GPUs, gloo on the CPU
+  fsdp2    FSDP2 through Lightning's ModelParallelStrategy (`parallel.FSDP2Strategy`); the method
+           module's `configure_model` applies Ulysses sequence parallel (trainer.sequence_parallel),
+           activation checkpointing, compile and fully_shard (`turbo_train/parallel.py`); runs on the CPU
+  deepspeed_zero2 / deepspeed_zero3
+           Lightning's DeepSpeedStrategy at that ZeRO stage; CUDA only (refused on the CPU with a clear
+           error), one optimizer only (rCM with a fake score has two), see `check_strategy`
+The launcher (torchrun, SLURM srun, or Lightning's own process spawning for `devices: N`) is detected
+by Lightning; recipes/launch/ holds the templates.
+Data: `toy_onthefly` needs only torch and numpy (`ToyBatchStream`: whole micro-batches keyed by
+position, exactly resumable), `toy_shards` needs webdataset (`ToyVideoDataModule`, imported only then),
+and so does `latent_shards` (`latent_shards.LatentShardDataModule`: shards written by `turbo-train
+synth`); shard streams restart from their beginning on resume (not exact). Logging: a CSV log always,
+wandb (offline by default) when installed. Robustness (turbo_train/callbacks.py): atomic checkpoints,
+per-step seeds and saved RNG/data state (bitwise resume on the CPU), SIGTERM/SIGUSR1 -> checkpoint and
+exit 143, NaN/Inf steps skipped and counted, throughput/MFU/memory logged.
 """
 from __future__ import annotations
 
 import datetime
-import time
+import os
 import warnings
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
+from torch.utils.data import IterableDataset, get_worker_info
 
-from turbo_train.lightning_compat import Callback, has_module, pl, rank_zero_warn
+from turbo_train import callbacks as cb
+from turbo_train.lightning_compat import has_module, pl, rank_zero_warn
 from turbo_train.recipe import Recipe
 
-SUPPORTED_STRATEGIES = ("auto", "ddp")
+SUPPORTED_STRATEGIES = ("auto", "ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -33,9 +47,7 @@ def check_supported(recipe: Recipe) -> None:
         from turbo_train.methods.rcm import check_rcm_recipe
 
         check_rcm_recipe(recipe)  # first: unset "<...>" paths; no accumulation or clipping
-    if recipe.trainer.strategy not in SUPPORTED_STRATEGIES:
-        raise ValueError(f"trainer.strategy: {recipe.trainer.strategy!r} is not implemented yet (the cluster issue "
-                         f"adds fsdp2 and DeepSpeed ZeRO); use one of {list(SUPPORTED_STRATEGIES)}")
+    check_strategy(recipe)
     if recipe.method.name == "sla":
         from turbo_train.methods.sla import check_sla_recipe
 
@@ -74,6 +86,45 @@ def world_size(recipe: Recipe) -> int | None:
     return None if d == "auto" else d * recipe.trainer.num_nodes
 
 
+def check_strategy(recipe: Recipe) -> None:
+    """Raise ValueError naming the recipe key for a strategy this recipe cannot run with (config first,
+    then the hardware, so that a GPU recipe validated on a laptop reports its real problems)."""
+    t, name = recipe.trainer, recipe.trainer.strategy
+    if name not in SUPPORTED_STRATEGIES:
+        raise ValueError(f"trainer.strategy: unknown strategy {name!r}; use one of {list(SUPPORTED_STRATEGIES)}")
+    world = world_size(recipe)
+    if t.sequence_parallel > 1:
+        if name != "fsdp2":
+            raise ValueError(f"trainer.sequence_parallel: {t.sequence_parallel} needs trainer.strategy fsdp2, got {name!r}")
+        heads = recipe.model.wan_config().num_heads
+        if heads % t.sequence_parallel:
+            raise ValueError(f"trainer.sequence_parallel: {t.sequence_parallel} does not divide the model's "
+                             f"{heads} attention heads")
+        if world is not None and world % t.sequence_parallel:
+            raise ValueError(f"trainer.sequence_parallel: {t.sequence_parallel} does not divide the "
+                             f"{world} processes (trainer.devices x trainer.num_nodes)")
+    precision = resolve_precision(recipe)
+    if name == "fsdp2" and precision not in ("32-true", "bf16-mixed"):
+        raise ValueError(f"trainer.precision: {precision!r} is not supported with fsdp2; use bf16-mixed (GPU) or 32-true")
+    if name.startswith("deepspeed"):
+        stage = int(name[-1])
+        if recipe.method.name == "rcm" and recipe.method.rcm.uses_dmd:
+            raise ValueError(f"trainer.strategy: {name!r} drives one optimizer, rCM with a fake score "
+                             f"(method.rcm.loss_mode {recipe.method.rcm.loss_mode!r}) steps two; use fsdp2 or ddp")
+        if recipe.ema.kind != "none" and stage == 3:
+            raise ValueError("ema.kind: ZeRO-3 partitions the EMA copy, which the EMA update reads whole; use "
+                             "ema.kind: none with deepspeed_zero3, or trainer.strategy fsdp2 (shards the EMA too)")
+        if recipe.ema.kind != "none" and precision != "32-true":
+            raise ValueError(f"ema.kind: DeepSpeed with trainer.precision {precision!r} casts the whole module, EMA "
+                             "copy included, to 16 bits, where EMA updates of (1 - beta) ~ 1e-3 round away; use "
+                             "ema.kind: none, trainer.precision: 32-true, or trainer.strategy fsdp2")
+        if not has_module("deepspeed"):
+            raise ValueError(f"trainer.strategy: {name!r} needs the deepspeed package (pip install deepspeed)")
+        if not uses_gpu(recipe):
+            raise ValueError(f"trainer.strategy: {name!r} runs on CUDA GPUs only (Lightning's DeepSpeedStrategy "
+                             "refuses the CPU); on the CPU use ddp or fsdp2")
+
+
 # ----------------------------------------------------------------------------- builders
 
 
@@ -94,6 +145,83 @@ def build_module(recipe: Recipe, export_dir: str | Path | None = None):
     raise ValueError(f"method.name: no module for {recipe.method.name!r}")
 
 
+class ToyBatchStream(IterableDataset):
+    """On-the-fly toy videos in whole micro-batches keyed by position: exactly resumable, and the same
+    samples in the same slots whatever the process and worker counts at a fixed global batch.
+
+    Micro-batch a (0..A-1) of optimizer step g on data-parallel rank r holds the videos
+    start + g·G + (r·A + a)·B + [0, B), with G = B·dp·A the global batch (B = batch_size, A =
+    accumulate, dp = data-parallel size). DataLoader worker w of W makes this rank's micro-batches
+    n = w, w + W, ... (the loader returns them in order n = 0, 1, 2, ...). Video i is
+    `generate_sample(sample_seed(seed, i, split))`, as in `ToyVideoStream`.
+
+    seed, split: which videos ("train" or "eval"). start: first video index (a resumed run sets it to
+    the videos already consumed). num_batches: micro-batches per rank (a finite validation set, the
+    same count on every rank); None = endless. The data-parallel rank and size are set by
+    `callbacks.DeterministicSteps.setup` (the strategy knows them; ranks of one sequence-parallel group
+    share one); unset, they come from torch.distributed or RANK/WORLD_SIZE.
+    """
+
+    def __init__(self, seed: int, split: str, batch_size: int, accumulate: int = 1, start: int = 0,
+                 num_batches: int | None = None):
+        super().__init__()
+        from turbo_train.toyworld.generator import SPLITS
+
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        for name, v, low in (("seed", seed, 0), ("batch_size", batch_size, 1), ("accumulate", accumulate, 1),
+                             ("start", start, 0)):
+            if int(v) < low:
+                raise ValueError(f"{name} must be >= {low}, got {v}")
+        if num_batches is not None and int(num_batches) < 1:
+            raise ValueError(f"num_batches must be None or >= 1, got {num_batches}")
+        self.seed, self.split, self.batch_size, self.accumulate = int(seed), split, int(batch_size), int(accumulate)
+        self.start, self.num_batches = int(start), num_batches
+        self.dp_rank = self.dp_size = None
+
+    def set_data_parallel(self, rank: int, size: int) -> None:
+        if not 0 <= rank < size:
+            raise ValueError(f"data-parallel rank must be in [0, {size}), got {rank}")
+        self.dp_rank, self.dp_size = int(rank), int(size)
+
+    def _data_parallel(self) -> tuple[int, int]:
+        if self.dp_rank is not None:
+            return self.dp_rank, self.dp_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    def batch_indices(self, n: int) -> range:
+        """Video indices of this rank's micro-batch n."""
+        rank, dp = self._data_parallel()
+        B, A = self.batch_size, self.accumulate
+        g, a = divmod(n, A)
+        first = self.start + g * B * dp * A + (rank * A + a) * B
+        return range(first, first + B)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from turbo_train.toyworld.attributes import attributes_to_labels
+        from turbo_train.toyworld.generator import generate_sample, sample_seed
+        from turbo_train.toyworld.stream import collate_toy
+
+        info = get_worker_info()
+        n, step = (info.id, info.num_workers) if info is not None else (0, 1)
+        while self.num_batches is None or n < self.num_batches:
+            samples = []
+            for i in self.batch_indices(n):
+                s = generate_sample(sample_seed(self.seed, i, self.split), split=self.split)
+                samples.append({"key": f"{self.split}-{i:08d}", "video": torch.from_numpy(s.video),
+                                "caption": s.caption, "attributes": s.attributes,
+                                "labels": attributes_to_labels(s.attributes)})
+            yield collate_toy(samples)
+            n += step
+
+
+def _whole_batches(batch):
+    """DataLoader collate for a dataset that yields whole batches."""
+    return batch
+
+
 def build_data(recipe: Recipe) -> dict:
     """Trainer.fit data arguments: {"train_dataloaders", "val_dataloaders"} or {"datamodule"}.
     Validation data is built only when trainer.val_every_n_steps > 0."""
@@ -103,15 +231,13 @@ def build_data(recipe: Recipe) -> dict:
     if d.source == "toy_onthefly":
         from torch.utils.data import DataLoader
 
-        from turbo_train.toyworld.stream import ToyVideoStream, collate_toy
-
         def loader(dataset):
-            return DataLoader(dataset, batch_size=d.batch_size, num_workers=d.num_workers, collate_fn=collate_toy,
+            return DataLoader(dataset, batch_size=None, num_workers=d.num_workers, collate_fn=_whole_batches,
                               pin_memory=uses_gpu(recipe), persistent_workers=d.num_workers > 0)
 
-        out = {"train_dataloaders": loader(ToyVideoStream(seed=d.seed, split="train"))}
+        out = {"train_dataloaders": loader(ToyBatchStream(d.seed, "train", d.batch_size, t.accumulate_grad_batches))}
         if validate:
-            out["val_dataloaders"] = loader(ToyVideoStream(seed=d.seed, split="eval", num_samples=val_samples))
+            out["val_dataloaders"] = loader(ToyBatchStream(d.seed, "eval", d.batch_size, num_batches=t.val_batches))
         return out
     if d.source == "toy_shards":
         from turbo_train.toyworld.datamodule import ToyVideoDataModule
@@ -131,15 +257,44 @@ def build_data(recipe: Recipe) -> dict:
 
 
 def build_strategy(recipe: Recipe):
+    """The Lightning strategy of trainer.strategy (check_strategy has validated the combination)."""
     name = recipe.trainer.strategy
-    if name == "auto":
+    if name == "auto" and world_size(recipe) in (None, 1):
         return "auto"
-    if name == "ddp":
+    if name in ("auto", "ddp"):
         # every DiT parameter gets a gradient each step; the frozen EMA copy is skipped by DDP
         # (rCM alternates student and fake-score steps: each step leaves one network's parameters unused)
         return pl.strategies.DDPStrategy(find_unused_parameters=recipe.method.name == "rcm")
-    check_supported(recipe)  # raises for the names not implemented yet
+    if name == "fsdp2":
+        from turbo_train.parallel import FSDP2Strategy
+
+        # sharded checkpoints: each rank writes its shards (no gather of the whole model on rank 0)
+        return FSDP2Strategy(sequence_parallel=recipe.trainer.sequence_parallel, save_distributed_checkpoint=True)
+    if name.startswith("deepspeed"):
+        return _deepspeed_strategy(int(name[-1]))
     raise ValueError(f"trainer.strategy: unknown strategy {name!r}")
+
+
+def _deepspeed_strategy(stage: int):
+    """Lightning's DeepSpeedStrategy at ZeRO `stage`, writing its checkpoint directory atomically (under
+    <name>.tmp, renamed into place once every rank has written). Precision (bf16), gradient clipping and
+    accumulation come from the Trainer; activation checkpointing is the model's own (recipe)."""
+    from turbo_train.parallel import _remove, _swap_in
+
+    class AtomicDeepSpeedStrategy(pl.strategies.DeepSpeedStrategy):
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+            path = Path(self.broadcast(str(filepath)))
+            tmp = path.with_name(path.name + ".tmp")
+            if self.is_global_zero:
+                _remove(tmp)
+            self.barrier()
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier()
+            if self.is_global_zero:
+                _swap_in(tmp, path)
+            self.barrier()
+
+    return AtomicDeepSpeedStrategy(stage=stage)
 
 
 def build_loggers(recipe: Recipe, run_dir: Path) -> list:
@@ -155,44 +310,6 @@ def build_loggers(recipe: Recipe, run_dir: Path) -> list:
     return loggers
 
 
-class ThroughputMonitor(Callback):
-    """Logs train/samples_per_s (all ranks together) and train/step_s, averaged over windows of
-    `window` optimizer steps (the GPU is synchronized at window ends only), and on CUDA
-    train/peak_mem_gib (peak allocated memory of this rank)."""
-
-    def __init__(self, window: int = 10):
-        self.window = max(1, int(window))
-        self._t0 = None
-        self._step0 = 0
-        self._samples = 0
-        self.samples_per_s = None
-        self.step_s = None
-
-    def _sync(self, pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_train_start(self, trainer, pl_module):
-        self._sync(pl_module)
-        self._t0, self._step0, self._samples = time.perf_counter(), trainer.global_step, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        x = batch.get("video", batch.get("latent")) if isinstance(batch, dict) else None
-        self._samples += (x.shape[0] if x is not None else 0) * trainer.world_size
-        steps = trainer.global_step - self._step0
-        if steps >= self.window:
-            self._sync(pl_module)
-            now = time.perf_counter()
-            self.samples_per_s = self._samples / (now - self._t0)
-            self.step_s = (now - self._t0) / steps
-            self._t0, self._step0, self._samples = now, trainer.global_step, 0
-        if self.samples_per_s is not None:
-            pl_module.log("train/samples_per_s", self.samples_per_s, prog_bar=True)
-            pl_module.log("train/step_s", self.step_s)
-        if pl_module.device.type == "cuda":
-            pl_module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
-
-
 class StepCheckpoint(pl.callbacks.ModelCheckpoint):
     """ModelCheckpoint that also saves (a step checkpoint and last.ckpt) when training stops between
     every_n_train_steps marks, at max_steps or max_time: Lightning's own on_train_end writes last.ckpt
@@ -206,8 +323,13 @@ class StepCheckpoint(pl.callbacks.ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
 
 
-def build_callbacks(recipe: Recipe, run_dir: Path) -> list:
+def build_callbacks(recipe: Recipe, run_dir: Path, data: dict | None = None) -> list:
+    """Checkpointing, exact-resume state, preemption, non-finite steps, throughput and data-skip logging.
+    `data`: build_data's result (its ToyBatchStreams are positioned on resume)."""
     ck, t = recipe.checkpoint, recipe.trainer
+    train, val = ((getattr((data or {}).get(k), "dataset", None)) for k in ("train_dataloaders", "val_dataloaders"))
+    train = train if isinstance(train, ToyBatchStream) else None
+    others = [val] if isinstance(val, ToyBatchStream) else []
     cbs = [
         StepCheckpoint(
             dirpath=str(run_dir / "checkpoints"),
@@ -218,14 +340,34 @@ def build_callbacks(recipe: Recipe, run_dir: Path) -> list:
             save_top_k=(-1 if ck.keep is None else ck.keep) if ck.every_n_steps else 0,
             save_last=True,
         ),
-        ThroughputMonitor(window=t.log_every_n_steps),
+        cb.DeterministicSteps(t.seed, t.accumulate_grad_batches, recipe.data.batch_size, train, others),
+        cb.PreemptionHandler(),
+        cb.NonFiniteGuard(t.max_nonfinite_steps),
+        cb.ThroughputMonitor(window=t.log_every_n_steps, precision=resolve_precision(recipe),
+                             matmul_precision=t.matmul_precision),
+        cb.DataSkipMonitor(),
     ]
     if recipe.logging.progress_bar:
         cbs.append(pl.callbacks.TQDMProgressBar(refresh_rate=min(t.log_every_n_steps, 10)))
     return cbs
 
 
-def build_trainer(recipe: Recipe, run_dir: Path):
+def build_plugins(recipe: Recipe) -> list:
+    """Atomic single-file checkpoints for one-device and DDP runs (FSDP2 and DeepSpeed write directories,
+    swapped in by their strategies); under SLURM, Lightning's auto-requeue is off: PreemptionHandler
+    owns SIGUSR1/SIGTERM and the sbatch template requeues on exit code 143."""
+    plugins = []
+    if recipe.trainer.strategy in ("auto", "ddp"):
+        plugins.append(cb.AtomicCheckpointIO())
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        plugins.append(pl.plugins.environments.SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
+def build_trainer(recipe: Recipe, run_dir: Path, data: dict | None = None):
+    """The Trainer; `data` (build_data's result) lets the callbacks position the data stream on resume."""
     t = recipe.trainer
     validate = t.val_every_n_steps > 0
     return pl.Trainer(
@@ -247,31 +389,49 @@ def build_trainer(recipe: Recipe, run_dir: Path):
         limit_val_batches=t.val_batches if validate else 0,
         num_sanity_val_steps=0,
         logger=build_loggers(recipe, run_dir),
-        callbacks=build_callbacks(recipe, run_dir),
+        callbacks=build_callbacks(recipe, run_dir, data),
+        plugins=build_plugins(recipe),
         enable_progress_bar=recipe.logging.progress_bar,
         default_root_dir=str(run_dir),
     )
 
 
 def resume_path(recipe: Recipe, run_dir: Path) -> str | None:
-    """Checkpoint to resume from: checkpoint.resume auto -> <run_dir>/checkpoints/last.ckpt if it exists."""
+    """Checkpoint to resume from: checkpoint.resume auto -> <run_dir>/checkpoints/last.ckpt if it exists
+    (a file, or a directory for FSDP2's sharded checkpoints; last.ckpt.old if a crash hit the swap of a
+    directory checkpoint between its two renames)."""
     r = recipe.checkpoint.resume
     if r is None:
         return None
     if r == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(r).is_file():
-        raise FileNotFoundError(f"checkpoint.resume: checkpoint file not found: {r}")
+        for name in ("last.ckpt", "last.ckpt.old"):
+            last = run_dir / "checkpoints" / name
+            if last.exists():
+                return str(last)
+        return None
+    if not Path(r).exists():
+        raise FileNotFoundError(f"checkpoint.resume: checkpoint not found: {r}")
     return r
 
 
 # ----------------------------------------------------------------------------- fit
 
 
+class Preempted(SystemExit):
+    """Raised by `fit` after a SIGTERM/SIGUSR1 stop with its checkpoint written: exits the process with
+    code 143 (callbacks.EXIT_PREEMPTED), which the SLURM template requeues."""
+
+    def __init__(self, step: int):
+        super().__init__(cb.EXIT_PREEMPTED)
+        self.step = step
+
+
 def fit(recipe: Recipe, run_dir: str | Path, module=None):
     """Build everything from `recipe` and train; returns (trainer, module). `module` replaces the
-    recipe's module (tests pass one with a small fake text encoder)."""
+    recipe's module (tests pass one with a small fake text encoder).
+
+    Raises Preempted (a SystemExit, code 143) when a signal stopped the run (checkpoint written), and
+    callbacks.NonFiniteStop when trainer.max_nonfinite_steps skipped steps in a row stopped it."""
     check_supported(recipe)
     check_paths(recipe)
     run_dir = Path(run_dir)
@@ -281,10 +441,18 @@ def fit(recipe: Recipe, run_dir: str | Path, module=None):
     pl.seed_everything(recipe.trainer.seed, workers=True)
     if module is None:
         module = build_module(recipe, export_dir=run_dir)
-    trainer = build_trainer(recipe, run_dir)
     data = build_data(recipe)
+    trainer = build_trainer(recipe, run_dir, data)
     ckpt = resume_path(recipe, run_dir)
     if ckpt is not None and trainer.is_global_zero:
         print(f"turbo-train: resuming from {ckpt}")
     trainer.fit(module, ckpt_path=ckpt, **data)
+    preemption = next(c for c in trainer.callbacks if isinstance(c, cb.PreemptionHandler))
+    guard = next(c for c in trainer.callbacks if isinstance(c, cb.NonFiniteGuard))
+    if preemption.preempted:
+        raise Preempted(trainer.global_step)
+    if guard.stopped:
+        raise cb.NonFiniteStop(f"trainer.max_nonfinite_steps: {guard.consecutive} optimizer steps in a row had a "
+                               f"non-finite loss or gradient ({guard.skipped} skipped in all); stopped at step "
+                               f"{trainer.global_step} with a checkpoint in {run_dir / 'checkpoints'}")
     return trainer, module

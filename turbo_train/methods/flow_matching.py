@@ -261,6 +261,12 @@ class FlowMatchingModule(LightningModule):
         ema_lib.update_ema(self.ema, self.model, beta)
         self.ema_updates += 1
 
+    def configure_model(self) -> None:
+        # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py
+        from turbo_train.parallel import configure_module
+
+        configure_module(self)
+
     def configure_optimizers(self):
         opt = adamw(self.model, self.recipe.optim)
         o = self.recipe.optim

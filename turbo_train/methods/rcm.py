@@ -487,6 +487,12 @@ class RCMModule(LightningModule):
         ema_lib.update_ema(self.ema, self.student, beta)
         self.ema_updates += 1
 
+    def configure_model(self) -> None:
+        # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py
+        from turbo_train.parallel import configure_module
+
+        configure_module(self)
+
     def configure_optimizers(self):
         """AdamW for the student (optim section) and the fake score (lr = fake_score_lr), each with
         linear warmup then the optim schedule, counted in its own updates (§4)."""

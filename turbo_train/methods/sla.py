@@ -354,6 +354,12 @@ class SLAFinetuneModule(LightningModule):
         ema_lib.update_ema(self.ema, self.student, beta)
         self.ema_updates += 1
 
+    def configure_model(self) -> None:
+        # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py
+        from turbo_train.parallel import configure_module
+
+        configure_module(self)
+
     def configure_optimizers(self):
         """AdamW over the student's trainable parameters, linear warmup then the optim schedule."""
         from turbo_train.methods.flow_matching import adamw, lr_multiplier

@@ -220,7 +220,14 @@ class PreemptionHandler(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Skips optimizer steps whose loss (any micro-batch, any rank) or gradient is NaN/Inf.
+    """Skips optimizer steps whose loss (any micro-batch, any rank) or gradient is NaN/Inf, and logs the
+    loss of the whole global batch.
+
+    At each optimizer step one all-reduce carries [sum of this rank's backward losses, non-finite flag]
+    (Lightning divides each micro-batch loss by accumulate_grad_batches before backward, so the sum is
+    the rank's mean): train/loss_global = their sum / world size = the loss of the global batch, the
+    same number whatever the split into processes and micro-batches (ranks of a sequence-parallel group
+    hold the same loss, so the mean over all ranks is still the mean over data-parallel slots).
 
     A skipped step drops the gradients before the optimizer sees them (AdamW leaves parameters and
     moments untouched), is counted in train/nonfinite_skipped, and still advances the step counter,
@@ -233,10 +240,11 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_consecutive: int = 20):
         self.max_consecutive = int(max_consecutive)
-        self.skipped = 0  # steps skipped so far in this run
+        self.skipped = 0  # steps skipped so far (restored on resume)
         self.consecutive = 0
         self.stopped = False
-        self._bad_loss = None  # device bool tensor: a non-finite loss since the last optimizer step
+        self.loss_global = None  # host float: the last optimizer step's global-batch loss
+        self._loss_sum = None  # device tensor: this rank's backward losses since the last optimizer step
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive}
@@ -245,20 +253,27 @@ class NonFiniteGuard(Callback):
         self.skipped, self.consecutive = int(state.get("skipped", 0)), int(state.get("consecutive", 0))
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._bad_loss = bad if self._bad_loss is None else (self._bad_loss | bad)
+        loss = loss.detach().float().sum()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        bad = self._bad_loss if self._bad_loss is not None else torch.zeros((), dtype=torch.bool)
-        self._bad_loss = None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is None:
+        device = trainer.strategy.root_device
+        loss = (self._loss_sum if self._loss_sum is not None else torch.zeros(())).to(device)
+        self._loss_sum = None
+        bad = ~torch.isfinite(loss)
+        if getattr(trainer.precision_plugin, "scaler", None) is None:
             grads = [_local(p.grad) for p in params if p.grad is not None]
             if grads:
-                norms = torch.stack(torch._foreach_norm(grads))
-                bad = bad.to(norms.device) | ~torch.isfinite(norms).all()
-        if not _any_rank(bool(bad), trainer.strategy.root_device):
+                bad = bad | ~torch.isfinite(torch.stack(torch._foreach_norm(grads))).all().to(device)
+        packed = torch.stack([loss, bad.float()])
+        world = _dist_world()
+        if world > 1:
+            torch.distributed.all_reduce(packed)
+        loss_global, any_bad = packed.tolist()
+        self.loss_global = loss_global / world
+        pl_module.log("train/loss_global", self.loss_global)
+        if not any_bad:
             self.consecutive = 0
             pl_module.log("train/nonfinite_skipped", float(self.skipped))
             return

@@ -19,9 +19,11 @@
 
 Gradient scaling with sequence parallelism: the loss is identical on the P ranks of a group (the
 head's output is gathered), and each rank's backward yields the parameter-gradient contribution of
-its own L/P tokens, so the true gradient is their SUM over the group and the MEAN over data-parallel
-groups. FSDP divides the reduce-scatter sum by the mesh size dp·P; `set_gradient_divide_factor(dp)`
-makes it divide by dp only.
+its own L/P tokens (every parameter sits before the gather), so the true gradient is their SUM over
+the group and the MEAN over data-parallel groups. FSDP divides the reduce-scatter sum by the mesh size
+dp·P, so the gradient entering the gather is multiplied by P (`_ScaleGrad`): (1/(dp·P))·Σ P·g = the
+dp-mean of the group sums. (FSDP2's set_gradient_divide_factor would do the same with a PREMUL_SUM
+reduce-scatter, which gloo lacks.)
 
 Every Wan network of a LightningModule is handled (`wan_networks`: the trained one, a frozen teacher,
 the EMA copy); frozen ones are sharded too (memory), without activation checkpointing. The model code
@@ -60,7 +62,7 @@ def mixed_precision_policy(precision: str):
 
 
 def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing: bool | None = None,
-                    compile: bool = False, fsdp_mesh=None, mp_policy=None, grad_divide_factor: float | None = None,
+                    compile: bool = False, fsdp_mesh=None, mp_policy=None, scale_sp_grads: bool = True,
                     reshard_after_forward: bool = True) -> WanModel:
     """Apply, in this order, Ulysses sequence parallel, activation checkpointing, compile and FSDP2 to one
     WanModel (in place; returns it).
@@ -70,8 +72,8 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
     compile: torch.compile each block in place.
     fsdp_mesh: 1-D DeviceMesh to shard over; None = no FSDP.
     mp_policy: FSDP2 MixedPrecisionPolicy; None = fp32.
-    grad_divide_factor: FSDP gradient divide factor (the data-parallel size under sequence parallel);
-        None = FSDP's default (the mesh size).
+    scale_sp_grads: multiply the gradient entering the sequence gather by P (see the module docstring);
+        right when gradients are then AVERAGED over all ranks (FSDP over the whole mesh).
     reshard_after_forward: free gathered parameters after each block's forward (ZeRO-3 style); False
         keeps them until backward (ZeRO-2 style, more memory, fewer all-gathers).
     """
@@ -82,6 +84,8 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
         from turbo_infer.sequence_parallel import enable_sequence_parallel
 
         enable_sequence_parallel(model, sp_group)
+        if scale_sp_grads and model.sequence_shard is not None:
+            _scale_gather_grads(model.sequence_shard)
     # 2. activation checkpointing: a flag read by WanModel.forward (torch.utils.checkpoint per block)
     if activation_checkpointing is not None:
         model.enable_activation_checkpointing(bool(activation_checkpointing))
@@ -99,13 +103,33 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
         for block in model.blocks:
             fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
         fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
-        if grad_divide_factor is not None:
-            from torch.distributed.fsdp import FSDPModule
-
-            for m in model.modules():
-                if isinstance(m, FSDPModule):
-                    m.set_gradient_divide_factor(float(grad_divide_factor))
     return model
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def _scale_gather_grads(shard) -> None:
+    """Make shard.gather (the token gather before the loss) scale its input's gradient by the group size."""
+    if getattr(shard, "_turbo_scaled", False):
+        return
+    gather, P = shard.gather, shard.world
+
+    def scaled_gather(x, dim: int = 1):
+        return gather(_ScaleGrad.apply(x, float(P)), dim)
+
+    shard.gather = scaled_gather
+    shard._turbo_scaled = True
 
 
 # ----------------------------------------------------------------------------- a LightningModule's networks
@@ -156,8 +180,7 @@ def configure_module(module) -> None:
         trained = is_trained(net)
         parallelize_wan(net, sp_group=sp_group,
                         activation_checkpointing=recipe.model.activation_checkpointing if trained else False,
-                        compile=recipe.model.compile, fsdp_mesh=fsdp_mesh, mp_policy=mp,
-                        grad_divide_factor=strategy.world_size // sp if sp > 1 else None)
+                        compile=recipe.model.compile, fsdp_mesh=fsdp_mesh, mp_policy=mp)
     _export_through_gather(module)
     module._turbo_parallelized = True
 

@@ -668,3 +668,33 @@ __all__ = ["AbsHistogram", "CalibrateConfig", "KEEP_FLOAT", "activation_scales",
            "check_calibrate_recipe", "choose_precision", "format_ok", "collect_statistics", "layer_sensitivity", "load_plan",
            "pick_samples", "plan_error", "read_prompts", "record_inputs", "run_calibration", "run_from_block",
            "summary_table", "swapped", "toy_prompts", "validate_plan", "write_plan"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m turbo_train.methods.calibrate RECIPE [--set key=value ...]`: run a calibrate recipe
+    directly (what `turbo-train RECIPE` does for method calibrate)."""
+    import argparse
+
+    from turbo_train.recipe import load_recipe
+
+    p = argparse.ArgumentParser(prog="python -m turbo_train.methods.calibrate",
+                                description="W8A8 calibration: statistics, static scales, sensitivity, plan JSON.")
+    p.add_argument("recipe", help="a recipe with method.name: calibrate (e.g. recipes/toy/calibrate.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one recipe key (dotted); repeatable")
+    args = p.parse_args(argv)
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.method.name != "calibrate":
+            raise ValueError(f"method.name: this entry point runs 'calibrate', the recipe says {recipe.method.name!r}")
+        check_calibrate_recipe(recipe)
+        if recipe.model.checkpoint is not None and not Path(recipe.model.checkpoint).exists():
+            raise FileNotFoundError(f"model.checkpoint: not found: {recipe.model.checkpoint}")
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    run_calibration(recipe, recipe.resolved_run_dir(args.recipe))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

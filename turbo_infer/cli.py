@@ -3,6 +3,12 @@
     turbo-infer --prompt "a red circle moving left" --out video.mp4               # shipped toy teacher
     turbo-infer --config wan2.1-1.3b --checkpoint DIT --text-encoder UMT5_DIR --vae VAE_DIR \
         --prompt "..." --frames 81 --height 480 --width 832 --sampler unipc --out out.mp4
+    turbo-infer --bundle runs/toy-bundles/cpu --prompt "a red circle moving left" --out video.mp4
+
+A bundle (turbo-export) brings its model, W8A8 layers, attention backend, sampler, steps and video
+size; --steps/--sampler/--guidance/--frames/... still override, --text-encoder/--vae replace the
+directories its manifest references. A bundle for a GPU this device cannot run is refused with the
+bundle to use instead, unless --allow-reference (torch reference kernels, slow).
 
 Several prompts write one file each: out.mp4 -> out_000.mp4, out_001.mp4, ... Every input is
 checked before any model is loaded; a bad one stops with an error naming the option or path.
@@ -26,17 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH",
                    help="DiT weights: safetensors file, sharded *.index.json or a directory "
                         "(default: the shipped toy teacher, toy config only)")
-    p.add_argument("--config", default="toy", choices=sorted(WAN_CONFIGS), help="DiT size preset (default: toy)")
+    p.add_argument("--config", default=None, choices=sorted(WAN_CONFIGS), help="DiT size preset (default: toy)")
+    p.add_argument("--bundle", metavar="DIR", help="a bundle directory written by turbo-export (instead of "
+                   "--checkpoint/--config): hashes verified, target checked against this device")
+    p.add_argument("--allow-reference", action="store_true",
+                   help="run a bundle whose GPU kernels this device lacks through the torch references (slow)")
     p.add_argument("--text-encoder", metavar="PATH",
                    help="text encoder directory: umT5 for Wan configs (required), MiniLM for toy (optional)")
     p.add_argument("--vae", metavar="PATH", help="Wan VAE directory (diffusers AutoencoderKLWan; Wan configs only)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", metavar="PATH", help="text file, one prompt per non-blank line")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps (default: 50)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance weight; 1 = off (default: 5)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50, or the bundle's)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance weight; 1 = off (default: 5, or the bundle's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default: 0)")
-    p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS), help="sampler (default: euler)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="sampler (default: euler, or the bundle's)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: toy 8, Wan 81)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (default: toy 64, Wan 480)")
@@ -44,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=None, help="frame rate of the written video (default: toy 8, Wan 16)")
     p.add_argument("--out", default="out.mp4", metavar="PATH", help="output .mp4 or .gif (default: out.mp4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="DiT dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="DiT dtype (default: bfloat16 on GPU, float32 on CPU; a bundle's own dtype)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -106,9 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     from turbo_infer.models.wan import WAN_CONFIGS
     from turbo_infer.pipeline import TOY_TEACHER_PATH, check_video_size
 
-    toy = args.config == "toy"
+    manifest = None
+    if args.bundle is not None:
+        from turbo_infer.bundle import read_manifest
+
+        for opt in ("checkpoint", "config"):
+            if getattr(args, opt) is not None:
+                parser.error(f"--{opt}: not with --bundle (the bundle brings its model)")
+        _readable(parser, "--bundle", args.bundle)
+        try:
+            manifest = read_manifest(args.bundle)  # schema only; hashes are checked when loading
+        except (OSError, ValueError) as e:
+            parser.error(f"--bundle: {e}")
+    elif args.allow_reference:
+        parser.error("--allow-reference: only with --bundle")
+    args.config = args.config or "toy"
+    toy = manifest["world"] == "toy" if manifest else args.config == "toy"
     # ---- inputs: files, prompts, numbers, sizes (all before loading anything heavy)
-    if args.checkpoint is None:
+    if manifest is not None:
+        checkpoint = None
+    elif args.checkpoint is None:
         if not toy:
             parser.error(f"--checkpoint: required for --config {args.config}")
         if not TOY_TEACHER_PATH.exists():
@@ -121,29 +150,38 @@ def main(argv: list[str] | None = None) -> int:
     vae = _readable(parser, "--vae", args.vae)
     if toy and vae is not None:
         parser.error("--vae: only for Wan configs; the toy world uses the fixed ToyCodec")
-    if not toy:
+    if not toy and manifest is not None:
+        if text_encoder is None and manifest["text_encoder"]["path"] is None:
+            parser.error("--text-encoder: required: the bundle references no umT5 directory")
+        if vae is None and manifest["vae"]["path"] is None:
+            parser.error("--vae: required: the bundle references no Wan VAE directory")
+    elif not toy:
         if text_encoder is None:
             parser.error(f"--text-encoder: required for --config {args.config} (a local umT5 directory)")
         if vae is None:
             parser.error(f"--vae: required for --config {args.config} (a local Wan VAE directory)")
     prompts = _prompts(parser, args)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error(f"--steps: must be >= 1, got {args.steps}")
     if args.seed < 0:
         parser.error(f"--seed: must be >= 0, got {args.seed}")
-    if not (args.guidance >= 0 and args.guidance < float("inf")):
+    if args.guidance is not None and not (args.guidance >= 0 and args.guidance < float("inf")):
         parser.error(f"--guidance: must be a finite number >= 0, got {args.guidance}")
     if args.shift is not None and not (0 < args.shift < float("inf")):
         parser.error(f"--shift: must be a finite number > 0, got {args.shift}")
     if args.fps is not None and not (0 < args.fps < float("inf")):
         parser.error(f"--fps: must be a finite number > 0, got {args.fps}")
-    frames = args.frames if args.frames is not None else (8 if toy else 81)
-    height = args.height if args.height is not None else (64 if toy else 480)
-    width = args.width if args.width is not None else (64 if toy else 832)
+    video = manifest["video"] if manifest else {"num_frames": 8 if toy else 81, "height": 64 if toy else 480,
+                                                 "width": 64 if toy else 832}
+    frames = args.frames if args.frames is not None else video["num_frames"]
+    height = args.height if args.height is not None else video["height"]
+    width = args.width if args.width is not None else video["width"]
+    patch = tuple(manifest["model"]["config"].get("patch_size", (1, 2, 2))) if manifest else \
+        WAN_CONFIGS[args.config].patch_size
     # ToyCodec: x4 spatial, no temporal compression; Wan VAE: x8 spatial, x4 temporal
     factors = dict(spatial_factor=4, temporal_factor=1) if toy else dict(spatial_factor=8, temporal_factor=4)
     try:
-        check_video_size(frames, height, width, patch_size=WAN_CONFIGS[args.config].patch_size, **factors)
+        check_video_size(frames, height, width, patch_size=patch, **factors)
     except ValueError as e:
         first = re.match(r"\w+", str(e)).group(0)  # the messages start with the argument's name
         opt = {"num_frames": "--frames", "height": "--height", "width": "--width"}.get(first, "--frames/--height/--width")
@@ -156,15 +194,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device: {device} requested but CUDA is not available")
-    dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    dtype = getattr(torch, dtype_name)
+    dtype_name = args.dtype or (None if manifest else ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, dtype_name) if dtype_name else None
 
     # ---- build the pipeline and generate
     from turbo_infer.pipeline import TurboPipeline
     from turbo_infer.video_io import write_video
 
     try:
-        if toy:
+        if manifest is not None:
+            pipe = TurboPipeline.from_bundle(args.bundle, device, text_encoder_path=text_encoder, vae_path=vae,
+                                             allow_reference=args.allow_reference, dtype=dtype,
+                                             progress=not args.no_progress)
+        elif toy:
             pipe = TurboPipeline.toy(checkpoint, device=device, dtype=dtype, text_encoder_path=text_encoder)
         else:
             pipe = TurboPipeline.wan(checkpoint, text_encoder, vae, config=args.config, device=device, dtype=dtype)

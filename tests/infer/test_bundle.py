@@ -1,0 +1,186 @@
+"""Bundle runtime (turbo_infer.bundle): integrity checks before loading, target refusal, manifest schema.
+
+Bundles are written by turbo_train.export from a tiny toy-world DiT (dim 32, 2 blocks); the
+round trip and the quantized paths are in tests/train/test_export.py.
+"""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from turbo_infer import bundle as B
+from turbo_infer.models.wan import WanConfig, WanModel
+from turbo_infer.models.wan_keys import save_wan_checkpoint
+from turbo_infer.pipeline import TurboPipeline
+from turbo_kernels.capability import capabilities_for
+
+TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = WanModel(WanConfig(**{**TINY.to_dict(), **overrides})).eval()
+    for p in model.parameters():  # Wan's init zeroes the head: give every weight some signal
+        torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """{target: bundle dir} for cpu and h100, from one tiny checkpoint."""
+    from turbo_train.export import export_bundle
+
+    root = tmp_path_factory.mktemp("bundles")
+    ckpt = root / "tiny.safetensors"
+    save_wan_checkpoint(tiny_model(), ckpt)
+    return {t: export_bundle(ckpt, t, root / "out", steps=2, progress=False) for t in ("cpu", "h100")}
+
+
+@pytest.fixture
+def cpu_bundle(bundles, tmp_path):
+    """A private copy of the cpu bundle (tests tamper with it)."""
+    return shutil.copytree(bundles["cpu"], tmp_path / "cpu")
+
+
+def _no_loading(monkeypatch):
+    """Make any attempt to build the model or read tensors fail the test."""
+    def boom(*a, **k):
+        raise AssertionError("a tensor was read / the model was built before the check failed")
+    monkeypatch.setattr(B, "read_weights", boom)
+    monkeypatch.setattr(B, "build_transformer", boom)
+
+
+def test_cpu_bundle_loads_and_verifies(cpu_bundle):
+    model, manifest = B.load_transformer(cpu_bundle, "cpu")
+    assert manifest["target"] == "cpu" and manifest["min_compute_capability"] is None
+    assert not any(p.is_meta for p in model.parameters()) and not model.training
+    B.verify_files(cpu_bundle, manifest)  # no exception
+
+
+def test_tampered_file_is_refused_before_anything_is_loaded(cpu_bundle, monkeypatch):
+    f = cpu_bundle / B.WEIGHTS
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight, same size
+    f.write_bytes(bytes(data))
+    _no_loading(monkeypatch)
+    with pytest.raises(B.BundleIntegrityError, match=r"transformer\.safetensors: sha256 .* does not match manifest"):
+        B.load_transformer(cpu_bundle, "cpu")
+    with pytest.raises(B.BundleIntegrityError, match="transformer.safetensors"):
+        TurboPipeline.from_bundle(cpu_bundle, "cpu", text_encoder=object())
+
+
+def test_truncated_file_gives_a_clear_error(cpu_bundle, monkeypatch):
+    f = cpu_bundle / B.WEIGHTS
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(B.BundleIntegrityError, match=r"transformer\.safetensors: \d+ bytes, manifest.json says \d+ "
+                                                     r"\(the file is truncated"):
+        B.load_transformer(cpu_bundle, "cpu")
+    # a manifest rewritten to match the truncated file: the safetensors reader's error names the file
+    m = json.loads((cpu_bundle / B.MANIFEST).read_text())
+    m["files"][B.WEIGHTS] = {"sha256": B.sha256_file(f), "bytes": f.stat().st_size}
+    (cpu_bundle / B.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(B.BundleError, match=r"transformer\.safetensors: cannot read the safetensors file"):
+        B.load_transformer(cpu_bundle, "cpu")
+
+
+def test_missing_file_and_not_a_bundle(cpu_bundle, tmp_path):
+    (cpu_bundle / B.WEIGHTS).unlink()
+    with pytest.raises(B.BundleIntegrityError, match="transformer.safetensors: listed in manifest.json but missing"):
+        B.load_transformer(cpu_bundle, "cpu")
+    with pytest.raises(B.BundleError, match="manifest.json: missing"):
+        B.read_manifest(tmp_path)
+    with pytest.raises(FileNotFoundError, match="bundle not found"):
+        B.read_manifest(tmp_path / "nope")
+
+
+def test_wrong_target_is_refused_naming_the_bundle_to_use(bundles, monkeypatch):
+    _no_loading(monkeypatch)
+    with pytest.raises(B.BundleTargetError, match=r"this CPU cannot run an h100 bundle .*compute capability >= 9\.0"
+                                                  r".*export or use the cpu bundle instead"):
+        B.load_transformer(bundles["h100"], "cpu")
+    with pytest.raises(B.BundleTargetError, match="use the cpu bundle"):
+        TurboPipeline.from_bundle(bundles["h100"], "cpu", text_encoder=object())
+
+
+@pytest.mark.parametrize("cc, target, suggestion", [
+    ((8, 0), "h100", "a100"),  # Ampere: no fp8
+    ((8, 9), "h100", "rtx4090"),  # Ada is below the Hopper bundle's 9.0
+    ((9, 0), "rtx5090", "h100"),
+    ((7, 5), "a100", "cpu"),  # Turing: references only
+])
+def test_refusal_on_gpus_names_the_best_runnable_target(cc, target, suggestion):
+    cap = capabilities_for(cc)
+    problem = B.device_problem(B.TARGETS[target], B.TARGETS[target].sparse_attention, cap)
+    assert problem is not None and f"compute capability {cc[0]}.{cc[1]}" in problem
+    assert B.suggest_target(cap) == suggestion
+
+
+def test_capable_gpus_run_their_targets():
+    hopper = capabilities_for((9, 0))
+    for t in ("h100", "a100", "rtx4090", "cpu"):  # min compute capability <= 9.0
+        assert B.device_problem(B.TARGETS[t], B.TARGETS[t].sparse_attention, hopper) is None
+    no_triton = capabilities_for((9, 0), triton_available=False)
+    assert "fp8_gemm" in B.device_problem(B.TARGETS["h100"], "sagesla", no_triton)
+    assert B.device_problem(B.TARGETS["cpu"], "sla", capabilities_for(None)) is None
+
+
+def _edit(manifest, path, value):
+    *parents, last = path.split(".")
+    d = manifest
+    for p in parents:
+        d = d[p]
+    if value is KeyError:
+        del d[last]
+    else:
+        d[last] = value
+
+
+@pytest.mark.parametrize("path, value, field", [
+    ("sampler.steps", KeyError, "sampler.steps"),
+    ("sampler.steps", "4", "sampler.steps"),
+    ("target", "tpu", "target"),
+    ("min_compute_capability", [8, 0], "min_compute_capability"),
+    ("attention.backend", "flash", "attention.backend"),
+    ("attention.topk", 0.1, "attention.topk"),  # a dense backend takes no SLA options
+    ("model.config.dim", -1, "model.config"),
+    ("files.transformer.safetensors", KeyError, "files.transformer.safetensors"),
+    ("format_version", 99, "format_version"),
+    ("dtype", "int4", "dtype"),
+])
+def test_manifest_schema_errors_name_the_field(bundles, path, value, field):
+    m = json.loads((bundles["cpu"] / B.MANIFEST).read_text())
+    if path == "files.transformer.safetensors":
+        del m["files"][B.WEIGHTS]
+    else:
+        _edit(m, path, value)
+    with pytest.raises(B.BundleError, match=f"field '{field}'"):
+        B.validate_manifest(m)
+
+
+def test_manifest_linear_precision_must_suit_the_target(bundles):
+    m = json.loads((bundles["h100"] / B.MANIFEST).read_text())
+    name = next(n for n, e in m["linears"].items() if e["precision"] == "fp8")
+    m["linears"][name]["precision"] = "int8"
+    with pytest.raises(B.BundleError, match=rf"field 'linears\.{name}\.precision': 'int8' is not a format of target h100"):
+        B.validate_manifest(m)
+    m["linears"][name] = {"precision": "int4", "act_scale": None}
+    with pytest.raises(B.BundleError, match=rf"linears\.{name}\.precision"):
+        B.validate_manifest(m)
+
+
+def test_file_names_cannot_escape_the_bundle(bundles):
+    m = json.loads((bundles["cpu"] / B.MANIFEST).read_text())
+    m["files"]["../x"] = dict(m["files"][B.WEIGHTS])
+    with pytest.raises(B.BundleError, match=r"field .files\.\.\./x.: must be a plain file name"):
+        B.validate_manifest(m)
+
+
+def test_runtime_does_not_import_training_code():
+    code = ("import sys, turbo_infer.bundle, turbo_infer.pipeline, turbo_infer.cli; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('turbo_train', 'lightning', 'pytorch_lightning', 'deepspeed', 'webdataset', 'wandb')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -44,8 +44,10 @@ TINY_RECIPE = {
     "checkpoint": {"every_n_steps": 2, "keep": 1, "resume": "auto"},
 }
 
-# the worker: turbo-train's CLI with a fake text encoder (no MiniLM load), one thread, and an optional
-# NaN injection (env TURBO_TEST_NAN_STEPS="2,3": the loss of those optimizer steps becomes NaN)
+# the worker: turbo-train's CLI with a fake text encoder (no MiniLM load), one thread, an optional NaN
+# injection (env TURBO_TEST_NAN_STEPS="2,3": the loss of those optimizer steps becomes NaN) and an
+# optional progress file (env TURBO_TEST_PROGRESS=path: "<rank> <pid> <step>" per training step, then
+# TURBO_TEST_STEP_SLEEP seconds of sleep, so that a test can signal a process mid-run)
 WORKER = textwrap.dedent('''
     import os, sys, zlib
     import torch
@@ -71,6 +73,18 @@ WORKER = textwrap.dedent('''
         def training_step(self, batch, batch_idx):
             loss = step(self, batch, batch_idx)
             return loss * float("nan") if self.trainer.global_step in nan_steps else loss
+
+        fm.FlowMatchingModule.training_step = training_step
+    progress = os.environ.get("TURBO_TEST_PROGRESS")
+    if progress:
+        import time
+        step_fn = fm.FlowMatchingModule.training_step
+
+        def training_step(self, batch, batch_idx):
+            with open(progress, "a") as f:
+                f.write(f"{self.global_rank} {os.getpid()} {self.trainer.global_step}\\n")
+            time.sleep(float(os.environ.get("TURBO_TEST_STEP_SLEEP", "0")))
+            return step_fn(self, batch, batch_idx)
 
         fm.FlowMatchingModule.training_step = training_step
     from turbo_train import cli

@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         return synth_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    from turbo_train.chain import is_chain_recipe
+
+    if is_chain_recipe(args.recipe):  # the whole pipeline (recipes/toy/turbo.yaml)
+        from turbo_train import chain
+
+        try:
+            return chain.main(args.recipe, args.overrides, dry_run=args.dry_run)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         run_dir = recipe.resolved_run_dir(args.recipe)

@@ -4,6 +4,7 @@
     turbo-infer --config wan2.1-1.3b --checkpoint DIT --text-encoder UMT5_DIR --vae VAE_DIR \
         --prompt "..." --frames 81 --height 480 --width 832 --sampler unipc --out out.mp4
     turbo-infer --bundle runs/toy-bundles/cpu --prompt "a red circle moving left" --out video.mp4
+    turbo-infer --config wan2.1-1.3b ... --num-gpus 2     # 2 worker processes, Ulysses over both GPUs
 
 A bundle (turbo-export) brings its model, W8A8 layers, attention backend, sampler, steps and video
 size; --steps/--sampler/--guidance/--frames/... still override, --text-encoder/--vae replace the
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="DiT dtype (default: bfloat16 on GPU, float32 on CPU; a bundle's own dtype)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--num-gpus", type=int, default=1, metavar="N",
+                   help="split every video's tokens over N GPUs (Ulysses sequence parallel): turbo-infer starts N "
+                        "worker processes itself, rank 0 writes the videos; N must divide the DiT's heads "
+                        "(with --device cpu: N gloo processes, for testing) (default: 1)")
     return p
 
 
@@ -196,6 +201,24 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--device: {device} requested but CUDA is not available")
     dtype_name = args.dtype or (None if manifest else ("bfloat16" if device.type == "cuda" else "float32"))
     dtype = getattr(torch, dtype_name) if dtype_name else None
+    if args.num_gpus != 1:
+        from turbo_infer.multigpu import check_num_procs, generate_videos
+
+        from turbo_infer.models.wan import WanConfig
+
+        heads = (WanConfig.from_dict(manifest["model"]["config"]) if manifest else WAN_CONFIGS[args.config]).num_heads
+        try:
+            check_num_procs(args.num_gpus, heads, device)
+        except ValueError as e:
+            parser.error(str(e))
+        spec = {"kind": "bundle" if manifest is not None else ("toy" if toy else "wan"), "bundle": args.bundle,
+                "allow_reference": args.allow_reference, "checkpoint": checkpoint, "config": args.config,
+                "text_encoder": text_encoder, "vae": vae, "dtype": dtype_name, "progress": not args.no_progress}
+        generate_videos(spec, prompts, outs, dict(steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                                  num_frames=frames, height=height, width=width, sampler=args.sampler,
+                                                  shift=args.shift, progress=not args.no_progress),
+                        args.num_gpus, device=device.type, fps=args.fps)
+        return 0
 
     # ---- build the pipeline and generate
     from turbo_infer.pipeline import TurboPipeline

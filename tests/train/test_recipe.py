@@ -184,10 +184,12 @@ def test_override_errors_name_the_set_and_the_file(tmp_path):
 def test_unsupported_strategy_is_valid_recipe_but_refused_by_the_runner(tmp_path):
     from turbo_train.runner import check_supported
 
-    r = load_recipe(write(tmp_path, "trainer: {strategy: fsdp2}\n"))
-    with pytest.raises(ValueError, match="trainer.strategy: 'fsdp2' is not implemented"):
+    # DeepSpeed is a valid recipe value that the runner refuses on the CPU (the cluster tests cover the rest)
+    r = load_recipe(write(tmp_path, "trainer: {strategy: deepspeed_zero2, accelerator: cpu}\nema: {kind: none}\n"))
+    with pytest.raises(ValueError, match="trainer.strategy: 'deepspeed_zero2' runs on CUDA GPUs only"):
         check_supported(r)
-    check_supported(dataclasses.replace(r, trainer=dataclasses.replace(r.trainer, strategy="ddp")))
+    for strategy in ("ddp", "fsdp2"):
+        check_supported(dataclasses.replace(r, trainer=dataclasses.replace(r.trainer, strategy=strategy)))
 
 
 # ----------------------------------------------------------------------------- shipped recipes

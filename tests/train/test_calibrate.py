@@ -259,3 +259,11 @@ def test_wan_presets_need_prompts_and_a_text_encoder():
 def test_toy_prompts_are_deterministic_captions():
     a = C.toy_prompts(3, seed=1)
     assert a == C.toy_prompts(3, seed=1) and a != C.toy_prompts(3, seed=2) and len(set(a)) == 3
+
+
+def test_standalone_entry_refuses_other_methods(tmp_path, capsys):
+    f = tmp_path / "r.yaml"
+    f.write_text("method:\n  name: sla\n")
+    with pytest.raises(SystemExit) as e:
+        C.main([str(f)])
+    assert e.value.code == 2 and "method.name: this entry point runs 'calibrate'" in capsys.readouterr().err

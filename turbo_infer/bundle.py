@@ -318,7 +318,7 @@ def checkpoint_sha256(path) -> dict[str, str]:
     (or of a sharded index's directory)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".pt", ".pth", ".json")))
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in (".safetensors", ".pt", ".pth", ".json"))
     elif path.name.endswith(".index.json"):
         index = json.loads(path.read_text())
         files = [path] + [path.parent / s for s in sorted(set(index.get("weight_map", {}).values()))]
@@ -476,5 +476,6 @@ def build_vae(manifest: dict, device, path=None):
 
 __all__ = ["BundleError", "BundleIntegrityError", "BundleTargetError", "FORMAT", "FORMAT_VERSION", "MANIFEST",
            "TARGETS", "Target", "WEIGHTS", "build_text_encoder", "build_transformer", "build_vae", "cast_floats",
-           "check_device", "checkpoint_sha256", "device_problem", "load_transformer", "model_config", "read_manifest", "read_weights",
+           "check_device", "checkpoint_sha256", "device_problem", "load_transformer", "model_config", "read_manifest",
+           "read_weights",
            "sha256_file", "suggest_target", "validate_manifest", "verify_files"]

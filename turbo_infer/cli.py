@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance weight; 1 = off (default: 5, or the bundle's)")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i uses seed + i (default: 0)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="sampler (default: euler, or the bundle's)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler (default: euler, or the bundle's)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
     p.add_argument("--frames", type=int, default=None, help="frames (default: toy 8, Wan 81)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (default: toy 64, Wan 480)")

@@ -13,8 +13,9 @@ builders cover the shipped worlds:
 
 `generate(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift)` returns a uint8
 tensor (B, F, H, W, 3); sampler, steps and guidance left as None take `sample_defaults` (euler, 50
-steps, CFG 5; a bundle's own sampler settings for from_bundle). Noise for prompt i comes from a CPU torch.Generator seeded with seed + i, so
-a prompt's video does not depend on the other prompts in the batch.
+steps, CFG 5; a bundle's own sampler settings for from_bundle). Noise for prompt i comes from a CPU
+torch.Generator seeded with seed + i, so a prompt's video does not depend on the other prompts in
+the batch.
 """
 from __future__ import annotations
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import shutil
 import sys
@@ -283,8 +284,6 @@ def export_bundle(checkpoint, target: str, out, *, config=None, plan_path=None, 
             "files": {WEIGHTS: {"sha256": sha256_file(tmp / WEIGHTS), "bytes": (tmp / WEIGHTS).stat().st_size}},
         }
         validate_manifest(manifest, "the manifest being written")
-        import json
-
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         bar.update()
 
@@ -401,15 +400,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def summary_line(path) -> str:
     """One line about a written bundle: attention, layers per precision, size."""
-    import json
-
     m = json.loads((Path(path) / MANIFEST).read_text())
     counts = {}
     for e in m["linears"].values():
         counts[e["precision"]] = counts.get(e["precision"], 0) + 1
     size = (Path(path) / WEIGHTS).stat().st_size / 2**20
-    return (f"{m['attention']['backend']} attention, linears " + ", ".join(f"{p} {c}" for p, c in sorted(counts.items()))
-            + f", {m['dtype']}, {m['sampler']['name']} {m['sampler']['steps']} steps, {size:.1f} MiB")
+    linears = ", ".join(f"{p} {c}" for p, c in sorted(counts.items()))
+    return (f"{m['attention']['backend']} attention, linears {linears}, {m['dtype']}, {m['sampler']['name']} {m['sampler']['steps']} steps, {size:.1f} MiB")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -174,7 +174,8 @@ def test_manifest_linear_precision_must_suit_the_target(bundles):
     m = json.loads((bundles["h100"] / B.MANIFEST).read_text())
     name = next(n for n, e in m["linears"].items() if e["precision"] == "fp8")
     m["linears"][name]["precision"] = "int8"
-    with pytest.raises(B.BundleError, match=rf"field 'linears\.{name}\.precision': 'int8' is not a format of target h100"):
+    with pytest.raises(B.BundleError,
+                       match=rf"field 'linears\.{name}\.precision': 'int8' is not a format of target h100"):
         B.validate_manifest(m)
     m["linears"][name] = {"precision": "int4", "act_scale": None}
     with pytest.raises(B.BundleError, match=rf"linears\.{name}\.precision"):

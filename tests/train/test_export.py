@@ -83,7 +83,8 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(3, 48, 2, 8, 8, generator=g), torch.tensor([980.0, 600.0, 200.0]), torch.randn(3, 8, 384, generator=g)
+    x, c = torch.randn(3, 48, 2, 8, 8, generator=g), torch.randn(3, 8, 384, generator=g)
+    return x, torch.tensor([980.0, 600.0, 200.0]), c
 
 
 def velocity(model, inputs):

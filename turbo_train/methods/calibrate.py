@@ -18,11 +18,12 @@ the sampler it will ship with, so every Linear sees the inputs of every timestep
    catches that (an int8 layer with 1e3x outlier channels: d ≈ 1 while e stayed at 3e-3 on a tiny
    random model);
 4. plan: a format is usable for a layer when e_l,f <= `error_budget` and d_l,f <=
-   `layer_error_budget` (`format_ok`); the layer gets its usable format of lowest e, else bf16. Never quantized: SLA's proj_l, the patch embedding, the head (DESIGN.md), and the time
+   `layer_error_budget` (`format_ok`); the layer gets its usable format of lowest e, else bf16.
+   Never quantized: SLA's proj_l, the patch embedding, the head (DESIGN.md), and the time
    embedding / projection (one row per sample: nothing to gain, and they feed every modulation).
 
 The plan is JSON (`validate_plan` documents the schema); turbo-export reads it, picks per target the
-target's format for every layer whose sensitivity in that format is within the budget, and writes the
+target's format for every layer that `format_ok` allows in that format, and writes the
 static scales when the plan's `activations` is "static" (dynamic per-token scales otherwise).
 Method `calibrate` of `turbo-train` runs this (`run_calibration`); it trains nothing, so it is a
 plain function pipeline rather than a Lightning module.
@@ -510,7 +511,8 @@ def validate_plan(plan, source="plan") -> dict:
         if not isinstance(d, dict) or key not in d:
             _plan_fail(source, field, "missing")
         v = d[key]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in (types if isinstance(types, tuple) else (types,))):
+        allowed = types if isinstance(types, tuple) else (types,)
+        if not isinstance(v, allowed) or (isinstance(v, bool) and bool not in allowed):
             _plan_fail(source, field, f"has the wrong type ({type(v).__name__}): {v!r}")
         return v
 
@@ -631,7 +633,8 @@ def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None,
     c, m = recipe.method.calibrate, recipe.model
     progress = recipe.logging.progress_bar if progress is None else progress
     device = torch.device("cuda" if uses_gpu(recipe) else "cpu")
-    dtype = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}[resolve_precision(recipe)]
+    dtypes = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    dtype = dtypes[resolve_precision(recipe)]
     if model is None:
         model = build_wan_model(m)
     model = model.to(device=device, dtype=dtype).eval()
@@ -665,7 +668,8 @@ def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None,
 
 
 __all__ = ["AbsHistogram", "CalibrateConfig", "KEEP_FLOAT", "activation_scales", "block_inputs", "calibrate",
-           "check_calibrate_recipe", "choose_precision", "format_ok", "collect_statistics", "layer_sensitivity", "load_plan",
+           "check_calibrate_recipe", "choose_precision", "format_ok", "collect_statistics", "layer_sensitivity",
+           "load_plan",
            "pick_samples", "plan_error", "read_prompts", "record_inputs", "run_calibration", "run_from_block",
            "summary_table", "swapped", "toy_prompts", "validate_plan", "write_plan"]
 

@@ -289,6 +289,36 @@ class FSDP2Strategy(pl.strategies.ModelParallelStrategy):
             _swap_in(tmp, path)
         self.barrier()
 
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        """Load a sharded checkpoint, tolerating FROZEN parameters it lacks (rCM and SLA leave their
+        teacher out of training checkpoints: it is rebuilt from model.checkpoint); any other missing
+        parameter is an error. Full (single-file) checkpoints go to Lightning's loader."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not (path.is_dir() and (path / "meta.pt").is_file()):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+        model_state = get_model_state_dict(self.model)
+        present = {k: v for k, v in model_state.items() if f"state_dict.{k}" in saved}
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        bad = sorted(k for k in model_state.keys() - present.keys() if k not in frozen or k.startswith("ema."))
+        if bad:
+            raise RuntimeError(f"{path}: the checkpoint lacks {len(bad)} trained or EMA tensor(s), e.g. {bad[:3]}")
+        dcp.load({"state_dict": present}, checkpoint_id=str(path))
+        set_model_state_dict(self.model, present, options=StateDictOptions(strict=False))
+        for i, optimizer in enumerate(self.optimizers):
+            state = {f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(state, checkpoint_id=str(path))
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"],
+                                     options=StateDictOptions(cpu_offload=True))
+        metadata = torch.load(path / "meta.pt", weights_only=weights_only)
+        metadata.setdefault("state_dict", {})  # for on_load_checkpoint hooks; the weights are already in place
+        return metadata
+
 
 def _remove(path: Path) -> None:
     import shutil

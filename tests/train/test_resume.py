@@ -193,3 +193,18 @@ def test_fsdp2_resume_from_sharded_checkpoint_is_bitwise(tmp_path):
     straight = read_metric(tmp_path / "straight", "train/loss_global")
     assert len(straight) == 4 and straight == read_metric(tmp_path / "split", "train/loss_global")
     assert_same_export(tmp_path / "split" / "ema.safetensors", tmp_path / "straight" / "ema.safetensors")
+
+
+@pytest.mark.slow  # three 2-process rCM runs on the toy teacher: ~2.5 min on 2 shared cores
+def test_rcm_fsdp2_resume_without_the_teacher_in_the_checkpoint(tmp_path):
+    # rCM leaves its frozen teacher out of training checkpoints; the sharded loader must accept that
+    from test_cluster import ROOT
+
+    recipe = ROOT / "recipes" / "toy" / "rcm-cpu.yaml"
+    common = ["trainer.strategy=fsdp2", "trainer.max_time_minutes=null", "checkpoint.every_n_steps=2",
+              "checkpoint.resume=auto", f"model.checkpoint={ROOT / 'turbo_infer/assets/toy_teacher.safetensors'}"]
+    assert_ok(run_train(tmp_path, recipe, tmp_path / "straight", 2, common + ["trainer.max_steps=4"], timeout=400))
+    assert_ok(run_train(tmp_path, recipe, tmp_path / "split", 2, common + ["trainer.max_steps=2"], timeout=400))
+    assert_ok(run_train(tmp_path, recipe, tmp_path / "split", 2, common + ["trainer.max_steps=4"], timeout=400))
+    straight = read_metric(tmp_path / "straight", "train/loss_global")
+    assert len(straight) == 4 and straight == read_metric(tmp_path / "split", "train/loss_global")

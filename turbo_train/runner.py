@@ -52,6 +52,10 @@ def check_supported(recipe: Recipe) -> None:
         from turbo_train.methods.sla import check_sla_recipe
 
         check_sla_recipe(recipe)  # dense teacher weights set, uncond file for latent shards
+    if recipe.method.name == "calibrate":
+        from turbo_train.methods.calibrate import check_calibrate_recipe
+
+        check_calibrate_recipe(recipe)  # Wan presets: prompts file and umT5 directory
     if recipe.data.source in ("toy_shards", "latent_shards") and not has_module("webdataset"):
         raise ValueError(f"data.source: {recipe.data.source!r} needs the webdataset package (pip install webdataset); "
                          "toy_onthefly needs nothing extra")
@@ -428,13 +432,18 @@ class Preempted(SystemExit):
 
 def fit(recipe: Recipe, run_dir: str | Path, module=None):
     """Build everything from `recipe` and train; returns (trainer, module). `module` replaces the
-    recipe's module (tests pass one with a small fake text encoder).
+    recipe's module (tests pass one with a small fake text encoder). Method calibrate trains
+    nothing and returns (None, path of the plan JSON).
 
     Raises Preempted (a SystemExit, code 143) when a signal stopped the run (checkpoint written), and
     callbacks.NonFiniteStop when trainer.max_nonfinite_steps skipped steps in a row stopped it."""
     check_supported(recipe)
     check_paths(recipe)
     run_dir = Path(run_dir)
+    if recipe.method.name == "calibrate":  # trains nothing: statistics, scales and a plan JSON
+        from turbo_train.methods.calibrate import run_calibration
+
+        return None, run_calibration(recipe, run_dir)
     # the frozen EMA copy is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     torch.set_float32_matmul_precision(recipe.trainer.matmul_precision)

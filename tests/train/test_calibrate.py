@@ -1,6 +1,7 @@
 """W8A8 calibration (turbo_train.methods.calibrate) on a tiny DiT: statistics, scales, sensitivity, plan."""
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,3 +268,21 @@ def test_standalone_entry_refuses_other_methods(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         C.main([str(f)])
     assert e.value.code == 2 and "method.name: this entry point runs 'calibrate'" in capsys.readouterr().err
+
+
+def test_turbo_train_runs_method_calibrate(tmp_path):
+    """The shipped recipe through turbo-train (runner.fit dispatches to run_calibration), with a tiny
+    checkpoint, the real MiniLM text encoder and a small video."""
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+    from turbo_train import cli
+
+    save_wan_checkpoint(tiny_model(), tmp_path / "tiny.safetensors")
+    sets = [f"model.checkpoint={tmp_path / 'tiny.safetensors'}", f"logging.run_dir={tmp_path / 'run'}",
+            "logging.progress_bar=false", "method.calibrate.num_prompts=2", "method.calibrate.batch_size=2",
+            "method.calibrate.sensitivity_samples=2", "method.calibrate.num_frames=2",
+            "method.calibrate.height=32", "method.calibrate.width=32",
+            "model.overrides={dim: 32, ffn_dim: 64, num_heads: 2, num_layers: 2}"]
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "toy" / "calibrate.yaml"
+    assert cli.main([str(recipe)] + [a for s in sets for a in ("--set", s)]) == 0
+    plan = C.load_plan(tmp_path / "run" / "calibration_plan.json")
+    assert plan["model"]["checkpoint_sha256"] and len(plan["layers"]) == 22

@@ -464,3 +464,62 @@ def test_multigpu_two_processes_write_the_video_of_one(tmp_path):
     a, b = read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4")
     assert a.shape == b.shape == (8, 64, 64, 3)
     assert abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+# ----------------------------------------------------------------------------- monitoring
+
+
+def test_throughput_flops_and_memory_are_logged(tmp_path, monkeypatch):
+    import zlib
+
+    import turbo_train.methods.flow_matching as fm
+    from turbo_train import cli
+    from turbo_train.callbacks import wan_train_flops
+    from turbo_train.recipe import recipe_from_dict
+
+    class FakeText:
+        def encode(self, prompts):
+            return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
+                                if p else torch.zeros(8, 384) for p in prompts])
+
+        def empty_embedding(self):
+            return self.encode([""])
+
+    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeText())
+    recipe = write_recipe(tmp_path, trainer={"max_steps": 3})
+    assert cli.main([str(recipe), "--set", f"logging.run_dir={tmp_path / 'run'}"]) == 0
+    m = {k: read_metric(tmp_path / "run", k) for k in ("train/samples_per_s", "train/step_s",
+                                                        "train/model_tflops_per_s", "train/peak_rss_gib")}
+    for k, v in m.items():
+        assert len(v) == 3 and all(x > 0 for x in v.values()), k
+    # window of 1 step: TFLOP/s x step time = the model FLOPs of one step = 2 videos of 8x64x64 -> toy
+    # latents (48, 8, 16, 16) -> 8·8·8 = 512 tokens, 8 text tokens, forward + backward
+    cfg = recipe_from_dict(yaml.safe_load(recipe.read_text())).model.wan_config()
+    for step in m["train/step_s"]:
+        flops = m["train/model_tflops_per_s"][step] * 1e12 * m["train/step_s"][step]
+        assert flops == pytest.approx(2 * wan_train_flops(cfg, 512, 8), rel=1e-5)
+
+
+def test_data_skip_monitor_surfaces_the_shard_counters():
+    from types import SimpleNamespace
+
+    from turbo_train.callbacks import DataSkipMonitor
+
+    logged = {}
+    module = SimpleNamespace(log=lambda k, v, **kw: logged.__setitem__(k, v))
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(skipped_shards=2, skipped_samples=5))
+    DataSkipMonitor().on_train_batch_end(trainer, module, None, None, 0)
+    assert logged == {"data/skipped_shards": 2.0, "data/skipped_samples": 5.0}
+    logged.clear()
+    DataSkipMonitor().on_train_batch_end(SimpleNamespace(datamodule=None), module, None, None, 0)
+    assert logged == {}  # on-the-fly data: nothing to count
+
+
+def test_gpu_peak_table():
+    from turbo_train.callbacks import gpu_peak_tflops
+
+    assert gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16-mixed") == 989.4
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "32-true", "high") == 378.0
+    assert gpu_peak_tflops("NVIDIA H200", "bf16-mixed") == 989.4
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "32-true", "highest") == 19.5
+    assert gpu_peak_tflops("NVIDIA GeForce RTX 4090", "bf16-mixed") is None  # unknown: no MFU, TFLOP/s only

@@ -286,3 +286,25 @@ def test_turbo_train_runs_method_calibrate(tmp_path):
     assert cli.main([str(recipe)] + [a for s in sets for a in ("--set", s)]) == 0
     plan = C.load_plan(tmp_path / "run" / "calibration_plan.json")
     assert plan["model"]["checkpoint_sha256"] and len(plan["layers"]) == 22
+
+
+def test_sla_tuned_checkpoint_is_calibrated_with_its_sla_attention(tmp_path):
+    """The chain calibrates the merged rCM + SLA student with recipes/toy/calibrate.yaml (attention:
+    sdpa): the checkpoint's own SLA backend and options are kept, proj_l included."""
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+
+    torch.manual_seed(0)
+    sla = WanModel(WanConfig(**TINY, attention="sla", attention_options={"topk": 0.5, "block_q": 16, "block_k": 16}))
+    for p in sla.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_wan_checkpoint(sla, tmp_path / "sla.safetensors")
+    recipe = recipe_from_dict({
+        "method": {"name": "calibrate"},
+        "model": {"preset": "toy", "checkpoint": str(tmp_path / "sla.safetensors"), "attention": "sdpa",
+                  "overrides": {k: TINY[k] for k in ("dim", "ffn_dim", "num_heads", "num_layers")}},
+    })
+    model = C.build_calibration_model(recipe.model)
+    assert model.config.attention == "sla" and model.config.attention_options["block_k"] == 16
+    x, t, c = torch.randn(2, *LATENT), torch.tensor([900.0, 100.0]), torch.randn(2, 8, 384)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, c), sla.eval()(x, t, c))

@@ -620,13 +620,37 @@ def world_defaults(preset: str) -> dict:
     return dict(num_frames=81, height=480, width=832, spatial=8, temporal=4, shift=5.0)
 
 
+def build_calibration_model(m):
+    """The DiT of the recipe's model section (fp32, CPU). An SLA-tuned checkpoint (it holds proj_l
+    tensors, e.g. the merged rCM + SLA student) keeps its own SLA attention and options when the
+    recipe names a dense backend: the plan must describe the model turbo-export will ship."""
+    from turbo_infer.bundle import SPARSE_BACKENDS
+    from turbo_infer.models.wan import WanModel
+    from turbo_infer.models.wan_keys import load_wan_state_dict
+    from turbo_train.export import build_model
+
+    cfg = m.wan_config()
+    if m.checkpoint is None:
+        return WanModel(cfg)
+    state, file_cfg = load_wan_state_dict(m.checkpoint)
+    backend, options = cfg.attention, dict(cfg.attention_options)
+    if any(".proj_l." in k for k in state) and backend not in SPARSE_BACKENDS:
+        file_cfg = file_cfg or {}
+        sparse = file_cfg.get("attention") in SPARSE_BACKENDS
+        backend = file_cfg["attention"] if sparse else "sla"
+        options = dict(file_cfg.get("attention_options") or {}) if sparse else {}
+        print(f"calibrate: {m.checkpoint} is SLA-tuned (proj_l): calibrating with its {backend} attention "
+              f"{options} instead of model.attention {cfg.attention!r}")
+    return build_model(state, cfg, backend, options)
+
+
 def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None, progress: bool | None = None) -> Path:
     """Method `calibrate` of turbo-train: build the model and text encoder of the recipe, calibrate,
     write the plan (method.calibrate.plan_path or <run_dir>/calibration_plan.json). model /
     text_encoder replace the recipe's (tests). Returns the plan's path."""
     from turbo_infer.bundle import checkpoint_sha256
     from turbo_infer.pipeline import check_video_size
-    from turbo_train.methods.flow_matching import build_text_encoder, build_wan_model
+    from turbo_train.methods.flow_matching import build_text_encoder
     from turbo_train.runner import resolve_precision, uses_gpu
 
     check_calibrate_recipe(recipe)
@@ -636,7 +660,7 @@ def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None,
     dtypes = {"32-true": torch.float32, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
     dtype = dtypes[resolve_precision(recipe)]
     if model is None:
-        model = build_wan_model(m)
+        model = build_calibration_model(m)
     model = model.to(device=device, dtype=dtype).eval()
     w = world_defaults(m.preset)
     if text_encoder is None:
@@ -667,7 +691,8 @@ def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None,
     return path
 
 
-__all__ = ["AbsHistogram", "CalibrateConfig", "KEEP_FLOAT", "activation_scales", "block_inputs", "calibrate",
+__all__ = ["AbsHistogram", "CalibrateConfig", "KEEP_FLOAT", "activation_scales", "block_inputs",
+           "build_calibration_model", "calibrate",
            "check_calibrate_recipe", "choose_precision", "format_ok", "collect_statistics", "layer_sensitivity",
            "load_plan",
            "pick_samples", "plan_error", "read_prompts", "record_inputs", "run_calibration", "run_from_block",

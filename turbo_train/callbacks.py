@@ -23,7 +23,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -495,10 +494,3 @@ class AtomicCheckpointIO(pl.plugins.TorchCheckpointIO):
             if tmp.exists():
                 tmp.unlink()
 
-
-def print_rank_zero(message: str) -> None:
-    """One line on stderr from global rank 0 (before or after a Trainer exists)."""
-    from turbo_train.lightning_compat import is_global_zero
-
-    if is_global_zero():
-        print(message, file=sys.stderr, flush=True)

@@ -2,6 +2,7 @@
 import os
 import random
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy 2-core CI: spinning OpenMP threads cost 10x
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -60,3 +60,9 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, beta: float) 
     torch._foreach_lerp_(ema_p, p, 1.0 - beta)
     for eb, b in zip(ema_model.buffers(), model.buffers()):
         eb.copy_(b)
+
+
+def step_ema(ema_model: torch.nn.Module, model: torch.nn.Module, ema_cfg, k: int) -> None:
+    """EMA update number k (0-based) after an optimizer step, for a recipe's `ema` section
+    (kind 'power' with sigma_rel, or 'fixed' with decay): ema <- beta(k)·ema + (1-beta(k))·model."""
+    update_ema(ema_model, model, ema_beta(k, ema_cfg.kind, sigma_rel=ema_cfg.sigma_rel, decay=ema_cfg.decay))

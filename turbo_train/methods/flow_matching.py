@@ -58,6 +58,29 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
     return out, dropped
 
 
+def encode_batch(batch: dict, codec, encode_text: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32).
+
+    batch: {"latent"} or {"video"} (uint8 toy videos, encoded by `codec`: (B, 48, F, H/4, W/4) for the
+    toy codec), and {"context"} or {"caption"} (encoded by encode_text(captions)). Shared by every
+    method's module (flow matching, rCM, SLA)."""
+    if "latent" in batch:
+        x0 = batch["latent"].float()
+    elif "video" in batch:
+        x0 = codec.encode(video_to_model_space(batch["video"])).float()
+    else:
+        raise ValueError(f"batch needs 'video' or 'latent', got keys {sorted(batch)}")
+    if "context" in batch:
+        context = batch["context"].float()
+    elif "caption" in batch:
+        context = encode_text(list(batch["caption"])).float()
+    else:
+        raise ValueError(f"batch needs 'caption' or 'context', got keys {sorted(batch)}")
+    if context.shape[0] != x0.shape[0]:
+        raise ValueError(f"batch has {x0.shape[0]} samples but {context.shape[0]} captions/contexts")
+    return x0, context
+
+
 def rectified_flow_loss(net: Callable, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor,
                         eps: torch.Tensor) -> torch.Tensor:
     """Per-sample flow-matching loss (B,): mean over (C, F, H, W) of (v_theta(x_s, 1000·s) - (eps - x0))^2.
@@ -159,7 +182,6 @@ class FlowMatchingModule(LightningModule):
         if recipe.ema.kind != "none":
             self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
             self.ema.enable_activation_checkpointing(False)
-            self._ema_gamma = ema_lib.sigma_rel_to_gamma(recipe.ema.sigma_rel) if recipe.ema.kind == "power" else None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # k of the EMA schedule
         self._text_encoder = text_encoder
         if codec is None:
@@ -197,21 +219,7 @@ class FlowMatchingModule(LightningModule):
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32)."""
-        if "latent" in batch:
-            x0 = batch["latent"].float()
-        elif "video" in batch:
-            x0 = self.codec.encode(video_to_model_space(batch["video"])).float()  # (B, 48, F, H/4, W/4) for the toy codec
-        else:
-            raise ValueError(f"batch needs 'video' or 'latent', got keys {sorted(batch)}")
-        if "context" in batch:
-            context = batch["context"].float()
-        elif "caption" in batch:
-            context = self.encode_text(batch["caption"])
-        else:
-            raise ValueError(f"batch needs 'caption' or 'context', got keys {sorted(batch)}")
-        if context.shape[0] != x0.shape[0]:
-            raise ValueError(f"batch has {x0.shape[0]} samples but {context.shape[0]} captions/contexts")
-        return x0, context
+        return encode_batch(batch, self.codec, self.encode_text)
 
     # ------------------------------------------------------------------ training
 
@@ -253,12 +261,7 @@ class FlowMatchingModule(LightningModule):
         """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta."""
         if self.ema is None:
             return
-        k = int(self.ema_updates.item())
-        if self.recipe.ema.kind == "power":
-            beta = ema_lib.power_ema_beta(k, self._ema_gamma)
-        else:
-            beta = ema_lib.fixed_ema_beta(k, self.recipe.ema.decay)
-        ema_lib.update_ema(self.ema, self.model, beta)
+        ema_lib.step_ema(self.ema, self.model, self.recipe.ema, int(self.ema_updates.item()))
         self.ema_updates += 1
 
     def configure_model(self) -> None:

@@ -244,7 +244,6 @@ class SLAFinetuneModule(LightningModule):
         if recipe.ema.kind != "none":
             self.ema = copy.deepcopy(self.student).float().requires_grad_(False).eval()
             self.ema.enable_activation_checkpointing(False)
-            self._ema_gamma = ema_lib.sigma_rel_to_gamma(recipe.ema.sigma_rel) if recipe.ema.kind == "power" else None
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # k of the EMA schedule
         self._text_encoder = text_encoder
         if codec is None:
@@ -268,23 +267,10 @@ class SLAFinetuneModule(LightningModule):
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32), as the teacher's module."""
-        from turbo_train.methods.flow_matching import video_to_model_space
+        from turbo_train.methods.flow_matching import encode_batch
 
         with torch.autocast(self.device.type, enabled=False):
-            if "latent" in batch:
-                x0 = batch["latent"].float()
-            elif "video" in batch:
-                x0 = self.codec.encode(video_to_model_space(batch["video"])).float()  # toy: (B, 48, F, H/4, W/4)
-            else:
-                raise ValueError(f"batch needs 'video' or 'latent', got keys {sorted(batch)}")
-            if "context" in batch:
-                context = batch["context"].float()
-            elif "caption" in batch:
-                context = self.text_encoder.encode(list(batch["caption"])).to(self.device, torch.float32)
-            else:
-                raise ValueError(f"batch needs 'caption' or 'context', got keys {sorted(batch)}")
-        if context.shape[0] != x0.shape[0]:
-            raise ValueError(f"batch has {x0.shape[0]} samples but {context.shape[0]} captions/contexts")
+            x0, context = encode_batch(batch, self.codec, lambda captions: self.text_encoder.encode(captions).to(self.device))
         return x0.to(self.device), context.to(self.device)
 
     @torch.no_grad()
@@ -346,12 +332,7 @@ class SLAFinetuneModule(LightningModule):
         """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·student."""
         if self.ema is None:
             return
-        k = int(self.ema_updates.item())
-        if self.recipe.ema.kind == "power":
-            beta = ema_lib.power_ema_beta(k, self._ema_gamma)
-        else:
-            beta = ema_lib.fixed_ema_beta(k, self.recipe.ema.decay)
-        ema_lib.update_ema(self.ema, self.student, beta)
+        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, int(self.ema_updates.item()))
         self.ema_updates += 1
 
     def configure_model(self) -> None:

@@ -117,7 +117,8 @@ class TurboPipeline:
                 raise FileNotFoundError(f"the shipped toy teacher is missing: {path} (train it with "
                                         f"recipes/toy/teacher.yaml or pass a checkpoint path)")
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        model = WanModel.from_pretrained(path, "toy", device=device, dtype=dtype, **model_overrides).eval()
+        # config: the one stored with the weights (e.g. an SLA-merged student), else the toy preset by shape
+        model = WanModel.from_pretrained(path, None, device=device, dtype=dtype, **model_overrides).eval()
         text = MiniLMTextEncoder(device=device, dtype=torch.float32, path=text_encoder_path)
         return cls(model, text, ToyCodec(), device=device, dtype=dtype, default_shift=TOY_SHIFT, fps=8)
 

@@ -1,4 +1,6 @@
 """TurboPipeline on the toy DiT (random weights) and the video writers."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -232,3 +234,17 @@ def test_writer_errors(tmp_path):
         write_mp4(tmp_path / "v.mp4", _gradient_video(), fps=0)
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
         read_video(tmp_path / "missing.mp4")
+
+
+def test_toy_pipeline_keeps_the_checkpoints_own_config(tmp_path):
+    """An SLA-merged student carries attention="sla" (and proj_l) in its file: toy() must load it as such."""
+    from turbo_infer.models.wan import WanModel
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+
+    model = WanModel("toy")
+    sla = WanModel(dataclasses.replace(model.config, attention="sla", attention_options={"topk": 0.5, "block_q": 64, "block_k": 16}))
+    sla.load_state_dict(model.state_dict(), strict=False)
+    save_wan_checkpoint(sla, tmp_path / "merged.safetensors")
+    pipe = TurboPipeline.toy(tmp_path / "merged.safetensors")
+    assert pipe.transformer.config.attention == "sla"
+    assert pipe.transformer.config.attention_options["topk"] == 0.5

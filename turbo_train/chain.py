@@ -162,7 +162,7 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
 
     def video():
         pipe = TurboPipeline.from_bundle(bundle)
-        out = scored(pipe)
+        out = scored(pipe, **student_kw)  # the bundle's own sampler: rcm, cfg.steps, no CFG
         v = pipe.generate([cfg.prompt], seed=cfg.seed, progress=False)
         path = run / "turbo.mp4"
         write_mp4(path, v[0])

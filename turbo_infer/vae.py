@@ -27,15 +27,19 @@ def _check_video(video: torch.Tensor, name: str = "video") -> None:
 # Toy codec
 # ---------------------------------------------------------------------------------------------
 class ToyCodec:
-    """Lossless space-to-depth codec: (B, 3, F, H, W) -> (B, 3*4*4, F, H/4, W/4).
+    """Lossless space-to-depth codec: (B, 3, F, H, W) -> (B, 3*4*4, F, H/4, W/4), times 2.
 
-    Latent channel c*16 + 4*i + j holds pixel (4*h + i, 4*w + j) of color channel c: a pure
-    permutation, so values stay in [-1, 1] and decode(encode(v)) == v exactly. A fixed map cannot
-    also whiten the latents, so they are NOT unit-variance: the toy teacher is trained by flow
-    matching on these latents as they are (x0 in [-1, 1], noise N(0, 1)). No temporal compression.
+    Latent channel c*16 + 4*i + j holds 2 x pixel (4*h + i, 4*w + j) of color channel c: a
+    permutation and a power-of-two scale, so decode(encode(v)) == v exactly. The factor 2 brings toy
+    latents near unit scale (pixels in [-1, 1] have RMS 0.54 over toy videos; latents RMS 1.08,
+    range [-2, 2]), the scale the flow time distribution, the sampler's shift and rCM's TrigFlow
+    (sigma_data = 1) assume. With latents of RMS 0.5 the teacher's unavoidable noise-copying error
+    was twice as large relative to the signal, and showed as 8x8-pixel (one token) block noise.
+    No temporal compression.
     """
 
     patch = 4
+    scale = 2.0  # latent = scale * pixel (a power of two: exact in any float format)
     spatial_factor = 4
     temporal_factor = 1
     latent_channels = 3 * 4 * 4
@@ -63,7 +67,7 @@ class ToyCodec:
         p = self.patch
         x = video.reshape(B, C, F, H // p, p, W // p, p)  # (B, C, F, H/p, i, W/p, j)
         x = x.permute(0, 1, 4, 6, 2, 3, 5)  # (B, C, i, j, F, H/p, W/p)
-        return x.reshape(B, C * p * p, F, H // p, W // p)  # (B, 48, F, H/4, W/4)
+        return x.reshape(B, C * p * p, F, H // p, W // p) * self.scale  # (B, 48, F, H/4, W/4)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         if not isinstance(latents, torch.Tensor):
@@ -75,7 +79,7 @@ class ToyCodec:
         x = latents.reshape(B, 3, p, p, F, h, w)  # (B, C, i, j, F, h, w)
         x = x.permute(0, 1, 4, 5, 2, 6, 3)  # (B, C, F, h, i, w, j)
         # clamp is the identity on encoded videos (exact round trip) and bounds generated latents
-        return x.reshape(B, 3, F, h * p, w * p).clamp(-1.0, 1.0)
+        return (x.reshape(B, 3, F, h * p, w * p) / self.scale).clamp(-1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------

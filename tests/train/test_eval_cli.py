@@ -1,0 +1,66 @@
+"""turbo-eval end to end on a few prompts: a tiny toy checkpoint and the bundle exported from it,
+scored by the shipped judge; and the CLI's refusals. (The figures themselves are in
+benchmarks/toy.json and are reproduced by the same command at full size.)"""
+import json
+
+import pytest
+import torch
+
+from turbo_infer.models.wan import WanConfig, WanModel
+from turbo_infer.models.wan_keys import save_wan_checkpoint
+from turbo_train.eval import main
+
+TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = WanModel(TINY).eval()
+    for p in model.parameters():  # Wan zero-inits the head: give every weight some signal
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_wan_checkpoint(model, path)
+    return path
+
+
+def run(args, out):
+    assert main([*args, "--num-prompts", "2", "--diversity-prompts", "1", "--diversity-seeds", "2",
+                 "--out-dir", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "contact_sheet.png").stat().st_size > 0
+    assert 0.0 <= report["adherence"] <= 1.0 and report["frechet"] >= 0 and report["s_per_video"] > 0
+    assert set(report["per_attribute_accuracy"]) >= {"background", "obj1.shape", "obj1.color", "obj1.motion"}
+    return report
+
+
+def test_checkpoint_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    report = run(["--checkpoint", str(tiny_checkpoint), "--steps", "2", "--guidance", "2"], tmp_path / "a")
+    assert report["settings"]["steps"] == 2 and report["settings"]["sampler"] == "euler"
+    assert report["checkpoint"] == str(tiny_checkpoint)
+    assert "adherence" in capsys.readouterr().out
+    # deterministic: the same command gives the same report
+    again = run(["--checkpoint", str(tiny_checkpoint), "--steps", "2", "--guidance", "2"], tmp_path / "b")
+    assert again["adherence"] == report["adherence"] and again["frechet"] == pytest.approx(report["frechet"])
+
+
+def test_bundle_end_to_end_uses_the_bundles_sampler(tiny_checkpoint, tmp_path):
+    from turbo_train.export import export_bundle
+
+    bundle = export_bundle(tiny_checkpoint, "cpu", tmp_path / "bundles", steps=2, progress=False)
+    report = run(["--bundle", str(bundle)], tmp_path / "eval")
+    assert report["settings"]["sampler"] == "rcm" and report["settings"]["steps"] == 2
+    assert report["checkpoint"].startswith("bundle ")
+
+
+def test_cli_refusals(tiny_checkpoint, tmp_path, capsys):
+    def error(args, match):
+        with pytest.raises(SystemExit):
+            main(args)
+        assert match in capsys.readouterr().err
+
+    error(["--checkpoint", str(tmp_path / "missing.safetensors")], "missing.safetensors")
+    error(["--bundle", str(tmp_path)], "no manifest.json")
+    error(["--bundle", str(tmp_path), "--checkpoint", str(tiny_checkpoint)], "drop --checkpoint")
+    error(["--checkpoint", str(tiny_checkpoint), "--sampler", "rcm", "--steps", "8"], "--steps 1..4")
+    error(["--num-prompts", "1"], "--num-prompts")

@@ -142,6 +142,25 @@ def test_toy_world_end_to_end_from_checkpoint(tmp_path):
                                ref.generate_latents(["a red circle moving left"], guidance=3.0, **SMALL))
 
 
+def test_toy_dense_checkpoint_with_an_sla_backend_starts_untrained(tmp_path):
+    """--attention sla on a dense checkpoint: the SLA model with proj_l = 0 (what 'untrained SLA' means);
+    a dense run still refuses a checkpoint that lacks one of its tensors."""
+    from safetensors.torch import save_file
+
+    model = random_toy_model(seed=4)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "toy.safetensors"
+    save_file(state, str(ckpt))
+    pipe = TurboPipeline.toy(ckpt, attention="sla", attention_options={"topk": 0.5})
+    proj = [p for n, p in pipe.transformer.named_parameters() if "proj_l" in n]
+    assert proj and all(torch.count_nonzero(p) == 0 for p in proj)
+    assert pipe.generate(["a red circle"], **SMALL).shape == (1, 4, 32, 32, 3)
+    state.pop("blocks.1.self_attn.q.weight")
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(RuntimeError, match="blocks.1.self_attn.q.weight"):
+        TurboPipeline.toy(tmp_path / "bad.safetensors")
+
+
 def test_wan_world_end_to_end_on_tiny_parts(tmp_path):
     """TurboPipeline.wan with a tiny DiT, a tiny random umT5 + tokenizer and a tiny AutoencoderKLWan."""
     import json

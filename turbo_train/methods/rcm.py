@@ -456,8 +456,7 @@ class RCMModule(LightningModule):
         if it % every == 0 or it + 1 == self.recipe.trainer.max_steps:
             shown = " ".join(f"{k}={v:.4g}" for k, v in self.last_logs.items() if k.startswith(("loss", "grad")))
             self.print(f"rcm it {it + 1}/{self.recipe.trainer.max_steps} "
-                       f"{'student' if 'lr_student' in logs else 'fake'} {shown} nan_samples={int(self.nan_samples)}",
-                       flush=True)
+                       f"{'student' if 'lr_student' in logs else 'fake'} {shown} nan_samples={int(self.nan_samples)}")
         return loss.detach()
 
     @torch.no_grad()

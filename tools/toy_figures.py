@@ -1,0 +1,104 @@
+"""Turn a `tools/toy_gpu_suite.py` run into the toy figures of the rCM, SLA and bundle issues.
+
+    python tools/toy_figures.py SUMMARY_JSON [--cpu-bundle-report REPORT] [--pipeline-minutes M]
+                                [--device NAME] [--write]
+
+Every ratio divides by the teacher's 50-step CFG figure from the same run (same prompts, same seeds):
+    benchmarks/rcm.json           toy_rcm{4,2,1}_adherence_ratio, toy_rcm4_frechet_ratio,
+                                  toy_rcm4_diversity_ratio, toy_scm4_adherence_ratio,
+                                  toy_dmd4_adherence_ratio, toy_dmd4_diversity_ratio
+    benchmarks/sla_finetune.json  toy_sla0.1_untrained_adherence_ratio, toy_sla0.1_finetuned_adherence_ratio,
+                                  toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained)
+    benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
+                                  (the cpu bundle scored on a CPU by `turbo-eval --bundle`: --cpu-bundle-report),
+                                  toy_pipeline_cpu_minutes (--pipeline-minutes: the README main job, timed)
+Existing figures in those files that this run does not produce are kept (e.g. the 1.3B step figures
+in rcm.json). Without --write it only prints.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ratios(reports: dict) -> dict[str, dict[str, float]]:
+    """{file: {figure: value}} from the suite's reports (missing evaluations are skipped)."""
+    t = reports["teacher"]
+
+    def r(name, key="adherence"):
+        return None if name not in reports else round(reports[name][key] / t[key], 4)
+
+    out = {
+        "rcm": {
+            "toy_rcm4_adherence_ratio": r("rcm4"), "toy_rcm2_adherence_ratio": r("rcm2"),
+            "toy_rcm1_adherence_ratio": r("rcm1"), "toy_rcm4_frechet_ratio": r("rcm4", "frechet"),
+            "toy_rcm4_diversity_ratio": r("rcm4", "diversity"), "toy_scm4_adherence_ratio": r("scm4"),
+            "toy_scm4_diversity_ratio": r("scm4", "diversity"), "toy_dmd4_adherence_ratio": r("dmd4"),
+            "toy_dmd4_diversity_ratio": r("dmd4", "diversity"),
+        },
+        "sla_finetune": {
+            "toy_sla0.1_untrained_adherence_ratio": r("teacher_sla0.1_untrained"),
+            "toy_sla0.2_untrained_adherence_ratio": r("teacher_sla0.2_untrained"),
+            "toy_sla0.1_finetuned_adherence_ratio": r("teacher_sla0.1_finetuned"),
+            "toy_rcm4_sla0.1_adherence_ratio": r("merged_rcm4_sla0.1"),
+            "toy_rcm4_sla0.1_frechet_ratio": r("merged_rcm4_sla0.1", "frechet"),
+        },
+        "toy_bundles": {"toy_bundle_h100_adherence_ratio": r("bundle_h100")},
+    }
+    for name in reports:  # absolute values too, for BENCHMARKS.md
+        out["rcm" if not name.startswith(("teacher_sla", "merged", "bundle")) else
+            "toy_bundles" if name.startswith("bundle") else "sla_finetune"][f"toy_{name}_adherence"] = \
+            round(reports[name]["adherence"], 4)
+    return {f: {k: v for k, v in figs.items() if v is not None} for f, figs in out.items()}
+
+
+def write(tool: str, figures: dict, device: str, command: str) -> Path:
+    path = REPO / "benchmarks" / f"{tool}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {**old.get("figures", {}), **figures}
+    doc = {"device": device, "date": datetime.date.today().isoformat(), "command": command, "figures": merged}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("summary", type=Path, help="summary.json written by tools/toy_gpu_suite.py")
+    p.add_argument("--cpu-bundle-report", type=Path, help="report.json of `turbo-eval --bundle <cpu bundle> --device cpu`")
+    p.add_argument("--pipeline-minutes", type=float, help="measured minutes of the README main job on 2 CPU cores")
+    p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="where the suite ran")
+    p.add_argument("--write", action="store_true", help="write benchmarks/*.json (else print only)")
+    a = p.parse_args(argv)
+    if not a.summary.is_file():
+        p.error(f"summary not found: {a.summary}")
+    summary = json.loads(a.summary.read_text())
+    reports = summary.get("reports", {})
+    if "teacher" not in reports:
+        p.error(f"{a.summary}: no teacher evaluation in the suite's reports: ratios need it")
+    figs = ratios(reports)
+    if a.cpu_bundle_report:
+        cpu = json.loads(a.cpu_bundle_report.read_text())
+        figs["toy_bundles"]["toy_bundle_cpu_adherence_ratio"] = round(cpu["adherence"] / reports["teacher"]["adherence"], 4)
+        figs["toy_bundles"]["toy_bundle_cpu_adherence"] = round(cpu["adherence"], 4)
+    if a.pipeline_minutes is not None:
+        figs["toy_bundles"]["toy_pipeline_cpu_minutes"] = a.pipeline_minutes
+    s = summary.get("settings", {})
+    command = (f"python tools/toy_gpu_suite.py --out {s.get('out')} --minutes {s.get('minutes')} --prompts "
+               f"{s.get('prompts')}; python tools/toy_figures.py {a.summary.name} --write")
+    for tool, f in figs.items():
+        for k, v in f.items():
+            print(f"{tool:<13} {k:<42} {v}")
+        if a.write and f:
+            print(f"wrote {write(tool, f, a.device, command)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

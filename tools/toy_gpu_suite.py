@@ -1,0 +1,171 @@
+"""The toy-world measurements of the rCM, SLA fine-tuning and bundle issues, in one GPU call.
+
+    python tools/toy_gpu_suite.py --out runs/toy-suite [--minutes 4] [--prompts 256] [--device cuda]
+
+The toy model is small: one GPU has room for several trainings at once, and the runs are bound by
+the CPU workers that render the videos. So the suite runs, at the same time,
+    rcm   recipes/toy/rcm.yaml                    rCM: sCM + DMD fake score (the method)
+    scm   the same with method.rcm.loss_mode=scm  pure sCM ablation (no fake score)
+    dmd   the same with method.rcm.loss_mode=dmd  DMD2-alone ablation (no consistency term)
+    sla   recipes/toy/sla.yaml                    SLA (topk 0.1) fine-tune of the teacher
+each capped at --minutes of training, while the teacher is evaluated dense and with untrained SLA
+(topk 0.1, 0.2). Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
+the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time). Every
+report lands in OUT/eval/<name>/report.json and a digest in OUT/summary.json; a stage that fails
+is logged, recorded and skipped (the others go on). `tools/toy_figures.py` turns the digest into
+benchmarks/{rcm,sla_finetune,toy_bundles}.json.
+
+--smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEACHER = REPO / "turbo_infer/assets/toy_teacher.safetensors"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(name: str, cmd: list[str], out: Path) -> dict:
+    """Run one stage as a subprocess, its output in OUT/logs/<name>.log; never raises."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"start {name}")
+    with open(out / "logs" / f"{name}.log", "w") as f:
+        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    dt = round(time.perf_counter() - t0, 1)
+    log(f"{'done' if rc == 0 else f'FAILED (exit {rc})'} {name} in {dt} s")
+    return {"stage": name, "rc": rc, "seconds": dt}
+
+
+class Suite:
+    def __init__(self, a):
+        self.a, self.out = a, a.out.resolve()
+        self.stages: list[dict] = []
+        py = [sys.executable]
+        self.train_cmd = py + ["-m", "turbo_train.cli"]
+        self.eval_cmd = py + ["-m", "turbo_train.eval"]
+
+    # ------------------------------------------------------------------ pieces
+    def train(self, name: str, recipe: str, extra: list[str] = ()) -> dict:
+        a = self.a
+        sets = {"logging.run_dir": str(self.out / name), "logging.wandb": "false", "model.checkpoint": str(TEACHER),
+                "data.num_workers": str(a.workers), "trainer.max_time_minutes": str(a.minutes),
+                "checkpoint.every_n_steps": "1000000"}
+        if a.smoke:
+            sets.update({"trainer.max_steps": "2", "data.batch_size": "2", "data.num_workers": "0",
+                         "trainer.val_every_n_steps": "0", "trainer.accelerator": "cpu"})
+        cmd = self.train_cmd + [recipe] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")] + list(extra)
+        return run(f"train-{name}", cmd, self.out)
+
+    def evaluate(self, name: str, args: list[str]) -> dict:
+        a = self.a
+        n = "4" if a.smoke else str(a.prompts)
+        div = ["--diversity-prompts", "1", "--diversity-seeds", "2"] if a.smoke else \
+              ["--diversity-prompts", "8", "--diversity-seeds", "4"]
+        cmd = self.eval_cmd + args + ["--num-prompts", n, *div, "--batch-size", str(a.eval_batch),
+                                      "--device", a.device, "--out-dir", str(self.out / "eval" / name), "--no-progress"]
+        if a.smoke and "--steps" not in args and "--bundle" not in args:
+            cmd += ["--steps", "2"]
+        return run(f"eval-{name}", cmd, self.out)
+
+    def exported(self, name: str) -> Path:
+        for f in ("ema.safetensors", "sla.safetensors"):
+            if (self.out / name / f).is_file():
+                return self.out / name / f
+        return self.out / name / "ema.safetensors"  # absent: the evaluation then fails with a clear message
+
+    def parallel(self, jobs: list, width: int) -> None:
+        with ThreadPoolExecutor(max_workers=width) as pool:
+            self.stages += list(pool.map(lambda j: j[0](*j[1:]), jobs))
+
+    # ------------------------------------------------------------------ the run
+    def main(self) -> int:
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        rcm, sla = "recipes/toy/rcm.yaml", "recipes/toy/sla.yaml"
+        teacher_eval = ["--checkpoint", str(TEACHER)]
+        # phase 1: four trainings and the teacher's evaluations, all at once
+        self.parallel([
+            (self.train, "rcm", rcm), (self.train, "scm", rcm, ["--set", "method.rcm.loss_mode=scm"]),
+            (self.train, "dmd", rcm, ["--set", "method.rcm.loss_mode=dmd"]), (self.train, "sla", sla),
+            (self.evaluate, "teacher", teacher_eval),
+            (self.evaluate, "teacher_sla0.1_untrained", teacher_eval + ["--attention", "sla", "--topk", "0.1"]),
+            (self.evaluate, "teacher_sla0.2_untrained", teacher_eval + ["--attention", "sla", "--topk", "0.2"]),
+        ], width=7)
+        # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
+        merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
+        py = [sys.executable]
+        student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
+
+        def merge_calibrate_export():
+            r = [run("merge", py + ["-m", "turbo_train.merge", "--student", str(self.exported("rcm")), "--sla",
+                                    str(self.exported("sla")), "--teacher", str(TEACHER), "--out", str(merged)], self.out)]
+            r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
+                                ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
+                                 "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
+                                 "--set", "trainer.precision=32-true"]))
+            r.append(run("export", py + ["-m", "turbo_train.export", "--checkpoint", str(merged), "--plan", str(plan),
+                                         "--target", "h100", "--target", "cpu", "--out", str(bundles), "--steps", "4",
+                                         "--overwrite", "--no-progress"], self.out))
+            return r
+
+        jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
+        jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ("scm", "dmd")]
+        jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
+        with ThreadPoolExecutor(max_workers=1) as side:
+            mce = side.submit(merge_calibrate_export)
+            self.parallel(jobs, width=self.a.eval_width)
+            self.stages += mce.result()
+        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
+        if self.a.device != "cpu":
+            final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
+        self.parallel(final, width=self.a.eval_width)
+        summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
+                   "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages, "reports": {}}
+        for rep in sorted((self.out / "eval").glob("*/report.json")):
+            r = json.loads(rep.read_text())
+            summary["reports"][rep.parent.name] = {k: r[k] for k in ("adherence", "adherence_seen_templates",
+                                                                     "adherence_heldout_templates", "frechet",
+                                                                     "diversity", "diversity_real", "s_per_video",
+                                                                     "per_attribute_accuracy", "settings")}
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.out / "summary.json")
+        for name, r in summary["reports"].items():
+            log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}  diversity {r['diversity']:.3f}")
+        failed = [s["stage"] for s in self.stages if s["rc"] != 0]
+        log(f"total {summary['total_s']} s; failed stages: {failed or 'none'}; wrote {self.out / 'summary.json'}")
+        return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="run directory (trainings, bundles, eval reports)")
+    p.add_argument("--minutes", type=float, default=4.0, help="training time cap of each of the four trainings")
+    p.add_argument("--prompts", type=int, default=256, help="prompts per evaluation")
+    p.add_argument("--workers", type=int, default=3, help="DataLoader workers per training (four run at once)")
+    p.add_argument("--eval-batch", type=int, default=64, help="videos per sampling batch in the evaluations")
+    p.add_argument("--eval-width", type=int, default=4, help="evaluations run at once")
+    p.add_argument("--device", default="cuda", help="where the evaluations run (trainings: accelerator auto)")
+    p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
+    a = p.parse_args(argv)
+    if a.minutes <= 0 or a.prompts < 2 or a.workers < 0:
+        p.error("--minutes must be > 0, --prompts >= 2, --workers >= 0")
+    if a.smoke:
+        a.device, a.eval_batch, a.eval_width = "cpu", 4, 2
+    return Suite(a).main()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

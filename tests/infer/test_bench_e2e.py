@@ -1,0 +1,107 @@
+"""tools/bench_e2e.py: the profiler breakdown's classification, the synthetic umT5 tokenizer, the
+video writer fallback (fast), and the whole tool on its --tiny CPU path (slow: ~45 s on 2 cores,
+most of it the fresh-process stage's interpreter start and imports)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tools"))
+
+from e2e_breakdown import CLASSES, name_class, profile_breakdown  # noqa: E402
+from e2e_setup import SHAPES, random_dit, synthetic_umt5_tokenizer, synthetic_vocab, write_video_file  # noqa: E402
+
+FIXED_FIGURES = ("e2e_1.3b_480p_speedup", "e2e_1.3b_480p_turbo_s", "e2e_1.3b_480p_full_s",
+                 "time_to_first_video_1.3b_s", "e2e_1.3b_480p_turbo_attention_s", "e2e_1.3b_480p_turbo_linear_s",
+                 "e2e_1.3b_480p_turbo_other_s", "text_encode_s", "vae_decode_s", "baseline_forward_ms")
+
+
+@pytest.mark.parametrize("name, cls", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128", "attention"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "attention"),
+    ("_sla_fwd_kernel", "attention"), ("_lowbit_sparse_fwd_kernel", "attention"), ("_pool_kernel", "attention"),
+    ("_quant_v_kernel", "attention"),
+    ("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NTN", "linear"), ("_w8a8_gemm_kernel", "linear"),
+    ("_quantize_rows_kernel", "linear"), ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "linear"),
+    ("aten::addmm", "linear"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "other"),
+    ("triton_poi_fused_add_mul_0", "other"),
+])
+def test_name_class(name, cls):
+    assert name_class(name) == cls
+
+
+def test_profile_breakdown_scopes_on_cpu():
+    """A tiny DiT with SLA attention: the attention backend's ops (block map, torch GEMMs of the
+    reference) count as attention, the linears as linear, norms/modulation as other."""
+    torch.set_num_threads(1)
+    from dataclasses import replace
+
+    cfg = replace(SHAPES["tiny"].dit_config(), attention="sla", attention_options={"topk": 0.5})
+    model = random_dit(cfg, "cpu", torch.float32)
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim)
+    with torch.no_grad():
+        br = profile_breakdown(model, lambda: model(x, t, ctx), "cpu")
+    s = br["seconds"]
+    assert set(s) == set(CLASSES) and all(v > 0 for v in s.values())
+    top = {c: {n for n, _ in br["top"][c]} for c in CLASSES}
+    assert "turbo::attention" in top["attention"] and "turbo::linear" in top["linear"]
+    assert not {"aten::addmm", "aten::mm", "aten::bmm"} & top["other"]  # GEMMs are attention or linear
+    assert not model.blocks[0].self_attn.attn._forward_pre_hooks  # hooks removed on exit
+
+
+def test_synthetic_tokenizer_has_the_vocab_size_and_appends_eos():
+    vocab = synthetic_vocab(1000)
+    assert len(vocab) == 1000 and len({p for p, _ in vocab}) == 1000
+    tok = synthetic_umt5_tokenizer(1000)
+    ids = tok(["a red fox"], padding="max_length", max_length=12, truncation=True)["input_ids"][0]
+    assert len(ids) == 12 and 1 in ids and max(ids) < 1000  # </s> = 1, then <pad> = 0
+    with pytest.raises(ValueError, match="vocab size"):
+        synthetic_vocab(10)
+
+
+def test_video_writer_falls_back_to_opencv(tmp_path, monkeypatch):
+    pytest.importorskip("cv2")
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_imageio_ffmpeg(name, *a, **k):
+        if name == "imageio_ffmpeg":
+            raise ImportError("hidden for the test")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_imageio_ffmpeg)
+    frames = np.random.default_rng(0).integers(0, 255, (5, 32, 48, 3), dtype=np.uint8)
+    writer = write_video_file(tmp_path / "v.mp4", frames, 8)
+    assert writer.startswith("opencv") and (tmp_path / "v.mp4").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
+    kept = [REPO / "benchmarks" / "e2e.json", REPO / "benchmarks" / "e2e_breakdown.png"]
+    before = [p.stat().st_mtime_ns if p.exists() else None for p in kept]
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TRITON_INTERPRET="1")
+    env.pop("OUT", None)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_e2e.py"), "--tiny", "--workdir",
+                           str(tmp_path), "--with-14b", "--reps", "1"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "results" / "e2e.json").read_text())
+    fig = doc["figures"]
+    missing = [k for k in (*FIXED_FIGURES, "e2e_14b_720p_turbo_s") if k not in fig]
+    assert not missing, missing
+    assert fig["e2e_1.3b_480p_speedup"] == pytest.approx(fig["e2e_1.3b_480p_baseline_s"]
+                                                         / fig["e2e_1.3b_480p_turbo_s"])
+    assert "EXTRAPOLATED" in doc["notes"]["baseline"] and "--tiny" in doc["command"]
+    assert (tmp_path / "results" / "e2e_breakdown.png").stat().st_size > 0
+    assert (tmp_path / "first_video.mp4").stat().st_size > 0
+    assert [p.stat().st_mtime_ns if p.exists() else None for p in kept] == before  # benchmarks/ untouched

@@ -1,0 +1,692 @@
+"""End-to-end speed at the Wan2.1-1.3B shape (480p, 81 frames): 50-step CFG baseline vs the 4-step h100 bundle.
+
+    python tools/bench_e2e.py                      # one H100 run, ~4-5 min; figures -> benchmarks/e2e.json
+    python tools/bench_e2e.py --tiny               # the same code path on a CPU at tiny configs (a temp dir)
+    python tools/bench_e2e.py --skip-baseline --skip-text --skip-vae --skip-turbo --with-14b --merge
+                                                   # 14B 720p alone, merged into the existing e2e.json
+
+All weights are RANDOM at the real configs (tools/e2e_setup.py): speed only. Stages, each timed and
+logged with a timestamp:
+  1. baseline   WanModel wan2.1-1.3b, sdpa attention, bf16, eager; the median of --reps timed
+                forwards at batch 2 (cond + uncond in one batch, as turbo_infer.samplers does CFG).
+                baseline DiT seconds = 50 x that forward: EXTRAPOLATED, 100 real forwards are not
+                run (time budget). A profiled forward gives its attention / linear / other split.
+  2. bundle     a random SLA-layout checkpoint (topk 0.1) written with save_wan_checkpoint, exported
+                by turbo_train.export.export_bundle for target h100 (sagesla attention, every
+                quantizable linear fp8 with dynamic per-token scales: no calibration plan), loaded
+                with TurboPipeline.from_bundle on cuda (sha256 verified).
+  3. text       umT5-XXL encoder (UMT5EncoderModel at the real config, random, bf16, built on the
+                GPU) behind the project's UMT5TextEncoder code path with a synthetic 256 384-piece
+                tokenizer; encode of one prompt padded to 512 tokens (tokenization included).
+  4. VAE        a random AutoencoderKLWan (Wan2.1 config) written to disk and loaded with the
+                project's WanVAE (fp32, as the Wan pipeline); decode of a 1x16x21x60x104 latent;
+                once more with the conv weights in channels_last_3d.
+  5. turbo DiT  the bundle's 4-step rcm sampler over its DiT, wall time per video (4 forwards, no
+                CFG), eager and with torch.compile of each block (regional; compile time printed);
+                the faster is the headline. The other sparse backend (sla vs sagesla, same proj_l)
+                is timed eager for comparison. Breakdown: tools/e2e_breakdown.py (profiler scopes
+                around attention backends and linears, CUDA kernel time per class); attention and
+                linear are kernel seconds of a profiled eager run, other = headline - both.
+  6. full       pipe.generate() of one video: text encode + 4-step DiT + VAE decode + uint8.
+  7. first video  a fresh `python` process that loads the umT5 encoder, the VAE and the bundle
+                from the files written above (page cache warmed first; Triton / Inductor caches
+                warm from this process), compiles if the headline did, generates one video and
+                writes the mp4; wall time around the subprocess.
+  8. 14B 720p   (--with-14b) the 14B DiT built in memory with the export's choices (sagesla, fp8),
+                4-step rcm at 720p x 81 frames; not written as a bundle.
+Figures: benchmarks/e2e.json (and $OUT/e2e.json) with e2e_1.3b_480p_speedup, e2e_1.3b_480p_turbo_s,
+e2e_1.3b_480p_full_s, time_to_first_video_1.3b_s, e2e_14b_720p_turbo_s (--with-14b),
+e2e_1.3b_480p_turbo_{attention,linear,other}_s, text_encode_s, vae_decode_s, baseline_forward_ms
+and more; "notes" in the JSON say how each was measured. Chart: benchmarks/e2e_breakdown.png.
+--tiny writes both into WORKDIR/results (never benchmarks/, never $OUT).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_harness import REPO, Harness  # noqa: E402
+from e2e_breakdown import breakdown_chart, format_top, profile_breakdown  # noqa: E402
+from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
+                       random_dit, random_umt5, random_wan_vae, synthetic_umt5_tokenizer, warm_page_cache,
+                       write_video_file)
+
+BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
+TAG = "1.3b_480p"
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, reps: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of `reps` calls of fn() after `warmup` untimed ones, synchronised around each."""
+    for _ in range(warmup):
+        fn()
+        sync(device)
+    out = []
+    for _ in range(reps):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def free() -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()  # compiled blocks keep references to their modules
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- model surgery
+
+
+def set_attention(model, backend: str, options: dict) -> list:
+    """Give every block's self-attention the backend `backend` (sharing the old module's SLA
+    proj_l when both have one); returns the old modules for `restore_attention`."""
+    from turbo_infer.layers.attention import make_attention
+
+    old = []
+    for block in model.blocks:
+        prev = block.self_attn.attn
+        new = make_attention(backend, block.self_attn.head_dim, **options)
+        if hasattr(prev, "proj_l") and hasattr(new, "proj_l"):
+            new.proj_l = prev.proj_l
+        block.self_attn.attn = new.to(next(model.parameters()).device)
+        old.append(prev)
+    return old
+
+
+def restore_attention(model, old: list) -> None:
+    for block, prev in zip(model.blocks, old):
+        block.self_attn.attn = prev
+
+
+def compile_blocks(model, backend: str = "inductor") -> list:
+    """Regional compilation: each DiT block through torch.compile (identical blocks share one
+    compiled graph, so compile time is about one block's); returns the eager blocks. The --tiny
+    run uses dynamo's "eager" backend (tracing and graph breaks without Inductor's C++ build)."""
+    import torch._dynamo
+
+    torch._dynamo.config.inline_inbuilt_nn_modules = True  # the default since 2.5; one graph for all blocks
+    eager = list(model.blocks)
+    for i, block in enumerate(eager):
+        model.blocks[i] = torch.compile(block, backend=backend)
+    return eager
+
+
+def restore_blocks(model, eager: list) -> None:
+    for i, block in enumerate(eager):
+        model.blocks[i] = block
+
+
+def conv3d_memory_format(module, memory_format) -> None:
+    """Lay out every Conv3d weight (Wan's causal convs) in `memory_format` (the VAE's conv2d
+    weights are 4-D and stay as they are)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+@torch.no_grad()
+def bench_baseline(args, shape, device, dtype, fig, notes):
+    """50-step CFG baseline: median batch-2 eager forward x 50, plus its profiled breakdown."""
+    from dataclasses import replace
+
+    cfg = replace(shape.dit_config(), attention="sdpa", attention_options={})
+    model = random_dit(cfg, device, dtype)
+    f, h, w = (shape.frames - 1) // 4 + 1, shape.height // 8, shape.width // 8
+    x = torch.randn(2, cfg.in_channels, f, h, w, device=device)
+    t = torch.full((2,), 500.0, device=device)
+    ctx = torch.randn(2, shape.text_len, cfg.text_dim, device=device, dtype=dtype)
+    times = timed(lambda: model(x, t, ctx), device, args.reps)
+    fwd = statistics.median(times)
+    log(f"baseline forward (batch 2, eager {dtype}): {[round(s, 3) for s in times]} s, median {fwd:.3f} s "
+        f"-> {BASELINE_STEPS} steps = {BASELINE_STEPS * fwd:.1f} s (extrapolated)")
+    fig["baseline_forward_ms"] = fwd * 1e3
+    fig[f"e2e_{TAG}_baseline_s"] = BASELINE_STEPS * fwd
+    notes["baseline"] = (f"e2e_{TAG}_baseline_s = {BASELINE_STEPS} x baseline_forward_ms: the median of {args.reps} "
+                         f"timed batch-2 (cond + uncond, CFG) eager {str(dtype).removeprefix('torch.')} forwards of "
+                         f"WanModel wan2.1-1.3b with sdpa attention, EXTRAPOLATED to {BASELINE_STEPS} steps (100 "
+                         f"real forwards were not run: time budget)")
+    if not args.skip_profile:
+        br = profile_breakdown(model, lambda: model(x, t, ctx), device.type)
+        log(f"baseline forward breakdown (linked {br['linked_fraction']:.1%} of kernel time):\n{format_top(br)}")
+        s = br["seconds"]
+        fig[f"e2e_{TAG}_baseline_attention_s"] = BASELINE_STEPS * s["attention"]
+        fig[f"e2e_{TAG}_baseline_linear_s"] = BASELINE_STEPS * s["linear"]
+        fig[f"e2e_{TAG}_baseline_other_s"] = BASELINE_STEPS * (fwd - s["attention"] - s["linear"])
+
+
+def write_checkpoint(args, shape, device, dtype, work: Path) -> Path:
+    """A random checkpoint in the SLA-tuned layout (proj_l present, config attention=sla), the
+    kind turbo-export gets after SLA fine-tuning."""
+    from dataclasses import replace
+
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+    from turbo_train.export import SLA_DEFAULTS
+
+    cfg = replace(shape.dit_config(), attention="sla", attention_options=dict(SLA_DEFAULTS, topk=args.topk))
+    model = random_dit(cfg, device, dtype, seed=1)
+    path = work / "dit" / "dit.safetensors"
+    save_wan_checkpoint(model, path)
+    del model
+    free()
+    log(f"wrote the random SLA-layout DiT checkpoint: {path} ({dir_bytes(path) / 2**30:.2f} GiB)")
+    return path
+
+
+@torch.no_grad()
+def setup_text(args, shape, device, dtype, work: Path, write: bool, fig, notes):
+    """umT5-XXL at the real config, random; written to disk (for the fresh process) when `write`;
+    encode timed through the UMT5TextEncoder code path. Returns (encoder, directory)."""
+    t = time.perf_counter()
+    model = random_umt5(shape.umt5, device, dtype)
+    tok = synthetic_umt5_tokenizer(shape.umt5["vocab_size"])
+    n = sum(p.numel() for p in model.parameters())
+    log(f"umT5 encoder built: {n / 1e9:.2f}B parameters, {dtype}, {time.perf_counter() - t:.1f} s")
+    te_dir = work / "umt5"
+    tok.save_pretrained(te_dir)
+    if write:
+        t = time.perf_counter()
+        model.save_pretrained(te_dir)
+        log(f"wrote umT5 to {te_dir}: {dir_bytes(te_dir) / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s")
+    enc = in_memory_umt5_encoder(model, tok, device, dtype, shape.text_len)
+    times = timed(lambda: enc.encode([PROMPT]), device, max(args.reps, 5))
+    fig["text_encode_s"] = statistics.median(times)
+    log(f"text encode ({shape.text_len} tokens): median {fig['text_encode_s'] * 1e3:.1f} ms")
+    notes["text_encode"] = (f"UMT5TextEncoder code path (tokenize, encode with mask, zero padding; no cache) around "
+                            f"an in-memory random UMT5EncoderModel at umT5-XXL's config ({n / 1e9:.2f}B params, "
+                            f"{dtype}) and a synthetic {shape.umt5['vocab_size']}-piece unigram tokenizer; one "
+                            f"prompt padded to {shape.text_len} tokens; median of {max(args.reps, 5)}")
+    return enc, te_dir
+
+
+@torch.no_grad()
+def setup_vae(args, shape, device, work: Path, fig, notes):
+    """Wan2.1 VAE, random, written to disk and loaded with turbo_infer.vae.WanVAE; decode timed."""
+    from turbo_infer.vae import WanVAE
+
+    model = random_wan_vae(shape.vae, device)
+    vae_dir = work / "vae"
+    model.save_pretrained(vae_dir)
+    del model
+    vae = WanVAE(vae_dir, device=device)
+    z = torch.randn(1, *vae.latent_shape(shape.frames, shape.height, shape.width), device=device)
+    times = timed(lambda: vae.decode(z), device, args.reps)
+    fig["vae_decode_s"] = statistics.median(times)
+    log(f"VAE decode of latent {tuple(z.shape)}: {[round(s, 3) for s in times]} s")
+    notes["vae_decode"] = (f"turbo_infer.vae.WanVAE (fp32) loaded from a random diffusers AutoencoderKLWan at the "
+                           f"Wan2.1 config written to disk; decode of a {tuple(z.shape)} latent, median of {args.reps}")
+    if not args.skip_channels_last:
+        conv3d_memory_format(vae.model, torch.channels_last_3d)
+        times = timed(lambda: vae.decode(z), device, args.reps)
+        conv3d_memory_format(vae.model, torch.contiguous_format)
+        fig["vae_decode_channels_last_s"] = statistics.median(times)
+        log(f"VAE decode, conv weights channels_last_3d: {[round(s, 3) for s in times]} s")
+    return vae, vae_dir
+
+
+@torch.no_grad()
+def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
+    """The bundle's sampler over its DiT: eager, the other sparse backend, profile, compiled.
+    Returns True when the compiled blocks are kept (they were faster)."""
+    from turbo_infer.samplers import batch_randn, get_sampler
+
+    d = pipe.sample_defaults
+    sampler, steps = get_sampler(d["sampler"]), d["steps"]
+    context = pipe.text_encoder.encode([PROMPT])  # (1, L, 4096)
+    uncond = pipe.text_encoder.empty_embedding() if d["guidance"] != 1.0 else None
+    noise = batch_randn(pipe.vae.latent_shape(shape.frames, shape.height, shape.width), pipe.generators(1, 0), device)
+
+    def dit():
+        return sampler.sample(pipe.transformer, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
+                              dtype=pipe.dtype, generators=pipe.generators(1, 0))
+
+    model = pipe.transformer
+    att = pipe.manifest["attention"]
+    t = time.perf_counter()
+    dit()
+    sync(device)
+    log(f"turbo DiT first call (kernel JIT / autotune): {time.perf_counter() - t:.1f} s")
+    eager = statistics.median(timed(dit, device, args.reps, warmup=0))
+    fig[f"e2e_{TAG}_turbo_eager_s"] = eager
+    log(f"turbo DiT, {d['sampler']} {steps} steps, {att['backend']} attention, eager: {eager:.3f} s")
+
+    other = {"sagesla": "sla", "sla": "sagesla"}.get(att["backend"])
+    if other and not args.skip_attention_compare and clock_ok("attention comparison"):
+        old = set_attention(model, other, {k: v for k, v in att.items() if k != "backend"})
+        try:
+            alt = statistics.median(timed(dit, device, args.reps))
+            fig[f"e2e_{TAG}_turbo_eager_{other}_s"] = alt
+            log(f"turbo DiT with {other} attention instead (same proj_l), eager: {alt:.3f} s")
+        finally:
+            restore_attention(model, old)
+
+    if not args.skip_profile:
+        br = profile_breakdown(model, dit, device.type)
+        parts = br["seconds"]
+        log(f"turbo DiT breakdown (eager, linked {br['linked_fraction']:.1%} of kernel time): attention "
+            f"{parts['attention']:.3f} s, linear {parts['linear']:.3f} s, other kernels {parts['other']:.3f} s\n"
+            f"{format_top(br)}")
+
+    compiled = None
+    if not args.skip_compile and clock_ok("torch.compile"):
+        x = noise.to(pipe.dtype)
+        ts = torch.full((1,), 900.0, device=device)
+        ref = model(x, ts, context)
+        eager_blocks = compile_blocks(model, args.compile_backend)
+        try:
+            t = time.perf_counter()
+            dit()
+            sync(device)
+            warm = time.perf_counter() - t
+            compiled = statistics.median(timed(dit, device, args.reps, warmup=0))
+            rel = ((model(x, ts, context) - ref).float().norm() / ref.float().norm()).item()
+            fig[f"e2e_{TAG}_turbo_compiled_s"] = compiled
+            fig[f"e2e_{TAG}_turbo_compile_warmup_s"] = warm
+            log(f"turbo DiT, torch.compile per block ({args.compile_backend}): first call {warm:.1f} s, then "
+                f"{compiled:.3f} s (vs eager {eager:.3f} s); compiled vs eager forward relative error {rel:.2e}")
+        except Exception as e:  # a compile failure must not lose the eager figures
+            log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); keeping eager")
+            notes["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            compiled = None
+        if compiled is None or compiled >= eager:
+            restore_blocks(model, eager_blocks)
+    use_compiled = compiled is not None and compiled < eager
+    turbo = compiled if use_compiled else eager
+    fig[f"e2e_{TAG}_turbo_s"] = turbo
+    if not args.skip_profile:
+        fig[f"e2e_{TAG}_turbo_attention_s"] = parts["attention"]
+        fig[f"e2e_{TAG}_turbo_linear_s"] = parts["linear"]
+        fig[f"e2e_{TAG}_turbo_other_s"] = turbo - parts["attention"] - parts["linear"]
+    prec = {}
+    for e in pipe.manifest["linears"].values():
+        prec[e["precision"]] = prec.get(e["precision"], 0) + 1
+    how = f"torch.compile per block ({args.compile_backend})" if use_compiled else "eager"
+    notes["turbo"] = (f"h100 bundle (attention {att}, linears {prec}, {pipe.manifest['dtype']}) loaded with "
+                      f"TurboPipeline.from_bundle; wall time of the bundle's {d['sampler']} sampler, {steps} DiT "
+                      f"forwards at batch 1 (no CFG) incl. its noise draws, median of {args.reps}; headline "
+                      f"e2e_{TAG}_turbo_s = {how} (the faster of those measured)")
+    notes["breakdown"] = ("torch.profiler, one eager run; CUDA kernel time charged by the launching op's scope: "
+                          "attention = kernels inside the self-attention backend modules (incl. their block map, "
+                          "linear branch and proj_l) and inside aten::scaled_dot_product_attention (cross-attention); "
+                          "linear = kernels inside nn.Linear / W8A8Linear (GEMMs, bias, W8A8 per-token quantization); "
+                          "unlinked kernels by name. *_attention_s and *_linear_s are those kernel seconds of the "
+                          "eager run; *_other_s = the headline wall time (compiled if that was faster) - attention - "
+                          "linear (norms, modulation, RoPE, elementwise, launch gaps). Baseline: the same on one "
+                          "forward, x50.")
+    return use_compiled
+
+
+@torch.no_grad()
+def bench_full(args, shape, device, pipe, fig, notes) -> None:
+    """pipe.generate() of one video, end to end (everything warm)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = timed(lambda: pipe.generate([PROMPT], num_frames=shape.frames, height=shape.height, width=shape.width,
+                                        seed=0, progress=False), device, args.reps, warmup=0)
+    fig[f"e2e_{TAG}_full_s"] = statistics.median(times)
+    fig[f"e2e_{TAG}_full_sum_s"] = fig["text_encode_s"] + fig[f"e2e_{TAG}_turbo_s"] + fig["vae_decode_s"]
+    if device.type == "cuda":
+        fig[f"e2e_{TAG}_full_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    log(f"full pipeline (text + DiT + VAE + uint8): {[round(s, 3) for s in times]} s; "
+        f"sum of the parts {fig[f'e2e_{TAG}_full_sum_s']:.3f} s")
+    notes["full"] = (f"TurboPipeline.generate of one {shape.frames}x{shape.height}x{shape.width} video (text encode, "
+                     f"DiT, VAE decode, uint8 to the CPU), median of {args.reps}, caches and kernels warm")
+
+
+def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, work: Path, compiled: bool,
+                      fig, notes) -> None:
+    """Wall time of a fresh process: load umT5, VAE and DiT bundle from files, generate, write mp4."""
+    t = time.perf_counter()
+    n = warm_page_cache([te_dir, vae_dir, bundle])
+    log(f"page cache warmed: read {n / 2**30:.2f} GiB in {time.perf_counter() - t:.1f} s")
+    video, result = work / "first_video.mp4", work / "first_video.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--ttfv-child", str(bundle), "--video", str(video),
+           "--result", str(result), "--launched", repr(time.time())]
+    cmd += ["--compile", "--compile-backend", args.compile_backend] if compiled else []
+    cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
+    log(f"fresh process: {' '.join(cmd)}")
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=dict(os.environ))
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not result.is_file():
+        log(f"first-video process failed (exit {proc.returncode}); no time_to_first_video figure")
+        notes["time_to_first_video"] = f"the fresh process failed with exit code {proc.returncode}"
+        return
+    child = json.loads(result.read_text())
+    fig["time_to_first_video_1.3b_s"] = wall
+    for k, v in child["phases"].items():
+        fig[f"ttfv_{k}"] = v
+    log(f"time to first video: {wall:.2f} s wall (in-process phases {child['phases']}); {child['writer']}; "
+        f"{video.stat().st_size / 2**20:.1f} MiB mp4")
+    text = ("random weights built on the GPU by the child (--ttfv-random-text; NOT loaded from disk), tokenizer and "
+            "config from disk" if args.ttfv_random_text else f"umT5 weights from {te_dir.name}/ on disk "
+            f"({dir_bytes(te_dir) / 2**30:.1f} GiB)")
+    notes["time_to_first_video"] = (f"wall time of subprocess `python tools/bench_e2e.py --ttfv-child` (interpreter "
+                                    f"start and imports included): text encoder: {text}; VAE and the h100 bundle "
+                                    f"from disk (bundle sha256 verified); page cache warmed by one read; Triton and "
+                                    f"Inductor on-disk caches warm from the parent; "
+                                    f"{'torch.compile per block (cached artifacts)' if compiled else 'eager'}; one "
+                                    f"generate() (includes any JIT warm-up), mp4 via {child['writer']}")
+
+
+def ttfv_child(args) -> int:
+    """The fresh process of stage 7 (see bench_first_video); writes its phase times to --result."""
+    from turbo_infer.bundle import build_text_encoder, build_vae, read_manifest
+    from turbo_infer.pipeline import TurboPipeline
+
+    phases = {"startup_s": time.time() - args.launched}  # interpreter start + imports
+    shape = SHAPES["tiny" if args.tiny else "real"]
+    device = torch.device("cpu" if args.tiny else "cuda")
+    if args.tiny:
+        torch.set_num_threads(1)
+    manifest = read_manifest(args.ttfv_child)
+    t = time.perf_counter()
+    if args.ttfv_random_text:
+        from transformers import AutoTokenizer
+
+        te_dir = Path(manifest["text_encoder"]["path"])
+        model = random_umt5(shape.umt5, device, getattr(torch, manifest["dtype"]))
+        text = in_memory_umt5_encoder(model, AutoTokenizer.from_pretrained(str(te_dir)), device,
+                                      getattr(torch, manifest["dtype"]), shape.text_len)
+    else:
+        text = build_text_encoder(manifest, device)
+    sync(device)
+    phases["load_text_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    vae = build_vae(manifest, device)
+    sync(device)
+    phases["load_vae_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, vae=vae, allow_reference=args.tiny)
+    sync(device)
+    phases["load_dit_s"] = time.perf_counter() - t
+    if args.compile:
+        compile_blocks(pipe.transformer, args.compile_backend)
+    t = time.perf_counter()
+    video = pipe.generate([PROMPT], num_frames=shape.frames, height=shape.height, width=shape.width, seed=0,
+                          progress=False)
+    phases["generate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    writer = write_video_file(args.video, video[0], pipe.fps)
+    phases["write_s"] = time.perf_counter() - t
+    phases["total_s"] = time.time() - args.launched
+    Path(args.result).write_text(json.dumps({"phases": phases, "writer": writer}))
+    print(f"first video: {args.video} ({phases})", flush=True)
+    return 0
+
+
+@torch.no_grad()
+def bench_14b(args, shape, device, dtype, fig, notes) -> None:
+    """14B 720p: built in memory with the export's attention and precision choices for h100."""
+    from dataclasses import replace
+
+    from turbo_infer.bundle import TARGETS
+    from turbo_infer.quant import quantize_model
+    from turbo_infer.samplers import get_sampler
+    from turbo_train.export import SLA_DEFAULTS, choose_attention, linear_precisions
+
+    cfg = replace(shape.dit_config(big=True), attention="sla", attention_options=dict(SLA_DEFAULTS, topk=args.topk))
+    t = time.perf_counter()
+    model = random_dit(cfg, device, dtype, seed=3)
+    target = TARGETS["h100"]
+    backend, opts = choose_attention(cfg, {}, target)
+    set_attention(model, backend, opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no calibration plan": every candidate fp8, as the 1.3B bundle
+        prec = linear_precisions(model, target, None)
+    quantize_model(model, {n: p for n, (p, _) in prec.items() if p != "bf16"})
+    free()
+    log(f"14B DiT built and quantized in memory: {time.perf_counter() - t:.1f} s")
+    f, h, w = (shape.big_frames - 1) // 4 + 1, shape.big_height // 8, shape.big_width // 8
+    noise = torch.randn(1, cfg.in_channels, f, h, w, device=device)
+    ctx = torch.randn(1, shape.text_len, cfg.text_dim, device=device, dtype=dtype)
+    sampler = get_sampler("rcm")
+
+    def dit():
+        return sampler.sample(model, noise, ctx, steps=4, dtype=dtype)
+
+    t = time.perf_counter()
+    model(noise.to(dtype), torch.full((1,), 900.0, device=device), ctx)
+    sync(device)
+    log(f"14B first forward (JIT): {time.perf_counter() - t:.1f} s")
+    times = timed(dit, device, args.reps_14b, warmup=0)
+    fig["e2e_14b_720p_turbo_s"] = statistics.median(times)
+    log(f"14B 720p turbo DiT, 4 steps ({backend}, fp8): {[round(s, 2) for s in times]} s")
+    notes["14b"] = (f"14B DiT built in memory (random) with turbo_train.export's h100 choices ({backend} {opts}, "
+                    f"fp8 dynamic linears), not written or loaded as a bundle; rcm 4 steps at "
+                    f"{shape.big_frames}x{shape.big_height}x{shape.big_width}, eager, median of {args.reps_14b}")
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def turbo_stages(args, shape, device, dtype, work, held: dict, te_dir, vae_dir, fig, notes, clock_ok) -> None:
+    """Stages 2 and 5-7: checkpoint -> h100 bundle -> TurboPipeline.from_bundle -> turbo DiT,
+    full pipeline -> time to first video. held: {"te": encoder or None, "vae": WanVAE or None}
+    (None: stand-ins, no full pipeline, no first video); emptied before the fresh process starts,
+    so that this process holds no model while it runs."""
+    te, vae = held.get("te"), held.get("vae")
+    log("stage 2: random SLA-layout checkpoint")
+    ckpt = write_checkpoint(args, shape, device, dtype, work)
+    log("stage 5: export the h100 bundle")
+    from turbo_infer.pipeline import TurboPipeline
+    from turbo_train.export import export_bundle, summary_line
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no calibration plan": intended (every candidate linear fp8)
+        bundle = export_bundle(ckpt, "h100", work / "bundles", text_encoder=te_dir, vae=vae_dir,
+                               attention=args.attention, overwrite=True, progress=False)
+    fig["bundle_export_s"] = time.perf_counter() - t
+    log(f"exported {bundle} in {fig['bundle_export_s']:.1f} s: {summary_line(bundle)}")
+
+    log("stage 6: turbo DiT from the bundle")
+    t = time.perf_counter()
+    text = te if te is not None else RandomContext(shape.dit_config().text_dim, shape.text_len, device, dtype)
+    pipe = TurboPipeline.from_bundle(bundle, device, text_encoder=text, vae=vae or LatentOnlyVAE(),
+                                     allow_reference=args.tiny)
+    sync(device)
+    fig["bundle_load_s"] = time.perf_counter() - t
+    log(f"TurboPipeline.from_bundle (sha256 verified): {fig['bundle_load_s']:.1f} s")
+    compiled = bench_turbo(args, shape, device, pipe, fig, notes, clock_ok)
+    if f"e2e_{TAG}_baseline_s" in fig:
+        fig[f"e2e_{TAG}_speedup"] = fig[f"e2e_{TAG}_baseline_s"] / fig[f"e2e_{TAG}_turbo_s"]
+        log(f"speedup {fig[f'e2e_{TAG}_speedup']:.1f}x ({fig[f'e2e_{TAG}_baseline_s']:.1f} s -> "
+            f"{fig[f'e2e_{TAG}_turbo_s']:.3f} s)")
+    if te is not None and vae is not None:
+        bench_full(args, shape, device, pipe, fig, notes)
+    del pipe, text, te, vae
+    held.clear()
+    free()
+
+    if args.skip_ttfv or te_dir is None or vae_dir is None:
+        log("time to first video: skipped (--skip-ttfv, --skip-text or --skip-vae)")
+        return
+    log("stage 7: time to first video from a fresh process")
+    ttfv_compiled = {"auto": compiled, "on": True, "off": False}[args.ttfv_compile]
+    bench_first_video(args, shape, bundle, te_dir, vae_dir, work, ttfv_compiled, fig, notes)
+
+
+def run(args) -> dict:
+    shape = SHAPES["tiny" if args.tiny else "real"]
+    if args.tiny:
+        torch.set_num_threads(1)
+        os.environ.pop("OUT", None)  # the smoke run never writes into the device tool's return folder
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_e2e.py needs a CUDA GPU (or --tiny for the CPU smoke run)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_e2e_"))
+    work.mkdir(parents=True, exist_ok=True)
+    out_dir = work / "results" if args.tiny else REPO / "benchmarks"
+    fig, notes = {}, {"weights": "all weights random at the real configs (speed only)"}
+    log(f"{'tiny CPU smoke run' if args.tiny else torch.cuda.get_device_name()}: work dir {work}")
+
+    def clock_ok(what: str) -> bool:
+        if time.perf_counter() - T0 <= args.budget_s:
+            return True
+        log(f"skipping {what}: past the {args.budget_s:.0f} s budget")
+        notes.setdefault("skipped_for_time", []).append(what)
+        return False
+
+    if not args.skip_baseline:
+        log("stage 1: 50-step CFG baseline")
+        bench_baseline(args, shape, device, dtype, fig, notes)
+        free()  # the baseline model is gone with the stage's frame
+    te = te_dir = vae = vae_dir = None
+    if not args.skip_text:
+        log("stage 3: umT5-XXL text encoder")
+        write = not (args.skip_turbo or args.skip_ttfv or args.ttfv_random_text)  # only the fresh process reads it
+        te, te_dir = setup_text(args, shape, device, dtype, work, write, fig, notes)
+    if not args.skip_vae:
+        log("stage 4: Wan VAE")
+        vae, vae_dir = setup_vae(args, shape, device, work, fig, notes)
+        free()
+    held = {"te": te, "vae": vae}
+    del te, vae
+    if not args.skip_turbo:
+        turbo_stages(args, shape, device, dtype, work, held, te_dir, vae_dir, fig, notes, clock_ok)
+    held.clear()
+    free()
+    if args.with_14b and clock_ok("14B 720p"):
+        log("stage 8: 14B 720p turbo DiT")
+        try:
+            bench_14b(args, shape, device, dtype, fig, notes)
+            free()
+        except torch.cuda.OutOfMemoryError as e:
+            log(f"14B: out of memory ({str(e)[:200]}); no figure")
+            notes["14b"] = "out of GPU memory"
+            free()
+
+    write_results(args, fig, notes, out_dir)
+    if not args.keep_workdir and not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    log("done")
+    return fig
+
+
+def write_results(args, fig: dict, notes: dict, out_dir: Path) -> None:
+    """e2e.json (figures + notes) and the breakdown chart, into out_dir and $OUT."""
+    bench = Harness("e2e")
+    old = out_dir / "e2e.json"
+    if args.merge and old.is_file():
+        prev = json.loads(old.read_text())
+        fig = {**prev.get("figures", {}), **fig}
+        notes = {**prev.get("notes", {}), **notes, "merged": f"figures not measured by this command are from: "
+                 f"{prev.get('command')} ({prev.get('date')})"}
+    for k, v in fig.items():
+        bench.figure(k, v)
+    bench.print_table()
+    paths = bench.write(out_dir)
+    for p in paths:
+        doc = json.loads(p.read_text())
+        doc["notes"] = notes
+        p.write_text(json.dumps(doc, indent=2) + "\n")
+    dit = {}
+    if f"e2e_{TAG}_baseline_attention_s" in fig:
+        dit[f"baseline: {BASELINE_STEPS} steps x CFG, eager {'fp32' if args.tiny else 'bf16'} (extrapolated)"] = {
+            c: fig[f"e2e_{TAG}_baseline_{c}_s"] for c in ("attention", "linear", "other")} | {
+            "total": fig[f"e2e_{TAG}_baseline_s"]}
+    if f"e2e_{TAG}_turbo_attention_s" in fig:
+        dit["turbo: h100 bundle, 4 steps"] = {c: fig[f"e2e_{TAG}_turbo_{c}_s"] for c in ("attention", "linear", "other")
+                                              } | {"total": fig[f"e2e_{TAG}_turbo_s"]}
+    stages = {"text encode": fig.get("text_encode_s")}
+    stages.update({f"DiT {c}": fig.get(f"e2e_{TAG}_turbo_{c}_s") for c in ("attention", "linear", "other")})
+    stages["VAE decode"] = fig.get("vae_decode_s")
+    stages = {k: v for k, v in stages.items() if v is not None}
+    if dit or stages:
+        speed = fig.get(f"e2e_{TAG}_speedup")
+        title = ("Wan2.1-1.3B shape, 480p x 81 frames, random weights"
+                 + (f"; DiT speedup {speed:.0f}x" if speed else "") + (" (tiny CPU smoke run)" if args.tiny else ""))
+        targets = [out_dir] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+        for d in targets:
+            d.mkdir(parents=True, exist_ok=True)
+            breakdown_chart(d / "e2e_breakdown.png", dit, stages, title)
+        log(f"wrote the chart: {', '.join(str(d / 'e2e_breakdown.png') for d in targets)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny configs; results in WORKDIR/results")
+    p.add_argument("--workdir", help="where the random weights, bundle and video go (default: a temp dir, removed)")
+    p.add_argument("--keep-workdir", action="store_true", help="keep the default temp dir")
+    p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median; default 3)")
+    p.add_argument("--topk", type=float, default=0.1, help="SLA topk of the checkpoint (default 0.1)")
+    p.add_argument("--attention", choices=("sdpa", "sla", "sage", "sagesla"), default=None,
+                   help="bundle attention backend (default: the h100 target's, sagesla for an SLA checkpoint)")
+    p.add_argument("--budget-s", type=float, default=300.0,
+                   help="past this many seconds, optional parts (attention comparison, compile, 14B) are skipped")
+    for name, what in (("baseline", "the 50-step CFG baseline"), ("text", "the umT5 text encoder (random context)"),
+                       ("vae", "the VAE (no full pipeline, no first video)"), ("compile", "torch.compile"),
+                       ("profile", "the profiler breakdown"), ("ttfv", "the fresh-process time to first video"),
+                       ("attention-compare", "timing the other sparse backend"),
+                       ("channels-last", "the channels_last_3d VAE decode")):
+        p.add_argument(f"--skip-{name}", action="store_true", help=f"skip {what}")
+    p.add_argument("--skip-turbo", action="store_true",
+                   help="skip the checkpoint, bundle, turbo DiT, full pipeline and first video (e.g. a 14B-only run)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the figures and notes of an existing e2e.json that this run does not measure")
+    p.add_argument("--ttfv-random-text", action="store_true",
+                   help="the fresh process builds umT5 with random weights instead of loading 11 GB from disk")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default: inductor; --tiny: eager, i.e. dynamo only)")
+    p.add_argument("--ttfv-compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile in the fresh process (auto: if it made the turbo DiT faster here)")
+    p.add_argument("--with-14b", action="store_true", help="also the 14B 720p turbo DiT (built in memory)")
+    p.add_argument("--reps-14b", type=int, default=1, help="timed 4-step runs of the 14B (default 1)")
+    # the fresh process of stage 7 (internal)
+    p.add_argument("--ttfv-child", metavar="BUNDLE", help=argparse.SUPPRESS)
+    p.add_argument("--video", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--launched", type=float, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    args.compile_backend = args.compile_backend or ("eager" if args.tiny else "inductor")
+    if args.ttfv_child:
+        return ttfv_child(args)
+    if args.reps < 1 or args.reps_14b < 1:
+        raise SystemExit("--reps and --reps-14b must be >= 1")
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Random-weight models at the real Wan2.1 configs for tools/bench_e2e.py, and their files.
+
+    SHAPES["real"]   Wan2.1-1.3B DiT at 480p x 81 frames (latent 21 x 60 x 104, 32 760 tokens),
+                     umT5-XXL encoder on 512 tokens, Wan2.1 VAE (diffusers AutoencoderKLWan defaults),
+                     and the optional 14B DiT at 720p (latent 21 x 90 x 160, 75 600 tokens)
+    SHAPES["tiny"]   the same code path on a CPU in seconds (tests/infer/test_bench_e2e.py)
+
+Nothing here is trained: weights are random (speed only). The umT5 tokenizer is synthetic: a
+unigram model with umT5's vocabulary size (256 384 pieces, like the real tokenizer.json in size),
+so that loading and running it cost about what the real one does; its token ids mean nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import string
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PROMPT = "a red fox running through fresh snow at dawn, cinematic lighting, shallow depth of field"
+
+# google/umt5-xxl's encoder, as Wan2.1 uses it (models_t5_umt5-xxl-enc-bf16.pth)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24,
+                num_heads=64, feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+                relative_attention_max_distance=128, tie_word_embeddings=False, scalable_attention=True,
+                layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+UMT5_TINY = dict(UMT5_XXL, vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                 num_heads=4, relative_attention_num_buckets=8)
+# AutoencoderKLWan() defaults are Wan2.1's VAE (base_dim 96, z_dim 16, x8 space, x4 time)
+VAE_WAN21: dict = {}
+VAE_TINY = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
+                temperal_downsample=[False, True, True])
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Sizes of one benchmark world: the DiT config, the video, the text length, the umT5 and VAE
+    configs, and the optional big DiT with its own video size."""
+
+    dit: str | object  # WAN_CONFIGS name or a WanConfig
+    frames: int
+    height: int
+    width: int
+    text_len: int
+    umt5: dict
+    vae: dict
+    big: str | object  # the "14B 720p" DiT
+    big_frames: int
+    big_height: int
+    big_width: int
+
+    def dit_config(self, big: bool = False):
+        from turbo_infer.models.wan import get_config
+
+        return get_config(self.big if big else self.dit)
+
+
+def _tiny_dit(layers: int):
+    from turbo_infer.models.wan import WanConfig
+
+    return WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=layers, text_dim=UMT5_TINY["d_model"])
+
+
+SHAPES = {
+    "real": Shape("wan2.1-1.3b", 81, 480, 832, 512, UMT5_XXL, VAE_WAN21, "wan2.1-14b", 81, 720, 1280),
+    "tiny": Shape(_tiny_dit(2), 5, 64, 64, 16, UMT5_TINY, VAE_TINY, _tiny_dit(1), 5, 64, 96),
+}
+
+
+# ----------------------------------------------------------------------------- random models
+
+
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create parameters directly in `dtype` (no fp32 copy of a 14B model first)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def random_dit(cfg, device, dtype, seed: int = 0, std: float = 0.02):
+    """WanModel(cfg) on `device` in `dtype`, every tensor N(0, std^2) (tools/bench_dit.py's init:
+    the head is not left at zero, SLA's proj_l stays fp32), eval, no grad."""
+    from turbo_infer.models.wan import WanModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), default_dtype(dtype):
+        model = WanModel(cfg)
+    for p in model.parameters():
+        p.data.normal_(std=std)
+    return model.eval().requires_grad_(False)
+
+
+def random_umt5(config: dict, device, dtype):
+    """UMT5EncoderModel at `config` with transformers' own random init, built on `device` in `dtype`
+    (on a GPU the 5.7B-parameter init takes well under a second; no CPU copy)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(1)
+    with torch.device(device):
+        model = UMT5EncoderModel._from_config(UMT5Config(**config), dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def synthetic_vocab(size: int) -> list[tuple[str, float]]:
+    """`size` unigram pieces: <pad>, </s>, <unk>, single characters with and without the word
+    marker, then letter strings of growing length; scores fall with rank."""
+    if size < 200:
+        raise ValueError(f"vocab size must be >= 200 (characters first), got {size}")
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces += list(chars) + ["\u2581" + c for c in chars]
+    n = 2
+    while len(pieces) < size:
+        for letters in itertools.product(string.ascii_lowercase, repeat=n):
+            word = "".join(letters)
+            pieces += ["\u2581" + word, word]
+            if len(pieces) >= size:
+                break
+        n += 1
+    return [(p, 0.0 if i < 3 else -math.log(i)) for i, p in enumerate(pieces[:size])]
+
+
+def synthetic_umt5_tokenizer(vocab_size: int):
+    """A T5Tokenizer (unigram, appends </s>) over `synthetic_vocab(vocab_size)`."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=synthetic_vocab(vocab_size), extra_ids=0)
+
+
+def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
+    """The project's UMT5TextEncoder (tokenize, encode with the mask, zero the padding) around a
+    model already in memory: UMT5TextEncoder.__init__ only adds reading both from a directory.
+    No embedding cache, so that every encode() runs the model."""
+    from turbo_infer.text_encoders import WAN_NEGATIVE_PROMPT, UMT5TextEncoder, _HFTextEncoder
+
+    enc = UMT5TextEncoder.__new__(UMT5TextEncoder)
+    _HFTextEncoder.__init__(enc, model, tokenizer, device=device, dtype=dtype, max_length=max_length,
+                            negative_prompt=WAN_NEGATIVE_PROMPT, cache_size=0, cache_dir=None,
+                            namespace="umt5|random-in-memory")
+    return enc
+
+
+def random_wan_vae(config: dict, device):
+    """diffusers AutoencoderKLWan(**config) on `device`, fp32, PyTorch's default random init."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(2)
+    with torch.device(device):
+        vae = AutoencoderKLWan(**config)
+    return vae.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- stand-ins
+
+
+class RandomContext:
+    """Text-encoder stand-in for --skip-text: N(0, 1) states (B, length, dim), no model."""
+
+    def __init__(self, dim: int, length: int, device, dtype):
+        self.dim, self.length, self.device, self.dtype = dim, length, torch.device(device), dtype
+
+    def encode(self, prompts) -> torch.Tensor:
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(len(prompts), self.length, self.dim, generator=g).to(self.device, self.dtype)
+
+    def empty_embedding(self) -> torch.Tensor:
+        return self.encode([""])
+
+
+class LatentOnlyVAE:
+    """VAE stand-in for --skip-vae: Wan2.1's latent geometry (16 channels, x8 space, x4 time);
+    it cannot decode."""
+
+    latent_channels, spatial_factor, temporal_factor = 16, 8, 4
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return (16, (num_frames - 1) // 4 + 1, height // 8, width // 8)
+
+    def decode(self, latents):
+        raise RuntimeError("--skip-vae: there is no VAE to decode with")
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_video_file(path, frames, fps: float) -> str:
+    """Write (F, H, W, 3) uint8 `frames` as mp4 through turbo_infer.video_io (H.264 via
+    imageio-ffmpeg); where imageio-ffmpeg or its ffmpeg is missing (the GPU image has neither,
+    and its wheel is 68 MB), through OpenCV's mp4v writer. Returns which writer ran."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError):
+        _write_mp4_opencv(Path(path), frames, fps)
+        return "opencv mp4v (imageio-ffmpeg unavailable)"
+    from turbo_infer.video_io import write_mp4
+
+    write_mp4(path, frames, fps)
+    return "turbo_infer.video_io.write_mp4 (H.264)"
+
+
+def _write_mp4_opencv(path: Path, frames, fps: float) -> None:
+    import cv2
+    import numpy as np
+
+    f = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
+        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {f.shape} {f.dtype}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # atomic, as video_io
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (f.shape[2], f.shape[1]))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot open an mp4v writer for {path}")
+    try:
+        for frame in f:
+            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # RGB -> BGR
+        writer.release()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def warm_page_cache(paths, chunk: int = 64 << 20) -> int:
+    """Read every file under `paths` once (discarding the bytes) so that a fresh process loads
+    them from the page cache; returns the bytes read."""
+    total = 0
+    for root in paths:
+        root = Path(root)
+        for f in sorted([root] if root.is_file() else root.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while block := fh.read(chunk):
+                        total += len(block)
+    return total
+
+
+def dir_bytes(path) -> int:
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+__all__ = ["LatentOnlyVAE", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype", "dir_bytes",
+           "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "synthetic_umt5_tokenizer",
+           "synthetic_vocab", "warm_page_cache", "write_video_file"]

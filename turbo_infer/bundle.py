@@ -9,14 +9,16 @@ A bundle is a directory written by `turbo-export` (turbo_train/export.py):
 Targets (DESIGN.md table; `TARGETS`):
 
     target    linears      attention (SLA-tuned / dense model)   dtype     min compute capability
-    h100      fp8          sagesla / sage                         bf16      9.0
+    h100      fp8          sla / sage                             bf16      9.0
     a100      int8         sla / sdpa                             bf16      8.0
     rtx4090   int8         sagesla / sage                         bf16      8.9
     rtx5090   int8         sagesla / sage                         bf16      12.0
     cpu       float only   sla / sdpa (torch references)          fp32      none (runs anywhere)
 
-sagesla is the h100 default because it measured 0.49x the time of our bf16 SLA module at the 1.3B
-shape, topk 0.1 (BENCHMARKS.md, "sagesla vs our bf16 SLA"). Loading order (`load_transformer`):
+The h100 sparse default is our bf16 SLA, not sagesla (DESIGN.md's table): on the H100 sagesla
+measured 0.49x the SPEED of bf16 SLA at the 1.3B shape, topk 0.1 (benchmarks/lowbit.json), and in
+the whole 4-step 1.3B DiT 2.12 s against 1.83 s for sla (benchmarks/e2e.json). The Ada/Blackwell
+targets keep sagesla (unmeasured there). Loading order (`load_transformer`):
 read and validate the manifest -> check that this device can run the target (a refusal names the
 bundle to use instead) -> sha256 of every file against the manifest -> build the model on the meta
 device -> read the safetensors with `safe_open` straight onto the device -> assign. Nothing is read
@@ -85,7 +87,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "h100": Target("h100", "fp8", "sagesla", "sage", "bfloat16", (9, 0), "NVIDIA H100/H200 (Hopper)"),
+    "h100": Target("h100", "fp8", "sla", "sage", "bfloat16", (9, 0), "NVIDIA H100/H200 (Hopper)"),
     "a100": Target("a100", "int8", "sla", "sdpa", "bfloat16", (8, 0), "NVIDIA A100 (Ampere)"),
     "rtx4090": Target("rtx4090", "int8", "sagesla", "sage", "bfloat16", (8, 9), "NVIDIA RTX 4090 (Ada)"),
     "rtx5090": Target("rtx5090", "int8", "sagesla", "sage", "bfloat16", (12, 0), "NVIDIA RTX 5090 (Blackwell)"),

@@ -111,7 +111,7 @@ def test_config_validation_and_presets():
         WanConfig(dim=50, ffn_dim=8, num_heads=3, num_layers=1)
     assert WAN_CONFIGS["wan2.1-1.3b"].head_dim == 128 and WAN_CONFIGS["wan2.1-14b"].head_dim == 128
     n = sum(p.numel() for p in WanModel("toy").parameters())
-    assert 2e6 < n < 6e6, n
+    assert 6e6 < n < 8e6, n  # 7.12M: shipped as bf16, 14 MB (the package keeps teacher + judge under 25 MB)
 
 
 def test_activation_checkpointing_same_gradients():

@@ -165,7 +165,7 @@ class RoPE3D(nn.Module):
         return self._cache[key]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: (B, L, H, D) with cos/sin (L, D/2) -> rotated x, same dtype."""
         x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
         c, s = cos[None, :, None, :], sin[None, :, None, :]
@@ -193,7 +193,7 @@ class WanSelfAttention(nn.Module):
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)  # (B, L, H, D)
         k = self.norm_k(self.k(x)).view(B, L, self.num_heads, self.head_dim)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
-        q, k = RoPE3D.apply(q, *rope), RoPE3D.apply(k, *rope)
+        q, k = RoPE3D.rotate(q, *rope), RoPE3D.rotate(k, *rope)
         o = self.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
         return self.o(o.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
 

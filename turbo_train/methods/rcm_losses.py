@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 
 from turbo_infer.samplers import shift_time
@@ -197,8 +198,12 @@ def scm_tangent(student: TrigFlow, x_t: torch.Tensor, t: torch.Tensor, context: 
     cs = torch.cos(t.double()) * torch.sin(t.double())  # (B,)
     tx = (_b(cs, x_t) * F_teacher.double()).to(x_t.dtype).detach()
     tt = cs.to(t.dtype).detach()
-    with torch.no_grad(), jvp_attention_context():
-        F, J = torch.func.jvp(lambda x, tt_: student.F(x, tt_, context), (x_t.detach(), t.detach()), (tx, tt))
+    # forward-mode AD with dual tensors rather than torch.func.jvp: functorch's transform refuses the
+    # in-place copies FSDP2 makes when it all-gathers a sharded student's parameters
+    with torch.no_grad(), jvp_attention_context(), fwAD.dual_level():
+        out = student.F(fwAD.make_dual(x_t.detach(), tx), fwAD.make_dual(t.detach(), tt), context)
+        F, J = fwAD.unpack_dual(out)
+    J = torch.zeros_like(F) if J is None else J
     return F.detach(), J.detach()
 
 

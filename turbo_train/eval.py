@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the toy world's)")
     p.add_argument("--attention", default=None, help="self-attention backend override, e.g. sla")
     p.add_argument("--topk", type=float, default=None, help="SLA topk (with --attention sla)")
+    p.add_argument("--block-q", type=int, default=None,
+                   help="SLA query block (with --attention sla; default 128; the toy SLA recipes use 64)")
+    p.add_argument("--block-k", type=int, default=None,
+                   help="SLA key block (with --attention sla; default 64; the toy SLA recipes use 16: at 512 "
+                        "tokens 64-token blocks leave 8 key blocks, so topk 0.1 and 0.2 both keep one)")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--diversity-prompts", type=int, default=8)
     p.add_argument("--diversity-seeds", type=int, default=4)
@@ -199,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {}
         if a.attention:
             overrides["attention"] = a.attention
-            if a.topk is not None:
-                overrides["attention_options"] = {"topk": a.topk}
+            opts = {"topk": a.topk, "block_q": a.block_q, "block_k": a.block_k}
+            overrides["attention_options"] = {k: v for k, v in opts.items() if v is not None}
         pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, **overrides)
     d = pipe.sample_defaults  # euler / 50 / CFG 5 for a checkpoint, a bundle's own settings
     a.sampler = d["sampler"] if a.sampler is None else a.sampler

@@ -153,6 +153,17 @@ class SparseLowbitConfig:
 DEFAULT_SPARSE_CONFIG = SparseLowbitConfig()
 
 
+def key_group(config: SparseLowbitConfig, block_k: int, pv_fp8: bool) -> int:
+    """Key blocks gathered per online-softmax step: config.group, capped so a tile holds <= 128 keys,
+    and raised so that an fp8 P·V product has >= 32 keys (Hopper's fp8 MMA takes K in multiples of 32;
+    the toy's 16-key blocks would otherwise give a 16-deep fp8 dot)."""
+    cap = max(1, 128 // block_k)
+    group = max(1, min(config.group, cap))
+    if pv_fp8 and group * block_k < 32:
+        group = min(cap, -(-32 // block_k))
+    return group
+
+
 def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.Tensor,
                              config: SparseLowbitConfig = DEFAULT_SPARSE_CONFIG) -> torch.Tensor:
     """Run the sparse kernel on operands quantized with the map's block sizes; writes out (B, H, Lq, D)."""
@@ -160,7 +171,7 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
         raise ValueError(f"operands were quantized with blocks ({qkv.block_q}, {qkv.block_k}), the map uses "
                          f"({block_map.block_q}, {block_map.block_k})")
     block_m = min(config.block_m, block_map.block_q)
-    group = max(1, min(config.group, 128 // block_map.block_k))  # gathered tile ≤ 128 keys
+    group = key_group(config, block_map.block_k, qkv.v_q.dtype == torch.float8_e4m3fn)
     B, H, Lq_pad, D = qkv.q_i8.shape
     Lk_pad = qkv.k_i8.shape[2]
     lut = block_map.lut if block_map.lut.dtype == torch.int32 and block_map.lut.is_contiguous() else \
@@ -186,7 +197,7 @@ def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: f
     _check_map(q, k, block_map)
     config = DEFAULT_SPARSE_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
-        group = max(1, min(config.group, 128 // block_map.block_k))
+        group = key_group(config, block_map.block_k, pv == "fp8")
         return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f)
     qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
     with torch.no_grad():

@@ -202,7 +202,8 @@ def test_sparse_kernel_matches_reference(pv, group):
     bm = sla_block_map_reference(q, k, 0.3, block_q=32, block_k=16)
     cfg = LS.SparseLowbitConfig(block_m=32, group=group, num_warps=4)
     got = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=cfg)
-    ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=group)
+    # the kernel gathers >= 32 keys per step for fp8 P·V (key_group): the reference takes the same steps
+    ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=LS.key_group(cfg, 16, pv == "fp8"))
     assert_attn_close(got, ref, pv, f"sparse {pv} group {group}")
 
 
@@ -236,3 +237,14 @@ def test_sparse_bad_map_raises():
         LS.sagesla_sparse(q, k, v, bm)
     with pytest.raises(TypeError, match="block_map must be a BlockMap"):
         LS.sagesla_sparse(q, k, v, None)
+
+
+def test_sparse_key_group_gives_fp8_pv_at_least_32_keys():
+    from turbo_kernels.attention.lowbit_sparse import SparseLowbitConfig, key_group
+
+    cfg = SparseLowbitConfig()  # group 1
+    assert key_group(cfg, 64, pv_fp8=True) == 1  # 64 keys per step already
+    assert key_group(cfg, 16, pv_fp8=False) == 1  # fp16 P·V takes 16-deep dots
+    assert key_group(cfg, 16, pv_fp8=True) == 2  # toy 16-key blocks: 2 blocks -> 32 keys
+    assert key_group(cfg, 8, pv_fp8=True) == 4
+    assert key_group(SparseLowbitConfig(group=4), 64, pv_fp8=True) == 2  # capped at 128 keys a tile

@@ -650,7 +650,7 @@ def run_calibration(recipe: "Recipe", run_dir, *, model=None, text_encoder=None,
     text_encoder replace the recipe's (tests). Returns the plan's path."""
     from turbo_infer.bundle import checkpoint_sha256
     from turbo_infer.pipeline import check_video_size
-    from turbo_train.methods.flow_matching import build_text_encoder
+    from turbo_train.methods.batching import build_text_encoder
     from turbo_train.runner import resolve_precision, uses_gpu
 
     check_calibrate_recipe(recipe)

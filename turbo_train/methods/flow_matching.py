@@ -31,6 +31,7 @@ from turbo_infer.models.wan import WanModel
 from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
+from turbo_train.methods.batching import BatchEncoderMixin, build_text_encoder, encode_batch, video_to_model_space  # noqa: F401 (re-exported)
 from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
 
 # ----------------------------------------------------------------------------- the loss and its pieces
@@ -58,27 +59,7 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
     return out, dropped
 
 
-def encode_batch(batch: dict, codec, encode_text: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32).
 
-    batch: {"latent"} or {"video"} (uint8 toy videos, encoded by `codec`: (B, 48, F, H/4, W/4) for the
-    toy codec), and {"context"} or {"caption"} (encoded by encode_text(captions)). Shared by every
-    method's module (flow matching, rCM, SLA)."""
-    if "latent" in batch:
-        x0 = batch["latent"].float()
-    elif "video" in batch:
-        x0 = codec.encode(video_to_model_space(batch["video"])).float()
-    else:
-        raise ValueError(f"batch needs 'video' or 'latent', got keys {sorted(batch)}")
-    if "context" in batch:
-        context = batch["context"].float()
-    elif "caption" in batch:
-        context = encode_text(list(batch["caption"])).float()
-    else:
-        raise ValueError(f"batch needs 'caption' or 'context', got keys {sorted(batch)}")
-    if context.shape[0] != x0.shape[0]:
-        raise ValueError(f"batch has {x0.shape[0]} samples but {context.shape[0]} captions/contexts")
-    return x0, context
 
 
 def rectified_flow_loss(net: Callable, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor,
@@ -121,14 +102,7 @@ def build_wan_model(cfg: ModelConfig) -> WanModel:
     return model.enable_activation_checkpointing(cfg.activation_checkpointing)
 
 
-def build_text_encoder(cfg: ModelConfig, device):
-    """The recipe's text encoder on `device` (fp32, with its embedding cache)."""
-    if cfg.text_encoder == "minilm":
-        from turbo_infer.text_encoders import MiniLMTextEncoder
 
-        return MiniLMTextEncoder(device=device, path=cfg.text_encoder_path, max_length=cfg.text_max_length,
-                                 cache_size=cfg.text_cache_size)
-    raise ValueError(f"model.text_encoder: unsupported encoder {cfg.text_encoder!r}")
 
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
@@ -142,22 +116,16 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def video_to_model_space(video: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, F, H, W, 3) -> float32 (B, 3, F, H, W) in [-1, 1]; a float (B, 3, F, H, W) passes."""
-    if video.dtype == torch.uint8:
-        if video.ndim != 5 or video.shape[-1] != 3:
-            raise ValueError(f"batch['video'] uint8 must be (B, F, H, W, 3), got {tuple(video.shape)}")
-        return video.float().div(127.5).sub(1.0).permute(0, 4, 1, 2, 3)  # (B, 3, F, H, W)
-    if not video.is_floating_point() or video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"batch['video'] must be uint8 (B, F, H, W, 3) or float (B, 3, F, H, W), got "
-                         f"{tuple(video.shape)} {video.dtype}")
-    return video.float()
+
 
 
 # ----------------------------------------------------------------------------- the Lightning module
 
 
-class FlowMatchingModule(LightningModule):
+
+
+
+class FlowMatchingModule(BatchEncoderMixin, LightningModule):
     """Trains a Wan DiT by rectified flow with caption dropout, AdamW, warmup and an EMA.
 
     recipe: the validated training recipe (model, method.flow_matching, optim, ema, checkpoint).
@@ -194,21 +162,8 @@ class FlowMatchingModule(LightningModule):
 
     # ------------------------------------------------------------------ encoding
 
-    @property
-    def text_encoder(self):
-        if self._text_encoder is None:
-            self._text_encoder = build_text_encoder(self.recipe.model, self.device)
-        return self._text_encoder
-
     def _autocast_off(self):
         return torch.autocast(self.device.type, enabled=False)
-
-    @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> torch.Tensor:
-        """Captions -> (B, L, D) float32 text states on this device (fp32: no autocast, so cached and
-        fresh embeddings agree with what inference computes)."""
-        with self._autocast_off():
-            return self.text_encoder.encode(list(captions)).to(self.device, torch.float32)
 
     def empty_context(self) -> torch.Tensor:
         if self._empty is None or self._empty.device != self.device:
@@ -216,10 +171,6 @@ class FlowMatchingModule(LightningModule):
                 self._empty = self.text_encoder.empty_embedding().to(self.device, torch.float32)
         return self._empty
 
-    @torch.no_grad()
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32)."""
-        return encode_batch(batch, self.codec, self.encode_text)
 
     # ------------------------------------------------------------------ training
 

@@ -36,6 +36,7 @@ import torch
 from turbo_infer.models.wan import WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
+from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.sla_convert import SLA_BACKENDS, convert_to_sla, proj_l_norms, sla_layers
 
 if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import it back lazily only
@@ -198,7 +199,7 @@ def _fit_length(emb: torch.Tensor, length: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the Lightning module
 
 
-class SLAFinetuneModule(LightningModule):
+class SLAFinetuneModule(BatchEncoderMixin, LightningModule):
     """Fine-tunes the SLA version of a Wan DiT against the frozen dense one (see the module docstring).
 
     recipe: the validated recipe (method.sla, model = the dense original, optim, ema, checkpoint).
@@ -255,23 +256,6 @@ class SLAFinetuneModule(LightningModule):
         self.export_dir = Path(export_dir) if export_dir is not None else None
 
     # ------------------------------------------------------------------ data
-
-    @property
-    def text_encoder(self):
-        if self._text_encoder is None:
-            from turbo_train.methods.flow_matching import build_text_encoder
-
-            self._text_encoder = build_text_encoder(self.recipe.model, self.device)
-        return self._text_encoder
-
-    @torch.no_grad()
-    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch -> (x0 latents (B, C, F, H, W) float32, text states (B, L, D) float32), as the teacher's module."""
-        from turbo_train.methods.flow_matching import encode_batch
-
-        with torch.autocast(self.device.type, enabled=False):
-            x0, context = encode_batch(batch, self.codec, lambda captions: self.text_encoder.encode(captions).to(self.device))
-        return x0.to(self.device), context.to(self.device)
 
     @torch.no_grad()
     def uncond_context(self, context: torch.Tensor) -> torch.Tensor:

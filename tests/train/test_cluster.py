@@ -421,8 +421,8 @@ def test_turbo_infer_num_gpus_errors(tmp_path, capsys):
         assert e.value.code == 2
         return capsys.readouterr().err
 
-    e = err("--num-gpus", "2")  # the shipped toy teacher has 3 heads
-    assert "--num-gpus" in e and "3 attention heads" in e and "[1, 3]" in e
+    e = err("--num-gpus", "3")  # the shipped toy teacher has 4 heads
+    assert "--num-gpus" in e and "4 attention heads" in e and "[1, 2, 4]" in e
     assert "--num-gpus: must be an int >= 1" in err("--num-gpus", "0")
 
 
@@ -432,21 +432,19 @@ def test_turbo_infer_num_gpus_hands_the_run_to_the_workers(tmp_path, monkeypatch
     calls = []
     monkeypatch.setattr(multigpu, "generate_videos", lambda *a, **k: calls.append((a, k)))
     out = tmp_path / "v.mp4"
-    assert cli.main(["--prompt", "a red circle", "--prompt", "a blue square", "--out", str(out), "--num-gpus", "3",
+    assert cli.main(["--prompt", "a red circle", "--prompt", "a blue square", "--out", str(out), "--num-gpus", "4",
                      "--steps", "2", "--seed", "7", "--device", "cpu", "--no-progress"]) == 0
     (spec, prompts, outs, gen, n), kw = calls[0]
-    assert spec["kind"] == "toy" and spec["dtype"] == "float32" and n == 3 and kw["device"] == "cpu"
+    assert spec["kind"] == "toy" and spec["dtype"] == "float32" and n == 4 and kw["device"] == "cpu"
     assert prompts == ["a red circle", "a blue square"] and [p.name for p in outs] == ["v_000.mp4", "v_001.mp4"]
     assert gen["steps"] == 2 and gen["seed"] == 7 and gen["num_frames"] == 8
 
 
 def test_multigpu_two_processes_write_the_video_of_one(tmp_path):
-    # the shipped toy teacher with its 192 channels read as 4 heads of 48 (3 heads do not split 2 ways):
-    # a valid model, the same in both runs; 2 gloo processes split each forward's tokens (Ulysses)
+    # the shipped toy teacher (4 heads: 2 per rank); 2 gloo processes split each forward's tokens (Ulysses)
     from turbo_infer.multigpu import generate_videos
 
-    spec = {"kind": "toy", "checkpoint": None, "text_encoder": None, "dtype": "float32",
-            "model_overrides": {"num_heads": 4}}
+    spec = {"kind": "toy", "checkpoint": None, "text_encoder": None, "dtype": "float32", "model_overrides": {}}
     gen = dict(steps=2, guidance=3.0, seed=5, num_frames=8, height=64, width=64, sampler="euler", shift=None,
                progress=False)
     prompts = ["a red circle moving left"]

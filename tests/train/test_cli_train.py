@@ -111,9 +111,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
     import turbo_train.methods.flow_matching as fm
+    import turbo_train.methods.batching as batching
     from turbo_infer.models.wan import WanModel
 
-    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     run_dir = tmp_path / "run"
     common = [str(SMOKE), "--set", f"logging.run_dir={run_dir}", "--set", "logging.progress_bar=false",
               "--set", "model.overrides={dim: 32, ffn_dim: 64, num_heads: 2, num_layers: 2}",
@@ -156,8 +157,9 @@ def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
 
 def test_resume_from_missing_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
     import turbo_train.methods.flow_matching as fm
+    import turbo_train.methods.batching as batching
 
-    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     code, _, err = run_main([str(SMOKE), "--set", f"logging.run_dir={tmp_path / 'r'}",
                              "--set", f"checkpoint.resume={tmp_path / 'gone.ckpt'}"], capsys)
     assert code == 2 and "checkpoint.resume" in err and "gone.ckpt" in err

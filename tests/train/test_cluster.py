@@ -53,6 +53,7 @@ WORKER = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     import turbo_train.methods.flow_matching as fm
+    import turbo_train.methods.batching as batching
 
     class FakeTextEncoder:
         def encode(self, prompts):
@@ -65,7 +66,7 @@ WORKER = textwrap.dedent('''
         def empty_embedding(self):
             return self.encode([""])
 
-    fm.build_text_encoder = lambda cfg, device: FakeTextEncoder()
+    batching.build_text_encoder = lambda cfg, device: FakeTextEncoder()
     nan_steps = {int(s) for s in os.environ.get("TURBO_TEST_NAN_STEPS", "").split(",") if s}
     if nan_steps:
         step = fm.FlowMatchingModule.training_step
@@ -471,6 +472,8 @@ def test_throughput_flops_and_memory_are_logged(tmp_path, monkeypatch):
     import zlib
 
     import turbo_train.methods.flow_matching as fm
+
+    import turbo_train.methods.batching as batching
     from turbo_train import cli
     from turbo_train.callbacks import wan_train_flops
     from turbo_train.recipe import recipe_from_dict
@@ -483,7 +486,7 @@ def test_throughput_flops_and_memory_are_logged(tmp_path, monkeypatch):
         def empty_embedding(self):
             return self.encode([""])
 
-    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeText())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeText())
     recipe = write_recipe(tmp_path, trainer={"max_steps": 3})
     assert cli.main([str(recipe), "--set", f"logging.run_dir={tmp_path / 'run'}"]) == 0
     m = {k: read_metric(tmp_path / "run", k) for k in ("train/samples_per_s", "train/step_s",

@@ -95,6 +95,8 @@ def nan_at(monkeypatch):
 
     import turbo_train.methods.flow_matching as fm
 
+    import turbo_train.methods.batching as batching
+
     class FakeTextEncoder:
         def encode(self, prompts):
             return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
@@ -103,7 +105,7 @@ def nan_at(monkeypatch):
         def empty_embedding(self):
             return self.encode([""])
 
-    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     steps = set()
     step = fm.FlowMatchingModule.training_step
 

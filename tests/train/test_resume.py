@@ -33,8 +33,9 @@ class FakeTextEncoder:
 @pytest.fixture(autouse=True)
 def _fake_text(monkeypatch):
     import turbo_train.methods.flow_matching as fm
+    import turbo_train.methods.batching as batching
 
-    monkeypatch.setattr(fm, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

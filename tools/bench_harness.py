@@ -146,22 +146,31 @@ class Harness:
         for k, v in self.figures.items():
             print(f"  {k} = {v:.4g}")
 
-    def write(self, out_dir: str | os.PathLike | None = None) -> list[Path]:
-        """Write <tool>.json to benchmarks/ (or out_dir) and, when set, to $OUT."""
-        doc = {
+    def document(self) -> dict:
+        """The {"device", "date", "command", "figures"} JSON document of this run."""
+        return {
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": "python " + " ".join(sys.argv),
             "figures": self.figures,
         }
+
+    def write(self, out_dir: str | os.PathLike | None = None) -> list[Path]:
+        """Write <tool>.json to benchmarks/ (or out_dir) and, when set, to $OUT."""
         dirs = [Path(out_dir) if out_dir else REPO / "benchmarks"]
         if os.environ.get("OUT"):
             dirs.append(Path(os.environ["OUT"]))
-        paths = []
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            p = d / f"{self.tool}.json"
-            p.write_text(json.dumps(doc, indent=2) + "\n")
-            paths.append(p)
+        paths = write_doc(self.document(), self.tool, dirs)
         print(f"wrote {', '.join(map(str, paths))}")
         return paths
+
+
+def write_doc(doc: dict, tool: str, dirs) -> list[Path]:
+    """Write doc as <dir>/<tool>.json into each of dirs (created if needed); returns the paths."""
+    paths = []
+    for d in map(Path, dirs):
+        d.mkdir(parents=True, exist_ok=True)
+        p = d / f"{tool}.json"
+        p.write_text(json.dumps(doc, indent=2) + "\n")
+        paths.append(p)
+    return paths

@@ -372,21 +372,12 @@ def device_name() -> str:
 
 def write_json(figures: dict, out_dirs: list[Path]) -> list[Path]:
     """benchmarks/<tool>.json format of tools/bench_harness.Harness.write, into each of out_dirs."""
-    from bench_harness import Harness
+    from bench_harness import Harness, write_doc
 
     h = Harness(TOOL)
     for k, v in figures.items():
         h.figure(k, v)
-    doc = {"device": device_name(),
-           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "command": "python " + " ".join(sys.argv), "figures": h.figures}
-    paths = []
-    for d in out_dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"{TOOL}.json"
-        p.write_text(json.dumps(doc, indent=2) + "\n")
-        paths.append(p)
-    return paths
+    return write_doc(h.document(), TOOL, out_dirs)
 
 
 def merge_into_cluster(figures: dict, path: Path) -> Path:

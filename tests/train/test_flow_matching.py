@@ -13,13 +13,13 @@ import torch
 from turbo_infer.models.wan import WanModel
 from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
+from turbo_train.methods.batching import video_to_model_space
 from turbo_train.methods.flow_matching import (
     FlowMatchingModule,
     drop_captions,
     lr_multiplier,
     rectified_flow_loss,
     sample_time,
-    video_to_model_space,
 )
 from turbo_train.recipe import FlowMatchingConfig, recipe_from_dict
 

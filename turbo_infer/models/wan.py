@@ -78,7 +78,7 @@ class WanConfig:
 
 # Size presets; also the CLI's `--config` choices.
 WAN_CONFIGS: dict[str, WanConfig] = {
-    # Toy world: MiniLM text (384), toy codec latents (48 ch = 3 RGB x 4 x 4 space-to-depth). ~3.7M params.
+    # Toy world: MiniLM text (384), toy codec latents (48 ch = 3 RGB x 4 x 4 space-to-depth). 7.1M params.
     "toy": WanConfig(dim=256, ffn_dim=1024, num_heads=4, num_layers=6, text_dim=384, in_channels=48, out_channels=48),
     "wan2.1-1.3b": WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
     "wan2.1-14b": WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),

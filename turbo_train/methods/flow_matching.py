@@ -31,7 +31,7 @@ from turbo_infer.models.wan import WanModel
 from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
-from turbo_train.methods.batching import BatchEncoderMixin, build_text_encoder, encode_batch, video_to_model_space  # noqa: F401 (re-exported)
+from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
 
 # ----------------------------------------------------------------------------- the loss and its pieces
@@ -57,9 +57,6 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
     dropped = torch.rand(B, device=context.device, generator=generator) < p  # (B,)
     out = torch.where(dropped[:, None, None], empty.to(context.dtype).expand_as(context), context)
     return out, dropped
-
-
-
 
 
 def rectified_flow_loss(net: Callable, x0: torch.Tensor, context: torch.Tensor, s: torch.Tensor,
@@ -102,9 +99,6 @@ def build_wan_model(cfg: ModelConfig) -> WanModel:
     return model.enable_activation_checkpointing(cfg.activation_checkpointing)
 
 
-
-
-
 def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only (biases, norm weights and modulation tables excluded)."""
     decay, no_decay = [], []
@@ -116,13 +110,7 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-
-
-
 # ----------------------------------------------------------------------------- the Lightning module
-
-
-
 
 
 class FlowMatchingModule(BatchEncoderMixin, LightningModule):

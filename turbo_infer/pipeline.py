@@ -118,10 +118,7 @@ class TurboPipeline:
                                         f"recipes/toy/teacher.yaml or pass a checkpoint path)")
             raise FileNotFoundError(f"checkpoint not found: {path}")
         # config: the one stored with the weights (e.g. an SLA-merged student), else the toy preset by shape
-        # a dense checkpoint run with an SLA backend: its proj_l start at zero (an untrained SLA model)
-        adds_proj_l = "sla" in str(model_overrides.get("attention", ""))
-        model = WanModel.from_pretrained(path, None, device=device, dtype=dtype, strict=not adds_proj_l,
-                                         **model_overrides).eval()
+        model = WanModel.from_pretrained(path, None, device=device, dtype=dtype, **model_overrides).eval()
         text = MiniLMTextEncoder(device=device, dtype=torch.float32, path=text_encoder_path)
         return cls(model, text, ToyCodec(), device=device, dtype=dtype, default_shift=TOY_SHIFT, fps=8)
 

@@ -366,16 +366,24 @@ class WanModel(nn.Module):
         """Load weights (official Wan or diffusers layout; single file, sharded index or directory).
 
         config: preset name / WanConfig / dict; None = read `config.json` beside the weights or infer the
-        preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla")."""
+        preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla").
+        strict: refuse a missing or unexpected tensor, except the attention backend's own (SLA's
+        proj_l: zero, so a dense checkpoint loads as an untrained SLA model)."""
         from turbo_infer.models.wan_keys import infer_config, load_wan_state_dict
 
         state, file_config = load_wan_state_dict(path)
         cfg = get_config(config if config is not None else (file_config or infer_config(state, path)), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=strict, assign=True)
-        # strict=False: parameters the file lacks are ones a backend adds (SLA's proj_l), which are
-        # zero-initialised by design; anything still on meta after that is an error.
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        # Parameters of the self-attention backend itself (SLA's proj_l, under `.self_attn.attn.`) are
+        # absent from a dense checkpoint and start at zero by design (an untrained SLA model), strict or
+        # not; strict=True refuses any other missing or unexpected tensor, strict=False zero-fills too.
+        if strict:
+            other = [n for n in missing if ".self_attn.attn." not in n]
+            if other or unexpected:
+                raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {other}, unexpected "
+                                   f"{unexpected}")
         for name in missing:
             mod_name, _, attr = name.rpartition(".")
             mod = model.get_submodule(mod_name)

@@ -32,6 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "turbo_infer/assets/toy_teacher.safetensors"
 
 
+def module_cmd(module: str) -> list[str]:
+    """`python -m module` with this interpreter."""
+    return [sys.executable, "-m", module]
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -52,9 +57,6 @@ class Suite:
     def __init__(self, a):
         self.a, self.out = a, a.out.resolve()
         self.stages: list[dict] = []
-        py = [sys.executable]
-        self.train_cmd = py + ["-m", "turbo_train.cli"]
-        self.eval_cmd = py + ["-m", "turbo_train.eval"]
 
     # ------------------------------------------------------------------ pieces
     def train(self, name: str, recipe: str, extra: list[str] = ()) -> dict:
@@ -65,7 +67,7 @@ class Suite:
         if a.smoke:
             sets.update({"trainer.max_steps": "2", "data.batch_size": "2", "data.num_workers": "0",
                          "trainer.val_every_n_steps": "0", "trainer.accelerator": "cpu"})
-        cmd = self.train_cmd + [recipe] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")] + list(extra)
+        cmd = module_cmd("turbo_train.cli") + [recipe] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")] + list(extra)
         return run(f"train-{name}", cmd, self.out)
 
     def evaluate(self, name: str, args: list[str]) -> dict:
@@ -73,7 +75,7 @@ class Suite:
         n = "4" if a.smoke else str(a.prompts)
         div = ["--diversity-prompts", "1", "--diversity-seeds", "2"] if a.smoke else \
               ["--diversity-prompts", "8", "--diversity-seeds", "4"]
-        cmd = self.eval_cmd + args + ["--num-prompts", n, *div, "--batch-size", str(a.eval_batch),
+        cmd = module_cmd("turbo_train.eval") + args + ["--num-prompts", n, *div, "--batch-size", str(a.eval_batch),
                                       "--device", a.device, "--out-dir", str(self.out / "eval" / name), "--no-progress"]
         if a.smoke and "--steps" not in args and "--bundle" not in args:
             cmd += ["--steps", "2"]
@@ -105,17 +107,16 @@ class Suite:
         ], width=7)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
         merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
-        py = [sys.executable]
         student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
 
         def merge_calibrate_export():
-            r = [run("merge", py + ["-m", "turbo_train.merge", "--student", str(self.exported("rcm")), "--sla",
+            r = [run("merge", module_cmd("turbo_train.merge") + ["--student", str(self.exported("rcm")), "--sla",
                                     str(self.exported("sla")), "--teacher", str(TEACHER), "--out", str(merged)], self.out)]
             r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
                                 ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
                                  "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
                                  "--set", "trainer.precision=32-true"]))
-            r.append(run("export", py + ["-m", "turbo_train.export", "--checkpoint", str(merged), "--plan", str(plan),
+            r.append(run("export", module_cmd("turbo_train.export") + ["--checkpoint", str(merged), "--plan", str(plan),
                                          "--target", "h100", "--target", "cpu", "--out", str(bundles), "--steps", "4",
                                          "--overwrite", "--no-progress"], self.out))
             return r

@@ -97,13 +97,20 @@ class Suite:
         t0 = time.perf_counter()
         rcm, sla = "recipes/toy/rcm.yaml", "recipes/toy/sla.yaml"
         teacher_eval = ["--checkpoint", str(TEACHER)]
+        # untrained SLA with the fine-tune's own blocks (turbo-eval's 128x64 default leaves 8 key blocks
+        # of a 512-token toy video, where topk 0.1 and 0.2 both keep one)
+        from turbo_train.recipe import load_recipe
+
+        sc = load_recipe(REPO / sla).method.sla
+        untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
+                                              "--block-k", str(sc.block_k)]
         # phase 1: four trainings and the teacher's evaluations, all at once
         self.parallel([
             (self.train, "rcm", rcm), (self.train, "scm", rcm, ["--set", "method.rcm.loss_mode=scm"]),
             (self.train, "dmd", rcm, ["--set", "method.rcm.loss_mode=dmd"]), (self.train, "sla", sla),
             (self.evaluate, "teacher", teacher_eval),
-            (self.evaluate, "teacher_sla0.1_untrained", teacher_eval + ["--attention", "sla", "--topk", "0.1"]),
-            (self.evaluate, "teacher_sla0.2_untrained", teacher_eval + ["--attention", "sla", "--topk", "0.2"]),
+            (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
+            (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2)),
         ], width=7)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
         merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"

@@ -4,7 +4,6 @@ checkpoints and ema.safetensors, and a resume from last.ckpt."""
 from __future__ import annotations
 
 import csv
-import zlib
 from pathlib import Path
 
 import pytest
@@ -13,23 +12,10 @@ import yaml
 
 from turbo_train import cli, runner
 from turbo_train.recipe import recipe_from_dict
+from fakes import FakeTextEncoder
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "recipes" / "toy" / "teacher-cpu-smoke.yaml"
-
-
-class FakeTextEncoder:
-    """Stand-in for MiniLM: a caption's (8, 384) states are seeded by its crc32; '' gives zeros."""
-
-    def encode(self, prompts):
-        out = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-            out.append(torch.randn(8, 384, generator=g) if p else torch.zeros(8, 384))
-        return torch.stack(out)
-
-    def empty_embedding(self):
-        return self.encode([""])
 
 
 @pytest.fixture(autouse=True)
@@ -110,7 +96,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
-    import turbo_train.methods.flow_matching as fm
     import turbo_train.methods.batching as batching
     from turbo_infer.models.wan import WanModel
 
@@ -156,7 +141,6 @@ def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
 
 
 def test_resume_from_missing_path_is_a_clear_error(tmp_path, capsys, monkeypatch):
-    import turbo_train.methods.flow_matching as fm
     import turbo_train.methods.batching as batching
 
     monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())

@@ -469,24 +469,14 @@ def test_multigpu_two_processes_write_the_video_of_one(tmp_path):
 
 
 def test_throughput_flops_and_memory_are_logged(tmp_path, monkeypatch):
-    import zlib
-
-    import turbo_train.methods.flow_matching as fm
-
     import turbo_train.methods.batching as batching
     from turbo_train import cli
     from turbo_train.callbacks import wan_train_flops
     from turbo_train.recipe import recipe_from_dict
 
-    class FakeText:
-        def encode(self, prompts):
-            return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
-                                if p else torch.zeros(8, 384) for p in prompts])
+    from fakes import FakeTextEncoder
 
-        def empty_embedding(self):
-            return self.encode([""])
-
-    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeText())
+    monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     recipe = write_recipe(tmp_path, trainer={"max_steps": 3})
     assert cli.main([str(recipe), "--set", f"logging.run_dir={tmp_path / 'run'}"]) == 0
     m = {k: read_metric(tmp_path / "run", k) for k in ("train/samples_per_s", "train/step_s",

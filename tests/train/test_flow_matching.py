@@ -5,7 +5,6 @@ encoder, so everything runs in seconds on the CPU."""
 from __future__ import annotations
 
 import math
-import zlib
 
 import pytest
 import torch
@@ -22,30 +21,9 @@ from turbo_train.methods.flow_matching import (
     sample_time,
 )
 from turbo_train.recipe import FlowMatchingConfig, recipe_from_dict
+from fakes import FakeTextEncoder
 
 TINY = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2}
-
-
-class FakeTextEncoder:
-    """Stand-in for MiniLM: a caption's (L, 384) states are seeded by its crc32; '' gives zeros."""
-
-    def __init__(self, length: int = 8, dim: int = 384):
-        self.length, self.dim = length, dim
-        self.calls = 0
-
-    def encode(self, prompts):
-        self.calls += 1
-        out = []
-        for p in prompts:
-            if not p:
-                out.append(torch.zeros(self.length, self.dim))
-            else:
-                g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-                out.append(torch.randn(self.length, self.dim, generator=g))
-        return torch.stack(out)
-
-    def empty_embedding(self):
-        return self.encode([""])
 
 
 @pytest.fixture(autouse=True)

@@ -91,19 +91,10 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
 @pytest.fixture
 def nan_at(monkeypatch):
     """nan_at({1, 2}): the flow-matching loss is NaN at those optimizer steps (fake text encoder too)."""
-    import zlib
-
-    import turbo_train.methods.flow_matching as fm
 
     import turbo_train.methods.batching as batching
-
-    class FakeTextEncoder:
-        def encode(self, prompts):
-            return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
-                                if p else torch.zeros(8, 384) for p in prompts])
-
-        def empty_embedding(self):
-            return self.encode([""])
+    import turbo_train.methods.flow_matching as fm
+    from fakes import FakeTextEncoder
 
     monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())
     steps = set()

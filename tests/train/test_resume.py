@@ -4,7 +4,6 @@ with FSDP2's sharded checkpoints on 2 processes (slow). Plus the pieces: ToyBatc
 atomic checkpoint writes, resume_path fallbacks."""
 from __future__ import annotations
 
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,25 +13,11 @@ from test_cluster import assert_ok, read_metric, run_train, write_recipe
 
 from turbo_train import cli, runner
 from turbo_train.recipe import recipe_from_dict
-
-
-class FakeTextEncoder:
-    """Stand-in for MiniLM: a caption's (8, 384) states are seeded by its crc32; '' gives zeros."""
-
-    def encode(self, prompts):
-        out = []
-        for p in prompts:
-            g = torch.Generator().manual_seed(zlib.crc32(p.encode()))
-            out.append(torch.randn(8, 384, generator=g) if p else torch.zeros(8, 384))
-        return torch.stack(out)
-
-    def empty_embedding(self):
-        return self.encode([""])
+from fakes import FakeTextEncoder
 
 
 @pytest.fixture(autouse=True)
 def _fake_text(monkeypatch):
-    import turbo_train.methods.flow_matching as fm
     import turbo_train.methods.batching as batching
 
     monkeypatch.setattr(batching, "build_text_encoder", lambda cfg, device: FakeTextEncoder())

@@ -23,11 +23,12 @@ What it does:
               sCM + DMD per student_update_freq = 5 iterations, fake-score steps in between)
               instead of the first 1000 sCM-only iterations; steps 1-3 warm up the sCM step
               without JVP (r = 0), with JVP, and the fake-score step
-      zero2   trainer.strategy deepspeed_zero2 on one rank. The runner refuses DeepSpeed for rCM
-              with a fake score (DeepSpeed drives one optimizer, rCM with a fake score steps two)
-              and, under bf16-mixed, any EMA (DeepSpeed casts the EMA copy to bf16): so this run is
-              method.rcm.loss_mode=scm (sCM only, every iteration a student step) with ema.kind=none
-      fsdp2_scm  (optional) fsdp2 with the zero2 run's settings: the like-for-like comparison
+      zero2   trainer.strategy deepspeed_zero2 on one rank: full rCM, the student in the strategy's
+              engine and the fake score in a second engine (turbo_train/deepspeed_engines.py), the
+              fsdp2 run's schedule (tangent_warmup=2), but ema.kind=none: under bf16-mixed DeepSpeed
+              casts the whole module, an EMA copy included, to bf16 (the runner refuses it)
+      fsdp2_noema  (optional) fsdp2 with the zero2 run's settings (no EMA): the like-for-like comparison
+      zero2_scm, fsdp2_scm  (optional) sCM only (loss_mode scm: every iteration a student step), no EMA
  3. reads the CSV log (run_dir/csv/version_0/metrics.csv: ThroughputMonitor's train/step_s,
     train/mfu, train/peak_mem_gib at every step), prints a table and writes
     benchmarks/rcm_step.json (and $OUT/rcm_step.json) via tools/bench_harness.py; with
@@ -50,9 +51,9 @@ Figures (measured steps = the steps after the first --skip):
   rcm_1.3b_student_step_s, rcm_1.3b_fake_step_s (+ _mfu): the two kinds of fsdp2 step
   rcm_1.3b_fsdp2_1gpu_step_s, rcm_1.3b_fsdp2_1gpu_peak_mem_gib: the same as rcm_1.3b_step_s /
                            rcm_1.3b_peak_mem_gib (cluster issue's names)
-  rcm_1.3b_zero2_1gpu_step_s   zero2 run: median time of the measured (sCM-only student) steps
+  rcm_1.3b_zero2_1gpu_step_s   zero2 run: the same schedule cycle as the fsdp2 run's (no EMA update)
   rcm_1.3b_zero2_1gpu_peak_mem_gib, rcm_1.3b_zero2_1gpu_step_mfu
-  rcm_1.3b_fsdp2_scm_1gpu_step_s, ..._peak_mem_gib, ..._step_mfu   (only with the fsdp2_scm run)
+  rcm_1.3b_<run>_1gpu_step_s, ..._peak_mem_gib, ..._step_mfu   for the optional runs
 A run that fails leaves its figures out; the tool prints why (out of memory is named as such) and
 exits 1 after writing the figures it has.
 """
@@ -86,12 +87,16 @@ TINY = {"latent": (16, 3, 8, 8), "context": (16, 32), "prompt_tokens": 6,
 RUNS = {
     "fsdp2": ("FSDP2, 1 rank, full rCM (sCM + DMD + fake score), EMA on",
               ["trainer.strategy=fsdp2", "method.rcm.tangent_warmup=2"]),
-    "zero2": ("DeepSpeed ZeRO-2, 1 rank, sCM only (loss_mode scm), no EMA: the runner's conditions for DeepSpeed",
-              ["trainer.strategy=deepspeed_zero2", "method.rcm.loss_mode=scm", "ema.kind=none"]),
-    "fsdp2_scm": ("FSDP2, 1 rank, sCM only, no EMA: the zero2 run's settings under fsdp2",
+    "zero2": ("DeepSpeed ZeRO-2, 1 rank, full rCM (fake score in a second engine), no EMA (DeepSpeed casts it to bf16)",
+              ["trainer.strategy=deepspeed_zero2", "method.rcm.tangent_warmup=2", "ema.kind=none"]),
+    "fsdp2_noema": ("FSDP2, 1 rank, full rCM, no EMA: the zero2 run's settings under fsdp2",
+                    ["trainer.strategy=fsdp2", "method.rcm.tangent_warmup=2", "ema.kind=none"]),
+    "zero2_scm": ("DeepSpeed ZeRO-2, 1 rank, sCM only (loss_mode scm), no EMA",
+                  ["trainer.strategy=deepspeed_zero2", "method.rcm.loss_mode=scm", "ema.kind=none"]),
+    "fsdp2_scm": ("FSDP2, 1 rank, sCM only, no EMA",
                   ["trainer.strategy=fsdp2", "method.rcm.loss_mode=scm", "ema.kind=none"]),
 }
-FIGURE_PREFIX = {"fsdp2": "rcm_1.3b_fsdp2_1gpu", "zero2": "rcm_1.3b_zero2_1gpu", "fsdp2_scm": "rcm_1.3b_fsdp2_scm_1gpu"}
+FIGURE_PREFIX = {name: f"rcm_1.3b_{name}_1gpu" for name in RUNS}
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "NODE_RANK",
             "GROUP_RANK")
 OOM_MARKERS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
@@ -182,7 +187,7 @@ def common_overrides(inputs: dict, run_dir: Path, steps: int, tiny: bool) -> lis
 
 def run_overrides(name: str, tiny: bool) -> list[str]:
     sets = list(RUNS[name][1])
-    if tiny and name == "zero2":
+    if tiny and name.startswith("zero2"):
         # Lightning's DeepSpeedStrategy refuses the CPU: the tiny path keeps the run's method settings
         sets = [s for s in sets if not s.startswith("trainer.strategy=")] + ["trainer.strategy=auto"]
     return sets
@@ -474,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:>10} {s['step_s']:9.3f} {mfu} {mem}  {s['how']} over {s['measured_steps']} steps"
                   + (" (peak = CPU RSS)" if s["mem_kind"] == "cpu_rss" else ""))
         if "zero2" in runs and "zero2" not in failures:
-            print("note: zero2 ran method.rcm.loss_mode=scm with ema.kind=none (the runner refuses DeepSpeed for rCM "
-                  "with a fake score, and any EMA under bf16-mixed): compare it with fsdp2_scm, not with fsdp2"
+            print("note: zero2 ran with ema.kind=none (DeepSpeed under bf16-mixed casts an EMA copy to bf16): compare "
+                  "it with fsdp2_noema, not with fsdp2"
                   + (" (tiny: under strategy auto, DeepSpeed refuses the CPU)" if args.tiny else ""))
         print("\nfigures:")
         for k, v in figures.items():

@@ -161,12 +161,21 @@ class _HFTextEncoder:
         prompt's token count. Cached prompts are not re-encoded; misses are encoded in one batch."""
         prompts = [clean_prompt(p) for p in check_prompts(prompts)]
         found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
+        # one host -> device copy for all cached prompts and one device -> host copy for all new ones
+        # (a copy per prompt costs a synchronisation each: most of a toy training step's encode time)
+        on_device: dict[str, torch.Tensor] = {}
+        cached = [p for p, e in found.items() if e is not None]
+        if cached:
+            stacked = torch.stack([found[p] for p in cached]).to(self.device, self.dtype)
+            on_device.update(zip(cached, stacked.unbind(0)))
         missing = [p for p, e in found.items() if e is None]
         if missing:
-            for p, emb in zip(missing, self._encode_uncached(missing)):
-                self.cache.put(p, emb)
-                found[p] = emb
-        return torch.stack([found[p].to(self.device, self.dtype) for p in prompts])
+            fresh = self._encode_uncached(missing)  # (M, L, D) on the device
+            fresh_cpu = fresh.detach().to("cpu")
+            for i, p in enumerate(missing):
+                self.cache.put(p, fresh_cpu[i].clone())  # clone: an entry must not pin the whole batch
+                on_device[p] = fresh[i].to(self.dtype)
+        return torch.stack([on_device[p] for p in prompts])
 
     def empty_embedding(self) -> torch.Tensor:
         """(1, max_length, dim): the unconditional embedding for CFG (encoding of `negative_prompt`)."""

@@ -9,7 +9,7 @@ Strategies (trainer.strategy), the same recipe from one CPU to many GPUs and nod
            activation checkpointing, compile and fully_shard (`turbo_train/parallel.py`); runs on the CPU
   deepspeed_zero2 / deepspeed_zero3
            Lightning's DeepSpeedStrategy at that ZeRO stage; CUDA only (refused on the CPU with a clear
-           error), one optimizer only (rCM with a fake score has two), see `check_strategy`
+           error); rCM's fake score gets a second engine (turbo_train/deepspeed_engines.py, ZeRO-2 only)
 The launcher (torchrun, SLURM srun, or Lightning's own process spawning for `devices: N`) is detected
 by Lightning; recipes/launch/ holds the templates.
 Data: `toy_onthefly` needs only torch and numpy (`ToyBatchStream`: whole micro-batches keyed by
@@ -112,9 +112,11 @@ def check_strategy(recipe: Recipe) -> None:
         raise ValueError(f"trainer.precision: {precision!r} is not supported with fsdp2; use bf16-mixed (GPU) or 32-true")
     if name.startswith("deepspeed"):
         stage = int(name[-1])
-        if recipe.method.name == "rcm" and recipe.method.rcm.uses_dmd:
-            raise ValueError(f"trainer.strategy: {name!r} drives one optimizer, rCM with a fake score "
-                             f"(method.rcm.loss_mode {recipe.method.rcm.loss_mode!r}) steps two; use fsdp2 or ddp")
+        if recipe.method.name == "rcm" and recipe.method.rcm.uses_dmd and stage == 3:
+            raise ValueError(f"trainer.strategy: {name!r}: rCM with a fake score (method.rcm.loss_mode "
+                             f"{recipe.method.rcm.loss_mode!r}) steps the fake score in a second DeepSpeed engine, "
+                             "which ZeRO-3 cannot give it (the strategy's engine partitions every parameter); use "
+                             "deepspeed_zero2 or fsdp2")
         if recipe.ema.kind != "none" and stage == 3:
             raise ValueError("ema.kind: ZeRO-3 partitions the EMA copy, which the EMA update reads whole; use "
                              "ema.kind: none with deepspeed_zero3, or trainer.strategy fsdp2 (shards the EMA too)")
@@ -283,6 +285,7 @@ def _deepspeed_strategy(stage: int):
     """Lightning's DeepSpeedStrategy at ZeRO `stage`, writing its checkpoint directory atomically (under
     <name>.tmp, renamed into place once every rank has written). Precision (bf16), gradient clipping and
     accumulation come from the Trainer; activation checkpointing is the model's own (recipe)."""
+    from turbo_train.deepspeed_engines import load_extra_engines, save_extra_engines
     from turbo_train.parallel import _remove, _swap_in
 
     class AtomicDeepSpeedStrategy(pl.strategies.DeepSpeedStrategy):
@@ -293,10 +296,21 @@ def _deepspeed_strategy(stage: int):
                 _remove(tmp)
             self.barrier()
             super().save_checkpoint(checkpoint, tmp, storage_options)
+            save_extra_engines(self._extra_engines(), tmp)  # e.g. rCM's fake score (its own engine)
             self.barrier()
             if self.is_global_zero:
                 _swap_in(tmp, path)
             self.barrier()
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            state = super().load_checkpoint(checkpoint_path, weights_only)
+            load_extra_engines(self._extra_engines(), checkpoint_path,
+                               load_optimizer_states=self.lightning_module.trainer.state.fn == "fit")
+            return state
+
+        def _extra_engines(self) -> dict:
+            hook = getattr(self.lightning_module, "extra_deepspeed_engines", None)
+            return hook() if hook is not None else {}
 
     return AtomicDeepSpeedStrategy(stage=stage)
 

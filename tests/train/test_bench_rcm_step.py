@@ -103,7 +103,8 @@ def test_tiny_both_runs(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     f = json.loads((tmp_path / "benchmarks" / "rcm_step.json").read_text())["figures"]
     assert f["rcm_1.3b_zero2_1gpu_step_s"] > 0 and f["rcm_1.3b_fsdp2_1gpu_step_s"] > 0
-    assert "loss_mode: scm" in (tmp_path / "run-zero2" / "resolved_recipe.yaml").read_text()
-    assert "compare it with fsdp2_scm" in proc.stdout
+    zero2 = (tmp_path / "run-zero2" / "resolved_recipe.yaml").read_text()
+    assert "loss_mode: rcm" in zero2 and "kind: none" in zero2  # full rCM, no EMA
+    assert "compare it with fsdp2_noema" in proc.stdout
     assert not (ROOT / "benchmarks" / "rcm_step.json").exists() or \
         json.loads((ROOT / "benchmarks" / "rcm_step.json").read_text())["device"] != "cpu"  # tiny: temp dir only

@@ -297,8 +297,11 @@ def recipe_with(**sections):
     ({"trainer": {"strategy": "deepspeed_zero2"}, "ema": {"kind": "none"}}, "trainer.strategy", "CUDA GPUs only"),
     ({"trainer": {"strategy": "deepspeed_zero3"}}, "ema.kind", "ZeRO-3 partitions the EMA copy"),
     ({"trainer": {"strategy": "deepspeed_zero2", "precision": "bf16-mixed"}}, "ema.kind", "round away"),
+    ({"trainer": {"strategy": "deepspeed_zero3"}, "ema": {"kind": "none"},
+      "method": {"name": "rcm", "rcm": {"loss_mode": "rcm"}}}, "trainer.strategy", "second DeepSpeed engine"),
+    # ZeRO-2 takes rCM with a fake score (a second engine): on the CPU only the hardware check is left
     ({"trainer": {"strategy": "deepspeed_zero2"}, "ema": {"kind": "none"},
-      "method": {"name": "rcm", "rcm": {"loss_mode": "rcm"}}}, "trainer.strategy", "steps two"),
+      "method": {"name": "rcm", "rcm": {"loss_mode": "rcm"}}}, "trainer.strategy", "CUDA GPUs only"),
 ])
 def test_strategy_errors_name_the_key(sections, key, words):
     from turbo_train.runner import check_strategy

@@ -246,3 +246,52 @@ def test_fit_length_pads_with_zeros_and_cuts():
     e = torch.ones(1, 3, 4)
     assert torch.equal(fit_length(e, 5), torch.cat([e, torch.zeros(1, 2, 4)], 1))
     assert torch.equal(fit_length(e, 2), e[:, :2])
+
+
+class TorchEngine:
+    """The part of a DeepSpeed engine RCMModule uses for the fake score (get_lr, backward, step,
+    get_global_grad_norm), in plain torch: what `build_extra_engine` gives under deepspeed_zero2."""
+
+    def __init__(self, net, optimizer, lr_lambda, strategy_config):
+        self.net, self.opt = net, optimizer
+        self.sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        self.norm = None
+
+    def get_lr(self):
+        return [g["lr"] for g in self.opt.param_groups]
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        self.norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+def test_fake_score_in_its_own_engine_matches_the_two_optimizer_path(tmp_path, monkeypatch):
+    """Under DeepSpeed the strategy's engine gets only the student's optimizer and the fake score steps in
+    an engine of its own: same updates (bitwise, CPU), and trainer.global_step still counts iterations."""
+    import turbo_train.deepspeed_engines as dse
+
+    r = make_recipe(tmp_path)
+    ref = module(r, tmp_path / "ref")
+    trainer(8, tmp_path / "ref").fit(ref, train_dataloaders=loader())
+
+    monkeypatch.setattr(RCMModule, "uses_deepspeed", lambda self: self._trainer is not None)
+    monkeypatch.setattr(dse, "build_extra_engine", TorchEngine)
+    m = module(r, tmp_path / "engine")
+    t = trainer(8, tmp_path / "engine")
+    t.fit(m, train_dataloaders=loader())
+    assert isinstance(m._fake_engine, TorchEngine) and len(t.optimizers) == 1  # the student's only
+    assert m.extra_deepspeed_engines() == {"fake_score": m._fake_engine}
+    assert t.global_step == 8 and (int(m.student_updates), int(m.fake_updates)) == (5, 3)
+    assert m.last_logs.keys() == ref.last_logs.keys()
+    a, b = state(ref), state(m)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -12,7 +12,8 @@ Networks: student (trainable, init teacher, JVP-capable attention), teacher (fro
 fake score (trainable, init teacher; only for the modes with the DMD term), EMA of the student (fp32,
 EDM2 power EMA updated on student steps only; this is what gets exported).
 
-Schedule (§3), one optimizer step per training_step (manual optimization, two AdamW optimizers):
+Schedule (§3), one optimizer step per training_step (manual optimization, two AdamW optimizers; under
+DeepSpeed the fake score's runs in an engine of its own, turbo_train/deepspeed_engines.py):
     iteration < tangent_warmup (modes with a consistency term):  student step, consistency loss only
     afterwards:  a student step every `student_update_freq` iterations (consistency + DMD on the same
                  batch, one optimizer step), fake-score steps in between
@@ -252,6 +253,10 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         self._uncond = None  # (1, L, D) unconditional text states on this device
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.last_logs: dict[str, float] = {}
+        # under DeepSpeed the fake score gets an engine of its own (turbo_train/deepspeed_engines.py):
+        # the strategy's engine drives the student's optimizer only
+        self._fake_engine = None
+        self._fake_lr_lambda = None
 
     # ------------------------------------------------------------------ the networks in TrigFlow time
 
@@ -407,7 +412,49 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         opt.step()
         sched.step()
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # DeepSpeed: ZeRO keeps the gradients in its partitions, not in p.grad
+            ds_norm = engine.get_global_grad_norm()
+            norm = torch.tensor(float(ds_norm) if ds_norm is not None else 0.0)
         return norm
+
+    def _fake_engine_step(self, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """backward -> step (ZeRO-reduced grads, no clipping, LR schedule) through the fake score's engine;
+        returns (grad norm, LR used)."""
+        engine = self._fake_engine
+        lr = torch.tensor(float(engine.get_lr()[0]))
+        engine.backward(loss.float())
+        # count the step in trainer.global_step as Lightning counts a step of its own optimizers, so that
+        # max_steps, checkpoint intervals and logs count iterations under every strategy alike
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        engine.step()
+        progress.increment_completed()
+        norm = engine.get_global_grad_norm()
+        return torch.tensor(float(norm) if norm is not None else 0.0), lr
+
+    def uses_deepspeed(self) -> bool:
+        """Whether the attached trainer runs Lightning's DeepSpeedStrategy."""
+        if self._trainer is None:
+            return False
+        from turbo_train.lightning_compat import pl
+
+        return isinstance(self.trainer.strategy, pl.strategies.DeepSpeedStrategy)
+
+    def extra_deepspeed_engines(self) -> dict:
+        """{tag: engine} of the engines this module steps itself (checkpointed beside the strategy's)."""
+        return {"fake_score": self._fake_engine} if self._fake_engine is not None else {}
+
+    def on_fit_start(self) -> None:
+        # DeepSpeed: the strategy's engine holds the student's optimizer (configure_optimizers returned
+        # only that one); build the fake score's engine now, before a resumed run restores both
+        if self.fake_score is not None and self.uses_deepspeed() and self._fake_engine is None:
+            from turbo_train.deepspeed_engines import build_extra_engine
+            from turbo_train.methods.flow_matching import adamw
+
+            opt = adamw(self.fake_score, replace(self.recipe.optim, lr=self.cfg.fake_score_lr))
+            self._fake_engine = build_extra_engine(self.fake_score, opt, self._fake_lr_lambda,
+                                                   getattr(self.trainer.strategy, "config", {}))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         # 1. encode: pixels -> latents x0, captions -> text states; the unconditional states for CFG
@@ -425,9 +472,12 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         else:
             # 2b. fake-score step on a student rollout
             loss, logs = self.fake_score_losses(x0, context)
-            logs["grad_norm_fake"] = self._optimizer_step(loss, self.fake_score, opt_f[0], sched_f[0])
+            if self._fake_engine is not None:  # DeepSpeed: the fake score's own engine
+                logs["grad_norm_fake"], logs["lr_fake"] = self._fake_engine_step(loss)
+            else:
+                logs["grad_norm_fake"] = self._optimizer_step(loss, self.fake_score, opt_f[0], sched_f[0])
+                logs["lr_fake"] = torch.tensor(opt_f[0].param_groups[0]["lr"])
             self.fake_updates += 1
-            logs["lr_fake"] = torch.tensor(opt_f[0].param_groups[0]["lr"])
         self.iteration += 1
         # 3. log (and print a progress line every log_every_n_steps)
         B = x0.shape[0]
@@ -466,7 +516,8 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         fn = partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
                      schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
         opts = [adamw(self.student, o)]
-        if self.fake_score is not None:
+        self._fake_lr_lambda = fn
+        if self.fake_score is not None and not self.uses_deepspeed():  # DeepSpeed: on_fit_start builds its engine
             opts.append(adamw(self.fake_score, replace(o, lr=self.cfg.fake_score_lr)))
         scheds = [torch.optim.lr_scheduler.LambdaLR(opt, fn) for opt in opts]
         return opts, scheds

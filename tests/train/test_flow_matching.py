@@ -312,3 +312,23 @@ def test_noise_repeats_train_each_video_at_several_noise_levels(monkeypatch):
     assert not torch.equal(seen["eps"][0], seen["eps"][1])
     with pytest.raises(ValueError, match="noise_repeats"):
         tiny_recipe(method={"flow_matching": {"noise_repeats": 0}})
+
+
+def test_ema_update_count_host_mirror_follows_the_buffer(monkeypatch):
+    """update_ema reads ema_updates once and then counts on the host (no per-step device sync); a
+    state dict loaded later (a resumed run) is what the next update counts from."""
+    ks = []
+    monkeypatch.setattr(ema_lib, "step_ema", lambda ema, net, cfg, k: ks.append(k))
+    m = FlowMatchingModule(tiny_recipe(), text_encoder=FakeTextEncoder())
+    m.update_ema()
+    m.update_ema()
+    assert ks == [0, 1] and int(m.ema_updates) == 2
+    state = m.state_dict()
+    state["ema_updates"] = torch.tensor(7)
+    m.load_state_dict(state)
+    m.update_ema()
+    assert ks == [0, 1, 7] and int(m.ema_updates) == 8
+    m.ema_updates.fill_(3)  # changed behind the mirror's back: a new fit re-reads the buffer
+    m.on_fit_start()
+    m.update_ema()
+    assert ks[-1] == 3

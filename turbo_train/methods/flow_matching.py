@@ -29,9 +29,9 @@ import torch
 
 from turbo_infer.models.wan import WanModel
 from turbo_infer.samplers import shift_time
-from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
+from turbo_train.methods.one_network import OneNetworkMixin
 from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
 
 # ----------------------------------------------------------------------------- the loss and its pieces
@@ -113,7 +113,7 @@ def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 # ----------------------------------------------------------------------------- the Lightning module
 
 
-class FlowMatchingModule(BatchEncoderMixin, LightningModule):
+class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
     """Trains a Wan DiT by rectified flow with caption dropout, AdamW, warmup and an EMA.
 
     recipe: the validated training recipe (model, method.flow_matching, optim, ema, checkpoint).
@@ -186,25 +186,8 @@ class FlowMatchingModule(BatchEncoderMixin, LightningModule):
         self.log("train/caption_dropped", dropped.float().mean(), batch_size=B)
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        # global grad L2 norm before clipping (Lightning clips after this hook), and the LR
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            self.log("train/grad_norm", norm, prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta."""
-        if self.ema is None:
-            return
-        ema_lib.step_ema(self.ema, self.model, self.recipe.ema, int(self.ema_updates.item()))
-        self.ema_updates += 1
+    def trained_network(self) -> torch.nn.Module:
+        return self.model
 
     def configure_model(self) -> None:
         # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py

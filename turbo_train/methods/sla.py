@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 
 from turbo_infer.models.wan import WanModel
-from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
+from turbo_train.methods.one_network import OneNetworkMixin
 from turbo_train.sla_convert import SLA_BACKENDS, convert_to_sla, proj_l_norms, sla_layers
 
 if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import it back lazily only
@@ -199,7 +199,7 @@ def _fit_length(emb: torch.Tensor, length: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the Lightning module
 
 
-class SLAFinetuneModule(BatchEncoderMixin, LightningModule):
+class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
     """Fine-tunes the SLA version of a Wan DiT against the frozen dense one (see the module docstring).
 
     recipe: the validated recipe (method.sla, model = the dense original, optim, ema, checkpoint).
@@ -299,25 +299,12 @@ class SLAFinetuneModule(BatchEncoderMixin, LightningModule):
             self.log(f"train/loss_{k}", v, batch_size=B)
         return loss
 
+    def trained_network(self) -> torch.nn.Module:
+        return self.student
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        # global grad L2 norm (before Lightning's clipping), the LR and the size of the linear branch
-        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))), prog_bar=True)
-        self.log("train/lr", optimizer.param_groups[0]["lr"], prog_bar=True)
-        self.log("train/proj_l_norm", proj_l_norms(self.student).mean())
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
-
-    @torch.no_grad()
-    def update_ema(self) -> None:
-        """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·student."""
-        if self.ema is None:
-            return
-        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, int(self.ema_updates.item()))
-        self.ema_updates += 1
+        super().on_before_optimizer_step(optimizer)  # grad norm (before Lightning's clipping) and LR
+        self.log("train/proj_l_norm", proj_l_norms(self.student).mean())  # the size of the linear branch
 
     def configure_model(self) -> None:
         # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py

@@ -18,3 +18,14 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny-model tests (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    with 2 OpenMP threads on 2 shared, busy cores each tiny op can wait ~10 ms for a spinning peer
+    (measured: one tiny-model calibration 18 s at 2 threads vs 0.3 s at 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

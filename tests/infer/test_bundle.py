@@ -20,14 +20,7 @@ from turbo_kernels.capability import capabilities_for
 TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: with 2 OpenMP threads on 2 shared, busy cores each op can wait ~10 ms for a spinning
-    # peer (a tiny-model calibration measured 18 s at 2 threads vs 0.3 s at 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def tiny_model(seed=0, **overrides):

@@ -10,31 +10,14 @@ from turbo_infer.models.wan import WanConfig, WanModel
 from turbo_infer.quant import quantizable_linears
 from turbo_train.methods import calibrate as C
 from turbo_train.recipe import recipe_from_dict
+from fakes import FakeTextEncoder
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
 LATENT = (48, 2, 8, 8)  # (C, F, H, W): 2 x 4 x 4 = 32 tokens
 OUTLIER = "blocks.1.self_attn.o"
 
 
-class HashTextEncoder:
-    dim = 384
-
-    def encode(self, prompts):
-        return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(sum(map(ord, p))))
-                            for p in prompts])
-
-    def empty_embedding(self):
-        return torch.zeros(1, 8, 384)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: with 2 OpenMP threads on 2 shared, busy cores each op can wait ~10 ms for a spinning
-    # peer (measured: one calibration 18 s at 2 threads vs 0.3 s at 1). One thread is also faster idle.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def tiny_model(seed=0):
@@ -66,7 +49,7 @@ def config(**kw):
 def run(model, **kw):
     cfg = config(**kw)
     prompts = ["a red circle moving left", "two blue squares", "a green star", "a yellow cross"][:cfg.num_prompts]
-    return C.calibrate(model, HashTextEncoder(), prompts, LATENT, cfg, shift=3.0)
+    return C.calibrate(model, FakeTextEncoder(), prompts, LATENT, cfg, shift=3.0)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -231,7 +214,7 @@ def test_recipe_method_writes_the_plan(tmp_path, capsys):
         "trainer": {"accelerator": "cpu", "precision": "32-true"},
         "logging": {"run_dir": str(tmp_path), "wandb": False, "progress_bar": False},
     })
-    path = C.run_calibration(recipe, tmp_path, model=tiny_model(), text_encoder=HashTextEncoder())
+    path = C.run_calibration(recipe, tmp_path, model=tiny_model(), text_encoder=FakeTextEncoder())
     assert path == tmp_path / "calibration_plan.json"
     plan = C.load_plan(path)
     assert plan["calibration"]["latent_shape"] == [48, 2, 8, 8] and plan["calibration"]["steps"] == 2

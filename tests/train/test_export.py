@@ -27,33 +27,14 @@ from turbo_infer.samplers import RCMSampler
 from turbo_infer.vae import ToyCodec
 from turbo_train import export as E
 from turbo_train.methods.calibrate import KEEP_FLOAT, PLAN_FORMAT, PLAN_VERSION
+from fakes import FakeTextEncoder
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
 SLA = dict(attention="sla", attention_options={"topk": 0.5, "block_q": 16, "block_k": 16})
 BOUND = {"int8_fp32": 1e-3, "fp8_fp32": 5e-3, "bf16": 2e-2, "same_math": 1e-6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: with 2 OpenMP threads on 2 shared, busy cores each op can wait ~10 ms for a spinning
-    # peer (a tiny-model calibration measured 18 s at 2 threads vs 0.3 s at 1).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class HashTextEncoder:
-    """Deterministic stand-in for MiniLM: (B, 8, 384) from a per-prompt seeded generator."""
-
-    dim = 384
-
-    def encode(self, prompts):
-        return torch.stack([torch.randn(8, 384, generator=torch.Generator().manual_seed(sum(map(ord, p))))
-                            for p in prompts])
-
-    def empty_embedding(self):
-        return torch.zeros(1, 8, 384)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
 
 
 def tiny_model(seed=0, **overrides):
@@ -102,10 +83,10 @@ def test_cpu_bundle_round_trip(ckpts, inputs, tmp_path):
     ckpt, src = ckpts["dense"]
     path = export(ckpt, "cpu", tmp_path)
     assert path == tmp_path / "cpu" and sorted(p.name for p in tmp_path.iterdir()) == ["cpu"]  # no temp dirs left
-    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=HashTextEncoder())
+    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=FakeTextEncoder())
     assert torch.equal(velocity(pipe.transformer, inputs), velocity(src, inputs))
     # generation with the bundle's sampler and steps == the source model with them
-    ref = TurboPipeline(src, HashTextEncoder(), ToyCodec(), default_shift=3.0)
+    ref = TurboPipeline(src, FakeTextEncoder(), ToyCodec(), default_shift=3.0)
     kw = dict(num_frames=2, height=32, width=32, progress=False, seed=3)
     video = pipe.generate(["a red circle moving left"], **kw)
     assert torch.equal(video, ref.generate(["a red circle moving left"], sampler="rcm", steps=2, **kw))
@@ -124,7 +105,7 @@ def test_cpu_bundle_round_trip(ckpts, inputs, tmp_path):
 def test_int8_bundle_on_cpu_with_override_matches_the_dequantized_reference(ckpts, inputs, tmp_path):
     ckpt, src = ckpts["dense"]
     path = export(ckpt, "a100", tmp_path, dtype="float32")
-    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=HashTextEncoder(), allow_reference=True)
+    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=FakeTextEncoder(), allow_reference=True)
     model = pipe.transformer
     candidates = quantizable_linears(src, KEEP_FLOAT)
     q = {n for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
@@ -154,14 +135,14 @@ def test_gpu_target_tensors_and_dtypes(ckpts, inputs, tmp_path):
                 assert t.dtype == torch.float32, k  # scales, biases of W8A8 layers; SLA proj_l
             else:
                 assert t.dtype == torch.bfloat16, k
-    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=HashTextEncoder(), allow_reference=True)
+    pipe = TurboPipeline.from_bundle(path, "cpu", text_encoder=FakeTextEncoder(), allow_reference=True)
     assert type(pipe.transformer.blocks[0].self_attn.attn).__name__ == "SparseLinearAttention"  # h100: sla
     assert rel(velocity(pipe.transformer, inputs), velocity(src, inputs)) <= BOUND["bf16"]
 
 
 def test_sla_checkpoint_round_trips_on_the_cpu_and_can_go_dense(ckpts, inputs, tmp_path):
     ckpt, src = ckpts["sla"]
-    pipe = TurboPipeline.from_bundle(export(ckpt, "cpu", tmp_path), "cpu", text_encoder=HashTextEncoder())
+    pipe = TurboPipeline.from_bundle(export(ckpt, "cpu", tmp_path), "cpu", text_encoder=FakeTextEncoder())
     assert type(pipe.transformer.blocks[0].self_attn.attn).__name__ == "SparseLinearAttention"
     assert torch.equal(velocity(pipe.transformer, inputs), velocity(src, inputs))
     with pytest.warns(UserWarning, match="proj_l tensors of the checkpoint are dropped"):
@@ -202,7 +183,7 @@ def test_plan_decides_each_targets_precision_and_static_scales(ckpts, tmp_path):
         assert all(p == "bf16" for k, p in prec["h100"].items() if n in k.split("."))
     m = json.loads((tmp_path / "b" / "h100" / MANIFEST).read_text())
     assert m["linears"]["blocks.1.cross_attn.q"]["act_scale"] == 0.125
-    pipe = TurboPipeline.from_bundle(tmp_path / "b" / "h100", "cpu", text_encoder=HashTextEncoder(),
+    pipe = TurboPipeline.from_bundle(tmp_path / "b" / "h100", "cpu", text_encoder=FakeTextEncoder(),
                                      allow_reference=True)
     assert pipe.transformer.get_submodule("blocks.1.cross_attn.q").act_scale == 0.125
 

@@ -15,20 +15,10 @@ from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import pl
 from turbo_train.methods.rcm import RCMModule, check_rcm_recipe, fit_length
 from turbo_train.recipe import recipe_from_dict
+from fakes import FakeTextEncoder
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, in_channels=4, out_channels=4, freq_dim=32)
 B, LATENT, L_TEXT = 2, (4, 2, 4, 4), 5
-
-
-class FakeText:
-    """Stands in for MiniLM: the empty prompt is all zeros (what the toy encoder gives past a prompt's end)."""
-
-    def empty_embedding(self):
-        return torch.zeros(1, L_TEXT, TINY["text_dim"])
-
-    def encode(self, prompts):
-        g = torch.Generator().manual_seed(len(prompts))
-        return torch.randn(len(prompts), L_TEXT, TINY["text_dim"], generator=g)
 
 
 class FixedBatches(IterableDataset):
@@ -71,7 +61,7 @@ def make_recipe(tmp_path, **rcm):
 
 
 def module(recipe, tmp_path):
-    return RCMModule(recipe, teacher=teacher(), text_encoder=FakeText(), export_dir=tmp_path)
+    return RCMModule(recipe, teacher=teacher(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]), export_dir=tmp_path)
 
 
 def trainer(max_steps, tmp_path):

@@ -25,6 +25,7 @@ from turbo_train.lightning_compat import pl
 from turbo_train.methods.sla import SLAFinetuneModule, check_sla_recipe, sla_losses
 from turbo_train.recipe import recipe_from_dict
 from turbo_train.sla_convert import convert_to_dense, convert_to_sla, is_proj_l_key, proj_l_norms, sla_layers
+from fakes import FakeTextEncoder
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, in_channels=4, out_channels=4, freq_dim=32)
 B, LATENT, L_TEXT = 2, (4, 4, 14, 14), 5
@@ -54,17 +55,6 @@ def inputs(seed: int = 1):
     t = torch.tensor([250.0, 900.0])
     c = torch.randn(B, L_TEXT, TINY["text_dim"], generator=g)
     return x, t, c
-
-
-class FakeText:
-    """Stands in for MiniLM: the empty prompt is all zeros."""
-
-    def empty_embedding(self):
-        return torch.zeros(1, L_TEXT, TINY["text_dim"])
-
-    def encode(self, prompts):
-        g = torch.Generator().manual_seed(len(prompts))
-        return torch.randn(len(prompts), L_TEXT, TINY["text_dim"], generator=g)
 
 
 class FixedBatches(IterableDataset):
@@ -245,27 +235,27 @@ def test_losses_are_zero_for_the_exact_targets():
 
 
 def test_module_networks_and_trainable_sets(tmp_path):
-    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeText())
+    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     assert isinstance(m.teacher.blocks[0].self_attn.attn, SDPAttention) and not any(p.requires_grad for p in m.teacher.parameters())
     assert len(sla_layers(m.student)) == 2 and all(p.requires_grad for p in m.student.parameters())
     assert m.ema is not None and not any(p.requires_grad for p in m.ema.parameters())
     opt = m.configure_optimizers()["optimizer"]
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(m.student.parameters()))
 
-    p = SLAFinetuneModule(make_recipe(tmp_path, trainable="proj_l", loss="flow"), teacher=dense_model(), text_encoder=FakeText())
+    p = SLAFinetuneModule(make_recipe(tmp_path, trainable="proj_l", loss="flow"), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     assert p.teacher is None  # the flow loss needs no teacher
     names = {n for n, q in p.student.named_parameters() if q.requires_grad}
     assert names == {f"blocks.{i}.self_attn.attn.proj_l.{w}" for i in range(2) for w in ("weight", "bias")}
     assert sum(len(g["params"]) for g in p.configure_optimizers()["optimizer"].param_groups) == 4
     with pytest.raises(ValueError, match="model.attention"):
-        SLAFinetuneModule(make_recipe(tmp_path), teacher=convert_to_sla(dense_model()), text_encoder=FakeText())
+        SLAFinetuneModule(make_recipe(tmp_path), teacher=convert_to_sla(dense_model()), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
 @pytest.mark.parametrize("loss", ["distill", "both"])
 def test_a_few_steps_lower_the_training_objective(tmp_path, loss):
     r = make_recipe(tmp_path, loss=loss, caption_dropout=0.0)
-    m = SLAFinetuneModule(r, teacher=dense_model(), text_encoder=FakeText())
+    m = SLAFinetuneModule(r, teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     opt = m.configure_optimizers()["optimizer"]
     fixed = FixedBatches().batch
     batch = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in fixed.items()}  # 4 (s, eps) draws per sample
@@ -304,7 +294,7 @@ def test_a_few_steps_lower_the_training_objective(tmp_path, loss):
 
 def test_fit_export_reload_reproduces_outputs(tmp_path):
     r = make_recipe(tmp_path)
-    m = SLAFinetuneModule(r, teacher=dense_model(), text_encoder=FakeText(), export_dir=tmp_path)
+    m = SLAFinetuneModule(r, teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]), export_dir=tmp_path)
     teacher0 = {k: v.clone() for k, v in m.teacher.state_dict().items()}
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, max_epochs=-1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -322,7 +312,7 @@ def test_fit_export_reload_reproduces_outputs(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x, t, c), m.ema(x, t, c))
     # the trained weights themselves (no EMA), and the reverse conversion for a dense export
-    raw = SLAFinetuneModule(make_recipe(tmp_path, ema="none"), teacher=dense_model(), text_encoder=FakeText(),
+    raw = SLAFinetuneModule(make_recipe(tmp_path, ema="none"), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]),
                             export_dir=tmp_path)
     assert raw.export_weights() == tmp_path / "sla.safetensors"
     dense_again = convert_to_dense(WanModel.from_pretrained(tmp_path / "sla.safetensors"))
@@ -330,7 +320,7 @@ def test_fit_export_reload_reproduces_outputs(tmp_path):
 
 
 def test_checkpoint_leaves_the_teacher_out(tmp_path):
-    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeText())
+    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     ckpt = {"state_dict": dict(m.state_dict())}
     m.recipe.checkpoint.export_ema = False
     m.on_save_checkpoint(ckpt)
@@ -340,7 +330,7 @@ def test_checkpoint_leaves_the_teacher_out(tmp_path):
 
 
 def test_batches_and_uncond(tmp_path):
-    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeText())
+    m = SLAFinetuneModule(make_recipe(tmp_path), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     with pytest.raises(ValueError, match="'video' or 'latent'"):
         m.encode_batch({"caption": ["a"]})
     with pytest.raises(ValueError, match="2 samples but 1"):
@@ -360,7 +350,7 @@ def test_batches_and_uncond(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:You are trying to")
 def test_validation_step_runs_every_network(tmp_path, monkeypatch):
-    m = SLAFinetuneModule(make_recipe(tmp_path, loss="both"), teacher=dense_model(), text_encoder=FakeText())
+    m = SLAFinetuneModule(make_recipe(tmp_path, loss="both"), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     logged = {}
     monkeypatch.setattr(m, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
     m.validation_step(FixedBatches().batch, 0)

@@ -19,7 +19,6 @@ Batches: {"video": uint8 (B, F, H, W, 3) | float (B, 3, F, H, W) in [-1, 1], "ca
 from __future__ import annotations
 
 import copy
-import json
 import math
 from functools import partial
 from pathlib import Path
@@ -219,30 +218,8 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
 
     # ------------------------------------------------------------------ export
 
-    def export_weights(self, path: str | Path | None = None) -> Path | None:
-        """Write the EMA weights (the trained weights if ema.kind is none) as a standalone safetensors
-        with the WanConfig in its metadata. Default path: <export_dir>/ema.safetensors (model.safetensors
-        without EMA). Returns the path, or None where nothing is written (no export_dir, not rank 0)."""
-        if path is None:
-            if self.export_dir is None:
-                return None
-            path = self.export_dir / ("ema.safetensors" if self.ema is not None else "model.safetensors")
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return None
-        from turbo_infer.models.wan_keys import save_wan_checkpoint
-
-        net = self.ema if self.ema is not None else self.model
-        dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
-        if next(net.parameters()).dtype != dtype:
-            net = copy.deepcopy(net).to(dtype)
-        meta = {
-            "turbo_method": "flow_matching",
-            "turbo_weights": "ema" if self.ema is not None else "raw",
-            "turbo_ema_updates": str(int(self.ema_updates.item())),
-            "turbo_recipe": json.dumps(self.recipe.to_dict()),
-        }
-        save_wan_checkpoint(net, path, extra_metadata=meta)
-        return Path(path)
+    def export_metadata(self) -> dict[str, str]:
+        return {"turbo_method": "flow_matching"}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.recipe.checkpoint.export_ema:

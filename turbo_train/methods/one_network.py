@@ -1,5 +1,6 @@
 """What the modules that train one network with one optimizer share (flow matching, SLA fine-tuning):
-the gradient-norm/LR log before each optimizer step and the EMA update after it.
+the gradient-norm/LR log before each optimizer step, the EMA update after it, and the export of the
+(EMA) weights as a standalone safetensors file.
 
 The EMA's update count lives in the `ema_updates` buffer (saved in checkpoints, restored on resume)
 and in a host-side mirror read from the buffer once per fit: an update then needs no device -> host
@@ -7,18 +8,29 @@ synchronisation (on a GPU a per-step `.item()` stalls the host until the step's 
 """
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
 import torch
 
 from turbo_train import ema as ema_lib
 
 
 class OneNetworkMixin:
-    """Needs: self.ema (frozen copy or None), self.ema_updates (long buffer), self.recipe (ema section),
-    and `trained_network()` -> the network being optimised (and averaged)."""
+    """Needs: self.ema (frozen copy or None), self.ema_updates (long buffer), self.recipe (ema and
+    checkpoint sections), self.export_dir (Path or None), `trained_network()` -> the network being
+    optimised (and averaged), `export_metadata()` -> the method's own safetensors metadata, and
+    `raw_weights_name`: the export's file name without EMA."""
+
+    raw_weights_name = "model.safetensors"
 
     _ema_k: int | None = None  # host mirror of ema_updates; None = read the buffer at the next update
 
     def trained_network(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def export_metadata(self) -> dict[str, str]:
         raise NotImplementedError
 
     def on_fit_start(self) -> None:
@@ -48,3 +60,32 @@ class OneNetworkMixin:
         ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, k)
         self.ema_updates += 1
         self._ema_k = k + 1
+
+    # ------------------------------------------------------------------ export
+
+    def export_weights(self, path: str | Path | None = None) -> Path | None:
+        """Write the EMA weights (the trained weights if ema.kind is none) in checkpoint.export_dtype as a
+        standalone safetensors with the WanConfig and `export_metadata()` in its metadata (loadable by
+        WanModel.from_pretrained with no config). Default path: <export_dir>/ema.safetensors
+        (<export_dir>/<raw_weights_name> without EMA). Returns the path, or None where nothing is written
+        (no export_dir, not rank 0)."""
+        if path is None:
+            if self.export_dir is None:
+                return None
+            path = self.export_dir / ("ema.safetensors" if self.ema is not None else self.raw_weights_name)
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return None
+        from turbo_infer.models.wan_keys import save_wan_checkpoint
+
+        net = self.ema if self.ema is not None else self.trained_network()
+        dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
+        if next(net.parameters()).dtype != dtype:
+            net = copy.deepcopy(net).to(dtype)  # SLA's proj_l stays float32 (SparseLinearAttention keeps it)
+        meta = {
+            **self.export_metadata(),
+            "turbo_weights": "ema" if self.ema is not None else "raw",
+            "turbo_ema_updates": str(int(self.ema_updates.item())),
+            "turbo_recipe": json.dumps(self.recipe.to_dict()),
+        }
+        save_wan_checkpoint(net, path, extra_metadata=meta)
+        return Path(path)

@@ -359,36 +359,19 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             for k, v in self.teacher.state_dict().items():
                 sd.setdefault(f"teacher.{k}", v)
 
-    def export_weights(self, path: str | Path | None = None) -> Path | None:
-        """Write the tuned SLA model (its EMA, or the trained weights if ema.kind is none) as a standalone
-        safetensors: every DiT tensor plus blocks.N.self_attn.attn.proj_l.*, the WanConfig (attention sla
-        and its options) in the metadata. Default path: <export_dir>/ema.safetensors (sla.safetensors
-        without EMA). Returns the path, or None where nothing is written (no export_dir, not rank 0)."""
-        if path is None:
-            if self.export_dir is None:
-                return None
-            path = self.export_dir / ("ema.safetensors" if self.ema is not None else "sla.safetensors")
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return None
-        from turbo_infer.models.wan_keys import save_wan_checkpoint
+    raw_weights_name = "sla.safetensors"
 
-        net = self.ema if self.ema is not None else self.student
-        dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
-        if next(net.parameters()).dtype != dtype:
-            net = copy.deepcopy(net).to(dtype)  # proj_l stays float32 (SparseLinearAttention keeps it)
+    def export_metadata(self) -> dict[str, str]:
+        """The export holds every DiT tensor plus blocks.N.self_attn.attn.proj_l.*, and the WanConfig
+        (attention sla and its options); the metadata adds the SLA settings and the source checkpoint."""
         c = self.cfg
-        meta = {
+        return {
             "turbo_method": "sla",
             "turbo_sla_loss": c.loss,
             "turbo_sla_options": json.dumps({"topk": c.topk, "block_q": c.block_q, "block_k": c.block_k,
                                              "feature_map": c.feature_map}),
-            "turbo_weights": "ema" if self.ema is not None else "raw",
-            "turbo_ema_updates": str(int(self.ema_updates.item())),
             "turbo_source_checkpoint": str(self.recipe.model.checkpoint),
-            "turbo_recipe": json.dumps(self.recipe.to_dict()),
         }
-        save_wan_checkpoint(net, path, extra_metadata=meta)
-        return Path(path)
 
     def on_fit_end(self) -> None:
         if self.recipe.checkpoint.export_ema:

@@ -28,9 +28,8 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader
 
-from turbo_train.lightning_compat import LightningDataModule
+from turbo_train.toyworld.datamodule import CountedShardDataModule
 from turbo_train.toyworld.shards import SkipCounter, _ReadShards, _ShardSource, _ShuffleSamples, list_shards
 
 REQUIRED_MEMBERS = ("latent.npy", "caption.txt", "meta.json")
@@ -130,7 +129,7 @@ def latent_shard_pipeline(
 # ----------------------------------------------------------------------------- Lightning DataModule
 
 
-class LatentShardDataModule(LightningDataModule):
+class LatentShardDataModule(CountedShardDataModule):
     """Latent batches (`collate_latents`) for training and validation.
 
     train_shards: a shard directory, brace pattern or list of .tar paths (read endlessly, reshuffled
@@ -142,32 +141,16 @@ class LatentShardDataModule(LightningDataModule):
     Skipped (corrupted/truncated) shards and undecodable samples: `skipped_shards`, `skipped_samples`.
     """
 
+    collate = staticmethod(collate_latents)
+
     def __init__(self, train_shards: ShardSource, val_shards: ShardSource | None = None, *, batch_size: int = 8,
                  num_workers: int = 2, shuffle_buffer: int = 1000, seed: int = 0, train_repeat: bool = True,
                  pin_memory: bool = False, multiprocessing_context: str | None = None):
-        super().__init__()
         if train_shards is None:
             raise ValueError("LatentShardDataModule.train_shards is required (a directory, brace pattern or list)")
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"LatentShardDataModule.{name} must be an int >= {low}, got {value!r}")
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
-        self.train_repeat, self.pin_memory = train_repeat, pin_memory
-        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
-        self.counter = SkipCounter(self.multiprocessing_context)
-        self.train_set = self.val_set = None
-
-    @property
-    def skipped_shards(self) -> int:
-        """Shards cut short by corruption or truncation so far (all workers)."""
-        return self.counter.shards
-
-    @property
-    def skipped_samples(self) -> int:
-        """Undecodable samples skipped so far (all workers)."""
-        return self.counter.samples
+        super().__init__(train_shards, val_shards, batch_size=batch_size, num_workers=num_workers,
+                         shuffle_buffer=shuffle_buffer, seed=seed, train_repeat=train_repeat, pin_memory=pin_memory,
+                         multiprocessing_context=multiprocessing_context)
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = latent_shard_pipeline(self.train_shards, counter=self.counter,
@@ -176,21 +159,3 @@ class LatentShardDataModule(LightningDataModule):
         if self.val_shards is not None:
             self.val_set = latent_shard_pipeline(self.val_shards, counter=self.counter, shuffle_buffer=0,
                                                  shuffle_shards=False, repeat=False, seed=self.seed)
-
-    def _loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_latents, pin_memory=self.pin_memory,
-                          persistent_workers=self.num_workers > 0, multiprocessing_context=self.multiprocessing_context)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """The validation loader, or [] (no validation) without val_shards."""
-        if self.val_shards is None:
-            return []
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set)

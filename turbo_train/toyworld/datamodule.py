@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from lightning.pytorch import LightningDataModule
+from turbo_train.lightning_compat import LightningDataModule
 from torch.utils.data import DataLoader
 
 from .shards import SkipCounter, shard_pipeline
@@ -20,7 +20,57 @@ from .stream import ToyVideoStream, collate_toy
 ShardSource = str | os.PathLike | Iterable[str]
 
 
-class ToyVideoDataModule(LightningDataModule):
+class CountedShardDataModule(LightningDataModule):
+    """What a shard-streaming DataModule shares (toy videos here, latents in turbo_train.latent_shards):
+    argument checks, the skip counters of corrupted shards/samples (summed over workers), and the
+    DataLoaders. Subclasses set `collate` and build `train_set` / `val_set` in `setup` (a None
+    `val_set` after setup = no validation)."""
+
+    collate = None  # batch collate function (a staticmethod in subclasses)
+
+    def __init__(self, train_shards, val_shards, *, batch_size: int, num_workers: int, shuffle_buffer: int,
+                 seed: int, train_repeat: bool, pin_memory: bool, multiprocessing_context: str | None,
+                 extra_checks: tuple = ()):
+        super().__init__()
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
+                                 ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0), *extra_checks):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{type(self).__name__}.{name} must be an int >= {low}, got {value!r}")
+        self.train_shards, self.val_shards = train_shards, val_shards
+        self.batch_size, self.num_workers, self.shuffle_buffer, self.seed = batch_size, num_workers, shuffle_buffer, seed
+        self.train_repeat, self.pin_memory = train_repeat, pin_memory
+        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        self.counter = SkipCounter(self.multiprocessing_context)
+        self.train_set = self.val_set = None
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards cut short by corruption or truncation so far (all workers)."""
+        return self.counter.shards
+
+    @property
+    def skipped_samples(self) -> int:
+        """Undecodable samples skipped so far (all workers)."""
+        return self.counter.samples
+
+    def _loader(self, dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=self.collate,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          multiprocessing_context=self.multiprocessing_context)
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader, or [] (no validation) where setup built no validation set."""
+        if self.val_set is None:
+            self.setup("validate")
+        return self._loader(self.val_set) if self.val_set is not None else []
+
+
+class ToyVideoDataModule(CountedShardDataModule):
     """Toy video batches for training and validation.
 
     train_shards / val_shards: a shard directory, brace pattern or list of .tar paths; None
@@ -34,6 +84,8 @@ class ToyVideoDataModule(LightningDataModule):
     multiprocessing_context: start method of the DataLoader workers ("fork", "spawn", ...; None =
         the platform default).
     """
+
+    collate = staticmethod(collate_toy)
 
     def __init__(
         self,
@@ -49,27 +101,10 @@ class ToyVideoDataModule(LightningDataModule):
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
     ):
-        super().__init__()
-        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0),
-                                 ("shuffle_buffer", shuffle_buffer, 0), ("seed", seed, 0), ("val_samples", val_samples, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"ToyVideoDataModule.{name} must be an int >= {low}, got {value!r}")
-        self.train_shards, self.val_shards = train_shards, val_shards
-        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
-        self.seed, self.val_samples, self.train_repeat, self.pin_memory = seed, val_samples, train_repeat, pin_memory
-        self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
-        self.counter = SkipCounter(self.multiprocessing_context)
-        self.train_set = self.val_set = None
-
-    @property
-    def skipped_shards(self) -> int:
-        """Shards cut short by corruption or truncation so far (all workers)."""
-        return self.counter.shards
-
-    @property
-    def skipped_samples(self) -> int:
-        """Undecodable samples skipped so far (all workers)."""
-        return self.counter.samples
+        super().__init__(train_shards, val_shards, batch_size=batch_size, num_workers=num_workers,
+                         shuffle_buffer=shuffle_buffer, seed=seed, train_repeat=train_repeat, pin_memory=pin_memory,
+                         multiprocessing_context=multiprocessing_context, extra_checks=(("val_samples", val_samples, 1),))
+        self.val_samples = val_samples
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_shards is None:
@@ -82,18 +117,3 @@ class ToyVideoDataModule(LightningDataModule):
         else:
             self.val_set = shard_pipeline(self.val_shards, counter=self.counter, split="eval",
                                           shuffle_buffer=0, shuffle_shards=False, repeat=False, seed=self.seed)
-
-    def _loader(self, dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, num_workers=self.num_workers, collate_fn=collate_toy,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          multiprocessing_context=self.multiprocessing_context)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.train_set is None:
-            self.setup("fit")
-        return self._loader(self.train_set)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.val_set is None:
-            self.setup("validate")
-        return self._loader(self.val_set)

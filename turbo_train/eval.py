@@ -106,6 +106,10 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     """Run the whole evaluation; returns (report, videos, captions, per-video adherence)."""
     if num_prompts < 2:
         raise ValueError(f"num_prompts must be >= 2 (Fréchet needs a covariance), got {num_prompts}")
+    if diversity_prompts < 0:
+        raise ValueError(f"diversity_prompts must be >= 0 (0 skips the diversity measurement), got {diversity_prompts}")
+    if diversity_prompts and diversity_seeds < 2:
+        raise ValueError(f"diversity_seeds must be >= 2 (a distance needs two videos of a prompt), got {diversity_seeds}")
     prompts = eval_prompts(num_prompts, seed)
     captions = [c for c, _, _ in prompts]
     attrs = [a for _, a, _ in prompts]
@@ -136,8 +140,9 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
                                    seed=seed + 1_000 * (j + 1), progress=False, **kw)
         by_prompt_gen.append(judge.features(vids).cpu().numpy())
         by_prompt_real.append(judge.features(real_videos([attrs[j]], diversity_seeds, seed + j)).cpu().numpy())
-    report["diversity"] = diversity(by_prompt_gen)
-    report["diversity_real"] = diversity(by_prompt_real)
+    # diversity_prompts = 0: not measured (None in the report)
+    report["diversity"] = diversity(by_prompt_gen) if by_prompt_gen else None
+    report["diversity_real"] = diversity(by_prompt_real) if by_prompt_real else None
     report["s_per_video"] = s_per_video
     report["settings"] = dict(num_prompts=num_prompts, diversity_prompts=diversity_prompts, diversity_seeds=diversity_seeds,
                               seed=seed, **kw)
@@ -167,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SLA key block (with --attention sla; default 64; the toy SLA recipes use 16: at 512 "
                         "tokens 64-token blocks leave 8 key blocks, so topk 0.1 and 0.2 both keep one)")
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--diversity-prompts", type=int, default=8)
-    p.add_argument("--diversity-seeds", type=int, default=4)
+    p.add_argument("--diversity-prompts", type=int, default=8,
+                   help="prompts sampled with several seeds for the diversity figure (0 skips it)")
+    p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (>= 2)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -190,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--judge: file not found: {a.judge}")
     if a.num_prompts < 2:
         p.error("--num-prompts must be >= 2")
+    if a.diversity_prompts < 0:
+        p.error("--diversity-prompts must be >= 0 (0 skips the diversity figure)")
+    if a.diversity_prompts and a.diversity_seeds < 2:
+        p.error("--diversity-seeds must be >= 2")
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
     if a.topk is not None and not 0 < a.topk <= 1:
@@ -230,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
           f"held-out {report['adherence_heldout_templates']:.4f})")
     for k, v in report["per_attribute_accuracy"].items():
         print(f"  {k:<12} {v:.3f}")
-    print(f"frechet {report['frechet']:.3f}  diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})  "
-          f"{report['s_per_video']:.2f} s/video")
+    div = (f"diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})" if report["diversity"] is not None
+           else "diversity not measured (--diversity-prompts 0)")
+    print(f"frechet {report['frechet']:.3f}  {div}  {report['s_per_video']:.2f} s/video")
     print(f"wrote {a.out_dir / 'report.json'} and {a.out_dir / 'contact_sheet.png'}")
     return 0
 

@@ -64,3 +64,14 @@ def test_cli_refusals(tiny_checkpoint, tmp_path, capsys):
     error(["--bundle", str(tmp_path), "--checkpoint", str(tiny_checkpoint)], "drop --checkpoint")
     error(["--checkpoint", str(tiny_checkpoint), "--sampler", "rcm", "--steps", "8"], "--steps 1..4")
     error(["--num-prompts", "1"], "--num-prompts")
+    error(["--diversity-prompts", "-1"], "--diversity-prompts")
+    error(["--diversity-seeds", "1"], "--diversity-seeds")
+
+
+def test_diversity_can_be_skipped(tiny_checkpoint, tmp_path, capsys):
+    # --diversity-prompts 0 (a quicker evaluation) used to fail after all the sampling, in diversity()
+    assert main(["--checkpoint", str(tiny_checkpoint), "--steps", "2", "--num-prompts", "2", "--diversity-prompts", "0",
+                 "--out-dir", str(tmp_path), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["diversity"] is None and report["diversity_real"] is None and report["frechet"] >= 0
+    assert "diversity not measured" in capsys.readouterr().out

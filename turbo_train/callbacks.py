@@ -351,7 +351,8 @@ def wan_train_flops(cfg, video_tokens: int, text_tokens: int) -> float:
 
 
 class ThroughputMonitor(Callback):
-    """Logs, averaged over windows of `window` optimizer steps (the GPU synchronizes at window ends only):
+    """Logs at the end of each window of `window` optimizer steps, averaged over it (the GPU synchronizes, and
+    these metrics are logged, at window ends only):
     train/samples_per_s (all ranks together), train/step_s, train/model_tflops_per_s (this rank),
     train/mfu (model FLOPs / (time · peak), when the GPU's peak is known), and train/peak_mem_gib
     (CUDA: peak allocated memory of this rank) or train/peak_rss_gib (CPU: peak resident memory of this
@@ -421,21 +422,24 @@ class ThroughputMonitor(Callback):
         dp = data_parallel_slot(trainer)[1]
         self._samples += (x.shape[0] if x is not None else 0) * dp
         steps = trainer.global_step - self._step0
-        if steps >= self.window:
-            self._sync(pl_module)
-            now = time.perf_counter()
-            dt = now - self._t0
-            self.samples_per_s = self._samples / dt
-            self.step_s = dt / steps
-            self.tflops = self._flops / dt / 1e12
-            self.mfu = self.tflops / self._peak if self._peak else None
-            self._t0, self._step0, self._samples, self._flops = now, trainer.global_step, 0, 0.0
-        if self.samples_per_s is not None:
-            pl_module.log("train/samples_per_s", self.samples_per_s, prog_bar=True)
-            pl_module.log("train/step_s", self.step_s)
-            pl_module.log("train/model_tflops_per_s", self.tflops)
-            if self.mfu is not None:
-                pl_module.log("train/mfu", self.mfu)
+        if steps < self.window:
+            # log nothing between window ends: on a GPU each logged Python float is a host -> device copy that
+            # waits for the queued kernels, and would keep the host from preparing the next batch meanwhile
+            # (the logger shows a metric's last value until it changes)
+            return
+        self._sync(pl_module)
+        now = time.perf_counter()
+        dt = now - self._t0
+        self.samples_per_s = self._samples / dt
+        self.step_s = dt / steps
+        self.tflops = self._flops / dt / 1e12
+        self.mfu = self.tflops / self._peak if self._peak else None
+        self._t0, self._step0, self._samples, self._flops = now, trainer.global_step, 0, 0.0
+        pl_module.log("train/samples_per_s", self.samples_per_s, prog_bar=True)
+        pl_module.log("train/step_s", self.step_s)
+        pl_module.log("train/model_tflops_per_s", self.tflops)
+        if self.mfu is not None:
+            pl_module.log("train/mfu", self.mfu)
         if pl_module.device.type == "cuda":
             pl_module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(pl_module.device) / 2**30)
         else:  # ru_maxrss is in KiB on Linux

@@ -206,20 +206,23 @@ class ToyBatchStream(IterableDataset):
         return range(first, first + B)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from turbo_train.toyworld.attributes import attributes_to_labels
+        """Micro-batches {"video": uint8 (B, F, H, W, 3), "caption": [str], "key": [str]}: what training
+        reads. (No ground-truth attributes: Lightning walks every batch to move it to the device, and 256
+        nested attribute dicts cost ~8 ms of host time per step; the judge reads its own stream.)"""
+        import numpy as np
+
         from turbo_train.toyworld.generator import generate_sample, sample_seed
-        from turbo_train.toyworld.stream import collate_toy
 
         info = get_worker_info()
         n, step = (info.id, info.num_workers) if info is not None else (0, 1)
         while self.num_batches is None or n < self.num_batches:
-            samples = []
+            keys, videos, captions = [], [], []
             for i in self.batch_indices(n):
                 s = generate_sample(sample_seed(self.seed, i, self.split), split=self.split)
-                samples.append({"key": f"{self.split}-{i:08d}", "video": torch.from_numpy(s.video),
-                                "caption": s.caption, "attributes": s.attributes,
-                                "labels": attributes_to_labels(s.attributes)})
-            yield collate_toy(samples)
+                keys.append(f"{self.split}-{i:08d}")
+                videos.append(s.video)
+                captions.append(s.caption)
+            yield {"video": torch.from_numpy(np.stack(videos)), "caption": captions, "key": keys}
             n += step
 
 

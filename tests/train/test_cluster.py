@@ -517,3 +517,25 @@ def test_gpu_peak_table():
     assert gpu_peak_tflops("NVIDIA H200", "bf16-mixed") == 989.4
     assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "32-true", "highest") == 19.5
     assert gpu_peak_tflops("NVIDIA GeForce RTX 4090", "bf16-mixed") is None  # unknown: no MFU, TFLOP/s only
+
+
+def test_throughput_logs_only_at_window_ends():
+    """Between window ends the monitor logs nothing (on a GPU a logged float is a host->device copy that
+    waits for the queued kernels); at each end it logs the window's averages once."""
+    from types import SimpleNamespace
+
+    from turbo_train.callbacks import ThroughputMonitor
+
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), log=lambda k, v, **kw: logged.append((step["n"], k)))
+    trainer = SimpleNamespace(global_step=0, strategy=SimpleNamespace())
+    step = {"n": 0}
+    mon = ThroughputMonitor(window=2)
+    mon._t0, mon._step0 = 0.0, 0  # what on_train_start sets (without its hooks on the networks)
+    for n in range(1, 6):
+        step["n"] = trainer.global_step = n
+        mon.on_train_batch_end(trainer, module, None, {"video": torch.zeros(3, 1)}, n - 1)
+    assert sorted({s for s, _ in logged}) == [2, 4]
+    assert {k for s, k in logged if s == 2} == {"train/samples_per_s", "train/step_s", "train/model_tflops_per_s",
+                                               "train/peak_rss_gib"}
+    assert mon.samples_per_s > 0 and mon.step_s > 0

@@ -256,7 +256,6 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         # under DeepSpeed the fake score gets an engine of its own (turbo_train/deepspeed_engines.py):
         # the strategy's engine drives the student's optimizer only
         self._fake_engine = None
-        self._fake_lr_lambda = None
 
     # ------------------------------------------------------------------ the networks in TrigFlow time
 
@@ -408,11 +407,12 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         """zero_grad -> backward -> (no clipping, §4: log the norm) -> step -> LR schedule."""
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss.float())
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is None:
+            grads = [p.grad for p in net.parameters() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
         opt.step()
         sched.step()
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         if engine is not None:  # DeepSpeed: ZeRO keeps the gradients in its partitions, not in p.grad
             ds_norm = engine.get_global_grad_norm()
             norm = torch.tensor(float(ds_norm) if ds_norm is not None else 0.0)
@@ -450,10 +450,8 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         # only that one); build the fake score's engine now, before a resumed run restores both
         if self.fake_score is not None and self.uses_deepspeed() and self._fake_engine is None:
             from turbo_train.deepspeed_engines import build_extra_engine
-            from turbo_train.methods.flow_matching import adamw
 
-            opt = adamw(self.fake_score, replace(self.recipe.optim, lr=self.cfg.fake_score_lr))
-            self._fake_engine = build_extra_engine(self.fake_score, opt, self._fake_lr_lambda,
+            self._fake_engine = build_extra_engine(self.fake_score, self._fake_score_optimizer(), self._lr_lambda(),
                                                    getattr(self.trainer.strategy, "config", {}))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -507,19 +505,28 @@ class RCMModule(BatchEncoderMixin, LightningModule):
 
         configure_module(self)
 
+    def _lr_lambda(self):
+        """LR factor per update of one network: linear warmup then the optim schedule (§4)."""
+        from turbo_train.methods.flow_matching import lr_multiplier
+
+        o = self.recipe.optim
+        return partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
+                       schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
+
+    def _fake_score_optimizer(self) -> torch.optim.AdamW:
+        from turbo_train.methods.flow_matching import adamw
+
+        return adamw(self.fake_score, replace(self.recipe.optim, lr=self.cfg.fake_score_lr))
+
     def configure_optimizers(self):
         """AdamW for the student (optim section) and the fake score (lr = fake_score_lr), each with
         linear warmup then the optim schedule, counted in its own updates (§4)."""
-        from turbo_train.methods.flow_matching import adamw, lr_multiplier
+        from turbo_train.methods.flow_matching import adamw
 
-        o = self.recipe.optim
-        fn = partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
-                     schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
-        opts = [adamw(self.student, o)]
-        self._fake_lr_lambda = fn
+        opts = [adamw(self.student, self.recipe.optim)]
         if self.fake_score is not None and not self.uses_deepspeed():  # DeepSpeed: on_fit_start builds its engine
-            opts.append(adamw(self.fake_score, replace(o, lr=self.cfg.fake_score_lr)))
-        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, fn) for opt in opts]
+            opts.append(self._fake_score_optimizer())
+        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda()) for opt in opts]
         return opts, scheds
 
     # ------------------------------------------------------------------ validation

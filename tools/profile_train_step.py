@@ -1,9 +1,10 @@
 """Where a training step's time goes: phase timings and a torch.profiler table for one recipe.
 
     python tools/profile_train_step.py recipes/toy/teacher.yaml [--set key=value ...] [--steps 20]
-        [--compile] [--json OUT.json]
+        [--json OUT.json]
 
-Builds the recipe's method module and data exactly as `turbo-train` does, then runs `--steps`
+Builds the recipe's method module (with its `configure_model`: model.compile compiles the DiT blocks;
+`--set model.compile=false` profiles the eager model) and data as `turbo-train` does, then runs `--steps`
 training steps by hand (no Lightning loop) on one device, timing with device synchronisation:
   data     next batch from the recipe's DataLoader (workers included), moved to the device
   encode   captions -> text states, videos -> latents (the module's encode path)
@@ -36,7 +37,6 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override, as for turbo-train (repeatable)")
     p.add_argument("--steps", type=int, default=20, help="timed steps after 3 warm-up steps (default 20)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each DiT block (model.compile)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler table")
     p.add_argument("--json", default=None, help="write the phase timings here")
     return p.parse_args(argv)
@@ -73,9 +73,7 @@ def main(argv=None) -> dict:
     precision = resolve_precision(recipe)
     torch.manual_seed(recipe.trainer.seed)
     module = build_module(recipe).to(device)
-    if args.compile:
-        for block in module.model.blocks:
-            block.compile()
+    module.configure_model()  # one device: compile only (recipe model.compile), as the runner's strategy would
     module.train()
     opt_cfg = module.configure_optimizers()
     opt = opt_cfg["optimizer"] if isinstance(opt_cfg, dict) else opt_cfg
@@ -115,7 +113,7 @@ def main(argv=None) -> dict:
     total = (time.perf_counter() - t0) / args.steps
     per_step = {k: v / args.steps for k, v in timer.totals.items()}
     batch_size = recipe.data.batch_size
-    out = {"recipe": args.recipe, "overrides": args.overrides, "compile": args.compile, "device": str(device),
+    out = {"recipe": args.recipe, "overrides": args.overrides, "compile": recipe.model.compile, "device": str(device),
            "precision": precision, "batch_size": batch_size, "step_s": per_step, "total_step_s": total,
            "samples_per_s": batch_size / total}
     print(json.dumps(out, indent=1))

@@ -30,6 +30,7 @@ def test_phases_and_json(tmp_path, monkeypatch):
     assert set(saved["step_s"]) == set(profile_train_step.PHASES)
     assert all(v >= 0 for v in saved["step_s"].values()) and saved["step_s"]["fwd_bwd"] > 0
     assert saved["total_step_s"] >= saved["step_s"]["fwd_bwd"] and saved["batch_size"] == 2
+    assert saved["compile"] is False  # the recipe's model.compile, as set
 
 
 def test_refuses_two_optimizer_methods():

@@ -154,3 +154,21 @@ def test_missing_input_paths_name_their_key(tmp_path, capsys, key):
     code, _, err = run_main([str(SMOKE), "--set", f"logging.run_dir={tmp_path / 'r'}",
                              "--set", f"{key}={tmp_path / 'missing'}"], capsys)
     assert code == 2 and key in err and "missing" in err
+
+
+def test_close_process_group_waits_then_destroys(tmp_path, monkeypatch):
+    """turbo-train leaves a multi-process job through a barrier and destroy_process_group (a 1-rank gloo
+    group here); after a failure there is no barrier (the peers may be gone), but the group still goes."""
+    import torch.distributed as dist
+
+    from turbo_train.cli import close_process_group
+
+    close_process_group(wait_for_peers=True)  # no group: nothing to do
+    for wait in (True, False):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store{wait}'}", rank=0, world_size=1)
+        calls = []
+        barrier = dist.barrier
+        monkeypatch.setattr(dist, "barrier", lambda *a, **k: (calls.append("barrier"), barrier(*a, **k)))
+        close_process_group(wait_for_peers=wait)
+        assert calls == (["barrier"] if wait else [])
+        assert not dist.is_initialized()

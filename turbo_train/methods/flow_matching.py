@@ -137,7 +137,7 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         if recipe.ema.kind != "none":
             self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
             self.ema.enable_activation_checkpointing(False)
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # k of the EMA schedule
+        self.register_counters("ema_updates")  # k of the EMA schedule
         self._text_encoder = text_encoder
         if codec is None:
             from turbo_infer.vae import ToyCodec
@@ -229,4 +229,4 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         if self.recipe.checkpoint.export_ema:
             path = self.export_weights()
             if path is not None:
-                print(f"turbo-train: wrote {path} ({int(self.ema_updates.item())} EMA updates)")
+                print(f"turbo-train: wrote {path} ({self.count('ema_updates')} EMA updates)")

@@ -2,9 +2,8 @@
 the gradient-norm/LR log before each optimizer step, the EMA update after it, and the export of the
 (EMA) weights as a standalone safetensors file.
 
-The EMA's update count lives in the `ema_updates` buffer (saved in checkpoints, restored on resume)
-and in a host-side mirror read from the buffer once per fit: an update then needs no device -> host
-synchronisation (on a GPU a per-step `.item()` stalls the host until the step's kernels have run).
+The EMA's update count is the `ema_updates` counter (turbo_train/methods/counters.py: a checkpointed
+buffer with a host-side mirror, so that an update needs no device -> host synchronisation).
 """
 from __future__ import annotations
 
@@ -15,30 +14,22 @@ from pathlib import Path
 import torch
 
 from turbo_train import ema as ema_lib
+from turbo_train.methods.counters import CountersMixin
 
 
-class OneNetworkMixin:
-    """Needs: self.ema (frozen copy or None), self.ema_updates (long buffer), self.recipe (ema and
+class OneNetworkMixin(CountersMixin):
+    """Needs: self.ema (frozen copy or None), the counter `ema_updates` (register_counters), self.recipe (ema and
     checkpoint sections), self.export_dir (Path or None), `trained_network()` -> the network being
     optimised (and averaged), `export_metadata()` -> the method's own safetensors metadata, and
     `raw_weights_name`: the export's file name without EMA."""
 
     raw_weights_name = "model.safetensors"
 
-    _ema_k: int | None = None  # host mirror of ema_updates; None = read the buffer at the next update
-
     def trained_network(self) -> torch.nn.Module:
         raise NotImplementedError
 
     def export_metadata(self) -> dict[str, str]:
         raise NotImplementedError
-
-    def on_fit_start(self) -> None:
-        self._ema_k = None  # the buffer may have been restored from a checkpoint since the last fit
-
-    def load_state_dict(self, *args, **kwargs):
-        self._ema_k = None  # ema_updates comes from the state dict
-        return super().load_state_dict(*args, **kwargs)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # global grad L2 norm before clipping (Lightning clips after this hook), and the LR
@@ -56,10 +47,8 @@ class OneNetworkMixin:
         """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta, k = updates so far."""
         if self.ema is None:
             return
-        k = self._ema_k if self._ema_k is not None else int(self.ema_updates.item())
-        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, k)
-        self.ema_updates += 1
-        self._ema_k = k + 1
+        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, self.count("ema_updates"))
+        self.bump("ema_updates")
 
     # ------------------------------------------------------------------ export
 
@@ -84,7 +73,7 @@ class OneNetworkMixin:
         meta = {
             **self.export_metadata(),
             "turbo_weights": "ema" if self.ema is not None else "raw",
-            "turbo_ema_updates": str(int(self.ema_updates.item())),
+            "turbo_ema_updates": str(self.count("ema_updates")),
             "turbo_recipe": json.dumps(self.recipe.to_dict()),
         }
         save_wan_checkpoint(net, path, extra_metadata=meta)

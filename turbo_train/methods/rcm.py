@@ -41,6 +41,7 @@ from turbo_infer.models.wan import WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
+from turbo_train.methods.counters import CountersMixin
 from turbo_train.methods import rcm_losses as L
 
 if TYPE_CHECKING:  # recipe.py imports this module for RCMConfig: import it back lazily only
@@ -203,7 +204,7 @@ def fit_length(emb: torch.Tensor, length: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- the Lightning module
 
 
-class RCMModule(BatchEncoderMixin, LightningModule):
+class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
     """rCM distillation of a Wan DiT (see the module docstring).
 
     recipe: the validated recipe (method.rcm, model, optim, ema, checkpoint, trainer).
@@ -241,9 +242,10 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         if recipe.ema.kind != "none":
             self.ema = copy.deepcopy(self.student).float().requires_grad_(False).eval()
             self.ema.enable_activation_checkpointing(False)
-        # counters (buffers: saved in checkpoints, restored bitwise on resume)
-        for name in ("iteration", "student_updates", "fake_updates", "ema_updates", "nan_samples"):
-            self.register_buffer(name, torch.zeros((), dtype=torch.long))
+        # counters (buffers: saved in checkpoints, restored bitwise on resume; counters.py mirrors the
+        # step counts on the host so that a step reads none of them from the device)
+        self.register_counters("iteration", "student_updates", "fake_updates", "ema_updates")
+        self.register_buffer("nan_samples", torch.zeros((), dtype=torch.long))  # summed on the device
         self._text_encoder = text_encoder
         if codec is None:
             from turbo_infer.vae import ToyCodec
@@ -370,7 +372,7 @@ class RCMModule(BatchEncoderMixin, LightningModule):
     def dmd_student_loss(self, x0, context, uncond) -> tuple[torch.Tensor, dict]:
         """DMD (§3): rollout G (last call with grad), re-noise at t_D, fake vs CFG-teacher denoisings (batch mean)."""
         c = self.cfg
-        G = self._rollout(x0, context, int(self.student_updates), grad_last=True)
+        G = self._rollout(x0, context, self.count("student_updates"), grad_last=True)
         t_D = L.sample_t_dmd(x0.shape[0], c.dmd_shift, device=x0.device)
         with torch.no_grad():
             x_D = self._renoise(G, t_D)
@@ -388,7 +390,7 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         """Fake-score loss (§3): denoising score matching on a no-grad student rollout, conditional only."""
         c = self.cfg
         with torch.no_grad():
-            G = self._rollout(x0, context, int(self.fake_updates), grad_last=False)
+            G = self._rollout(x0, context, self.count("fake_updates"), grad_last=False)
         t_D = L.sample_t_dmd(x0.shape[0], c.dmd_shift, device=x0.device)
         x0_fake = self.fake_tf.x0(self._renoise(G, t_D), t_D, context)
         l_fake = L.fake_score_loss(G, x0_fake, t_D)
@@ -446,6 +448,7 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         return {"fake_score": self._fake_engine} if self._fake_engine is not None else {}
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # CountersMixin: re-read the counters (a resumed run restored them)
         # DeepSpeed: the strategy's engine holds the student's optimizer (configure_optimizers returned
         # only that one); build the fake score's engine now, before a resumed run restores both
         if self.fake_score is not None and self.uses_deepspeed() and self._fake_engine is None:
@@ -458,13 +461,13 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         # 1. encode: pixels -> latents x0, captions -> text states; the unconditional states for CFG
         x0, context = self.encode_batch(batch)
         uncond = self.uncond_context(context)
-        it = int(self.iteration)
+        it = self.count("iteration")
         (opt_s, *opt_f), (sched_s, *sched_f) = self._optimizers()
         if self.is_student_step(it):
             # 2a. student step: consistency + DMD loss, one optimizer step, EMA update (§3, §4)
             loss, logs = self.student_losses(x0, context, uncond, it)
             logs["grad_norm_student"] = self._optimizer_step(loss, self.student, opt_s, sched_s)
-            self.student_updates += 1
+            self.bump("student_updates")
             self.update_ema()
             logs["lr_student"] = torch.tensor(opt_s.param_groups[0]["lr"])
         else:
@@ -475,18 +478,20 @@ class RCMModule(BatchEncoderMixin, LightningModule):
             else:
                 logs["grad_norm_fake"] = self._optimizer_step(loss, self.fake_score, opt_f[0], sched_f[0])
                 logs["lr_fake"] = torch.tensor(opt_f[0].param_groups[0]["lr"])
-            self.fake_updates += 1
-        self.iteration += 1
+            self.bump("fake_updates")
+        self.bump("iteration")
         # 3. log (and print a progress line every log_every_n_steps)
         B = x0.shape[0]
         logs.update(student_updates=self.student_updates.float(), fake_updates=self.fake_updates.float(),
                     nan_samples=self.nan_samples.float())
-        self.last_logs = {k: float(v) for k, v in logs.items()}  # host floats: a few syncs per step
+        # 0-dim tensors, left on the device: Lightning reads logged values on its log steps, and the line
+        # below converts them on print steps only (a float() per value per step would sync the GPU)
+        self.last_logs = {k: torch.as_tensor(v).detach().float() for k, v in logs.items()}
         for k, v in self.last_logs.items():
             self.log(f"train/{k}", v, batch_size=B, prog_bar=k in ("loss_scm", "loss_cm", "loss_dmd", "loss_fake"))
         every = self.recipe.trainer.log_every_n_steps
         if it % every == 0 or it + 1 == self.recipe.trainer.max_steps:
-            shown = " ".join(f"{k}={v:.4g}" for k, v in self.last_logs.items() if k.startswith(("loss", "grad")))
+            shown = " ".join(f"{k}={float(v):.4g}" for k, v in self.last_logs.items() if k.startswith(("loss", "grad")))
             self.print(f"rcm it {it + 1}/{self.recipe.trainer.max_steps} "
                        f"{'student' if 'lr_student' in logs else 'fake'} {shown} nan_samples={int(self.nan_samples)}")
         return loss.detach()
@@ -496,8 +501,8 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         """ema <- beta(k)·ema + (1 - beta(k))·student, k = EMA updates so far (student steps only, §4)."""
         if self.ema is None:
             return
-        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, int(self.ema_updates))
-        self.ema_updates += 1
+        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, self.count("ema_updates"))
+        self.bump("ema_updates")
 
     def configure_model(self) -> None:
         # parallelism applied from outside the networks (sequence parallel, compile, FSDP2): turbo_train/parallel.py
@@ -583,7 +588,7 @@ class RCMModule(BatchEncoderMixin, LightningModule):
             "turbo_method": "rcm",
             "turbo_rcm_loss_mode": self.cfg.loss_mode,
             "turbo_weights": "ema" if self.ema is not None else "raw",
-            "turbo_student_updates": str(int(self.student_updates)),
+            "turbo_student_updates": str(self.count("student_updates")),
             "turbo_recipe": json.dumps(self.recipe.to_dict()),
         }
         save_wan_checkpoint(out, path, extra_metadata=meta)
@@ -593,5 +598,5 @@ class RCMModule(BatchEncoderMixin, LightningModule):
         if self.recipe.checkpoint.export_ema:
             path = self.export_weights()
             if path is not None:
-                print(f"turbo-train: wrote {path} ({int(self.student_updates)} student updates, "
-                      f"{int(self.fake_updates)} fake-score updates, {int(self.nan_samples)} NaN samples zeroed)")
+                print(f"turbo-train: wrote {path} ({self.count('student_updates')} student updates, "
+                      f"{self.count('fake_updates')} fake-score updates, {int(self.nan_samples)} NaN samples zeroed)")

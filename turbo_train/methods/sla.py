@@ -245,7 +245,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         if recipe.ema.kind != "none":
             self.ema = copy.deepcopy(self.student).float().requires_grad_(False).eval()
             self.ema.enable_activation_checkpointing(False)
-        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))  # k of the EMA schedule
+        self.register_counters("ema_updates")  # k of the EMA schedule
         self._text_encoder = text_encoder
         if codec is None:
             from turbo_infer.vae import ToyCodec
@@ -378,4 +378,4 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             path = self.export_weights()
             if path is not None:
                 print(f"turbo-train: wrote {path} (SLA topk {self.cfg.topk}, {self.cfg.block_q}x{self.cfg.block_k} "
-                      f"blocks, {int(self.ema_updates.item())} EMA updates)")
+                      f"blocks, {self.count('ema_updates')} EMA updates)")

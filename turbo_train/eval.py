@@ -11,8 +11,13 @@ the held-out paraphrase templates never seen in training) it generates one video
                       seeds (few-step students tend to collapse modes), with the same statistic for
                       real videos of the same attributes as a reference
   s_per_video         generation wall time per video (text encoding + sampling + decoding)
+  fidelity            with --reference: PSNR (dB) and judge-feature distance of each video against
+                      the video a reference model made from the same prompt and the same noise (the
+                      reference run's --save-videos), averaged: how closely an approximation (SLA,
+                      a quantized bundle, a student) follows the reference model's sampling
 It writes `report.json` and a contact sheet `contact_sheet.png` (one row per video, its 8 frames,
-caption and adherence underneath) into --out-dir.
+caption and adherence underneath) into --out-dir; with --save-videos also `videos.npz` (the
+generated videos, uint8, with their captions and seed: a later run's --reference).
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import torch
 
 from turbo_infer.samplers import SAMPLERS
 from turbo_train.toyworld.generator import generate_sample
-from turbo_train.toyworld.metrics import adherence_per_video, diversity, frechet_distance, per_attribute_accuracy
+from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_distance, paired_feature_distance,
+                                          paired_psnr, per_attribute_accuracy)
 
 EVAL_SEED_OFFSET = 10_000_000  # prompt seeds live far from the training stream's small seeds
 
@@ -74,6 +80,39 @@ def generate_batched(pipe, prompts: list[str], *, batch_size: int, seed: int, pr
     return np.concatenate(videos), seconds / max(1, len(prompts))
 
 
+# ----------------------------------------------------------------------------- saved videos (--save-videos / --reference)
+
+VIDEOS_FILE = "videos.npz"
+
+
+def save_videos(path: Path, videos: np.ndarray, captions: list[str], seed: int) -> None:
+    """videos (N, F, H, W, 3) uint8 with their captions and seed, written atomically (compressed npz)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, videos=np.asarray(videos, dtype=np.uint8), captions=np.asarray(captions), seed=np.int64(seed))
+    os.replace(tmp, path)
+
+
+def load_reference_videos(path: Path, captions: list[str], seed: int) -> np.ndarray:
+    """The videos of a reference run (its out-dir or its videos.npz) for exactly these prompts and seed;
+    a clear error naming the file when it is missing, unreadable or made for other prompts."""
+    path = Path(path)
+    file = path / VIDEOS_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"--reference: {file} not found (write it with turbo-eval --save-videos)")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            videos, ref_captions, ref_seed = z["videos"], [str(c) for c in z["captions"]], int(z["seed"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--reference: {file} is not a turbo-eval videos file ({e})") from e
+    if ref_seed != seed or ref_captions != list(captions):
+        raise ValueError(f"--reference: {file} holds {len(ref_captions)} videos of seed {ref_seed}; this run samples "
+                         f"{len(captions)} prompts with seed {seed}: use the same --num-prompts and --seed")
+    if videos.dtype != np.uint8 or videos.ndim != 5 or len(videos) != len(captions):
+        raise ValueError(f"--reference: {file}: videos must be (N, F, H, W, 3) uint8 for its N captions, "
+                         f"got {videos.dtype} {videos.shape}")
+    return videos
+
+
 # ----------------------------------------------------------------------------- contact sheet
 
 
@@ -102,8 +141,10 @@ def contact_sheet(videos: np.ndarray, captions: list[str], scores: list[float], 
 
 def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8, diversity_seeds: int = 4,
              steps: int = 50, guidance: float = 5.0, sampler: str = "euler", shift: float | None = None,
-             seed: int = 0, batch_size: int = 8, progress: bool = True) -> tuple[dict[str, Any], np.ndarray, list[str], list[float]]:
-    """Run the whole evaluation; returns (report, videos, captions, per-video adherence)."""
+             seed: int = 0, batch_size: int = 8, progress: bool = True,
+             reference: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, list[str], list[float]]:
+    """Run the whole evaluation; returns (report, videos, captions, per-video adherence). reference:
+    videos of another model for the same prompts and seed (load_reference_videos) -> fidelity figures."""
     if num_prompts < 2:
         raise ValueError(f"num_prompts must be >= 2 (Fréchet needs a covariance), got {num_prompts}")
     if diversity_prompts < 0:
@@ -131,6 +172,12 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     gen_feats = judge.features(videos).cpu().numpy()
     real_feats = judge.features(real_videos(None, num_prompts, seed)).cpu().numpy()
     report["frechet"] = frechet_distance(gen_feats, real_feats)
+    if reference is not None:  # paired fidelity to the reference model's videos (same prompts, same noise)
+        if reference.shape != videos.shape:
+            raise ValueError(f"reference videos {reference.shape} and generated videos {videos.shape} differ in shape")
+        report["fidelity_psnr_db"] = float(paired_psnr(videos, reference).mean())
+        ref_feats = judge.features(reference).cpu().numpy()
+        report["fidelity_feature_dist"] = float(paired_feature_distance(gen_feats, ref_feats).mean())
 
     # diversity: several seeds of the same prompt; real videos of the same attributes as reference
     div_prompts = captions[:diversity_prompts]
@@ -179,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", type=Path, default=Path("runs/eval"))
+    p.add_argument("--save-videos", action="store_true",
+                   help=f"also write the generated videos to OUT_DIR/{VIDEOS_FILE} (a later run's --reference)")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="out-dir (or videos.npz) of an earlier --save-videos run with the same --num-prompts and "
+                        "--seed: report the paired fidelity (PSNR, judge-feature distance) to its videos")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -205,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.topk is not None and not 0 < a.topk <= 1:
         p.error("--topk must be in (0, 1]")
 
+    reference = None
+    if a.reference is not None:  # checked before any model loads
+        try:
+            reference = load_reference_videos(a.reference, [c for c, _, _ in eval_prompts(a.num_prompts, a.seed)], a.seed)
+        except (FileNotFoundError, ValueError) as e:
+            p.error(str(e))
+
     from turbo_infer.pipeline import TurboPipeline
     from turbo_train.toyworld.judge import load_judge
 
@@ -227,11 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     report, videos, captions, scores = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,
         steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, seed=a.seed, batch_size=a.batch_size,
-        progress=not a.no_progress,
+        progress=not a.no_progress, reference=reference,
     )
     report["checkpoint"] = (f"bundle {a.bundle}" if a.bundle else str(a.checkpoint) if a.checkpoint
                             else "shipped toy teacher")
+    if a.reference is not None:
+        report["reference"] = str(a.reference)
     a.out_dir.mkdir(parents=True, exist_ok=True)
+    if a.save_videos:
+        save_videos(a.out_dir / VIDEOS_FILE, videos, captions, a.seed)
     tmp = a.out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, a.out_dir / "report.json")
@@ -243,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     div = (f"diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})" if report["diversity"] is not None
            else "diversity not measured (--diversity-prompts 0)")
     print(f"frechet {report['frechet']:.3f}  {div}  {report['s_per_video']:.2f} s/video")
+    if reference is not None:
+        print(f"fidelity to {a.reference}: PSNR {report['fidelity_psnr_db']:.2f} dB, "
+              f"judge-feature distance {report['fidelity_feature_dist']:.3f}")
     print(f"wrote {a.out_dir / 'report.json'} and {a.out_dir / 'contact_sheet.png'}")
     return 0
 

@@ -75,3 +75,40 @@ def test_diversity_can_be_skipped(tiny_checkpoint, tmp_path, capsys):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["diversity"] is None and report["diversity_real"] is None and report["frechet"] >= 0
     assert "diversity not measured" in capsys.readouterr().out
+
+
+def test_reference_fidelity(tiny_checkpoint, tmp_path, capsys):
+    """--save-videos then --reference: a model against its own videos is a perfect match (PSNR at the
+    100 dB cap, feature distance 0); an SLA variant of the same weights scores lower, finitely."""
+    common = ["--checkpoint", str(tiny_checkpoint), "--steps", "2", "--num-prompts", "2", "--diversity-prompts", "0",
+              "--no-progress"]
+    assert main([*common, "--out-dir", str(tmp_path / "ref"), "--save-videos"]) == 0
+    assert (tmp_path / "ref" / "videos.npz").is_file()
+    assert main([*common, "--out-dir", str(tmp_path / "same"), "--reference", str(tmp_path / "ref")]) == 0
+    same = json.loads((tmp_path / "same" / "report.json").read_text())
+    assert same["fidelity_psnr_db"] == 100.0 and same["fidelity_feature_dist"] == 0.0
+    assert "fidelity to" in capsys.readouterr().out
+    assert main([*common, "--out-dir", str(tmp_path / "sla"), "--reference", str(tmp_path / "ref" / "videos.npz"),
+                 "--attention", "sla", "--topk", "0.25", "--block-q", "16", "--block-k", "16"]) == 0
+    sla = json.loads((tmp_path / "sla" / "report.json").read_text())
+    assert 0 < sla["fidelity_psnr_db"] < 100.0 and sla["fidelity_feature_dist"] > 0
+
+
+def test_reference_refusals(tiny_checkpoint, tmp_path, capsys):
+    import numpy as np
+
+    def error(args, match):
+        with pytest.raises(SystemExit):
+            main(["--checkpoint", str(tiny_checkpoint), "--num-prompts", "2", *args])
+        assert match in capsys.readouterr().err
+
+    error(["--reference", str(tmp_path)], "videos.npz not found")
+    (tmp_path / "videos.npz").write_bytes(b"not a zip")
+    error(["--reference", str(tmp_path)], "is not a turbo-eval videos file")
+    from turbo_train.eval import eval_prompts, save_videos
+
+    captions = [c for c, _, _ in eval_prompts(2, 0)]
+    save_videos(tmp_path / "videos.npz", np.zeros((2, 2, 4, 4, 3), np.uint8), captions, seed=0)
+    error(["--reference", str(tmp_path), "--seed", "1"], "same --num-prompts and --seed")
+    error(["--reference", str(tmp_path), "--num-prompts", "3"], "same --num-prompts and --seed")
+    assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temporary file

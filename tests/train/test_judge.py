@@ -198,3 +198,19 @@ def test_judge_features_feed_the_metrics():
     assert frechet_distance(real, same) == pytest.approx(0.0, abs=1e-6)
     videos = torch.from_numpy(np.stack([generate_sample(s).video for s in range(4)]))
     assert diversity({"x": judge.features(videos)}) > 0
+
+
+def test_paired_fidelity_metrics():
+    from turbo_train.toyworld.metrics import paired_feature_distance, paired_psnr
+
+    a = np.zeros((2, 2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[1] = 255  # every pixel off by the peak: MSE = 255^2 -> 0 dB
+    b[0, 0, 0, 0, 0] = 255  # one pixel of 96 off by 255: 10·log10(96) dB
+    assert paired_psnr(a, b) == pytest.approx([10 * np.log10(96), 0.0])
+    assert paired_psnr(a, a).tolist() == [100.0, 100.0]  # identical: the cap, not inf
+    assert paired_feature_distance([[0.0, 3.0], [1.0, 1.0]], [[4.0, 0.0], [1.0, 1.0]]).tolist() == [5.0, 0.0]
+    with pytest.raises(ValueError, match="equal shape"):
+        paired_psnr(a, b[:1])
+    with pytest.raises(ValueError, match="differ"):
+        paired_feature_distance(np.zeros((2, 3)), np.zeros((3, 3)))

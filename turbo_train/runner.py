@@ -253,7 +253,7 @@ def build_data(recipe: Recipe) -> dict:
 
         dm = ToyVideoDataModule(d.train_shards, d.val_shards, batch_size=d.batch_size, num_workers=d.num_workers,
                                 shuffle_buffer=d.shuffle_buffer, seed=d.seed, val_samples=val_samples,
-                                pin_memory=uses_gpu(recipe))
+                                pin_memory=uses_gpu(recipe), labels=False)
         return {"datamodule": dm}  # with validation off, limit_val_batches=0 keeps its val loader unused
     if d.source == "latent_shards":
         from turbo_train.latent_shards import LatentShardDataModule

@@ -2,7 +2,7 @@
 given, generates videos on the fly (`stream.ToyVideoStream`).
 
 Batches are `stream.collate_toy` dicts: "video" uint8 (B, F, H, W, 3), "caption", "attributes",
-"key", "labels". Training streams never end (shards are re-read pass after pass, reshuffled):
+"key", "labels" (with labels=False only "video", "caption", "key": the DiT's batch). Training streams never end (shards are re-read pass after pass, reshuffled):
 bound the run with `max_steps`. Validation is one finite pass. Shards and samples skipped for
 corruption are counted in `skipped_shards` / `skipped_samples` (summed over DataLoader workers).
 """
@@ -15,7 +15,7 @@ from turbo_train.lightning_compat import LightningDataModule
 from torch.utils.data import DataLoader
 
 from .shards import SkipCounter, shard_pipeline
-from .stream import ToyVideoStream, collate_toy
+from .stream import ToyVideoStream, collate_toy, collate_video_caption
 
 ShardSource = str | os.PathLike | Iterable[str]
 
@@ -83,6 +83,8 @@ class ToyVideoDataModule(CountedShardDataModule):
     train_repeat: False reads the training shards once (a finite epoch) instead of endlessly.
     multiprocessing_context: start method of the DataLoader workers ("fork", "spawn", ...; None =
         the platform default).
+    labels: False batches only video, caption and key (`stream.collate_video_caption`: what a DiT
+        trains on); True adds the attributes and judge labels (`stream.collate_toy`: the judge).
     """
 
     collate = staticmethod(collate_toy)
@@ -100,11 +102,14 @@ class ToyVideoDataModule(CountedShardDataModule):
         train_repeat: bool = True,
         pin_memory: bool = False,
         multiprocessing_context: str | None = None,
+        labels: bool = True,
     ):
         super().__init__(train_shards, val_shards, batch_size=batch_size, num_workers=num_workers,
                          shuffle_buffer=shuffle_buffer, seed=seed, train_repeat=train_repeat, pin_memory=pin_memory,
                          multiprocessing_context=multiprocessing_context, extra_checks=(("val_samples", val_samples, 1),))
         self.val_samples = val_samples
+        if not labels:
+            self.collate = collate_video_caption
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_shards is None:

@@ -7,6 +7,8 @@
                          with a checkpoint after trainer.max_nonfinite_steps in a row
     ThroughputMonitor    samples/s, step time, model TFLOP/s, MFU, peak memory
     DataSkipMonitor      corrupted shards / samples skipped by the shard reader
+    ProgressLines        a plain progress line every log_every_n_steps (runs without a progress bar:
+                         batch jobs whose output goes to a log file)
     AtomicCheckpointIO   single-file checkpoints written to a temporary file, fsync'ed, renamed
 
 Exact resume, and why 1 process equals N: every micro-batch has a slot j = dp_rank·A + a (A =
@@ -472,6 +474,59 @@ class DataSkipMonitor(Callback):
         c = self._counts(trainer)
         if c is not None and (c[0] or c[1]):
             rank_zero_info(f"turbo-train: skipped {c[0]} corrupted shard(s) and {c[1]} bad sample(s) on rank 0")
+
+
+# ----------------------------------------------------------------------------- progress lines
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = int(max(0.0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLines(Callback):
+    """Rank 0 prints one line every `every` optimizer steps and at the last one: the step, the newest
+    logged losses, gradient norms and learning rates, seconds per step over the window, elapsed time
+    and an estimate of the time left (to max_steps, or to max_time when that comes first):
+
+        turbo-train step 40/5000 | loss 0.0213 grad_norm 0.412 lr 0.0001 | 0.84 s/step | 0:00:34 elapsed, 1:09:26 left
+
+    The values are read from trainer.callback_metrics at those steps only (one host copy per value)."""
+
+    SHOWN = ("loss", "grad", "lr", "samples_per_s")  # metric names (after "train/") that the line shows
+
+    def __init__(self, every: int, max_steps: int, max_time_s: float | None = None):
+        self.every = max(1, int(every))
+        self.max_steps, self.max_time_s = int(max_steps), max_time_s
+        self._t_start = self._t_last = None
+        self._step_last = 0
+        self._printed = -1
+        self.lines: list[str] = []  # what was printed (tests read it)
+
+    def on_train_start(self, trainer, pl_module):
+        self._t_start = self._t_last = time.perf_counter()
+        self._step_last = self._printed = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self._printed or (step % self.every and step < self.max_steps):
+            return
+        now = time.perf_counter()
+        s_per_step = (now - self._t_last) / max(1, step - self._step_last)
+        elapsed = now - self._t_start
+        left = (self.max_steps - step) * s_per_step
+        if self.max_time_s is not None:
+            left = min(left, max(0.0, self.max_time_s - elapsed))
+        shown = []
+        for k, v in trainer.callback_metrics.items():
+            name = k.removeprefix("train/")
+            if k.startswith("train/") and name.startswith(self.SHOWN) and torch.is_tensor(v) and v.numel() == 1:
+                shown.append(f"{name} {float(v):.4g}")
+        line = (f"turbo-train step {step}/{self.max_steps} | {' '.join(shown) or 'no metrics yet'} | "
+                f"{s_per_step:.3g} s/step | {_fmt_duration(elapsed)} elapsed, {_fmt_duration(left)} left")
+        print(line, flush=True)
+        self.lines.append(line)
+        self._t_last, self._step_last, self._printed = now, step, step
 
 
 # ----------------------------------------------------------------------------- atomic checkpoints

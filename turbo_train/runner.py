@@ -370,6 +370,9 @@ def build_callbacks(recipe: Recipe, run_dir: Path, data: dict | None = None) -> 
     ]
     if recipe.logging.progress_bar:
         cbs.append(pl.callbacks.TQDMProgressBar(refresh_rate=min(t.log_every_n_steps, 10)))
+    else:  # batch jobs: a plain line per logging window instead of a bar
+        cbs.append(cb.ProgressLines(t.log_every_n_steps, t.max_steps,
+                                    t.max_time_minutes * 60 if t.max_time_minutes else None))
     return cbs
 
 

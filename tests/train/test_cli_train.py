@@ -106,6 +106,10 @@ def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
               "--set", "checkpoint.every_n_steps=2", "--set", "checkpoint.resume=auto"]
     code, out, err = run_main(common + ["--set", "trainer.max_steps=3"], capsys)
     assert code == 0, err
+    # no progress bar: a plain line per logged step (log_every_n_steps 1), the last one at step 3
+    lines = [ln for ln in out.splitlines() if ln.startswith("turbo-train step ")]
+    assert [ln.split()[2] for ln in lines] == ["1/3", "2/3", "3/3"], out
+    assert "| loss " in lines[-1] and " grad_norm " in lines[-1] and " lr " in lines[-1] and "s/step" in lines[-1]
 
     # the resolved recipe is the one printed, with the run dir filled in
     resolved = recipe_from_dict(yaml.safe_load((run_dir / "resolved_recipe.yaml").read_text()))
@@ -132,6 +136,7 @@ def test_fit_writes_everything_and_resumes(tmp_path, capsys, monkeypatch):
     code, out, err = run_main(common + ["--set", "trainer.max_steps=5"], capsys)
     assert code == 0, err
     assert "resuming from" in out and "last.ckpt" in out
+    assert "turbo-train step 5/5 | " in out and "turbo-train step 3/" not in out
     with safe_open(str(run_dir / "ema.safetensors"), "pt") as f:
         assert f.metadata()["turbo_ema_updates"] == "5"
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

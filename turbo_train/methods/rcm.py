@@ -480,20 +480,15 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
                 logs["lr_fake"] = torch.tensor(opt_f[0].param_groups[0]["lr"])
             self.bump("fake_updates")
         self.bump("iteration")
-        # 3. log (and print a progress line every log_every_n_steps)
+        # 3. log (a run without a progress bar prints a line every log_every_n_steps: callbacks.ProgressLines)
         B = x0.shape[0]
         logs.update(student_updates=self.student_updates.float(), fake_updates=self.fake_updates.float(),
                     nan_samples=self.nan_samples.float())
-        # 0-dim tensors, left on the device: Lightning reads logged values on its log steps, and the line
-        # below converts them on print steps only (a float() per value per step would sync the GPU)
+        # 0-dim tensors, left on the device: Lightning and ProgressLines read logged values on their log
+        # steps only (a float() per value per step would sync the GPU)
         self.last_logs = {k: torch.as_tensor(v).detach().float() for k, v in logs.items()}
         for k, v in self.last_logs.items():
             self.log(f"train/{k}", v, batch_size=B, prog_bar=k in ("loss_scm", "loss_cm", "loss_dmd", "loss_fake"))
-        every = self.recipe.trainer.log_every_n_steps
-        if it % every == 0 or it + 1 == self.recipe.trainer.max_steps:
-            shown = " ".join(f"{k}={float(v):.4g}" for k, v in self.last_logs.items() if k.startswith(("loss", "grad")))
-            self.print(f"rcm it {it + 1}/{self.recipe.trainer.max_steps} "
-                       f"{'student' if 'lr_student' in logs else 'fake'} {shown} nan_samples={int(self.nan_samples)}")
         return loss.detach()
 
     @torch.no_grad()

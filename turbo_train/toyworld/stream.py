@@ -75,10 +75,8 @@ def collate_toy(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if not samples:
         raise ValueError("collate_toy: empty batch")
     return {
-        "video": torch.stack([s["video"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
+        **collate_video_caption(samples),
         "attributes": [s["attributes"] for s in samples],
-        "key": [s["key"] for s in samples],
         "labels": {h: torch.tensor([s["labels"][h] for s in samples], dtype=torch.long) for h in HEADS},
     }
 

@@ -40,8 +40,6 @@ def _tmp_path(path: Path) -> Path:
 def write_mp4(path, video, fps: float = 8) -> Path:
     """Write `video` (F, H, W, 3) uint8 as H.264 mp4 (yuv420p). yuv420p needs even sizes: odd
     heights/widths are padded by one replicated edge row/column (never rescaled). Returns the path."""
-    import imageio_ffmpeg
-
     frames = _as_frames(video)
     fps = _check_fps(fps)
     path = Path(path)
@@ -49,40 +47,30 @@ def write_mp4(path, video, fps: float = 8) -> Path:
     pad_h, pad_w = H % 2, W % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    tmp = _tmp_path(path)
-    try:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), size=(W + pad_w, H + pad_h), fps=fps, codec="libx264", pix_fmt_out="yuv420p",
-            quality=8, macro_block_size=1, output_params=["-movflags", "+faststart"],
-        )
-        writer.send(None)  # start ffmpeg
-        for frame in frames:
-            writer.send(frame)
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return _write_through_ffmpeg(path, frames, fps, codec="libx264", pix_fmt_out="yuv420p", quality=8,
+                                 output_params=["-movflags", "+faststart"])
 
 
 def write_gif(path, video, fps: float = 8) -> Path:
     """Write `video` (F, H, W, 3) uint8 as a looping gif through ffmpeg (one 256-color palette for
     the whole clip from palettegen, no dithering: lossy for clips with more colors). Every frame is
     kept (Pillow's writer would merge identical consecutive frames)."""
-    import imageio_ffmpeg
-
     frames = _as_frames(video)
     fps = _check_fps(fps)
     path = Path(path)
+    palette = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"
+    return _write_through_ffmpeg(path, frames, fps, codec="gif", pix_fmt_out="pal8", quality=None,
+                                 output_params=["-filter_complex", palette, "-loop", "0"])
+
+
+def _write_through_ffmpeg(path: Path, frames: np.ndarray, fps: float, **writer_kw) -> Path:
+    """Pipe frames (F, H, W, 3) into imageio-ffmpeg's writer at a temporary name, then rename to path."""
+    import imageio_ffmpeg
+
     F, H, W, _ = frames.shape
     tmp = _tmp_path(path)
-    palette = "split[a][b];[a]palettegen=stats_mode=full[p];[b][p]paletteuse=dither=none"
     try:
-        writer = imageio_ffmpeg.write_frames(
-            str(tmp), size=(W, H), fps=fps, codec="gif", pix_fmt_out="pal8", quality=None,
-            macro_block_size=1, output_params=["-filter_complex", palette, "-loop", "0"],
-        )
+        writer = imageio_ffmpeg.write_frames(str(tmp), size=(W, H), fps=fps, macro_block_size=1, **writer_kw)
         writer.send(None)  # start ffmpeg
         for frame in frames:
             writer.send(frame)

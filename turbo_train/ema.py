@@ -14,6 +14,8 @@ The fixed-decay variant (DiT's update_ema) uses beta(k) = decay for every k.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -66,3 +68,15 @@ def step_ema(ema_model: torch.nn.Module, model: torch.nn.Module, ema_cfg, k: int
     """EMA update number k (0-based) after an optimizer step, for a recipe's `ema` section
     (kind 'power' with sigma_rel, or 'fixed' with decay): ema <- beta(k)·ema + (1-beta(k))·model."""
     update_ema(ema_model, model, ema_beta(k, ema_cfg.kind, sigma_rel=ema_cfg.sigma_rel, decay=ema_cfg.decay))
+
+
+def frozen_copy(model: torch.nn.Module, ema_cfg) -> torch.nn.Module | None:
+    """The EMA network for `model` under the recipe's ema section: a frozen fp32 deep copy in eval mode
+    without activation checkpointing (meant as a submodule, so that it follows the device and lands
+    in checkpoints), or None when ema.kind is "none"."""
+    if ema_cfg.kind == "none":
+        return None
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()
+    if hasattr(ema, "enable_activation_checkpointing"):
+        ema.enable_activation_checkpointing(False)
+    return ema

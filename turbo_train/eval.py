@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from turbo_infer.samplers import SAMPLERS
 from turbo_train.toyworld.generator import generate_sample

@@ -58,7 +58,16 @@ def video_to_model_space(video: torch.Tensor) -> torch.Tensor:
 
 class BatchEncoderMixin:
     """The text encoder (built on first use) and the batch -> (latents, text states) step that every
-    training module shares. Needs self.recipe, self.device, self.codec and self._text_encoder."""
+    training module shares. Needs self.recipe and self.device; init_encoders() sets the rest."""
+
+    def init_encoders(self, text_encoder=None, codec=None) -> None:
+        """text_encoder: None = the recipe's, built on first use; codec: None = the toy codec."""
+        self._text_encoder = text_encoder
+        if codec is None:
+            from turbo_infer.vae import ToyCodec
+
+            codec = ToyCodec()
+        self.codec = codec
 
     @property
     def text_encoder(self):

@@ -18,7 +18,6 @@ Batches: {"video": uint8 (B, F, H, W, 3) | float (B, 3, F, H, W) in [-1, 1], "ca
 """
 from __future__ import annotations
 
-import copy
 import math
 from functools import partial
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from turbo_infer.models.wan import WanModel
 from turbo_infer.samplers import shift_time
+from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.methods.one_network import OneNetworkMixin
@@ -133,17 +133,9 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         self.fm: FlowMatchingConfig = recipe.method.flow_matching
         self.model = model if model is not None else build_wan_model(recipe.model)
         # EMA weights: a frozen fp32 copy, a submodule so it follows the device and lands in checkpoints
-        self.ema = None
-        if recipe.ema.kind != "none":
-            self.ema = copy.deepcopy(self.model).float().requires_grad_(False).eval()
-            self.ema.enable_activation_checkpointing(False)
+        self.ema = ema_lib.frozen_copy(self.model, recipe.ema)
         self.register_counters("ema_updates")  # k of the EMA schedule
-        self._text_encoder = text_encoder
-        if codec is None:
-            from turbo_infer.vae import ToyCodec
-
-            codec = ToyCodec()
-        self.codec = codec
+        self.init_encoders(text_encoder, codec)
         self._empty = None  # (1, L, D) empty-prompt states, on this module's device
         self.export_dir = Path(export_dir) if export_dir is not None else None
 

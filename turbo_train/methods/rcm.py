@@ -28,7 +28,6 @@ embedding (`uncond_path`, Wan).
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, replace
 from functools import partial
@@ -238,20 +237,12 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
             teacher = teacher.to(getattr(torch, self.cfg.teacher_dtype))
         self.teacher = teacher.requires_grad_(False).eval().enable_activation_checkpointing(False)
         # EMA of the student: frozen fp32 copy (§4), a submodule so it follows the device and is checkpointed
-        self.ema = None
-        if recipe.ema.kind != "none":
-            self.ema = copy.deepcopy(self.student).float().requires_grad_(False).eval()
-            self.ema.enable_activation_checkpointing(False)
+        self.ema = ema_lib.frozen_copy(self.student, recipe.ema)
         # counters (buffers: saved in checkpoints, restored bitwise on resume; counters.py mirrors the
         # step counts on the host so that a step reads none of them from the device)
         self.register_counters("iteration", "student_updates", "fake_updates", "ema_updates")
         self.register_buffer("nan_samples", torch.zeros((), dtype=torch.long))  # summed on the device
-        self._text_encoder = text_encoder
-        if codec is None:
-            from turbo_infer.vae import ToyCodec
-
-            codec = ToyCodec()
-        self.codec = codec
+        self.init_encoders(text_encoder, codec)
         self._uncond = None  # (1, L, D) unconditional text states on this device
         self.export_dir = Path(export_dir) if export_dir is not None else None
         self.last_logs: dict[str, float] = {}

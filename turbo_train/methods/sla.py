@@ -24,7 +24,6 @@ latents and text states, e.g. Wan latent shards; the unconditional states then c
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Callable, Literal
 import torch
 
 from turbo_infer.models.wan import WanModel
+from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.methods.one_network import OneNetworkMixin
@@ -241,17 +241,9 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
                 teacher = teacher.to(getattr(torch, c.teacher_dtype))
             self.teacher = teacher.requires_grad_(False).eval().enable_activation_checkpointing(False)
         # EMA of the student: frozen fp32 copy, a submodule so it follows the device and lands in checkpoints
-        self.ema = None
-        if recipe.ema.kind != "none":
-            self.ema = copy.deepcopy(self.student).float().requires_grad_(False).eval()
-            self.ema.enable_activation_checkpointing(False)
+        self.ema = ema_lib.frozen_copy(self.student, recipe.ema)
         self.register_counters("ema_updates")  # k of the EMA schedule
-        self._text_encoder = text_encoder
-        if codec is None:
-            from turbo_infer.vae import ToyCodec
-
-            codec = ToyCodec()
-        self.codec = codec
+        self.init_encoders(text_encoder, codec)
         self._uncond = None  # (1, L, D) unconditional states on this device
         self.export_dir = Path(export_dir) if export_dir is not None else None
 

@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     extra = {"num_workers": args.num_workers, "eval_samples": args.eval_samples}
     cfg = JudgeTrainConfig.from_yaml(args.recipe) if args.recipe else JudgeTrainConfig()
-    metrics = train_judge(args.out_dir, args.steps, args.batch_size, args.seed, args.device, config=cfg, **extra)
+    train_judge(args.out_dir, args.steps, args.batch_size, args.seed, args.device, config=cfg, **extra)
     return 0
 
 

@@ -9,7 +9,7 @@ run:
     relative velocity error = sum ||v_model - v_T||^2 / sum ||v_T||^2   (per flow time, and over all)
 
 Models: `untrained` (the teacher with its self-attention swapped for SLA at --topk/--block-q/--block-k and
-a zero proj_l: what fine-tuning starts from), `dense` (the teacher itself: 0, a check of the tool), or a
+a zero proj_l: what fine-tuning starts from; `untrained:0.2` at topk 0.2), `dense` (the teacher itself: 0, a check of the tool), or a
 safetensors path (an SLA model exported by turbo-train, with its SLA settings in the file). Name each
 with NAME=SPEC; figures are written as `<NAME>_velocity_rel_err` to benchmarks/sla_gap.json
 (or --out).
@@ -39,7 +39,14 @@ def parse_model(spec: str) -> tuple[str, str]:
     name, sep, what = spec.partition("=")
     if not sep or not name or not what:
         raise argparse.ArgumentTypeError(f"--model takes NAME=SPEC (SPEC: untrained, dense or a .safetensors path), got {spec!r}")
-    if what not in ("untrained", "dense") and not Path(what).is_file():
+    if what.startswith("untrained:"):
+        try:
+            topk = float(what.split(":", 1)[1])
+        except ValueError:
+            topk = -1.0
+        if not 0 < topk <= 1:
+            raise argparse.ArgumentTypeError(f"--model {name}: untrained:TOPK takes a topk in (0, 1], got {what!r}")
+    elif what not in ("untrained", "dense") and not Path(what).is_file():
         raise argparse.ArgumentTypeError(f"--model {name}: file not found: {what}")
     return name, what
 
@@ -47,7 +54,7 @@ def parse_model(spec: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=parse_model, action="append", required=True, metavar="NAME=SPEC",
-                   help="a model to measure (repeatable): untrained, dense or a safetensors path")
+                   help="a model to measure (repeatable): untrained[:TOPK], dense or a safetensors path")
     p.add_argument("--teacher", type=Path, default=None, help="dense teacher (default: the shipped toy teacher)")
     p.add_argument("--topk", type=float, default=0.1, help="SLA topk of `untrained` (default 0.1)")
     p.add_argument("--block-q", type=int, default=64, help="SLA query block of `untrained` (default 64, the toy recipe's)")
@@ -80,8 +87,9 @@ def load_models(args, teacher):
     for name, spec in args.model:
         if spec == "dense":
             models[name] = teacher
-        elif spec == "untrained":
-            models[name] = convert_to_sla(teacher, topk=args.topk, block_q=args.block_q, block_k=args.block_k)
+        elif spec.startswith("untrained"):
+            topk = float(spec.split(":", 1)[1]) if ":" in spec else args.topk
+            models[name] = convert_to_sla(teacher, topk=topk, block_q=args.block_q, block_k=args.block_k)
         else:
             models[name] = WanModel.from_pretrained(spec, device=args.device, dtype=torch.float32)
         models[name].eval().requires_grad_(False)

@@ -41,12 +41,13 @@ def test_dense_is_zero_and_untrained_sla_is_not(tiny_teacher, tmp_path, monkeypa
     save_wan_checkpoint(convert_to_sla(WanModel.from_pretrained(tiny_teacher), topk=1.0, block_q=16, block_k=16), sla_file)
     out = tmp_path / "gap.json"
     assert sla_gap.main(["--teacher", str(tiny_teacher), "--model", "d=dense", "--model", "u=untrained",
-                         "--model", f"f={sla_file}", "--topk", "0.25", "--block-q", "16", "--block-k", "16",
+                         "--model", "u1=untrained:1.0", "--model", f"f={sla_file}", "--topk", "0.25", "--block-q", "16", "--block-k", "16",
                          "--num-videos", "3", "--batch-size", "2", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     fig = doc["figures"]
     assert fig["d_velocity_rel_err"] == 0.0
     assert 0 < fig["u_velocity_rel_err"] < 10
+    assert fig["u1_velocity_rel_err"] < 1e-6  # untrained at topk 1.0: dense
     assert fig["f_velocity_rel_err"] < 1e-6  # topk 1.0 + zero proj_l reproduces dense attention
     assert set(doc) >= {"device", "date", "command", "figures"} and len(doc["per_time"]["u"]) == len(sla_gap.DEFAULT_U)
     assert "relative velocity error" in capsys.readouterr().out
@@ -56,7 +57,8 @@ def test_refusals(tmp_path, capsys):
     for args, match in ((["--model", "nonsense"], "NAME=SPEC"),
                         (["--model", f"x={tmp_path / 'missing.safetensors'}"], "missing.safetensors"),
                         (["--model", "a=dense", "--model", "a=untrained"], "must differ"),
-                        (["--model", "a=dense", "--topk", "0"], "--topk")):
+                        (["--model", "a=dense", "--topk", "0"], "--topk"),
+                        (["--model", "a=untrained:2"], "untrained:TOPK")):
         with pytest.raises(SystemExit):
             sla_gap.main(args)
         assert match in capsys.readouterr().err

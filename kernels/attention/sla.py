@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from turbo_kernels.attention.blockmap import BlockMap, check_qk, sla_block_map, sla_block_map_reference
 from turbo_kernels.utils import check_block, check_float_dtype, next_power_of_2, use_triton
 
-__all__ = ["sla_reference", "sla_attention", "linear_branch", "feature_map_fn", "SLAKernelConfig",
+__all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "feature_map_fn", "SLAKernelConfig",
            "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
@@ -137,6 +137,46 @@ def sla_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float
     if return_branches:
         return o_s, o_l
     return (o_s + _apply_proj(o_l, proj_l)).to(q.dtype)
+
+
+def sla_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, topk: float, block_q: int = 128,
+              block_k: int = 64, feature_map: str = "softmax", proj_l=None, *,
+              block_map: BlockMap | None = None) -> torch.Tensor:
+    """SLA in plain torch ops at SLA's cost: the path of devices without the Triton kernels (the CPU).
+    Same math and arguments as `sla_reference` (tests hold them equal) and autograd-capable, but the
+    sparse branch attends only to each query block's gathered critical key blocks (`sparse_branch`)
+    and the linear branch is the block GEMMs of `linear_branch` (O(L·D²)), where the reference builds
+    two dense L x L score matrices. float64 inputs go to the reference (the exact oracle)."""
+    _check_inputs(q, k, v, topk, block_q, block_k, feature_map)
+    if q.dtype == torch.float64:
+        return sla_reference(q, k, v, topk, block_q, block_k, feature_map, proj_l, block_map=block_map)
+    bm = block_map if block_map is not None else sla_block_map_reference(q, k, topk, block_q, block_k)
+    qc, kc, vc = q.float(), k.float(), v.float()
+    o = sparse_branch(qc, kc, vc, bm)
+    if proj_l is not None:  # O_l is exactly 0 without marginal blocks; proj_l still adds its bias
+        o = o + _apply_proj(linear_branch(qc, kc, vc, bm, feature_map), proj_l)
+    return o.to(q.dtype)
+
+
+def sparse_branch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap) -> torch.Tensor:
+    """O_s by gathering: each query block attends (exact softmax) to the n key blocks of its LUT row,
+    gathered into one (n·block_k)-key tile; tail keys past k_len are masked. Plain torch, autograd
+    through the gathers; n/Nk of dense attention's work. q: (B, H, Lq, D), k/v: (B, H, Lk, D), same
+    float dtype -> (B, H, Lq, D)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Nq, Nk, bq, bk, n = bm.num_q_blocks, bm.num_k_blocks, bm.block_q, bm.block_k, bm.n
+    lut = bm.lut.long()  # (B, H, Nq, n)
+    b_idx = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+    h_idx = torch.arange(H, device=q.device).view(1, H, 1, 1)
+    kb = F.pad(k, (0, 0, 0, Nk * bk - Lk)).view(B, H, Nk, bk, D)[b_idx, h_idx, lut]  # (B, H, Nq, n, bk, D)
+    vb = F.pad(v, (0, 0, 0, Nk * bk - Lk)).view(B, H, Nk, bk, D)[b_idx, h_idx, lut]
+    kb, vb = kb.reshape(B, H, Nq, n * bk, D), vb.reshape(B, H, Nq, n * bk, D)
+    key_pos = (lut.unsqueeze(-1) * bk + torch.arange(bk, device=q.device)).reshape(B, H, Nq, 1, n * bk)
+    qb = F.pad(q, (0, 0, 0, Nq * bq - Lq)).view(B, H, Nq, bq, D)
+    s = torch.matmul(qb, kb.transpose(-1, -2)) / math.sqrt(D)  # (B, H, Nq, bq, n·bk)
+    p = torch.softmax(s.masked_fill(key_pos >= Lk, float("-inf")), dim=-1)
+    return torch.matmul(p, vb).view(B, H, Nq * bq, D)[:, :, :Lq]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -853,13 +893,13 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     q: (B, H, Lq, D); k, v: (B, H, Lk, D), fp16/bf16 (fp32 works too, slower). proj_weight:
     (D, D) or None (zero projection), proj_bias: (D,) or None. Gradients flow to q, k, v and the
     projection (when no block is marginal, e.g. topk = 1, proj_weight is unused and gets no
-    .grad). CPU tensors without TRITON_INTERPRET=1, and float64 inputs, take `sla_reference`.
+    .grad). CPU tensors without TRITON_INTERPRET=1 take `sla_torch`, float64 inputs `sla_reference`.
     """
     _check_inputs(q, k, v, topk, block_q, block_k, feature_map)
     _check_proj(proj_weight, proj_bias, q.shape[-1])
     if triton is None or not use_triton(q, k, v) or q.dtype == torch.float64:
-        return sla_reference(q, k, v, topk, block_q, block_k, feature_map,
-                             None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
+        return sla_torch(q, k, v, topk, block_q, block_k, feature_map,
+                         None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
     bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k)
     cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
     has_linear = proj_weight is not None and bm.n < bm.num_k_blocks  # else O_l = 0: proj_l adds its bias

@@ -7,15 +7,16 @@ per-layer projection `proj_l`, zero-initialised (a freshly swapped-in layer star
 sparse attention and fine-tuning grows the linear branch) and kept in float32 even when the model
 is cast to bf16/fp16.
 
-CUDA tensors go through the Triton kernels; CPU tensors through the pure-torch reference (always,
-also under TRITON_INTERPRET=1, so CPU model tests stay fast).
+CUDA tensors go through the Triton kernels; CPU tensors through `sla_torch` (plain torch at SLA's cost:
+gathered critical blocks + block-GEMM linear branch; always, also under TRITON_INTERPRET=1, so CPU model
+tests stay fast), which tests hold equal to the dense-mask reference.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from turbo_kernels.attention.sla import FEATURE_MAPS, SLAKernelConfig, sla_attention, sla_reference
+from turbo_kernels.attention.sla import FEATURE_MAPS, SLAKernelConfig, sla_attention, sla_torch
 from turbo_kernels.utils import check_block
 from turbo_infer.layers.attention import register_attention
 
@@ -63,7 +64,7 @@ class SparseLinearAttention(nn.Module):
         if q.is_cuda:
             return sla_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, self.topk, self.block_q,
                                  self.block_k, self.feature_map, config=self.config)
-        return sla_reference(q, k, v, self.topk, self.block_q, self.block_k, self.feature_map, self.proj_l)
+        return sla_torch(q, k, v, self.topk, self.block_q, self.block_k, self.feature_map, self.proj_l)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, topk={self.topk}, block_q={self.block_q}, block_k={self.block_k}, "

@@ -245,7 +245,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         self.init_encoders(text_encoder, codec)
         self._uncond = None  # (1, L, D) unconditional text states on this device
         self.export_dir = Path(export_dir) if export_dir is not None else None
-        self.last_logs: dict[str, float] = {}
+        self.last_logs: dict[str, torch.Tensor] = {}  # the last step's logged values (0-dim, on the device)
         # under DeepSpeed the fake score gets an engine of its own (turbo_train/deepspeed_engines.py):
         # the strategy's engine drives the student's optimizer only
         self._fake_engine = None

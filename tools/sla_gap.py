@@ -106,7 +106,7 @@ def measure(args) -> tuple[dict[str, dict[float, float]], list[float]]:
     from turbo_infer.samplers import shift_time
     from turbo_infer.text_encoders import MiniLMTextEncoder
     from turbo_infer.vae import ToyCodec
-    from turbo_train.methods.batching import video_to_model_space
+    from turbo_train.methods.batching import encode_batch
 
     device = torch.device(args.device)
     teacher = WanModel.from_pretrained(args.teacher or TOY_TEACHER_PATH, device=device, dtype=torch.float32)
@@ -119,8 +119,7 @@ def measure(args) -> tuple[dict[str, dict[float, float]], list[float]]:
     batches = list(held_out_batches(args.num_videos, args.batch_size, args.seed))
     bar = tqdm(total=len(batches) * len(times), desc="velocity gap", unit="batch-time")
     for b, (video, captions) in enumerate(batches):
-        x0 = codec.encode(video_to_model_space(video)).float().to(device)
-        context = text.encode(captions).float().to(device)
+        x0, context = (t.to(device) for t in encode_batch({"video": video, "caption": captions}, codec, text.encode))
         for j, s in enumerate(times):
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + b * 101 + j)
             eps = torch.randn(x0.shape, generator=g).to(device)

@@ -501,7 +501,6 @@ class ProgressLines(Callback):
         self._t_start = self._t_last = None
         self._step_last = 0
         self._printed = -1
-        self.lines: list[str] = []  # what was printed (tests read it)
 
     def on_train_start(self, trainer, pl_module):
         self._t_start = self._t_last = time.perf_counter()
@@ -525,7 +524,6 @@ class ProgressLines(Callback):
         line = (f"turbo-train step {step}/{self.max_steps} | {' '.join(shown) or 'no metrics yet'} | "
                 f"{s_per_step:.3g} s/step | {_fmt_duration(elapsed)} elapsed, {_fmt_duration(left)} left")
         print(line, flush=True)
-        self.lines.append(line)
         self._t_last, self._step_last, self._printed = now, step, step
 
 

@@ -17,7 +17,7 @@ class CountersMixin:
     """For LightningModules: `register_counters(names)` in __init__, then `count(name)` (int, no sync
     once mirrored) and `bump(name)` (adds 1 to buffer and mirror, returns the count before)."""
 
-    _host_counts: dict[str, int] | None = None
+    _host_counts: dict[str, int]  # set by register_counters / forget_counts
 
     def register_counters(self, *names: str) -> None:
         for name in names:
@@ -29,8 +29,6 @@ class CountersMixin:
         self._host_counts = {}
 
     def count(self, name: str) -> int:
-        if self._host_counts is None:
-            self._host_counts = {}
         if name not in self._host_counts:
             self._host_counts[name] = int(getattr(self, name).item())
         return self._host_counts[name]

@@ -54,13 +54,13 @@ WORLD_SHIFT = {"toy": 3.0, "wan": 5.0}  # turbo_infer.pipeline TOY_SHIFT / WAN_S
 
 def load_checkpoint(checkpoint, config=None):
     """(state dict in the official layout, WanConfig): config = a preset name / dict / WanConfig, else
-    the checkpoint's own (safetensors metadata or config.json), else inferred from shapes."""
-    from turbo_infer.models.wan import get_config
-    from turbo_infer.models.wan_keys import infer_config, load_wan_state_dict
+    the checkpoint's own (safetensors metadata or config.json), else inferred from shapes; the
+    checkpoint's `prediction` always (turbo_infer.models.wan.checkpoint_config)."""
+    from turbo_infer.models.wan import checkpoint_config
+    from turbo_infer.models.wan_keys import load_wan_state_dict
 
     state, file_config = load_wan_state_dict(checkpoint)
-    cfg = get_config(config if config is not None else (file_config or infer_config(state, checkpoint)))
-    return state, cfg
+    return state, checkpoint_config(state, file_config, checkpoint, config)
 
 
 def world_of(cfg) -> str:

@@ -147,3 +147,36 @@ def test_forward_mode_jvp_through_model():
     # fp32 central differences carry ~1e-3 relative noise at this eps: compare in norm
     rel = ((jvp - fd).norm() / fd.norm()).item()
     assert rel < 1e-2, rel
+
+
+def test_x0_prediction_returns_the_implied_velocity(tmp_path):
+    """prediction="x0": same weights, the head's output read as x̂0, forward returns (x - x̂0) / max(s, 0.05)."""
+    torch.manual_seed(0)
+    vel = WanModel(WanConfig(**TINY)).eval()
+    with torch.no_grad():
+        vel.head.head.weight.normal_(std=0.1)
+    x0m = WanModel(WanConfig(**TINY, prediction="x0")).eval()
+    x0m.load_state_dict(vel.state_dict())
+    x, _, ctx = inputs()
+    t = torch.tensor([999.0, 20.0])  # s = 0.999 and s = 0.02 (below the 0.05 clip)
+    with torch.no_grad():
+        head_out, v = vel(x, t, ctx), x0m(x, t, ctx)
+    torch.testing.assert_close(v[0], (x[0] - head_out[0]) / 0.999)
+    torch.testing.assert_close(v[1], (x[1] - head_out[1]) / 0.05)
+    # a sampler's last Euler step x - s·v lands exactly on x̂0 (s >= 0.05)
+    torch.testing.assert_close(x[0] - 0.999 * v[0], head_out[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="prediction"):
+        WanConfig(**TINY, prediction="eps")
+
+
+def test_checkpoint_keeps_its_prediction(tmp_path):
+    """A preset passed as `config` does not turn an x0 checkpoint into a velocity model; an override does."""
+    model = WanModel(WanConfig(**TINY, prediction="x0"))
+    save_wan_checkpoint(model, tmp_path / "x0.safetensors")
+    assert WanModel.from_pretrained(tmp_path / "x0.safetensors", config=WanConfig(**TINY)).config.prediction == "x0"
+    forced = WanModel.from_pretrained(tmp_path / "x0.safetensors", config=WanConfig(**TINY), prediction="velocity")
+    assert forced.config.prediction == "velocity"
+    # weights without a stored config keep the caller's
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "bare.safetensors")
+    bare = WanModel.from_pretrained(tmp_path / "bare.safetensors", config=WanConfig(**TINY, prediction="x0"))
+    assert bare.config.prediction == "x0"

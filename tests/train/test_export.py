@@ -244,3 +244,23 @@ def test_cli_writes_bundles_and_names_bad_options(ckpts, tmp_path, capsys):
     error(base + ["--target", "a100", "--steps", "9"], "steps must be an int in 1..4 for the rcm sampler")
     error(base + ["--target", "a100", "--topk", "2"], "--topk: must be in (0, 1]")
     error(base + ["--target", "tpu"], "invalid choice: 'tpu'")
+
+
+def test_x0_checkpoint_keeps_its_prediction_through_export_and_calibration(tmp_path):
+    """A preset passed as the config (turbo-export --config, a calibration recipe's model.preset) must not
+    turn an x0-prediction checkpoint into a velocity model: the plan and the bundle would describe
+    another function than the weights compute."""
+    from turbo_infer.models.wan import WanConfig, WanModel
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+    from turbo_train.methods.calibrate import build_calibration_model
+    from turbo_train.recipe import ModelConfig
+
+    tiny = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_dim=384, in_channels=48, out_channels=48, freq_dim=32)
+    path = tmp_path / "x0.safetensors"
+    save_wan_checkpoint(WanModel(WanConfig(**tiny, prediction="x0")), path)
+    _, cfg = E.load_checkpoint(path, WanConfig(**tiny))
+    assert cfg.prediction == "x0"
+    m = ModelConfig(preset="toy", overrides=dict(tiny), checkpoint=str(path))
+    assert build_calibration_model(m).config.prediction == "x0"
+    forced = ModelConfig(preset="toy", overrides={**tiny, "prediction": "velocity"}, checkpoint=str(path))
+    assert build_calibration_model(forced).config.prediction == "velocity"

@@ -4,6 +4,11 @@ Follows Wan2.1 (Wan team, "Wan: Open and Advanced Large-Scale Video Generative M
 3D patch embedding → per block [adaLN-modulated self-attention with RMSNorm on q/k and 3D RoPE,
 cross-attention to the text states, adaLN-modulated GELU(tanh) FFN] → modulated head.
 Rectified-flow velocity model: given x_s = (1-s)·x0 + s·ε and timestep 1000·s it predicts v = ε - x0.
+With `prediction="x0"` the network's head predicts the clean sample x̂0 and the forward returns the
+velocity it implies, v = (x_s - x̂0) / max(s, 0.05) (Li & He, "Back to Basics: Let Denoising Generative
+Models Denoise", 2025: when a token carries many pixel values, a network that must output the noise
+leaves some of it in its samples, while clean data lie on a low-dimensional manifold it can hit).
+Every caller (losses, samplers, rCM, SLA) keeps seeing a velocity model.
 
 The parameter names follow the official Wan checkpoint layout (blocks.N.self_attn.q, ...);
 `turbo_infer.models.wan_keys` converts from/to the diffusers `WanTransformer3DModel` layout.
@@ -26,6 +31,11 @@ from turbo_infer.layers.attention import make_attention
 
 # ----------------------------------------------------------------------------- config
 
+PREDICTIONS = ("velocity", "x0")
+# x0-prediction divides by the flow time s; below this s the implied velocity is (x_s - x̂0) / X0_MIN_S
+# (JiT's clip: the velocity of a nearly clean input is not worth an unbounded weight)
+X0_MIN_S = 0.05
+
 
 @dataclass(kw_only=True)
 class WanConfig:
@@ -45,8 +55,12 @@ class WanConfig:
     rope_theta: float = 10000.0
     attention: str = "sdpa"  # self-attention backend name (see turbo_infer.layers.attention)
     attention_options: dict = field(default_factory=dict)  # backend options, e.g. {"topk": 0.1}
+    # what the head predicts: "velocity" (v = ε - x0, Wan) or "x0" (clean sample; forward still returns v)
+    prediction: str = "velocity"
 
     def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"WanConfig.prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_channels", "out_channels", "freq_dim"):
             if int(getattr(self, name)) <= 0:
@@ -96,6 +110,19 @@ def get_config(name_or_config: "str | WanConfig | dict", **overrides) -> WanConf
     else:
         raise ValueError(f"unknown Wan config {name_or_config!r}; choose one of {sorted(WAN_CONFIGS)}")
     return replace(cfg, **overrides) if overrides else replace(cfg)
+
+
+def checkpoint_config(state: dict, file_config: "dict | None", path, config=None, **overrides) -> WanConfig:
+    """The WanConfig of loaded weights: `config` (preset name / dict / WanConfig) if given, else the
+    checkpoint's own `file_config`, else the preset its tensor shapes match; then `overrides`.
+    What the weights predict is theirs, not the caller's preset's: a `config` (e.g. a recipe's preset)
+    does not turn an x0 checkpoint into a velocity model; only an explicit `prediction=` override does."""
+    from turbo_infer.models.wan_keys import infer_config
+
+    cfg = get_config(config if config is not None else (file_config or infer_config(state, path)), **overrides)
+    if file_config is not None and "prediction" not in overrides:
+        cfg = replace(cfg, prediction=file_config.get("prediction", "velocity"))
+    return cfg
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -349,7 +376,11 @@ class WanModel(nn.Module):
         out = self.head(tokens, temb)  # (B, L, C·p)
         if sp is not None:
             out = sp.gather(out, dim=1)  # (B, L, C·p)
-        return self.unpatchify(out, grid).float()
+        out = self.unpatchify(out, grid).float()
+        if cfg.prediction == "x0":  # the head's output is x̂0: return the velocity it implies
+            s = (timestep.float() / 1000.0).clamp(min=X0_MIN_S).view(B, 1, 1, 1, 1)
+            out = (x.float() - out) / s
+        return out
 
     # ------------------------------------------------------------------ loading
 
@@ -369,10 +400,10 @@ class WanModel(nn.Module):
         preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla").
         strict: refuse a missing or unexpected tensor, except the attention backend's own (SLA's
         proj_l: zero, so a dense checkpoint loads as an untrained SLA model)."""
-        from turbo_infer.models.wan_keys import infer_config, load_wan_state_dict
+        from turbo_infer.models.wan_keys import load_wan_state_dict
 
         state, file_config = load_wan_state_dict(path)
-        cfg = get_config(config if config is not None else (file_config or infer_config(state, path)), **overrides)
+        cfg = checkpoint_config(state, file_config, path, config, **overrides)
         with torch.device("meta"):
             model = cls(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

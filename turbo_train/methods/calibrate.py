@@ -625,7 +625,7 @@ def build_calibration_model(m):
     tensors, e.g. the merged rCM + SLA student) keeps its own SLA attention and options when the
     recipe names a dense backend: the plan must describe the model turbo-export will ship."""
     from turbo_infer.bundle import SPARSE_BACKENDS
-    from turbo_infer.models.wan import WanModel
+    from turbo_infer.models.wan import WanModel, checkpoint_config
     from turbo_infer.models.wan_keys import load_wan_state_dict
     from turbo_train.export import build_model
 
@@ -633,6 +633,7 @@ def build_calibration_model(m):
     if m.checkpoint is None:
         return WanModel(cfg)
     state, file_cfg = load_wan_state_dict(m.checkpoint)
+    cfg = checkpoint_config(state, file_cfg, m.checkpoint, cfg, **m.prediction_override())
     backend, options = cfg.attention, dict(cfg.attention_options)
     if any(".proj_l." in k for k in state) and backend not in SPARSE_BACKENDS:
         file_cfg = file_cfg or {}

@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny model and latents on the CPU (the zero2 run under strategy auto: DeepSpeed refuses "
                         "the CPU); writes rcm_step.json into the work directory only")
     p.add_argument("--recipe", default=str(RECIPE), help="the rCM recipe (default recipes/wan2.1-1.3b/rcm.yaml)")
+    p.add_argument("--set", dest="extra_sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override added to every run, after the tool's own (repeatable), e.g. "
+                        "model.activation_checkpointing=20 to recompute only the first 20 blocks")
     return p
 
 
@@ -447,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Path(args.recipe).resolve()
     from turbo_train.recipe import load_recipe
 
-    freq = load_recipe(recipe).method.rcm.student_update_freq
+    try:  # a bad --set is an error here, before any GPU time, naming the key
+        freq = load_recipe(recipe, args.extra_sets).method.rcm.student_update_freq
+    except ValueError as e:
+        raise SystemExit(f"bench_rcm_step: {e}") from None
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_rcm_step-") if args.work is None else None
     work = Path(args.work or tmp.name).resolve()
@@ -457,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         figures, failures, summaries = {}, {}, {}
         for name in runs:
             run_dir = work / f"run-{name}"
-            sets = common_overrides(inputs, run_dir, args.steps, args.tiny) + run_overrides(name, args.tiny)
+            sets = common_overrides(inputs, run_dir, args.steps, args.tiny) + run_overrides(name, args.tiny) \
+                + args.extra_sets
             res = launch(name, recipe, sets, run_dir, args.run_timeout, args.expandable_segments)
             if os.environ.get("OUT") and not args.tiny:
                 keep_logs(run_dir, Path(os.environ["OUT"]) / "rcm_step_logs" / name)

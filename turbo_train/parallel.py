@@ -61,14 +61,15 @@ def mixed_precision_policy(precision: str):
                      "(GPU) or 32-true")
 
 
-def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing: bool | None = None,
+def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing: bool | int | None = None,
                     compile: bool = False, fsdp_mesh=None, mp_policy=None, scale_sp_grads: bool = True,
                     reshard_after_forward: bool = True) -> WanModel:
     """Apply, in this order, Ulysses sequence parallel, activation checkpointing, compile and FSDP2 to one
     WanModel (in place; returns it).
 
     sp_group: process group of the Ulysses ranks; None (or a group of one) = no sequence parallel.
-    activation_checkpointing: True/False sets the model's flag; None leaves it as built.
+    activation_checkpointing: True/False or a number of blocks (the first N) sets the model's flag; None
+        leaves it as built.
     compile: torch.compile each block in place.
     fsdp_mesh: 1-D DeviceMesh to shard over; None = no FSDP.
     mp_policy: FSDP2 MixedPrecisionPolicy; None = fp32.
@@ -88,7 +89,7 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
             _scale_gather_grads(model.sequence_shard)
     # 2. activation checkpointing: a flag read by WanModel.forward (torch.utils.checkpoint per block)
     if activation_checkpointing is not None:
-        model.enable_activation_checkpointing(bool(activation_checkpointing))
+        model.enable_activation_checkpointing(activation_checkpointing)
     # 3. compile each block in place (parameter names unchanged: checkpoints and FSDP see the same keys)
     if compile:
         for block in model.blocks:

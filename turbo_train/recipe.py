@@ -112,7 +112,9 @@ class ModelConfig:
     checkpoint: str | None = None
     attention: str = "sdpa"  # self-attention backend (turbo_infer.layers.attention): sdpa | sla | sage | sagesla
     attention_options: dict = field(default_factory=dict)  # backend options, e.g. {topk: 0.1}; {} = defaults
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    # recompute blocks in backward: less memory, ~1/3 more compute per recomputed block; true = every
+    # block, false = none, an int N = the first N blocks (the rest keep their activations)
+    activation_checkpointing: bool | int = False
     # torch.compile each DiT block in place (turbo_train/parallel.py: after activation checkpointing,
     # before FSDP); the first steps pay the compile time (minutes at the 14B shape)
     compile: bool = False
@@ -138,6 +140,9 @@ class ModelConfig:
             raise FieldError("overrides", str(e)) from None
         _require(self.attention in available_attention(), "attention",
                  f"unknown backend {self.attention!r}; choose one of {available_attention()}")
+        ac = self.activation_checkpointing
+        _require(isinstance(ac, bool) or (isinstance(ac, int) and ac >= 0), "activation_checkpointing",
+                 f"true, false or a number of blocks >= 0, got {ac!r}")
         _require(self.text_max_length >= 1, "text_max_length", f"must be >= 1, got {self.text_max_length}")
         _require(self.text_cache_size >= 0, "text_cache_size", f"must be >= 0, got {self.text_cache_size}")
 

@@ -122,11 +122,32 @@ def test_activation_checkpointing_same_gradients():
     x, t, ctx = inputs()
     m(x, t, ctx).square().mean().backward()
     g1 = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    m.enable_activation_checkpointing()
-    m(x, t, ctx).square().mean().backward()
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p.grad, g1[n], rtol=1e-5, atol=1e-6, msg=n)
+    for setting, blocks in ((True, 2), (1, 1), (5, 2), (0, 0)):  # every block, the first one, capped, none
+        m.zero_grad()
+        m.enable_activation_checkpointing(setting)
+        assert m.checkpointed_blocks() == blocks
+        m(x, t, ctx).square().mean().backward()
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, g1[n], rtol=1e-5, atol=1e-6, msg=f"{setting}: {n}")
+    with pytest.raises(ValueError, match="number of blocks"):
+        m.enable_activation_checkpointing(-1)
+
+
+def test_partial_checkpointing_recomputes_only_the_first_blocks(monkeypatch):
+    """activation checkpointing N: torch.utils.checkpoint wraps exactly the first N blocks, and only with grad."""
+    import turbo_infer.models.wan as wan
+
+    calls = []
+    real = wan.checkpoint
+    monkeypatch.setattr(wan, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    m = WanModel(WanConfig(**{**TINY, "num_layers": 3})).enable_activation_checkpointing(2)
+    x, t, ctx = inputs()
+    m(x, t, ctx).sum().backward()
+    assert calls == [m.blocks[0], m.blocks[1]]
+    calls.clear()
+    with torch.no_grad():
+        m(x, t, ctx)
+    assert calls == []
 
 
 def test_forward_mode_jvp_through_model():

@@ -67,7 +67,9 @@ def test_tiny_fsdp2_run_in_process(tmp_path, monkeypatch):
     inputs = tool.write_inputs(tmp_path, tool.TINY, num_samples=2)
     run_dir = tmp_path / "run-fsdp2"
     argv = [str(tool.RECIPE)]
-    for s in tool.common_overrides(inputs, run_dir, 6, tiny=True) + tool.run_overrides("fsdp2", tiny=True):
+    # the first of the two blocks recomputed (partial activation checkpointing under FSDP2)
+    for s in tool.common_overrides(inputs, run_dir, 6, tiny=True) + tool.run_overrides("fsdp2", tiny=True) \
+            + ["model.activation_checkpointing=1"]:
         argv += ["--set", s]
     env = dict(os.environ)
     try:
@@ -86,9 +88,16 @@ def test_tiny_fsdp2_run_in_process(tmp_path, monkeypatch):
     assert "rcm_1.3b_peak_mem_gib" not in f  # CPU: resident memory, not a GPU figure
     resolved = (run_dir / "resolved_recipe.yaml").read_text()
     assert "strategy: fsdp2" in resolved and "loss_mode: rcm" in resolved and "wan2.1-1.3b" in resolved
+    assert "activation_checkpointing: 1" in resolved
     ckpts = run_dir / "checkpoints"
     assert not ckpts.exists() or not any(ckpts.iterdir())  # nothing written
     assert not (run_dir / "ema.safetensors").exists()
+
+
+def test_bad_extra_set_fails_before_any_run(tmp_path):
+    with pytest.raises(SystemExit, match="model.activation_checkpointing"):
+        tool.main(["--tiny", "--work", str(tmp_path), "--set", "model.activation_checkpointing=-1"])
+    assert not any(tmp_path.iterdir())  # no inputs written, nothing launched
 
 
 @pytest.mark.slow

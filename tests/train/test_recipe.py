@@ -116,6 +116,8 @@ def test_ill_typed_value_names_dotted_key_and_file(tmp_path, text, key):
     ("model: {preset: giant}", "model.preset"),
     ("model: {overrides: {dim: 33}}", "model.overrides"),  # 33 not divisible by the toy's 3 heads
     ("model: {attention: flash9}", "model.attention"),
+    ("model: {activation_checkpointing: -2}", "model.activation_checkpointing"),
+    ("model: {overrides: {prediction: eps}}", "model.overrides"),
     ("data: {source: toy_shards}", "data.train_shards"),
     ("model: {preset: wan2.1-1.3b}", "data.source"),  # cross-section check
 ])
@@ -125,6 +127,12 @@ def test_bad_value_names_dotted_key_and_file(tmp_path, text, key):
         load_recipe(p)
     msg = str(e.value)
     assert str(p) in msg and f"{key}:" in msg, msg
+
+
+def test_activation_checkpointing_takes_a_number_of_blocks(tmp_path):
+    r = load_recipe(write(tmp_path, "model: {activation_checkpointing: 20}"))
+    assert r.model.activation_checkpointing == 20
+    assert load_recipe(write(tmp_path, "model: {activation_checkpointing: true}")).model.activation_checkpointing is True
 
 
 def test_direct_construction_names_the_field():

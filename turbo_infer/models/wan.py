@@ -302,7 +302,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
-        self.gradient_checkpointing = False  # activation checkpointing per block when training
+        self.gradient_checkpointing = False  # activation checkpointing when training: True, False or first N blocks
         self.sequence_shard = None  # set by turbo_infer.sequence_parallel (Ulysses); None = single device
         self.init_weights()
 
@@ -317,9 +317,23 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
 
-    def enable_activation_checkpointing(self, enabled: bool = True) -> "WanModel":
-        self.gradient_checkpointing = enabled
+    def enable_activation_checkpointing(self, enabled: "bool | int" = True) -> "WanModel":
+        """Recompute blocks in backward instead of keeping their activations: True = every block,
+        False/0 = none, an int N = the first N blocks (the rest keep theirs: less recompute where memory
+        allows; Megatron's recompute_num_layers)."""
+        if isinstance(enabled, bool):
+            self.gradient_checkpointing = enabled
+            return self
+        if not isinstance(enabled, int) or enabled < 0:
+            raise ValueError(f"activation checkpointing: True, False or a number of blocks >= 0, got {enabled!r}")
+        n = min(enabled, self.config.num_layers)
+        self.gradient_checkpointing = True if n == self.config.num_layers else (n or False)
         return self
+
+    def checkpointed_blocks(self) -> int:
+        """How many blocks (the first ones) recompute their activations in backward."""
+        g = self.gradient_checkpointing
+        return self.config.num_layers if g is True else int(g or 0)
 
     def patchify(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """(B, C, F, H, W) -> tokens (B, L, dim) and the token grid (F', H', W')."""
@@ -368,8 +382,9 @@ class WanModel(nn.Module):
             rope = tuple(sp.shard(r, dim=0) for r in rope)
             tokens = sp.shard(tokens, dim=1)  # (B, L/P, dim)
 
-        for block in self.blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
+        recompute = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
+        for i, block in enumerate(self.blocks):
+            if i < recompute:
                 tokens = checkpoint(block, tokens, e, ctx, rope, use_reentrant=False)
             else:
                 tokens = block(tokens, e, ctx, rope)

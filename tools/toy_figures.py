@@ -10,7 +10,8 @@ Every ratio divides by the teacher's 50-step CFG figure from the same run (same 
     benchmarks/sla_finetune.json  toy_sla0.1_untrained_adherence_ratio, toy_sla0.1_finetuned_adherence_ratio,
                                   toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained)
     benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
-                                  (the cpu bundle scored on a CPU by `turbo-eval --bundle`: --cpu-bundle-report),
+                                  (the suite's cpu bundle, evaluated on the host's CPU; or a report of
+                                  `turbo-eval --bundle <cpu bundle>` given as --cpu-bundle-report),
                                   toy_pipeline_cpu_minutes (--pipeline-minutes: the README main job, timed)
 Existing figures in those files that this run does not produce are kept (e.g. the 1.3B step figures
 in rcm.json). Without --write it only prints.
@@ -48,7 +49,8 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
             "toy_rcm4_sla0.1_adherence_ratio": r("merged_rcm4_sla0.1"),
             "toy_rcm4_sla0.1_frechet_ratio": r("merged_rcm4_sla0.1", "frechet"),
         },
-        "toy_bundles": {"toy_bundle_h100_adherence_ratio": r("bundle_h100")},
+        "toy_bundles": {"toy_bundle_h100_adherence_ratio": r("bundle_h100"),
+                        "toy_bundle_cpu_adherence_ratio": r("bundle_cpu")},
     }
     for name in reports:  # absolute values too, for BENCHMARKS.md
         out["rcm" if not name.startswith(("teacher_sla", "merged", "bundle")) else

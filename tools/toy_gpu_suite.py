@@ -10,7 +10,8 @@ the CPU workers that render the videos. So the suite runs, at the same time,
     sla   recipes/toy/sla.yaml                    SLA (topk 0.1) fine-tune of the teacher
 each capped at --minutes of training, while the teacher is evaluated dense and with untrained SLA
 (topk 0.1, 0.2). Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
-the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time). Every
+the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time; the
+cpu bundle on the host's CPU). Every
 report lands in OUT/eval/<name>/report.json and a digest in OUT/summary.json; a stage that fails
 is logged, recorded and skipped (the others go on). `tools/toy_figures.py` turns the digest into
 benchmarks/{rcm,sla_finetune,toy_bundles}.json.
@@ -61,8 +62,9 @@ class Suite:
     # ------------------------------------------------------------------ pieces
     def train(self, name: str, recipe: str, extra: list[str] = ()) -> dict:
         a = self.a
+        minutes = a.sla_minutes if name == "sla" and a.sla_minutes is not None else a.minutes
         sets = {"logging.run_dir": str(self.out / name), "logging.wandb": "false", "model.checkpoint": str(TEACHER),
-                "data.num_workers": str(a.workers), "trainer.max_time_minutes": str(a.minutes),
+                "data.num_workers": str(a.workers), "trainer.max_time_minutes": str(minutes),
                 "checkpoint.every_n_steps": "1000000"}
         if a.smoke:
             sets.update({"trainer.max_steps": "2", "data.batch_size": "2", "data.num_workers": "0",
@@ -70,13 +72,14 @@ class Suite:
         cmd = module_cmd("turbo_train.cli") + [recipe] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")] + list(extra)
         return run(f"train-{name}", cmd, self.out)
 
-    def evaluate(self, name: str, args: list[str]) -> dict:
+    def evaluate(self, name: str, args: list[str], device: str | None = None) -> dict:
         a = self.a
         n = "4" if a.smoke else str(a.prompts)
         div = ["--diversity-prompts", "1", "--diversity-seeds", "2"] if a.smoke else \
               ["--diversity-prompts", "8", "--diversity-seeds", "4"]
         cmd = module_cmd("turbo_train.eval") + args + ["--num-prompts", n, *div, "--batch-size", str(a.eval_batch),
-                                      "--device", a.device, "--out-dir", str(self.out / "eval" / name), "--no-progress"]
+                                      "--device", device or a.device, "--out-dir", str(self.out / "eval" / name),
+                                      "--no-progress"]
         if a.smoke and "--steps" not in args and "--bundle" not in args:
             cmd += ["--steps", "2"]
         return run(f"eval-{name}", cmd, self.out)
@@ -138,6 +141,8 @@ class Suite:
         final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
+        # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
+        final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
         self.parallel(final, width=self.a.eval_width)
         summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
                    "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages, "reports": {}}
@@ -161,6 +166,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run directory (trainings, bundles, eval reports)")
     p.add_argument("--minutes", type=float, default=4.0, help="training time cap of each of the four trainings")
+    p.add_argument("--sla-minutes", type=float, default=None,
+                   help="training time cap of the SLA fine-tune (default: --minutes); the merge waits for it")
     p.add_argument("--prompts", type=int, default=256, help="prompts per evaluation")
     p.add_argument("--workers", type=int, default=3, help="DataLoader workers per training (four run at once)")
     p.add_argument("--eval-batch", type=int, default=64, help="videos per sampling batch in the evaluations")
@@ -168,8 +175,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="where the evaluations run (trainings: accelerator auto)")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
     a = p.parse_args(argv)
-    if a.minutes <= 0 or a.prompts < 2 or a.workers < 0:
-        p.error("--minutes must be > 0, --prompts >= 2, --workers >= 0")
+    if a.minutes <= 0 or a.prompts < 2 or a.workers < 0 or (a.sla_minutes is not None and a.sla_minutes <= 0):
+        p.error("--minutes and --sla-minutes must be > 0, --prompts >= 2, --workers >= 0")
     if a.smoke:
         a.device, a.eval_batch, a.eval_width = "cpu", 4, 2
     return Suite(a).main()

@@ -1,0 +1,76 @@
+"""tools/toy_gpu_suite.py (how it builds its stages) and tools/toy_figures.py (the ratios it writes),
+without running any training: the suite's stages are subprocesses, replaced here by a recorder."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import toy_figures  # noqa: E402
+import toy_gpu_suite  # noqa: E402
+
+
+def report(adherence, frechet=100.0, diversity=10.0):
+    return {"adherence": adherence, "frechet": frechet, "diversity": diversity}
+
+
+def test_ratios_divide_by_the_teacher_of_the_same_run():
+    reports = {"teacher": report(0.8, 400.0, 20.0), "rcm4": report(0.76, 500.0, 10.0), "bundle_h100": report(0.72),
+               "bundle_cpu": report(0.64), "teacher_sla0.1_finetuned": report(0.6)}
+    f = toy_figures.ratios(reports)
+    assert f["rcm"]["toy_rcm4_adherence_ratio"] == 0.95
+    assert f["rcm"]["toy_rcm4_frechet_ratio"] == 1.25 and f["rcm"]["toy_rcm4_diversity_ratio"] == 0.5
+    assert f["toy_bundles"]["toy_bundle_h100_adherence_ratio"] == 0.9
+    assert f["toy_bundles"]["toy_bundle_cpu_adherence_ratio"] == 0.8
+    assert f["sla_finetune"]["toy_sla0.1_finetuned_adherence_ratio"] == 0.75
+    assert "toy_rcm2_adherence_ratio" not in f["rcm"]  # not evaluated: left out, not None
+
+
+def test_toy_figures_refuses_a_summary_without_the_teacher(tmp_path, capsys):
+    p = tmp_path / "summary.json"
+    p.write_text(json.dumps({"reports": {"rcm4": report(0.5)}}))
+    with pytest.raises(SystemExit):
+        toy_figures.main([str(p)])
+    assert "no teacher evaluation" in capsys.readouterr().err
+
+
+def suite(tmp_path, monkeypatch, **kw):
+    calls = []
+    monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out: calls.append((name, cmd)) or
+                        {"stage": name, "rc": 0, "seconds": 0.0})
+    a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
+                           eval_width=4, device="cuda", smoke=False)
+    vars(a).update(kw)
+    return toy_gpu_suite.Suite(a), calls
+
+
+def sets_of(cmd):
+    return dict(cmd[i + 1].split("=", 1) for i, x in enumerate(cmd) if x == "--set")
+
+
+def test_sla_minutes_caps_only_the_sla_fine_tune(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch, sla_minutes=7.5)
+    s.train("sla", "recipes/toy/sla.yaml")
+    s.train("rcm", "recipes/toy/rcm.yaml")
+    assert sets_of(calls[0][1])["trainer.max_time_minutes"] == "7.5"
+    assert sets_of(calls[1][1])["trainer.max_time_minutes"] == "3.0"
+
+
+def test_the_cpu_bundle_is_evaluated_on_the_cpu(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch)
+    s.main()
+    evals = {name: cmd for name, cmd in calls if name.startswith("eval-")}
+    device = lambda cmd: cmd[cmd.index("--device") + 1]  # noqa: E731
+    assert device(evals["eval-bundle_cpu"]) == "cpu" and device(evals["eval-bundle_h100"]) == "cuda"
+    assert device(evals["eval-teacher"]) == "cuda"
+
+
+def test_suite_arguments_are_checked():
+    with pytest.raises(SystemExit):
+        toy_gpu_suite.main(["--out", "x", "--sla-minutes", "0"])

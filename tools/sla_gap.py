@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a model to measure (repeatable): untrained[:TOPK], dense or a safetensors path")
     p.add_argument("--teacher", type=Path, default=None, help="dense teacher (default: the shipped toy teacher)")
     p.add_argument("--topk", type=float, default=0.1, help="SLA topk of `untrained` (default 0.1)")
-    p.add_argument("--block-q", type=int, default=64, help="SLA query block of `untrained` (default 64, the toy recipe's)")
+    p.add_argument("--block-q", type=int, default=16, help="SLA query block of `untrained` (default 16, the toy recipe's)")
     p.add_argument("--block-k", type=int, default=16, help="SLA key block of `untrained` (default 16, the toy recipe's)")
     p.add_argument("--num-videos", type=int, default=64, help="held-out toy videos (default 64)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -104,4 +104,6 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     assert "EXTRAPOLATED" in doc["notes"]["baseline"] and "--tiny" in doc["command"]
     assert (tmp_path / "results" / "e2e_breakdown.png").stat().st_size > 0
     assert (tmp_path / "first_video.mp4").stat().st_size > 0
+    # two fresh launches by default: the figure is the second, the first is kept beside it
+    assert fig["ttfv_first_launch_s"] > 0 and "last of 2 launches" in doc["notes"]["time_to_first_video"]
     assert [p.stat().st_mtime_ns if p.exists() else None for p in kept] == before  # benchmarks/ untouched

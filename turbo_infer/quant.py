@@ -28,6 +28,7 @@ from torch import nn
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows, quantize_rows_reference, quantize_weight
 from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
+from turbo_infer.layers.compile_ops import w8a8_linear
 
 PRECISIONS = ("int8", "fp8", "bf16")
 DEFAULT_EXCLUDE = ("proj_l", "patch_embedding", "head")
@@ -115,7 +116,12 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
         """x: (..., in_features) float, or a QuantizedActivation → (..., out_features) in x's dtype."""
-        qa = x if isinstance(x, QuantizedActivation) else self.quantize_input(x)
+        if isinstance(x, torch.Tensor):  # quantize + GEMM as one opaque op for torch.compile
+            if x.shape[-1] != self.in_features:
+                raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+            return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.act_scale,
+                               self.mode, self._use_kernels(x))
+        qa = x
         if qa.data.dtype != self.weight_q.dtype:
             raise TypeError(f"activation dtype {qa.data.dtype} does not match this layer's mode {self.mode!r}")
         bias = self.bias

@@ -16,21 +16,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_reference
-from turbo_kernels.attention.lowbit import PV_MODES, lowbit_attention, lowbit_attention_reference
-from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
-from turbo_kernels.attention.sla import linear_branch
-from turbo_kernels.capability import kernel_support
+from turbo_kernels.attention.lowbit import PV_MODES, lowbit_attention_reference
 from turbo_infer.layers.attention import register_attention
+from turbo_infer.layers.compile_ops import sage_forward, sagesla_forward
 from turbo_infer.layers.sla import SparseLinearAttention
-
-
-def _pv_for(t: torch.Tensor, pv: str | None) -> tuple[bool, str]:
-    """(run the Triton kernels?, PV format) for tensors on t's device."""
-    if not t.is_cuda:
-        return False, pv or "fp8"
-    cap = kernel_support(t.device)
-    return cap.int8_attention, pv or cap.attention_pv
 
 
 def _check_pv(pv):
@@ -57,10 +46,9 @@ class SageAttention(nn.Module):
         # q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D)
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]}, this SageAttention was built for {self.head_dim}")
-        fast, pv = _pv_for(q, self.pv)
-        if fast:
-            return lowbit_attention(q, k, v, pv=pv)
-        return lowbit_attention_reference(q, k, v, pv=pv)
+        if q.is_cuda:  # one opaque op for torch.compile (kernels or, without int8 tensor cores, the reference)
+            return sage_forward(q, k, v, self.pv or "auto")
+        return lowbit_attention_reference(q, k, v, pv=self.pv or "fp8")
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, pv={self.pv or 'auto'}"
@@ -84,16 +72,10 @@ class SageSparseLinearAttention(SparseLinearAttention):
         # q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D)
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]}, this attention was built for {self.head_dim}")
-        fast, pv = _pv_for(q, self.pv)
-        with torch.no_grad():
-            if fast:
-                bm = sla_block_map(q, k, self.topk, self.block_q, self.block_k)
-                o_s = sagesla_sparse(q, k, v, bm, pv=pv)  # (B, H, Lq, D) q.dtype
-            else:
-                bm = sla_block_map_reference(q, k, self.topk, self.block_q, self.block_k)
-                o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv)
-            o_l = linear_branch(q, k, v, bm, self.feature_map)  # (B, H, Lq, D) fp32
-            return (o_s.float() + self.proj_l(o_l)).to(q.dtype)
+        # the kernels on a GPU with int8 tensor cores, else the references (emulating the quantization
+        # exactly); one opaque op for torch.compile
+        return sagesla_forward(q, k, v, self.proj_l.weight, self.proj_l.bias, self.topk, self.block_q, self.block_k,
+                               self.feature_map, self.pv or "auto")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", pv={self.pv or 'auto'}"

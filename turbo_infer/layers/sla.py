@@ -19,6 +19,7 @@ from torch import nn
 from turbo_kernels.attention.sla import FEATURE_MAPS, SLAKernelConfig, sla_attention, sla_torch
 from turbo_kernels.utils import check_block
 from turbo_infer.layers.attention import register_attention
+from turbo_infer.layers.compile_ops import sla_forward
 
 
 class SparseLinearAttention(nn.Module):
@@ -62,6 +63,10 @@ class SparseLinearAttention(nn.Module):
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]}, this SparseLinearAttention was built for {self.head_dim}")
         if q.is_cuda:
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *self.proj_l.parameters()))
+            if not grad and self.config is None:  # inference: one opaque op for torch.compile
+                return sla_forward(q, k, v, self.proj_l.weight, self.proj_l.bias, self.topk, self.block_q,
+                                   self.block_k, self.feature_map)
             return sla_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, self.topk, self.block_q,
                                  self.block_k, self.feature_map, config=self.config)
         return sla_torch(q, k, v, self.topk, self.block_q, self.block_k, self.feature_map, self.proj_l)

@@ -1,0 +1,69 @@
+"""turbo_infer.layers.compile_ops: the runtime's kernel calls as custom ops. Checked on the CPU, where each
+op runs the torch references: the fake (meta) implementation agrees with the real one (opcheck), and
+torch.compile(fullgraph=True) keeps each op as one graph node with the eager results."""
+import pytest
+import torch
+
+from turbo_infer.layers import compile_ops as ops
+from turbo_infer.layers.lowbit_attention import SageAttention, SageSparseLinearAttention
+from turbo_infer.quant import W8A8Linear
+
+
+def qkv(L=40, D=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 2, L, D, generator=g).to(dtype) for _ in range(3))
+
+
+def linear_args(mode="int8", act_scale=None):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 24)
+    m = W8A8Linear.from_linear(lin, mode=mode, act_scale=act_scale)
+    return m, (torch.randn(3, 5, 32), m.weight_q, m.weight_scale, m.bias, m.smooth_inv, m.act_scale, mode, False)
+
+
+@pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static"])
+def test_fake_implementation_agrees_with_the_real_one(name):
+    q, k, v = qkv()
+    W, b = torch.randn(32, 32) * 0.1, torch.randn(32) * 0.1
+    cases = {
+        "sla": (ops.sla_forward, (q, k, v, W, b, 0.5, 16, 16, "softmax")),
+        "sage": (ops.sage_forward, (q, k, v, "fp8")),
+        "sagesla": (ops.sagesla_forward, (q, k, v, W, b, 0.5, 16, 16, "softmax", "fp8")),
+        "w8a8_int8": (ops.w8a8_linear, linear_args("int8")[1]),
+        "w8a8_fp8_static": (ops.w8a8_linear, linear_args("fp8", act_scale=0.05)[1]),
+    }
+    op, args = cases[name]
+    # test_schema compares the inputs before and after with ops that the CPU lacks for float8 (an fp8
+    # weight): the fp8 case checks the fake implementation only
+    utils = ("test_faketensor",) if "fp8" in name else ("test_schema", "test_faketensor")
+    torch.library.opcheck(op, args, test_utils=utils)
+
+
+def test_modules_compile_to_one_graph_with_the_eager_results():
+    """A block of the runtime's low-bit modules under torch.compile(fullgraph=True): no graph break (a
+    traced Triton launch or data-dependent Python would break it) and the eager numbers."""
+    torch.manual_seed(0)
+    lin, _ = linear_args()
+    sage, sagesla = SageAttention(32), SageSparseLinearAttention(32, topk=0.5, block_q=16, block_k=16)
+    with torch.no_grad():
+        sagesla.proj_l.weight.normal_(std=0.1)
+
+    def block(x):  # (B, L, 32) -> (B, L, 24)
+        h = x.unflatten(-1, (1, 32)).transpose(1, 2)  # (B, 1, L, 32)
+        a = sage(h, h, h) + sagesla(h, h, h)
+        return lin(torch.nn.functional.gelu(a.transpose(1, 2).flatten(-2)))
+
+    x = torch.randn(2, 40, 32)
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager)
+
+
+def test_w8a8_module_keeps_its_errors_and_results():
+    m, args = linear_args()
+    x = args[0]
+    with pytest.raises(ValueError, match="in_features"):
+        m(torch.randn(3, 31))
+    ref = x @ m.dequantized_weight().T + m.bias
+    assert (m(x) - ref).abs().max() / ref.abs().max() < 2e-2  # int8 per-token: the module's own bound

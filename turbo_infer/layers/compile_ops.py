@@ -1,0 +1,104 @@
+"""The runtime's kernel calls as torch.library custom ops, so that torch.compile sees each as one opaque call.
+
+Dynamo traces into a Python function that launches Triton kernels and hands user-defined Triton
+kernels to Inductor, which recompiles them itself; our int8 quantization kernel failed there (the
+e2e benchmark's `compile_error`, sagesla bundle), and every such kernel is a risk of the same. A custom
+op with a fake (meta) implementation is a leaf of the graph instead: Inductor compiles and fuses the
+elementwise work around it (norms, modulation, residuals) and calls the op as is.
+
+Forward only: the modules use these ops where no gradient is needed (inference); training keeps the
+autograd Functions. Each op runs on any device (CPU tensors take the torch references inside the
+same functions), which is how the tests check them; the modules route only CUDA tensors through them.
+No `from __future__ import annotations` here: custom_op reads the schema from the annotations.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_reference
+from turbo_kernels.attention.lowbit import lowbit_attention, lowbit_attention_reference
+from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
+from turbo_kernels.attention.sla import linear_branch, sla_attention
+from turbo_kernels.capability import kernel_support
+from turbo_kernels.gemm.quantize import quantize_rows, quantize_rows_reference
+from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
+
+
+def _fast_lowbit(t: Tensor, pv: str) -> tuple[bool, str]:
+    """(run the Triton kernels?, PV format) for tensors on t's device; pv "auto" = the device's choice."""
+    if not t.is_cuda:
+        return False, "fp8" if pv == "auto" else pv
+    cap = kernel_support(t.device)
+    return cap.int8_attention, cap.attention_pv if pv == "auto" else pv
+
+
+@torch.library.custom_op("turbo::sla_forward", mutates_args=())
+def sla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor], proj_bias: Optional[Tensor],
+                topk: float, block_q: int, block_k: int, feature_map: str) -> Tensor:
+    """SLA inference forward (B, H, L, D) -> (B, H, L, D) in q's dtype (turbo_kernels sla_attention)."""
+    with torch.no_grad():
+        return sla_attention(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map).contiguous()
+
+
+@sla_forward.register_fake
+def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("turbo::sage_forward", mutates_args=())
+def sage_forward(q: Tensor, k: Tensor, v: Tensor, pv: str) -> Tensor:
+    """Dense low-bit attention (SageAttention-style): int8 QK^T, fp8/fp16 PV. pv: fp8 | fp16 | auto."""
+    fast, pv = _fast_lowbit(q, pv)
+    with torch.no_grad():
+        out = lowbit_attention(q, k, v, pv=pv) if fast else lowbit_attention_reference(q, k, v, pv=pv)
+    return out.contiguous()
+
+
+@sage_forward.register_fake
+def _(q, k, v, pv):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("turbo::sagesla_forward", mutates_args=())
+def sagesla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_bias: Tensor, topk: float,
+                    block_q: int, block_k: int, feature_map: str, pv: str) -> Tensor:
+    """SLA with the low-bit sparse branch: O = O_s^lowbit + proj_l(O_l), in q's dtype."""
+    fast, pv = _fast_lowbit(q, pv)
+    with torch.no_grad():
+        if fast:
+            bm = sla_block_map(q, k, topk, block_q, block_k)
+            o_s = sagesla_sparse(q, k, v, bm, pv=pv)
+        else:
+            bm = sla_block_map_reference(q, k, topk, block_q, block_k)
+            o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv)
+        o_l = linear_branch(q, k, v, bm, feature_map)  # fp32
+        o_l = torch.nn.functional.linear(o_l, proj_weight.float(), proj_bias.float())
+        return (o_s.float() + o_l).to(q.dtype).contiguous()
+
+
+@sagesla_forward.register_fake
+def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, pv):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("turbo::w8a8_linear", mutates_args=())
+def w8a8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                smooth_inv: Optional[Tensor], act_scale: Optional[float], mode: str, use_kernels: bool) -> Tensor:
+    """y = quant(x) W_q^T · scales + bias for x (..., K) -> (..., N) in x's dtype (W8A8Linear's math)."""
+    K, N = weight_q.shape[1], weight_q.shape[0]
+    if use_kernels:
+        q, s = quantize_rows(x, mode, act_scale, smooth_inv=smooth_inv)
+        y = w8a8_matmul(q, s, weight_q, weight_scale, bias, out_dtype=x.dtype)
+    else:
+        q, s = quantize_rows_reference(x.reshape(-1, K), mode, act_scale, smooth_inv)
+        y = w8a8_matmul_reference(q, s, weight_q, weight_scale, bias, out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], N).contiguous()
+
+
+@w8a8_linear.register_fake
+def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels):
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+
+
+__all__ = ["sage_forward", "sagesla_forward", "sla_forward", "w8a8_linear"]

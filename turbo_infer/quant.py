@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from turbo_kernels.capability import kernel_support
-from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows, quantize_rows_reference, quantize_weight
-from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
-from turbo_infer.layers.compile_ops import w8a8_linear
+from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_weight
+from turbo_infer.layers.compile_ops import quantize_activation, quantized_product, w8a8_linear
 
 PRECISIONS = ("int8", "fp8", "bf16")
 DEFAULT_EXCLUDE = ("proj_l", "patch_embedding", "head")
@@ -103,33 +102,27 @@ class W8A8Linear(nn.Module):
         cap = kernel_support(t.device)
         return cap.fp8_gemm if self.mode == "fp8" else cap.int8_gemm
 
-    def quantize_input(self, x: torch.Tensor) -> QuantizedActivation:
-        """Quantize x (..., K) per token (or with the static scale)."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
-        if self._use_kernels(x):
-            q, s = quantize_rows(x, self.mode, self.act_scale, smooth_inv=self.smooth_inv)
-        else:
-            q, s = quantize_rows_reference(x.reshape(-1, self.in_features), self.mode, self.act_scale,
-                                           self.smooth_inv)
+
+    def quantize_input(self, x: torch.Tensor) -> QuantizedActivation:
+        """Quantize x (..., K) per token (or with the static scale)."""
+        self._check_input(x)
+        q, s = quantize_activation(x, self.mode, self.act_scale, self.smooth_inv, self._use_kernels(x))
         return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
 
     def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
         """x: (..., in_features) float, or a QuantizedActivation → (..., out_features) in x's dtype."""
         if isinstance(x, torch.Tensor):  # quantize + GEMM as one opaque op for torch.compile
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"input last dim {x.shape[-1]} != in_features {self.in_features}")
+            self._check_input(x)
             return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.act_scale,
                                self.mode, self._use_kernels(x))
-        qa = x
-        if qa.data.dtype != self.weight_q.dtype:
-            raise TypeError(f"activation dtype {qa.data.dtype} does not match this layer's mode {self.mode!r}")
-        bias = self.bias
-        if self._use_kernels(qa.data):
-            y = w8a8_matmul(qa.data, qa.scale, self.weight_q, self.weight_scale, bias, out_dtype=qa.dtype)
-        else:  # CPU fallback: the dequantized product (exact int8 products, same epilogue order)
-            y = w8a8_matmul_reference(qa.data, qa.scale, self.weight_q, self.weight_scale, bias, out_dtype=qa.dtype)
-        return y.view(*qa.shape[:-1], self.out_features)
+        if x.data.dtype != self.weight_q.dtype:
+            raise TypeError(f"activation dtype {x.data.dtype} does not match this layer's mode {self.mode!r}")
+        y = quantized_product(x.data, x.scale, self.weight_q, self.weight_scale, self.bias, x.dtype,
+                              self._use_kernels(x.data))
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else f"static {self.act_scale:g}"

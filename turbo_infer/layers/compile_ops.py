@@ -82,18 +82,29 @@ def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, pv):
     return q.new_empty(q.shape)
 
 
+def quantize_activation(x: Tensor, mode: str, act_scale: Optional[float], smooth_inv: Optional[Tensor],
+                        use_kernels: bool) -> tuple[Tensor, Tensor]:
+    """x (..., K) -> (rows (M, K) int8/fp8, scales): the Triton kernel or its torch reference."""
+    if use_kernels:
+        return quantize_rows(x, mode, act_scale, smooth_inv=smooth_inv)
+    return quantize_rows_reference(x.reshape(-1, x.shape[-1]), mode, act_scale, smooth_inv)
+
+
+def quantized_product(q: Tensor, s: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                      out_dtype: torch.dtype, use_kernels: bool) -> Tensor:
+    """(M, N) = dequantized q W_q^T + bias: the kernel, or the CPU fallback's dequantized product (exact
+    int8 products, same epilogue order)."""
+    fn = w8a8_matmul if use_kernels else w8a8_matmul_reference
+    return fn(q, s, weight_q, weight_scale, bias, out_dtype=out_dtype)
+
+
 @torch.library.custom_op("turbo::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
                 smooth_inv: Optional[Tensor], act_scale: Optional[float], mode: str, use_kernels: bool) -> Tensor:
     """y = quant(x) W_q^T · scales + bias for x (..., K) -> (..., N) in x's dtype (W8A8Linear's math)."""
-    K, N = weight_q.shape[1], weight_q.shape[0]
-    if use_kernels:
-        q, s = quantize_rows(x, mode, act_scale, smooth_inv=smooth_inv)
-        y = w8a8_matmul(q, s, weight_q, weight_scale, bias, out_dtype=x.dtype)
-    else:
-        q, s = quantize_rows_reference(x.reshape(-1, K), mode, act_scale, smooth_inv)
-        y = w8a8_matmul_reference(q, s, weight_q, weight_scale, bias, out_dtype=x.dtype)
-    return y.reshape(*x.shape[:-1], N).contiguous()
+    q, s = quantize_activation(x, mode, act_scale, smooth_inv, use_kernels)
+    y = quantized_product(q, s, weight_q, weight_scale, bias, x.dtype, use_kernels)
+    return y.reshape(*x.shape[:-1], weight_q.shape[0]).contiguous()
 
 
 @w8a8_linear.register_fake
@@ -101,4 +112,5 @@ def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
-__all__ = ["sage_forward", "sagesla_forward", "sla_forward", "w8a8_linear"]
+__all__ = ["quantize_activation", "quantized_product", "sage_forward", "sagesla_forward", "sla_forward",
+           "w8a8_linear"]

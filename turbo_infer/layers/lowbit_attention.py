@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbo_kernels.attention.lowbit import PV_MODES, lowbit_attention_reference
+from turbo_kernels.attention.lowbit import PV_MODES
 from turbo_infer.layers.attention import register_attention
 from turbo_infer.layers.compile_ops import sage_forward, sagesla_forward
 from turbo_infer.layers.sla import SparseLinearAttention
@@ -46,9 +46,8 @@ class SageAttention(nn.Module):
         # q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D)
         if q.shape[-1] != self.head_dim:
             raise ValueError(f"q has head dim {q.shape[-1]}, this SageAttention was built for {self.head_dim}")
-        if q.is_cuda:  # one opaque op for torch.compile (kernels or, without int8 tensor cores, the reference)
-            return sage_forward(q, k, v, self.pv or "auto")
-        return lowbit_attention_reference(q, k, v, pv=self.pv or "fp8")
+        # the kernels on a GPU with int8 tensor cores, else the reference; one opaque op for torch.compile
+        return sage_forward(q, k, v, self.pv or "auto")
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, pv={self.pv or 'auto'}"

@@ -52,6 +52,12 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
         "toy_bundles": {"toy_bundle_h100_adherence_ratio": r("bundle_h100"),
                         "toy_bundle_cpu_adherence_ratio": r("bundle_cpu")},
     }
+    for name in reports:  # SLA fine-tune variants of the suite (--sla-variant NAME:...)
+        for prefix, fig in (("teacher_sla0.1_finetuned_", "toy_sla0.1_finetuned_{}"), ("merged_rcm4_sla0.1_", "toy_rcm4_sla0.1_{}")):
+            if name.startswith(prefix):
+                v = name.removeprefix(prefix)
+                out["sla_finetune"][fig.format(v) + "_adherence_ratio"] = r(name)
+                out["sla_finetune"][fig.format(v) + "_frechet_ratio"] = r(name, "frechet")
     for name in reports:  # absolute values too, for BENCHMARKS.md
         out["rcm" if not name.startswith(("teacher_sla", "merged", "bundle")) else
             "toy_bundles" if name.startswith("bundle") else "sla_finetune"][f"toy_{name}_adherence"] = \

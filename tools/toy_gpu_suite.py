@@ -16,6 +16,11 @@ report lands in OUT/eval/<name>/report.json and a digest in OUT/summary.json; a 
 is logged, recorded and skipped (the others go on). `tools/toy_figures.py` turns the digest into
 benchmarks/{rcm,sla_finetune,toy_bundles}.json.
 
+--sla-variant NAME:KEY=VALUE[,KEY=VALUE...] adds another SLA fine-tune (recipe sla.yaml with those
+method/optim settings) that is trained alongside, merged into the same rCM student and evaluated as
+teacher_sla0.1_finetuned_NAME and merged_rcm4_sla0.1_NAME (calibration and bundles stay with the main
+one); --skip-ablations leaves out the pure-sCM and DMD2-only trainings.
+
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
 from __future__ import annotations
@@ -62,7 +67,7 @@ class Suite:
     # ------------------------------------------------------------------ pieces
     def train(self, name: str, recipe: str, extra: list[str] = ()) -> dict:
         a = self.a
-        minutes = a.sla_minutes if name == "sla" and a.sla_minutes is not None else a.minutes
+        minutes = a.sla_minutes if name.startswith("sla") and a.sla_minutes is not None else a.minutes
         sets = {"logging.run_dir": str(self.out / name), "logging.wandb": "false", "model.checkpoint": str(TEACHER),
                 "data.num_workers": str(a.workers), "trainer.max_time_minutes": str(minutes),
                 "checkpoint.every_n_steps": "1000000"}
@@ -107,21 +112,28 @@ class Suite:
         sc = load_recipe(REPO / sla).method.sla
         untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
                                               "--block-k", str(sc.block_k)]
-        # phase 1: four trainings and the teacher's evaluations, all at once
-        self.parallel([
-            (self.train, "rcm", rcm), (self.train, "scm", rcm, ["--set", "method.rcm.loss_mode=scm"]),
-            (self.train, "dmd", rcm, ["--set", "method.rcm.loss_mode=dmd"]), (self.train, "sla", sla),
-            (self.evaluate, "teacher", teacher_eval),
-            (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
-            (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2)),
-        ], width=7)
+        variants = dict(self.a.sla_variant)
+        ablations = () if self.a.skip_ablations else ("scm", "dmd")
+        # phase 1: the trainings and the teacher's evaluations, all at once
+        phase1 = [(self.train, "rcm", rcm)]
+        phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
+        phase1 += [(self.train, "sla", sla)]
+        phase1 += [(self.train, f"sla_{v}", sla, [x for kv in sets for x in ("--set", kv)]) for v, sets in variants.items()]
+        phase1 += [(self.evaluate, "teacher", teacher_eval),
+                   (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
+                   (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
+        self.parallel(phase1, width=len(phase1))
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
         merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
         student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
 
+        def merge(sla_run: str, out: Path) -> dict:
+            return run(f"merge-{sla_run}", module_cmd("turbo_train.merge") + [
+                "--student", str(self.exported("rcm")), "--sla", str(self.exported(sla_run)), "--teacher", str(TEACHER),
+                "--out", str(out)], self.out)
+
         def merge_calibrate_export():
-            r = [run("merge", module_cmd("turbo_train.merge") + ["--student", str(self.exported("rcm")), "--sla",
-                                    str(self.exported("sla")), "--teacher", str(TEACHER), "--out", str(merged)], self.out)]
+            r = [merge("sla", merged)] + [merge(f"sla_{v}", self.out / f"merged_{v}.safetensors") for v in variants]
             r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
                                 ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
                                  "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
@@ -132,13 +144,17 @@ class Suite:
             return r
 
         jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
-        jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ("scm", "dmd")]
+        jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
+        jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
+                 for v in variants]
         with ThreadPoolExecutor(max_workers=1) as side:
             mce = side.submit(merge_calibrate_export)
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
         final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
+        final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(self.out / f"merged_{v}.safetensors")]
+                   + student(4)) for v in variants]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
@@ -162,6 +178,24 @@ class Suite:
         return 1 if failed else 0
 
 
+def sla_variant(text: str) -> tuple[str, list[str]]:
+    """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...]); the keys are checked against the recipe."""
+    import argparse as _ap
+
+    from turbo_train.recipe import load_recipe
+
+    name, sep, rest = text.partition(":")
+    sets = [kv for kv in rest.split(",") if kv]
+    if not sep or not name.isidentifier() or not sets or any("=" not in kv for kv in sets):
+        raise _ap.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with NAME a word, "
+                                    "e.g. x0:method.sla.weighting=x0")
+    try:
+        load_recipe(REPO / "recipes/toy/sla.yaml", overrides=sets)
+    except (ValueError, KeyError, TypeError) as e:
+        raise _ap.ArgumentTypeError(f"{text!r}: {e}") from None
+    return name, sets
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run directory (trainings, bundles, eval reports)")
@@ -173,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-batch", type=int, default=64, help="videos per sampling batch in the evaluations")
     p.add_argument("--eval-width", type=int, default=4, help="evaluations run at once")
     p.add_argument("--device", default="cuda", help="where the evaluations run (trainings: accelerator auto)")
+    p.add_argument("--sla-variant", action="append", default=[], type=sla_variant, metavar="NAME:KEY=VALUE[,...]",
+                   help="another SLA fine-tune with these recipe settings, merged and evaluated too (repeatable)")
+    p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
     a = p.parse_args(argv)
     if a.minutes <= 0 or a.prompts < 2 or a.workers < 0 or (a.sla_minutes is not None and a.sla_minutes <= 0):

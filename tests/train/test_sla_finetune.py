@@ -181,7 +181,7 @@ def test_config_defaults_and_validation(tmp_path):
 
     d = SLAFinetuneConfig()
     assert (d.topk, d.block_q, d.block_k, d.trainable, d.loss) == (0.1, 128, 64, "all", "distill")
-    for bad, key in (({"loss": "kl"}, "method.sla.loss"), ({"topk": 1.5}, "method.sla.topk"),
+    for bad, key in (({"loss": "kl"}, "method.sla.loss"), ({"topk": 1.5}, "method.sla.topk"), ({"weighting": "snr"}, "method.sla.weighting"),
                      ({"block_q": 48}, "method.sla.block_q"), ({"block_k": 8}, "method.sla.block_k"),
                      ({"caption_dropout": 1.0}, "method.sla.caption_dropout"), ({"flow_weight": 0}, "method.sla.flow_weight")):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
@@ -232,6 +232,24 @@ def test_losses_are_zero_for_the_exact_targets():
     assert set(sla_losses(oracle, None, x0, ctx, s, eps, "flow")) == {"flow"}
     with pytest.raises(ValueError, match="teacher"):
         sla_losses(oracle, None, x0, ctx, s, eps, "distill")
+
+
+def test_x0_weighting_is_the_error_of_the_implied_clean_video():
+    x0, eps = torch.randn(B, *LATENT), torch.randn(B, *LATENT)
+    s = torch.tensor([0.1, 0.9])
+    ctx = torch.randn(B, L_TEXT, TINY["text_dim"])
+    off = torch.randn(B, *LATENT)  # a velocity error that differs per sample
+    teacher = lambda x_s, timestep, context: (x_s - x0) / (timestep / 1000).view(-1, 1, 1, 1, 1)  # noqa: E731
+    student = lambda x_s, timestep, context: teacher(x_s, timestep, context) + off  # noqa: E731
+    vel = sla_losses(student, teacher, x0, ctx, s, eps, "distill")["distill"]
+    x0w = sla_losses(student, teacher, x0, ctx, s, eps, "distill", weighting="x0")["distill"]
+    torch.testing.assert_close(vel, off.pow(2).flatten(1).mean(1))
+    # x0_hat = x_s - s·v: the student's clean video is off by s·off
+    x_s = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
+    x0_student = x_s - s.view(-1, 1, 1, 1, 1) * student(x_s, 1000 * s, ctx)
+    torch.testing.assert_close(x0w, (x0_student - x0).pow(2).flatten(1).mean(1))
+    with pytest.raises(ValueError, match="weighting"):
+        sla_losses(student, teacher, x0, ctx, s, eps, "distill", weighting="snr")
 
 
 def test_module_networks_and_trainable_sets(tmp_path):

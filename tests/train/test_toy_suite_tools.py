@@ -45,7 +45,7 @@ def suite(tmp_path, monkeypatch, **kw):
     monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out: calls.append((name, cmd)) or
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
-                           eval_width=4, device="cuda", smoke=False)
+                           eval_width=4, device="cuda", smoke=False, sla_variant=[], skip_ablations=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -74,3 +74,35 @@ def test_the_cpu_bundle_is_evaluated_on_the_cpu(tmp_path, monkeypatch):
 def test_suite_arguments_are_checked():
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", "x", "--sla-minutes", "0"])
+
+
+def test_sla_variants_are_trained_merged_and_evaluated(tmp_path, monkeypatch):
+    variant = toy_gpu_suite.sla_variant("x0:method.sla.weighting=x0,optim.lr=3e-5")
+    assert variant == ("x0", ["method.sla.weighting=x0", "optim.lr=3e-5"])
+    s, calls = suite(tmp_path, monkeypatch, sla_variant=[variant], skip_ablations=True, sla_minutes=6.0)
+    s.main()
+    by = dict(calls)
+    assert "train-scm" not in by and "train-dmd" not in by and "eval-scm4" not in by
+    sets = sets_of(by["train-sla_x0"])
+    assert sets["method.sla.weighting"] == "x0" and sets["optim.lr"] == "3e-5"
+    assert sets["trainer.max_time_minutes"] == "6.0" and sets["logging.run_dir"] == str(tmp_path / "sla_x0")
+    merge = by["merge-sla_x0"]
+    assert merge[merge.index("--sla") + 1] == str(tmp_path / "sla_x0/ema.safetensors")
+    assert merge[merge.index("--out") + 1] == str(tmp_path / "merged_x0.safetensors")
+    ev = by["eval-merged_rcm4_sla0.1_x0"]
+    assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "merged_x0.safetensors") and "rcm" in ev
+    assert "eval-teacher_sla0.1_finetuned_x0" in by and "eval-merged_rcm4_sla0.1" in by
+
+
+def test_sla_variant_errors_name_the_problem():
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME:KEY=VALUE"):
+        toy_gpu_suite.sla_variant("x0")
+    with pytest.raises(argparse.ArgumentTypeError, match="weighting"):
+        toy_gpu_suite.sla_variant("bad:method.sla.weighting=snr")
+
+
+def test_variant_figures_divide_by_the_teacher():
+    f = toy_figures.ratios({"teacher": report(0.8, 400.0), "merged_rcm4_sla0.1_x0": report(0.78, 600.0),
+                            "teacher_sla0.1_finetuned_x0": report(0.7)})["sla_finetune"]
+    assert f["toy_rcm4_sla0.1_x0_adherence_ratio"] == 0.975 and f["toy_rcm4_sla0.1_x0_frechet_ratio"] == 1.5
+    assert f["toy_sla0.1_finetuned_x0_adherence_ratio"] == 0.875

@@ -12,6 +12,12 @@ student (`turbo_train.merge`). With the rectified-flow time of the teacher (DESI
     L_flow    = E || v_SLA(x_s, 1000·s, c) - (eps - x0) ||^2                       (the data loss)
     loss = L_distill | L_flow | L_distill + flow_weight·L_flow                  (method.sla.loss)
 
+method.sla.weighting x0 multiplies each sample's terms by s²: the error of the implied clean video
+x̂0 = x_s - s·v instead of the velocity's. An x0-predicting teacher (WanConfig.prediction x0) returns
+v = (x_s - x̂0)/max(s, 0.05), so in velocity space an x̂0 error at s = 0.05 weighs 400 times one at
+s = 1 and the few low-noise samples dominate the loss; the x0 weighting fits every time alike in the
+space the model predicts.
+
 s follows the sampler's grid (shifted uniform with Wan's shift by default), so the SLA model is fit
 where the samplers evaluate it; captions drop to the unconditional states with caption_dropout so the
 unconditional branch of CFG is matched too. The student starts as the teacher with SLA swapped in
@@ -43,6 +49,7 @@ if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import
     from turbo_train.recipe import Recipe
 
 LOSSES = ("distill", "flow", "both")
+WEIGHTINGS = ("velocity", "x0")
 
 
 # ----------------------------------------------------------------------------- config
@@ -61,6 +68,9 @@ class SLAFinetuneConfig:
     # variance (1.37 vs a distill gap of 2.7e-3 on the tiny test model), so its gradients are far
     # noisier than the distill term's: weights well below 1 are the likely useful range (untested)
     flow_weight: float = 1.0
+    # space of the errors: velocity = (v_S - v_T)^2 as TurboDiffusion; x0 = s^2·(v_S - v_T)^2, the error
+    # of the implied clean video x0 = x_s - s·v (the natural space of an x0-predicting model, see above)
+    weighting: Literal["velocity", "x0"] = "velocity"
     # SLA of the tuned model: fraction of key blocks per query block kept exact, in (0, 1];
     # n = max(1, int(topk·ceil(L / block_k))) blocks (1.0 = dense + the linear projection's bias)
     topk: float = 0.1
@@ -92,6 +102,7 @@ class SLAFinetuneConfig:
 
         need(self.loss in LOSSES, "loss", f"must be one of {list(LOSSES)}, got {self.loss!r}")
         need(self.flow_weight > 0, "flow_weight", f"must be > 0, got {self.flow_weight}")
+        need(self.weighting in WEIGHTINGS, "weighting", f"must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
         need(0.0 < self.topk <= 1.0, "topk", f"must be in (0, 1], got {self.topk}")
         for key in ("block_q", "block_k"):
             try:
@@ -145,15 +156,19 @@ def check_sla_recipe(recipe: "Recipe") -> None:
 
 
 def sla_losses(student: Callable, teacher: Callable | None, x0: torch.Tensor, context: torch.Tensor,
-               s: torch.Tensor, eps: torch.Tensor, loss: str = "distill") -> dict[str, torch.Tensor]:
+               s: torch.Tensor, eps: torch.Tensor, loss: str = "distill",
+               weighting: str = "velocity") -> dict[str, torch.Tensor]:
     """Per-sample losses (B,) of SLA fine-tuning on x_s = (1-s)·x0 + s·eps (one student forward).
 
     student, teacher: v(x_s, timestep=1000·s, context) -> (B, C, F, H, W); teacher runs without grad
     (None when loss is flow). x0, eps: (B, C, F, H, W); s: (B,) in (0, 1); context: (B, L, D).
     Returns {"distill": mean (v_S - v_T)^2} and/or {"flow": mean (v_S - (eps - x0))^2} (means over
-    C, F, H, W), as `loss` asks."""
+    C, F, H, W), as `loss` asks; weighting x0 multiplies each by s^2 (errors of x0 = x_s - s·v)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    w = s.float().pow(2) if weighting == "x0" else torch.ones_like(s, dtype=torch.float32)  # (B,)
     s_ = s.view(-1, 1, 1, 1, 1)  # (B, 1, 1, 1, 1)
     x_s = (1.0 - s_) * x0 + s_ * eps  # (B, C, F, H, W)
     t = 1000.0 * s
@@ -164,9 +179,9 @@ def sla_losses(student: Callable, teacher: Callable | None, x0: torch.Tensor, co
             raise ValueError(f"loss {loss!r} needs the dense teacher")
         with torch.no_grad():
             v_t = teacher(x_s, timestep=t, context=context).float()  # dense velocity (the target)
-        out["distill"] = (v_s - v_t).pow(2).flatten(1).mean(1)
+        out["distill"] = w * (v_s - v_t).pow(2).flatten(1).mean(1)
     if loss in ("flow", "both"):
-        out["flow"] = (v_s - (eps - x0)).pow(2).flatten(1).mean(1)
+        out["flow"] = w * (v_s - (eps - x0)).pow(2).flatten(1).mean(1)
     return out
 
 
@@ -266,7 +281,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
     def _losses(self, net, x0, context, s, eps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, per-term means) of `net` against the teacher / the data at the given s, eps."""
         c = self.cfg
-        parts = sla_losses(net, self.teacher, x0, context, s, eps, c.loss)
+        parts = sla_losses(net, self.teacher, x0, context, s, eps, c.loss, c.weighting)
         means = {k: v.mean() for k, v in parts.items()}
         total = means.get("distill", 0.0) + (c.flow_weight if c.loss == "both" else 1.0) * means.get("flow", 0.0)
         return total, means

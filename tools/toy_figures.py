@@ -58,11 +58,27 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
                 v = name.removeprefix(prefix)
                 out["sla_finetune"][fig.format(v) + "_adherence_ratio"] = r(name)
                 out["sla_finetune"][fig.format(v) + "_frechet_ratio"] = r(name, "frechet")
+        if name.startswith("rcm4_"):  # rCM variants (--rcm-variant NAME:...), e.g. seed replicates
+            for key in ("adherence", "frechet", "diversity"):
+                out["rcm"][f"toy_{name}_{key}_ratio"] = r(name, key)
     for name in reports:  # absolute values too, for BENCHMARKS.md
         out["rcm" if not name.startswith(("teacher_sla", "merged", "bundle")) else
             "toy_bundles" if name.startswith("bundle") else "sla_finetune"][f"toy_{name}_adherence"] = \
             round(reports[name]["adherence"], 4)
     return {f: {k: v for k, v in figs.items() if v is not None} for f, figs in out.items()}
+
+
+def suite_command(s: dict) -> str:
+    """The toy_gpu_suite.py command line that the digest's settings describe."""
+    cmd = f"python tools/toy_gpu_suite.py --out {s.get('out')} --minutes {s.get('minutes')} --prompts {s.get('prompts')}"
+    if s.get("sla_minutes") is not None:
+        cmd += f" --sla-minutes {s['sla_minutes']}"
+    if s.get("skip_ablations"):
+        cmd += " --skip-ablations"
+    for flag in ("sla_variant", "rcm_variant"):
+        for name, sets in s.get(flag) or []:
+            cmd += f" --{flag.replace('_', '-')} {name}:{','.join(sets)}"
+    return cmd
 
 
 def write(tool: str, figures: dict, device: str, command: str) -> Path:
@@ -98,8 +114,7 @@ def main(argv=None) -> int:
     if a.pipeline_minutes is not None:
         figs["toy_bundles"]["toy_pipeline_cpu_minutes"] = a.pipeline_minutes
     s = summary.get("settings", {})
-    command = (f"python tools/toy_gpu_suite.py --out {s.get('out')} --minutes {s.get('minutes')} --prompts "
-               f"{s.get('prompts')}; python tools/toy_figures.py {a.summary.name} --write")
+    command = suite_command(s) + f"; python tools/toy_figures.py {a.summary.name} --write"
     for tool, f in figs.items():
         for k, v in f.items():
             print(f"{tool:<13} {k:<42} {v}")

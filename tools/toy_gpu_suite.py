@@ -19,7 +19,9 @@ benchmarks/{rcm,sla_finetune,toy_bundles}.json.
 --sla-variant NAME:KEY=VALUE[,KEY=VALUE...] adds another SLA fine-tune (recipe sla.yaml with those
 method/optim settings) that is trained alongside, merged into the same rCM student and evaluated as
 teacher_sla0.1_finetuned_NAME and merged_rcm4_sla0.1_NAME (calibration and bundles stay with the main
-one); --skip-ablations leaves out the pure-sCM and DMD2-only trainings.
+one); --rcm-variant NAME:KEY=VALUE[,...] adds another rCM training (recipe rcm.yaml with those settings,
+e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablations leaves out the
+pure-sCM and DMD2-only trainings.
 
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
@@ -113,10 +115,12 @@ class Suite:
         untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
                                               "--block-k", str(sc.block_k)]
         variants = dict(self.a.sla_variant)
+        rcm_variants = dict(self.a.rcm_variant)
         ablations = () if self.a.skip_ablations else ("scm", "dmd")
         # phase 1: the trainings and the teacher's evaluations, all at once
         phase1 = [(self.train, "rcm", rcm)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
+        phase1 += [(self.train, f"rcm_{v}", rcm, [x for kv in sets for x in ("--set", kv)]) for v, sets in rcm_variants.items()]
         phase1 += [(self.train, "sla", sla)]
         phase1 += [(self.train, f"sla_{v}", sla, [x for kv in sets for x in ("--set", kv)]) for v, sets in variants.items()]
         phase1 += [(self.evaluate, "teacher", teacher_eval),
@@ -145,6 +149,7 @@ class Suite:
 
         jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
+        jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
         jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
         jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
                  for v in variants]
@@ -178,8 +183,8 @@ class Suite:
         return 1 if failed else 0
 
 
-def sla_variant(text: str) -> tuple[str, list[str]]:
-    """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...]); the keys are checked against the recipe."""
+def variant(text: str, recipe: str) -> tuple[str, list[str]]:
+    """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...]); the keys are checked against `recipe`."""
     import argparse as _ap
 
     from turbo_train.recipe import load_recipe
@@ -190,10 +195,20 @@ def sla_variant(text: str) -> tuple[str, list[str]]:
         raise _ap.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with NAME a word, "
                                     "e.g. x0:method.sla.weighting=x0")
     try:
-        load_recipe(REPO / "recipes/toy/sla.yaml", overrides=sets)
+        load_recipe(REPO / recipe, overrides=sets)
     except (ValueError, KeyError, TypeError) as e:
         raise _ap.ArgumentTypeError(f"{text!r}: {e}") from None
     return name, sets
+
+
+def sla_variant(text: str) -> tuple[str, list[str]]:
+    """--sla-variant: settings of recipes/toy/sla.yaml."""
+    return variant(text, "recipes/toy/sla.yaml")
+
+
+def rcm_variant(text: str) -> tuple[str, list[str]]:
+    """--rcm-variant: settings of recipes/toy/rcm.yaml."""
+    return variant(text, "recipes/toy/rcm.yaml")
 
 
 def main(argv=None) -> int:
@@ -209,6 +224,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="where the evaluations run (trainings: accelerator auto)")
     p.add_argument("--sla-variant", action="append", default=[], type=sla_variant, metavar="NAME:KEY=VALUE[,...]",
                    help="another SLA fine-tune with these recipe settings, merged and evaluated too (repeatable)")
+    p.add_argument("--rcm-variant", action="append", default=[], type=rcm_variant, metavar="NAME:KEY=VALUE[,...]",
+                   help="another rCM training with these recipe settings, evaluated at 4 steps (repeatable)")
     p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
     a = p.parse_args(argv)

@@ -62,14 +62,15 @@ def mixed_precision_policy(precision: str):
 
 
 def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing: bool | int | None = None,
-                    compile: bool = False, fsdp_mesh=None, mp_policy=None, scale_sp_grads: bool = True,
+                    checkpoint_policy: str | None = None, compile: bool = False, fsdp_mesh=None, mp_policy=None, scale_sp_grads: bool = True,
                     reshard_after_forward: bool = True) -> WanModel:
     """Apply, in this order, Ulysses sequence parallel, activation checkpointing, compile and FSDP2 to one
     WanModel (in place; returns it).
 
     sp_group: process group of the Ulysses ranks; None (or a group of one) = no sequence parallel.
     activation_checkpointing: True/False or a number of blocks (the first N) sets the model's flag; None
-        leaves it as built.
+        leaves it as built. checkpoint_policy: what a checkpointed block recomputes ("full" |
+        "keep_attention", WanModel.enable_activation_checkpointing); None leaves it as built.
     compile: torch.compile each block in place.
     fsdp_mesh: 1-D DeviceMesh to shard over; None = no FSDP.
     mp_policy: FSDP2 MixedPrecisionPolicy; None = fp32.
@@ -88,8 +89,9 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
         if scale_sp_grads and model.sequence_shard is not None:
             _scale_gather_grads(model.sequence_shard)
     # 2. activation checkpointing: a flag read by WanModel.forward (torch.utils.checkpoint per block)
-    if activation_checkpointing is not None:
-        model.enable_activation_checkpointing(activation_checkpointing)
+    if activation_checkpointing is not None or checkpoint_policy is not None:
+        model.enable_activation_checkpointing(
+            model.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing, checkpoint_policy)
     # 3. compile each block in place (parameter names unchanged: checkpoints and FSDP see the same keys)
     if compile:
         for block in model.blocks:
@@ -181,6 +183,7 @@ def configure_module(module) -> None:
         trained = is_trained(net)
         parallelize_wan(net, sp_group=sp_group,
                         activation_checkpointing=recipe.model.activation_checkpointing if trained else False,
+                        checkpoint_policy=recipe.model.activation_checkpointing_policy,
                         compile=recipe.model.compile, fsdp_mesh=fsdp_mesh, mp_policy=mp)
     _export_through_gather(module)
     module._turbo_parallelized = True

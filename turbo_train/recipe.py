@@ -115,6 +115,10 @@ class ModelConfig:
     # recompute blocks in backward: less memory, ~1/3 more compute per recomputed block; true = every
     # block, false = none, an int N = the first N blocks (the rest keep their activations)
     activation_checkpointing: bool | int = False
+    # what a checkpointed block recomputes: full = everything; keep_attention = everything but the fused
+    # attention kernels, whose outputs are kept (~100 MB per attention at the 1.3B shape; no attention
+    # forward is repeated in backward: turbo_infer.models.wan.CHECKPOINT_POLICIES)
+    activation_checkpointing_policy: Literal["full", "keep_attention"] = "full"
     # torch.compile each DiT block in place (turbo_train/parallel.py: after activation checkpointing,
     # before FSDP); the first steps pay the compile time (minutes at the 14B shape)
     compile: bool = False
@@ -143,6 +147,10 @@ class ModelConfig:
         ac = self.activation_checkpointing
         _require(isinstance(ac, bool) or (isinstance(ac, int) and ac >= 0), "activation_checkpointing",
                  f"true, false or a number of blocks >= 0, got {ac!r}")
+        from turbo_infer.models.wan import CHECKPOINT_POLICIES
+
+        _require(self.activation_checkpointing_policy in CHECKPOINT_POLICIES, "activation_checkpointing_policy",
+                 f"must be one of {list(CHECKPOINT_POLICIES)}, got {self.activation_checkpointing_policy!r}")
         _require(self.text_max_length >= 1, "text_max_length", f"must be >= 1, got {self.text_max_length}")
         _require(self.text_cache_size >= 0, "text_cache_size", f"must be >= 0, got {self.text_cache_size}")
 

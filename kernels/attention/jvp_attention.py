@@ -552,11 +552,17 @@ def jvp_flash_attention(q, k, v, scale=None, **tiles):
       no input needs grad, some carry a forward-AD tangent (rCM's no-grad JVP pass) -> the fused
           kernel on the unpacked primals/tangents, one pass for (O, tO), re-packed as a dual;
       no input needs grad, no tangents (inference) -> SDPA (cuDNN on GPU);
-      otherwise -> JVPAttentionFunction (SDPA forward and backward, jvp rule for forward AD).
+      inputs that need grad, no tangents (a training forward: rCM's student and fake-score steps) ->
+          SDPA with its own autograd: its backward kernel reuses the saved O and log-sum-exp, where
+          JVPAttentionFunction's backward must run the forward once more;
+      inputs that need grad and carry tangents -> JVPAttentionFunction (SDPA forward and backward, jvp
+          rule for forward AD).
     Only the innermost forward-AD level is seen (no nested torch.func.jvp through this op).
     """
     scale = check_attention_inputs(q, k, v, scale=scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        if all(fwAD.unpack_dual(t).tangent is None for t in (q, k, v)):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
         return JVPAttentionFunction.apply(q, k, v, scale, tiles)[0]
     if not use_triton(q, k, v) or triton is None:
         return JVPAttentionFunction.apply(q, k, v, scale, tiles)[0]  # jvp via the reference on CPU

@@ -150,6 +150,49 @@ def test_partial_checkpointing_recomputes_only_the_first_blocks(monkeypatch):
     assert calls == []
 
 
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that actually run (ops a checkpoint serves from its cache do not reach it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keep_attention_checkpointing_recomputes_no_attention(dtype):
+    """policy keep_attention: the same gradients as no checkpointing, and backward runs no attention
+    forward (under "full" it reruns each block's self- and cross-attention)."""
+    import turbo_infer.models.wan as wan
+
+    torch.manual_seed(0)
+    m = WanModel(WanConfig(**TINY)).to(dtype)
+    with torch.no_grad():
+        m.head.head.weight.normal_(std=0.1)
+    x, t, ctx = (a.to(dtype) if a.is_floating_point() else a for a in inputs())
+    m(x, t, ctx).square().mean().backward()
+    g0 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    attention_forwards = {}
+    for policy in ("full", "keep_attention"):
+        m.zero_grad()
+        m.enable_activation_checkpointing(True, policy)
+        assert m.checkpoint_policy == policy and m.checkpointed_blocks() == 2
+        loss = m(x, t, ctx).square().mean()
+        with _OpCounter() as counter:
+            loss.backward()
+        attention_forwards[policy] = sum(op in wan.ATTENTION_OPS for op in counter.ops)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.grad, g0[n], rtol=1e-5, atol=1e-6, msg=f"{policy}: {n}")
+    assert attention_forwards == {"full": 4, "keep_attention": 0}  # 2 blocks x (self + cross)
+    m.enable_activation_checkpointing(1)  # the policy stays when only the block count changes
+    assert m.checkpoint_policy == "keep_attention"
+    with pytest.raises(ValueError, match="checkpoint policy"):
+        m.enable_activation_checkpointing(True, "attention_only")
+
+
 def test_forward_mode_jvp_through_model():
     """rCM needs forward-mode AD through the whole DiT (SDPA math backend on CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -263,6 +263,28 @@ def test_dispatch_of_jvp_flash_attention(needs_grad, tangents, modes, monkeypatc
     assert_close(o, attention_reference(q, k, v), *TOL[torch.float32], "O")
 
 
+def test_training_forward_uses_sdpa_autograd_without_a_second_forward(monkeypatch):
+    # grads needed, no tangents (rCM's student / fake-score steps): SDPA's own autograd; its backward
+    # reuses the saved O and LSE, so no attention forward runs during backward (the autograd.Function's
+    # backward would run SDPA once more)
+    import turbo_kernels.attention.jvp_attention as mod
+    seen, real_launch = [], mod._launch
+    monkeypatch.setattr(mod, "_launch", lambda mode, *a, **kw: seen.append(mode) or real_launch(mode, *a, **kw))
+    q, k, v, _, _, _ = make(1, 2, 45, 19, 32, 32, torch.float32)
+    ours = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = jvp_flash_attention(*ours, block_m=16, block_n=16)
+    assert "JVPAttentionFunction" not in type(o.grad_fn).__name__
+    calls, real_sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or real_sdpa(*a, **kw))
+    grad = torch.randn_like(o)
+    o.backward(grad)
+    assert calls == [] and seen == []
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    plain_attention(*ref).backward(grad)
+    for name, a, b in zip("qkv", ours, ref):
+        assert_close(a.grad, b.grad, *TOL[torch.float32], f"d{name}")
+
+
 def test_function_forward_lse_then_tangent_kernel(monkeypatch):
     # the autograd.Function applied directly without grad: Triton forward with LSE, then the
     # 5-GEMM tangent kernel in its jvp rule

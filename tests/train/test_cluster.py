@@ -193,9 +193,10 @@ def _parallel_worker(rank, world, port, out_path):
     mesh = init_device_mesh("cpu", (world,))
     # the whole job is one Ulysses group (dp = 1) and FSDP shards over it: grads are averaged over 2
     # ranks, the gather's x2 gradient scaling must turn that into the sum of the token shares
-    parallelize_wan(m, sp_group=dist.group.WORLD, activation_checkpointing=True, fsdp_mesh=mesh)
+    parallelize_wan(m, sp_group=dist.group.WORLD, activation_checkpointing=True, checkpoint_policy="keep_attention",
+                    fsdp_mesh=mesh)
     parallelize_wan(ema, sp_group=dist.group.WORLD, fsdp_mesh=mesh)
-    assert is_sharded(m) and is_sharded(ema) and m.gradient_checkpointing
+    assert is_sharded(m) and is_sharded(ema) and m.gradient_checkpointing and m.checkpoint_policy == "keep_attention"
     out = m(x, t, ctx)
     out.square().mean().backward()
     grads = {n: p.grad.full_tensor() for n, p in m.named_parameters()}

@@ -282,8 +282,9 @@ def test_model_checkpoint_initialises_the_weights(tmp_path):
         p.data.normal_()
     save_wan_checkpoint(src.model, tmp_path / "init.safetensors")
     r = recipe_from_dict({"model": {"overrides": dict(TINY), "checkpoint": str(tmp_path / "init.safetensors"),
-                                    "activation_checkpointing": True}})
+                                    "activation_checkpointing": True, "activation_checkpointing_policy": "keep_attention"}})
     m = FlowMatchingModule(r, text_encoder=FakeTextEncoder())
+    assert m.model.checkpoint_policy == "keep_attention"
     for (n, a), b in zip(src.model.state_dict().items(), m.model.state_dict().values()):
         assert torch.equal(a, b), n
     assert m.model.gradient_checkpointing and not m.ema.gradient_checkpointing

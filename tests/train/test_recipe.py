@@ -117,6 +117,7 @@ def test_ill_typed_value_names_dotted_key_and_file(tmp_path, text, key):
     ("model: {overrides: {dim: 33}}", "model.overrides"),  # 33 not divisible by the toy's 3 heads
     ("model: {attention: flash9}", "model.attention"),
     ("model: {activation_checkpointing: -2}", "model.activation_checkpointing"),
+    ("model: {activation_checkpointing_policy: attention}", "model.activation_checkpointing_policy"),
     ("model: {overrides: {prediction: eps}}", "model.overrides"),
     ("data: {source: toy_shards}", "data.train_shards"),
     ("model: {preset: wan2.1-1.3b}", "data.source"),  # cross-section check

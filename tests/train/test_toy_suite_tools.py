@@ -45,7 +45,8 @@ def suite(tmp_path, monkeypatch, **kw):
     monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out: calls.append((name, cmd)) or
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
-                           eval_width=4, device="cuda", smoke=False, sla_variant=[], skip_ablations=False)
+                           eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
+                           skip_ablations=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -106,3 +107,26 @@ def test_variant_figures_divide_by_the_teacher():
                             "teacher_sla0.1_finetuned_x0": report(0.7)})["sla_finetune"]
     assert f["toy_rcm4_sla0.1_x0_adherence_ratio"] == 0.975 and f["toy_rcm4_sla0.1_x0_frechet_ratio"] == 1.5
     assert f["toy_sla0.1_finetuned_x0_adherence_ratio"] == 0.875
+
+
+def test_the_written_command_names_every_suite_setting():
+    cmd = toy_figures.suite_command({"out": "runs/suite", "minutes": 4.5, "prompts": 256, "sla_minutes": 5.0,
+                                     "skip_ablations": True, "sla_variant": [["x0", ["method.sla.weighting=x0"]]]})
+    assert cmd == ("python tools/toy_gpu_suite.py --out runs/suite --minutes 4.5 --prompts 256 --sla-minutes 5.0 "
+                   "--skip-ablations --sla-variant x0:method.sla.weighting=x0")
+
+
+def test_rcm_variants_train_and_evaluate_at_four_steps(tmp_path, monkeypatch):
+    seed = toy_gpu_suite.rcm_variant("seed1:trainer.seed=1")
+    s, calls = suite(tmp_path, monkeypatch, rcm_variant=[seed], skip_ablations=True)
+    s.main()
+    by = dict(calls)
+    assert sets_of(by["train-rcm_seed1"])["trainer.seed"] == "1"
+    ev = by["eval-rcm4_seed1"]
+    assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "rcm_seed1/ema.safetensors")
+    assert ev[ev.index("--steps") + 1] == "4"
+    with pytest.raises(argparse.ArgumentTypeError, match="trainer.seed|seed"):
+        toy_gpu_suite.rcm_variant("bad:trainer.seed=minus")
+    f = toy_figures.ratios({"teacher": report(0.8, 400.0, 20.0), "rcm4_seed1": report(0.72, 480.0, 24.0)})["rcm"]
+    assert f["toy_rcm4_seed1_adherence_ratio"] == 0.9 and f["toy_rcm4_seed1_diversity_ratio"] == 1.2
+    assert f["toy_rcm4_seed1_frechet_ratio"] == 1.2

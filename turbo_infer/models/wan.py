@@ -19,12 +19,13 @@ the low-bit kernels replace it per model; cross-attention always stays dense SDP
 from __future__ import annotations
 
 import math
+from functools import partial
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from turbo_infer.layers.attention import make_attention
 
@@ -289,6 +290,37 @@ class WanHead(nn.Module):
         return self.head(h)  # (B, L, C_out * pt * ph * pw)
 
 
+def _attention_ops() -> tuple:
+    """The aten fused-attention kernels F.scaled_dot_product_attention dispatches to (those this torch has)."""
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_fused_attention_overrideable")
+    return tuple(getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n))
+
+
+ATTENTION_OPS = _attention_ops()
+
+
+def _keep_attention_policy(ctx, op, *args, **kwargs):
+    """Selective checkpointing: keep the fused attention kernels' outputs (O and the row log-sum-exp,
+    what their backward needs), recompute everything else."""
+    return CheckpointPolicy.MUST_SAVE if op in ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# What a checkpointed block recomputes in backward (checkpoint keyword arguments per policy):
+#   full            every op of the block: the least memory, one more forward of the block per backward
+#   keep_attention  every op except the fused attention kernels (self- and cross-attention), whose outputs
+#                   stay in memory: at the Wan-1.3B shape (32 760 tokens) attention is most of a block's
+#                   FLOPs (4·L²·dim = 6.6 TFLOP against 2·L·46M = 3.0 for its linears), and keeping its output costs
+#                   L·dim·2 bytes per attention (~100 MB at bf16) instead of the ~5 GB a block keeps
+#                   without checkpointing. Attention that is not a fused SDPA kernel (SLA's Triton
+#                   kernels, the math backend) is recomputed as under "full".
+CHECKPOINT_POLICIES = {
+    "full": dict,
+    "keep_attention": lambda: {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention_policy)},
+}
+
+
 class WanModel(nn.Module):
     """Wan2.1 T2V DiT: velocity v(x_s, 1000·s, text) for latents x of shape (B, C, F, H, W)."""
 
@@ -303,6 +335,7 @@ class WanModel(nn.Module):
         self.head = WanHead(cfg)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
         self.gradient_checkpointing = False  # activation checkpointing when training: True, False or first N blocks
+        self.checkpoint_policy = "full"  # what a checkpointed block recomputes (CHECKPOINT_POLICIES)
         self.sequence_shard = None  # set by turbo_infer.sequence_parallel (Ulysses); None = single device
         self.init_weights()
 
@@ -317,10 +350,16 @@ class WanModel(nn.Module):
         nn.init.zeros_(self.head.head.weight)
         nn.init.zeros_(self.head.head.bias)
 
-    def enable_activation_checkpointing(self, enabled: "bool | int" = True) -> "WanModel":
+    def enable_activation_checkpointing(self, enabled: "bool | int" = True, policy: str | None = None) -> "WanModel":
         """Recompute blocks in backward instead of keeping their activations: True = every block,
         False/0 = none, an int N = the first N blocks (the rest keep theirs: less recompute where memory
-        allows; Megatron's recompute_num_layers)."""
+        allows; Megatron's recompute_num_layers). policy: what a checkpointed block recomputes,
+        "full" (everything) or "keep_attention" (everything but the attention kernels, whose outputs are
+        kept: see CHECKPOINT_POLICIES); None leaves it as it is."""
+        if policy is not None:
+            if policy not in CHECKPOINT_POLICIES:
+                raise ValueError(f"checkpoint policy must be one of {list(CHECKPOINT_POLICIES)}, got {policy!r}")
+            self.checkpoint_policy = policy
         if isinstance(enabled, bool):
             self.gradient_checkpointing = enabled
             return self
@@ -385,7 +424,8 @@ class WanModel(nn.Module):
         recompute = self.checkpointed_blocks() if torch.is_grad_enabled() else 0
         for i, block in enumerate(self.blocks):
             if i < recompute:
-                tokens = checkpoint(block, tokens, e, ctx, rope, use_reentrant=False)
+                tokens = checkpoint(block, tokens, e, ctx, rope, use_reentrant=False,
+                                    **CHECKPOINT_POLICIES[self.checkpoint_policy]())
             else:
                 tokens = block(tokens, e, ctx, rope)
         out = self.head(tokens, temb)  # (B, L, C·p)

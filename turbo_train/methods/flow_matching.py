@@ -95,7 +95,7 @@ def build_wan_model(cfg: ModelConfig) -> WanModel:
     else:
         model = WanModel(wan_cfg)
     model.to(dtype=getattr(torch, cfg.dtype))
-    return model.enable_activation_checkpointing(cfg.activation_checkpointing)
+    return model.enable_activation_checkpointing(cfg.activation_checkpointing, cfg.activation_checkpointing_policy)
 
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

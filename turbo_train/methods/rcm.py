@@ -163,7 +163,7 @@ def copy_network(src: WanModel, attention: str | None = None) -> WanModel:
     with torch.device("meta"):
         net = WanModel(cfg)
     net.load_state_dict({k: v.detach().clone() for k, v in src.state_dict().items()}, assign=True)
-    return net.enable_activation_checkpointing(src.gradient_checkpointing)
+    return net.enable_activation_checkpointing(src.gradient_checkpointing, src.checkpoint_policy)
 
 
 def load_uncond(path: str | Path) -> torch.Tensor:

@@ -13,11 +13,14 @@ The cases below separate the suspects, each timed on the same random inputs (bat
   module               the attention module of --backend (SparseLinearAttention / SageSparseLinearAttention)
                        on the strided views, through its runtime dispatch (torch.library op, proj_l)
   rope_norm            RMSNorm of q and k plus 3D RoPE of both, eager (what precedes the backend)
-  self_attention       the whole WanSelfAttention with --backend: q/k/v/o linears, norms, RoPE, module
+  rope_norm_fused      the same through the fused kernel (turbo::norm_rope, turbo_kernels qk_norm_rope)
+  self_attention       the whole WanSelfAttention with --backend: q/k/v/o linears, norms + RoPE (fused: CUDA
+                       inference takes the kernel), module
   self_attention_sdpa  the same block with dense SDPA attention (cuDNN / flash), for scale
 
 Figures (benchmarks/sla_layer.json): sla_layer_<case>_ms for every case (suffix _sagesla with
---backend sagesla), sla_layer_module_over_kernel (module ÷ kernel_contiguous) and
+--backend sagesla), sla_layer_module_over_kernel (module ÷ kernel_contiguous), sla_layer_norm_rope_fusion
+(rope_norm ÷ rope_norm_fused) and
 sla_layer_block_speedup (self_attention_sdpa ÷ self_attention). --profile prints the ten CUDA kernels
 that take the most time in `module` (torch.profiler).
 --tiny runs every case once on the CPU (torch reference kernels, or the Triton interpreter under
@@ -86,11 +89,18 @@ def cases(s: dict) -> dict:
         k = blk.norm_k(s["x"]).view(B, L, blk.num_heads, blk.head_dim)
         return RoPE3D.rotate(q, *s["rope"]), RoPE3D.rotate(k, *s["rope"])
 
+    def rope_norm_fused():
+        from turbo_infer.layers.compile_ops import norm_rope
+
+        return (norm_rope(s["x"], blk.norm_q.weight, *s["rope"], blk.num_heads, blk.norm_q.eps),
+                norm_rope(s["x"], blk.norm_k.weight, *s["rope"], blk.num_heads, blk.norm_k.eps))
+
     return {
         "kernel_contiguous": lambda: s["kernel"](*s["contiguous"]),
         "kernel_strided": lambda: s["kernel"](*s["strided"]),
         "module": lambda: s["attn"](*s["strided"]),
         "rope_norm": rope_norm,
+        "rope_norm_fused": rope_norm_fused,
         "self_attention": lambda: blk(s["x"], s["rope"]),
         "self_attention_sdpa": lambda: s["dense"](s["x"], s["rope"]),
     }
@@ -106,6 +116,8 @@ def check_tiny(topk: float, backend: str) -> int:
     torch.testing.assert_close(out["kernel_strided"], ref, rtol=1e-5, atol=1e-5)
     if backend == "sla":  # sagesla quantizes: its module output is the low-bit approximation
         torch.testing.assert_close(out["module"], ref, rtol=1e-4, atol=1e-4)
+    for fused, eager in zip(out["rope_norm_fused"], out["rope_norm"]):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     for name, o in out.items():
         shapes = [tuple(t.shape) for t in (o if isinstance(o, tuple) else (o,))]
         print(f"  {name:>20} ok {shapes}")
@@ -146,6 +158,7 @@ def main(argv=None) -> int:
             ms[name] = h.measure(f"1.3b_topk{a.topk}", name, "fwd", fn)
             h.figure(f"sla_layer_{name}{tag}_ms", ms[name])
         h.figure(f"sla_layer_module_over_kernel{tag}", ms["module"] / ms["kernel_contiguous"])
+        h.figure(f"sla_layer_norm_rope_fusion{tag}", ms["rope_norm"] / ms["rope_norm_fused"])
         h.figure(f"sla_layer_block_speedup{tag}", ms["self_attention_sdpa"] / ms["self_attention"])
         if a.profile:
             profile_top(cases(s)["module"])

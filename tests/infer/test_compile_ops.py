@@ -21,7 +21,7 @@ def linear_args(mode="int8", act_scale=None):
     return m, (torch.randn(3, 5, 32), m.weight_q, m.weight_scale, m.bias, m.smooth_inv, m.act_scale, mode, False)
 
 
-@pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static"])
+@pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static", "norm_rope"])
 def test_fake_implementation_agrees_with_the_real_one(name):
     q, k, v = qkv()
     W, b = torch.randn(32, 32) * 0.1, torch.randn(32) * 0.1
@@ -31,6 +31,8 @@ def test_fake_implementation_agrees_with_the_real_one(name):
         "sagesla": (ops.sagesla_forward, (q, k, v, W, b, 0.5, 16, 16, "softmax", "fp8")),
         "w8a8_int8": (ops.w8a8_linear, linear_args("int8")[1]),
         "w8a8_fp8_static": (ops.w8a8_linear, linear_args("fp8", act_scale=0.05)[1]),
+        "norm_rope": (ops.norm_rope, (torch.randn(2, 6, 24), torch.rand(24) + 0.5, torch.rand(6, 4), torch.rand(6, 4),
+                                      3, 1e-6)),
     }
     op, args = cases[name]
     # test_schema compares the inputs before and after with ops that the CPU lacks for float8 (an fp8

@@ -193,6 +193,28 @@ def test_keep_attention_checkpointing_recomputes_no_attention(dtype):
         m.enable_activation_checkpointing(True, "attention_only")
 
 
+def test_fused_norm_rope_path_gives_the_eager_outputs(monkeypatch):
+    """The inference path through turbo::norm_rope (the Triton kernel, here in the CPU interpreter)
+    equals the eager RMSNorm + RoPE path; CPU tensors never take it on their own."""
+    import turbo_infer.models.wan as wan
+
+    torch.manual_seed(0)
+    m = WanModel(WanConfig(**TINY)).eval()
+    with torch.no_grad():
+        m.head.head.weight.normal_(std=0.1)
+    x, t, ctx = inputs()
+    assert not wan.fused_norm_rope_applies(x)  # CPU: eager
+    calls = []
+    real = wan.fused_norm_rope_applies
+    with torch.no_grad():
+        eager = m(x, t, ctx)
+        monkeypatch.setattr(wan, "fused_norm_rope_applies", lambda t: calls.append(1) or not torch.is_grad_enabled())
+        fused = m(x, t, ctx)
+    assert len(calls) == TINY["num_layers"]
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(wan, "fused_norm_rope_applies", real)
+
+
 def test_forward_mode_jvp_through_model():
     """rCM needs forward-mode AD through the whole DiT (SDPA math backend on CPU)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel

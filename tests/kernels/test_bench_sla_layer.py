@@ -18,7 +18,7 @@ import bench_sla_layer  # noqa: E402
 def test_tiny_cases_run_and_layouts_agree(backend, capsys):
     assert bench_sla_layer.main(["--tiny", "--backend", backend]) == 0
     out = capsys.readouterr().out
-    for case in ("kernel_contiguous", "kernel_strided", "module", "rope_norm", "self_attention", "self_attention_sdpa"):
+    for case in ("kernel_contiguous", "kernel_strided", "module", "rope_norm", "rope_norm_fused", "self_attention", "self_attention_sdpa"):
         assert f"{case} ok" in out
 
 

@@ -19,6 +19,7 @@ from torch import Tensor
 from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_reference
 from turbo_kernels.attention.lowbit import lowbit_attention, lowbit_attention_reference
 from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
+from turbo_kernels.attention.qk_norm_rope import qk_norm_rope
 from turbo_kernels.attention.sla import linear_branch, sla_attention
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.quantize import quantize_rows, quantize_rows_reference
@@ -112,5 +113,18 @@ def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
-__all__ = ["quantize_activation", "quantized_product", "sage_forward", "sagesla_forward", "sla_forward",
+@torch.library.custom_op("turbo::norm_rope", mutates_args=())
+def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, num_heads: int, eps: float) -> Tensor:
+    """Fused q/k RMSNorm + RoPE: x (B, L, C) -> (B, L, H, D) in x's dtype (turbo_kernels qk_norm_rope)."""
+    with torch.no_grad():
+        return qk_norm_rope(x, weight, cos, sin, num_heads, eps)
+
+
+@norm_rope.register_fake
+def _(x, weight, cos, sin, num_heads, eps):
+    B, L, C = x.shape
+    return x.new_empty((B, L, num_heads, C // num_heads))
+
+
+__all__ = ["norm_rope", "quantize_activation", "quantized_product", "sage_forward", "sagesla_forward", "sla_forward",
            "w8a8_linear"]

@@ -204,6 +204,15 @@ class RoPE3D(nn.Module):
 # ----------------------------------------------------------------------------- attention
 
 
+def fused_norm_rope_applies(t: torch.Tensor) -> bool:
+    """Whether WanSelfAttention takes the fused RMSNorm + RoPE kernel for a q/k projection `t`: CUDA
+    inference only. With autograd recording, or a forward-mode tangent attached (rCM's no-grad JVP pass),
+    the eager path runs: the kernel has neither a backward nor a JVP rule."""
+    import torch.autograd.forward_ad as fwAD
+
+    return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
+
+
 class WanSelfAttention(nn.Module):
     """Self-attention with RMSNorm(q, k) across heads, 3D RoPE and a pluggable backend."""
 
@@ -218,10 +227,16 @@ class WanSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: (B, L, dim)
         B, L, _ = x.shape
-        q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim)  # (B, L, H, D)
-        k = self.norm_k(self.k(x)).view(B, L, self.num_heads, self.head_dim)
+        q_lin, k_lin = self.q(x), self.k(x)  # (B, L, dim)
+        if fused_norm_rope_applies(q_lin):  # one kernel per projection: turbo_kernels qk_norm_rope
+            from turbo_infer.layers.compile_ops import norm_rope
+
+            q = norm_rope(q_lin, self.norm_q.weight, *rope, self.num_heads, self.norm_q.eps)  # (B, L, H, D)
+            k = norm_rope(k_lin, self.norm_k.weight, *rope, self.num_heads, self.norm_k.eps)
+        else:
+            q = RoPE3D.rotate(self.norm_q(q_lin).view(B, L, self.num_heads, self.head_dim), *rope)  # (B, L, H, D)
+            k = RoPE3D.rotate(self.norm_k(k_lin).view(B, L, self.num_heads, self.head_dim), *rope)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
-        q, k = RoPE3D.rotate(q, *rope), RoPE3D.rotate(k, *rope)
         o = self.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
         return self.o(o.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
 

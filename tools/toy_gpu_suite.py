@@ -166,7 +166,9 @@ class Suite:
         final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
         self.parallel(final, width=self.a.eval_width)
         summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
-                   "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages, "reports": {}}
+                   "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages, "reports": {},
+                   "trainings": {name: trained for name in sorted(p.name for p in self.out.iterdir() if p.is_dir())
+                                 if (trained := training_progress(self.out / name)) is not None}}
         for rep in sorted((self.out / "eval").glob("*/report.json")):
             r = json.loads(rep.read_text())
             summary["reports"][rep.parent.name] = {k: r[k] for k in ("adherence", "adherence_seen_templates",
@@ -199,6 +201,25 @@ def variant(text: str, recipe: str) -> tuple[str, list[str]]:
     except (ValueError, KeyError, TypeError) as e:
         raise _ap.ArgumentTypeError(f"{text!r}: {e}") from None
     return name, sets
+
+
+def training_progress(run_dir: Path) -> dict | None:
+    """{"steps", "last": {metric: value}} from a training's CSV log (the last logged row of each metric),
+    or None when run_dir holds no metrics.csv: how far each time-capped run got."""
+    import csv
+
+    files = sorted(run_dir.glob("csv/version_*/metrics.csv"))
+    if not files:
+        return None
+    last: dict[str, float] = {}
+    steps = 0
+    with open(files[-1], newline="") as f:
+        for row in csv.DictReader(f):
+            steps = max(steps, int(float(row.get("step") or 0)))
+            for k, v in row.items():
+                if k not in ("epoch", "step") and v not in (None, ""):
+                    last[k] = float(v)
+    return {"steps": steps, "last": last}
 
 
 def sla_variant(text: str) -> tuple[str, list[str]]:

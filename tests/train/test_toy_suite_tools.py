@@ -130,3 +130,11 @@ def test_rcm_variants_train_and_evaluate_at_four_steps(tmp_path, monkeypatch):
     f = toy_figures.ratios({"teacher": report(0.8, 400.0, 20.0), "rcm4_seed1": report(0.72, 480.0, 24.0)})["rcm"]
     assert f["toy_rcm4_seed1_adherence_ratio"] == 0.9 and f["toy_rcm4_seed1_diversity_ratio"] == 1.2
     assert f["toy_rcm4_seed1_frechet_ratio"] == 1.2
+
+
+def test_training_progress_reads_the_last_logged_values(tmp_path):
+    d = tmp_path / "rcm" / "csv" / "version_0"
+    d.mkdir(parents=True)
+    (d / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,49,2.0,\n0,99,1.5,\n0,99,,0.7\n")
+    assert toy_gpu_suite.training_progress(tmp_path / "rcm") == {"steps": 99, "last": {"train/loss": 1.5, "val/loss": 0.7}}
+    assert toy_gpu_suite.training_progress(tmp_path / "eval") is None

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
         p.error(f"summary not found: {a.summary}")
     summary = json.loads(a.summary.read_text())
     reports = summary.get("reports", {})
+    if summary.get("complete") is False:
+        print(f"warning: {a.summary} is the digest of a suite run that did not finish: figures only for the "
+              f"evaluations it reached", file=sys.stderr)
     if "teacher" not in reports:
         p.error(f"{a.summary}: no teacher evaluation in the suite's reports: ratios need it")
     figs = ratios(reports)

@@ -101,6 +101,25 @@ class Suite:
         with ThreadPoolExecutor(max_workers=width) as pool:
             self.stages += list(pool.map(lambda j: j[0](*j[1:]), jobs))
 
+    def write_summary(self, t0: float, complete: bool) -> dict:
+        """Write OUT/summary.json (atomically) from the stages so far and every report on disk; called after
+        each phase too, so that a run stopped by a time limit still leaves a digest (complete: false)."""
+        summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
+                   "complete": complete, "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages,
+                   "reports": {},
+                   "trainings": {name: trained for name in sorted(p.name for p in self.out.iterdir() if p.is_dir())
+                                 if (trained := training_progress(self.out / name)) is not None}}
+        for rep in sorted((self.out / "eval").glob("*/report.json")):
+            r = json.loads(rep.read_text())
+            summary["reports"][rep.parent.name] = {k: r[k] for k in ("adherence", "adherence_seen_templates",
+                                                                     "adherence_heldout_templates", "frechet",
+                                                                     "diversity", "diversity_real", "s_per_video",
+                                                                     "per_attribute_accuracy", "settings")}
+        tmp = self.out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.out / "summary.json")
+        return summary
+
     # ------------------------------------------------------------------ the run
     def main(self) -> int:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +146,7 @@ class Suite:
                    (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
                    (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
         self.parallel(phase1, width=len(phase1))
+        self.write_summary(t0, complete=False)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
         merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
         student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
@@ -157,6 +177,7 @@ class Suite:
             mce = side.submit(merge_calibrate_export)
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
+        self.write_summary(t0, complete=False)
         final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
         final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(self.out / f"merged_{v}.safetensors")]
                    + student(4)) for v in variants]
@@ -165,19 +186,7 @@ class Suite:
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
         final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
         self.parallel(final, width=self.a.eval_width)
-        summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
-                   "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages, "reports": {},
-                   "trainings": {name: trained for name in sorted(p.name for p in self.out.iterdir() if p.is_dir())
-                                 if (trained := training_progress(self.out / name)) is not None}}
-        for rep in sorted((self.out / "eval").glob("*/report.json")):
-            r = json.loads(rep.read_text())
-            summary["reports"][rep.parent.name] = {k: r[k] for k in ("adherence", "adherence_seen_templates",
-                                                                     "adherence_heldout_templates", "frechet",
-                                                                     "diversity", "diversity_real", "s_per_video",
-                                                                     "per_attribute_accuracy", "settings")}
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.out / "summary.json")
+        summary = self.write_summary(t0, complete=True)
         for name, r in summary["reports"].items():
             log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}  diversity {r['diversity']:.3f}")
         failed = [s["stage"] for s in self.stages if s["rc"] != 0]

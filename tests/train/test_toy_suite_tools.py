@@ -93,6 +93,20 @@ def test_sla_variants_are_trained_merged_and_evaluated(tmp_path, monkeypatch):
     ev = by["eval-merged_rcm4_sla0.1_x0"]
     assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "merged_x0.safetensors") and "rcm" in ev
     assert "eval-teacher_sla0.1_finetuned_x0" in by and "eval-merged_rcm4_sla0.1" in by
+    assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
+
+
+def test_an_unfinished_suite_still_leaves_a_digest_and_toy_figures_says_so(tmp_path, monkeypatch, capsys):
+    s, calls = suite(tmp_path, monkeypatch)
+    (tmp_path / "eval" / "teacher").mkdir(parents=True)
+    (tmp_path / "eval" / "teacher" / "report.json").write_text(json.dumps(
+        {**report(0.7), "adherence_seen_templates": 0.7, "adherence_heldout_templates": 0.7, "diversity_real": 9.0,
+         "s_per_video": 1.0, "per_attribute_accuracy": {}, "settings": {}}))
+    s.write_summary(0.0, complete=False)
+    d = json.loads((tmp_path / "summary.json").read_text())
+    assert d["complete"] is False and set(d["reports"]) == {"teacher"}
+    assert toy_figures.main([str(tmp_path / "summary.json")]) == 0
+    assert "did not finish" in capsys.readouterr().err
 
 
 def test_sla_variant_errors_name_the_problem():

@@ -58,8 +58,8 @@ import torch.nn.functional as F
 from turbo_kernels.attention.blockmap import BlockMap, check_qk, sla_block_map, sla_block_map_reference
 from turbo_kernels.utils import check_block, check_float_dtype, next_power_of_2, use_triton
 
-__all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "feature_map_fn", "SLAKernelConfig",
-           "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
+__all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
+           "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_EPS = 1e-5  # denominator epsilon of the linear branch (paper / public code)
@@ -876,6 +876,47 @@ class _SparseLinearAttention(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[4]:
             db = do.sum(dim=(0, 1, 2), dtype=torch.float32)
         return dq, dk, dv, dw, db, None, None, None
+
+
+@torch.no_grad()
+def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap,
+                      proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None, feature_map: str = "softmax",
+                      config: SLAKernelConfig | None = None, inplace: bool = False) -> torch.Tensor:
+    """Inference: O = O_s + O_l @ proj_weight^T + proj_bias for a sparse-branch output O_s computed
+    elsewhere (sagesla's low-bit kernel), in q's dtype. Where Triton runs: SLA's own linear state (one
+    kernel + two GEMMs) and its epilogue kernel after the sparse one (`_sla_lin_fwd_kernel`, the
+    fuse_linear=False path of sla_attention) — one implementation of the linear branch for `sla` and
+    `sagesla`; inplace=True writes the result over O_s when it is contiguous in q's dtype (a temporary
+    of the caller's). Elsewhere: `linear_branch`."""
+    _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
+    _check_proj(proj_weight, proj_bias, q.shape[-1])
+    if o_s.shape != q.shape:
+        raise ValueError(f"o_s must have q's shape {tuple(q.shape)}, got {tuple(o_s.shape)}")
+    if (bm.q_len, bm.k_len, *bm.lut.shape[:2]) != (q.shape[2], k.shape[2], *q.shape[:2]):
+        raise ValueError(f"block map built for (B, H, Lq, Lk) = ({bm.lut.shape[0]}, {bm.lut.shape[1]}, {bm.q_len}, "
+                         f"{bm.k_len}), inputs are ({q.shape[0]}, {q.shape[1]}, {q.shape[2]}, {k.shape[2]})")
+    has_linear = proj_weight is not None and bm.n < bm.num_k_blocks  # else O_l = 0: only the bias
+    if triton is None or not use_triton(q, k, v, o_s) or not has_linear:
+        out = o_s.float()
+        if has_linear:
+            out = out + F.linear(linear_branch(q, k, v, bm, feature_map), proj_weight.float())
+        if proj_bias is not None:
+            out = out + proj_bias.float()
+        return out.to(q.dtype)
+    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    reuse = inplace and o_s.dtype == q.dtype and o_s.is_contiguous()
+    out = o_s if reuse else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    o_s = o_s if o_s.stride() == out.stride() else o_s.contiguous()  # the kernel reads O_s with O's strides
+    hm, zm, wt = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg)
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    B, H, Lq, D = q.shape
+    grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
+    _sla_lin_fwd_kernel[grid](q, o_s, out, hm, zm, wt, bias if bias is not None else out, *_strides(q), *_strides(out),
+                              H, Lq, D, bm.num_q_blocks, LINEAR_EPS / k.shape[2], MAP_BQ=bm.block_q,
+                              BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
+                              FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.fwd_warps)
+    return out
 
 
 def sparse_attention(q, k, v, bm: BlockMap, config: SLAKernelConfig | None = None) -> torch.Tensor:

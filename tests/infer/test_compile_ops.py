@@ -69,3 +69,28 @@ def test_w8a8_module_keeps_its_errors_and_results():
         m(torch.randn(3, 31))
     ref = x @ m.dequantized_weight().T + m.bias
     assert (m(x) - ref).abs().max() / ref.abs().max() < 2e-2  # int8 per-token: the module's own bound
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_sagesla_kernel_path_equals_its_references(pv, monkeypatch):
+    """The op's GPU path (low-bit sparse kernel, then SLA's linear state and epilogue kernel written over
+    its output), run here in the Triton interpreter, against the references composed the same way (the
+    sparse reference with the kernel's key grouping, the torch linear branch). The quantization is
+    identical (test_lowbit checks it bitwise); what differs is summation order and, with fp8 PV, an
+    occasional P rounded to the neighbouring fp8 value: fp16 outputs of O(1) -> 2e-3."""
+    from turbo_kernels.attention.blockmap import sla_block_map
+    from turbo_kernels.attention.lowbit_sparse import DEFAULT_SPARSE_CONFIG, key_group, sagesla_sparse_reference
+    from turbo_kernels.attention.sla import add_linear_branch
+
+    q, k, v = (t.half() for t in qkv(L=80, D=32))
+    W, b = torch.randn(32, 32) * 0.1, torch.randn(32) * 0.1
+    bm = sla_block_map(q, k, 0.3, 16, 16)
+    o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv, group=key_group(DEFAULT_SPARSE_CONFIG, 16, pv == "fp8"),
+                                   i2f=DEFAULT_SPARSE_CONFIG.i2f)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch linear branch
+    ref = add_linear_branch(o_s, q, k, v, bm, W, b)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(ops, "_fast_lowbit", lambda t, p: (True, p))
+    got = ops.sagesla_forward(q, k, v, W, b, 0.3, 16, 16, "softmax", pv)
+    assert got.dtype == torch.float16 and got.is_contiguous()
+    torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)

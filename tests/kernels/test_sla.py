@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from turbo_kernels.attention.blockmap import sla_block_map
-from turbo_kernels.attention.sla import (SLAKernelConfig, linear_branch, sla_attention, sla_reference,
-                                         sparse_attention)
+from turbo_kernels.attention.sla import (SLAKernelConfig, add_linear_branch, linear_branch, sla_attention,
+                                         sla_reference, sparse_attention)
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3)}
 
@@ -97,6 +97,43 @@ def test_fused_inference_forward(feature_map, dtype, cfg):
     ref = sla_reference(q, k, v, 0.25, 32, 16, feature_map, proj_l=(W, b), block_map=bm)
     assert o.dtype == dtype
     assert_close(o, ref, dtype, f"fused O[{feature_map}]")
+
+
+@pytest.mark.parametrize("dtype,feature_map,interpret", [(torch.float32, "softmax", "1"), (torch.float16, "elu", "1"),
+                                                          (torch.float32, "softmax", "0")])
+def test_add_linear_branch_completes_a_sparse_output(dtype, feature_map, interpret, monkeypatch):
+    # sagesla's path: a sparse-branch output from another kernel + SLA's linear state and epilogue kernel
+    # (interpreter) or the torch linear_branch (no interpreter) = the whole SLA output
+    q, k, v = make_inputs(dtype, Lq=200, Lk=170, D=24)
+    W, b = proj(24)
+    bm = sla_block_map(q, k, 0.25, 32, 16)
+    ref = sla_reference(q, k, v, 0.25, 32, 16, feature_map, proj_l=(W, b), block_map=bm)
+    ref_s, _ = sla_reference(q, k, v, 0.25, 32, 16, feature_map, block_map=bm, return_branches=True)
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    o_s = ref_s.to(dtype).clone()
+    o = add_linear_branch(o_s, q, k, v, bm, W, b, feature_map)
+    assert o.dtype == dtype and o.shape == q.shape and torch.equal(o_s, ref_s.to(dtype))  # O_s left as it was
+    assert_close(o, ref, dtype, f"O_s + proj_l(O_l) [{feature_map}, interpret {interpret}]")
+    if interpret == "1":
+        inplace = add_linear_branch(o_s, q, k, v, bm, W, b, feature_map, inplace=True)
+        assert inplace.data_ptr() == o_s.data_ptr()  # written over O_s (contiguous, q's dtype)
+        assert_close(inplace, ref, dtype, "in place")
+        strided = ref_s.to(dtype).transpose(1, 2).contiguous().transpose(1, 2)  # (B, L, H, D)-major O_s
+        assert_close(add_linear_branch(strided, q, k, v, bm, W, b, feature_map, inplace=True), ref, dtype,
+                     "strided O_s")
+
+
+def test_add_linear_branch_without_marginal_blocks_adds_the_bias_and_checks_its_inputs():
+    q, k, v = make_inputs(torch.float32, Lq=64, Lk=64, D=16)
+    W, b = proj(16)
+    bm = sla_block_map(q, k, 1.0, 16, 16)
+    o_s = torch.randn_like(q)
+    torch.testing.assert_close(add_linear_branch(o_s.clone(), q, k, v, bm, W, b), o_s + b)
+    with pytest.raises(ValueError, match="o_s"):
+        add_linear_branch(o_s[:, :, :10], q, k, v, bm, W, b)
+    other = sla_block_map(q[:, :, :48], k, 1.0, 16, 16)
+    with pytest.raises(ValueError, match="block map"):
+        add_linear_branch(o_s, q, k, v, other, W, b)
 
 
 def test_linear_branch_is_zero_without_marginal_blocks():

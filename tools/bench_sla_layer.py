@@ -39,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_harness import Harness  # noqa: E402
 
-from turbo_infer.layers.attention import make_attention  # noqa: E402
 from turbo_infer.models.wan import RoPE3D, WanSelfAttention, get_config  # noqa: E402
 from turbo_kernels.attention.sla import sla_attention  # noqa: E402
 

@@ -19,8 +19,8 @@ the low-bit kernels replace it per model; cross-attention always stays dense SDP
 from __future__ import annotations
 
 import math
-from functools import partial
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F

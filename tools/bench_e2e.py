@@ -20,7 +20,8 @@ logged with a timestamp:
                 tokenizer; encode of one prompt padded to 512 tokens (tokenization included).
   4. VAE        a random AutoencoderKLWan (Wan2.1 config) written to disk and loaded with the
                 project's WanVAE (fp32, as the Wan pipeline); decode of a 1x16x21x60x104 latent;
-                once more with the conv weights in channels_last_3d.
+                once more with the conv weights in channels_last_3d, and (GPU) once more with
+                torch.backends.cudnn.benchmark on (vae_decode_cudnn_benchmark_s).
   5. turbo DiT  the bundle's 4-step rcm sampler over its DiT, wall time per video (4 forwards, no
                 CFG), eager and with torch.compile of each block (regional; compile time printed);
                 the faster is the headline. The other sparse backend (sla vs sagesla, same proj_l)
@@ -252,6 +253,15 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
         conv3d_memory_format(vae.model, torch.contiguous_format)
         fig["vae_decode_channels_last_s"] = statistics.median(times)
         log(f"VAE decode, conv weights channels_last_3d: {[round(s, 3) for s in times]} s")
+    if device.type == "cuda":  # cuDNN's measured algorithm choice for the causal 3D convs (default: heuristics)
+        prev = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:  # timed's untimed warm-up call runs cuDNN's search for the new shapes
+            times = timed(lambda: vae.decode(z), device, args.reps)
+        finally:
+            torch.backends.cudnn.benchmark = prev
+        fig["vae_decode_cudnn_benchmark_s"] = statistics.median(times)
+        log(f"VAE decode, torch.backends.cudnn.benchmark=True: {[round(s, 3) for s in times]} s")
     return vae, vae_dir
 
 

@@ -44,6 +44,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from turbo_infer.files import publish_file
+
 log = logging.getLogger(__name__)
 LATENT_DTYPES = ("float16", "float32")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # shard/key prefix: no dots (webdataset splits keys at the first dot)
@@ -334,8 +336,7 @@ def synthesize_teacher(
         uncond = pipe.text_encoder.empty_embedding().float().cpu().contiguous()  # (1, L, D)
     tmp = out / f".uncond.safetensors.{os.getpid()}.tmp"
     save_file({"embedding": uncond}, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates it owner-only
-    os.replace(tmp, out / "uncond.safetensors")
+    publish_file(tmp, out / "uncond.safetensors")
     return write_latent_shards(out, num_samples, samples_per_shard, make_samples, settings=settings,
                                latent_shape=latent_shape, latent_dtype=latent_dtype, with_context=store_context,
                                prefix=prefix, progress=progress, rank=rank, world=world)

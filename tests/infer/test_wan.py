@@ -1,5 +1,6 @@
 """Wan DiT: forward parity with diffusers' WanTransformer3DModel, key layouts, loading errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -84,6 +85,10 @@ def test_sharded_index_and_metadata_config(tmp_path):
     save_wan_checkpoint(model, tmp_path / "own.safetensors")
     again = WanModel.from_pretrained(tmp_path / "own.safetensors")
     assert again.config == model.config
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "own.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not private (0600)
+    assert not (tmp_path / "own.safetensors.tmp").exists()
     x, t, ctx = inputs()
     with torch.no_grad():
         assert torch.equal(again(x, t, ctx), model(x, t, ctx))

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from turbo_infer.files import publish_file
+
 # (official regex, diffusers replacement) — applied in order; block-level rules carry the block prefix.
 _OFFICIAL_TO_DIFFUSERS = [
     (r"^text_embedding\.0\.", "condition_embedder.text_embedder.linear_1."),
@@ -212,4 +214,4 @@ def save_wan_checkpoint(model, path, layout: str = "official", extra_metadata: d
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    publish_file(tmp, path)

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbo_infer.files import publish_file
+
 from .attributes import BACKGROUNDS, COLORS, HEADS, IGNORE, MOTIONS, SHAPES, labels_to_attributes
 from .generator import HEIGHT, NUM_FRAMES, WIDTH, video_to_float
 
@@ -152,7 +154,7 @@ def save_judge(judge: Judge, out_dir: str | os.PathLike, card: dict[str, Any] | 
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in judge.state_dict().items()}
     save_file(state, str(out / "judge.safetensors.tmp"), metadata={"format": CARD_FORMAT})
-    os.replace(out / "judge.safetensors.tmp", out / "judge.safetensors")
+    publish_file(out / "judge.safetensors.tmp", out / "judge.safetensors")
     full = {"format": CARD_FORMAT, "model": asdict(judge.config), "vocab": VOCAB, "heads": HEADS, **(card or {})}
     (out / "judge.json").write_text(json.dumps(full, indent=1))
     return out / "judge.safetensors"

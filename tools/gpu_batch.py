@@ -133,7 +133,6 @@ def main(argv=None) -> int:
         r = run_job(name, cmd, work / "logs", left)
         log(f"{'timed out' if r['timed_out'] else 'done'} {name}: exit {r['rc']} in {r['seconds']} s")
         results.append(r)
-        (work / "batch.json").write_text(json.dumps({"jobs": results}, indent=2) + "\n")
     (work / "batch.json").write_text(json.dumps({"jobs": results, "total_s": round(time.perf_counter() - t0, 1)},
                                                 indent=2) + "\n")
     dest = pack(out, work, a.collect)

@@ -40,6 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "turbo_infer/assets/toy_teacher.safetensors"
 
 
+def set_args(assignments) -> list[str]:
+    """["KEY=VALUE", ...] -> ["--set", "KEY=VALUE", ...] for turbo-train."""
+    return [x for kv in assignments for x in ("--set", kv)]
+
+
 def module_cmd(module: str) -> list[str]:
     """`python -m module` with this interpreter."""
     return [sys.executable, "-m", module]
@@ -76,7 +81,7 @@ class Suite:
         if a.smoke:
             sets.update({"trainer.max_steps": "2", "data.batch_size": "2", "data.num_workers": "0",
                          "trainer.val_every_n_steps": "0", "trainer.accelerator": "cpu"})
-        cmd = module_cmd("turbo_train.cli") + [recipe] + [x for k, v in sets.items() for x in ("--set", f"{k}={v}")] + list(extra)
+        cmd = module_cmd("turbo_train.cli") + [recipe] + set_args(f"{k}={v}" for k, v in sets.items()) + list(extra)
         return run(f"train-{name}", cmd, self.out)
 
     def evaluate(self, name: str, args: list[str], device: str | None = None) -> dict:
@@ -133,15 +138,15 @@ class Suite:
         sc = load_recipe(REPO / sla).method.sla
         untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
                                               "--block-k", str(sc.block_k)]
-        variants = dict(self.a.sla_variant)
+        sla_variants = dict(self.a.sla_variant)
         rcm_variants = dict(self.a.rcm_variant)
         ablations = () if self.a.skip_ablations else ("scm", "dmd")
         # phase 1: the trainings and the teacher's evaluations, all at once
         phase1 = [(self.train, "rcm", rcm)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
-        phase1 += [(self.train, f"rcm_{v}", rcm, [x for kv in sets for x in ("--set", kv)]) for v, sets in rcm_variants.items()]
+        phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets)) for v, sets in rcm_variants.items()]
         phase1 += [(self.train, "sla", sla)]
-        phase1 += [(self.train, f"sla_{v}", sla, [x for kv in sets for x in ("--set", kv)]) for v, sets in variants.items()]
+        phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
         phase1 += [(self.evaluate, "teacher", teacher_eval),
                    (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
                    (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
@@ -157,7 +162,7 @@ class Suite:
                 "--out", str(out)], self.out)
 
         def merge_calibrate_export():
-            r = [merge("sla", merged)] + [merge(f"sla_{v}", self.out / f"merged_{v}.safetensors") for v in variants]
+            r = [merge("sla", merged)] + [merge(f"sla_{v}", self.out / f"merged_{v}.safetensors") for v in sla_variants]
             r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
                                 ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
                                  "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
@@ -172,7 +177,7 @@ class Suite:
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
         jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
         jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
-                 for v in variants]
+                 for v in sla_variants]
         with ThreadPoolExecutor(max_workers=1) as side:
             mce = side.submit(merge_calibrate_export)
             self.parallel(jobs, width=self.a.eval_width)
@@ -180,7 +185,7 @@ class Suite:
         self.write_summary(t0, complete=False)
         final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
         final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(self.out / f"merged_{v}.safetensors")]
-                   + student(4)) for v in variants]
+                   + student(4)) for v in sla_variants]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
@@ -196,19 +201,17 @@ class Suite:
 
 def variant(text: str, recipe: str) -> tuple[str, list[str]]:
     """NAME:KEY=VALUE[,KEY=VALUE...] -> (NAME, ["KEY=VALUE", ...]); the keys are checked against `recipe`."""
-    import argparse as _ap
-
     from turbo_train.recipe import load_recipe
 
     name, sep, rest = text.partition(":")
     sets = [kv for kv in rest.split(",") if kv]
     if not sep or not name.isidentifier() or not sets or any("=" not in kv for kv in sets):
-        raise _ap.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with NAME a word, "
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] with NAME a word, "
                                     "e.g. x0:method.sla.weighting=x0")
     try:
         load_recipe(REPO / recipe, overrides=sets)
     except (ValueError, KeyError, TypeError) as e:
-        raise _ap.ArgumentTypeError(f"{text!r}: {e}") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return name, sets
 
 

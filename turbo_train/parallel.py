@@ -62,8 +62,8 @@ def mixed_precision_policy(precision: str):
 
 
 def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing: bool | int | None = None,
-                    checkpoint_policy: str | None = None, compile: bool = False, fsdp_mesh=None, mp_policy=None, scale_sp_grads: bool = True,
-                    reshard_after_forward: bool = True) -> WanModel:
+                    checkpoint_policy: str | None = None, compile: bool = False, fsdp_mesh=None, mp_policy=None,
+                    scale_sp_grads: bool = True, reshard_after_forward: bool = True) -> WanModel:
     """Apply, in this order, Ulysses sequence parallel, activation checkpointing, compile and FSDP2 to one
     WanModel (in place; returns it).
 
@@ -90,8 +90,8 @@ def parallelize_wan(model: WanModel, *, sp_group=None, activation_checkpointing:
             _scale_gather_grads(model.sequence_shard)
     # 2. activation checkpointing: a flag read by WanModel.forward (torch.utils.checkpoint per block)
     if activation_checkpointing is not None or checkpoint_policy is not None:
-        model.enable_activation_checkpointing(
-            model.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing, checkpoint_policy)
+        keep = model.gradient_checkpointing if activation_checkpointing is None else activation_checkpointing
+        model.enable_activation_checkpointing(keep, checkpoint_policy)
     # 3. compile each block in place (parameter names unchanged: checkpoints and FSDP see the same keys)
     if compile:
         for block in model.blocks:

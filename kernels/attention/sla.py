@@ -734,11 +734,19 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
                           HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
                           num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     if not fused:  # O = O_s + proj_l(O_l) (+ bias), O_s read back (in place when o_s is o)
-        _sla_lin_fwd_kernel[grid](q, o_s, o, hm, zm, wt, bias if bias is not None else o, *_strides(q), *_strides(o),
-                                  H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q,
-                                  BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
-                                  FEATURE=feature, num_warps=cfg.fwd_warps)
+        _linear_epilogue(q, o_s, o, linear, bias, bm, Lk, cfg, feature_map)
     return o, (lse if store_lse else None), (o_s if store_os else None)
+
+
+def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKernelConfig, feature_map: str) -> None:
+    """O = O_s + proj_l(O_l) (+ bias) after a sparse kernel (`_sla_lin_fwd_kernel`); linear = (Hm, Zm, W^T)
+    of `_linear_state`. O_s is read with O's strides and may be O itself (each tile is read, then written)."""
+    B, H, Lq, D = q.shape
+    hm, zm, wt = linear
+    _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
+        q, o_s, o, hm, zm, wt, bias if bias is not None else o, *_strides(q), *_strides(o), H, Lq, D,
+        bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
+        HAS_BIAS=bias is not None, FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.fwd_warps)
 
 
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
@@ -908,14 +916,9 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     reuse = inplace and o_s.dtype == q.dtype and o_s.is_contiguous()
     out = o_s if reuse else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_s = o_s if o_s.stride() == out.stride() else o_s.contiguous()  # the kernel reads O_s with O's strides
-    hm, zm, wt = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg)
+    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg)
     bias = None if proj_bias is None else proj_bias.float().contiguous()
-    B, H, Lq, D = q.shape
-    grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_lin_fwd_kernel[grid](q, o_s, out, hm, zm, wt, bias if bias is not None else out, *_strides(q), *_strides(out),
-                              H, Lq, D, bm.num_q_blocks, LINEAR_EPS / k.shape[2], MAP_BQ=bm.block_q,
-                              BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
-                              FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.fwd_warps)
+    _linear_epilogue(q, o_s, out, linear, bias, bm, k.shape[2], cfg, feature_map)
     return out
 
 

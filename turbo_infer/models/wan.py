@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
@@ -208,8 +209,6 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
     """Whether WanSelfAttention takes the fused RMSNorm + RoPE kernel for a q/k projection `t`: CUDA
     inference only. With autograd recording, or a forward-mode tangent attached (rCM's no-grad JVP pass),
     the eager path runs: the kernel has neither a backward nor a JVP rule."""
-    import torch.autograd.forward_ad as fwAD
-
     return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
 
 

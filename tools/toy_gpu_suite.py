@@ -21,7 +21,8 @@ method/optim settings) that is trained alongside, merged into the same rCM stude
 teacher_sla0.1_finetuned_NAME and merged_rcm4_sla0.1_NAME (calibration and bundles stay with the main
 one); --rcm-variant NAME:KEY=VALUE[,...] adds another rCM training (recipe rcm.yaml with those settings,
 e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablations leaves out the
-pure-sCM and DMD2-only trainings.
+pure-sCM and DMD2-only trainings; --rcm-only runs just the rCM trainings (and variants) and the teacher's
+evaluation, for comparing rCM settings in one call.
 
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
@@ -145,11 +146,13 @@ class Suite:
         phase1 = [(self.train, "rcm", rcm)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
         phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets)) for v, sets in rcm_variants.items()]
-        phase1 += [(self.train, "sla", sla)]
-        phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
-        phase1 += [(self.evaluate, "teacher", teacher_eval),
-                   (self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
-                   (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
+        if not self.a.rcm_only:
+            phase1 += [(self.train, "sla", sla)]
+            phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
+        phase1 += [(self.evaluate, "teacher", teacher_eval)]
+        if not self.a.rcm_only:
+            phase1 += [(self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
+                       (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
         self.parallel(phase1, width=len(phase1))
         self.write_summary(t0, complete=False)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
@@ -175,6 +178,9 @@ class Suite:
         jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
+        if self.a.rcm_only:  # the students' evaluations only: no SLA, merge, calibration or bundles
+            self.parallel(jobs, width=self.a.eval_width)
+            return self.finish(t0)
         jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
         jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
                  for v in sla_variants]
@@ -191,6 +197,9 @@ class Suite:
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
         final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
         self.parallel(final, width=self.a.eval_width)
+        return self.finish(t0)
+
+    def finish(self, t0: float) -> int:
         summary = self.write_summary(t0, complete=True)
         for name, r in summary["reports"].items():
             log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}  diversity {r['diversity']:.3f}")
@@ -260,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--rcm-variant", action="append", default=[], type=rcm_variant, metavar="NAME:KEY=VALUE[,...]",
                    help="another rCM training with these recipe settings, evaluated at 4 steps (repeatable)")
     p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
+    p.add_argument("--rcm-only", action="store_true",
+                   help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
     a = p.parse_args(argv)
     if a.minutes <= 0 or a.prompts < 2 or a.workers < 0 or (a.sla_minutes is not None and a.sla_minutes <= 0):

@@ -46,7 +46,7 @@ def suite(tmp_path, monkeypatch, **kw):
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
-                           skip_ablations=False)
+                           skip_ablations=False, rcm_only=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -144,6 +144,18 @@ def test_rcm_variants_train_and_evaluate_at_four_steps(tmp_path, monkeypatch):
     f = toy_figures.ratios({"teacher": report(0.8, 400.0, 20.0), "rcm4_seed1": report(0.72, 480.0, 24.0)})["rcm"]
     assert f["toy_rcm4_seed1_adherence_ratio"] == 0.9 and f["toy_rcm4_seed1_diversity_ratio"] == 1.2
     assert f["toy_rcm4_seed1_frechet_ratio"] == 1.2
+
+
+def test_rcm_only_trains_and_evaluates_the_students_and_nothing_else(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch, rcm_only=True, skip_ablations=True,
+                     rcm_variant=[toy_gpu_suite.rcm_variant("flr:method.rcm.fake_score_lr=5e-5")])
+    assert s.main() == 0
+    names = {name for name, _ in calls}
+    assert names == {"train-rcm", "train-rcm_flr", "eval-teacher", "eval-rcm4", "eval-rcm2", "eval-rcm1",
+                     "eval-rcm4_flr"}
+    assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
+    with pytest.raises(SystemExit):
+        toy_gpu_suite.main(["--out", str(tmp_path), "--rcm-only", "--minutes", "-1"])
 
 
 def test_training_progress_reads_the_last_logged_values(tmp_path):

@@ -74,7 +74,11 @@ class RCMConfig:
     # also the iterations before the DMD term and fake-score steps start; 0 = none (14B)
     tangent_warmup: int = 1000
     scm_weight: float = 100.0  # scale of L_sCM (§2.9), > 0
-    dmd_weight: float = 1.0  # weight of L_DMD in the student loss (§3), > 0
+    # weight of L_DMD in the student loss (§3: 1), > 0. The toy recipes deviate with 0.3: at weight 1 the
+    # toy student's quality did not reproduce (4 of 5 runs at 0.84-0.92x the teacher, those inspected with
+    # objects dropped and gradient backgrounds blackened: DMD's mode-seeking pull); at 0.3 five runs give
+    # 0.94-0.99x (BENCHMARKS.md, rCM section)
+    dmd_weight: float = 1.0
     fake_score_weight: float = 1.0  # scale of L_fake (§3), > 0
     student_update_freq: int = 5  # after the warmup: one student step per this many iterations (5: 1.3B, 10: 14B)
     fake_score_lr: float = 4e-7  # fake-score AdamW learning rate (1.3B 4e-7, 14B 1e-7); optim's other settings apply

@@ -290,14 +290,18 @@ if triton is not None:
         tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=mask_d)
 
     @triton.jit
-    def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr):
+    def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr,
+                      FOLDED: tl.constexpr):
         # proj_l(O_l) without bias for one query tile, fp32: with this query block's marginal sums
-        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T.
+        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED: HM holds Hm W^T already
+        # (the row scaling by 1/den commutes with the right product), so one D x D product, no W^T.
         mask_dd = mask_d[:, None] & mask_d[None, :]
         hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
         zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         fq = _phi(q.to(tl.float32), mask_d, FEATURE)
         o_l = tl.dot(fq.to(hm.dtype), hm) / (tl.sum(fq * zm[None, :], axis=1) + lin_eps)[:, None]
+        if FOLDED:
+            return o_l
         wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
         return tl.dot(o_l.to(wt.dtype), wt)
 
@@ -345,7 +349,7 @@ if triton is not None:
     @triton.jit
     def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, sqb, sqh, sql, sob, soh, sol, H, Lq, D, num_qb, lin_eps,
                             MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, FOLDED: tl.constexpr):
         # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel.
         # OS may be O itself (inference: each program reads its tile before writing it).
         pid_m = tl.program_id(0)
@@ -360,7 +364,7 @@ if triton is not None:
         o_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
         acc = tl.load(OS + o_ptrs, mask=mask, other=0.0).to(tl.float32)
         qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-        acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE)
+        acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
@@ -437,7 +441,8 @@ if triton is not None:
                         MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
                         STORE_LSE: tl.constexpr, STORE_OS: tl.constexpr, LINEAR: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr):
+                        HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr,
+                        FOLDED: tl.constexpr):
         # One program: BLOCK_M queries (inside one map block of MAP_BQ) of one (batch, head).
         # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions).
         # BLOCK_N <= MAP_BK: a tile lies inside one block, its rows are contiguous from a scalar
@@ -489,7 +494,7 @@ if triton is not None:
                      mask=mask_m[:, None] & mask_d[None, :])
         if LINEAR:  # fused linear branch + projection (see _lin_fwd_tile)
             qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-            acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE)
+            acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -724,15 +729,17 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
     feature = FEATURE_MAPS.index(feature_map)
     fused = cfg.fuse_linear or linear is None
     hm, zm, wt = linear if linear is not None else (o, o, o)
+    folded = wt is None  # proj_l folded into Hm (`_linear_state(fold=True)`)
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, wt, bias if bias is not None else o,
+    _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, hm if folded else wt,
+                          bias if bias is not None else o,
                           *_strides(q), *_strides(k), *_strides(v), *_strides(o),
                           H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
                           MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
                           BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
                           STORE_OS=store_os and fused, LINEAR=fused and linear is not None,
                           HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
-                          num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+                          FOLDED=folded, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     if not fused:  # O = O_s + proj_l(O_l) (+ bias), O_s read back (in place when o_s is o)
         _linear_epilogue(q, o_s, o, linear, bias, bm, Lk, cfg, feature_map)
     return o, (lse if store_lse else None), (o_s if store_os else None)
@@ -744,9 +751,10 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
     B, H, Lq, D = q.shape
     hm, zm, wt = linear
     _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
-        q, o_s, o, hm, zm, wt, bias if bias is not None else o, *_strides(q), *_strides(o), H, Lq, D,
-        bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
-        HAS_BIAS=bias is not None, FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.fwd_warps)
+        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, *_strides(q), *_strides(o),
+        H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
+        HAS_BIAS=bias is not None, FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None,
+        num_warps=cfg.fwd_warps)
 
 
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
@@ -754,12 +762,15 @@ def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
     return (~bm.dense()).view(-1, bm.num_q_blocks, bm.num_k_blocks).to(dtype)
 
 
-def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig):
+def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig,
+                  fold: bool = False):
     """Marginal sums of the linear branch per query block, for the forward epilogue.
 
     h_j, z_j per key block (Triton, one read of K and V), then Hm = (1 - M) @ h and
     Zm = (1 - M) @ z as batched tensor-core GEMMs. Returns (Hm (B*H, Nq, D, D), Zm (B*H, Nq, D),
-    W^T (D, D)), all in q's dtype.
+    W^T (D, D)), all in q's dtype. fold=True (inference: the backward needs Hm itself) returns
+    (Hm W^T, Zm, None): proj_l folded into the state by one more GEMM (fp32 accumulation), so the
+    epilogue of every query tile does one D x D product instead of two (FOLDED in `_lin_fwd_tile`).
     """
     B, H, Lq, D = q.shape
     Lk, Nq, Nk = k.shape[2], bm.num_q_blocks, bm.num_k_blocks
@@ -771,7 +782,10 @@ def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Te
     marginal = _marginal(bm, q.dtype)  # (BH, Nq, Nk)
     hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)
     zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
-    return hm, zm, proj_weight.t().to(q.dtype).contiguous()
+    wt = proj_weight.t().to(q.dtype).contiguous()
+    if fold:
+        return torch.matmul(hm, wt), zm, None
+    return hm, zm, wt
 
 
 def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, linear=None, feature_map="softmax"):
@@ -916,7 +930,7 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     reuse = inplace and o_s.dtype == q.dtype and o_s.is_contiguous()
     out = o_s if reuse else torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o_s = o_s if o_s.stride() == out.stride() else o_s.contiguous()  # the kernel reads O_s with O's strides
-    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg)
+    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     _linear_epilogue(q, o_s, out, linear, bias, bm, k.shape[2], cfg, feature_map)
     return out
@@ -954,8 +968,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     if needs_grad:
         o_s = _SparseAttention.apply(q, k, v, bm, cfg)
         return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)
-    # inference: block map, linear state (kernel + 2 GEMMs), one fused kernel for O_s + proj_l(O_l)
+    # inference: block map, linear state (kernel + 3 GEMMs, proj_l folded in), one fused kernel for O_s + proj_l(O_l)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg) if has_linear else None
+    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True) if has_linear else None
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     return _sparse_forward(q, k, v, bm, cfg, linear, bias, feature_map, store_lse=False)[0]

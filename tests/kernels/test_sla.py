@@ -99,6 +99,20 @@ def test_fused_inference_forward(feature_map, dtype, cfg):
     assert_close(o, ref, dtype, f"fused O[{feature_map}]")
 
 
+def test_inference_folds_proj_l_into_the_linear_state():
+    # (phi(q) Hm / den) W^T == phi(q) (Hm W^T) / den: inference passes Hm W^T and skips the epilogue's
+    # second product; training keeps Hm and W^T apart (the backward needs Hm itself)
+    from turbo_kernels.attention.sla import DEFAULT_CONFIG, _linear_state
+
+    q, k, v = make_inputs(torch.float32, Lq=96, Lk=80, D=16)
+    W, _ = proj(16)
+    bm = sla_block_map(q, k, 0.25, 32, 16)
+    hm, zm, wt = _linear_state(q, k, v, bm, "softmax", W, DEFAULT_CONFIG)
+    hmw, zm2, none = _linear_state(q, k, v, bm, "softmax", W, DEFAULT_CONFIG, fold=True)
+    assert none is None and torch.equal(zm, zm2) and torch.equal(wt, W.t())
+    torch.testing.assert_close(hmw, hm @ W.t(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,feature_map,interpret", [(torch.float32, "softmax", "1"), (torch.float16, "elu", "1"),
                                                           (torch.float32, "softmax", "0")])
 def test_add_linear_branch_completes_a_sparse_output(dtype, feature_map, interpret, monkeypatch):

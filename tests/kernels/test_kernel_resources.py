@@ -1,0 +1,41 @@
+"""tools/kernel_resources.py: the SLA forward compiled for sm_90 on the CPU, its cubin read back (in a
+subprocess: the test session runs Triton as the interpreter, which compiles nothing)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "nvdisasm").exists(),
+                                reason="this Triton install has no NVIDIA binutils")
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "kernel_resources.py"
+
+
+def run(*args, interpret="0"):
+    env = {**os.environ, "TRITON_INTERPRET": interpret, "TRITON_DEFAULT_FP_FUSION": "1"}
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_the_sla_forward_variants_compile_to_hopper_matrix_instructions():
+    r = run("--variants", "unfused,fused,folded", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    unfused, fused, folded = got["unfused"], got["fused"], got["folded"]
+    assert 0 < unfused["registers"] <= 255 and unfused["instructions"] > 100
+    # QK^T and PV as wgmma (HGMMA) in the main loop, and nothing spilled there in any variant
+    assert unfused["hgmma"] > 0 and unfused["main_loop_instructions"] > 0
+    assert all(v["main_loop_spills"] == 0 for v in got.values())
+    assert unfused["stack_bytes"] == unfused["spill_loads"] == unfused["spill_stores"] == 0
+    # folding proj_l into the linear state removes one D x D product from the epilogue
+    assert folded["hgmma"] < fused["hgmma"] and folded["instructions"] < fused["instructions"]
+
+
+def test_bad_requests_are_refused():
+    r = run("--variants", "fused,nope")
+    assert r.returncode == 2 and "nope" in r.stderr
+    r = run("--variants", "unfused", interpret="1")
+    assert r.returncode == 2 and "TRITON_INTERPRET" in r.stderr

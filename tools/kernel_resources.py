@@ -1,0 +1,130 @@
+"""Registers, stack (spills) and SASS instruction mix of the SLA forward kernel for a GPU, compiled here.
+
+    python tools/kernel_resources.py [--arch 90] [--variants fused,folded,unfused] [--warps 8] [--stages 2]
+
+No GPU needed: Triton compiles for the named architecture on the CPU and its bundled cuobjdump /
+nvdisasm read the cubin. This answers "did it spill, are the matrix instructions there, how long is the
+epilogue" before a device call is spent (METHOD.md: read what costs no device time). The CPU's Triton
+may be newer than the GPU machine's, so figures can differ a little from what runs there.
+
+Variants of `_sla_fwd_kernel` at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
+    unfused  the sparse branch alone (LINEAR=False; the linear branch runs in its own kernel)
+    fused    sparse branch + linear-branch epilogue with two D x D products (training forward)
+    folded   the same with proj_l folded into Hm (inference: one D x D product)
+Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
+the main loop's length and spills, and the most frequent opcodes.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+VARIANTS = {"unfused": (False, False), "fused": (True, False), "folded": (True, True)}
+POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OS": "*bf16", "LSE": "*fp32", "LUT": "*i32",
+            "HM": "*bf16", "ZM": "*fp32", "WT": "*bf16", "BIAS": "*fp32"}
+ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
+
+
+def compile_sla_fwd(linear: bool, folded: bool, arch: int, warps: int, stages: int, block_n: int = 64):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from turbo_kernels.attention import sla
+
+    fn = sla._sla_fwd_kernel
+    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=128, EVEN_N=False, STORE_LSE=False,
+                 STORE_OS=False, LINEAR=linear, HAS_BIAS=linear, FEATURE=0, PAD_D=False, FOLDED=folded)
+    sig = {n: POINTERS.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "lin_eps") else "i32"))
+           for n in fn.arg_names}
+    return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: this Triton install has no NVIDIA binutils")
+    return path
+
+
+def inspect(kernel) -> dict:
+    """Resource usage and instruction mix of a compiled Triton kernel's cubin."""
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([tool("nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    instrs, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        a = ADDR.search(line)
+        op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if a and op:
+            addr = int(a.group(1), 16)
+            for lab in pending:
+                labels[lab] = addr
+            pending = []
+            instrs.append((addr, op.group(1), line))
+    ops = collections.Counter(op for _, op, _ in instrs)
+    loops = []  # backward branches: (start, end) of each loop body
+    for addr, op, line in instrs:
+        m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
+        if op == "BRA" and m and labels.get(m.group(1), addr + 1) < addr:
+            loops.append((labels[m.group(1)], addr))
+    def body_of(loop):
+        return [op for x, op, _ in instrs if loop[0] <= x <= loop[1]]
+
+    # the main loop: the one with the most matrix instructions (then the longest)
+    main = max(loops, key=lambda lp: (body_of(lp).count("HGMMA"), lp[1] - lp[0]), default=None)
+    body = body_of(main) if main else []
+    return {"registers": regs, "stack_bytes": stack, "instructions": len(instrs), "spill_loads": ops["LDL"],
+            "spill_stores": ops["STL"], "hgmma": ops["HGMMA"], "main_loop_instructions": len(body),
+            "main_loop_spills": body.count("LDL") + body.count("STL"), "top_ops": ops.most_common(8)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
+    p.add_argument("--variants", default="unfused,fused,folded", help=f"comma-separated among {list(VARIANTS)}")
+    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--block-n", type=int, default=64, help="key tile (the forward's fwd_block_n)")
+    p.add_argument("--json", action="store_true", help="print {variant: figures} as JSON instead of the table")
+    a = p.parse_args(argv)
+    names = [v for v in a.variants.split(",") if v]
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        p.error(f"unknown variant(s) {bad}; choose among {list(VARIANTS)}")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    if a.json:
+        results = {v: inspect(compile_sla_fwd(*VARIANTS[v], a.arch, a.warps, a.stages, a.block_n)) for v in names}
+        print(json.dumps(results))
+        return 0
+    print(f"{'variant':<9} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "
+          f"{'loop spills':>11}  top opcodes")
+    for v in names:
+        r = inspect(compile_sla_fwd(*VARIANTS[v], a.arch, a.warps, a.stages, a.block_n))
+        print(f"{v:<9} {r['registers']:>5} {r['stack_bytes']:>6} {r['instructions']:>7} "
+              f"{r['spill_loads']:>3}/{r['spill_stores']:<4} {r['hgmma']:>6} {r['main_loop_instructions']:>5} "
+              f"{r['main_loop_spills']:>11}  {' '.join(f'{o}:{n}' for o, n in r['top_ops'])}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

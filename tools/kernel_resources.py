@@ -26,7 +26,7 @@ import tempfile
 
 VARIANTS = {"unfused": (False, False), "fused": (True, False), "folded": (True, True)}
 POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OS": "*bf16", "LSE": "*fp32", "LUT": "*i32",
-            "HM": "*bf16", "ZM": "*fp32", "WT": "*bf16", "BIAS": "*fp32"}
+            "HM": "*bf16", "ZM": "*fp32", "WT": "*bf16", "BIAS": "*fp32", "FQ": "*bf16"}
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 
 

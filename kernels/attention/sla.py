@@ -293,12 +293,17 @@ if triton is not None:
     def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr,
                       FOLDED: tl.constexpr):
         # proj_l(O_l) without bias for one query tile, fp32: with this query block's marginal sums
-        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED: HM holds Hm W^T already
-        # (the row scaling by 1/den commutes with the right product), so one D x D product, no W^T.
+        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED (inference): q is phi(q)
+        # already (computed once for all queries: phi's row max and sums on a lane-spread tile were
+        # most of this epilogue's instructions) and HM holds Hm W^T (the row scaling by 1/den commutes
+        # with the right product): one D x D product and one row sum, no W^T.
         mask_dd = mask_d[:, None] & mask_d[None, :]
         hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
         zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        fq = _phi(q.to(tl.float32), mask_d, FEATURE)
+        if FOLDED:
+            fq = q.to(tl.float32)
+        else:
+            fq = _phi(q.to(tl.float32), mask_d, FEATURE)
         o_l = tl.dot(fq.to(hm.dtype), hm) / (tl.sum(fq * zm[None, :], axis=1) + lin_eps)[:, None]
         if FOLDED:
             return o_l
@@ -347,7 +352,8 @@ if triton is not None:
         return _phi_bwd(x, y, dfk * inv_lk, mask_d, FEATURE), dv
 
     @triton.jit
-    def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, sqb, sqh, sql, sob, soh, sol, H, Lq, D, num_qb, lin_eps,
+    def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, FQ, sqb, sqh, sql, sob, soh, sol, sfb, sfh, sfl,
+                            H, Lq, D, num_qb, lin_eps,
                             MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, FOLDED: tl.constexpr):
         # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel.
@@ -360,7 +366,10 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         mask = (offs_m[:, None] < Lq) & mask_d[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+        if FOLDED:  # phi(q) computed beforehand
+            q = tl.load(FQ + b * sfb + h * sfh + offs_m[:, None] * sfl + offs_d[None, :], mask=mask, other=0.0)
+        else:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
         o_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
         acc = tl.load(OS + o_ptrs, mask=mask, other=0.0).to(tl.float32)
         qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
@@ -435,8 +444,8 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
-    def _sla_fwd_kernel(Q, K, V, O, OS, LSE, LUT, HM, ZM, WT, BIAS,
-                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+    def _sla_fwd_kernel(Q, K, V, O, OS, LSE, LUT, HM, ZM, WT, BIAS, FQ,
+                        sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol, sfb, sfh, sfl,
                         H, Lq, Lk, D, n_sel, num_qb, qk_scale, lin_eps,
                         MAP_BQ: tl.constexpr, MAP_BK: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
@@ -494,7 +503,12 @@ if triton is not None:
                      mask=mask_m[:, None] & mask_d[None, :])
         if LINEAR:  # fused linear branch + projection (see _lin_fwd_tile)
             qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-            acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
+            if FOLDED:  # phi(q) computed beforehand
+                x = tl.load(FQ + b * sfb + h * sfh + offs_m[:, None] * sfl + offs_d[None, :],
+                            mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+            else:
+                x = q
+            acc += _lin_fwd_tile(x, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -729,11 +743,12 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
     feature = FEATURE_MAPS.index(feature_map)
     fused = cfg.fuse_linear or linear is None
     hm, zm, wt = linear if linear is not None else (o, o, o)
-    folded = wt is None  # proj_l folded into Hm (`_linear_state(fold=True)`)
+    folded = wt is None  # inference: proj_l folded into Hm (`_linear_state(fold=True)`), phi(q) precomputed
+    fq = _query_features(q, feature_map) if folded and fused else q
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
     _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, hm if folded else wt,
-                          bias if bias is not None else o,
-                          *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                          bias if bias is not None else o, fq,
+                          *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(fq),
                           H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
                           MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
                           BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
@@ -750,9 +765,10 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
     of `_linear_state`. O_s is read with O's strides and may be O itself (each tile is read, then written)."""
     B, H, Lq, D = q.shape
     hm, zm, wt = linear
+    fq = _query_features(q, feature_map) if wt is None else q
     _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
-        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, *_strides(q), *_strides(o),
-        H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
+        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, fq, *_strides(q), *_strides(o),
+        *_strides(fq), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
         HAS_BIAS=bias is not None, FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None,
         num_warps=cfg.fwd_warps)
 
@@ -760,6 +776,14 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
     """(B*H, Nq, Nk) 0/1 matrix of the marginal (non-critical) blocks, a GEMM operand."""
     return (~bm.dense()).view(-1, bm.num_q_blocks, bm.num_k_blocks).to(dtype)
+
+
+def _query_features(q: torch.Tensor, feature_map: str) -> torch.Tensor:
+    """phi(q) in q's dtype for the inference epilogue (FOLDED): one pass over Q by torch (softmax keeps
+    fp32 math inside for half-precision inputs), instead of per-tile row reductions in the kernel."""
+    if feature_map == "softmax":
+        return torch.softmax(q, dim=-1)
+    return feature_map_fn(q, feature_map).to(q.dtype)
 
 
 def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig,

@@ -138,20 +138,27 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
         lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
     run("dkdv", DKDV_VARIANTS, ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
         lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
-    # linear branch in the sparse kernels' epilogues (fuse_linear) or in separate kernels after them
-    totals = {}
+    # linear branch in the sparse kernels' epilogues or in separate kernels after them, chosen for the
+    # forward (fuse_linear) and the backward (fuse_linear_bwd) independently
+    fwd, bwd = {}, {}
     for fuse in (True, False):
-        c = replace(best, fuse_linear=fuse)
         try:
             with torch.no_grad():
-                f = h.measure(tag, f"whole fwd fuse_linear={fuse}", "fwd",
-                              lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, block_map=bm, config=c))
-            totals[fuse] = f + h.measure(tag, f"kernels bwd fuse_linear={fuse}", "bwd",
-                                         lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, c, lin))
+                fwd[fuse] = h.measure(tag, f"whole fwd fuse_linear={fuse}", "fwd",
+                                      lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, block_map=bm,
+                                                            config=replace(best, fuse_linear=fuse)))
         except Exception as e:  # noqa: BLE001
             print(f"  fuse_linear={fuse} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    if totals:
-        best = replace(best, fuse_linear=min(totals, key=totals.get))
+        try:
+            c = replace(best, fuse_linear_bwd=fuse)
+            bwd[fuse] = h.measure(tag, f"kernels bwd fuse_linear_bwd={fuse}", "bwd",
+                                  lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, c, lin))
+        except Exception as e:  # noqa: BLE001
+            print(f"  fuse_linear_bwd={fuse} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    if fwd:
+        best = replace(best, fuse_linear=min(fwd, key=fwd.get))
+    if bwd:
+        best = replace(best, fuse_linear_bwd=min(bwd, key=bwd.get))
     print(f"  tuned config: {best}", flush=True)
     return best
 

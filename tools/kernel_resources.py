@@ -1,16 +1,18 @@
-"""Registers, stack (spills) and SASS instruction mix of the SLA forward kernel for a GPU, compiled here.
+"""Registers, spills and SASS instruction mix of the SLA forward and dQ kernels for a GPU, compiled here.
 
-    python tools/kernel_resources.py [--arch 90] [--variants fused,folded,unfused] [--warps 8] [--stages 2]
+    python tools/kernel_resources.py [--arch 90] [--variants fused,folded,dq_fused,...] [--warps N] [--stages 2]
 
 No GPU needed: Triton compiles for the named architecture on the CPU and its bundled cuobjdump /
 nvdisasm read the cubin. This answers "did it spill, are the matrix instructions there, how long is the
 epilogue" before a device call is spent (METHOD.md: read what costs no device time). The CPU's Triton
 may be newer than the GPU machine's, so figures can differ a little from what runs there.
 
-Variants of `_sla_fwd_kernel` at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
-    unfused  the sparse branch alone (LINEAR=False; the linear branch runs in its own kernel)
-    fused    sparse branch + linear-branch epilogue with two D x D products (training forward)
-    folded   the same with proj_l folded into Hm (inference: one D x D product)
+Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
+    unfused     forward, the sparse branch alone (LINEAR=False; the linear branch in its own kernel)
+    fused       forward + linear-branch epilogue, two D x D products (training forward)
+    folded      forward + inference epilogue: proj_l folded into Hm, phi(q) precomputed
+    dq_unfused  dQ backward kernel, sparse branch alone (the default backward since 2026-12-03)
+    dq_fused    dQ backward kernel with the linear branch's dQ part fused in
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
 the main loop's length and spills, and the most frequent opcodes.
 """
@@ -24,24 +26,51 @@ import re
 import subprocess
 import tempfile
 
-VARIANTS = {"unfused": (False, False), "fused": (True, False), "folded": (True, True)}
-POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "OS": "*bf16", "LSE": "*fp32", "LUT": "*i32",
-            "HM": "*bf16", "ZM": "*fp32", "WT": "*bf16", "BIAS": "*fp32", "FQ": "*bf16"}
+# variant -> (kernel, its constexprs beyond the common ones)
+VARIANTS = {
+    "unfused": ("_sla_fwd_kernel", dict(LINEAR=False, HAS_BIAS=False, FOLDED=False)),
+    "fused": ("_sla_fwd_kernel", dict(LINEAR=True, HAS_BIAS=True, FOLDED=False)),
+    "folded": ("_sla_fwd_kernel", dict(LINEAR=True, HAS_BIAS=True, FOLDED=True)),
+    "dq_unfused": ("_sla_bwd_dq_kernel", dict(LINEAR=False)),
+    "dq_fused": ("_sla_bwd_dq_kernel", dict(LINEAR=True)),
+}
+FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS"}
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
+FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale"}
 
 
-def compile_sla_fwd(linear: bool, folded: bool, arch: int, warps: int, stages: int, block_n: int = 64):
+def default_warps(variant: str) -> int:
+    """The tuned defaults: 8 warps for the forward, 4 for dQ (kernels/attention/sla.py DEFAULT_CONFIG)."""
+    return 8 if VARIANTS[variant][0] == "_sla_fwd_kernel" else 4
+
+
+def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: int = 64):
+    """Compile one VARIANTS entry at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16) for
+    compute capability arch/10, here on the CPU; forward tiles 128 x block_n, dQ tiles 64 x block_n."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from turbo_kernels.attention import sla
 
-    fn = sla._sla_fwd_kernel
-    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128, BLOCK_N=block_n, BLOCK_D=128, EVEN_N=False, STORE_LSE=False,
-                 STORE_OS=False, LINEAR=linear, HAS_BIAS=linear, FEATURE=0, PAD_D=False, FOLDED=folded)
-    sig = {n: POINTERS.get(n, "constexpr" if n in const else ("fp32" if n in ("qk_scale", "lin_eps") else "i32"))
-           for n in fn.arg_names}
+    name, extra = VARIANTS[variant]
+    fn = getattr(sla, name)
+    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128 if name == "_sla_fwd_kernel" else 64, BLOCK_N=block_n,
+                 BLOCK_D=128, EVEN_N=False, FEATURE=0, PAD_D=False, **extra)
+    if name == "_sla_fwd_kernel":
+        const.update(STORE_LSE=False, STORE_OS=False)
+    sig = {}
+    for n in fn.arg_names:
+        if n in const:
+            sig[n] = "constexpr"
+        elif n == "LUT":
+            sig[n] = "*i32"
+        elif n in FP32_PTRS:
+            sig[n] = "*fp32"
+        elif n.isupper() and n not in ("H", "D"):  # tensors are upper case; H, D are sizes
+            sig[n] = "*bf16"
+        else:
+            sig[n] = "fp32" if n in FP32_SCALARS else "i32"
     return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
@@ -100,8 +129,8 @@ def inspect(kernel) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
-    p.add_argument("--variants", default="unfused,fused,folded", help=f"comma-separated among {list(VARIANTS)}")
-    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--variants", default="unfused,fused,folded,dq_unfused,dq_fused", help=f"comma-separated among {list(VARIANTS)}")
+    p.add_argument("--warps", type=int, default=0, help="warps per program (default: the tuned 8 forward, 4 dQ)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--block-n", type=int, default=64, help="key tile (the forward's fwd_block_n)")
     p.add_argument("--json", action="store_true", help="print {variant: figures} as JSON instead of the table")
@@ -113,13 +142,13 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     if a.json:
-        results = {v: inspect(compile_sla_fwd(*VARIANTS[v], a.arch, a.warps, a.stages, a.block_n)) for v in names}
+        results = {v: inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n)) for v in names}
         print(json.dumps(results))
         return 0
     print(f"{'variant':<9} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "
           f"{'loop spills':>11}  top opcodes")
     for v in names:
-        r = inspect(compile_sla_fwd(*VARIANTS[v], a.arch, a.warps, a.stages, a.block_n))
+        r = inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n))
         print(f"{v:<9} {r['registers']:>5} {r['stack_bytes']:>6} {r['instructions']:>7} "
               f"{r['spill_loads']:>3}/{r['spill_stores']:<4} {r['hgmma']:>6} {r['main_loop_instructions']:>5} "
               f"{r['main_loop_spills']:>11}  {' '.join(f'{o}:{n}' for o, n in r['top_ops'])}", flush=True)

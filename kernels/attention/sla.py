@@ -37,7 +37,8 @@ How it is computed:
   O_l and proj_l per query tile (`_lin_fwd_tile`). Backward: per query tile dq_lin and this
   tile's dHm, dZm (`_lin_bwd_q_tile`); dh = (1 - M)^T dHm, dz = (1 - M)^T dZm (GEMMs); per key
   tile dk_lin, dv_lin (`_lin_bwd_kv_tile`); dW = dO^T O_l (GEMM). The tile functions run either
-  in the epilogues of the sparse kernels or as separate kernels (SLAKernelConfig.fuse_linear).
+  in the epilogues of the sparse kernels or as separate kernels (SLAKernelConfig.fuse_linear,
+  fuse_linear_bwd).
   `linear_branch` is the same math in plain torch (documentation and test oracle).
 
 Public API:
@@ -686,10 +687,15 @@ class SLAKernelConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     state_warps: int = 8
-    # True: the linear branch (and proj_l) runs in the epilogues of the sparse kernels (measured,
-    # see BENCHMARKS.md: it slows their main loops). False: in separate small kernels after them
-    # (CPU-tested; not yet timed on a GPU).
+    # Forward: True runs the linear branch (and proj_l) in the sparse kernel's epilogue, False in a
+    # separate small kernel after it. Measured fused (BENCHMARKS.md); the compiled main loop is the
+    # same either way (tools/kernel_resources.py: no spills in it), so the fused one stays.
     fuse_linear: bool = True
+    # Backward: the same choice for the dQ and dK/dV kernels. False since 2026-12-03 on the compiler's
+    # evidence, not a timing: with the linear branch fused, the dQ kernel's main loop spills (255
+    # registers, 64 local-memory loads/stores per key tile, sm_90), which matches the measured +3.6 ms
+    # (fused 8.41 ms vs 4.82 ms for the sparse backward alone); unfused, its loop is spill-free.
+    fuse_linear_bwd: bool = False
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -708,8 +714,8 @@ class SLAKernelConfig:
 #            (32,64,4,2) 5.44, (128,64,8,2) 7.38, (64,64,8,3) 8.50, (128,64,4,2) 16.8.
 # Current kernels, same GPU and shape, defaults (BENCHMARKS.md "Attention (SLA)"): sparse forward
 # 1.57 ms, 2.17 ms with the fused linear epilogue; sparse backward 4.82 ms, 8.41 ms with the fused
-# linear epilogues. fuse_linear=False (separate linear kernels) is not timed yet: --sweep
-# compares both and picks the faster.
+# linear epilogues. The separate linear kernels (fuse_linear / fuse_linear_bwd False) are not timed
+# yet: --sweep compares both ways for the forward and for the backward and picks the faster.
 DEFAULT_CONFIG = SLAKernelConfig()
 
 
@@ -839,7 +845,7 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
         o_l = torch.empty_like(dq)
     else:
         hm = zm = w = dhm = dzm = o_l = dq
-    fused = cfg.fuse_linear and linear is not None
+    fused = cfg.fuse_linear_bwd and linear is not None
     _sla_bwd_dq_kernel[(n_tiles, B * H)](
         q, k, v, do, dq, lse, delta, bm.lut, hm, zm, w, dhm, dzm, o_l,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),

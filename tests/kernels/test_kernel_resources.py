@@ -21,10 +21,12 @@ def run(*args, interpret="0"):
 
 
 def test_the_sla_forward_variants_compile_to_hopper_matrix_instructions():
-    r = run("--variants", "unfused,fused,folded", "--json")
+    r = run("--variants", "unfused,fused,folded,dq_unfused", "--json")
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)
     unfused, fused, folded = got["unfused"], got["fused"], got["folded"]
+    # the default backward's dQ kernel (linear branch in its own kernel) keeps a spill-free main loop
+    assert got["dq_unfused"]["hgmma"] > 0 and got["dq_unfused"]["main_loop_instructions"] > 0
     assert 0 < unfused["registers"] <= 255 and unfused["instructions"] > 100
     # QK^T and PV as wgmma (HGMMA) in the main loop, and nothing spilled there in any variant
     assert unfused["hgmma"] > 0 and unfused["main_loop_instructions"] > 0

@@ -29,13 +29,16 @@ TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3)}
 
 # Kernel tiles for 32 x 16 map blocks: equal to the map blocks, and a mix where forward/dQ tiles
 # gather two table entries (block_n 32 > block_k 16) and dK/dV tiles split query blocks (16 < 32).
+# The linear branch in the sparse kernels' epilogues, forward and backward:
 CFG_EQUAL = SLAKernelConfig(fwd_block_m=32, fwd_block_n=16, dq_block_m=32, dq_block_n=16, dkdv_block_m=32,
-                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
+                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4, fuse_linear_bwd=True)
 CFG_MIXED = SLAKernelConfig(fwd_block_m=16, fwd_block_n=32, dq_block_m=16, dq_block_n=32, dkdv_block_m=16,
-                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4)
+                            dkdv_block_n=16, fwd_warps=4, dq_warps=4, dkdv_warps=4, fuse_linear_bwd=True)
 # the linear branch in separate kernels after the sparse ones instead of in their epilogues
-CFG_UNFUSED = replace(CFG_EQUAL, fuse_linear=False)
-CFG_UNFUSED_MIXED = replace(CFG_MIXED, fuse_linear=False)
+CFG_UNFUSED = replace(CFG_EQUAL, fuse_linear=False, fuse_linear_bwd=False)
+CFG_UNFUSED_MIXED = replace(CFG_MIXED, fuse_linear=False, fuse_linear_bwd=False)
+# the default's mix: fused forward, separate backward
+CFG_DEFAULT_MIX = replace(CFG_EQUAL, fuse_linear_bwd=False)
 
 
 def assert_close(got, ref, dtype, name):
@@ -179,8 +182,9 @@ def _grads_vs_reference(dtype, cfg, Lq=200, Lk=200, D=32, topk=0.3, feature_map=
 
 
 @pytest.mark.parametrize("dtype,cfg", [(torch.float16, CFG_EQUAL), (torch.float16, CFG_MIXED),
-                                       (torch.float32, CFG_MIXED), (torch.float16, CFG_UNFUSED_MIXED)],
-                         ids=["fp16-equal", "fp16-mixed", "fp32-mixed", "fp16-unfused"])
+                                       (torch.float32, CFG_MIXED), (torch.float16, CFG_UNFUSED_MIXED),
+                                       (torch.float16, CFG_DEFAULT_MIX)],
+                         ids=["fp16-equal", "fp16-mixed", "fp32-mixed", "fp16-unfused", "fp16-default-mix"])
 def test_forward_and_every_gradient(dtype, cfg):
     _grads_vs_reference(dtype, cfg)
 

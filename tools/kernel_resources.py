@@ -129,7 +129,7 @@ def inspect(kernel) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
-    p.add_argument("--variants", default="unfused,fused,folded,dq_unfused,dq_fused", help=f"comma-separated among {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {list(VARIANTS)}")
     p.add_argument("--warps", type=int, default=0, help="warps per program (default: the tuned 8 forward, 4 dQ)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--block-n", type=int, default=64, help="key tile (the forward's fwd_block_n)")
@@ -142,7 +142,8 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     if a.json:
-        results = {v: inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n)) for v in names}
+        results = {v: inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n))
+                   for v in names}
         print(json.dumps(results))
         return 0
     print(f"{'variant':<9} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "

@@ -773,10 +773,10 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
     hm, zm, wt = linear
     fq = _query_features(q, feature_map) if wt is None else q
     _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
-        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, fq, *_strides(q), *_strides(o),
-        *_strides(fq), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D),
-        HAS_BIAS=bias is not None, FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None,
-        num_warps=cfg.fwd_warps)
+        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, fq,
+        *_strides(q), *_strides(o), *_strides(fq), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
+        MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
+        FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None, num_warps=cfg.fwd_warps)
 
 
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
@@ -998,7 +998,8 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     if needs_grad:
         o_s = _SparseAttention.apply(q, k, v, bm, cfg)
         return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)
-    # inference: block map, linear state (kernel + 3 GEMMs, proj_l folded in), one fused kernel for O_s + proj_l(O_l)
+    # inference: block map, linear state (kernel + 3 GEMMs, proj_l folded in), phi(q), one fused kernel
+    # for O_s + proj_l(O_l)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True) if has_linear else None
     bias = None if proj_bias is None else proj_bias.float().contiguous()

@@ -14,7 +14,10 @@ Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
     dq_unfused  dQ backward kernel, sparse branch alone (the default backward since 2026-12-03)
     dq_fused    dQ backward kernel with the linear branch's dQ part fused in
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
-the main loop's length and spills, and the most frequent opcodes.
+the main loop's length, spills and global loads (LDGSTS...128 = 16-byte asynchronous copies), and the
+most frequent opcodes. Arguments get the specialization a real launch gives them (16-byte aligned
+tensors, integers divisible by 16 marked so): without it Triton cannot vectorize the tile loads and the
+listing shows 1- and 2-byte loads and spills that a launched kernel does not have.
 """
 from __future__ import annotations
 
@@ -37,6 +40,8 @@ VARIANTS = {
 FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS"}
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale"}
+NOT_DIV16 = {"H", "Lq", "Lk", "n_sel"}
+MMA = ("HGMMA", "IGMMA", "QGMMA")  # Hopper warpgroup matrix instructions (bf16/fp16, int8, fp8)  # integer arguments not divisible by 16 at the 1.3B shape
 
 
 def default_warps(variant: str) -> int:
@@ -71,7 +76,13 @@ def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: i
             sig[n] = "*bf16"
         else:
             sig[n] = "fp32" if n in FP32_SCALARS else "i32"
-    return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32),
+    # What Triton's launcher specializes at a real launch: tensors are 16-byte aligned, and integers
+    # divisible by 16 are marked so (it vectorizes loads only where it can prove this). At the 1.3B
+    # shape every stride, D and the block counts are; H = 12, L = 32 760 and n = 51 are not.
+    aligned = [i for i, n in enumerate(fn.arg_names)
+               if n not in const and (sig[n].startswith("*") or (sig[n] == "i32" and n not in NOT_DIV16))]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
 
@@ -102,7 +113,7 @@ def inspect(kernel) -> dict:
             pending.append(m.group(1))
             continue
         a = ADDR.search(line)
-        op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
         if a and op:
             addr = int(a.group(1), 16)
             for lab in pending:
@@ -113,17 +124,24 @@ def inspect(kernel) -> dict:
     loops = []  # backward branches: (start, end) of each loop body
     for addr, op, line in instrs:
         m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
-        if op == "BRA" and m and labels.get(m.group(1), addr + 1) < addr:
+        if op.startswith("BRA") and m and labels.get(m.group(1), addr + 1) < addr:
             loops.append((labels[m.group(1)], addr))
     def body_of(loop):
         return [op for x, op, _ in instrs if loop[0] <= x <= loop[1]]
 
     # the main loop: the one with the most matrix instructions (then the longest)
-    main = max(loops, key=lambda lp: (body_of(lp).count("HGMMA"), lp[1] - lp[0]), default=None)
+    def count(ops_, *prefixes):  # opcodes carry modifiers (LDL.64, HGMMA.64x64x16.F32.BF16)
+        return sum(1 for o in ops_ if o.split(".")[0] in prefixes)
+
+    main = max(loops, key=lambda lp: (count(body_of(lp), *MMA), lp[1] - lp[0]), default=None)
     body = body_of(main) if main else []
-    return {"registers": regs, "stack_bytes": stack, "instructions": len(instrs), "spill_loads": ops["LDL"],
-            "spill_stores": ops["STL"], "hgmma": ops["HGMMA"], "main_loop_instructions": len(body),
-            "main_loop_spills": body.count("LDL") + body.count("STL"), "top_ops": ops.most_common(8)}
+    loads = collections.Counter(op for op in body if op.startswith(("LDG", "LDGSTS", "UTMALDG")))
+    return {"loop_global_loads": dict(loads),
+            "registers": regs, "stack_bytes": stack, "instructions": len(instrs),
+            "spill_loads": count(ops.elements(), "LDL"), "spill_stores": count(ops.elements(), "STL"),
+            "hgmma": count(ops.elements(), *MMA), "main_loop_instructions": len(body),
+            "main_loop_spills": count(body, "LDL", "STL"),
+            "top_ops": collections.Counter(o.split(".")[0] for o in ops.elements()).most_common(8)}
 
 
 def main(argv=None) -> int:
@@ -147,12 +165,13 @@ def main(argv=None) -> int:
         print(json.dumps(results))
         return 0
     print(f"{'variant':<9} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "
-          f"{'loop spills':>11}  top opcodes")
+          f"{'loop spills':>11}  loop global loads; top opcodes")
     for v in names:
         r = inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n))
         print(f"{v:<9} {r['registers']:>5} {r['stack_bytes']:>6} {r['instructions']:>7} "
               f"{r['spill_loads']:>3}/{r['spill_stores']:<4} {r['hgmma']:>6} {r['main_loop_instructions']:>5} "
-              f"{r['main_loop_spills']:>11}  {' '.join(f'{o}:{n}' for o, n in r['top_ops'])}", flush=True)
+              f"{r['main_loop_spills']:>11}  {' '.join(f'{o}:{n}' for o, n in r['loop_global_loads'].items())}; "
+              f"{' '.join(f'{o}:{n}' for o, n in r['top_ops'])}", flush=True)
     return 0
 
 

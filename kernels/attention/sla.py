@@ -295,9 +295,9 @@ if triton is not None:
                       FOLDED: tl.constexpr):
         # proj_l(O_l) without bias for one query tile, fp32: with this query block's marginal sums
         # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED (inference): q is phi(q)
-        # already (computed once for all queries: phi's row max and sums on a lane-spread tile were
-        # most of this epilogue's instructions) and HM holds Hm W^T (the row scaling by 1/den commutes
-        # with the right product): one D x D product and one row sum, no W^T.
+        # already (computed once for all queries: phi's exp, row max and row sum were about half of this
+        # epilogue's instructions, tools/kernel_resources.py) and HM holds Hm W^T (the row scaling by
+        # 1/den commutes with the right product): one D x D product and one row sum, no W^T.
         mask_dd = mask_d[:, None] & mask_d[None, :]
         hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
         zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -693,7 +693,7 @@ class SLAKernelConfig:
     fuse_linear: bool = True
     # Backward: the same choice for the dQ and dK/dV kernels. False since 2026-12-03 on the compiler's
     # evidence, not a timing: with the linear branch fused, the dQ kernel's main loop spills (255
-    # registers, 64 local-memory loads/stores per key tile, sm_90), which matches the measured +3.6 ms
+    # registers, 68 local-memory loads/stores per key tile, sm_90), which matches the measured +3.6 ms
     # (fused 8.41 ms vs 4.82 ms for the sparse backward alone); unfused, its loop is spill-free.
     fuse_linear_bwd: bool = False
 

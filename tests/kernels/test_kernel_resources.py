@@ -32,6 +32,8 @@ def test_the_sla_forward_variants_compile_to_hopper_matrix_instructions():
     assert unfused["hgmma"] > 0 and unfused["main_loop_instructions"] > 0
     assert all(v["main_loop_spills"] == 0 for v in got.values())
     assert unfused["stack_bytes"] == unfused["spill_loads"] == unfused["spill_stores"] == 0
+    # key tiles arrive by 16-byte asynchronous copies (cp.async), as a launch's alignment allows
+    assert any(op.startswith("LDGSTS") and op.endswith(".128") for op in unfused["loop_global_loads"])
     # folding proj_l into the linear state removes one D x D product from the epilogue
     assert folded["hgmma"] < fused["hgmma"] and folded["instructions"] < fused["instructions"]
 

@@ -27,6 +27,8 @@ What it does:
               engine and the fake score in a second engine (turbo_train/deepspeed_engines.py), the
               fsdp2 run's schedule (tangent_warmup=2), but ema.kind=none: under bf16-mixed DeepSpeed
               casts the whole module, an EMA copy included, to bf16 (the runner refuses it)
+      fsdp2_fullac (optional) fsdp2 with activation_checkpointing_policy full (every block's forward
+              recomputed in backward) instead of the recipe's keep_attention: the same-device comparison
       fsdp2_noema  (optional) fsdp2 with the zero2 run's settings (no EMA): the like-for-like comparison
       zero2_scm, fsdp2_scm  (optional) sCM only (loss_mode scm: every iteration a student step), no EMA
  3. reads the CSV log (run_dir/csv/version_0/metrics.csv: ThroughputMonitor's train/step_s,
@@ -89,6 +91,10 @@ RUNS = {
               ["trainer.strategy=fsdp2", "method.rcm.tangent_warmup=2"]),
     "zero2": ("DeepSpeed ZeRO-2, 1 rank, full rCM (fake score in a second engine), no EMA (DeepSpeed casts it to bf16)",
               ["trainer.strategy=deepspeed_zero2", "method.rcm.tangent_warmup=2", "ema.kind=none"]),
+    "fsdp2_fullac": ("FSDP2, 1 rank, full rCM, EMA on, every block recomputed in backward "
+                     "(activation_checkpointing_policy full): the fsdp2 run's settings before keep_attention",
+                     ["trainer.strategy=fsdp2", "method.rcm.tangent_warmup=2",
+                      "model.activation_checkpointing_policy=full"]),
     "fsdp2_noema": ("FSDP2, 1 rank, full rCM, no EMA: the zero2 run's settings under fsdp2",
                     ["trainer.strategy=fsdp2", "method.rcm.tangent_warmup=2", "ema.kind=none"]),
     "zero2_scm": ("DeepSpeed ZeRO-2, 1 rank, sCM only (loss_mode scm), no EMA",

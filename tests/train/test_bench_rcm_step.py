@@ -117,3 +117,15 @@ def test_tiny_both_runs(tmp_path, monkeypatch):
     assert "compare it with fsdp2_noema" in proc.stdout
     assert not (ROOT / "benchmarks" / "rcm_step.json").exists() or \
         json.loads((ROOT / "benchmarks" / "rcm_step.json").read_text())["device"] != "cpu"  # tiny: temp dir only
+
+
+def test_every_run_s_settings_are_valid_recipe_overrides():
+    from turbo_train.recipe import load_recipe
+
+    root = Path(tool.__file__).resolve().parents[1]
+    for name, (_, sets) in tool.RUNS.items():
+        r = load_recipe(root / "recipes/wan2.1-1.3b/rcm.yaml", overrides=sets)
+        if name == "fsdp2_fullac":
+            assert r.model.activation_checkpointing_policy == "full"
+        if name == "fsdp2":  # the recipe's own policy: attention outputs kept
+            assert r.model.activation_checkpointing_policy == "keep_attention"

@@ -76,6 +76,11 @@ def suite_command(s: dict) -> str:
         cmd += f" --sla-minutes {s['sla_minutes']}"
     if s.get("skip_ablations"):
         cmd += " --skip-ablations"
+    if s.get("rcm_only"):
+        cmd += " --rcm-only"
+    teacher = s.get("teacher")
+    if teacher and Path(teacher).resolve() != Path(REPO / "turbo_infer/assets/toy_teacher.safetensors").resolve():
+        cmd += f" --teacher {teacher}"
     for flag in ("sla_variant", "rcm_variant"):
         for name, sets in s.get(flag) or []:
             cmd += f" --{flag.replace('_', '-')} {name}:{','.join(sets)}"

@@ -23,6 +23,7 @@ one); --rcm-variant NAME:KEY=VALUE[,...] adds another rCM training (recipe rcm.y
 e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablations leaves out the
 pure-sCM and DMD2-only trainings; --rcm-only runs just the rCM trainings (and variants) and the teacher's
 evaluation, for comparing rCM settings in one call.
+--teacher PATH replaces the shipped toy teacher everywhere (trainings' start, merge, the ratios' teacher).
 
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
@@ -76,7 +77,7 @@ class Suite:
     def train(self, name: str, recipe: str, extra: list[str] = ()) -> dict:
         a = self.a
         minutes = a.sla_minutes if name.startswith("sla") and a.sla_minutes is not None else a.minutes
-        sets = {"logging.run_dir": str(self.out / name), "logging.wandb": "false", "model.checkpoint": str(TEACHER),
+        sets = {"logging.run_dir": str(self.out / name), "logging.wandb": "false", "model.checkpoint": str(a.teacher),
                 "data.num_workers": str(a.workers), "trainer.max_time_minutes": str(minutes),
                 "checkpoint.every_n_steps": "1000000"}
         if a.smoke:
@@ -131,7 +132,7 @@ class Suite:
         self.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         rcm, sla = "recipes/toy/rcm.yaml", "recipes/toy/sla.yaml"
-        teacher_eval = ["--checkpoint", str(TEACHER)]
+        teacher_eval = ["--checkpoint", str(self.a.teacher)]
         # untrained SLA with the fine-tune's own blocks (turbo-eval's 128x64 default leaves 8 key blocks
         # of a 512-token toy video, where topk 0.1 and 0.2 both keep one)
         from turbo_train.recipe import load_recipe
@@ -161,7 +162,8 @@ class Suite:
 
         def merge(sla_run: str, out: Path) -> dict:
             return run(f"merge-{sla_run}", module_cmd("turbo_train.merge") + [
-                "--student", str(self.exported("rcm")), "--sla", str(self.exported(sla_run)), "--teacher", str(TEACHER),
+                "--student", str(self.exported("rcm")), "--sla", str(self.exported(sla_run)),
+                "--teacher", str(self.a.teacher),
                 "--out", str(out)], self.out)
 
         def merge_calibrate_export():
@@ -271,8 +273,14 @@ def main(argv=None) -> int:
     p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
+    p.add_argument("--teacher", type=Path, default=TEACHER,
+                   help="teacher weights every training starts from and every ratio divides by (default: the shipped "
+                        "toy teacher), e.g. a freshly trained EMA export")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
     a = p.parse_args(argv)
+    if not a.teacher.is_file():
+        p.error(f"--teacher: no file {a.teacher}")
+    a.teacher = a.teacher.resolve()
     if a.minutes <= 0 or a.prompts < 2 or a.workers < 0 or (a.sla_minutes is not None and a.sla_minutes <= 0):
         p.error("--minutes and --sla-minutes must be > 0, --prompts >= 2, --workers >= 0")
     if a.smoke:

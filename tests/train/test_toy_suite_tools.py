@@ -46,7 +46,7 @@ def suite(tmp_path, monkeypatch, **kw):
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
-                           skip_ablations=False, rcm_only=False)
+                           skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -156,6 +156,26 @@ def test_rcm_only_trains_and_evaluates_the_students_and_nothing_else(tmp_path, m
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", str(tmp_path), "--rcm-only", "--minutes", "-1"])
+
+
+def test_another_teacher_feeds_every_training_the_merge_and_the_ratios(tmp_path, monkeypatch):
+    teacher = tmp_path / "v5.safetensors"
+    teacher.write_bytes(b"weights")
+    s, calls = suite(tmp_path, monkeypatch, teacher=teacher, skip_ablations=True)
+    s.main()
+    by = dict(calls)
+    assert sets_of(by["train-rcm"])["model.checkpoint"] == str(teacher)
+    assert sets_of(by["train-sla"])["model.checkpoint"] == str(teacher)
+    ev = by["eval-teacher"]
+    assert ev[ev.index("--checkpoint") + 1] == str(teacher)
+    merge = by["merge-sla"]
+    assert merge[merge.index("--teacher") + 1] == str(teacher)
+    cmd = toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "teacher": str(teacher),
+                                     "rcm_only": True})
+    assert cmd.endswith(f"--rcm-only --teacher {teacher}")
+    with pytest.raises(SystemExit):  # a missing file is refused before anything runs
+        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--teacher", str(tmp_path / "missing.safetensors")])
+    assert not (tmp_path / "x").exists()
 
 
 def test_training_progress_reads_the_last_logged_values(tmp_path):

@@ -13,6 +13,7 @@ Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
     folded      forward + inference epilogue: proj_l folded into Hm, phi(q) precomputed
     dq_unfused  dQ backward kernel, sparse branch alone (the default backward since 2026-12-03)
     dq_fused    dQ backward kernel with the linear branch's dQ part fused in
+    lin_fwd, lin_bwd_q, lin_bwd_kv  the separate linear-branch kernels (fuse_linear[_bwd] = False)
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
 the main loop's length, spills and global loads (LDGSTS...128 = 16-byte asynchronous copies), and the
 most frequent opcodes. Arguments get the specialization a real launch gives them (16-byte aligned
@@ -36,17 +37,21 @@ VARIANTS = {
     "folded": ("_sla_fwd_kernel", dict(LINEAR=True, HAS_BIAS=True, FOLDED=True)),
     "dq_unfused": ("_sla_bwd_dq_kernel", dict(LINEAR=False)),
     "dq_fused": ("_sla_bwd_dq_kernel", dict(LINEAR=True)),
+    "lin_fwd": ("_sla_lin_fwd_kernel", dict(HAS_BIAS=True, FOLDED=True)),
+    "lin_bwd_q": ("_sla_lin_bwd_q_kernel", dict()),
+    "lin_bwd_kv": ("_sla_lin_bwd_kv_kernel", dict()),
 }
 FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS"}
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
-FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale"}
-NOT_DIV16 = {"H", "Lq", "Lk", "n_sel"}
+FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale", "inv_lk"}
+NOT_DIV16 = {"H", "Lq", "Lk", "n_sel", "inv_lk"}
 MMA = ("HGMMA", "IGMMA", "QGMMA")  # Hopper warpgroup matrix instructions (bf16/fp16, int8, fp8)  # integer arguments not divisible by 16 at the 1.3B shape
 
 
 def default_warps(variant: str) -> int:
-    """The tuned defaults: 8 warps for the forward, 4 for dQ (kernels/attention/sla.py DEFAULT_CONFIG)."""
-    return 8 if VARIANTS[variant][0] == "_sla_fwd_kernel" else 4
+    """The tuned defaults (kernels/attention/sla.py DEFAULT_CONFIG): 8 warps for the forward kernels, 4 for
+    the backward ones."""
+    return 8 if "fwd" in VARIANTS[variant][0] else 4
 
 
 def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: int = 64):
@@ -60,10 +65,9 @@ def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: i
 
     name, extra = VARIANTS[variant]
     fn = getattr(sla, name)
-    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128 if name == "_sla_fwd_kernel" else 64, BLOCK_N=block_n,
-                 BLOCK_D=128, EVEN_N=False, FEATURE=0, PAD_D=False, **extra)
-    if name == "_sla_fwd_kernel":
-        const.update(STORE_LSE=False, STORE_OS=False)
+    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128 if "fwd" in name else 64, BLOCK_N=block_n,
+                 BLOCK_D=128, EVEN_N=False, FEATURE=0, PAD_D=False, STORE_LSE=False, STORE_OS=False, **extra)
+    const = {k: v for k, v in const.items() if k in fn.arg_names}  # the ones this kernel takes
     sig = {}
     for n in fn.arg_names:
         if n in const:

@@ -687,6 +687,10 @@ class SLAKernelConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     state_warps: int = 8
+    # warps of the separate linear-branch kernels (forward epilogue, backward dQ and dK/dV parts): one
+    # 64- or 128-row tile each with D x D products; at 4 warps the backward ones spill (sm_90, dQ part
+    # 1 400 stack bytes; 8 warps: 496, dK/dV part 40 -> 0; tools/kernel_resources.py), not yet timed
+    lin_warps: int = 8
     # Forward: True runs the linear branch (and proj_l) in the sparse kernel's epilogue, False in a
     # separate small kernel after it. Measured fused (BENCHMARKS.md); the compiled main loop is the
     # same either way (tools/kernel_resources.py: no spills in it), so the fused one stays.
@@ -776,7 +780,7 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
         q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, fq,
         *_strides(q), *_strides(o), *_strides(fq), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
         MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
-        FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None, num_warps=cfg.fwd_warps)
+        FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None, num_warps=cfg.lin_warps)
 
 
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
@@ -857,7 +861,7 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
         _sla_lin_bwd_q_kernel[(n_tiles, B * H)](
             q, do, dq, hm, zm, w, dhm, dzm, o_l, *_strides(q), *_strides(do), *_strides(dq),
             H, Lq, D, bm.num_q_blocks, tiles_per_bh, LINEAR_EPS / Lk, MAP_BQ=bm.block_q, BLOCK_M=cfg.dq_block_m,
-            BLOCK_D=BLOCK_D, FEATURE=feature, num_warps=cfg.dq_warps)
+            BLOCK_D=BLOCK_D, FEATURE=feature, num_warps=cfg.lin_warps)
     if linear is not None:
         # gradients of h_j, z_j: sum over the query-block tiles for which key block j is marginal
         marginal_t = _marginal(bm, q.dtype).repeat_interleave(split, dim=1).transpose(1, 2)  # (BH, Nk, tiles)
@@ -878,7 +882,7 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
         _sla_lin_bwd_kv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
             k, v, dk, dv, dh, dz, *_strides(k), *_strides(v), *_strides(dk), H, Lk, D, bm.num_k_blocks, 1.0 / Lk,
             MAP_BK=bm.block_k, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, FEATURE=feature,
-            num_warps=cfg.dkdv_warps)
+            num_warps=cfg.lin_warps)
     return dq, dk, dv, (o_l if linear is not None else None)
 
 

@@ -13,6 +13,7 @@ Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
     folded      forward + inference epilogue: proj_l folded into Hm, phi(q) precomputed
     dq_unfused  dQ backward kernel, sparse branch alone (the default backward since 2026-12-03)
     dq_fused    dQ backward kernel with the linear branch's dQ part fused in
+    dkdv_unfused, dkdv_fused  the dK/dV backward kernel without / with the linear branch's part
     lin_fwd, lin_bwd_q, lin_bwd_kv  the separate linear-branch kernels (fuse_linear[_bwd] = False)
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
 the main loop's length, spills and global loads (LDGSTS...128 = 16-byte asynchronous copies), and the
@@ -37,11 +38,13 @@ VARIANTS = {
     "folded": ("_sla_fwd_kernel", dict(LINEAR=True, HAS_BIAS=True, FOLDED=True)),
     "dq_unfused": ("_sla_bwd_dq_kernel", dict(LINEAR=False)),
     "dq_fused": ("_sla_bwd_dq_kernel", dict(LINEAR=True)),
+    "dkdv_unfused": ("_sla_bwd_dkdv_kernel", dict(LINEAR=False)),
+    "dkdv_fused": ("_sla_bwd_dkdv_kernel", dict(LINEAR=True)),
     "lin_fwd": ("_sla_lin_fwd_kernel", dict(HAS_BIAS=True, FOLDED=True)),
     "lin_bwd_q": ("_sla_lin_bwd_q_kernel", dict()),
     "lin_bwd_kv": ("_sla_lin_bwd_kv_kernel", dict()),
 }
-FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS"}
+FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS", "DZ"}
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale", "inv_lk"}
 NOT_DIV16 = {"H", "Lq", "Lk", "n_sel", "inv_lk"}
@@ -72,7 +75,7 @@ def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: i
     for n in fn.arg_names:
         if n in const:
             sig[n] = "constexpr"
-        elif n == "LUT":
+        elif n in ("LUT", "KV_OFF", "KV_QIDX"):
             sig[n] = "*i32"
         elif n in FP32_PTRS:
             sig[n] = "*fp32"

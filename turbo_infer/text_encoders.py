@@ -81,6 +81,12 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._mem)
 
+    @property
+    def stores(self) -> bool:
+        """Whether put() keeps anything (in memory or on disk): with neither, callers can skip the
+        device -> host copy that an entry needs."""
+        return self.capacity > 0 or self.cache_dir is not None
+
     def _file(self, prompt: str) -> Path:
         key = hashlib.sha256(f"{self.namespace}\0{prompt}".encode("utf-8")).hexdigest()
         return self.cache_dir / f"{key}.safetensors"
@@ -171,9 +177,13 @@ class _HFTextEncoder:
         missing = [p for p, e in found.items() if e is None]
         if missing:
             fresh = self._encode_uncached(missing)  # (M, L, D) on the device
-            fresh_cpu = fresh.detach().to("cpu")
+            if self.cache.stores:
+                # one device -> host copy for the batch; it waits for the queued GPU work, so training
+                # on mostly unique captions (the toy world's) should turn the cache off (cache_size 0)
+                fresh_cpu = fresh.detach().to("cpu")
+                for i, p in enumerate(missing):
+                    self.cache.put(p, fresh_cpu[i].clone())  # clone: an entry must not pin the whole batch
             for i, p in enumerate(missing):
-                self.cache.put(p, fresh_cpu[i].clone())  # clone: an entry must not pin the whole batch
                 on_device[p] = fresh[i].to(self.dtype)
         return torch.stack([on_device[p] for p in prompts])
 

@@ -122,6 +122,28 @@ def test_minilm_cache_hits_and_disk_cache(tmp_path):
     assert other.encode(["a red circle"]).shape == (1, 8, 384) and other.cache.misses == 1
 
 
+def test_minilm_without_a_cache_makes_no_host_copy_and_the_same_states(minilm, monkeypatch):
+    # cache_size 0 and no cache_dir: nothing is stored, so the fresh states never go to the host (on a
+    # GPU that copy waits for the queued work: a synchronisation per training step on unique captions)
+    assert not minilm.cache.stores
+    cached = MiniLMTextEncoder(cache_size=8)
+    assert cached.cache.stores
+    prompts = ["a red circle moving left", "two blue squares", "a red circle moving left"]
+    want = cached.encode(prompts)
+    moves = []
+    real_to = torch.Tensor.to
+
+    def spy(self, *args, **kwargs):
+        moves.append(args[0] if args else kwargs.get("device"))
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", spy)
+    got = minilm.encode(prompts)
+    monkeypatch.undo()
+    assert "cpu" not in moves and len(minilm.cache) == 0
+    torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache and prompt validation
 # ---------------------------------------------------------------------------------------------

@@ -353,12 +353,11 @@ if triton is not None:
         return _phi_bwd(x, y, dfk * inv_lk, mask_d, FEATURE), dv
 
     @triton.jit
-    def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, FQ, sqb, sqh, sql, sob, soh, sol, sfb, sfh, sfl,
-                            H, Lq, D, num_qb, lin_eps,
+    def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, sqb, sqh, sql, sob, soh, sol, H, Lq, D, num_qb, lin_eps,
                             MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, FOLDED: tl.constexpr):
         # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel.
-        # OS may be O itself (inference: each program reads its tile before writing it).
+        # OS may be O itself (inference: each program reads its tile before writing it). FOLDED: Q is phi(q).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -367,10 +366,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         mask = (offs_m[:, None] < Lq) & mask_d[None, :]
-        if FOLDED:  # phi(q) computed beforehand
-            q = tl.load(FQ + b * sfb + h * sfh + offs_m[:, None] * sfl + offs_d[None, :], mask=mask, other=0.0)
-        else:
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=mask, other=0.0)
         o_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
         acc = tl.load(OS + o_ptrs, mask=mask, other=0.0).to(tl.float32)
         qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
@@ -775,10 +771,10 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
     of `_linear_state`. O_s is read with O's strides and may be O itself (each tile is read, then written)."""
     B, H, Lq, D = q.shape
     hm, zm, wt = linear
-    fq = _query_features(q, feature_map) if wt is None else q
+    x = _query_features(q, feature_map) if wt is None else q  # the kernel reads only the query tile's phi
     _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
-        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o, fq,
-        *_strides(q), *_strides(o), *_strides(fq), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
+        x, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o,
+        *_strides(x), *_strides(o), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
         MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
         FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None, num_warps=cfg.lin_warps)
 
@@ -940,7 +936,7 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                       config: SLAKernelConfig | None = None, inplace: bool = False) -> torch.Tensor:
     """Inference: O = O_s + O_l @ proj_weight^T + proj_bias for a sparse-branch output O_s computed
     elsewhere (sagesla's low-bit kernel), in q's dtype. Where Triton runs: SLA's own linear state (one
-    kernel + two GEMMs) and its epilogue kernel after the sparse one (`_sla_lin_fwd_kernel`, the
+    kernel + three GEMMs, proj_l folded in) and its epilogue kernel after the sparse one (`_sla_lin_fwd_kernel`, the
     fuse_linear=False path of sla_attention) — one implementation of the linear branch for `sla` and
     `sagesla`; inplace=True writes the result over O_s when it is contiguous in q's dtype (a temporary
     of the caller's). Elsewhere: `linear_branch`."""

@@ -1,13 +1,14 @@
 """Registers, spills and SASS instruction mix of the SLA forward and dQ kernels for a GPU, compiled here.
 
-    python tools/kernel_resources.py [--arch 90] [--variants fused,folded,dq_fused,...] [--warps N] [--stages 2]
+    python tools/kernel_resources.py [--arch 90] [--variants fused,folded,dq_fused,...] [--warps N] [--stages N]
 
 No GPU needed: Triton compiles for the named architecture on the CPU and its bundled cuobjdump /
 nvdisasm read the cubin. This answers "did it spill, are the matrix instructions there, how long is the
 epilogue" before a device call is spent (METHOD.md: read what costs no device time). The CPU's Triton
 may be newer than the GPU machine's, so figures can differ a little from what runs there.
 
-Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16):
+Variants at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16; tiles, warps and stages as the
+launchers take them from SLAKernelConfig's defaults):
     unfused     forward, the sparse branch alone (LINEAR=False; the linear branch in its own kernel)
     fused       forward + linear-branch epilogue, two D x D products (training forward)
     folded      forward + inference epilogue: proj_l folded into Hm, phi(q) precomputed
@@ -44,22 +45,28 @@ VARIANTS = {
     "lin_bwd_q": ("_sla_lin_bwd_q_kernel", dict()),
     "lin_bwd_kv": ("_sla_lin_bwd_kv_kernel", dict()),
 }
+# kernel -> the SLAKernelConfig fields its launcher takes (BLOCK_M, BLOCK_N, num_warps, num_stages);
+# None = not a parameter of that kernel (stages: the launcher passes none, Triton's default applies)
+LAUNCH_FIELDS = {
+    "_sla_fwd_kernel": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
+    "_sla_bwd_dq_kernel": ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages"),
+    "_sla_bwd_dkdv_kernel": ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
+    "_sla_lin_fwd_kernel": ("fwd_block_m", None, "lin_warps", None),
+    "_sla_lin_bwd_q_kernel": ("dq_block_m", None, "lin_warps", None),
+    "_sla_lin_bwd_kv_kernel": (None, "dkdv_block_n", "lin_warps", None),
+}
+TRITON_DEFAULT_STAGES = 3
 FP32_PTRS = {"LSE", "DELTA", "ZM", "DZM", "BIAS", "DZ"}
-ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 FP32_SCALARS = {"qk_scale", "lin_eps", "sm_scale", "inv_lk"}
-NOT_DIV16 = {"H", "Lq", "Lk", "n_sel", "inv_lk"}
-MMA = ("HGMMA", "IGMMA", "QGMMA")  # Hopper warpgroup matrix instructions (bf16/fp16, int8, fp8)  # integer arguments not divisible by 16 at the 1.3B shape
+NOT_DIV16 = {"H", "Lq", "Lk", "n_sel", "inv_lk"}  # integer arguments not divisible by 16 at the 1.3B shape
+MMA = ("HGMMA", "IGMMA", "QGMMA")  # Hopper warpgroup matrix instructions (bf16/fp16, int8, fp8)
+ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 
 
-def default_warps(variant: str) -> int:
-    """The tuned defaults (kernels/attention/sla.py DEFAULT_CONFIG): 8 warps for the forward kernels, 4 for
-    the backward ones."""
-    return 8 if "fwd" in VARIANTS[variant][0] else 4
-
-
-def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: int = 64):
+def compile_variant(variant: str, arch: int, warps: int = 0, stages: int = 0, block_n: int = 0):
     """Compile one VARIANTS entry at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16) for
-    compute capability arch/10, here on the CPU; forward tiles 128 x block_n, dQ tiles 64 x block_n."""
+    compute capability arch/10, here on the CPU, with the tiles, warps and stages its launcher takes
+    from `DEFAULT_CONFIG` (kernels/attention/sla.py); warps / stages / block_n > 0 override them."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -68,8 +75,10 @@ def compile_variant(variant: str, arch: int, warps: int, stages: int, block_n: i
 
     name, extra = VARIANTS[variant]
     fn = getattr(sla, name)
-    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=128 if "fwd" in name else 64, BLOCK_N=block_n,
-                 BLOCK_D=128, EVEN_N=False, FEATURE=0, PAD_D=False, STORE_LSE=False, STORE_OS=False, **extra)
+    f_m, f_n, f_w, f_s = (getattr(sla.DEFAULT_CONFIG, f) if f else None for f in LAUNCH_FIELDS[name])
+    warps, stages = warps or f_w, stages or f_s or TRITON_DEFAULT_STAGES
+    const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=f_m, BLOCK_N=block_n or f_n, BLOCK_D=128, EVEN_N=False,
+                 FEATURE=0, PAD_D=False, STORE_LSE=False, STORE_OS=False, **extra)
     const = {k: v for k, v in const.items() if k in fn.arg_names}  # the ones this kernel takes
     sig = {}
     for n in fn.arg_names:
@@ -133,6 +142,7 @@ def inspect(kernel) -> dict:
         m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
         if op.startswith("BRA") and m and labels.get(m.group(1), addr + 1) < addr:
             loops.append((labels[m.group(1)], addr))
+
     def body_of(loop):
         return [op for x, op, _ in instrs if loop[0] <= x <= loop[1]]
 
@@ -155,9 +165,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {list(VARIANTS)}")
-    p.add_argument("--warps", type=int, default=0, help="warps per program (default: the tuned 8 forward, 4 dQ)")
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--block-n", type=int, default=64, help="key tile (the forward's fwd_block_n)")
+    p.add_argument("--warps", type=int, default=0, help="warps per program (default: the launcher's config)")
+    p.add_argument("--stages", type=int, default=0, help="pipeline stages (default: the launcher's config)")
+    p.add_argument("--block-n", type=int, default=0, help="key tile of the kernels that take one (default: config)")
     p.add_argument("--json", action="store_true", help="print {variant: figures} as JSON instead of the table")
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
@@ -166,16 +176,16 @@ def main(argv=None) -> int:
         p.error(f"unknown variant(s) {bad}; choose among {list(VARIANTS)}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
+    results = {}
+    for v in names:
+        results[v] = inspect(compile_variant(v, a.arch, a.warps, a.stages, a.block_n))
     if a.json:
-        results = {v: inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n))
-                   for v in names}
         print(json.dumps(results))
         return 0
-    print(f"{'variant':<9} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "
+    print(f"{'variant':<12} {'regs':>5} {'stack':>6} {'instrs':>7} {'LDL/STL':>8} {'HGMMA':>6} {'loop':>5} "
           f"{'loop spills':>11}  loop global loads; top opcodes")
-    for v in names:
-        r = inspect(compile_variant(v, a.arch, a.warps or default_warps(v), a.stages, a.block_n))
-        print(f"{v:<9} {r['registers']:>5} {r['stack_bytes']:>6} {r['instructions']:>7} "
+    for v, r in results.items():
+        print(f"{v:<12} {r['registers']:>5} {r['stack_bytes']:>6} {r['instructions']:>7} "
               f"{r['spill_loads']:>3}/{r['spill_stores']:<4} {r['hgmma']:>6} {r['main_loop_instructions']:>5} "
               f"{r['main_loop_spills']:>11}  {' '.join(f'{o}:{n}' for o, n in r['loop_global_loads'].items())}; "
               f"{' '.join(f'{o}:{n}' for o, n in r['top_ops'])}", flush=True)

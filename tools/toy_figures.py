@@ -79,7 +79,7 @@ def suite_command(s: dict) -> str:
     if s.get("rcm_only"):
         cmd += " --rcm-only"
     teacher = s.get("teacher")
-    if teacher and Path(teacher).resolve() != Path(REPO / "turbo_infer/assets/toy_teacher.safetensors").resolve():
+    if teacher and Path(teacher).resolve() != (REPO / "turbo_infer/assets/toy_teacher.safetensors").resolve():
         cmd += f" --teacher {teacher}"
     for flag in ("sla_variant", "rcm_variant"):
         for name, sets in s.get(flag) or []:

@@ -147,11 +147,10 @@ class Suite:
         phase1 = [(self.train, "rcm", rcm)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
         phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets)) for v, sets in rcm_variants.items()]
-        if not self.a.rcm_only:
+        phase1 += [(self.evaluate, "teacher", teacher_eval)]
+        if not self.a.rcm_only:  # the SLA fine-tunes and the untrained-SLA references
             phase1 += [(self.train, "sla", sla)]
             phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
-        phase1 += [(self.evaluate, "teacher", teacher_eval)]
-        if not self.a.rcm_only:
             phase1 += [(self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
                        (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
         self.parallel(phase1, width=len(phase1))

@@ -149,7 +149,7 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
     plan = run / "calibrate" / "calibration_plan.json"
     bundles = run / "bundles"
     student_kw = dict(sampler="rcm", steps=cfg.steps, guidance=1.0)
-    stage("teacher eval (50-step CFG)", lambda: scored(TurboPipeline.toy(cfg.teacher), sampler="euler",
+    stage(f"teacher eval ({cfg.teacher_steps}-step CFG)", lambda: scored(TurboPipeline.toy(cfg.teacher), sampler="euler",
                                                         steps=cfg.teacher_steps, guidance=cfg.teacher_guidance))
     stage("rCM distillation", lambda: train(cfg.rcm_recipe, run / "rcm"))
     stage(f"student eval ({cfg.steps}-step)", lambda: scored(TurboPipeline.toy(_exported(run / "rcm")), **student_kw))

@@ -1,6 +1,7 @@
 """Wan DiT: forward parity with diffusers' WanTransformer3DModel, key layouts, loading errors."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -271,3 +272,23 @@ def test_checkpoint_keeps_its_prediction(tmp_path):
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "bare.safetensors")
     bare = WanModel.from_pretrained(tmp_path / "bare.safetensors", config=WanConfig(**TINY, prediction="x0"))
     assert bare.config.prediction == "x0"
+
+
+def test_checkpoint_keeps_its_network_and_says_so(tmp_path):
+    """A recipe's preset does not reshape a checkpoint that stores its config (e.g. a teacher trained with
+    another patch size): the stored network wins, with a warning naming what differed; the caller's
+    attention backend and explicit overrides still apply."""
+    model = WanModel(WanConfig(**TINY, patch_size=(2, 2, 1)))
+    save_wan_checkpoint(model, tmp_path / "p221.safetensors")
+    with pytest.warns(UserWarning, match=r"p221.safetensors: the checkpoint's network \(patch_size=\(2, 2, 1\)\)"):
+        loaded = WanModel.from_pretrained(tmp_path / "p221.safetensors", config=WanConfig(**{**TINY, "attention": "sla"}))
+    assert loaded.config.patch_size == (2, 2, 1) and loaded.config.attention == "sla"
+    for name, t in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], t)
+    # nothing differs, or the caller overrides the field explicitly (its own decision, here one the
+    # weights cannot fit): no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WanModel.from_pretrained(tmp_path / "p221.safetensors", config=WanConfig(**TINY, patch_size=(2, 2, 1)))
+        with pytest.raises(RuntimeError, match="size mismatch"):
+            WanModel.from_pretrained(tmp_path / "p221.safetensors", config=WanConfig(**TINY), patch_size=(1, 2, 2))

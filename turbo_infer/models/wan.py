@@ -19,6 +19,7 @@ the low-bit kernels replace it per model; cross-attention always stays dense SDP
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 
@@ -114,17 +115,32 @@ def get_config(name_or_config: "str | WanConfig | dict", **overrides) -> WanConf
     return replace(cfg, **overrides) if overrides else replace(cfg)
 
 
+# WanConfig fields that describe the trained network itself (as opposed to how it runs: the attention
+# backend and its options); a checkpoint that stores its config keeps these (checkpoint_config).
+NETWORK_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_channels", "out_channels", "freq_dim",
+                  "patch_size", "eps", "cross_attn_norm", "rope_theta", "prediction")
+
+
 def checkpoint_config(state: dict, file_config: "dict | None", path, config=None, **overrides) -> WanConfig:
     """The WanConfig of loaded weights: `config` (preset name / dict / WanConfig) if given, else the
     checkpoint's own `file_config`, else the preset its tensor shapes match; then `overrides`.
-    What the weights predict is theirs, not the caller's preset's: a `config` (e.g. a recipe's preset)
-    does not turn an x0 checkpoint into a velocity model; only an explicit `prediction=` override does."""
+    The network is the weights', not the caller's preset's: when the checkpoint stores its config, its
+    NETWORK_FIELDS (shape, patch size, RoPE base, what the head predicts) replace those of `config`, with
+    a warning naming each that differed (e.g. a recipe's `toy` preset loading a teacher trained with
+    another patch size); only `config`'s attention backend and options, and explicit `overrides`, apply."""
     from turbo_infer.models.wan_keys import infer_config
 
-    cfg = get_config(config if config is not None else (file_config or infer_config(state, path)), **overrides)
-    if file_config is not None and "prediction" not in overrides:
-        cfg = replace(cfg, prediction=file_config.get("prediction", "velocity"))
-    return cfg
+    cfg = get_config(config if config is not None else (file_config or infer_config(state, path)))
+    if config is not None and file_config is not None:
+        stored = get_config(file_config)
+        changed = {f: getattr(stored, f) for f in NETWORK_FIELDS if getattr(stored, f) != getattr(cfg, f)}
+        # a preset never names the prediction; an explicit override is the caller's own choice
+        shown = {f: v for f, v in changed.items() if f != "prediction" and f not in overrides}
+        if shown:
+            warnings.warn(f"{path}: the checkpoint's network ({', '.join(f'{f}={v}' for f, v in shown.items())}) "
+                          f"replaces the requested config's", stacklevel=3)
+        cfg = replace(cfg, **changed)
+    return replace(cfg, **overrides)
 
 
 # ----------------------------------------------------------------------------- building blocks

@@ -1,0 +1,115 @@
+"""The judge-free motion tracker (turbo_train/toyworld/motion.py) and tools/toy_motion_probe.py."""
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from turbo_infer.models.wan import WanConfig, WanModel
+from turbo_infer.models.wan_keys import save_wan_checkpoint
+from turbo_train.toyworld.generator import generate_sample
+from turbo_train.toyworld.motion import motion_confusion, motion_from_track, object_track
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import toy_motion_probe  # noqa: E402
+
+TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
+
+
+@pytest.fixture(scope="module")
+def real():
+    samples = [generate_sample(1000 + i) for i in range(40)]
+    return np.stack([s.video for s in samples]), [s.attributes for s in samples]
+
+
+def test_tracker_is_exact_on_real_videos(real):
+    videos, attrs = real
+    report = motion_confusion(videos, attrs)
+    assert report["n"] >= 40 and report["unreadable"] == 0
+    assert report["direction_acc"] == 1.0 and report["axis_acc"] == 1.0 and report["sign_acc"] == 1.0
+    assert set(report["confusion"]) == {"still", "left", "right", "up", "down"}  # every motion is in the sample
+
+
+def test_reversed_videos_keep_the_axis_and_lose_the_sign(real):
+    videos, attrs = real
+    report = motion_confusion(videos[:, ::-1], attrs)  # frames played backwards
+    assert report["axis_acc"] == 1.0 and report["sign_acc"] == 0.0
+    assert report["confusion"]["still"] == {"still": sum(o["motion"] == "still" for a in attrs for o in a["objects"]
+                                                         if [x["color"] for x in a["objects"]].count(o["color"]) == 1)}
+
+
+def test_track_of_one_object():
+    s = generate_sample(7)
+    obj = s.attributes["objects"][0]
+    track = object_track(s.video, obj["color"])
+    assert track.shape == (8, 3) and np.all(track[:, 2] >= 6)
+    assert motion_from_track(track) == obj["motion"]
+    absent = next(c for c in ("red", "green", "blue", "yellow", "magenta", "cyan")
+                  if c not in [o["color"] for o in s.attributes["objects"]])
+    assert motion_from_track(object_track(s.video, absent)) is None  # no pixels of that colour: no read-out
+
+
+def test_tracker_refusals():
+    video = generate_sample(0).video
+    with pytest.raises(ValueError, match="color must be one of"):
+        object_track(video, "purple")
+    with pytest.raises(ValueError, match=r"video must be \(F, H, W, 3\)"):
+        object_track(video[..., 0], "red")
+    with pytest.raises(ValueError, match="2 videos but 1 prompts"):
+        motion_confusion(np.stack([video, video]), [generate_sample(0).attributes])
+
+
+def test_caption_pairs_differ_only_in_the_direction():
+    caps, flipped, attrs, attrs_flipped = toy_motion_probe.caption_pairs(8, seed=0)
+    for c, f, a, b in zip(caps, flipped, attrs, attrs_flipped):
+        m, mb = a["objects"][0]["motion"], b["objects"][0]["motion"]
+        assert toy_motion_probe.OPPOSITE[m] == mb
+        assert {k: v for k, v in a["objects"][0].items() if k != "motion"} == \
+               {k: v for k, v in b["objects"][0].items() if k != "motion"}
+        assert c != f and len(c.split()) == len(f.split())  # same template and phrasing
+    assert {a["objects"][0]["motion"] for a in attrs} == {"left", "right", "up", "down"}
+
+
+def _checkpoint(tmp_path, patch_size):
+    torch.manual_seed(0)
+    model = WanModel(replace(TINY, patch_size=patch_size)).eval()
+    for p in model.parameters():  # Wan zero-inits the head: give every weight some signal
+        torch.nn.init.normal_(p, std=0.05)
+    path = tmp_path / f"tiny_{''.join(map(str, patch_size))}.safetensors"
+    save_wan_checkpoint(model, path)
+    return path
+
+
+def test_probe_end_to_end_and_the_time_symmetry_of_a_one_frame_patch(tmp_path, capsys):
+    """A DiT whose patch spans one frame has nothing but RoPE to tell the frames' order by (its random
+    initialisation nearly commutes with reversing time); a patch over two frames breaks that symmetry."""
+    gaps = {}
+    for ps in ((1, 2, 2), (2, 2, 1)):
+        out = tmp_path / f"probe_{ps[0]}.json"
+        assert toy_motion_probe.main(["--checkpoint", str(_checkpoint(tmp_path, ps)), "--pairs", "2", "--steps", "2",
+                                      "--real-videos", "2", "--flow-times", "0.8", "--out", str(out),
+                                      "--no-progress"]) == 0
+        doc = json.loads(out.read_text())
+        figs = doc["figures"]
+        assert set(figs) == {"toy_motion_time_reversal_gap", "toy_motion_hflip_gap", "toy_motion_word_flip_unchanged",
+                             "toy_motion_direction_acc", "toy_motion_axis_acc", "toy_motion_sign_acc"}
+        assert all(0 <= figs[k] <= 1 for k in figs if not k.endswith("_gap"))
+        assert doc["device"].startswith("CPU") and doc["command"].startswith("python tools/toy_motion_probe.py")
+        gaps[ps] = figs["toy_motion_time_reversal_gap"]
+    assert gaps[(1, 2, 2)] < 0.05 < 0.3 < gaps[(2, 2, 1)]
+    assert "time-reversal gap" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--pairs", "0"], "--pairs and --real-videos must be >= 1"),
+    (["--flow-times", "0.5,1.5"], "--flow-times must be in (0, 1]"),
+    (["--flow-times", "a"], "--flow-times must be comma-separated numbers"),
+    (["--checkpoint", "/nonexistent.safetensors"], "checkpoint not found: /nonexistent.safetensors"),
+])
+def test_probe_refusals(args, match, capsys):
+    with pytest.raises(SystemExit):
+        toy_motion_probe.main(args)
+    assert match in capsys.readouterr().err

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+
+from turbo_infer.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_OFFSET = 40_000_000  # video seeds far from the training stream and from turbo-eval's prompts
@@ -162,10 +163,7 @@ def main(argv=None) -> int:
         "figures": {f"{name}_velocity_rel_err": round(r[-1.0], 5) for name, r in result.items()},
         "per_time": {name: {f"{s:.4f}": round(r[s], 5) for s in times} for name, r in result.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, doc)
     print(f"wrote {args.out}")
     return 0
 

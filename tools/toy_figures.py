@@ -21,11 +21,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from turbo_infer.files import write_json  # noqa: E402
 
 
 def ratios(reports: dict) -> dict[str, dict[str, float]]:
@@ -92,10 +93,7 @@ def write(tool: str, figures: dict, device: str, command: str) -> Path:
     old = json.loads(path.read_text()) if path.is_file() else {}
     merged = {**old.get("figures", {}), **figures}
     doc = {"device": device, "date": datetime.date.today().isoformat(), "command": command, "figures": merged}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, doc)
 
 
 def main(argv=None) -> int:

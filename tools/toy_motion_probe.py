@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from turbo_infer.files import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 SEED_OFFSET = 50_000_000  # scene seeds far from the training stream, turbo-eval and sla_gap
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -162,10 +164,7 @@ def main(argv=None) -> int:
            "command": "python tools/toy_motion_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "figures": figures, "checkpoint": str(a.checkpoint or "shipped toy teacher"),
            "confusion": word["confusion"], "examples": word["examples"]}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = a.out.with_name(a.out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, a.out)
+    write_json(a.out, doc)
     print(f"wrote {a.out}")
     return 0
 

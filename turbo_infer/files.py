@@ -14,3 +14,15 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return Path(path)
+
+
+def write_json(path: str | os.PathLike, doc) -> Path:
+    """Write `doc` as indented JSON to `path` atomically (temporary file beside it, then publish_file),
+    creating the parent folder."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    return publish_file(tmp, path)

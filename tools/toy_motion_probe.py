@@ -27,8 +27,8 @@ On 2 CPU cores the default run takes about 3 minutes (16 videos of 50 CFG steps)
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
-import json
 import os
 import sys
 from pathlib import Path
@@ -82,7 +82,7 @@ def caption_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[dict], 
     for i in range(n):
         a = sample_attributes(int(rng.integers(2**31)), num_objects=1)
         a["objects"][0]["motion"] = list(OPPOSITE)[i % 4]  # all four directions, in turn
-        b = json.loads(json.dumps(a))
+        b = copy.deepcopy(a)
         b["objects"][0]["motion"] = OPPOSITE[a["objects"][0]["motion"]]
         cseed = int(rng.integers(2**31))
         caps.append(caption_for(a, cseed))
@@ -95,19 +95,15 @@ def caption_pairs(n: int, seed: int) -> tuple[list[str], list[str], list[dict], 
 def direction_word(pipe, pairs: int, steps: int | None, guidance: float | None, seed: int,
                    progress: bool) -> dict:
     """Sample each caption and its flipped twin from the same noise; track both (module docstring)."""
-    from turbo_train.toyworld.motion import motion_confusion, motion_from_track, object_track
+    from turbo_train.toyworld.motion import motion_confusion
 
     caps, flipped, attrs, attrs_flipped = caption_pairs(pairs, seed)
     kw = dict(steps=steps, guidance=guidance, seed=seed, progress=progress)
     videos = np.asarray(pipe.generate(caps, **kw))  # prompt i uses noise seed + i ...
     videos_flipped = np.asarray(pipe.generate(flipped, **kw))  # ... and so does its twin
-    unchanged = []
-    for v, vf, a in zip(videos, videos_flipped, attrs):
-        color = a["objects"][0]["color"]
-        m, mf = (motion_from_track(object_track(x, color)) for x in (v, vf))
-        if m is not None and mf is not None:
-            unchanged.append(m == mf)
     out = motion_confusion(np.concatenate([videos, videos_flipped]), attrs + attrs_flipped)
+    motions = [objs[0] for objs in out.pop("tracked")]  # one object per scene: the twins are i and pairs + i
+    unchanged = [m == mf for m, mf in zip(motions[:pairs], motions[pairs:]) if "unreadable" not in (m, mf)]
     out["word_flip_unchanged"] = float(np.mean(unchanged)) if unchanged else float("nan")
     out["readable_pairs"] = len(unchanged)
     out["examples"] = [[c, f] for c, f in zip(caps[:4], flipped[:4])]

@@ -31,6 +31,9 @@ def test_tracker_is_exact_on_real_videos(real):
     assert report["n"] >= 40 and report["unreadable"] == 0
     assert report["direction_acc"] == 1.0 and report["axis_acc"] == 1.0 and report["sign_acc"] == 1.0
     assert set(report["confusion"]) == {"still", "left", "right", "up", "down"}  # every motion is in the sample
+    for labels, a in zip(report["tracked"], attrs):  # per object, None where its colour is not unique
+        colors = [o["color"] for o in a["objects"]]
+        assert labels == [o["motion"] if colors.count(o["color"]) == 1 else None for o in a["objects"]]
 
 
 def test_reversed_videos_keep_the_axis_and_lose_the_sign(real):

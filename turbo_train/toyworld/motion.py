@@ -69,17 +69,22 @@ AXIS = {"still": "none", "left": "x", "right": "x", "up": "y", "down": "y"}
 def motion_confusion(videos: np.ndarray, prompt_attrs: list[dict[str, Any]]) -> dict[str, Any]:
     """Tracked motion of every object whose colour is unique in its prompt, against the prompt's:
     {"n", "direction_acc", "axis_acc" (moving objects: right axis, either sign), "sign_acc" (moving
-    objects on the right axis: right sign), "unreadable" (no track), "confusion": {prompt: {tracked: n}}}."""
+    objects on the right axis: right sign), "unreadable" (no track), "confusion": {prompt: {tracked: n}},
+    "tracked": per video, the tracked motion of each object ("unreadable": no track; None: skipped)}."""
     if len(videos) != len(prompt_attrs):
         raise ValueError(f"{len(videos)} videos but {len(prompt_attrs)} prompts")
     confusion: dict[str, dict[str, int]] = {}
+    tracked: list[list[str | None]] = []
     n = right = moving = axis_ok = sign_ok = unreadable = 0
     for video, attrs in zip(videos, prompt_attrs):
         colors = [o["color"] for o in attrs["objects"]]
+        tracked.append([])
         for obj in attrs["objects"]:
             if colors.count(obj["color"]) > 1:
+                tracked[-1].append(None)
                 continue
             got = motion_from_track(object_track(video, obj["color"])) or "unreadable"
+            tracked[-1].append(got)
             want = obj["motion"]
             row = confusion.setdefault(want, {})
             row[got] = row.get(got, 0) + 1
@@ -92,4 +97,5 @@ def motion_confusion(videos: np.ndarray, prompt_attrs: list[dict[str, Any]]) -> 
                     axis_ok += 1
                     sign_ok += got == want
     return {"n": n, "direction_acc": right / max(n, 1), "axis_acc": axis_ok / max(moving, 1),
-            "sign_acc": sign_ok / max(axis_ok, 1), "unreadable": unreadable, "confusion": confusion}
+            "sign_acc": sign_ok / max(axis_ok, 1), "unreadable": unreadable, "confusion": confusion,
+            "tracked": tracked}

@@ -45,6 +45,9 @@ def _worker(rank, world, port, out_path):
     dist.all_reduce(grad)  # what DDP/FSDP does across the SP group: each rank holds its tokens' share
     if rank == 0:
         torch.save({"out": out.detach(), "grad": m.blocks[0].self_attn.q.weight.grad}, out_path)
+    # leave together, as turbo-train does: a rank that tears gloo down while its peer is still
+    # saving can abort (seen once under a loaded CI: SIGABRT, "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

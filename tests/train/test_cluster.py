@@ -206,6 +206,9 @@ def _parallel_worker(rank, world, port, out_path):
     if rank == 0:
         torch.save({"out": out.detach(), "grads": grads, "ema": full_ema.state_dict(),
                     "model": full_model.state_dict()}, out_path)
+    # leave together, as turbo-train does: a rank that tears gloo down while its peer is still
+    # saving can abort (seen once under a loaded CI: SIGABRT, "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

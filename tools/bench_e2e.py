@@ -629,11 +629,7 @@ def write_results(args, fig: dict, notes: dict, out_dir: Path) -> None:
     for k, v in fig.items():
         bench.figure(k, v)
     bench.print_table()
-    paths = bench.write(out_dir)
-    for p in paths:
-        doc = json.loads(p.read_text())
-        doc["notes"] = notes
-        p.write_text(json.dumps(doc, indent=2) + "\n")
+    bench.write(out_dir, notes=notes)
     dit = {}
     if f"e2e_{TAG}_baseline_attention_s" in fig:
         dit[f"baseline: {BASELINE_STEPS} steps x CFG, eager {'fp32' if args.tiny else 'bf16'} (extrapolated)"] = {

@@ -17,7 +17,6 @@ calls so that repeated runs do not measure the L2 cache.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from turbo_infer.files import write_json  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")  # forward; backward alone (graph built once, retained); forward+backward
 REPO = Path(__file__).resolve().parents[1]
@@ -146,31 +148,40 @@ class Harness:
         for k, v in self.figures.items():
             print(f"  {k} = {v:.4g}")
 
-    def document(self) -> dict:
-        """The {"device", "date", "command", "figures"} JSON document of this run."""
-        return {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": "python " + " ".join(sys.argv),
-            "figures": self.figures,
-        }
+    def document(self, **extra) -> dict:
+        """The {"device", "date", "command", "figures", **extra} JSON document of this run."""
+        return benchmark_doc(self.figures, **extra)
 
-    def write(self, out_dir: str | os.PathLike | None = None) -> list[Path]:
-        """Write <tool>.json to benchmarks/ (or out_dir) and, when set, to $OUT."""
+    def write(self, out_dir: str | os.PathLike | None = None, **extra) -> list[Path]:
+        """Write <tool>.json (extra: more top-level fields, e.g. notes) to benchmarks/ (or out_dir) and,
+        when set, to $OUT."""
         dirs = [Path(out_dir) if out_dir else REPO / "benchmarks"]
         if os.environ.get("OUT"):
             dirs.append(Path(os.environ["OUT"]))
-        paths = write_doc(self.document(), self.tool, dirs)
+        paths = write_doc(self.document(**extra), self.tool, dirs)
         print(f"wrote {', '.join(map(str, paths))}")
         return paths
 
 
 def write_doc(doc: dict, tool: str, dirs) -> list[Path]:
-    """Write doc as <dir>/<tool>.json into each of dirs (created if needed); returns the paths."""
-    paths = []
-    for d in map(Path, dirs):
-        d.mkdir(parents=True, exist_ok=True)
-        p = d / f"{tool}.json"
-        p.write_text(json.dumps(doc, indent=2) + "\n")
-        paths.append(p)
-    return paths
+    """Write doc as <dir>/<tool>.json into each of dirs (created if needed, atomically); returns the paths."""
+    return [write_json(Path(d) / f"{tool}.json", doc) for d in dirs]
+
+
+def device_label(device: str | torch.device | None = None) -> str:
+    """Where figures were measured, for the "device" field: the CUDA device's name (device None = the
+    current GPU when there is one), else "CPU (N cores)"."""
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+
+
+def benchmark_doc(figures: dict, *, device: str | None = None, command: str | None = None, **extra) -> dict:
+    """The benchmarks/<tool>.json document {"device", "date", "command", "figures", **extra}: device
+    defaults to `device_label()`, command to this process's command line, date to now (UTC)."""
+    return {
+        "device": device if device is not None else device_label(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command if command is not None else "python " + " ".join(sys.argv),
+        "figures": figures,
+        **extra,
+    }

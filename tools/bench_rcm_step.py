@@ -376,9 +376,9 @@ def figures_of(name: str, summary: dict) -> dict[str, float]:
 
 
 def device_name() -> str:
-    import torch
+    from bench_harness import device_label
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return device_label()
 
 
 def write_json(figures: dict, out_dirs: list[Path]) -> list[Path]:

@@ -22,13 +22,12 @@ Runs on the CPU (about a minute per model for 64 videos on 2 cores) or on a GPU 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 from pathlib import Path
 
 import torch
 
+from bench_harness import benchmark_doc, device_label
 from turbo_infer.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -156,13 +155,12 @@ def main(argv=None) -> int:
     print(f"{'model':<32}" + "".join(f"  s={s:.3f}" for s in times) + "       all")
     for name, r in result.items():
         print(f"{name:<32}" + "".join(f"  {r[s]:7.4f}" for s in times) + f"   {r[-1.0]:7.4f}")
-    doc = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)",
-        "date": datetime.date.today().isoformat(),
-        "command": "python tools/sla_gap.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "figures": {f"{name}_velocity_rel_err": round(r[-1.0], 5) for name, r in result.items()},
-        "per_time": {name: {f"{s:.4f}": round(r[s], 5) for s in times} for name, r in result.items()},
-    }
+    doc = benchmark_doc(
+        {f"{name}_velocity_rel_err": round(r[-1.0], 5) for name, r in result.items()},
+        device=device_label(args.device),
+        command="python tools/sla_gap.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        per_time={name: {f"{s:.4f}": round(r[s], 5) for s in times} for name, r in result.items()},
+    )
     write_json(args.out, doc)
     print(f"wrote {args.out}")
     return 0

@@ -19,13 +19,13 @@ in rcm.json). Without --write it only prints.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench_harness import benchmark_doc  # noqa: E402
 from turbo_infer.files import write_json  # noqa: E402
 
 
@@ -92,8 +92,7 @@ def write(tool: str, figures: dict, device: str, command: str) -> Path:
     path = REPO / "benchmarks" / f"{tool}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     merged = {**old.get("figures", {}), **figures}
-    doc = {"device": device, "date": datetime.date.today().isoformat(), "command": command, "figures": merged}
-    return write_json(path, doc)
+    return write_json(path, benchmark_doc(merged, device=device, command=command))
 
 
 def main(argv=None) -> int:

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench_harness import benchmark_doc, device_label
 from turbo_infer.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,11 +154,10 @@ def main(argv=None) -> int:
                "toy_motion_word_flip_unchanged": round(word["word_flip_unchanged"], 4),
                "toy_motion_direction_acc": round(word["direction_acc"], 4), "toy_motion_axis_acc": round(word["axis_acc"], 4),
                "toy_motion_sign_acc": round(word["sign_acc"], 4)}
-    device = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
-    doc = {"device": device, "date": datetime.date.today().isoformat(),
-           "command": "python tools/toy_motion_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "figures": figures, "checkpoint": str(a.checkpoint or "shipped toy teacher"),
-           "confusion": word["confusion"], "examples": word["examples"]}
+    doc = benchmark_doc(figures, device=device_label(a.device),
+                        command="python tools/toy_motion_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                        checkpoint=str(a.checkpoint or "shipped toy teacher"), confusion=word["confusion"],
+                        examples=word["examples"])
     write_json(a.out, doc)
     print(f"wrote {a.out}")
     return 0

@@ -154,10 +154,11 @@ class ModelConfig:
         _require(self.text_max_length >= 1, "text_max_length", f"must be >= 1, got {self.text_max_length}")
         _require(self.text_cache_size >= 0, "text_cache_size", f"must be >= 0, got {self.text_cache_size}")
 
-    def prediction_override(self) -> dict:
-        """{"prediction": ...} when the recipe's overrides name one, else {}: loading a checkpoint keeps
-        the checkpoint's own prediction (x0 or velocity) unless the recipe says otherwise."""
-        return {"prediction": self.overrides["prediction"]} if "prediction" in self.overrides else {}
+    def checkpoint_overrides(self) -> dict:
+        """The recipe's overrides that apply over a loaded checkpoint's own network (which otherwise
+        replaces the preset's): what the head predicts (x0 or velocity) and frame_embed_len (a frame
+        embedding, zero at the start, added to a checkpoint without one)."""
+        return {k: self.overrides[k] for k in ("prediction", "frame_embed_len") if k in self.overrides}
 
     def wan_config(self):
         """The WanConfig this section describes (preset + overrides + attention backend)."""

@@ -60,6 +60,10 @@ class WanConfig:
     attention_options: dict = field(default_factory=dict)  # backend options, e.g. {"topk": 0.1}
     # what the head predicts: "velocity" (v = ε - x0, Wan) or "x0" (clean sample; forward still returns v)
     prediction: str = "velocity"
+    # rows of a learned embedding of the latent frame index added to the patch tokens (0 = none, as Wan).
+    # Not in Wan: its causal VAE already makes the input time-asymmetric. The toy codec does not, and a toy
+    # DiT without it cannot tell a video from the same video played backwards (recipes/toy/README.md).
+    frame_embed_len: int = 0
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -74,6 +78,8 @@ class WanConfig:
             raise ValueError(f"WanConfig head_dim ({self.head_dim}) must be even and >= 6 for 3D RoPE")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"WanConfig.patch_size must be 3 positive ints, got {self.patch_size}")
+        if int(self.frame_embed_len) < 0:
+            raise ValueError(f"WanConfig.frame_embed_len must be >= 0 (0 = no frame embedding), got {self.frame_embed_len}")
 
     @property
     def head_dim(self) -> int:
@@ -118,7 +124,7 @@ def get_config(name_or_config: "str | WanConfig | dict", **overrides) -> WanConf
 # WanConfig fields that describe the trained network itself (as opposed to how it runs: the attention
 # backend and its options); a checkpoint that stores its config keeps these (checkpoint_config).
 NETWORK_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_channels", "out_channels", "freq_dim",
-                  "patch_size", "eps", "cross_attn_norm", "rope_theta", "prediction")
+                  "patch_size", "eps", "cross_attn_norm", "rope_theta", "prediction", "frame_embed_len")
 
 
 def checkpoint_config(state: dict, file_config: "dict | None", path, config=None, **overrides) -> WanConfig:
@@ -364,6 +370,8 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
+        if cfg.frame_embed_len:  # zero at the start: the network's function is unchanged until it trains
+            self.frame_embedding = nn.Parameter(torch.zeros(cfg.frame_embed_len, cfg.dim))
         self.gradient_checkpointing = False  # activation checkpointing when training: True, False or first N blocks
         self.checkpoint_policy = "full"  # what a checkpointed block recomputes (CHECKPOINT_POLICIES)
         self.sequence_shard = None  # set by turbo_infer.sequence_parallel (Ulysses); None = single device
@@ -423,6 +431,14 @@ class WanModel(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
+    def frame_rows(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The frame embedding of every token of a (F', H', W') grid, in token order: (L, dim)."""
+        f, h, w = grid
+        if f > self.config.frame_embed_len:
+            raise ValueError(f"{f} latent frames of {self.config.patch_size[0]}-frame patches, but the frame embedding "
+                             f"has {self.config.frame_embed_len} rows (WanConfig.frame_embed_len)")
+        return self.frame_embedding[:f, None, :].expand(f, h * w, -1).reshape(f * h * w, -1)
+
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Predict the rectified-flow velocity.
 
@@ -441,6 +457,8 @@ class WanModel(nn.Module):
         dtype = self.patch_embedding.weight.dtype
 
         tokens, grid = self.patchify(x.to(dtype))  # (B, L, dim)
+        if cfg.frame_embed_len:
+            tokens = tokens + self.frame_rows(grid).to(tokens.dtype)
         rope = self.rope.freqs(grid, x.device)
         # time: sinusoid (fp32) -> MLP -> 6-way modulation, kept in fp32
         temb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype)).float()  # (B, dim)
@@ -483,8 +501,9 @@ class WanModel(nn.Module):
 
         config: preset name / WanConfig / dict; None = read `config.json` beside the weights or infer the
         preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla").
-        strict: refuse a missing or unexpected tensor, except the attention backend's own (SLA's
-        proj_l: zero, so a dense checkpoint loads as an untrained SLA model)."""
+        strict: refuse a missing or unexpected tensor, except those that start at zero by design (SLA's
+        proj_l, so a dense checkpoint loads as an untrained SLA model; the frame embedding that
+        `frame_embed_len` adds to a checkpoint without one)."""
         from turbo_infer.models.wan_keys import load_wan_state_dict
 
         state, file_config = load_wan_state_dict(path)
@@ -493,10 +512,11 @@ class WanModel(nn.Module):
             model = cls(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         # Parameters of the self-attention backend itself (SLA's proj_l, under `.self_attn.attn.`) are
-        # absent from a dense checkpoint and start at zero by design (an untrained SLA model), strict or
-        # not; strict=True refuses any other missing or unexpected tensor, strict=False zero-fills too.
+        # absent from a dense checkpoint and start at zero by design (an untrained SLA model), as does a
+        # frame embedding added by an override, strict or not; strict=True refuses any other missing or
+        # unexpected tensor, strict=False zero-fills too.
         if strict:
-            other = [n for n in missing if ".self_attn.attn." not in n]
+            other = [n for n in missing if ".self_attn.attn." not in n and n != "frame_embedding"]
             if other or unexpected:
                 raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {other}, unexpected "
                                    f"{unexpected}")

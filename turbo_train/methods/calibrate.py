@@ -633,7 +633,7 @@ def build_calibration_model(m):
     if m.checkpoint is None:
         return WanModel(cfg)
     state, file_cfg = load_wan_state_dict(m.checkpoint)
-    cfg = checkpoint_config(state, file_cfg, m.checkpoint, cfg, **m.prediction_override())
+    cfg = checkpoint_config(state, file_cfg, m.checkpoint, cfg, **m.checkpoint_overrides())
     backend, options = cfg.attention, dict(cfg.attention_options)
     if any(".proj_l." in k for k in state) and backend not in SPARSE_BACKENDS:
         file_cfg = file_cfg or {}

@@ -91,7 +91,7 @@ def build_wan_model(cfg: ModelConfig) -> WanModel:
     """The DiT of a recipe's model section: random init, or the weights of cfg.checkpoint."""
     wan_cfg = cfg.wan_config()
     if cfg.checkpoint is not None:
-        model = WanModel.from_pretrained(cfg.checkpoint, config=wan_cfg, **cfg.prediction_override())
+        model = WanModel.from_pretrained(cfg.checkpoint, config=wan_cfg, **cfg.checkpoint_overrides())
     else:
         model = WanModel(wan_cfg)
     model.to(dtype=getattr(torch, cfg.dtype))

@@ -6,7 +6,8 @@
 Every ratio divides by the teacher's 50-step CFG figure from the same run (same prompts, same seeds):
     benchmarks/rcm.json           toy_rcm{4,2,1}_adherence_ratio, toy_rcm4_frechet_ratio,
                                   toy_rcm4_diversity_ratio, toy_scm4_adherence_ratio,
-                                  toy_dmd4_adherence_ratio, toy_dmd4_diversity_ratio
+                                  toy_dmd4_adherence_ratio, toy_dmd4_diversity_ratio,
+                                  toy_teacher_rcm4_nocfg_adherence_ratio (the undistilled teacher at 4 steps)
     benchmarks/sla_finetune.json  toy_sla0.1_untrained_adherence_ratio, toy_sla0.1_finetuned_adherence_ratio,
                                   toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained)
     benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
@@ -43,6 +44,7 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
             "toy_rcm4_diversity_ratio": r("rcm4", "diversity"), "toy_scm4_adherence_ratio": r("scm4"),
             "toy_scm4_diversity_ratio": r("scm4", "diversity"), "toy_dmd4_adherence_ratio": r("dmd4"),
             "toy_dmd4_diversity_ratio": r("dmd4", "diversity"),
+            "toy_teacher_rcm4_nocfg_adherence_ratio": r("teacher_rcm4"),
         },
         "sla_finetune": {
             "toy_sla0.1_untrained_adherence_ratio": r("teacher_sla0.1_untrained"),

@@ -8,8 +8,8 @@ the CPU workers that render the videos. So the suite runs, at the same time,
     scm   the same with method.rcm.loss_mode=scm  pure sCM ablation (no fake score)
     dmd   the same with method.rcm.loss_mode=dmd  DMD2-alone ablation (no consistency term)
     sla   recipes/toy/sla.yaml                    SLA (topk 0.1) fine-tune of the teacher
-each capped at --minutes of training, while the teacher is evaluated dense and with untrained SLA
-(topk 0.1, 0.2). Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
+each capped at --minutes of training, while the teacher is evaluated dense, with untrained SLA
+(topk 0.1, 0.2) and under the students' 4-step rcm sampler without CFG (what distillation adds). Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
 the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time; the
 cpu bundle on the host's CPU). Every
 report lands in OUT/eval/<name>/report.json and a digest in OUT/summary.json; a stage that fails
@@ -140,6 +140,7 @@ class Suite:
         sc = load_recipe(REPO / sla).method.sla
         untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
                                               "--block-k", str(sc.block_k)]
+        student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
         sla_variants = dict(self.a.sla_variant)
         rcm_variants = dict(self.a.rcm_variant)
         ablations = () if self.a.skip_ablations else ("scm", "dmd")
@@ -148,6 +149,8 @@ class Suite:
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
         phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets)) for v, sets in rcm_variants.items()]
         phase1 += [(self.evaluate, "teacher", teacher_eval)]
+        # what distillation adds: the teacher itself under the students' 4-step sampler, no CFG
+        phase1 += [(self.evaluate, "teacher_rcm4", teacher_eval + student(4))]
         if not self.a.rcm_only:  # the SLA fine-tunes and the untrained-SLA references
             phase1 += [(self.train, "sla", sla)]
             phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
@@ -157,7 +160,6 @@ class Suite:
         self.write_summary(t0, complete=False)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
         merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
-        student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
 
         def merge(sla_run: str, out: Path) -> dict:
             return run(f"merge-{sla_run}", module_cmd("turbo_train.merge") + [

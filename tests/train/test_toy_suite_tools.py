@@ -70,6 +70,9 @@ def test_the_cpu_bundle_is_evaluated_on_the_cpu(tmp_path, monkeypatch):
     device = lambda cmd: cmd[cmd.index("--device") + 1]  # noqa: E731
     assert device(evals["eval-bundle_cpu"]) == "cpu" and device(evals["eval-bundle_h100"]) == "cuda"
     assert device(evals["eval-teacher"]) == "cuda"
+    t4 = evals["eval-teacher_rcm4"]  # the undistilled teacher under the students' sampler
+    assert t4[t4.index("--checkpoint") + 1] == str(toy_gpu_suite.TEACHER) and t4[t4.index("--sampler") + 1] == "rcm"
+    assert t4[t4.index("--steps") + 1] == "4" and t4[t4.index("--guidance") + 1] == "1"
 
 
 def test_suite_arguments_are_checked():
@@ -151,7 +154,7 @@ def test_rcm_only_trains_and_evaluates_the_students_and_nothing_else(tmp_path, m
                      rcm_variant=[toy_gpu_suite.rcm_variant("flr:method.rcm.fake_score_lr=5e-5")])
     assert s.main() == 0
     names = {name for name, _ in calls}
-    assert names == {"train-rcm", "train-rcm_flr", "eval-teacher", "eval-rcm4", "eval-rcm2", "eval-rcm1",
+    assert names == {"train-rcm", "train-rcm_flr", "eval-teacher", "eval-teacher_rcm4", "eval-rcm4", "eval-rcm2", "eval-rcm1",
                      "eval-rcm4_flr"}
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
     with pytest.raises(SystemExit):

@@ -85,3 +85,16 @@ def test_a_recipe_override_adds_it_to_a_loaded_checkpoint(tmp_path):
     with pytest.warns(UserWarning, match="dim=32"):  # the checkpoint's network replaces the toy preset's
         model = build_wan_model(cfg)
     assert model.config.frame_embed_len == 8 and model.config.dim == 32 and model.frame_embedding.requires_grad
+
+
+def test_a_checkpoint_that_claims_one_but_lacks_the_tensor_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = tiny(frame_embed_len=4)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "frame_embedding"}
+    path = tmp_path / "broken.safetensors"
+    save_file(state, str(path), metadata={"wan_config": json.dumps(model.config.to_dict())})
+    with pytest.raises(RuntimeError, match="frame_embedding"):
+        WanModel.from_pretrained(path)

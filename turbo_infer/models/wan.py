@@ -516,7 +516,9 @@ class WanModel(nn.Module):
         # frame embedding added by an override, strict or not; strict=True refuses any other missing or
         # unexpected tensor, strict=False zero-fills too.
         if strict:
-            other = [n for n in missing if ".self_attn.attn." not in n and n != "frame_embedding"]
+            # (only a frame embedding the checkpoint's own config does not have: one it claims must be there)
+            added = bool(cfg.frame_embed_len) and not (file_config or {}).get("frame_embed_len")
+            other = [n for n in missing if ".self_attn.attn." not in n and not (n == "frame_embedding" and added)]
             if other or unexpected:
                 raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {other}, unexpected "
                                    f"{unexpected}")

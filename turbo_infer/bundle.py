@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from turbo_kernels.capability import Capabilities, kernel_support
+from turbo_infer.layers.attention import SPARSE_BACKENDS
 from turbo_infer.quant import PRECISIONS, W8A8Linear
 
 FORMAT = "turbo-bundle"
@@ -45,7 +46,6 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "transformer.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
-SPARSE_BACKENDS = ("sla", "sagesla")  # backends that own an SLA proj_l
 ATTENTION_BACKENDS = ("sdpa", "sla", "sage", "sagesla")
 SLA_OPTIONS = ("topk", "block_q", "block_k", "feature_map")
 TEXT_ENCODERS = ("minilm", "umt5")

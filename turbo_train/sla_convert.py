@@ -25,11 +25,11 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from turbo_infer.layers.attention import available_attention, make_attention
+from turbo_infer.layers.attention import SPARSE_BACKENDS, available_attention, make_attention
 from turbo_infer.layers.sla import SparseLinearAttention
 from turbo_infer.models.wan import WanModel
 
-SLA_BACKENDS = ("sla", "sagesla")  # backends whose module is a SparseLinearAttention (they own a proj_l)
+SLA_BACKENDS = SPARSE_BACKENDS  # backends whose module is a SparseLinearAttention (they own a proj_l)
 PROJ_L_SUFFIXES = (".self_attn.attn.proj_l.weight", ".self_attn.attn.proj_l.bias")
 
 

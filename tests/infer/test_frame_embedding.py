@@ -98,3 +98,4 @@ def test_a_checkpoint_that_claims_one_but_lacks_the_tensor_is_refused(tmp_path):
     save_file(state, str(path), metadata={"wan_config": json.dumps(model.config.to_dict())})
     with pytest.raises(RuntimeError, match="frame_embedding"):
         WanModel.from_pretrained(path)
+

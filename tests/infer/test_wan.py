@@ -112,6 +112,19 @@ def test_loading_errors_name_the_file(tmp_path):
         get_config("wan9")
 
 
+def test_an_sla_checkpoint_without_its_proj_l_is_refused_but_a_dense_one_converts(tmp_path):
+    dense = tmp_path / "dense.safetensors"
+    save_wan_checkpoint(WanModel(WanConfig(**TINY)), dense)
+    sla = WanModel.from_pretrained(dense, attention="sla", attention_options={"topk": 0.5, "block_q": 16, "block_k": 16})
+    proj = {n: p for n, p in sla.named_parameters() if ".proj_l." in n}
+    assert proj and all(float(p.abs().sum()) == 0 for p in proj.values())  # a dense checkpoint: untrained SLA
+    state = {k: v.contiguous() for k, v in sla.state_dict().items() if ".proj_l." not in k}
+    broken = tmp_path / "sla_without_proj_l.safetensors"
+    save_file(state, str(broken), metadata={"wan_config": json.dumps(sla.config.to_dict())})
+    with pytest.raises(RuntimeError, match="proj_l"):  # stored as SLA: its trained projection must be there
+        WanModel.from_pretrained(broken)
+
+
 def test_config_validation_and_presets():
     with pytest.raises(ValueError, match="num_heads"):
         WanConfig(dim=50, ffn_dim=8, num_heads=3, num_layers=1)

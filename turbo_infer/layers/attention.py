@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+# Backends whose module is a SparseLinearAttention: they own a trained projection `proj_l`.
+SPARSE_BACKENDS = ("sla", "sagesla")
 # Backends whose modules register themselves on import (name -> module path).
 _PROVIDERS: dict[str, str] = {
     "sla": "turbo_infer.layers.sla",

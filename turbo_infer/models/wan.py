@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from turbo_infer.layers.attention import make_attention
+from turbo_infer.layers.attention import SPARSE_BACKENDS, make_attention
 
 
 # ----------------------------------------------------------------------------- config
@@ -514,11 +514,16 @@ class WanModel(nn.Module):
         # Parameters of the self-attention backend itself (SLA's proj_l, under `.self_attn.attn.`) are
         # absent from a dense checkpoint and start at zero by design (an untrained SLA model), as does a
         # frame embedding added by an override, strict or not; strict=True refuses any other missing or
-        # unexpected tensor, strict=False zero-fills too.
+        # unexpected tensor (a checkpoint stored as SLA without its proj_l among them), strict=False
+        # zero-fills too.
         if strict:
-            # (only a frame embedding the checkpoint's own config does not have: one it claims must be there)
-            added = bool(cfg.frame_embed_len) and not (file_config or {}).get("frame_embed_len")
-            other = [n for n in missing if ".self_attn.attn." not in n and not (n == "frame_embedding" and added)]
+            # (only what the checkpoint's own config does not have: an SLA checkpoint's proj_l, or a frame
+            # embedding its config claims, must be in the file)
+            stored = file_config or {}
+            new_sla = stored.get("attention") not in SPARSE_BACKENDS
+            new_frames = bool(cfg.frame_embed_len) and not stored.get("frame_embed_len")
+            other = [n for n in missing if not (".self_attn.attn." in n and new_sla)
+                     and not (n == "frame_embedding" and new_frames)]
             if other or unexpected:
                 raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {other}, unexpected "
                                    f"{unexpected}")

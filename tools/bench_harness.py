@@ -25,11 +25,11 @@ from typing import Callable, Iterable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from turbo_infer.files import write_json  # noqa: E402
 
 MODES = ("fwd", "bwd", "full")  # forward; backward alone (graph built once, retained); forward+backward
-REPO = Path(__file__).resolve().parents[1]
 
 
 def time_ms(fn: Callable[[], object], warmup_ms: float = 30.0, rep_ms: float = 150.0, max_reps: int = 500) -> float:

@@ -9,7 +9,8 @@ the CPU workers that render the videos. So the suite runs, at the same time,
     dmd   the same with method.rcm.loss_mode=dmd  DMD2-alone ablation (no consistency term)
     sla   recipes/toy/sla.yaml                    SLA (topk 0.1) fine-tune of the teacher
 each capped at --minutes of training, while the teacher is evaluated dense, with untrained SLA
-(topk 0.1, 0.2) and under the students' 4-step rcm sampler without CFG (what distillation adds). Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
+(topk 0.1, 0.2) and under the students' 4-step rcm sampler without CFG (what distillation adds).
+Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
 the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time; the
 cpu bundle on the host's CPU). Every
 report lands in OUT/eval/<name>/report.json and a digest in OUT/summary.json; a stage that fails

@@ -29,7 +29,6 @@ from turbo_infer.layers.attention import SPARSE_BACKENDS, available_attention, m
 from turbo_infer.layers.sla import SparseLinearAttention
 from turbo_infer.models.wan import WanModel
 
-SLA_BACKENDS = SPARSE_BACKENDS  # backends whose module is a SparseLinearAttention (they own a proj_l)
 PROJ_L_SUFFIXES = (".self_attn.attn.proj_l.weight", ".self_attn.attn.proj_l.bias")
 
 
@@ -66,8 +65,8 @@ def convert_to_sla(model: WanModel, *, topk: float = 0.1, block_q: int = 128, bl
     Returns the converted model, whose config reads attention=backend, attention_options={...}.
     """
     _check_model(model)
-    if backend not in SLA_BACKENDS:
-        raise ValueError(f"backend must be one of {SLA_BACKENDS}, got {backend!r}")
+    if backend not in SPARSE_BACKENDS:
+        raise ValueError(f"backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
     opts = sla_options(topk, block_q, block_k, feature_map)
     if not inplace:
         model = copy.deepcopy(model)
@@ -92,8 +91,8 @@ def convert_to_dense(model: WanModel, *, attention: str = "sdpa", inplace: bool 
     before conversion. (Its function is the dense model's, which differs from the SLA one unless
     topk = 1 and proj_l = 0.) inplace=False converts a deep copy."""
     _check_model(model)
-    if attention in SLA_BACKENDS or attention not in available_attention():
-        dense = [a for a in available_attention() if a not in SLA_BACKENDS]
+    if attention in SPARSE_BACKENDS or attention not in available_attention():
+        dense = [a for a in available_attention() if a not in SPARSE_BACKENDS]
         raise ValueError(f"attention must be a dense backend, one of {dense}, got {attention!r}")
     if not inplace:
         model = copy.deepcopy(model)

@@ -624,7 +624,7 @@ def build_calibration_model(m):
     """The DiT of the recipe's model section (fp32, CPU). An SLA-tuned checkpoint (it holds proj_l
     tensors, e.g. the merged rCM + SLA student) keeps its own SLA attention and options when the
     recipe names a dense backend: the plan must describe the model turbo-export will ship."""
-    from turbo_infer.bundle import SPARSE_BACKENDS
+    from turbo_infer.layers.attention import SPARSE_BACKENDS
     from turbo_infer.models.wan import WanModel, checkpoint_config
     from turbo_infer.models.wan_keys import load_wan_state_dict
     from turbo_train.export import build_model

@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING, Callable, Literal
 
 import torch
 
+from turbo_infer.layers.attention import SPARSE_BACKENDS
 from turbo_infer.models.wan import WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.methods.one_network import OneNetworkMixin
-from turbo_train.sla_convert import SLA_BACKENDS, convert_to_sla, proj_l_norms, sla_layers
+from turbo_train.sla_convert import convert_to_sla, proj_l_norms, sla_layers
 
 if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import it back lazily only
     from turbo_train.recipe import Recipe
@@ -142,7 +143,7 @@ def check_sla_recipe(recipe: "Recipe") -> None:
 
     unset("model.checkpoint", recipe.model.checkpoint,
           "SLA fine-tuning starts from the dense model's weights (the original teacher, RCM.md §8)")
-    if recipe.model.attention in SLA_BACKENDS:
+    if recipe.model.attention in SPARSE_BACKENDS:
         raise ValueError(f"model.attention: must be the dense backend of the original model (e.g. sdpa), got "
                          f"{recipe.model.attention!r}; the SLA settings go in method.sla (topk, block_q, block_k)")
     if recipe.data.source in ("toy_shards", "latent_shards"):
@@ -241,7 +242,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         c = self.cfg
 
         teacher = teacher if teacher is not None else build_wan_model(recipe.model)
-        if teacher.config.attention in SLA_BACKENDS:
+        if teacher.config.attention in SPARSE_BACKENDS:
             raise ValueError(f"model.attention: the teacher must use dense attention, got {teacher.config.attention!r}")
         # student: the teacher with SLA self-attention (proj_l = 0), all parameters or proj_l trainable
         self.student = convert_to_sla(teacher, topk=c.topk, block_q=c.block_q, block_k=c.block_k,

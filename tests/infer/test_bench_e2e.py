@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
-from e2e_breakdown import CLASSES, name_class, profile_breakdown  # noqa: E402
+from e2e_breakdown import CLASSES, classify, name_class, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import SHAPES, random_dit, synthetic_umt5_tokenizer, synthetic_vocab, write_video_file  # noqa: E402
 
 FIXED_FIGURES = ("e2e_1.3b_480p_speedup", "e2e_1.3b_480p_turbo_s", "e2e_1.3b_480p_full_s",
@@ -37,6 +37,49 @@ FIXED_FIGURES = ("e2e_1.3b_480p_speedup", "e2e_1.3b_480p_turbo_s", "e2e_1.3b_480
 ])
 def test_name_class(name, cls):
     assert name_class(name) == cls
+
+
+def test_classify_leaves_out_the_scopes_gpu_spans():
+    """On CUDA the profiler mirrors each record_function scope on the GPU timeline as a user annotation
+    spanning its kernels; counted as a kernel it charged every span twice (attention 84 s of a 59 s
+    baseline on 2026-12-04). Fake events in the profiler's shape: a linear scope with one GEMM, an
+    attention scope with one kernel, one unlinked kernel, and the two scopes' GPU spans."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def span(name, start, end, annotation=True):
+        return NS(name=name, device_type=DeviceType.CUDA, kernels=[], is_user_annotation=annotation,
+                  time_range=NS(start=start, end=end))
+
+    lin_scope = NS(name="turbo::linear", cpu_parent=None)
+    att_scope = NS(name="turbo::attention", cpu_parent=None)
+    gemm = NS(name="nvjet_gemm", duration=30.0)
+    attn = NS(name="_sla_fwd_kernel", duration=50.0)
+    events = [
+        NS(name="aten::mm", device_type=DeviceType.CPU, kernels=[gemm], cpu_parent=lin_scope),
+        NS(name="turbo::attention", device_type=DeviceType.CPU, kernels=[], cpu_parent=None),
+        NS(name="triton_op", device_type=DeviceType.CPU, kernels=[attn], cpu_parent=att_scope),
+        span("nvjet_gemm", 0, 30, annotation=False), span("_sla_fwd_kernel", 30, 80, annotation=False),
+        span("elementwise_kernel", 80, 100, annotation=False),  # no CPU op claimed it: by name -> other
+        span("turbo::linear", 0, 31), span("turbo::attention", 30, 81),
+    ]
+    br = classify(NS(events=lambda: events), "cuda")
+    assert br["seconds"] == pytest.approx({"attention": 50e-6, "linear": 30e-6, "other": 20e-6})
+    assert br["total_s"] == pytest.approx(100e-6) and br["linked_fraction"] == pytest.approx(0.8)
+
+
+def test_split_wall_adds_up_to_the_wall_time():
+    s = {"attention": 0.4, "linear": 0.3, "other": 0.5}
+    # a compiled headline: attention and linear at their kernel seconds, the rest is other
+    assert split_wall(s, 0.9, eager=False) == pytest.approx({"attention": 0.4, "linear": 0.3, "other": 0.2})
+    # eager, kernels under the wall: launch gaps land in other
+    assert split_wall(s, 1.5, eager=True) == pytest.approx({"attention": 0.4, "linear": 0.3, "other": 0.8})
+    # eager, the profiled kernels add up to more than the timed wall: scaled down, never negative
+    got = split_wall(s, 0.6, eager=True)
+    assert got == pytest.approx({"attention": 0.2, "linear": 0.15, "other": 0.25})
+    assert sum(got.values()) == pytest.approx(0.6)
+    assert split_wall(s, 0.5, eager=False)["other"] == 0.0
 
 
 def test_profile_breakdown_scopes_on_cpu():

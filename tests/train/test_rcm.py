@@ -230,6 +230,35 @@ def test_recipe_checks_name_the_key(tmp_path):
         recipe_from_dict({"method": {"name": "rcm", "rcm": {"rollout_steps": 5}}})
     with pytest.raises(ValueError, match="method.rcm.student_attention"):
         recipe_from_dict({"method": {"name": "rcm", "rcm": {"student_attention": "nope"}}})
+    with pytest.raises(ValueError, match="method.rcm.dmd_guidance"):
+        recipe_from_dict({"method": {"name": "rcm", "rcm": {"dmd_guidance": 0.5}}})
+    # a CFG real score in L_DMD needs the unconditional states too, even with an unguided sCM teacher
+    no_cfg = replace(r.method.rcm, guidance=1.0)
+    check_rcm_recipe(replace(shards, method=replace(r.method, rcm=no_cfg)))
+    with pytest.raises(ValueError, match="method.rcm.uncond_path"):
+        check_rcm_recipe(replace(shards, method=replace(r.method, rcm=replace(no_cfg, dmd_guidance=3.0))))
+
+
+def test_dmd_guidance_sets_the_real_score_cfg_only(tmp_path, monkeypatch):
+    """dmd_guidance replaces `guidance` in L_DMD's CFG teacher call and nowhere else (None = guidance)."""
+    seen = []
+    for dmd_guidance, want in ((None, 5.0), (2.0, 2.0)):
+        m = module(make_recipe(tmp_path, guidance=5.0, dmd_guidance=dmd_guidance), tmp_path)
+        guided = m.teacher_tf.guided
+
+        def spy(x_t, t, context, uncond, w, guided=guided):
+            seen.append(w)
+            return guided(x_t, t, context, uncond, w)
+
+        monkeypatch.setattr(type(m.teacher_tf), "guided", lambda self, *a: spy(*a))
+        x0, ctx = m.encode_batch(FixedBatches().batch)
+        seen.clear()
+        m.dmd_student_loss(x0, ctx, m.uncond_context(ctx))
+        assert seen == [want]
+        seen.clear()
+        m.scm_student_loss(x0, ctx, m.uncond_context(ctx), r=1.0)
+        assert seen == [5.0]
+        monkeypatch.undo()
 
 
 def test_fit_length_pads_with_zeros_and_cuts():

@@ -63,6 +63,8 @@ class RCMConfig:
     # dmd = DMD2 alone (no consistency term); cm_discrete = discrete-time CM (no JVP) + DMD
     loss_mode: Literal["rcm", "scm", "dmd", "cm_discrete"] = "rcm"
     guidance: float = 5.0  # teacher CFG weight w in F_u + w·(F_c - F_u) (§2.3); 1 = conditional teacher only
+    # CFG weight of the real score in L_DMD (§3: w = 5, the same teacher); None = `guidance`
+    dmd_guidance: float | None = None
     # text states of the unconditional branch: a .safetensors (key "embedding" or its only tensor) or .pt
     # file holding (L, D) or (1, L, D) states, zero-padded/cut to the batch's L; None = encode
     # `negative_prompt` with model.text_encoder (toy: the empty prompt). Wan latent shards need a file.
@@ -103,6 +105,8 @@ class RCMConfig:
 
         need(self.loss_mode in LOSS_MODES, "loss_mode", f"must be one of {list(LOSS_MODES)}, got {self.loss_mode!r}")
         need(self.guidance >= 1.0, "guidance", f"must be >= 1 (1 = no CFG), got {self.guidance}")
+        need(self.dmd_guidance is None or self.dmd_guidance >= 1.0, "dmd_guidance",
+             f"must be >= 1 (1 = no CFG) or null, got {self.dmd_guidance}")
         need(self.P_std > 0, "P_std", f"must be > 0, got {self.P_std}")
         need(self.tangent_warmup >= 0, "tangent_warmup", f"must be >= 0, got {self.tangent_warmup}")
         for k in ("scm_weight", "dmd_weight", "fake_score_weight", "fake_score_lr", "dmd_shift", "cm_shift"):
@@ -144,7 +148,7 @@ def check_rcm_recipe(recipe: "Recipe") -> None:
     unset("model.checkpoint", recipe.model.checkpoint, "rCM distils a teacher: the path of its weights")
     if recipe.data.source in ("toy_shards", "latent_shards"):
         unset("data.train_shards", recipe.data.train_shards, "the training shards (path, glob or brace pattern)")
-    if recipe.data.source == "latent_shards" and r.guidance != 1.0:
+    if recipe.data.source == "latent_shards" and max(r.guidance, r.dmd_guidance or 1.0) != 1.0:
         unset("method.rcm.uncond_path", r.uncond_path, "latent shards carry precomputed text states, so the "
               "teacher's unconditional (negative-prompt) states must come from a file (or set guidance: 1)")
     if recipe.trainer.accumulate_grad_batches != 1:
@@ -372,7 +376,8 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         with torch.no_grad():
             x_D = self._renoise(G, t_D)
             x0_fake = self.fake_tf.x0(x_D, t_D, context)
-            x0_real, _ = self.teacher_tf.guided(x_D, t_D, context, uncond, c.guidance)
+            w = c.guidance if c.dmd_guidance is None else c.dmd_guidance
+            x0_real, _ = self.teacher_tf.guided(x_D, t_D, context, uncond, w)
         l_dmd = L.dmd_loss(G, x0_fake, x0_real)
         # the loss value is Σ((x0_fake - x0_real)/wf)², a normalised surrogate; log its two parts:
         # dmd_gap = RMS(x0_fake - x0_real) (the un-normalised DMD direction) and dmd_wf = mean|G - x0_real|

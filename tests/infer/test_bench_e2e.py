@@ -39,30 +39,33 @@ def test_name_class(name, cls):
     assert name_class(name) == cls
 
 
-def test_classify_leaves_out_the_scopes_gpu_spans():
+def test_classify_charges_each_kernel_once_and_leaves_out_the_scopes_spans():
     """On CUDA the profiler mirrors each record_function scope on the GPU timeline as a user annotation
     spanning its kernels; counted as a kernel it charged every span twice (attention 84 s of a 59 s
-    baseline on 2026-12-04). Fake events in the profiler's shape: a linear scope with one GEMM, an
-    attention scope with one kernel, one unlinked kernel, and the two scopes' GPU spans."""
+    baseline on 2026-12-04). Fake events in the profiler's shape: a GEMM launched inside a linear
+    scope, an attention kernel inside an attention scope (the op also lists a legacy copy of its own
+    range among its `kernels`, which must not count), one kernel no op claims, a runtime call whose id
+    collides with an op's, and the two scopes' GPU spans."""
     from types import SimpleNamespace as NS
 
     from torch.autograd import DeviceType
 
-    def span(name, start, end, annotation=True):
-        return NS(name=name, device_type=DeviceType.CUDA, kernels=[], is_user_annotation=annotation,
-                  time_range=NS(start=start, end=end))
+    def cpu(id, name, parent, kernels=(), linked=0):
+        return NS(id=id, name=name, device_type=DeviceType.CPU, cpu_parent=parent, kernels=list(kernels),
+                  linked_correlation_id=linked)
 
-    lin_scope = NS(name="turbo::linear", cpu_parent=None)
-    att_scope = NS(name="turbo::attention", cpu_parent=None)
-    gemm = NS(name="nvjet_gemm", duration=30.0)
-    attn = NS(name="_sla_fwd_kernel", duration=50.0)
+    def gpu(name, start, end, linked, annotation=False):
+        return NS(name=name, device_type=DeviceType.CUDA, is_user_annotation=annotation, linked_correlation_id=linked,
+                  time_range=NS(start=start, end=end), kernels=[])
+
+    lin_scope, att_scope = cpu(1, "turbo::linear", None), cpu(3, "turbo::attention", None)
     events = [
-        NS(name="aten::mm", device_type=DeviceType.CPU, kernels=[gemm], cpu_parent=lin_scope),
-        NS(name="turbo::attention", device_type=DeviceType.CPU, kernels=[], cpu_parent=None),
-        NS(name="triton_op", device_type=DeviceType.CPU, kernels=[attn], cpu_parent=att_scope),
-        span("nvjet_gemm", 0, 30, annotation=False), span("_sla_fwd_kernel", 30, 80, annotation=False),
-        span("elementwise_kernel", 80, 100, annotation=False),  # no CPU op claimed it: by name -> other
-        span("turbo::linear", 0, 31), span("turbo::attention", 30, 81),
+        lin_scope, cpu(2, "aten::mm", lin_scope), att_scope,
+        cpu(4, "triton_op", att_scope, kernels=[NS(name="triton_op", duration=50.0)]),
+        cpu(2, "cudaLaunchKernel", None, linked=99),  # a runtime call: its id is not an op's
+        gpu("nvjet_gemm", 0, 30, linked=2), gpu("_sla_fwd_kernel", 30, 80, linked=4),
+        gpu("elementwise_kernel", 80, 100, linked=0),  # no op claimed it: by name -> other
+        gpu("turbo::linear", 0, 31, linked=1, annotation=True), gpu("turbo::attention", 30, 81, linked=3, annotation=True),
     ]
     br = classify(NS(events=lambda: events), "cuda")
     assert br["seconds"] == pytest.approx({"attention": 50e-6, "linear": 30e-6, "other": 20e-6})

@@ -234,8 +234,8 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
     return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
 
 
-class WanSelfAttention(nn.Module):
-    """Self-attention with RMSNorm(q, k) across heads, 3D RoPE and a pluggable backend."""
+class _Projections(nn.Module):
+    """The q, k, v, o linears and the q/k RMSNorms (across heads) that both attentions of a block have."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
@@ -243,6 +243,13 @@ class WanSelfAttention(nn.Module):
         self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+
+
+class WanSelfAttention(_Projections):
+    """Self-attention with RMSNorm(q, k) across heads, 3D RoPE and a pluggable backend."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__(cfg)
         self.attn = make_attention(cfg.attention, cfg.head_dim, **cfg.attention_options)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -262,15 +269,8 @@ class WanSelfAttention(nn.Module):
         return self.o(o.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
 
 
-class WanCrossAttention(nn.Module):
+class WanCrossAttention(_Projections):
     """Dense cross-attention from video tokens to text states (q/k RMSNorm, no RoPE)."""
-
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q, self.k, self.v, self.o = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         # x: (B, L, dim), context: (B, Lc, dim)

@@ -387,14 +387,26 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         return l_dmd.mean(), {"loss_dmd": l_dmd.mean().detach(), "dmd_gap": gap, "dmd_wf": wf}
 
     def fake_score_losses(self, x0, context) -> tuple[torch.Tensor, dict]:
-        """Fake-score loss (§3): denoising score matching on a no-grad student rollout, conditional only."""
+        """Fake-score loss (§3): denoising score matching on a no-grad student rollout, conditional only.
+
+        Every log_every_n_steps fake updates it also logs `fake_vs_teacher`: that loss divided by the
+        frozen teacher's (conditional) loss on the same samples and noise (one extra teacher forward).
+        1 = the fake score knows no more about the student's samples than the teacher does (it is a copy
+        of the teacher at the start); well below 1 = it tracks the student, as L_DMD assumes."""
         c = self.cfg
+        k = self.count("fake_updates")
         with torch.no_grad():
-            G = self._rollout(x0, context, self.count("fake_updates"), grad_last=False)
+            G = self._rollout(x0, context, k, grad_last=False)
         t_D = L.sample_t_dmd(x0.shape[0], c.dmd_shift, device=x0.device)
-        x0_fake = self.fake_tf.x0(self._renoise(G, t_D), t_D, context)
+        x_D = self._renoise(G, t_D)
+        x0_fake = self.fake_tf.x0(x_D, t_D, context)
         l_fake = L.fake_score_loss(G, x0_fake, t_D)
-        return c.fake_score_weight * l_fake.mean(), {"loss_fake": l_fake.mean().detach()}
+        logs = {"loss_fake": l_fake.mean().detach()}
+        if k % self.recipe.trainer.log_every_n_steps == 0:
+            with torch.no_grad():
+                l_teacher = L.fake_score_loss(G, self.teacher_tf.x0(x_D, t_D, context), t_D)
+            logs["fake_vs_teacher"] = l_fake.detach().mean() / l_teacher.mean().clamp(min=1e-12)
+        return c.fake_score_weight * l_fake.mean(), logs
 
     # ------------------------------------------------------------------ training
 

@@ -257,6 +257,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         # under DeepSpeed the fake score gets an engine of its own (turbo_train/deepspeed_engines.py):
         # the strategy's engine drives the student's optimizer only
         self._fake_engine = None
+        self._fake_vs_teacher = None  # the latest fake_vs_teacher measurement (fake_score_losses)
 
     # ------------------------------------------------------------------ the networks in TrigFlow time
 
@@ -406,6 +407,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
             with torch.no_grad():
                 l_teacher = L.fake_score_loss(G, self.teacher_tf.x0(x_D, t_D, context), t_D)
             logs["fake_vs_teacher"] = l_fake.detach().mean() / l_teacher.mean().clamp(min=1e-12)
+            self._fake_vs_teacher = logs["fake_vs_teacher"]  # logged on every step until the next one
         return c.fake_score_weight * l_fake.mean(), logs
 
     # ------------------------------------------------------------------ training
@@ -496,6 +498,8 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         B = x0.shape[0]
         logs.update(student_updates=self.student_updates.float(), fake_updates=self.fake_updates.float(),
                     nan_samples=self.nan_samples.float())
+        if self._fake_vs_teacher is not None:  # the latest measurement, so that the
+            logs.setdefault("fake_vs_teacher", self._fake_vs_teacher)  # logger's steps always carry one
         # 0-dim tensors, left on the device: Lightning and ProgressLines read logged values on their log
         # steps only (a float() per value per step would sync the GPU)
         self.last_logs = {k: torch.as_tensor(v).detach().float() for k, v in logs.items()}

@@ -144,7 +144,7 @@ class TurboPipeline:
     @classmethod
     def from_bundle(cls, path, device=None, *, text_encoder=None, vae=None, text_encoder_path=None, vae_path=None,
                     allow_reference: bool = False, verify: bool = True, dtype=None,
-                    progress: bool = False) -> "TurboPipeline":
+                    progress: bool = False, background: bool = False) -> "TurboPipeline":
         """A bundle directory written by turbo-export (see turbo_infer.bundle): hashes verified and
         the target checked against this device before any weight is read; the DiT is built with the
         bundle's W8A8 layers and attention backend, its tensors mmap'd straight onto `device`;
@@ -154,10 +154,26 @@ class TurboPipeline:
         the ones the manifest references; text_encoder_path / vae_path: override the referenced
         directories. allow_reference: run a GPU target on a device lacking its kernels, through the
         torch references (slow; e.g. an int8 bundle on the CPU). verify: check sha256 (default).
-        dtype: compute dtype (None = the bundle's). progress: bar over the hashing."""
-        from turbo_infer.bundle import build_text_encoder, build_vae, load_transformer
+        dtype: compute dtype (None = the bundle's). progress: bar over the hashing.
+        background: load the text encoder and the VAE in background threads (turbo_infer.background)
+        while the DiT loads here, and return once the DiT is ready; the first call that needs one of
+        them waits for it (and raises its load error, if any). The manifest and the device check come
+        first either way."""
+        from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
+                                        read_manifest)
 
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if background and (text_encoder is None or vae is None):
+            from turbo_infer.background import Background
+
+            manifest = read_manifest(path)
+            check_device(manifest, device, allow_reference)  # refuse before starting any load
+            cfg = manifest["model"]["config"]
+            if text_encoder is None:
+                text_encoder = Background("text encoder", lambda: build_text_encoder(manifest, device, text_encoder_path),
+                                          dim=cfg["text_dim"])
+            if vae is None:
+                vae = Background("VAE", lambda: build_vae(manifest, device, vae_path), latent_channels=cfg["in_channels"])
         model, manifest = load_transformer(path, device, dtype=dtype, allow_reference=allow_reference,
                                            verify=verify, progress=progress)
         if text_encoder is None:

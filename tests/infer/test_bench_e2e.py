@@ -159,4 +159,7 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     # the first generate() split into text + DiT and VAE decode, the parts adding up to it
     parts = fig["ttfv_generate_text_dit_s"] + fig["ttfv_generate_vae_s"]
     assert 0 < parts <= fig["ttfv_generate_s"] + 1e-6
+    # text encoder and VAE loaded in the background while the DiT loaded and warmed up
+    assert fig["ttfv_load_dit_s"] > 0 and fig["ttfv_warmup_dit_s"] > 0 and fig["ttfv_wait_text_vae_s"] >= 0
+    assert "background threads" in doc["notes"]["time_to_first_video"]
     assert [p.stat().st_mtime_ns if p.exists() else None for p in kept] == before  # benchmarks/ untouched

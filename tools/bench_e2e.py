@@ -20,8 +20,9 @@ logged with a timestamp:
                 tokenizer; encode of one prompt padded to 512 tokens (tokenization included).
   4. VAE        a random AutoencoderKLWan (Wan2.1 config) written to disk and loaded with the
                 project's WanVAE (fp32, as the Wan pipeline); decode of a 1x16x21x60x104 latent;
-                once more with the conv weights in channels_last_3d, and (GPU) once more with
-                torch.backends.cudnn.benchmark on (vae_decode_cudnn_benchmark_s).
+                once more with the conv weights in channels_last_3d, (GPU) once more with
+                torch.backends.cudnn.benchmark on (vae_decode_cudnn_benchmark_s), and once in bf16
+                (vae_decode_bf16_s, with the PSNR of its video against the fp32 one).
   5. turbo DiT  the bundle's 4-step rcm sampler over its DiT, wall time per video (4 forwards, no
                 CFG), eager and with torch.compile of each block (regional; compile time printed);
                 the faster is the headline. The other sparse backend (sla vs sagesla, same proj_l)
@@ -32,11 +33,11 @@ logged with a timestamp:
   6. full       pipe.generate() of one video: text encode + 4-step DiT + VAE decode + uint8.
   7. first video  a fresh `python` process that loads the umT5 encoder, the VAE and the bundle
                 from the files written above (page cache warmed first; Triton / Inductor caches
-                warm from this process) -- the encoder and VAE in background threads while the DiT
-                loads, compiles if the headline did and runs once on zeros -- then generates one
-                video and writes the mp4; wall time around the subprocess, launched --ttfv-runs
-                times one after another (the figure is the last launch, the first is
-                ttfv_first_launch_s).
+                warm from this process; --ttfv-background: the encoder and VAE in background
+                threads while the DiT loads), compiles if the headline did, runs the DiT once on
+                zeros, generates one video and writes the mp4; wall time around the subprocess,
+                launched --ttfv-runs times one after another (the figure is the last launch, the
+                first is ttfv_first_launch_s).
   8. 14B 720p   (--with-14b) the 14B DiT built in memory with the export's choices (sagesla, fp8),
                 4-step rcm at 720p x 81 frames; not written as a bundle.
 Figures: benchmarks/e2e.json (and $OUT/e2e.json) with e2e_1.3b_480p_speedup, e2e_1.3b_480p_turbo_s,
@@ -50,6 +51,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import shutil
 import statistics
@@ -263,6 +265,24 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
             torch.backends.cudnn.benchmark = prev
         fig["vae_decode_cudnn_benchmark_s"] = statistics.median(times)
         log(f"VAE decode, torch.backends.cudnn.benchmark=True: {[round(s, 3) for s in times]} s")
+    # bf16 decode: the speed, and how far its video is from the fp32 one (random weights: a check that
+    # nothing overflows, not a quality figure for trained weights)
+    ref = vae.decode(z)
+    vae.to(dtype=torch.bfloat16)
+    try:
+        times = timed(lambda: vae.decode(z), device, args.reps)
+        out = vae.decode(z)
+    finally:
+        vae.to(dtype=torch.float32)
+    mse = float((out - ref).pow(2).mean())
+    fig["vae_decode_bf16_s"] = statistics.median(times)
+    fig["vae_decode_bf16_psnr_db"] = 10 * math.log10(4.0 / max(mse, 1e-20))  # video in [-1, 1]: peak-to-peak 2
+    log(f"VAE decode in bf16: {[round(s, 3) for s in times]} s; PSNR vs the fp32 decode "
+        f"{fig['vae_decode_bf16_psnr_db']:.1f} dB (random weights)")
+    notes["vae_decode_bf16"] = ("the same WanVAE cast to bf16 (latents in bf16, video back to fp32): median decode "
+                                "time, and PSNR of its video against the fp32 decode of the same latent (random "
+                                "weights: not a quality figure for trained ones)")
+    del ref, out
     return vae, vae_dir
 
 
@@ -388,6 +408,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--compile", "--compile-backend", args.compile_backend] if compiled else []
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
+    cmd += ["--ttfv-background"] if args.ttfv_background else []
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -417,19 +438,22 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                     f"ttfv_first_launch_s is the first; interpreter "
                                     f"start and imports included): text encoder: {text}; VAE and the h100 bundle "
                                     f"from disk (bundle sha256 verified); page cache warmed by one read; Triton and "
-                                    f"Inductor on-disk caches warm from the parent; TurboPipeline.from_bundle("
-                                    f"background=True): text encoder and VAE load in background threads while the "
-                                    f"DiT loads and runs once on zeros "
-                                    f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}); "
+                                    f"Inductor on-disk caches warm from the parent; "
+                                    + ("TurboPipeline.from_bundle(background=True) (--ttfv-background): text encoder "
+                                       "and VAE load in background threads while the DiT loads and runs once on zeros "
+                                       if args.ttfv_background else
+                                       "TurboPipeline.from_bundle loads text encoder, VAE and DiT one after the other, "
+                                       "then the DiT runs once on zeros ")
+                                    + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}); "
                                     f"then one generate(), mp4 via {child['writer']}")
 
 
 def ttfv_child(args) -> int:
     """The fresh process of stage 7 (see bench_first_video); writes its phase times to --result.
 
-    As a user's first call would run: `TurboPipeline.from_bundle(background=True)` starts the text
-    encoder and VAE loads in background threads and returns with the DiT loaded; the DiT is compiled
-    (if asked) and run once on zeros while they load (compile caches, kernel JIT); then generate()."""
+    `TurboPipeline.from_bundle` loads text encoder, VAE and DiT (with --ttfv-background the first two in
+    background threads, still loading when it returns); the DiT is compiled (if asked) and run once on
+    zeros (compile caches, kernel JIT; meanwhile the background loads go on); then generate()."""
     from turbo_infer.background import Background
     from turbo_infer.bundle import read_manifest
     from turbo_infer.pipeline import TurboPipeline, video_to_uint8
@@ -450,10 +474,13 @@ def ttfv_child(args) -> int:
             random_umt5(shape.umt5, device, dtype), AutoTokenizer.from_pretrained(str(te_dir)), device, dtype,
             shape.text_len), dim=manifest["model"]["config"]["text_dim"])
     t = time.perf_counter()
+    background = args.ttfv_background
+    if text is not None and not background:
+        text = text.result()
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
-                                     background=True)
+                                     background=background)
     sync(device)
-    phases["load_dit_s"] = time.perf_counter() - t  # text encoder and VAE still loading
+    phases["load_dit_s"] = time.perf_counter() - t  # background: text encoder and VAE still loading
     t = time.perf_counter()
     if args.compile:
         compile_blocks(pipe.transformer, args.compile_backend)
@@ -467,7 +494,9 @@ def ttfv_child(args) -> int:
     sync(device)
     phases["warmup_dit_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    pipe.text_encoder.result(), pipe.vae.result()
+    for component in (pipe.text_encoder, pipe.vae):
+        if isinstance(component, Background):
+            component.result()
     phases["wait_text_vae_s"] = time.perf_counter() - t  # what the loads took beyond the DiT's load + warm-up
     # generate() in its two parts (text encode + DiT steps, VAE decode)
     t = time.perf_counter()
@@ -701,6 +730,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the checkpoint, bundle, turbo DiT, full pipeline and first video (e.g. a 14B-only run)")
     p.add_argument("--merge", action="store_true",
                    help="keep the figures and notes of an existing e2e.json that this run does not measure")
+    p.add_argument("--ttfv-background", action="store_true",
+                   help="the fresh process loads the text encoder and VAE in background threads while the DiT "
+                        "loads and warms up (TurboPipeline.from_bundle(background=True)) instead of one after "
+                        "the other")
     p.add_argument("--ttfv-random-text", action="store_true",
                    help="the fresh process builds umT5 with random weights instead of loading 11 GB from disk")
     p.add_argument("--compile-backend", default=None,

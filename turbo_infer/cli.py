@@ -227,12 +227,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if manifest is not None:
-            # text encoder and VAE load in background threads while the DiT's files are hashed and loaded;
-            # waiting for them here keeps their load errors among the clear ones below
             pipe = TurboPipeline.from_bundle(args.bundle, device, text_encoder_path=text_encoder, vae_path=vae,
                                              allow_reference=args.allow_reference, dtype=dtype,
-                                             progress=not args.no_progress, background=True)
-            pipe.text_encoder.result(), pipe.vae.result()
+                                             progress=not args.no_progress)
         elif toy:
             pipe = TurboPipeline.toy(checkpoint, device=device, dtype=dtype, text_encoder_path=text_encoder)
         else:

@@ -207,6 +207,6 @@ def test_turbo_infer_bundle_cli(bundles, tmp_path, capsys):
     error(["--bundle", str(bundles["cpu"]), "--config", "toy"], "--config: not with --bundle")
     error(["--bundle", str(tmp_path)], "--bundle:")
     error(["--allow-reference"], "--allow-reference: only with --bundle")
-    # a text encoder that fails to load in the background is still a clear CLI error
-    error(["--bundle", str(bundles["cpu"]), "--text-encoder", str(tmp_path)],  # a directory, but no model in it
+    # a text encoder directory without a model in it is a clear CLI error
+    error(["--bundle", str(bundles["cpu"]), "--text-encoder", str(tmp_path)],
           "could not load the models: MiniLM text encoder directory not found or lacks config.json")

@@ -28,48 +28,60 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench_harness import benchmark_doc  # noqa: E402
 from turbo_infer.files import write_json  # noqa: E402
+from turbo_train.toyworld.metrics import paired_ratio_stderr  # noqa: E402
+
+
+# (file, figure, report, key): each figure = reports[report][key] / the teacher's
+RATIOS = [
+    ("rcm", "toy_rcm4_adherence_ratio", "rcm4", "adherence"), ("rcm", "toy_rcm2_adherence_ratio", "rcm2", "adherence"),
+    ("rcm", "toy_rcm1_adherence_ratio", "rcm1", "adherence"), ("rcm", "toy_rcm4_frechet_ratio", "rcm4", "frechet"),
+    ("rcm", "toy_rcm4_diversity_ratio", "rcm4", "diversity"), ("rcm", "toy_scm4_adherence_ratio", "scm4", "adherence"),
+    ("rcm", "toy_scm4_diversity_ratio", "scm4", "diversity"), ("rcm", "toy_dmd4_adherence_ratio", "dmd4", "adherence"),
+    ("rcm", "toy_dmd4_diversity_ratio", "dmd4", "diversity"),
+    ("rcm", "toy_teacher_rcm4_nocfg_adherence_ratio", "teacher_rcm4", "adherence"),
+    ("sla_finetune", "toy_sla0.1_untrained_adherence_ratio", "teacher_sla0.1_untrained", "adherence"),
+    ("sla_finetune", "toy_sla0.2_untrained_adherence_ratio", "teacher_sla0.2_untrained", "adherence"),
+    ("sla_finetune", "toy_sla0.1_finetuned_adherence_ratio", "teacher_sla0.1_finetuned", "adherence"),
+    ("sla_finetune", "toy_rcm4_sla0.1_adherence_ratio", "merged_rcm4_sla0.1", "adherence"),
+    ("sla_finetune", "toy_rcm4_sla0.1_frechet_ratio", "merged_rcm4_sla0.1", "frechet"),
+    ("toy_bundles", "toy_bundle_h100_adherence_ratio", "bundle_h100", "adherence"),
+    ("toy_bundles", "toy_bundle_cpu_adherence_ratio", "bundle_cpu", "adherence"),
+]
+
+
+def variant_ratios(reports: dict) -> list[tuple[str, str, str, str]]:
+    """RATIOS rows for the suite's variants: SLA fine-tunes (--sla-variant NAME:...) and rCM trainings
+    (--rcm-variant NAME:...)."""
+    rows = []
+    for name in reports:
+        for prefix, fig in (("teacher_sla0.1_finetuned_", "toy_sla0.1_finetuned_{}"), ("merged_rcm4_sla0.1_", "toy_rcm4_sla0.1_{}")):
+            if name.startswith(prefix):
+                v = fig.format(name.removeprefix(prefix))
+                rows += [("sla_finetune", v + "_adherence_ratio", name, "adherence"),
+                         ("sla_finetune", v + "_frechet_ratio", name, "frechet")]
+        if name.startswith("rcm4_"):
+            rows += [("rcm", f"toy_{name}_{key}_ratio", name, key) for key in ("adherence", "frechet", "diversity")]
+    return rows
 
 
 def ratios(reports: dict) -> dict[str, dict[str, float]]:
-    """{file: {figure: value}} from the suite's reports (missing evaluations are skipped)."""
+    """{file: {figure: value}} from the suite's reports (missing evaluations are skipped). An adherence
+    ratio whose two reports carry per-video adherence (same prompts and noise) also gets
+    `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr)."""
     t = reports["teacher"]
-
-    def r(name, key="adherence"):
-        return None if name not in reports else round(reports[name][key] / t[key], 4)
-
-    out = {
-        "rcm": {
-            "toy_rcm4_adherence_ratio": r("rcm4"), "toy_rcm2_adherence_ratio": r("rcm2"),
-            "toy_rcm1_adherence_ratio": r("rcm1"), "toy_rcm4_frechet_ratio": r("rcm4", "frechet"),
-            "toy_rcm4_diversity_ratio": r("rcm4", "diversity"), "toy_scm4_adherence_ratio": r("scm4"),
-            "toy_scm4_diversity_ratio": r("scm4", "diversity"), "toy_dmd4_adherence_ratio": r("dmd4"),
-            "toy_dmd4_diversity_ratio": r("dmd4", "diversity"),
-            "toy_teacher_rcm4_nocfg_adherence_ratio": r("teacher_rcm4"),
-        },
-        "sla_finetune": {
-            "toy_sla0.1_untrained_adherence_ratio": r("teacher_sla0.1_untrained"),
-            "toy_sla0.2_untrained_adherence_ratio": r("teacher_sla0.2_untrained"),
-            "toy_sla0.1_finetuned_adherence_ratio": r("teacher_sla0.1_finetuned"),
-            "toy_rcm4_sla0.1_adherence_ratio": r("merged_rcm4_sla0.1"),
-            "toy_rcm4_sla0.1_frechet_ratio": r("merged_rcm4_sla0.1", "frechet"),
-        },
-        "toy_bundles": {"toy_bundle_h100_adherence_ratio": r("bundle_h100"),
-                        "toy_bundle_cpu_adherence_ratio": r("bundle_cpu")},
-    }
-    for name in reports:  # SLA fine-tune variants of the suite (--sla-variant NAME:...)
-        for prefix, fig in (("teacher_sla0.1_finetuned_", "toy_sla0.1_finetuned_{}"), ("merged_rcm4_sla0.1_", "toy_rcm4_sla0.1_{}")):
-            if name.startswith(prefix):
-                v = name.removeprefix(prefix)
-                out["sla_finetune"][fig.format(v) + "_adherence_ratio"] = r(name)
-                out["sla_finetune"][fig.format(v) + "_frechet_ratio"] = r(name, "frechet")
-        if name.startswith("rcm4_"):  # rCM variants (--rcm-variant NAME:...), e.g. seed replicates
-            for key in ("adherence", "frechet", "diversity"):
-                out["rcm"][f"toy_{name}_{key}_ratio"] = r(name, key)
+    out: dict[str, dict[str, float]] = {"rcm": {}, "sla_finetune": {}, "toy_bundles": {}}
+    for file, fig, name, key in RATIOS + variant_ratios(reports):
+        if name not in reports or reports[name].get(key) is None or t.get(key) is None:
+            continue
+        out[file][fig] = round(reports[name][key] / t[key], 4)
+        if key == "adherence" and "adherence_per_video" in reports[name] and "adherence_per_video" in t:
+            out[file][fig + "_stderr"] = round(paired_ratio_stderr(reports[name]["adherence_per_video"],
+                                                                   t["adherence_per_video"]), 4)
     for name in reports:  # absolute values too, for BENCHMARKS.md
-        out["rcm" if not name.startswith(("teacher_sla", "merged", "bundle")) else
-            "toy_bundles" if name.startswith("bundle") else "sla_finetune"][f"toy_{name}_adherence"] = \
-            round(reports[name]["adherence"], 4)
-    return {f: {k: v for k, v in figs.items() if v is not None} for f, figs in out.items()}
+        file = ("toy_bundles" if name.startswith("bundle") else "sla_finetune"
+                if name.startswith(("teacher_sla", "merged")) else "rcm")
+        out[file][f"toy_{name}_adherence"] = round(reports[name]["adherence"], 4)
+    return out
 
 
 def suite_command(s: dict) -> str:

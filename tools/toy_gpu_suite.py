@@ -119,10 +119,10 @@ class Suite:
                                  if (trained := training_progress(self.out / name)) is not None}}
         for rep in sorted((self.out / "eval").glob("*/report.json")):
             r = json.loads(rep.read_text())
-            summary["reports"][rep.parent.name] = {k: r[k] for k in ("adherence", "adherence_seen_templates",
-                                                                     "adherence_heldout_templates", "frechet",
-                                                                     "diversity", "diversity_real", "s_per_video",
-                                                                     "per_attribute_accuracy", "settings")}
+            keys = ("adherence", "adherence_stderr", "adherence_per_video", "adherence_seen_templates",
+                    "adherence_heldout_templates", "frechet", "diversity", "diversity_real", "s_per_video",
+                    "per_attribute_accuracy", "settings")
+            summary["reports"][rep.parent.name] = {k: r[k] for k in keys if k in r}
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.out / "summary.json")

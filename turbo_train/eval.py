@@ -32,8 +32,8 @@ import numpy as np
 
 from turbo_infer.samplers import SAMPLERS
 from turbo_train.toyworld.generator import generate_sample
-from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_distance, paired_feature_distance,
-                                          paired_psnr, per_attribute_accuracy)
+from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_distance, mean_stderr,
+                                          paired_feature_distance, paired_psnr, per_attribute_accuracy)
 
 EVAL_SEED_OFFSET = 10_000_000  # prompt seeds live far from the training stream's small seeds
 
@@ -162,9 +162,12 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     splits = np.array([s for _, _, s in prompts])
     report: dict[str, Any] = {
         "adherence": float(per_video.mean()),
+        "adherence_stderr": mean_stderr(per_video),  # over prompts: ±2 of these is the prompt-sampling noise
         "adherence_seen_templates": float(per_video[splits == "train"].mean()),
         "adherence_heldout_templates": float(per_video[splits == "eval"].mean()),
         "per_attribute_accuracy": per_attribute_accuracy(pred, attrs),
+        # per prompt, in prompt order: paired comparisons of two runs (same prompts and seed) need them
+        "adherence_per_video": [round(float(v), 6) for v in per_video],
     }
 
     # Fréchet distance to as many real videos (random scenes, other seeds)
@@ -298,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, a.out_dir / "report.json")
     contact_sheet(videos, captions, scores, a.out_dir / "contact_sheet.png")
-    print(f"adherence {report['adherence']:.4f} (seen templates {report['adherence_seen_templates']:.4f}, "
-          f"held-out {report['adherence_heldout_templates']:.4f})")
+    print(f"adherence {report['adherence']:.4f} ± {report['adherence_stderr']:.4f} (standard error over prompts; "
+          f"seen templates {report['adherence_seen_templates']:.4f}, held-out {report['adherence_heldout_templates']:.4f})")
     for k, v in report["per_attribute_accuracy"].items():
         print(f"  {k:<12} {v:.3f}")
     div = (f"diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})" if report["diversity"] is not None

@@ -31,6 +31,9 @@ def run(args, out):
     assert (out / "contact_sheet.png").stat().st_size > 0
     assert 0.0 <= report["adherence"] <= 1.0 and report["frechet"] >= 0 and report["s_per_video"] > 0
     assert set(report["per_attribute_accuracy"]) >= {"background", "obj1.shape", "obj1.color", "obj1.motion"}
+    per = report["adherence_per_video"]  # in prompt order, for paired comparisons of two runs
+    assert len(per) == report["settings"]["num_prompts"] and sum(per) / len(per) == pytest.approx(report["adherence"])
+    assert report["adherence_stderr"] >= 0
     return report
 
 

@@ -153,6 +153,26 @@ def test_prompt_adherence_on_known_inputs():
         prompt_adherence([one], [one, two])
 
 
+def test_standard_errors_of_means_and_paired_ratios():
+    from turbo_train.toyworld.metrics import mean_stderr, paired_ratio_stderr
+
+    x = np.array([0.2, 0.4, 0.6, 0.8])
+    assert mean_stderr(x) == pytest.approx(np.std(x, ddof=1) / 2) and mean_stderr([0.5]) == 0.0
+    # a student that scores exactly r times its teacher on every prompt: the ratio has no noise at all,
+    # however much the prompts themselves differ
+    rng = np.random.default_rng(0)
+    teacher = rng.uniform(0.3, 1.0, 256)
+    assert paired_ratio_stderr(0.9 * teacher, teacher) == pytest.approx(0.0, abs=1e-12)
+    # independent noise on top: the delta-method error matches the spread of the ratio over many draws
+    draws = [(lambda a: a.mean() / teacher.mean())(0.9 * teacher + rng.normal(0, 0.1, 256)) for _ in range(2000)]
+    one = 0.9 * teacher + rng.normal(0, 0.1, 256)
+    assert paired_ratio_stderr(one, teacher) == pytest.approx(np.std(draws), rel=0.15)
+    with pytest.raises(ValueError, match="paired scores"):
+        paired_ratio_stderr([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="mean is 0"):
+        paired_ratio_stderr([1.0, 2.0], [0.0, 0.0])
+
+
 def test_per_attribute_accuracy_on_known_inputs():
     truth = [_scene("dark", ("circle", "red", "left")), _scene("gray", ("square", "red", "up"), ("cross", "blue", "up"))]
     pred = [_scene("dark", ("square", "red", "left")), _scene("gray", ("square", "red", "up"), ("cross", "cyan", "up"))]

@@ -32,6 +32,15 @@ def test_ratios_divide_by_the_teacher_of_the_same_run():
     assert "toy_rcm2_adherence_ratio" not in f["rcm"]  # not evaluated: left out, not None
 
 
+def test_adherence_ratios_get_a_paired_standard_error_when_the_reports_carry_per_video_scores():
+    teacher = {**report(0.75), "adherence_per_video": [0.5, 1.0, 0.75, 0.75]}
+    student = {**report(0.675), "adherence_per_video": [0.45, 0.9, 0.675, 0.675]}  # 0.9 x on every prompt
+    f = toy_figures.ratios({"teacher": teacher, "rcm4": student, "rcm2": report(0.6)})["rcm"]
+    assert f["toy_rcm4_adherence_ratio"] == 0.9 and f["toy_rcm4_adherence_ratio_stderr"] == 0.0
+    assert "toy_rcm4_frechet_ratio_stderr" not in f  # adherence ratios only
+    assert "toy_rcm2_adherence_ratio_stderr" not in f  # a report without per-video scores (older digests)
+
+
 def test_toy_figures_refuses_a_summary_without_the_teacher(tmp_path, capsys):
     p = tmp_path / "summary.json"
     p.write_text(json.dumps({"reports": {"rcm4": report(0.5)}}))

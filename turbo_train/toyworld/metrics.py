@@ -38,6 +38,27 @@ def adherence_per_video(pred_attrs: Sequence[dict[str, Any]], prompt_attrs: Sequ
     return np.asarray(scores, dtype=np.float64)
 
 
+def mean_stderr(x) -> float:
+    """Standard error of the mean of per-item scores x (N,): std (ddof 1) / sqrt(N); 0 for N < 2.
+    Over a fixed prompt set it says how much another draw of as many prompts would move the mean."""
+    x = np.asarray(x, dtype=np.float64)
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) >= 2 else 0.0
+
+
+def paired_ratio_stderr(a, b) -> float:
+    """Standard error of mean(a) / mean(b) for paired per-item scores (same prompts and noise, e.g. a
+    student's and its teacher's per-video adherence), by the delta method: with r = mean(a) / mean(b),
+    SE(r) = SE of the mean of (a - r·b), divided by mean(b). Pairing removes the prompts' shared
+    difficulty, so it is far smaller than the two means' errors combined."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired scores must be two (N,) arrays of one length, got {a.shape} and {b.shape}")
+    mb = b.mean()
+    if mb == 0:
+        raise ValueError("paired_ratio_stderr: the denominator's mean is 0")
+    return mean_stderr(a - (a.mean() / mb) * b) / abs(mb)
+
+
 def prompt_adherence(pred_attrs: Sequence[dict[str, Any]], prompt_attrs: Sequence[dict[str, Any]]) -> float:
     """Mean over videos of the fraction of the prompt's attributes the judge recognises (1.0 = all)."""
     if len(pred_attrs) == 0:

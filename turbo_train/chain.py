@@ -11,13 +11,14 @@ stage can be rerun alone with the command printed in its header. The run ends wi
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
+
+from turbo_infer.files import write_json
 
 
 @dataclass(kw_only=True)
@@ -124,7 +125,8 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
         if not cfg.eval_prompts:
             return {}
         r = _evaluate(pipe, judge, cfg, **kw)
-        return {"adherence": round(r["adherence"], 4), "frechet": round(r["frechet"], 2), "s_per_video": round(r["s_per_video"], 2)}
+        return {"adherence": round(r["adherence"], 4), "adherence_stderr": round(r["adherence_stderr"], 4),
+                "frechet": round(r["frechet"], 2), "s_per_video": round(r["s_per_video"], 2)}
 
     def train(recipe, out_dir):
         _train(recipe, out_dir, cfg.teacher)
@@ -170,16 +172,19 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
 
     stage(f"bundle eval + mp4 ({bundle.name})", video)
 
-    (run / "summary.json").write_text(json.dumps({"config": asdict(cfg), "stages": rows}, indent=2) + "\n")
+    write_json(run / "summary.json", {"config": asdict(cfg), "stages": rows})
     print_summary(rows)
     return rows
 
 
 def print_summary(rows: list[dict]) -> None:
-    print("\n{:<34} {:>9} {:>10}  {}".format("stage", "seconds", "adherence", "output"))
+    # adherence ± its standard error over the evaluated prompts (few prompts on a CPU: a wide margin)
+    print("\n{:<34} {:>9} {:>15}  {}".format("stage", "seconds", "adherence", "output"))
     for r in rows:
-        adh = f"{r['adherence']:.3f}" if "adherence" in r else "-"
-        print("{:<34} {:>9.1f} {:>10}  {}".format(r["stage"], r["seconds"], adh, r.get("artefact", "")))
+        adh = "-"
+        if "adherence" in r:
+            adh = f"{r['adherence']:.3f}" + (f" ± {r['adherence_stderr']:.3f}" if "adherence_stderr" in r else "")
+        print("{:<34} {:>9.1f} {:>15}  {}".format(r["stage"], r["seconds"], adh, r.get("artefact", "")))
     print("{:<34} {:>9.1f}".format("total", sum(r["seconds"] for r in rows)))
 
 

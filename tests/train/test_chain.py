@@ -36,3 +36,12 @@ def test_cli_dry_run_and_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(write(tmp_path, "chain:\n  targets: []\n")), "--dry-run"])
     assert "targets" in capsys.readouterr().err
+
+
+def test_summary_table_shows_adherence_with_its_standard_error(capsys):
+    from turbo_train.chain import print_summary
+
+    print_summary([{"stage": "teacher eval", "seconds": 99.1, "adherence": 0.766, "adherence_stderr": 0.051},
+                   {"stage": "export", "seconds": 0.6, "artefact": "runs/x/bundles"}])
+    out = capsys.readouterr().out
+    assert "0.766 ± 0.051" in out and "runs/x/bundles" in out and "99.7" in out  # total

@@ -187,7 +187,16 @@ def bench_shape(h: Harness, tag: str, topks: list[float], cfg: SLAKernelConfig) 
             fwd = h.measure(tag, name, "fwd", sla)
             bm = sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K)
             lin = _linear_state(qd, kd, vd, bm, "softmax", W.detach(), cfg)
-            h.measure(tag, f"  part: block map k={topk}", "fwd", lambda: sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K))
+            map_ms = h.measure(tag, f"  part: block map k={topk}", "fwd",
+                               lambda: sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K))
+            fused = sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K, select="triton")
+            if not torch.equal(fused.lut, bm.lut):  # same set by construction, up to exact ties
+                print(f"  note: the fused top-n selection differs from torch.topk in "
+                      f"{(fused.lut != bm.lut).any(-1).sum().item()} rows (ties)")
+            fused_ms = h.measure(tag, f"  part: block map, fused top-n k={topk}", "fwd",
+                                 lambda: sla_block_map(qd, kd, topk, BLOCK_Q, BLOCK_K, select="triton"))
+            h.figure(f"sla_block_map_ms_{tag}_topk{topk}", map_ms)
+            h.figure(f"sla_block_map_fused_select_ms_{tag}_topk{topk}", fused_ms)
             h.measure(tag, f"  part: linear state k={topk}", "fwd",
                       lambda: _linear_state(qd, kd, vd, bm, "softmax", W.detach(), cfg))
             h.measure(tag, f"  part: fused kernel k={topk}", "fwd",

@@ -31,7 +31,7 @@ import torch
 from turbo_kernels.utils import cdiv, check_block, check_float_dtype, next_power_of_2, use_triton
 
 __all__ = ["BlockMap", "sla_block_map", "sla_block_map_reference", "pool_blocks", "pool_blocks_reference",
-           "num_selected", "check_qk"]
+           "num_selected", "check_qk", "topk_select", "SELECTS"]
 
 
 @dataclass
@@ -146,14 +146,17 @@ def pool_blocks_reference(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block_k: int,
-            q_len: int, k_len: int) -> BlockMap:
-    """Top-n selection on pooled (B, H, N, D) float32 blocks; shared by both paths."""
+            q_len: int, k_len: int, select: str = "torch") -> BlockMap:
+    """Top-n selection on pooled (B, H, N, D) float32 blocks; shared by both paths. select: "torch"
+    (torch.topk + sort) or "triton" (`topk_select`, one kernel; ties broken towards lower indices)."""
     D = pq.shape[-1]
     Nq, Nk = pq.shape[2], pk.shape[2]
     n = num_selected(topk, Nk)
     logits = torch.matmul(pq, pk.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, H, Nq, Nk)
     if n == Nk:
         idx = torch.arange(Nk, device=pq.device).expand(*logits.shape[:3], Nk)
+    elif select == "triton":
+        idx = topk_select(logits.reshape(-1, Nk), n).view(*logits.shape[:3], n)
     else:
         idx = torch.topk(logits, n, dim=-1, sorted=False).indices.sort(dim=-1).values
     return BlockMap(lut=idx.to(torch.int32).contiguous(), n=n, num_q_blocks=Nq, num_k_blocks=Nk,
@@ -213,18 +216,73 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return out
 
 
-def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 128, block_k: int = 64) -> BlockMap:
+if triton is not None:
+
+    @triton.jit
+    def _topk_select_kernel(X, LUT, Nk, n, stride_x, stride_lut, BLOCK_NK: tl.constexpr):
+        # One program per row of logits: the n largest, as ascending column indices. The floats become
+        # order-preserving integers (sign-magnitude -> two's complement, then shifted to [0, 2^32)); a
+        # 32-step bitwise search finds T, the n-th largest key; keys above T are taken, and of the keys
+        # equal to T the lowest-indexed ones until n; a running count places each taken index.
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_NK)
+        valid = cols < Nk
+        x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0)
+        bits = x.to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648  # float order, in [0, 2^32)
+        key = tl.where(valid, key, -1)  # padding below every real key
+        t = tl.zeros((), dtype=tl.int64)
+        one = tl.full((), 1, tl.int64)
+        for i in range(32):  # from the top bit down: keep a bit if at least n keys reach the prefix
+            cand = t | (one << (31 - i))
+            t = tl.where(tl.sum((key >= cand).to(tl.int32), axis=0) >= n, cand, t)
+        above = key > t
+        tied = (key == t).to(tl.int32)
+        room = n - tl.sum(above.to(tl.int32), axis=0)
+        take = above | ((key == t) & (tl.cumsum(tied, axis=0) <= room))
+        pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(LUT + row * stride_lut + pos, cols.to(tl.int32), mask=take)
+
+
+def topk_select(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """(R, Nk) float32 -> (R, n) int32: each row's n largest entries as ascending column indices, in
+    one Triton kernel (the block map's torch.topk + sort, fused); ties go to the lower index. Finite
+    inputs. Falls back to torch where Triton does not run."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be a (R, Nk) float32 tensor, got {tuple(logits.shape)} {logits.dtype}")
+    R, Nk = logits.shape
+    if not 1 <= n <= Nk:
+        raise ValueError(f"n must be in 1..{Nk}, got {n}")
+    if triton is None or not use_triton(logits):
+        return torch.topk(logits, n, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+    logits = logits.contiguous()
+    lut = torch.empty(R, n, device=logits.device, dtype=torch.int32)
+    block = max(16, next_power_of_2(Nk))
+    _topk_select_kernel[(R,)](logits, lut, Nk, n, logits.stride(0), lut.stride(0), BLOCK_NK=block,
+                              num_warps=4 if block <= 1024 else 8)
+    return lut
+
+
+SELECTS = ("torch", "triton")  # sla_block_map(select=...)
+
+
+def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 128, block_k: int = 64,
+                  select: str = "torch") -> BlockMap:
     """Block map of SLA for q, k (B, H, L, D); same result as `sla_block_map_reference`.
 
     Smoothing is applied after pooling: mean-pooling is linear, so pool(K - mean K) =
     pool(K) - mean K, and mean K is the count-weighted mean of the block means -- no extra pass
     over K. Pooling runs in Triton on CUDA (and under TRITON_INTERPRET=1), torch otherwise.
+    select: how the top-n key blocks are picked, "torch" (topk + sort; the default until the fused
+    kernel is timed on a GPU) or "triton" (`topk_select`: the same set, ties to lower indices).
     """
     check_qk(q, k, topk, block_q, block_k)
+    if select not in SELECTS:
+        raise ValueError(f"select must be one of {SELECTS}, got {select!r}")
     pq = pool_blocks(q, block_q)  # (B, H, Nq, D) fp32
     pk = pool_blocks(k, block_k)  # (B, H, Nk, D) fp32
     Lk, Nk = k.shape[2], pk.shape[2]
     counts = torch.full((Nk, 1), float(block_k), device=k.device)
     counts[-1] = Lk - (Nk - 1) * block_k
     k_mean = (pk * counts).sum(dim=2, keepdim=True) / Lk  # (B, H, 1, D)
-    return _select(pq, pk - k_mean, topk, block_q, block_k, q.shape[2], Lk)
+    return _select(pq, pk - k_mean, topk, block_q, block_k, q.shape[2], Lk, select)

@@ -100,3 +100,43 @@ def test_bad_shapes_and_dtypes():
         sla_block_map(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 32), 0.5)
     with pytest.raises(TypeError, match="k must have dtype"):
         sla_block_map(torch.randn(1, 2, 40, 16), torch.ones(1, 2, 40, 16, dtype=torch.int32), 0.5)
+
+
+# ----------------------------------------------------------------------------- fused top-n selection
+
+
+@pytest.mark.parametrize("R,Nk,n", [(6, 512, 51), (5, 37, 1), (4, 37, 36), (3, 100, 10), (2, 1182, 118)])
+def test_topk_select_matches_torch(R, Nk, n):
+    """The fused kernel picks the same set as torch.topk (continuous data: no ties), ascending."""
+    from turbo_kernels.attention.blockmap import topk_select
+
+    x = torch.randn(R, Nk) * 3 - 1  # negative and positive logits: the float -> int order must hold for both
+    got = topk_select(x, n)
+    want = torch.topk(x, n, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    assert got.dtype == torch.int32 and got.shape == (R, n)
+    assert torch.equal(got, want)
+
+
+def test_topk_select_ties_go_to_the_lower_index_and_exactly_n_are_taken():
+    from turbo_kernels.attention.blockmap import topk_select
+
+    x = torch.tensor([[1.0, 5.0, 3.0, 5.0, 3.0, 3.0, -2.0, 0.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [-0.0, 0.0, -1.0, 2.0, -3.0, 2.0, 2.0, 1e-30]])
+    got = topk_select(x, 4).tolist()
+    assert got[0] == [1, 2, 3, 4]  # both 5s, then the first two of the three 3s
+    assert got[1] == [0, 1, 2, 3]  # all tied
+    assert got[2] == [3, 5, 6, 7]  # three 2s, then 1e-30 above both zeros
+    with pytest.raises(ValueError, match="n must be in 1..8"):
+        topk_select(x, 9)
+    with pytest.raises(ValueError, match="float32"):
+        topk_select(x.double(), 2)
+
+
+@pytest.mark.parametrize("topk", [0.05, 0.3])
+def test_block_map_with_the_fused_selection_is_the_same_map(topk):
+    q, k = torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    a, b = sla_block_map(q, k, topk, 32, 16), sla_block_map(q, k, topk, 32, 16, select="triton")
+    assert torch.equal(a.lut, b.lut) and a.n == b.n
+    with pytest.raises(ValueError, match="select must be one of"):
+        sla_block_map(q, k, topk, 32, 16, select="heap")

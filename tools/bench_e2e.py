@@ -20,7 +20,8 @@ logged with a timestamp:
                 tokenizer; encode of one prompt padded to 512 tokens (tokenization included).
   4. VAE        a random AutoencoderKLWan (Wan2.1 config) written to disk and loaded with the
                 project's WanVAE (fp32, as the Wan pipeline); decode of a 1x16x21x60x104 latent;
-                once more with the conv weights in channels_last_3d, (GPU) once more with
+                once more with the other Conv3d weight layout (the runtime's default is
+                channels_last_3d on CUDA: vae_decode_contiguous_s; on the CPU the reverse), (GPU) with
                 torch.backends.cudnn.benchmark on (vae_decode_cudnn_benchmark_s), and once in bf16
                 (vae_decode_bf16_s, with the PSNR of its video against the fp32 one).
   5. turbo DiT  the bundle's 4-step rcm sampler over its DiT, wall time per video (4 forwards, no
@@ -66,6 +67,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
+from turbo_infer.vae import conv3d_memory_format  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
                        random_dit, random_umt5, random_wan_vae, synthetic_umt5_tokenizer, warm_page_cache,
@@ -149,14 +151,6 @@ def compile_blocks(model, backend: str = "inductor") -> list:
 def restore_blocks(model, eager: list) -> None:
     for i, block in enumerate(eager):
         model.blocks[i] = block
-
-
-def conv3d_memory_format(module, memory_format) -> None:
-    """Lay out every Conv3d weight (Wan's causal convs) in `memory_format` (the VAE's conv2d
-    weights are 4-D and stay as they are)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv3d):
-            m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -248,14 +242,18 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
     times = timed(lambda: vae.decode(z), device, args.reps)
     fig["vae_decode_s"] = statistics.median(times)
     log(f"VAE decode of latent {tuple(z.shape)}: {[round(s, 3) for s in times]} s")
-    notes["vae_decode"] = (f"turbo_infer.vae.WanVAE (fp32) loaded from a random diffusers AutoencoderKLWan at the "
-                           f"Wan2.1 config written to disk; decode of a {tuple(z.shape)} latent, median of {args.reps}")
-    if not args.skip_channels_last:
-        conv3d_memory_format(vae.model, torch.channels_last_3d)
+    notes["vae_decode"] = (f"turbo_infer.vae.WanVAE (fp32, Conv3d weights "
+                           f"{'channels_last_3d' if vae.channels_last else 'contiguous'}: the runtime's default on "
+                           f"{device.type}) loaded from a random diffusers AutoencoderKLWan at the Wan2.1 config "
+                           f"written to disk; decode of a {tuple(z.shape)} latent, median of {args.reps}; "
+                           f"vae_decode_contiguous_s / vae_decode_channels_last_s: the other layout")
+    if not args.skip_channels_last:  # the other Conv3d weight layout than the runtime's default here
+        other = "contiguous" if vae.channels_last else "channels_last"
+        conv3d_memory_format(vae.model, torch.contiguous_format if vae.channels_last else torch.channels_last_3d)
         times = timed(lambda: vae.decode(z), device, args.reps)
-        conv3d_memory_format(vae.model, torch.contiguous_format)
-        fig["vae_decode_channels_last_s"] = statistics.median(times)
-        log(f"VAE decode, conv weights channels_last_3d: {[round(s, 3) for s in times]} s")
+        conv3d_memory_format(vae.model, torch.channels_last_3d if vae.channels_last else torch.contiguous_format)
+        fig[f"vae_decode_{other}_s"] = statistics.median(times)
+        log(f"VAE decode, conv weights {other}: {[round(s, 3) for s in times]} s")
     if device.type == "cuda":  # cuDNN's measured algorithm choice for the causal 3D convs (default: heuristics)
         prev = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = True
@@ -724,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("vae", "the VAE (no full pipeline, no first video)"), ("compile", "torch.compile"),
                        ("profile", "the profiler breakdown"), ("ttfv", "the fresh-process time to first video"),
                        ("attention-compare", "timing the other sparse backend"),
-                       ("channels-last", "the channels_last_3d VAE decode")):
+                       ("channels-last", "the VAE decode with the other Conv3d weight layout")):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"skip {what}")
     p.add_argument("--skip-turbo", action="store_true",
                    help="skip the checkpoint, bundle, turbo DiT, full pipeline and first video (e.g. a 14B-only run)")

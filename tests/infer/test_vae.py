@@ -91,6 +91,20 @@ def test_wan_vae_normalization_matches_wan_pipeline(tiny_vae_dir):
     assert out.min() >= -1 and out.max() <= 1
 
 
+def test_wan_vae_channels_last_conv3d_weights_decode_the_same(tiny_vae_dir):
+    """Channels-last Conv3d weights (the default on CUDA, measured faster there) change the kernels,
+    not the result; on the CPU the default stays contiguous. Tolerance: fp32 convolutions summed in
+    another order (~1e-6 relative)."""
+    conv3d = lambda vae: [m.weight for m in vae.model.modules() if isinstance(m, torch.nn.Conv3d)]  # noqa: E731
+    plain, last = WanVAE(tiny_vae_dir / "vae"), WanVAE(tiny_vae_dir / "vae", channels_last=True)
+    assert not plain.channels_last and all(w.is_contiguous() for w in conv3d(plain))
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv3d(last))
+    z = torch.randn(1, 4, 2, 2, 2)
+    torch.testing.assert_close(last.decode(z), plain.decode(z), atol=1e-5, rtol=1e-5)
+    last.to(dtype=torch.float32)  # a move keeps the layout
+    assert all(w.is_contiguous(memory_format=torch.channels_last_3d) for w in conv3d(last))
+
+
 def test_wan_vae_errors(tiny_vae_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         WanVAE(tmp_path / "nowhere")

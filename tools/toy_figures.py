@@ -93,6 +93,8 @@ def suite_command(s: dict) -> str:
         cmd += " --skip-ablations"
     if s.get("rcm_only"):
         cmd += " --rcm-only"
+    if s.get("snapshots"):
+        cmd += f" --snapshots {s['snapshots']}"
     teacher = s.get("teacher")
     if teacher and Path(teacher).resolve() != (REPO / "turbo_infer/assets/toy_teacher.safetensors").resolve():
         cmd += f" --teacher {teacher}"

@@ -25,6 +25,8 @@ e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablatio
 pure-sCM and DMD2-only trainings; --rcm-only runs just the rCM trainings (and variants) and the teacher's
 evaluation, for comparing rCM settings in one call.
 --teacher PATH replaces the shipped toy teacher everywhere (trainings' start, merge, the ratios' teacher).
+--snapshots N makes every rCM training keep its EMA every N iterations and evaluates each snapshot at 4
+steps (rcm4_step000250, ...): where a distillation peaks and whether it decays, from one training.
 
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
@@ -145,10 +147,13 @@ class Suite:
         sla_variants = dict(self.a.sla_variant)
         rcm_variants = dict(self.a.rcm_variant)
         ablations = () if self.a.skip_ablations else ("scm", "dmd")
+        # --snapshots N: the rCM trainings keep their EMA every N iterations (evaluated in phase 2)
+        snap = set_args([f"checkpoint.every_n_steps={self.a.snapshots}", "checkpoint.export_snapshots=true"]) \
+            if self.a.snapshots else []
         # phase 1: the trainings and the teacher's evaluations, all at once
-        phase1 = [(self.train, "rcm", rcm)]
-        phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"]) for m in ablations]
-        phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets)) for v, sets in rcm_variants.items()]
+        phase1 = [(self.train, "rcm", rcm, snap)]
+        phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"] + snap) for m in ablations]
+        phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets) + snap) for v, sets in rcm_variants.items()]
         phase1 += [(self.evaluate, "teacher", teacher_eval)]
         # what distillation adds: the teacher itself under the students' 4-step sampler, no CFG
         phase1 += [(self.evaluate, "teacher_rcm4", teacher_eval + student(4))]
@@ -182,6 +187,10 @@ class Suite:
         jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
+        # the snapshots (--snapshots): each training's course, e.g. rcm4_step000250
+        trained = [("rcm", "rcm4"), *((m, f"{m}4") for m in ablations), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
+        jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
+                 for run_name, ev in trained for f in sorted((self.out / run_name).glob("ema_step*.safetensors"))]
         if self.a.rcm_only:  # the students' evaluations only: no SLA, merge, calibration or bundles
             self.parallel(jobs, width=self.a.eval_width)
             return self.finish(t0)
@@ -273,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--rcm-variant", action="append", default=[], type=rcm_variant, metavar="NAME:KEY=VALUE[,...]",
                    help="another rCM training with these recipe settings, evaluated at 4 steps (repeatable)")
     p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
+    p.add_argument("--snapshots", type=int, default=0, metavar="N",
+                   help="the rCM trainings also keep their EMA every N iterations (checkpoint.export_snapshots) "
+                        "and each snapshot is evaluated at 4 steps as <name>_step<N>: a run's course from one "
+                        "training (0 = off)")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,

@@ -16,6 +16,16 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy `src` to `dst` atomically (temporary file beside dst, then publish_file)."""
+    import shutil
+
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    return publish_file(tmp, dst)
+
+
 def write_json(path: str | os.PathLike, doc) -> Path:
     """Write `doc` as indented JSON to `path` atomically (temporary file beside it, then publish_file),
     creating the parent folder."""

@@ -316,6 +316,9 @@ class CheckpointConfig:
     # write the EMA weights as <run_dir>/ema.safetensors (WanModel.from_pretrained loads it) with each
     # checkpoint and at the end of training
     export_ema: bool = True
+    # also keep each checkpoint's export as <name>_step<N>.safetensors (N: training iterations), to evaluate
+    # the course of a run (e.g. where a distillation peaks) from one training
+    export_snapshots: bool = False
     export_dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the exported EMA tensors
 
     def __post_init__(self):

@@ -198,6 +198,28 @@ def test_power_ema_schedule_on_student_steps(tmp_path):
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def test_export_snapshots_keep_each_checkpoints_export(tmp_path):
+    """checkpoint.export_snapshots: every checkpoint also leaves ema_step<N>.safetensors (N = iterations),
+    loadable on its own; without it only ema.safetensors is refreshed."""
+    r = make_recipe(tmp_path)
+    for snapshots in (False, True):
+        run = tmp_path / f"snap{snapshots}"
+        r2 = replace(r, checkpoint=replace(r.checkpoint, export_snapshots=snapshots))
+        m = RCMModule(r2, teacher=teacher(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]),
+                      export_dir=run)
+        run.mkdir()
+        for it in (3, 7):
+            m.iteration.fill_(it)
+            m.forget_counts()
+            m.on_save_checkpoint({"state_dict": {}})
+        names = sorted(p.name for p in run.iterdir())
+        if snapshots:
+            assert names == ["ema.safetensors", "ema_step000003.safetensors", "ema_step000007.safetensors"]
+            WanModel.from_pretrained(run / "ema_step000003.safetensors")
+        else:
+            assert names == ["ema.safetensors"]
+
+
 def test_checkpoint_save_resume_is_bitwise(tmp_path):
     r = make_recipe(tmp_path)
     a = module(r, tmp_path)

@@ -55,7 +55,7 @@ def suite(tmp_path, monkeypatch, **kw):
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
-                           skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER)
+                           skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -168,6 +168,26 @@ def test_rcm_only_trains_and_evaluates_the_students_and_nothing_else(tmp_path, m
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", str(tmp_path), "--rcm-only", "--minutes", "-1"])
+
+
+def test_snapshots_keep_each_rcm_trainings_course_and_evaluate_it(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch, rcm_only=True, snapshots=250)
+    for run_name in ("rcm", "scm"):  # what the (mocked) trainings would leave
+        (tmp_path / run_name).mkdir()
+        for step in (250, 500):
+            (tmp_path / run_name / f"ema_step{step:06d}.safetensors").write_bytes(b"w")
+    assert s.main() == 0
+    by = dict(calls)
+    for t in ("train-rcm", "train-scm", "train-dmd"):
+        sets = sets_of(by[t])
+        assert sets["checkpoint.every_n_steps"] == "250" and sets["checkpoint.export_snapshots"] == "true"
+    ev = by["eval-rcm4_step000500"]
+    assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "rcm" / "ema_step000500.safetensors")
+    assert {"eval-rcm4_step000250", "eval-scm4_step000250", "eval-scm4_step000500"} <= set(by)
+    assert "--snapshots 250" in toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "snapshots": 250})
+    # the 4-step figure of each rCM snapshot divides by the same teacher
+    f = toy_figures.ratios({"teacher": report(0.8), "rcm4_step000250": report(0.76)})["rcm"]
+    assert f["toy_rcm4_step000250_adherence_ratio"] == 0.95
 
 
 def test_another_teacher_feeds_every_training_the_merge_and_the_ratios(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
-from turbo_train.methods.one_network import OneNetworkMixin
+from turbo_train.methods.one_network import OneNetworkMixin, export_on_checkpoint
 from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
 
 # ----------------------------------------------------------------------------- the loss and its pieces
@@ -214,8 +214,7 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         return {"turbo_method": "flow_matching"}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.recipe.checkpoint.export_ema:
-            self.export_weights()
+        export_on_checkpoint(self)
 
     def on_fit_end(self) -> None:
         if self.recipe.checkpoint.export_ema:

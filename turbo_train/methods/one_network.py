@@ -17,6 +17,22 @@ from turbo_train import ema as ema_lib
 from turbo_train.methods.counters import CountersMixin
 
 
+def export_on_checkpoint(module, step: int | None = None) -> None:
+    """At each checkpoint: refresh the module's export (checkpoint.export_ema, `module.export_weights()`),
+    and with checkpoint.export_snapshots also keep it as <name>_step<step>.safetensors (step None = the
+    trainer's global step, 0 without a trainer)."""
+    ck = module.recipe.checkpoint
+    if not ck.export_ema:
+        return
+    path = module.export_weights()
+    if path is not None and ck.export_snapshots:
+        if step is None:
+            step = module._trainer.global_step if module._trainer is not None else 0
+        from turbo_infer.files import copy_file
+
+        copy_file(path, path.with_name(f"{path.stem}_step{step:06d}{path.suffix}"))
+
+
 class OneNetworkMixin(CountersMixin):
     """Needs: self.ema (frozen copy or None), the counter `ema_updates` (register_counters), self.recipe (ema and
     checkpoint sections), self.export_dir (Path or None), `trained_network()` -> the network being

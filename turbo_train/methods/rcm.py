@@ -41,6 +41,7 @@ from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.methods.counters import CountersMixin
+from turbo_train.methods.one_network import export_on_checkpoint
 from turbo_train.methods import rcm_losses as L
 
 if TYPE_CHECKING:  # recipe.py imports this module for RCMConfig: import it back lazily only
@@ -570,8 +571,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the frozen teacher is rebuilt from model.checkpoint: leave it out of training checkpoints
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        if self.recipe.checkpoint.export_ema:
-            self.export_weights()
+        export_on_checkpoint(self, self.count("iteration"))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # put the (unchanged) teacher back so that loading stays strict for everything else

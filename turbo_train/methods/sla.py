@@ -43,7 +43,7 @@ from turbo_infer.models.wan import WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
-from turbo_train.methods.one_network import OneNetworkMixin
+from turbo_train.methods.one_network import OneNetworkMixin, export_on_checkpoint
 from turbo_train.sla_convert import convert_to_sla, proj_l_norms, sla_layers
 
 if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import it back lazily only
@@ -357,8 +357,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the frozen teacher is rebuilt from model.checkpoint: leave it out of training checkpoints
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        if self.recipe.checkpoint.export_ema:
-            self.export_weights()
+        export_on_checkpoint(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # put the (unchanged) teacher back so that loading stays strict for everything else

@@ -67,7 +67,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
-from turbo_infer.vae import conv3d_memory_format  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
                        random_dit, random_umt5, random_wan_vae, synthetic_umt5_tokenizer, warm_page_cache,
@@ -248,10 +247,11 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
                            f"written to disk; decode of a {tuple(z.shape)} latent, median of {args.reps}; "
                            f"vae_decode_contiguous_s / vae_decode_channels_last_s: the other layout")
     if not args.skip_channels_last:  # the other Conv3d weight layout than the runtime's default here
-        other = "contiguous" if vae.channels_last else "channels_last"
-        conv3d_memory_format(vae.model, torch.contiguous_format if vae.channels_last else torch.channels_last_3d)
+        default = vae.channels_last
+        other = "contiguous" if default else "channels_last"
+        vae.set_channels_last(not default)
         times = timed(lambda: vae.decode(z), device, args.reps)
-        conv3d_memory_format(vae.model, torch.channels_last_3d if vae.channels_last else torch.contiguous_format)
+        vae.set_channels_last(default)
         fig[f"vae_decode_{other}_s"] = statistics.median(times)
         log(f"VAE decode, conv weights {other}: {[round(s, 3) for s in times]} s")
     if device.type == "cuda":  # cuDNN's measured algorithm choice for the causal 3D convs (default: heuristics)
@@ -463,22 +463,25 @@ def ttfv_child(args) -> int:
         torch.set_num_threads(1)
     manifest = read_manifest(args.ttfv_child)
     dtype = getattr(torch, manifest["dtype"])
+    t = time.perf_counter()
     text = None
     if args.ttfv_random_text:
         from transformers import AutoTokenizer
 
         te_dir = Path(manifest["text_encoder"]["path"])
-        text = Background("text encoder", lambda: in_memory_umt5_encoder(
-            random_umt5(shape.umt5, device, dtype), AutoTokenizer.from_pretrained(str(te_dir)), device, dtype,
-            shape.text_len), dim=manifest["model"]["config"]["text_dim"])
-    t = time.perf_counter()
-    background = args.ttfv_background
-    if text is not None and not background:
-        text = text.result()
+
+        def random_text():
+            return in_memory_umt5_encoder(random_umt5(shape.umt5, device, dtype),
+                                          AutoTokenizer.from_pretrained(str(te_dir)), device, dtype, shape.text_len)
+
+        text = (Background("text encoder", random_text, dim=manifest["model"]["config"]["text_dim"])
+                if args.ttfv_background else random_text())
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
-                                     background=background)
+                                     background=args.ttfv_background)
     sync(device)
-    phases["load_dit_s"] = time.perf_counter() - t  # background: text encoder and VAE still loading
+    # from_bundle: the DiT, and (sequential loads) the text encoder and VAE before it; with
+    # --ttfv-background those two are still loading here
+    phases["load_dit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.compile:
         compile_blocks(pipe.transformer, args.compile_backend)

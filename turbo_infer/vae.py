@@ -127,8 +127,7 @@ class WanVAE:
         self.dtype = dtype
         self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
-        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
-        conv3d_memory_format(self.model, torch.channels_last_3d if self.channels_last else torch.contiguous_format)
+        self.set_channels_last(self.device.type == "cuda" if channels_last is None else bool(channels_last))
         cfg = self.model.config
         self.latent_channels = int(cfg.z_dim)
         # the architecture fixes the factors: one 2x spatial downsample per stage after the first,
@@ -144,7 +143,12 @@ class WanVAE:
         if dtype is not None:
             self.dtype = dtype
         self.model.to(device=self.device, dtype=self.dtype)
-        conv3d_memory_format(self.model, torch.channels_last_3d if self.channels_last else torch.contiguous_format)
+        return self.set_channels_last(self.channels_last)
+
+    def set_channels_last(self, on: bool) -> "WanVAE":
+        """Lay the Conv3d weights out channels-last (on) or contiguous; kept across `to()`."""
+        self.channels_last = bool(on)
+        conv3d_memory_format(self.model, torch.channels_last_3d if on else torch.contiguous_format)
         return self
 
     def check_size(self, num_frames: int, height: int, width: int) -> None:

@@ -145,6 +145,11 @@ def pool_blocks_reference(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / counts[:, None]
 
 
+def _topk_sorted(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Column indices of the n largest entries of each row of `logits`, ascending (torch)."""
+    return torch.topk(logits, n, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
 def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block_k: int,
             q_len: int, k_len: int, select: str = "torch") -> BlockMap:
     """Top-n selection on pooled (B, H, N, D) float32 blocks; shared by both paths. select: "torch"
@@ -158,7 +163,7 @@ def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block
     elif select == "triton":
         idx = topk_select(logits.reshape(-1, Nk), n).view(*logits.shape[:3], n)
     else:
-        idx = torch.topk(logits, n, dim=-1, sorted=False).indices.sort(dim=-1).values
+        idx = _topk_sorted(logits, n)
     return BlockMap(lut=idx.to(torch.int32).contiguous(), n=n, num_q_blocks=Nq, num_k_blocks=Nk,
                     block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len)
 
@@ -254,7 +259,7 @@ def topk_select(logits: torch.Tensor, n: int) -> torch.Tensor:
     if not 1 <= n <= Nk:
         raise ValueError(f"n must be in 1..{Nk}, got {n}")
     if triton is None or not use_triton(logits):
-        return torch.topk(logits, n, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+        return _topk_sorted(logits, n).to(torch.int32)
     logits = logits.contiguous()
     lut = torch.empty(R, n, device=logits.device, dtype=torch.int32)
     block = max(16, next_power_of_2(Nk))

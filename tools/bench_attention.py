@@ -101,7 +101,8 @@ def check(h: Harness) -> None:
 
 
 # ---------------------------------------------------------------------------- tuning sweep
-FWD_VARIANTS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2)]
+FWD_VARIANTS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2),
+                (64, 64, 4, 2)]
 DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2)]
 DKDV_VARIANTS = [(64, 64, 4, 2), (64, 64, 4, 3)]
 
@@ -157,6 +158,18 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
             print(f"  fuse_linear_bwd={fuse} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if fwd:
         best = replace(best, fuse_linear=min(fwd, key=fwd.get))
+    # the whole forward with the block map built inside (top-n by torch or by the fused Triton kernel)
+    whole = {}
+    for select in ("torch", "triton"):
+        try:
+            with torch.no_grad():
+                c = replace(best, map_select=select)
+                whole[select] = h.measure(tag, f"whole fwd with map, select={select}", "fwd",
+                                          lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=c))
+        except Exception as e:  # noqa: BLE001
+            print(f"  map_select={select} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    if whole:
+        best = replace(best, map_select=min(whole, key=whole.get))
     if bwd:
         best = replace(best, fuse_linear_bwd=min(bwd, key=bwd.get))
     print(f"  tuned config: {best}", flush=True)

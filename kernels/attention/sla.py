@@ -454,7 +454,8 @@ if triton is not None:
         # BLOCK_N <= MAP_BK: a tile lies inside one block, its rows are contiguous from a scalar
         #   base, and only the last LUT entry can be the ragged tail block (the LUT is ascending),
         #   so every tile but those of the last entry runs unmasked.
-        # BLOCK_N > MAP_BK: a tile gathers BLOCK_N // MAP_BK entries (vector LUT load), masked.
+        # BLOCK_N > MAP_BK: a tile gathers BLOCK_N // MAP_BK whole entries (vector LUT load), unmasked;
+        #   the remainder runs block by block.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -485,13 +486,23 @@ if triton is not None:
                                           V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
                                           True, PAD_D)
         else:
-            for start in range(0, n_sel * MAP_BK, BLOCK_N):
-                pos = start + offs_n  # position in the concatenated selected keys
-                entry = pos // MAP_BK
-                tok = tl.load(lut + entry, mask=entry < n_sel, other=0) * MAP_BK + pos % MAP_BK
+            # BLOCK_N = R * MAP_BK: a tile gathers R consecutive LUT entries (R whole blocks, rows
+            # contiguous within each), unmasked; the entries left over (fewer than R, and the ragged
+            # tail block, always the last entry) run as single-block tiles, masked.
+            R: tl.constexpr = BLOCK_N // MAP_BK
+            n_whole = n_sel if EVEN_N else n_sel - 1
+            n_grouped = (n_whole // R) * R
+            for e0 in range(0, n_grouped, R):
+                tok = tl.load(lut + e0 + offs_n // MAP_BK) * MAP_BK + offs_n % MAP_BK
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
-                                          V + tok[:, None] * svl + offs_d[None, :], (entry < n_sel) & (tok < Lk),
-                                          mask_d, qk_scale, True, PAD_D)
+                                          V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
+                                          False, PAD_D)
+            offs_b = tl.arange(0, MAP_BK)
+            for e in range(n_grouped, n_sel):
+                tok = tl.load(lut + e) * MAP_BK + offs_b
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
+                                          V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
+                                          True, PAD_D)
         acc = acc / l_i[:, None]
         if STORE_LSE:
             tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)
@@ -696,6 +707,10 @@ class SLAKernelConfig:
     # registers, 68 local-memory loads/stores per key tile, sm_90), which matches the measured +3.6 ms
     # (fused 8.41 ms vs 4.82 ms for the sparse backward alone); unfused, its loop is spill-free.
     fuse_linear_bwd: bool = False
+    # How sla_attention picks the top-n key blocks when it builds the block map itself (`sla_block_map`'s
+    # select): "torch" (topk + sort) or "triton" (`topk_select`, one kernel). torch until a GPU run times
+    # both (tools/bench_attention.py --sweep picks the faster).
+    map_select: str = "torch"
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -988,8 +1003,9 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     if triton is None or not use_triton(q, k, v) or q.dtype == torch.float64:
         return sla_torch(q, k, v, topk, block_q, block_k, feature_map,
                          None if proj_weight is None else (proj_weight, proj_bias), block_map=block_map)
-    bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k)
-    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    cfg = config or DEFAULT_CONFIG
+    bm = block_map if block_map is not None else sla_block_map(q, k, topk, block_q, block_k, select=cfg.map_select)
+    cfg = cfg.clamp(bm.block_q, bm.block_k)
     has_linear = proj_weight is not None and bm.n < bm.num_k_blocks  # else O_l = 0: proj_l adds its bias
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, proj_weight, proj_bias))

@@ -77,6 +77,19 @@ def test_sparse_forward_matches_reference(dtype, cfg):
     assert_close(o_s, ref_s, dtype, "O_s")
 
 
+@pytest.mark.parametrize("block_n", [32, 64])
+@pytest.mark.parametrize("Lk,topk", [(192, 0.25), (192, 0.5), (200, 0.25), (200, 0.4), (200, 0.1), (40, 1.0)])
+def test_sparse_forward_grouped_tiles(block_n, Lk, topk):
+    # forward tiles of 2 or 4 whole map blocks (block_k 16): the grouped entries run unmasked, the rest
+    # (fewer than a group, and the ragged last block when Lk % 16 != 0) block by block; n = 1..12 entries
+    q, k, v = make_inputs(torch.float32, Lq=96, Lk=Lk, D=16)
+    bm = sla_block_map(q, k, topk, 32, 16)
+    cfg = replace(CFG_EQUAL, fwd_block_n=block_n)
+    o_s = sparse_attention(q, k, v, bm, cfg)
+    ref_s, _ = sla_reference(q, k, v, topk, 32, 16, block_map=bm, return_branches=True)
+    assert_close(o_s, ref_s, torch.float32, f"O_s (n={bm.n}, block_n={block_n}, Lk={Lk})")
+
+
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_linear_branch_matches_reference(feature_map, dtype):

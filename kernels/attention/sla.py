@@ -685,9 +685,9 @@ class SLAKernelConfig:
     fwd_block_n: int = 64
     fwd_warps: int = 8
     fwd_stages: int = 2
-    dq_block_m: int = 64
+    dq_block_m: int = 128
     dq_block_n: int = 64
-    dq_warps: int = 4
+    dq_warps: int = 8
     dq_stages: int = 2
     dkdv_block_m: int = 64
     dkdv_block_n: int = 64
@@ -699,18 +699,19 @@ class SLAKernelConfig:
     # 1 400 stack bytes; 8 warps: 496, dK/dV part 40 -> 0; tools/kernel_resources.py), not yet timed
     lin_warps: int = 8
     # Forward: True runs the linear branch (and proj_l) in the sparse kernel's epilogue, False in a
-    # separate small kernel after it. Measured fused (BENCHMARKS.md); the compiled main loop is the
-    # same either way (tools/kernel_resources.py: no spills in it), so the fused one stays.
-    fuse_linear: bool = True
+    # separate small kernel after it. False since 2026-12-04: measured whole inference forward 2.15 ms
+    # separate vs 2.52 ms fused (H200, 1.3B, topk 0.1, bench_attention --sweep), although the fused
+    # kernel's main loop does not spill (tools/kernel_resources.py).
+    fuse_linear: bool = False
     # Backward: the same choice for the dQ and dK/dV kernels. False since 2026-12-03 on the compiler's
     # evidence, not a timing: with the linear branch fused, the dQ kernel's main loop spills (255
     # registers, 68 local-memory loads/stores per key tile, sm_90), which matches the measured +3.6 ms
     # (fused 8.41 ms vs 4.82 ms for the sparse backward alone); unfused, its loop is spill-free.
     fuse_linear_bwd: bool = False
     # How sla_attention picks the top-n key blocks when it builds the block map itself (`sla_block_map`'s
-    # select): "torch" (topk + sort) or "triton" (`topk_select`, one kernel). torch until a GPU run times
-    # both (tools/bench_attention.py --sweep picks the faster).
-    map_select: str = "torch"
+    # select): "torch" (topk + sort) or "triton" (`topk_select`, one kernel). triton since 2026-12-04: whole
+    # forward 2.31 vs 2.44 ms, block map alone 0.40 vs 0.48 ms (H200, 1.3B, topk 0.1; 14B 720p 1.56 vs 1.97).
+    map_select: str = "triton"
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):

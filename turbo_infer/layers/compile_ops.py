@@ -20,7 +20,7 @@ from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_refere
 from turbo_kernels.attention.lowbit import lowbit_attention, lowbit_attention_reference
 from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
 from turbo_kernels.attention.qk_norm_rope import qk_norm_rope
-from turbo_kernels.attention.sla import add_linear_branch, sla_attention
+from turbo_kernels.attention.sla import DEFAULT_CONFIG, add_linear_branch, sla_attention
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.quantize import quantize_rows, quantize_rows_reference
 from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
@@ -68,7 +68,7 @@ def sagesla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_b
     fast, pv = _fast_lowbit(q, pv)
     with torch.no_grad():
         if fast:
-            bm = sla_block_map(q, k, topk, block_q, block_k)
+            bm = sla_block_map(q, k, topk, block_q, block_k, select=DEFAULT_CONFIG.map_select)
             o_s = sagesla_sparse(q, k, v, bm, pv=pv)
         else:
             bm = sla_block_map_reference(q, k, topk, block_q, block_k)

@@ -121,6 +121,49 @@ def split_wall(seconds: dict, wall: float, *, eager: bool) -> dict:
     return {"attention": att, "linear": lin, "other": max(0.0, wall - att - lin)}
 
 
+def _device_records(prof, events) -> list[tuple[str, float, int, bool]]:
+    """(name, microseconds, linked correlation id, is a scope's span) of every event on the GPU timeline.
+
+    torch >= 2.13's FunctionEvent carries the linked correlation id; torch 2.11's (the GPU machine's) does
+    not (the 2026-12-04 H200 run linked 0 % of its kernels through it), so there the raw Kineto events
+    give it (`prof.profiler.kineto_results`, one per GPU activity)."""
+    from torch.autograd import DeviceType
+
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    if not gpu or hasattr(gpu[0], "linked_correlation_id"):
+        return [(e.name, e.time_range.end - e.time_range.start, e.linked_correlation_id, is_annotation(e))
+                for e in gpu]
+    records = []
+    for r in prof.profiler.kineto_results.events():
+        if r.device_type() != DeviceType.CUDA:
+            continue
+        span = getattr(r, "is_user_annotation", None)
+        annotation = bool(span()) if callable(span) else False
+        records.append((r.name(), r.duration_ns() / 1e3, r.linked_correlation_id(),
+                        annotation or r.name() in (ATTENTION_SCOPE, LINEAR_SCOPE)))
+    return records
+
+
+def _launching_ops(events) -> dict:
+    """{correlation id: CPU op} of the frontend ops that launch kernels. Runtime calls (cudaLaunchKernel,
+    also CPU events) carry a linked id of their own and ids from another counter that can collide with
+    the ops': where FunctionEvent has linked_correlation_id they are left out by it, else (torch 2.11)
+    only ops that the profiler gave kernels count (runtime calls get none); on a collision an op wins
+    over a scope."""
+    from torch.autograd import DeviceType
+
+    ops = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU or getattr(e, "is_async", False):
+            continue
+        if getattr(e, "linked_correlation_id", 0) or (not hasattr(e, "linked_correlation_id") and not e.kernels):
+            continue
+        prev = ops.get(e.id)
+        if prev is None or (prev.name in (ATTENTION_SCOPE, LINEAR_SCOPE) and e.name not in (ATTENTION_SCOPE, LINEAR_SCOPE)):
+            ops[e.id] = e
+    return ops
+
+
 def classify(prof, device_type: str) -> dict:
     """Seconds per class over the profiled region -> {"seconds": {class: s}, "top": {class: [(name,
     s), ...]}, "total_s": all kernel (or op) time, "linked_fraction": share of it charged through a
@@ -139,18 +182,14 @@ def classify(prof, device_type: str) -> dict:
         # Each kernel once, from the GPU timeline, charged to the CPU op whose id is its correlation id.
         # (Walking the CPU ops' `kernels` lists instead counted some kernels more than once on torch
         # 2.11: 146 % of the GPU's kernel time was "linked" in the 2026-12-04 H200 baseline.)
-        # frontend ops only: runtime calls (cudaLaunchKernel, also CPU events) carry a linked id of their own,
-        # and their ids come from another counter that can collide with the ops'
-        cpu_ops = {e.id: e for e in events
-                   if e.device_type == DeviceType.CPU and not getattr(e, "linked_correlation_id", 0)}
+        cpu_ops = _launching_ops(events)
         linked_us = total = 0.0
-        for e in events:
-            if e.device_type != DeviceType.CUDA or is_annotation(e):
+        for name, us, linked, annotation in _device_records(prof, events):
+            if annotation:
                 continue
-            us = e.time_range.end - e.time_range.start
-            op = cpu_ops.get(getattr(e, "linked_correlation_id", 0) or -1)
+            op = cpu_ops.get(linked or -1)
             cls = scope_class(op) if op is not None else None
-            add(cls or name_class(e.name), e.name, us)
+            add(cls or name_class(name), name, us)
             total += us
             linked_us += us if op is not None else 0.0
         linked_fraction = linked_us / total if total else 1.0

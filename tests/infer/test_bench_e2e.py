@@ -73,6 +73,36 @@ def test_classify_charges_each_kernel_once_and_leaves_out_the_scopes_spans():
     assert br["total_s"] == pytest.approx(100e-6) and br["linked_fraction"] == pytest.approx(0.8)
 
 
+def test_classify_links_through_raw_kineto_events_when_function_events_lack_the_id():
+    """torch 2.11 (the GPU machine's): FunctionEvent has no linked_correlation_id (the 2026-12-04 H200 run
+    linked 0 % of its kernels), so the device side comes from the raw Kineto events; runtime calls have
+    no kernels of their own and must not claim one through a colliding id."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def cpu(id, name, parent, kernels=()):
+        return NS(id=id, name=name, device_type=DeviceType.CPU, cpu_parent=parent, kernels=list(kernels), is_async=False)
+
+    def raw(name, ns, linked, annotation=False):
+        return NS(name=lambda: name, device_type=lambda: DeviceType.CUDA, duration_ns=lambda: ns,
+                  linked_correlation_id=lambda: linked, is_user_annotation=lambda: annotation)
+
+    k = [NS(name="k", duration=1.0)]
+    lin_scope, att_scope = cpu(1, "turbo::linear", None), cpu(3, "turbo::attention", None)
+    events = [lin_scope, cpu(2, "aten::mm", lin_scope, k), att_scope, cpu(4, "triton_op", att_scope, k),
+              cpu(5, "cudaLaunchKernel", None),  # runtime call, id 5 collides with no op here...
+              cpu(4, "cudaLaunchKernel", None),  # ...and this one collides with the attention op's id
+              NS(name="nvjet_gemm", device_type=DeviceType.CUDA, time_range=NS(start=0, end=30), kernels=[])]
+    raws = [raw("nvjet_gemm", 30_000, 2), raw("_sla_fwd_kernel", 50_000, 4), raw("elementwise_kernel", 20_000, 5),
+            raw("turbo::attention", 51_000, 3, annotation=True), raw("cpu_side", 1, 0)]
+    raws[-1].device_type = lambda: DeviceType.CPU
+    prof = NS(events=lambda: events, profiler=NS(kineto_results=NS(events=lambda: raws)))
+    br = classify(prof, "cuda")
+    assert br["seconds"] == pytest.approx({"attention": 50e-6, "linear": 30e-6, "other": 20e-6})
+    assert br["linked_fraction"] == pytest.approx(0.8)
+
+
 def test_split_wall_adds_up_to_the_wall_time():
     s = {"attention": 0.4, "linear": 0.3, "other": 0.5}
     # a compiled headline: attention and linear at their kernel seconds, the rest is other

@@ -28,23 +28,25 @@ def build_pipeline(spec: dict, device):
 
     spec keys: kind ("bundle" | "toy" | "wan"); bundle (dir) and allow_reference for bundles;
     checkpoint, config, text_encoder, vae (paths or None); dtype (torch dtype name or None = the
-    default / the bundle's); progress (bool: bar over the bundle hashing); model_overrides (WanConfig
+    default / the bundle's); vae_dtype (torch dtype name of a Wan VAE, default float32); progress (bool: bar
+    over the bundle hashing); model_overrides (WanConfig
     fields for toy/wan, e.g. {"num_heads": 4}; {} = none)."""
     from turbo_infer.pipeline import TurboPipeline
 
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
     overrides = dict(spec.get("model_overrides") or {})
+    vae_dtype = getattr(torch, spec.get("vae_dtype") or "float32")
     kind = spec["kind"]
     if kind == "bundle":
         return TurboPipeline.from_bundle(spec["bundle"], device, text_encoder_path=spec.get("text_encoder"),
                                          vae_path=spec.get("vae"), allow_reference=spec.get("allow_reference", False),
-                                         dtype=dtype, progress=spec.get("progress", False))
+                                         dtype=dtype, progress=spec.get("progress", False), vae_dtype=vae_dtype)
     if kind == "toy":
         return TurboPipeline.toy(spec.get("checkpoint"), device=device, dtype=dtype,
                                  text_encoder_path=spec.get("text_encoder"), **overrides)
     if kind == "wan":
         return TurboPipeline.wan(spec["checkpoint"], spec["text_encoder"], spec["vae"], config=spec["config"],
-                                 device=device, dtype=dtype, **overrides)
+                                 device=device, dtype=dtype, vae_dtype=vae_dtype, **overrides)
     raise ValueError(f"spec kind must be 'bundle', 'toy' or 'wan', got {kind!r}")
 
 

@@ -124,9 +124,9 @@ class TurboPipeline:
 
     @classmethod
     def wan(cls, transformer_path, text_encoder_path, vae_path, config="wan2.1-1.3b", device="cpu",
-            dtype=torch.float32, **model_overrides) -> "TurboPipeline":
+            dtype=torch.float32, vae_dtype=torch.float32, **model_overrides) -> "TurboPipeline":
         """Wan2.1 T2V: DiT weights (official or diffusers layout), umT5 and Wan VAE directories.
-        The text encoder runs in `dtype`, the VAE in fp32 (as the Wan pipeline does)."""
+        The text encoder runs in `dtype`, the VAE in `vae_dtype` (fp32 by default, as the Wan pipeline)."""
         from turbo_infer.models.wan import WanModel
         from turbo_infer.text_encoders import UMT5TextEncoder
         from turbo_infer.vae import WanVAE
@@ -138,13 +138,14 @@ class TurboPipeline:
         model = WanModel.from_pretrained(transformer_path, config, device=device, dtype=dtype,
                                          **model_overrides).eval()
         text = UMT5TextEncoder(text_encoder_path, device=device, dtype=dtype)
-        vae = WanVAE(vae_path, device=device, dtype=torch.float32)
+        vae = WanVAE(vae_path, device=device, dtype=vae_dtype)
         return cls(model, text, vae, device=device, dtype=dtype, default_shift=WAN_SHIFT, fps=16)
 
     @classmethod
     def from_bundle(cls, path, device=None, *, text_encoder=None, vae=None, text_encoder_path=None, vae_path=None,
                     allow_reference: bool = False, verify: bool = True, dtype=None,
-                    progress: bool = False, background: bool = False) -> "TurboPipeline":
+                    progress: bool = False, background: bool = False,
+                    vae_dtype=torch.float32) -> "TurboPipeline":
         """A bundle directory written by turbo-export (see turbo_infer.bundle): hashes verified and
         the target checked against this device before any weight is read; the DiT is built with the
         bundle's W8A8 layers and attention backend, its tensors mmap'd straight onto `device`;
@@ -158,7 +159,7 @@ class TurboPipeline:
         background: load the text encoder and the VAE in background threads (turbo_infer.background)
         while the DiT loads here, and return once the DiT is ready; the first call that needs one of
         them waits for it (and raises its load error, if any). The manifest and the device check come
-        first either way."""
+        first either way. vae_dtype: the Wan VAE's dtype (fp32 default; the toy codec has none)."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         read_manifest)
 
@@ -173,13 +174,13 @@ class TurboPipeline:
                 text_encoder = Background("text encoder", lambda: build_text_encoder(manifest, device, text_encoder_path),
                                           dim=cfg["text_dim"])
             if vae is None:
-                vae = Background("VAE", lambda: build_vae(manifest, device, vae_path), latent_channels=cfg["in_channels"])
+                vae = Background("VAE", lambda: build_vae(manifest, device, vae_path, vae_dtype), latent_channels=cfg["in_channels"])
         model, manifest = load_transformer(path, device, dtype=dtype, allow_reference=allow_reference,
                                            verify=verify, progress=progress)
         if text_encoder is None:
             text_encoder = build_text_encoder(manifest, device, text_encoder_path)
         if vae is None:
-            vae = build_vae(manifest, device, vae_path)
+            vae = build_vae(manifest, device, vae_path, vae_dtype)
         s = manifest["sampler"]
         pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
                    default_shift=float(s["shift"]), fps=manifest["video"]["fps"])

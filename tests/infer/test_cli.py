@@ -77,6 +77,8 @@ def test_empty_prompts(capsys, toy_ckpt, tmp_path):
     (["--guidance", "-1"], "--guidance"),
     (["--out", "video.avi"], "--out"),
     (["--vae", "."], "--vae: only for Wan configs"),
+    (["--vae-dtype", "bfloat16"], "--vae-dtype: only for Wan configs"),
+    (["--vae-dtype", "float16"], "--vae-dtype"),
 ])
 def test_bad_values(capsys, toy_ckpt, args, needle):
     _fails(capsys, ["--checkpoint", str(toy_ckpt), "--prompt", "a", *args], needle)

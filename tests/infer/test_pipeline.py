@@ -200,6 +200,15 @@ def test_wan_world_end_to_end_on_tiny_parts(tmp_path):
         pipe.generate(["a"], steps=1, num_frames=5, height=8, width=16, progress=False)
     with pytest.raises(FileNotFoundError, match="vae_path"):
         TurboPipeline.wan(tmp_path / "dit.safetensors", tmp_path / "umt5", tmp_path / "no_vae", config=cfg)
+    # the VAE in bf16 (turbo-infer --vae-dtype bfloat16): same latents decoded to nearly the same video
+    pipe16 = TurboPipeline.wan(tmp_path / "dit.safetensors", tmp_path / "umt5", tmp_path / "vae", config=cfg,
+                               vae_dtype=torch.bfloat16)
+    assert pipe16.vae.dtype == torch.bfloat16 and next(pipe16.vae.model.parameters()).dtype == torch.bfloat16
+    v16 = pipe16.generate(["a red circle"], steps=2, guidance=5.0, num_frames=5, height=16, width=32,
+                          sampler="unipc", progress=False)
+    assert v16.shape == v.shape and v16.dtype == torch.uint8
+    # bf16 keeps 8 bits of mantissa: a few uint8 levels at most on a [-1, 1] video (the DiT runs in fp32 in both)
+    assert (v16.int() - v.int()).abs().float().mean() < 3.0
 
 
 def test_video_to_uint8():

@@ -305,6 +305,15 @@ def test_bad_arguments(change, exc, word):
             sla_reference(**{n: a for n, a in args.items() if not n.startswith("proj")})
 
 
+def test_bad_kernel_config_names_the_field():
+    q = torch.randn(1, 2, 40, 16)
+    bm = sla_block_map(q, q, 0.5, 16, 16)
+    with pytest.raises(ValueError, match="config.map_select"):
+        sparse_attention(q, q, q, bm, replace(CFG_EQUAL, map_select="numpy"))
+    with pytest.raises(ValueError, match="config.fwd_block_n"):
+        sparse_attention(q, q, q, bm, replace(CFG_EQUAL, fwd_block_n=24))
+
+
 # ---------------------------------------------------------------------------- module wrapper
 def test_module_and_registry():
     from turbo_infer.layers.attention import make_attention

@@ -30,6 +30,7 @@ from torch import nn
 CLASSES = ("attention", "linear", "other")
 ATTENTION_SCOPE = "turbo::attention"
 LINEAR_SCOPE = "turbo::linear"
+SCOPES = (ATTENTION_SCOPE, LINEAR_SCOPE)
 # Kernel-name fallback (lower case substrings), for kernels the profiler links to no CPU op.
 ATTENTION_KEYS = ("attention", "attn", "flash", "fmha", "sdpa", "_sla_", "sla_", "lowbit", "sage", "_pool_kernel",
                   "block_map", "_quant_v_kernel", "_quant_int8_block")
@@ -102,7 +103,7 @@ def scope_class(event) -> str | None:
 
 def is_annotation(event) -> bool:
     """A record_function range mirrored on the GPU timeline (a span, not a kernel)."""
-    return bool(getattr(event, "is_user_annotation", False)) or event.name in (ATTENTION_SCOPE, LINEAR_SCOPE)
+    return bool(getattr(event, "is_user_annotation", False)) or event.name in SCOPES
 
 
 def split_wall(seconds: dict, wall: float, *, eager: bool) -> dict:
@@ -140,7 +141,7 @@ def _device_records(prof, events) -> list[tuple[str, float, int, bool]]:
         span = getattr(r, "is_user_annotation", None)
         annotation = bool(span()) if callable(span) else False
         records.append((r.name(), r.duration_ns() / 1e3, r.linked_correlation_id(),
-                        annotation or r.name() in (ATTENTION_SCOPE, LINEAR_SCOPE)))
+                        annotation or r.name() in SCOPES))
     return records
 
 
@@ -159,7 +160,7 @@ def _launching_ops(events) -> dict:
         if getattr(e, "linked_correlation_id", 0) or (not hasattr(e, "linked_correlation_id") and not e.kernels):
             continue
         prev = ops.get(e.id)
-        if prev is None or (prev.name in (ATTENTION_SCOPE, LINEAR_SCOPE) and e.name not in (ATTENTION_SCOPE, LINEAR_SCOPE)):
+        if prev is None or (prev.name in SCOPES and e.name not in SCOPES):
             ops[e.id] = e
     return ops
 

@@ -11,9 +11,12 @@ Both expose: `latent_channels`, `spatial_factor`, `temporal_factor`, `latent_sha
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _check_video(video: torch.Tensor, name: str = "video") -> None:
@@ -103,6 +106,27 @@ def conv3d_memory_format(module, memory_format) -> None:
             m.weight.data = m.weight.data.contiguous(memory_format=memory_format)
 
 
+def load_vae_staged(model_cls, vae_dir: Path, device, dtype, *, staged: bool = True):
+    """A diffusers model built on the meta device and filled on `device` from its single safetensors
+    file by `turbo_infer.fastload` (the GPU path of WanVAE). None where that cannot load exactly (no such
+    file, keys that do not match, anything left on the meta device): the caller uses from_pretrained."""
+    import itertools
+
+    from turbo_infer.fastload import load_safetensors
+
+    weights = vae_dir / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        return None
+    with torch.device("meta"):
+        model = model_cls.from_config(model_cls.load_config(str(vae_dir)))
+    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+             for k, v in load_safetensors(weights, device, staged=staged).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected or any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+        return None
+    return model.eval()
+
+
 class WanVAE:
     """Wan2.1 VAE (diffusers `AutoencoderKLWan`) from a local directory.
 
@@ -125,7 +149,14 @@ class WanVAE:
         vae_dir = _resolve_vae_dir(Path(path))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
+        self.model = None
+        if self.device.type == "cuda":  # straight onto the GPU (turbo_infer.fastload)
+            try:
+                self.model = load_vae_staged(AutoencoderKLWan, vae_dir, self.device, dtype)
+            except (RuntimeError, ValueError, OSError) as e:  # from_pretrained reads the same files its own way
+                log.warning("Wan VAE %s: staged GPU load failed (%s); using from_pretrained", vae_dir, e)
+        if self.model is None:
+            self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)
         self.set_channels_last(self.device.type == "cuda" if channels_last is None else bool(channels_last))
         cfg = self.model.config

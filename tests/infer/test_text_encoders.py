@@ -33,6 +33,44 @@ def umt5_dir(tmp_path_factory):
     return d
 
 
+def test_umt5_staged_load_equals_from_pretrained(umt5_dir, tmp_path):
+    """The GPU loader (meta-device model filled from the safetensors by turbo_infer.fastload), run on
+    the CPU with its staged reads: same weights as from_pretrained, the tied embedding included, and
+    None (use from_pretrained) where it cannot load exactly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import UMT5EncoderModel
+
+    from turbo_infer.text_encoders import load_model_staged
+
+    ref = UMT5EncoderModel.from_pretrained(str(umt5_dir), dtype=torch.float32)
+    got = load_model_staged(UMT5EncoderModel, umt5_dir, "cpu", torch.bfloat16)
+    assert got is not None and got.dtype == torch.bfloat16
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert set(ref_sd) == set(got_sd)
+    for k, v in ref_sd.items():
+        torch.testing.assert_close(got_sd[k].float(), v.to(torch.bfloat16).float(), msg=k)
+    ids = torch.tensor([[5, 9, 1]])
+    torch.testing.assert_close(got.float()(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state,
+                               atol=3e-2, rtol=3e-2)  # bf16 weights vs fp32
+    # only the shared embedding stored: tied back, nothing left on the meta device
+    tied = tmp_path / "tied"
+    shutil.copytree(umt5_dir, tied)
+    sd = load_file(str(tied / "model.safetensors"))
+    sd.pop("encoder.embed_tokens.weight", None)
+    save_file(sd, str(tied / "model.safetensors"))
+    m = load_model_staged(UMT5EncoderModel, tied, "cpu", torch.float32)
+    assert m is not None and torch.equal(m.encoder.embed_tokens.weight, m.shared.weight)
+    # keys of another model: not this loader's job
+    odd = tmp_path / "odd"
+    shutil.copytree(umt5_dir, odd)
+    save_file({**sd, "decoder.extra.weight": torch.zeros(2)}, str(odd / "model.safetensors"))
+    assert load_model_staged(UMT5EncoderModel, odd, "cpu", torch.float32) is None
+    (odd / "model.safetensors").unlink()  # no safetensors at all
+    assert load_model_staged(UMT5EncoderModel, odd, "cpu", torch.float32) is None
+
+
 @pytest.fixture(scope="module")
 def minilm():
     return MiniLMTextEncoder(cache_size=0)

@@ -117,3 +117,30 @@ def test_wan_vae_errors(tiny_vae_dir, tmp_path):
         vae.encode(torch.zeros(1, 3, 5, 12, 16))
     with pytest.raises(ValueError, match="latents"):
         vae.decode(torch.zeros(1, 16, 2, 2, 2))
+
+
+def test_wan_vae_staged_load_equals_from_pretrained(tiny_vae_dir, tmp_path):
+    """WanVAE's GPU loader (meta-device model filled by turbo_infer.fastload), run on the CPU with its
+    staged reads: the same weights and decode as from_pretrained; None (use from_pretrained) where it
+    cannot load exactly."""
+    import shutil
+
+    from diffusers import AutoencoderKLWan
+    from safetensors.torch import load_file, save_file
+
+    from turbo_infer.vae import load_vae_staged
+
+    ref = AutoencoderKLWan.from_pretrained(str(tiny_vae_dir / "vae")).eval()
+    got = load_vae_staged(AutoencoderKLWan, tiny_vae_dir / "vae", torch.device("cpu"), torch.float32)
+    assert got is not None and not got.training
+    ref_sd, got_sd = ref.state_dict(), got.state_dict()
+    assert set(ref_sd) == set(got_sd) and all(torch.equal(got_sd[k], v) for k, v in ref_sd.items())
+    z = torch.randn(1, 4, 2, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(got.decode(z).sample, ref.decode(z).sample)
+    odd = tmp_path / "vae"
+    shutil.copytree(tiny_vae_dir / "vae", odd)
+    sd = load_file(str(odd / "diffusion_pytorch_model.safetensors"))
+    sd.pop(next(iter(sd)))  # a weight missing: not loadable exactly
+    save_file(sd, str(odd / "diffusion_pytorch_model.safetensors"))
+    assert load_vae_staged(AutoencoderKLWan, odd, torch.device("cpu"), torch.float32) is None

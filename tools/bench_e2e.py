@@ -36,7 +36,8 @@ logged with a timestamp:
                 from the files written above (page cache warmed first; Triton / Inductor caches
                 warm from this process; --ttfv-background: the encoder and VAE in background
                 threads while the DiT loads), compiles if the headline did, runs the DiT once on
-                zeros, generates one video and writes the mp4; wall time around the subprocess,
+                zeros, generates one video and writes the mp4; the figure is the time from the
+                launch to the mp4 written and closed (ttfv_process_wall_s: until the process exited),
                 launched --ttfv-runs times one after another (the figure is the last launch, the
                 first is ttfv_first_launch_s).
   8. 14B 720p   (--with-14b) the 14B DiT built in memory with the export's choices (sagesla, fp8),
@@ -422,18 +423,23 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
         log(f"launch {i + 1}: {walls[-1]:.2f} s")
     wall = walls[-1]
     child = json.loads(result.read_text())  # the last launch's phases
-    fig["time_to_first_video_1.3b_s"] = wall
+    # the figure: launch -> the mp4 written and closed, as the child measures it against the launch time;
+    # the process's exit after that (freeing the GPU, interpreter teardown) delays no video: reported apart
+    fig["time_to_first_video_1.3b_s"] = child["phases"]["total_s"]
+    fig["ttfv_process_wall_s"] = wall
     fig["ttfv_first_launch_s"] = walls[0]
     for k, v in child["phases"].items():
         fig[f"ttfv_{k}"] = v
-    log(f"time to first video: {wall:.2f} s wall (in-process phases {child['phases']}); {child['writer']}; "
+    log(f"time to first video: {child['phases']['total_s']:.2f} s to the mp4 ({wall:.2f} s until the process exited; "
+        f"in-process phases {child['phases']}); {child['writer']}; "
         f"{video.stat().st_size / 2**20:.1f} MiB mp4")
     text = ("random weights built on the GPU by the child (--ttfv-random-text; NOT loaded from disk), tokenizer and "
             "config from disk" if args.ttfv_random_text else f"umT5 weights from {te_dir.name}/ on disk "
             f"({dir_bytes(te_dir) / 2**30:.1f} GiB)")
-    notes["time_to_first_video"] = (f"wall time of the last of {args.ttfv_runs} launches of subprocess `python "
-                                    f"tools/bench_e2e.py --ttfv-child` (launch walls {[round(w, 2) for w in walls]} s; "
-                                    f"ttfv_first_launch_s is the first; interpreter "
+    notes["time_to_first_video"] = (f"from the launch of the last of {args.ttfv_runs} subprocesses `python "
+                                    f"tools/bench_e2e.py --ttfv-child` until its mp4 is written and closed (the child's "
+                                    f"clock against the launch time; ttfv_process_wall_s: until the process exited; launch "
+                                    f"walls {[round(w, 2) for w in walls]} s, ttfv_first_launch_s is the first; interpreter "
                                     f"start and imports included): text encoder: {text}; VAE and the h100 bundle "
                                     f"from disk (bundle sha256 verified); page cache warmed by one read; Triton and "
                                     f"Inductor on-disk caches warm from the parent; "

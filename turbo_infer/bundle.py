@@ -39,7 +39,7 @@ from torch import nn
 
 from turbo_kernels.capability import Capabilities, kernel_support
 from turbo_infer.layers.attention import SPARSE_BACKENDS
-from turbo_infer.quant import PRECISIONS, W8A8Linear
+from turbo_infer.quant import PRECISIONS, W8A8Linear, fuse_gelu_ffns
 
 FORMAT = "turbo-bundle"
 FORMAT_VERSION = 1
@@ -376,8 +376,9 @@ def model_config(manifest: dict):
 
 
 def build_transformer(manifest: dict, device="meta") -> nn.Module:
-    """The bundle's WanModel with W8A8Linear swapped in per the manifest, tensors on `device`
-    (default meta: uninitialised, to be filled by `load_state_dict(..., assign=True)`)."""
+    """The bundle's WanModel with W8A8Linear swapped in per the manifest (and each feed-forward block
+    whose two linears are W8A8 run as one W8A8GeluFFN op), tensors on `device` (default meta:
+    uninitialised, to be filled by `load_state_dict(..., assign=True)`)."""
     from turbo_infer.models.wan import WanModel
 
     with torch.device(device):
@@ -393,6 +394,7 @@ def build_transformer(manifest: dict, device="meta") -> nn.Module:
                        act_scale=entry["act_scale"], device=device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
+    fuse_gelu_ffns(model)  # W8A8 feed-forward blocks as one op (same state-dict keys)
     return model
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_weight
-from turbo_infer.layers.compile_ops import quantize_activation, quantized_product, w8a8_linear
+from turbo_infer.layers.compile_ops import quantize_activation, quantized_product, w8a8_gelu_ffn, w8a8_linear
 
 PRECISIONS = ("int8", "fp8", "bf16")
 DEFAULT_EXCLUDE = ("proj_l", "patch_embedding", "head")
@@ -130,6 +130,46 @@ class W8A8Linear(nn.Module):
                 f"bias={self.bias is not None}, act={act}, smooth={self.smooth_inv is not None}")
 
 
+class W8A8GeluFFN(nn.Sequential):
+    """The DiT's feed-forward block Sequential(W8A8Linear, GELU(tanh), W8A8Linear) run as one op: GELU in
+    the up GEMM's epilogue and, when the down layer has a static activation scale and no smoothing, its
+    input quantized there too (`turbo::w8a8_gelu_ffn`). Same children, so the same state-dict keys as
+    the plain Sequential; where the two layers would not both take the kernels (or both the CPU
+    fallback) it runs them one after the other as the Sequential does."""
+
+    def __init__(self, up: W8A8Linear, act: nn.GELU, down: W8A8Linear):
+        if not (isinstance(up, W8A8Linear) and isinstance(down, W8A8Linear)):
+            raise TypeError("W8A8GeluFFN needs W8A8Linear up and down layers")
+        if not (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+            raise TypeError(f"W8A8GeluFFN fuses GELU(approximate='tanh') only, got {act!r}")
+        if up.out_features != down.in_features:
+            raise ValueError(f"up.out_features {up.out_features} != down.in_features {down.in_features}")
+        super().__init__(up, act, down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up, down = self[0], self[2]
+        up._check_input(x)
+        use = up._use_kernels(x)
+        if use != down._use_kernels(x):
+            return super().forward(x)
+        return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.act_scale, up.mode,
+                             down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode,
+                             use)
+
+
+def fuse_gelu_ffns(model: nn.Module) -> list[str]:
+    """Replace, in place, every Sequential(W8A8Linear, GELU(tanh), W8A8Linear) by a W8A8GeluFFN over the
+    same modules; returns their names."""
+    fused = []
+    for name, m in list(model.named_modules()):
+        if (type(m) is nn.Sequential and len(m) == 3 and isinstance(m[0], W8A8Linear)
+                and isinstance(m[1], nn.GELU) and m[1].approximate == "tanh" and isinstance(m[2], W8A8Linear)):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, W8A8GeluFFN(*m))
+            fused.append(name)
+    return fused
+
+
 def smoothquant_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5,
                         min_factor: float = 1e-5) -> torch.Tensor:
     """SmoothQuant per-input-channel factors s_j = amax|X_j|^α / amax|W_:,j|^(1−α).
@@ -197,5 +237,5 @@ def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str,
     return swapped
 
 
-__all__ = ["DEFAULT_EXCLUDE", "PRECISIONS", "QuantizedActivation", "W8A8Linear", "quantizable_linears",
-           "quantize_model", "smoothquant_factors"]
+__all__ = ["DEFAULT_EXCLUDE", "PRECISIONS", "QuantizedActivation", "W8A8GeluFFN", "W8A8Linear", "fuse_gelu_ffns",
+           "quantizable_linears", "quantize_model", "smoothquant_factors"]

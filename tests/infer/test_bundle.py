@@ -63,6 +63,26 @@ def test_cpu_bundle_loads_and_verifies(cpu_bundle):
     B.verify_files(cpu_bundle, manifest)  # no exception
 
 
+def test_h100_bundle_runs_its_w8a8_feed_forward_blocks_as_one_op(bundles):
+    """On a CPU with allow_reference: the fp8 bundle's feed-forward blocks load as W8A8GeluFFN (same keys)
+    and the model computes what it computes with them as plain Sequentials."""
+    from turbo_infer.quant import W8A8GeluFFN
+
+    model, manifest = B.load_transformer(bundles["h100"], "cpu", allow_reference=True, dtype=torch.float32)
+    ffns = [b.ffn for b in model.blocks]
+    if not all(manifest["linears"][f"blocks.{i}.ffn.{j}"]["precision"] != "bf16"
+               for i in range(len(ffns)) for j in (0, 2)):
+        pytest.skip("this export kept a feed-forward linear in bf16")
+    assert all(isinstance(f, W8A8GeluFFN) for f in ffns)
+    x, t, ctx = torch.randn(1, 48, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 384)
+    with torch.no_grad():
+        fused = model(x, t, ctx)
+        for b in model.blocks:
+            b.ffn = torch.nn.Sequential(*b.ffn)
+        plain = model(x, t, ctx)
+    assert (fused - plain).norm() / plain.norm() < 1e-4
+
+
 def test_tampered_file_is_refused_before_anything_is_loaded(cpu_bundle, monkeypatch):
     f = cpu_bundle / B.WEIGHTS
     data = bytearray(f.read_bytes())

@@ -175,3 +175,70 @@ def test_wan_model_quantized_and_lowbit_attention():
     assert out.shape == ref.shape
     # measured 0.6 % (int8 linears) + 0.1 % (sage): the per-layer int8 bound 2e-2 holds end to end
     assert rel(out, ref) <= 2e-2, "int8 linears + low-bit attention drifted from the float model"
+
+
+# ---------------------------------------------------------------------------------------------
+# W8A8GeluFFN: the feed-forward block as one op
+# ---------------------------------------------------------------------------------------------
+def _ffn(mode_up="fp8", mode_down="fp8", down_scale=None, down_smooth=None, dim=64, hidden=256):
+    up, down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+    return nn.Sequential(W8A8Linear.from_linear(up, mode_up), nn.GELU(approximate="tanh"),
+                         W8A8Linear.from_linear(down, mode_down, act_scale=down_scale, smooth=down_smooth))
+
+
+@pytest.mark.parametrize("mode_up,mode_down,static", [("fp8", "fp8", False), ("fp8", "fp8", True),
+                                                      ("int8", "int8", True), ("int8", "fp8", True)])
+def test_gelu_ffn_fused_equals_the_sequential(mode_up, mode_down, static):
+    """CPU fallback, fp32: the fused op (GELU on the up GEMM's fp32 result, and with a static down scale
+    the down input quantized from it) computes what Sequential(up, GELU, down) computes: the same
+    quantized values up to an occasional one-step flip at a rounding boundary (GELU in another order)."""
+    from turbo_infer.quant import W8A8GeluFFN, fuse_gelu_ffns
+
+    x = torch.randn(3, 17, 64)
+    seq = _ffn(mode_up, mode_down, down_scale=0.01 if static else None)
+    ref = seq(x)
+    model = nn.Module()
+    model.ffn = seq
+    keys = set(model.state_dict())
+    assert fuse_gelu_ffns(model) == ["ffn"] and isinstance(model.ffn, W8A8GeluFFN)
+    assert set(model.state_dict()) == keys  # bundles load into it unchanged
+    got = model.ffn(x)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    err = (got - ref).norm() / ref.norm()
+    # measured 0 to 6e-8 (seeded inputs); a one-step flip of a quantized value would be ~1e-3, no GELU ~1
+    assert err < 1e-4, f"fused vs sequential rel err {err:.2e}"
+
+
+def test_gelu_ffn_with_smoothing_on_down_and_what_is_not_fused():
+    from turbo_infer.quant import W8A8GeluFFN, fuse_gelu_ffns
+
+    x = torch.randn(2, 9, 64)
+    seq = _ffn(down_scale=0.01, down_smooth=torch.rand(256) + 0.5)  # smoothing: down quantizes h itself
+    ref = seq(x)
+    fused = W8A8GeluFFN(*seq)
+    assert (fused(x) - ref).norm() / ref.norm() < 1e-4
+    # exact GELU, a float layer, or another layout: left as they are
+    m = nn.Module()
+    m.a = nn.Sequential(seq[0], nn.GELU(), seq[2])
+    m.b = nn.Sequential(nn.Linear(64, 256), nn.GELU(approximate="tanh"), seq[2])
+    m.c = nn.Sequential(seq[0], nn.GELU(approximate="tanh"))
+    assert fuse_gelu_ffns(m) == []
+    with pytest.raises(TypeError, match="tanh"):
+        W8A8GeluFFN(seq[0], nn.GELU(), seq[2])
+    with pytest.raises(ValueError, match="in_features"):
+        W8A8GeluFFN(seq[0], seq[1], W8A8Linear.from_linear(nn.Linear(128, 64), "fp8"))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_gelu_ffn_kernels_match_the_cpu_fallback(static):
+    """The op's kernel path (quantize, GEMM with the GELU / quantizing epilogue, GEMM) on the Triton
+    interpreter against its CPU fallback, fp32 out: fp8 products are exact there, sums in another order."""
+    from turbo_infer.layers.compile_ops import w8a8_gelu_ffn
+
+    seq = _ffn(down_scale=0.01 if static else None)
+    up, down = seq[0], seq[2]
+    x = torch.randn(40, 64)
+    args = (x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.act_scale, up.mode, down.weight_q,
+            down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode)
+    got, ref = w8a8_gelu_ffn(*args, True), w8a8_gelu_ffn(*args, False)
+    assert (got - ref).norm() / ref.norm() < 1e-5  # measured ~1e-8: fp32 summation order only

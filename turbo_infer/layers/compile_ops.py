@@ -113,6 +113,32 @@ def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
+@torch.library.custom_op("turbo::w8a8_gelu_ffn", mutates_args=())
+def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], up_smooth_inv: Optional[Tensor],
+                  up_act_scale: Optional[float], up_mode: str, down_wq: Tensor, down_ws: Tensor,
+                  down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor], down_act_scale: Optional[float],
+                  down_mode: str, use_kernels: bool) -> Tensor:
+    """down(gelu_tanh(up(x))) for two W8A8 layers (W8A8GeluFFN's math): GELU runs in the up GEMM's
+    epilogue on its fp32 result; with a static activation scale on `down` (and no smoothing there) the
+    epilogue also writes down's quantized input, so the (M, 4·dim) hidden state never exists in bf16."""
+    q, s = quantize_activation(x, up_mode, up_act_scale, up_smooth_inv, use_kernels)
+    mm = w8a8_matmul if use_kernels else w8a8_matmul_reference
+    if down_act_scale is not None and down_smooth_inv is None:
+        hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=x.dtype, activation="gelu_tanh", out_quant=down_mode,
+                    out_scale=down_act_scale)
+    else:
+        h = mm(q, s, up_wq, up_ws, up_b, out_dtype=x.dtype, activation="gelu_tanh")
+        hq, hs = quantize_activation(h, down_mode, down_act_scale, down_smooth_inv, use_kernels)
+    y = quantized_product(hq, hs, down_wq, down_ws, down_b, x.dtype, use_kernels)
+    return y.reshape(*x.shape[:-1], down_wq.shape[0]).contiguous()
+
+
+@w8a8_gelu_ffn.register_fake
+def _(x, up_wq, up_ws, up_b, up_smooth_inv, up_act_scale, up_mode, down_wq, down_ws, down_b, down_smooth_inv,
+      down_act_scale, down_mode, use_kernels):
+    return x.new_empty((*x.shape[:-1], down_wq.shape[0]))
+
+
 @torch.library.custom_op("turbo::norm_rope", mutates_args=())
 def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, num_heads: int, eps: float) -> Tensor:
     """Fused q/k RMSNorm + RoPE: x (B, L, C) -> (B, L, H, D) in x's dtype (turbo_kernels qk_norm_rope)."""

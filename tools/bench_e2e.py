@@ -135,22 +135,11 @@ def restore_attention(model, old: list) -> None:
         block.self_attn.attn = prev
 
 
-def compile_blocks(model, backend: str = "inductor") -> list:
-    """Regional compilation: each DiT block through torch.compile (identical blocks share one
-    compiled graph, so compile time is about one block's); returns the eager blocks. The --tiny
-    run uses dynamo's "eager" backend (tracing and graph breaks without Inductor's C++ build)."""
-    import torch._dynamo
-
-    torch._dynamo.config.inline_inbuilt_nn_modules = True  # the default since 2.5; one graph for all blocks
-    eager = list(model.blocks)
-    for i, block in enumerate(eager):
-        model.blocks[i] = torch.compile(block, backend=backend)
-    return eager
-
-
-def restore_blocks(model, eager: list) -> None:
-    for i, block in enumerate(eager):
-        model.blocks[i] = block
+def compile_blocks(model, backend: str = "inductor", mode: str | None = None) -> None:
+    """Regional compilation of the DiT (WanModel.compile_blocks, what TurboPipeline.compile and
+    turbo-infer --compile do); the --tiny run uses dynamo's "eager" backend (tracing and graph breaks
+    without Inductor's C++ build)."""
+    model.compile_blocks(backend, mode)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -333,7 +322,7 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
         x = noise.to(pipe.dtype)
         ts = torch.full((1,), 900.0, device=device)
         ref = model(x, ts, context)
-        eager_blocks = compile_blocks(model, args.compile_backend)
+        compile_blocks(model, args.compile_backend, args.compile_mode)
         try:
             t = time.perf_counter()
             dit()
@@ -350,7 +339,7 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
             notes["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
             compiled = None
         if compiled is None or compiled >= eager:
-            restore_blocks(model, eager_blocks)
+            model.uncompile_blocks()
     use_compiled = compiled is not None and compiled < eager
     turbo = compiled if use_compiled else eager
     fig[f"e2e_{TAG}_turbo_s"] = turbo
@@ -405,6 +394,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd = [sys.executable, str(Path(__file__).resolve()), "--ttfv-child", str(bundle), "--video", str(video),
            "--result", str(result), "--launched", repr(time.time())]
     cmd += ["--compile", "--compile-backend", args.compile_backend] if compiled else []
+    cmd += ["--compile-mode", args.compile_mode] if compiled and args.compile_mode else []
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
     cmd += ["--ttfv-background"] if args.ttfv_background else []
@@ -490,7 +480,7 @@ def ttfv_child(args) -> int:
     phases["load_dit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.compile:
-        compile_blocks(pipe.transformer, args.compile_backend)
+        compile_blocks(pipe.transformer, args.compile_backend, args.compile_mode)
     cfg = pipe.transformer.config
     with torch.no_grad():  # one DiT forward on zeros: compiles (or loads the compiled artifacts) and JITs
         # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)
@@ -745,6 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fresh process builds umT5 with random weights instead of loading 11 GB from disk")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor; --tiny: eager, i.e. dynamo only)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (default: none)")
     p.add_argument("--ttfv-runs", type=int, default=2,
                    help="fresh processes launched one after another (default 2): the figure is the last, a launch "
                         "that finds the Triton/Inductor on-disk caches as an earlier launch left them; "

@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="DiT dtype (default: bfloat16 on GPU, float32 on CPU; a bundle's own dtype)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT block by block before generating: ~7 s once, then 0.87 vs 1.23 s per "
+                        "4-step Wan-1.3B DiT pass on an H200; pays off over many prompts or with Inductor's cache warm")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N",
                    help="split every video's tokens over N GPUs (Ulysses sequence parallel): turbo-infer starts N "
                         "worker processes itself, rank 0 writes the videos; N must divide the DiT's heads "
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = {"kind": "bundle" if manifest is not None else ("toy" if toy else "wan"), "bundle": args.bundle,
                 "allow_reference": args.allow_reference, "checkpoint": checkpoint, "config": args.config,
                 "text_encoder": text_encoder, "vae": vae, "dtype": dtype_name, "vae_dtype": args.vae_dtype,
-                "progress": not args.no_progress}
+                "compile": args.compile, "progress": not args.no_progress}
         generate_videos(spec, prompts, outs, dict(steps=args.steps, guidance=args.guidance, seed=args.seed,
                                                   num_frames=frames, height=height, width=width, sampler=args.sampler,
                                                   shift=args.shift, progress=not args.no_progress),
@@ -243,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                                      vae_dtype=getattr(torch, args.vae_dtype))
     except (FileNotFoundError, ValueError, OSError) as e:
         parser.error(f"could not load the models: {e}")
+    if args.compile:
+        pipe.compile()
     video = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames,
                           height=height, width=width, sampler=args.sampler, shift=args.shift,
                           progress=not args.no_progress)  # (B, F, H, W, 3) uint8

@@ -28,9 +28,9 @@ def build_pipeline(spec: dict, device):
 
     spec keys: kind ("bundle" | "toy" | "wan"); bundle (dir) and allow_reference for bundles;
     checkpoint, config, text_encoder, vae (paths or None); dtype (torch dtype name or None = the
-    default / the bundle's); vae_dtype (torch dtype name of a Wan VAE, default float32); progress (bool: bar
-    over the bundle hashing); model_overrides (WanConfig
-    fields for toy/wan, e.g. {"num_heads": 4}; {} = none)."""
+    default / the bundle's); vae_dtype (torch dtype name of a Wan VAE, default float32); compile (bool:
+    the worker calls TurboPipeline.compile before generating; not used here); progress (bool: bar over
+    the bundle hashing); model_overrides (WanConfig fields for toy/wan, e.g. {"num_heads": 4}; {} = none)."""
     from turbo_infer.pipeline import TurboPipeline
 
     dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else None
@@ -121,6 +121,8 @@ def _run(rank: int, world: int, port: int | None, spec: dict, prompts: list[str]
             from turbo_infer.sequence_parallel import enable_sequence_parallel
 
             enable_sequence_parallel(pipe.transformer)  # over the whole group
+        if spec.get("compile"):
+            pipe.compile()
         kwargs = dict(gen_kwargs)
         kwargs["progress"] = kwargs.get("progress", True) and rank == 0
         latents = pipe.generate_latents(prompts, **kwargs)  # (B, C, F', H', W'), the same on every rank

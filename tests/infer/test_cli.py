@@ -120,3 +120,14 @@ def test_generates_one_file_per_prompt(capsys, toy_ckpt, tmp_path):
     assert main(["--checkpoint", str(toy_ckpt), "--prompt", "a star", "--steps", "1", "--frames", "2",
                  "--height", "16", "--width", "16", "--out", str(gif), "--no-progress"]) == 0
     assert read_video(gif).shape == (2, 16, 16, 3)
+
+
+def test_compile_flag_compiles_before_generating(toy_ckpt, tmp_path, monkeypatch):
+    from turbo_infer.pipeline import TurboPipeline
+
+    calls = []
+    monkeypatch.setattr(TurboPipeline, "compile", lambda self, *a, **k: calls.append(self) or self)
+    out = tmp_path / "v.gif"
+    assert main(["--checkpoint", str(toy_ckpt), "--prompt", "a", "--frames", "2", "--height", "32", "--width", "32",
+                 "--steps", "1", "--out", str(out), "--no-progress", "--compile"]) == 0
+    assert len(calls) == 1 and out.is_file()

@@ -62,6 +62,20 @@ def test_batched_equals_single(pipe, sampler):
         torch.testing.assert_close(one[0], both[i], atol=1e-5, rtol=1e-5)
 
 
+def test_compile_keeps_results_and_parameter_names():
+    """TurboPipeline.compile (WanModel.compile_blocks, in place): same video, same state-dict keys; dynamo's
+    "eager" backend here (tracing and graph breaks without Inductor's C++ build), inductor on a GPU."""
+    p = TurboPipeline(random_toy_model(), HashTextEncoder(), ToyCodec(), default_shift=3.0)
+    keys = list(p.transformer.state_dict())
+    ref = p.generate(["a red circle"], guidance=4.0, seed=3, **SMALL)
+    assert p.compile(backend="eager") is p
+    assert all(b._compiled_call_impl is not None for b in p.transformer.blocks)
+    assert list(p.transformer.state_dict()) == keys
+    assert torch.equal(p.generate(["a red circle"], guidance=4.0, seed=3, **SMALL), ref)
+    p.transformer.uncompile_blocks()
+    assert all(b._compiled_call_impl is None for b in p.transformer.blocks)
+
+
 def test_guidance_one_skips_the_unconditional_branch(pipe):
     calls = []
     handle = pipe.transformer.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))

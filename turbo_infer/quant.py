@@ -27,7 +27,8 @@ from torch import nn
 
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_weight
-from turbo_infer.layers.compile_ops import quantize_activation, quantized_product, w8a8_gelu_ffn, w8a8_linear
+from turbo_infer.layers.compile_ops import (norm_quant, quantize_activation, w8a8_gelu_ffn, w8a8_gelu_ffn_q, w8a8_linear,
+                                             w8a8_product)
 
 PRECISIONS = ("int8", "fp8", "bf16")
 DEFAULT_EXCLUDE = ("proj_l", "patch_embedding", "head")
@@ -120,8 +121,8 @@ class W8A8Linear(nn.Module):
                                self.mode, self._use_kernels(x))
         if x.data.dtype != self.weight_q.dtype:
             raise TypeError(f"activation dtype {x.data.dtype} does not match this layer's mode {self.mode!r}")
-        y = quantized_product(x.data, x.scale, self.weight_q, self.weight_scale, self.bias, x.dtype,
-                              self._use_kernels(x.data))
+        y = w8a8_product(x.data, x.scale, self.weight_q, self.weight_scale, self.bias, x.dtype,
+                         self._use_kernels(x.data))
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -146,8 +147,16 @@ class W8A8GeluFFN(nn.Sequential):
             raise ValueError(f"up.out_features {up.out_features} != down.in_features {down.in_features}")
         super().__init__(up, act, down)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
+        """x: (..., dim) float, or the up layer's input already quantized (`norm_quantized_input`)."""
         up, down = self[0], self[2]
+        if isinstance(x, QuantizedActivation):
+            if x.data.dtype != up.weight_q.dtype:
+                raise TypeError(f"activation dtype {x.data.dtype} does not match the up layer's mode {up.mode!r}")
+            y = w8a8_gelu_ffn_q(x.data, x.scale, up.weight_q, up.weight_scale, up.bias, down.weight_q,
+                                down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode, x.dtype,
+                                up._use_kernels(x.data))
+            return y.view(*x.shape[:-1], down.out_features)
         up._check_input(x)
         use = up._use_kernels(x)
         if use != down._use_kernels(x):
@@ -155,6 +164,27 @@ class W8A8GeluFFN(nn.Sequential):
         return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.act_scale, up.mode,
                              down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode,
                              use)
+
+
+def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor,
+                         consumers: list) -> "QuantizedActivation | None":
+    """LayerNorm(x)·(1 + scale) + shift, quantized in one pass for W8A8 consumers that would each quantize
+    it the same way (q, k and v of a self-attention; a W8A8GeluFFN): all W8A8 with one mode and one
+    activation scale (or all dynamic), no smoothing, and all on the kernels or all on the CPU fallback.
+    x (B, L, C); shift, scale (B, C) fp32. None where that does not hold (the caller normalizes as usual)."""
+    layers = [c[0] if isinstance(c, W8A8GeluFFN) else c for c in consumers]
+    if not layers or not all(isinstance(m, W8A8Linear) and m.smooth_inv is None for m in layers):
+        return None
+    first = layers[0]
+    if any((m.mode, m.act_scale, m.in_features) != (first.mode, first.act_scale, first.in_features) for m in layers):
+        return None
+    use = first._use_kernels(x)
+    if any(m._use_kernels(x) != use for m in layers) or x.shape[-1] != first.in_features:
+        return None
+    if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (x.shape[-1],):
+        return None
+    q, s = norm_quant(x, norm.weight, norm.bias, norm.eps, shift, scale, first.mode, first.act_scale, use)
+    return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
 
 
 def fuse_gelu_ffns(model: nn.Module) -> list[str]:
@@ -238,4 +268,4 @@ def quantize_model(model: nn.Module, plan: dict[str, str], act_scales: dict[str,
 
 
 __all__ = ["DEFAULT_EXCLUDE", "PRECISIONS", "QuantizedActivation", "W8A8GeluFFN", "W8A8Linear", "fuse_gelu_ffns",
-           "quantizable_linears", "quantize_model", "smoothquant_factors"]
+           "norm_quantized_input", "quantizable_linears", "quantize_model", "smoothquant_factors"]

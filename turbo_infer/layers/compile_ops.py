@@ -22,7 +22,8 @@ from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse
 from turbo_kernels.attention.qk_norm_rope import qk_norm_rope
 from turbo_kernels.attention.sla import DEFAULT_CONFIG, add_linear_branch, sla_attention
 from turbo_kernels.capability import kernel_support
-from turbo_kernels.gemm.quantize import quantize_rows, quantize_rows_reference
+from turbo_kernels.gemm.norm_quant import norm_modulate_quant, norm_modulate_quant_reference
+from turbo_kernels.gemm.quantize import QDTYPE, quantize_rows, quantize_rows_reference
 from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
 
 
@@ -113,6 +114,19 @@ def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels)
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
 
 
+def _gelu_ffn_tail(q: Tensor, s: Tensor, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv,
+                   down_act_scale, down_mode: str, out_dtype: torch.dtype, use_kernels: bool) -> Tensor:
+    """(M, N) = down(gelu_tanh(up(q·s))) from the up layer's quantized input (see w8a8_gelu_ffn)."""
+    mm = w8a8_matmul if use_kernels else w8a8_matmul_reference
+    if down_act_scale is not None and down_smooth_inv is None:
+        hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh", out_quant=down_mode,
+                    out_scale=down_act_scale)
+    else:
+        h = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh")
+        hq, hs = quantize_activation(h, down_mode, down_act_scale, down_smooth_inv, use_kernels)
+    return quantized_product(hq, hs, down_wq, down_ws, down_b, out_dtype, use_kernels)
+
+
 @torch.library.custom_op("turbo::w8a8_gelu_ffn", mutates_args=())
 def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], up_smooth_inv: Optional[Tensor],
                   up_act_scale: Optional[float], up_mode: str, down_wq: Tensor, down_ws: Tensor,
@@ -122,14 +136,8 @@ def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor
     epilogue on its fp32 result; with a static activation scale on `down` (and no smoothing there) the
     epilogue also writes down's quantized input, so the (M, 4·dim) hidden state never exists in bf16."""
     q, s = quantize_activation(x, up_mode, up_act_scale, up_smooth_inv, use_kernels)
-    mm = w8a8_matmul if use_kernels else w8a8_matmul_reference
-    if down_act_scale is not None and down_smooth_inv is None:
-        hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=x.dtype, activation="gelu_tanh", out_quant=down_mode,
-                    out_scale=down_act_scale)
-    else:
-        h = mm(q, s, up_wq, up_ws, up_b, out_dtype=x.dtype, activation="gelu_tanh")
-        hq, hs = quantize_activation(h, down_mode, down_act_scale, down_smooth_inv, use_kernels)
-    y = quantized_product(hq, hs, down_wq, down_ws, down_b, x.dtype, use_kernels)
+    y = _gelu_ffn_tail(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale,
+                       down_mode, x.dtype, use_kernels)
     return y.reshape(*x.shape[:-1], down_wq.shape[0]).contiguous()
 
 
@@ -137,6 +145,51 @@ def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor
 def _(x, up_wq, up_ws, up_b, up_smooth_inv, up_act_scale, up_mode, down_wq, down_ws, down_b, down_smooth_inv,
       down_act_scale, down_mode, use_kernels):
     return x.new_empty((*x.shape[:-1], down_wq.shape[0]))
+
+
+@torch.library.custom_op("turbo::w8a8_gelu_ffn_q", mutates_args=())
+def w8a8_gelu_ffn_q(q: Tensor, s: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], down_wq: Tensor,
+                    down_ws: Tensor, down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor],
+                    down_act_scale: Optional[float], down_mode: str, out_dtype: torch.dtype,
+                    use_kernels: bool) -> Tensor:
+    """w8a8_gelu_ffn from an already quantized input q (M, K), s (M,) -> (M, N) in out_dtype."""
+    return _gelu_ffn_tail(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale,
+                          down_mode, out_dtype, use_kernels).contiguous()
+
+
+@w8a8_gelu_ffn_q.register_fake
+def _(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale, down_mode, out_dtype,
+      use_kernels):
+    return q.new_empty((q.shape[0], down_wq.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("turbo::w8a8_product", mutates_args=())
+def w8a8_product(q: Tensor, s: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                 out_dtype: torch.dtype, use_kernels: bool) -> Tensor:
+    """(M, N) = dequantized q W_q^T + bias for an already quantized input (W8A8Linear on a QuantizedActivation)."""
+    return quantized_product(q, s, weight_q, weight_scale, bias, out_dtype, use_kernels).contiguous()
+
+
+@w8a8_product.register_fake
+def _(q, s, weight_q, weight_scale, bias, out_dtype, use_kernels):
+    return q.new_empty((q.shape[0], weight_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("turbo::norm_quant", mutates_args=())
+def norm_quant(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, shift: Optional[Tensor],
+               scale: Optional[Tensor], mode: str, act_scale: Optional[float],
+               use_kernels: bool) -> tuple[Tensor, Tensor]:
+    """LayerNorm (fp32) -> x·(1 + scale) + shift -> per-token (or static) quantization, in one pass:
+    x (B, L, C), shift/scale (B, C) -> (q (B·L, C) int8/fp8, s (B·L,) fp32) (turbo_kernels norm_quant)."""
+    fn = norm_modulate_quant if use_kernels else norm_modulate_quant_reference
+    q, s = fn(x, shift, scale, norm="layer", weight=weight, bias=bias, eps=eps, quant=mode, act_scale=act_scale)
+    return q, s
+
+
+@norm_quant.register_fake
+def _(x, weight, bias, eps, shift, scale, mode, act_scale, use_kernels):
+    M = x.numel() // x.shape[-1]
+    return x.new_empty((M, x.shape[-1]), dtype=QDTYPE[mode]), x.new_empty((M,), dtype=torch.float32)
 
 
 @torch.library.custom_op("turbo::norm_rope", mutates_args=())

@@ -303,13 +303,26 @@ class WanBlock(nn.Module):
     def forward(self, x, e, context, rope):
         # x: (B, L, dim); e: (B, 6, dim) fp32; context: (B, Lc, dim)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # each (B, dim)
-        h = (layer_norm_fp32(x, self.norm1) * (1 + scale1[:, None]) + shift1[:, None]).to(x.dtype)
+        h = self._modulated_norm(x, self.norm1, shift1, scale1, (self.self_attn.q, self.self_attn.k, self.self_attn.v))
         x = (x.float() + self.self_attn(h, rope).float() * gate1[:, None]).to(x.dtype)
         h = layer_norm_fp32(x, self.norm3).to(x.dtype) if self.norm3 is not None else x
         x = x + self.cross_attn(h, context)
-        h = (layer_norm_fp32(x, self.norm2) * (1 + scale2[:, None]) + shift2[:, None]).to(x.dtype)
+        h = self._modulated_norm(x, self.norm2, shift2, scale2, (self.ffn,))
         x = (x.float() + self.ffn(h).float() * gate2[:, None]).to(x.dtype)
         return x
+
+    @staticmethod
+    def _modulated_norm(x, norm, shift, scale, consumers):
+        """LayerNorm(x)·(1 + scale) + shift for the consumers (linears / the FFN): already quantized, in one
+        fused pass, when they are all W8A8 layers that would quantize it alike (bundles; inference only),
+        else in x's dtype."""
+        if not torch.is_grad_enabled() and any(type(c).__name__ in ("W8A8Linear", "W8A8GeluFFN") for c in consumers):
+            from turbo_infer.quant import norm_quantized_input
+
+            q = norm_quantized_input(x, norm, shift, scale, list(consumers))
+            if q is not None:
+                return q
+        return (layer_norm_fp32(x, norm) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
 
 
 class WanHead(nn.Module):

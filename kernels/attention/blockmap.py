@@ -10,7 +10,7 @@ Sparse-Linear Attention", Sec. 4.1) and DESIGN.md "Sparse-linear attention". Per
     critical(i) = top-n key blocks of P[i],  n = max(1, int(topk * Nk))
 
 The top-n of a softmax row equals the top-n of its logits (softmax is monotone), so selection is
-done on the logits: same set, one pass less, and no ties introduced by rounding the softmax.
+done on the unscaled logits q k^T: same set, two passes less, and no ties introduced by rounding.
 
 `BlockMap.lut` (B, H, Nq, n) int32 holds each query block's critical key blocks in ascending
 order (the sparse forward and dQ kernels walk it). `BlockMap.inverse()` builds, on first use, the
@@ -23,7 +23,6 @@ kernel (one read of Q and K; the torch path needs a padded copy for ragged tails
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -157,7 +156,9 @@ def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block
     D = pq.shape[-1]
     Nq, Nk = pq.shape[2], pk.shape[2]
     n = num_selected(topk, Nk)
-    logits = torch.matmul(pq, pk.transpose(-1, -2)) * (1.0 / math.sqrt(D))  # (B, H, Nq, Nk)
+    # q k^T without the 1/sqrt(d): a positive scale keeps every row's order (rounding can only merge
+    # near-ties, never swap two logits), so the top-n set is that of softmax(q k^T / sqrt(d)); one launch less
+    logits = torch.matmul(pq, pk.transpose(-1, -2))  # (B, H, Nq, Nk)
     if n == Nk:
         idx = torch.arange(Nk, device=pq.device).expand(*logits.shape[:3], Nk)
     elif select == "triton":
@@ -287,7 +288,10 @@ def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 
     pq = pool_blocks(q, block_q)  # (B, H, Nq, D) fp32
     pk = pool_blocks(k, block_k)  # (B, H, Nk, D) fp32
     Lk, Nk = k.shape[2], pk.shape[2]
-    counts = torch.full((Nk, 1), float(block_k), device=k.device)
-    counts[-1] = Lk - (Nk - 1) * block_k
-    k_mean = (pk * counts).sum(dim=2, keepdim=True) / Lk  # (B, H, 1, D)
+    if Lk % block_k == 0:  # equal blocks: the plain mean of the block means (one launch)
+        k_mean = pk.mean(dim=2, keepdim=True)  # (B, H, 1, D)
+    else:  # the ragged last block weighs by its token count
+        counts = torch.full((Nk, 1), float(block_k), device=k.device)
+        counts[-1] = Lk - (Nk - 1) * block_k
+        k_mean = (pk * counts).sum(dim=2, keepdim=True) / Lk
     return _select(pq, pk - k_mean, topk, block_q, block_k, q.shape[2], Lk, select)

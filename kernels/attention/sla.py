@@ -802,8 +802,11 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
 
 
 def _marginal(bm: BlockMap, dtype) -> torch.Tensor:
-    """(B*H, Nq, Nk) 0/1 matrix of the marginal (non-critical) blocks, a GEMM operand."""
-    return (~bm.dense()).view(-1, bm.num_q_blocks, bm.num_k_blocks).to(dtype)
+    """(B*H, Nq, Nk) 0/1 matrix of the marginal (non-critical) blocks, a GEMM operand: ones with the
+    critical blocks scattered to 0 (three launches; the complement of bm.dense() took five)."""
+    B, H, Nq, n = bm.lut.shape
+    ones = torch.ones(B * H, Nq, bm.num_k_blocks, dtype=dtype, device=bm.lut.device)
+    return ones.scatter_(-1, bm.lut.view(B * H, Nq, n).long(), 0)
 
 
 def _query_features(q: torch.Tensor, feature_map: str) -> torch.Tensor:

@@ -292,16 +292,17 @@ if triton is not None:
 
     @triton.jit
     def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr,
-                      FOLDED: tl.constexpr):
+                      FOLDED: tl.constexpr, PHI_DONE: tl.constexpr):
         # proj_l(O_l) without bias for one query tile, fp32: with this query block's marginal sums
-        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED (inference): q is phi(q)
-        # already (computed once for all queries: phi's exp, row max and row sum were about half of this
-        # epilogue's instructions, tools/kernel_resources.py) and HM holds Hm W^T (the row scaling by
-        # 1/den commutes with the right product): one D x D product and one row sum, no W^T.
+        # Hm (D x D) and Zm (D), (phi(q) Hm / (eps + phi(q).Zm)) W^T. FOLDED (inference): HM holds Hm W^T
+        # (the row scaling by 1/den commutes with the right product): one D x D product and one row sum,
+        # no W^T. PHI_DONE: q is phi(q) already (the fused sparse kernel's inference epilogue: phi's exp,
+        # row max and row sum were about half of its instructions, tools/kernel_resources.py); the
+        # separate epilogue kernel computes phi itself (no extra pass over Q).
         mask_dd = mask_d[:, None] & mask_d[None, :]
         hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :], mask=mask_dd, other=0.0)
         zm = tl.load(ZM + qblock * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        if FOLDED:
+        if PHI_DONE:
             fq = q.to(tl.float32)
         else:
             fq = _phi(q.to(tl.float32), mask_d, FEATURE)
@@ -356,8 +357,8 @@ if triton is not None:
     def _sla_lin_fwd_kernel(Q, OS, O, HM, ZM, WT, BIAS, sqb, sqh, sql, sob, soh, sol, H, Lq, D, num_qb, lin_eps,
                             MAP_BQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                             HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, FOLDED: tl.constexpr):
-        # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel.
-        # OS may be O itself (inference: each program reads its tile before writing it). FOLDED: Q is phi(q).
+        # Unfused variant: O = O_s + proj_l(O_l) for one query tile, after the sparse kernel; phi(q) here.
+        # OS may be O itself (inference: each program reads its tile before writing it). FOLDED: HM is Hm W^T.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -370,7 +371,7 @@ if triton is not None:
         o_ptrs = b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :]
         acc = tl.load(OS + o_ptrs, mask=mask, other=0.0).to(tl.float32)
         qblock = pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ
-        acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
+        acc += _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED, False)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + o_ptrs, acc.to(O.dtype.element_ty), mask=mask)
@@ -516,7 +517,7 @@ if triton is not None:
                             mask=mask_m[:, None] & mask_d[None, :], other=0.0)
             else:
                 x = q
-            acc += _lin_fwd_tile(x, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED)
+            acc += _lin_fwd_tile(x, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE, FOLDED, FOLDED)
         if HAS_BIAS:
             acc += tl.load(BIAS + offs_d, mask=mask_d, other=0.0)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :], acc.to(O.dtype.element_ty),
@@ -793,10 +794,9 @@ def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKer
     of `_linear_state`. O_s is read with O's strides and may be O itself (each tile is read, then written)."""
     B, H, Lq, D = q.shape
     hm, zm, wt = linear
-    x = _query_features(q, feature_map) if wt is None else q  # the kernel reads only the query tile's phi
     _sla_lin_fwd_kernel[(triton.cdiv(Lq, cfg.fwd_block_m), B * H)](
-        x, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o,
-        *_strides(x), *_strides(o), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
+        q, o_s, o, hm, zm, hm if wt is None else wt, bias if bias is not None else o,
+        *_strides(q), *_strides(o), H, Lq, D, bm.num_q_blocks, LINEAR_EPS / Lk,
         MAP_BQ=bm.block_q, BLOCK_M=cfg.fwd_block_m, BLOCK_D=_block_d(D), HAS_BIAS=bias is not None,
         FEATURE=FEATURE_MAPS.index(feature_map), FOLDED=wt is None, num_warps=cfg.lin_warps)
 

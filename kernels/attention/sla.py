@@ -266,11 +266,14 @@ if triton is not None:
         return dx
 
     @triton.jit
-    def _sla_lin_state_kernel(K, V, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
-                              MAP_BK: tl.constexpr, BLOCK_D: tl.constexpr, FEATURE: tl.constexpr):
+    def _sla_lin_state_kernel(K, V, WT, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
+                              MAP_BK: tl.constexpr, BLOCK_D: tl.constexpr, FEATURE: tl.constexpr,
+                              FOLD_W: tl.constexpr):
         # Per key block j of one (batch, head): h_j = phi(K_j)^T V_j / Lk  (D x D, fp32 accumulate)
         # and z_j = phi(K_j)^T 1 / Lk (D). Rows past Lk are zeroed after phi. Stored in the GEMM
-        # operand dtype (that of V): HS (BH, Nk, D, D), ZS (BH, Nk, D).
+        # operand dtype (that of V): HS (BH, Nk, D, D), ZS (BH, Nk, D). FOLD_W (inference): h_j W^T =
+        # phi(K_j)^T (V_j W^T), proj_l folded in here on the V tile (WT: W^T, D x D, V's dtype) instead
+        # of a GEMM pass over the (Nq, D, D) marginal sums afterwards.
         pid_j = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)
@@ -283,6 +286,10 @@ if triton is not None:
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
         fk = _phi(k.to(tl.float32), mask_d, FEATURE) * inv_lk
         fk = tl.where(offs_n[:, None] < Lk, fk, 0.0)
+        if FOLD_W:
+            wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_d[:, None] & mask_d[None, :],
+                         other=0.0)
+            v = tl.dot(v, wt).to(wt.dtype)  # (MAP_BK, BLOCK_D): V_j W^T
         hj = tl.dot(tl.trans(fk.to(v.dtype)), v)  # (BLOCK_D, BLOCK_D)
         zj = tl.sum(fk, axis=0)
         base = pid_bh.to(tl.int64) * num_kb + pid_j
@@ -824,23 +831,22 @@ def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Te
     h_j, z_j per key block (Triton, one read of K and V), then Hm = (1 - M) @ h and
     Zm = (1 - M) @ z as batched tensor-core GEMMs. Returns (Hm (B*H, Nq, D, D), Zm (B*H, Nq, D),
     W^T (D, D)), all in q's dtype. fold=True (inference: the backward needs Hm itself) returns
-    (Hm W^T, Zm, None): proj_l folded into the state by one more GEMM (fp32 accumulation), so the
-    epilogue of every query tile does one D x D product instead of two (FOLDED in `_lin_fwd_tile`).
+    (Hm W^T, Zm, None): proj_l folded into the state kernel (h_j from V_j W^T), so the epilogue of every
+    query tile does one D x D product instead of two (FOLDED in `_lin_fwd_tile`).
     """
     B, H, Lq, D = q.shape
     Lk, Nq, Nk = k.shape[2], bm.num_q_blocks, bm.num_k_blocks
     hs = torch.empty(B * H, Nk, D, D, device=q.device, dtype=q.dtype)
     zs = torch.empty(B * H, Nk, D, device=q.device, dtype=q.dtype)
-    _sla_lin_state_kernel[(Nk, B * H)](k, v, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
-                                       MAP_BK=bm.block_k, BLOCK_D=_block_d(D),
-                                       FEATURE=FEATURE_MAPS.index(feature_map), num_warps=cfg.state_warps)
-    marginal = _marginal(bm, q.dtype)  # (BH, Nq, Nk)
-    hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)
-    zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
     wt = proj_weight.t().to(q.dtype).contiguous()
-    if fold:
-        return torch.matmul(hm, wt), zm, None
-    return hm, zm, wt
+    _sla_lin_state_kernel[(Nk, B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
+                                       MAP_BK=bm.block_k, BLOCK_D=_block_d(D),
+                                       FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,
+                                       num_warps=cfg.state_warps)
+    marginal = _marginal(bm, q.dtype)  # (BH, Nq, Nk)
+    hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)  # Hm (W^T folded in when fold)
+    zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
+    return (hm, zm, None) if fold else (hm, zm, wt)
 
 
 def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, linear=None, feature_map="softmax"):

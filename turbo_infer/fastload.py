@@ -111,6 +111,25 @@ def load_safetensors(path, device="cpu", *, staged: bool | None = None,
     return out
 
 
+def fill_meta_model(model: torch.nn.Module, files, device, dtype: torch.dtype | None = None, *,
+                    staged: bool | None = None) -> tuple[list[str], list[str]]:
+    """Load the tensors of safetensors `files` into a model built on the meta device, in place
+    (`load_state_dict(assign=True)`: the tensors become the parameters, no copy), floating-point ones
+    cast to `dtype` on `device`. Returns load_state_dict's (missing, unexpected) keys; `meta_tensors`
+    lists what is still unloaded (e.g. a tied weight the file stores once)."""
+    state = {}
+    for f in files:
+        for k, v in load_safetensors(f, device, staged=staged).items():
+            state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    return list(missing), list(unexpected)
+
+
+def meta_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `model` still on the meta device."""
+    return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
 def _stream_chunks(f, path, base, lo, hi, chunk_bytes, spans, buffers, done, pin) -> None:
     """Read data bytes [lo, hi) chunk by chunk into alternating host buffers and copy each chunk's
     share of every destination span (begin, end, uint8 view) out of it (async from pinned memory)."""
@@ -141,4 +160,4 @@ def _stream_chunks(f, path, base, lo, hi, chunk_bytes, spans, buffers, done, pin
             done[slot].record()
 
 
-__all__ = ["CHUNK_BYTES", "DTYPES", "load_safetensors", "read_header"]
+__all__ = ["CHUNK_BYTES", "DTYPES", "fill_meta_model", "load_safetensors", "meta_tensors", "read_header"]

@@ -233,9 +233,7 @@ def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool
     from_pretrained + .to() measured for umT5-XXL on an H200 host). Returns None where this path does not
     apply exactly (no safetensors files, keys that do not match the model's state dict, anything left on
     the meta device after tying the shared embeddings): the caller then uses from_pretrained."""
-    import itertools
-
-    from turbo_infer.fastload import load_safetensors
+    from turbo_infer.fastload import fill_meta_model, meta_tensors
 
     shards = _safetensors_shards(model_dir)
     if shards is None:
@@ -243,16 +241,12 @@ def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool
     config = model_cls.config_class.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = model_cls._from_config(config, dtype=dtype)
-    state = {}
-    for shard in shards:
-        for k, v in load_safetensors(shard, device, staged=staged).items():
-            state[k] = v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing, unexpected = fill_meta_model(model, shards, device, dtype, staged=staged)
     if unexpected:
         return None
     if missing:
         model.tie_weights()
-    if any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    if meta_tensors(model):
         return None
     return model.eval()  # as from_pretrained (a model built from its config starts in training mode: dropout)
 

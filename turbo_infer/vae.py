@@ -110,19 +110,15 @@ def load_vae_staged(model_cls, vae_dir: Path, device, dtype, *, staged: bool = T
     """A diffusers model built on the meta device and filled on `device` from its single safetensors
     file by `turbo_infer.fastload` (the GPU path of WanVAE). None where that cannot load exactly (no such
     file, keys that do not match, anything left on the meta device): the caller uses from_pretrained."""
-    import itertools
-
-    from turbo_infer.fastload import load_safetensors
+    from turbo_infer.fastload import fill_meta_model, meta_tensors
 
     weights = vae_dir / "diffusion_pytorch_model.safetensors"
     if not weights.is_file():
         return None
     with torch.device("meta"):
         model = model_cls.from_config(model_cls.load_config(str(vae_dir)))
-    state = {k: v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
-             for k, v in load_safetensors(weights, device, staged=staged).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected or any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers())):
+    missing, unexpected = fill_meta_model(model, [weights], device, dtype, staged=staged)
+    if missing or unexpected or meta_tensors(model):
         return None
     return model.eval()
 

@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from turbo_infer.layers.attention import SPARSE_BACKENDS, make_attention
+from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, norm_quantized_input
 
 
 # ----------------------------------------------------------------------------- config
@@ -316,9 +317,7 @@ class WanBlock(nn.Module):
         """LayerNorm(x)·(1 + scale) + shift for the consumers (linears / the FFN): already quantized, in one
         fused pass, when they are all W8A8 layers that would quantize it alike (bundles; inference only),
         else in x's dtype."""
-        if not torch.is_grad_enabled() and any(type(c).__name__ in ("W8A8Linear", "W8A8GeluFFN") for c in consumers):
-            from turbo_infer.quant import norm_quantized_input
-
+        if not torch.is_grad_enabled() and any(isinstance(c, (W8A8Linear, W8A8GeluFFN)) for c in consumers):
             q = norm_quantized_input(x, norm, shift, scale, list(consumers))
             if q is not None:
                 return q

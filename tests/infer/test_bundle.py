@@ -85,7 +85,8 @@ def test_h100_bundle_runs_its_w8a8_feed_forward_blocks_as_one_op(bundles):
 
 def test_h100_bundle_quantizes_normalized_inputs_in_one_pass(bundles, monkeypatch):
     """Inference on a W8A8 bundle: q, k and v share one fused LayerNorm + modulation + quantization of
-    their input, the feed-forward block takes its input quantized the same way; the output matches the
+    their input, the cross-attention's q and the feed-forward block take theirs quantized the same way
+    (cross-attention: LayerNorm with affine weights, no modulation); the output matches the
     unfused path (grad mode on: LayerNorm in fp32, then each layer quantizes its own copy)."""
     import turbo_infer.quant as Q
 
@@ -96,7 +97,8 @@ def test_h100_bundle_quantizes_normalized_inputs_in_one_pass(bundles, monkeypatc
     x, t, ctx = torch.randn(1, 48, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 5, 384)
     with torch.no_grad():
         fused = model(x, t, ctx)
-    assert calls == ["fp8"] * (2 * len(model.blocks))  # self-attention input and FFN input of every block
+    # the self-attention, cross-attention (q) and FFN inputs of every block
+    assert calls == ["fp8"] * (3 * len(model.blocks))
     calls.clear()
     with torch.enable_grad():
         plain = model(x, t, ctx)

@@ -306,7 +306,7 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # each (B, dim)
         h = self._modulated_norm(x, self.norm1, shift1, scale1, (self.self_attn.q, self.self_attn.k, self.self_attn.v))
         x = (x.float() + self.self_attn(h, rope).float() * gate1[:, None]).to(x.dtype)
-        h = layer_norm_fp32(x, self.norm3).to(x.dtype) if self.norm3 is not None else x
+        h = self._modulated_norm(x, self.norm3, None, None, (self.cross_attn.q,)) if self.norm3 is not None else x
         x = x + self.cross_attn(h, context)
         h = self._modulated_norm(x, self.norm2, shift2, scale2, (self.ffn,))
         x = (x.float() + self.ffn(h).float() * gate2[:, None]).to(x.dtype)
@@ -314,14 +314,17 @@ class WanBlock(nn.Module):
 
     @staticmethod
     def _modulated_norm(x, norm, shift, scale, consumers):
-        """LayerNorm(x)·(1 + scale) + shift for the consumers (linears / the FFN): already quantized, in one
-        fused pass, when they are all W8A8 layers that would quantize it alike (bundles; inference only),
-        else in x's dtype."""
+        """LayerNorm(x)·(1 + scale) + shift (no modulation when scale is None) for the consumers (linears /
+        the FFN): already quantized, in one fused pass, when they are all W8A8 layers that would quantize it
+        alike (bundles; inference only), else in x's dtype."""
         if not torch.is_grad_enabled() and any(isinstance(c, (W8A8Linear, W8A8GeluFFN)) for c in consumers):
             q = norm_quantized_input(x, norm, shift, scale, list(consumers))
             if q is not None:
                 return q
-        return (layer_norm_fp32(x, norm) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype)
+        y = layer_norm_fp32(x, norm)
+        if scale is not None:
+            y = y * (1 + scale[:, None]) + shift[:, None]
+        return y.to(x.dtype)
 
 
 class WanHead(nn.Module):

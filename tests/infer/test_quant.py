@@ -250,7 +250,9 @@ def test_norm_quant_op_kernel_matches_fallback(mode, static):
     for at most 0.1 % one-step flips (rsqrt and row sums in another order; tests/kernels/test_w8a8.py)."""
     from turbo_infer.layers.compile_ops import norm_quant
 
-    x, shift, scale = torch.randn(2, 24, 64), 0.1 * torch.randn(2, 64), 0.1 * torch.randn(2, 64)
+    x = torch.randn(2, 24, 64)
+    # shift and scale as the block makes them: (B, dim) views of one (B, 6, dim) tensor (row stride 6·dim)
+    shift, scale, *_ = (0.1 * torch.randn(2, 6, 64)).unbind(1)
     args = (x, None, None, 1e-6, shift, scale, mode, 0.02 if static else None)
     (qk, sk), (qr, sr) = norm_quant(*args, True), norm_quant(*args, False)
     assert qk.dtype == qr.dtype and qk.shape == (48, 64) and sk.shape == (48,)

@@ -395,6 +395,7 @@ def build_transformer(manifest: dict, device="meta") -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     fuse_gelu_ffns(model)  # W8A8 feed-forward blocks as one op (same state-dict keys)
+    model.fuse_norm_quant()  # and each normalized input quantized once for its W8A8 consumers
     return model
 
 

@@ -312,12 +312,17 @@ class WanBlock(nn.Module):
         x = (x.float() + self.ffn(h).float() * gate2[:, None]).to(x.dtype)
         return x
 
-    @staticmethod
-    def _modulated_norm(x, norm, shift, scale, consumers):
+    # set by WanModel.fuse_norm_quant (bundles): hand W8A8 consumers their input quantized in one pass
+    fused_norm_quant = False
+
+    def _modulated_norm(self, x, norm, shift, scale, consumers):
         """LayerNorm(x)·(1 + scale) + shift (no modulation when scale is None) for the consumers (linears /
-        the FFN): already quantized, in one fused pass, when they are all W8A8 layers that would quantize it
-        alike (bundles; inference only), else in x's dtype."""
-        if not torch.is_grad_enabled() and any(isinstance(c, (W8A8Linear, W8A8GeluFFN)) for c in consumers):
+        the FFN): already quantized, in one fused pass, when the model opted in (bundles), in inference,
+        and they are all W8A8 layers that would quantize it alike, without hooks (which expect the
+        tensor; calibration's probes are such); else in x's dtype."""
+        if (self.fused_norm_quant and not torch.is_grad_enabled()
+                and all(isinstance(c, (W8A8Linear, W8A8GeluFFN)) and not (c._forward_hooks or c._forward_pre_hooks)
+                        for c in consumers)):
             q = norm_quantized_input(x, norm, shift, scale, list(consumers))
             if q is not None:
                 return q
@@ -420,6 +425,15 @@ class WanModel(nn.Module):
             raise ValueError(f"activation checkpointing: True, False or a number of blocks >= 0, got {enabled!r}")
         n = min(enabled, self.config.num_layers)
         self.gradient_checkpointing = True if n == self.config.num_layers else (n or False)
+        return self
+
+    def fuse_norm_quant(self, enabled: bool = True) -> "WanModel":
+        """In inference, give the W8A8 layers after each LayerNorm (q/k/v, the cross-attention's q, a
+        W8A8GeluFFN) their input quantized by one fused norm + modulation + quantization pass instead of a
+        bf16 copy that each of them quantizes again (turbo_infer.quant.norm_quantized_input). Bundles turn it
+        on; models being calibrated or trained keep the plain path (their hooks see tensors)."""
+        for block in self.blocks:
+            block.fused_norm_quant = enabled
         return self
 
     def compile_blocks(self, backend: str = "inductor", mode: str | None = None) -> "WanModel":

@@ -70,8 +70,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
-                       random_dit, random_umt5, random_wan_vae, synthetic_umt5_tokenizer, warm_page_cache,
-                       write_video_file)
+                       random_dit, random_umt5, random_wan_vae, restore_scales, set_static_scales,
+                       synthetic_umt5_tokenizer, warm_page_cache, write_video_file)
 
 BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
 TAG = "1.3b_480p"
@@ -343,6 +343,8 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
     use_compiled = compiled is not None and compiled < eager
     turbo = compiled if use_compiled else eager
     fig[f"e2e_{TAG}_turbo_s"] = turbo
+    if not args.skip_static_scales and clock_ok("static activation scales"):
+        bench_static_scales(args, model, dit, device, use_compiled, fig, notes)
     if not args.skip_profile:
         for c, v in split_wall(parts, turbo, eager=not use_compiled).items():
             fig[f"e2e_{TAG}_turbo_{c}_s"] = v
@@ -365,6 +367,35 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
                           "to more than the wall time, all three are scaled down to it (tools/e2e_breakdown.py "
                           "split_wall). Baseline: the same on one forward, x50.")
     return use_compiled
+
+
+@torch.no_grad()
+def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:
+    """The turbo DiT as a calibrated bundle runs it: static per-tensor activation scales (here from one
+    forward's input amax, `set_static_scales`) let the up GEMM of every feed-forward block write the down
+    layer's fp8 input in its epilogue, and no per-token amax pass runs anywhere. Timed in the headline's
+    mode (recompiled for the new constants), then the bundle's dynamic scales come back."""
+    if use_compiled:
+        model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
+    old = set_static_scales(model, dit)
+    try:
+        if use_compiled:
+            compile_blocks(model, args.compile_backend, args.compile_mode)
+        dit()  # (re)compile / JIT for the new constants
+        sync(device)
+        static = statistics.median(timed(dit, device, args.reps, warmup=0))
+        fig[f"e2e_{TAG}_turbo_static_scales_s"] = static
+        log(f"turbo DiT with static activation scales ({'compiled' if use_compiled else 'eager'}): {static:.3f} s")
+        notes["static_scales"] = ("e2e_1.3b_480p_turbo_static_scales_s: the same DiT with every W8A8 layer's "
+                                  "activation scale made static (amax / QMAX of its input over one forward: a "
+                                  "stand-in for calibration on random weights), as a calibrated bundle runs; "
+                                  f"{'compiled' if use_compiled else 'eager'}, median of {args.reps}")
+    finally:
+        if use_compiled:
+            model.uncompile_blocks()
+        restore_scales(model, old)
+        if use_compiled:
+            compile_blocks(model, args.compile_backend, args.compile_mode)
 
 
 @torch.no_grad()
@@ -735,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fresh process builds umT5 with random weights instead of loading 11 GB from disk")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor; --tiny: eager, i.e. dynamo only)")
+    p.add_argument("--skip-static-scales", action="store_true",
+                   help="do not time the DiT with static activation scales (a calibrated bundle's fused FFN path)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (default: none)")
     p.add_argument("--ttfv-runs", type=int, default=2,

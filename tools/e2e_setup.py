@@ -148,6 +148,49 @@ def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
     return enc
 
 
+@torch.no_grad()
+def set_static_scales(model, forward) -> dict:
+    """A stand-in for calibration on random weights: one `forward()` records the input amax of every
+    W8A8Linear of the DiT, then each gets the static per-tensor scale amax / QMAX (what a calibrated
+    bundle carries), with the feed-forward blocks and the fused norm inputs re-formed around them.
+    Returns {name: the previous act_scale} for `restore_scales`."""
+    from torch import nn
+
+    from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, fuse_gelu_ffns
+    from turbo_kernels.gemm.quantize import QMAX
+
+    for block in model.blocks:  # the down layer's input must be seen as a tensor
+        if isinstance(block.ffn, W8A8GeluFFN):
+            block.ffn = nn.Sequential(*block.ffn)
+    model.fuse_norm_quant(False)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    amax = dict.fromkeys(layers, 0.0)
+
+    def hook(name):
+        def record(mod, args):
+            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    old = {n: m.act_scale for n, m in layers.items()}
+    for n, m in layers.items():
+        m.act_scale = max(amax[n], 1e-6) / QMAX[m.mode]
+    fuse_gelu_ffns(model)
+    model.fuse_norm_quant(True)
+    return old
+
+
+def restore_scales(model, old: dict) -> None:
+    """Undo `set_static_scales`."""
+    for n, s in old.items():
+        model.get_submodule(n).act_scale = s
+
+
 def random_wan_vae(config: dict, device):
     """diffusers AutoencoderKLWan(**config) on `device`, fp32, PyTorch's default random init."""
     from diffusers import AutoencoderKLWan
@@ -249,5 +292,5 @@ def dir_bytes(path) -> int:
 
 
 __all__ = ["LatentOnlyVAE", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype", "dir_bytes",
-           "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "synthetic_umt5_tokenizer",
-           "synthetic_vocab", "warm_page_cache", "write_video_file"]
+           "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
+           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "warm_page_cache", "write_video_file"]

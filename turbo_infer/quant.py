@@ -180,7 +180,8 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
     if any((m.mode, m.act_scale, m.in_features) != (first.mode, first.act_scale, first.in_features) for m in layers):
         return None
     use = first._use_kernels(x)
-    if any(m._use_kernels(x) != use for m in layers) or x.shape[-1] != first.in_features:
+    downs = [c[2] for c in consumers if isinstance(c, W8A8GeluFFN)]  # the fused FFN op runs both on `use`
+    if any(m._use_kernels(x) != use for m in layers + downs) or x.shape[-1] != first.in_features:
         return None
     if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (x.shape[-1],):
         return None

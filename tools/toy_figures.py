@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def variant_ratios(reports: dict) -> list[tuple[str, str, str, str]]:
 def ratios(reports: dict) -> dict[str, dict[str, float]]:
     """{file: {figure: value}} from the suite's reports (missing evaluations are skipped). An adherence
     ratio whose two reports carry per-video adherence (same prompts and noise) also gets
-    `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr)."""
+    `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr); a
+    Fréchet ratio whose two reports carry `frechet_stderr` (turbo-eval's bootstrap) gets one too."""
     t = reports["teacher"]
     out: dict[str, dict[str, float]] = {"rcm": {}, "sla_finetune": {}, "toy_bundles": {}}
     for file, fig, name, key in RATIOS + variant_ratios(reports):
@@ -77,6 +79,12 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
         if key == "adherence" and "adherence_per_video" in reports[name] and "adherence_per_video" in t:
             out[file][fig + "_stderr"] = round(paired_ratio_stderr(reports[name]["adherence_per_video"],
                                                                    t["adherence_per_video"]), 4)
+        if key == "frechet" and reports[name].get("frechet_stderr") is not None and t.get("frechet_stderr") is not None:
+            # both distances' bootstrap errors, combined as if independent (they share the real videos, so
+            # this overstates the ratio's noise a little)
+            r, a, b = out[file][fig], reports[name], t
+            out[file][fig + "_stderr"] = round(r * math.hypot(a["frechet_stderr"] / a["frechet"],
+                                                              b["frechet_stderr"] / b["frechet"]), 4)
     for name in reports:  # absolute values too, for BENCHMARKS.md
         file = ("toy_bundles" if name.startswith("bundle") else "sla_finetune"
                 if name.startswith(("teacher_sla", "merged")) else "rcm")

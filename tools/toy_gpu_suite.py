@@ -122,7 +122,7 @@ class Suite:
         for rep in sorted((self.out / "eval").glob("*/report.json")):
             r = json.loads(rep.read_text())
             keys = ("adherence", "adherence_stderr", "adherence_per_video", "adherence_seen_templates",
-                    "adherence_heldout_templates", "frechet", "diversity", "diversity_real", "s_per_video",
+                    "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_real", "s_per_video",
                     "per_attribute_accuracy", "settings")
             summary["reports"][rep.parent.name] = {k: r[k] for k in keys if k in r}
         tmp = self.out / "summary.json.tmp"
@@ -215,7 +215,8 @@ class Suite:
     def finish(self, t0: float) -> int:
         summary = self.write_summary(t0, complete=True)
         for name, r in summary["reports"].items():
-            log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}  diversity {r['diversity']:.3f}")
+            fse = f" ± {r['frechet_stderr']:5.1f}" if r.get("frechet_stderr") is not None else ""
+            log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}{fse}  diversity {r['diversity']:.3f}")
         failed = [s["stage"] for s in self.stages if s["rc"] != 0]
         log(f"total {summary['total_s']} s; failed stages: {failed or 'none'}; wrote {self.out / 'summary.json'}")
         return 1 if failed else 0

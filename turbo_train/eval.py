@@ -32,7 +32,8 @@ import numpy as np
 
 from turbo_infer.samplers import SAMPLERS
 from turbo_train.toyworld.generator import generate_sample
-from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_distance, mean_stderr,
+from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_bootstrap_stderr, frechet_distance,
+                                          mean_stderr,
                                           paired_feature_distance, paired_psnr, per_attribute_accuracy)
 
 EVAL_SEED_OFFSET = 10_000_000  # prompt seeds live far from the training stream's small seeds
@@ -141,9 +142,11 @@ def contact_sheet(videos: np.ndarray, captions: list[str], scores: list[float], 
 def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8, diversity_seeds: int = 4,
              steps: int = 50, guidance: float = 5.0, sampler: str = "euler", shift: float | None = None,
              seed: int = 0, batch_size: int = 8, progress: bool = True,
-             reference: np.ndarray | None = None) -> tuple[dict[str, Any], np.ndarray, list[str], list[float]]:
+             reference: np.ndarray | None = None,
+             frechet_bootstrap: int = 50) -> tuple[dict[str, Any], np.ndarray, list[str], list[float]]:
     """Run the whole evaluation; returns (report, videos, captions, per-video adherence). reference:
-    videos of another model for the same prompts and seed (load_reference_videos) -> fidelity figures."""
+    videos of another model for the same prompts and seed (load_reference_videos) -> fidelity figures.
+    frechet_bootstrap: resamples for the Fréchet distance's standard error (0 = not computed)."""
     if num_prompts < 2:
         raise ValueError(f"num_prompts must be >= 2 (Fréchet needs a covariance), got {num_prompts}")
     if diversity_prompts < 0:
@@ -174,6 +177,8 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     gen_feats = judge.features(videos).cpu().numpy()
     real_feats = judge.features(real_videos(None, num_prompts, seed)).cpu().numpy()
     report["frechet"] = frechet_distance(gen_feats, real_feats)
+    if frechet_bootstrap:  # the evaluation's own noise on it (bootstrap over both video sets)
+        report["frechet_stderr"] = frechet_bootstrap_stderr(gen_feats, real_feats, frechet_bootstrap, seed)
     if reference is not None:  # paired fidelity to the reference model's videos (same prompts, same noise)
         if reference.shape != videos.shape:
             raise ValueError(f"reference videos {reference.shape} and generated videos {videos.shape} differ in shape")
@@ -224,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--diversity-prompts", type=int, default=8,
                    help="prompts sampled with several seeds for the diversity figure (0 skips it)")
     p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (>= 2)")
+    p.add_argument("--frechet-bootstrap", type=int, default=50, metavar="N",
+                   help="bootstrap resamples for the Fréchet distance's standard error (0 skips it)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -254,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--diversity-prompts must be >= 0 (0 skips the diversity figure)")
     if a.diversity_prompts and a.diversity_seeds < 2:
         p.error("--diversity-seeds must be >= 2")
+    if a.frechet_bootstrap < 0 or a.frechet_bootstrap == 1:
+        p.error("--frechet-bootstrap must be 0 (skip) or >= 2")
     if a.steps is not None and a.steps < 1:
         p.error("--steps must be >= 1")
     if a.topk is not None and not 0 < a.topk <= 1:
@@ -288,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     report, videos, captions, scores = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,
         steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, seed=a.seed, batch_size=a.batch_size,
-        progress=not a.no_progress, reference=reference,
+        progress=not a.no_progress, reference=reference, frechet_bootstrap=a.frechet_bootstrap,
     )
     report["checkpoint"] = (f"bundle {a.bundle}" if a.bundle else str(a.checkpoint) if a.checkpoint
                             else "shipped toy teacher")
@@ -307,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {k:<12} {v:.3f}")
     div = (f"diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})" if report["diversity"] is not None
            else "diversity not measured (--diversity-prompts 0)")
-    print(f"frechet {report['frechet']:.3f}  {div}  {report['s_per_video']:.2f} s/video")
+    fse = f" ± {report['frechet_stderr']:.2f}" if report.get("frechet_stderr") else ""
+    print(f"frechet {report['frechet']:.3f}{fse}  {div}  {report['s_per_video']:.2f} s/video")
     if reference is not None:
         print(f"fidelity to {a.reference}: PSNR {report['fidelity_psnr_db']:.2f} dB, "
               f"judge-feature distance {report['fidelity_feature_dist']:.3f}")

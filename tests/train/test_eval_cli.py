@@ -33,7 +33,7 @@ def run(args, out):
     assert set(report["per_attribute_accuracy"]) >= {"background", "obj1.shape", "obj1.color", "obj1.motion"}
     per = report["adherence_per_video"]  # in prompt order, for paired comparisons of two runs
     assert len(per) == report["settings"]["num_prompts"] and sum(per) / len(per) == pytest.approx(report["adherence"])
-    assert report["adherence_stderr"] >= 0
+    assert report["adherence_stderr"] >= 0 and report["frechet_stderr"] >= 0
     return report
 
 
@@ -69,6 +69,7 @@ def test_cli_refusals(tiny_checkpoint, tmp_path, capsys):
     error(["--num-prompts", "1"], "--num-prompts")
     error(["--diversity-prompts", "-1"], "--diversity-prompts")
     error(["--diversity-seeds", "1"], "--diversity-seeds")
+    error(["--frechet-bootstrap", "1"], "--frechet-bootstrap")
 
 
 def test_diversity_can_be_skipped(tiny_checkpoint, tmp_path, capsys):

@@ -182,6 +182,21 @@ def test_per_attribute_accuracy_on_known_inputs():
                                                     "obj1.motion", "obj2.shape", "obj2.color", "obj2.motion"}
 
 
+def test_frechet_bootstrap_stderr_shrinks_with_more_videos():
+    """The bootstrap standard error of the Fréchet distance: seeded, positive, and about 1/sqrt(2) as
+    large with twice the videos (the evaluation noise it reports)."""
+    from turbo_train.toyworld.metrics import frechet_bootstrap_stderr
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(800, 8)), rng.normal(0.3, 1.0, size=(800, 8))
+    small = frechet_bootstrap_stderr(a[:200], b[:200], reps=40, seed=0)
+    large = frechet_bootstrap_stderr(a, b, reps=40, seed=0)
+    assert small > 0 and large > 0 and math.isfinite(small)
+    assert small == frechet_bootstrap_stderr(a[:200], b[:200], reps=40, seed=0)  # seeded
+    assert 1.3 < small / large < 3.2  # sqrt(4) = 2 expected, with bootstrap noise of 40 reps
+    assert frechet_bootstrap_stderr(a, b, reps=0) == 0.0
+
+
 def test_frechet_distance_known_values():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 16))

@@ -37,8 +37,16 @@ def test_adherence_ratios_get_a_paired_standard_error_when_the_reports_carry_per
     student = {**report(0.675), "adherence_per_video": [0.45, 0.9, 0.675, 0.675]}  # 0.9 x on every prompt
     f = toy_figures.ratios({"teacher": teacher, "rcm4": student, "rcm2": report(0.6)})["rcm"]
     assert f["toy_rcm4_adherence_ratio"] == 0.9 and f["toy_rcm4_adherence_ratio_stderr"] == 0.0
-    assert "toy_rcm4_frechet_ratio_stderr" not in f  # adherence ratios only
+    assert "toy_rcm4_frechet_ratio_stderr" not in f  # the reports carry no Fréchet bootstrap
     assert "toy_rcm2_adherence_ratio_stderr" not in f  # a report without per-video scores (older digests)
+
+
+def test_frechet_ratios_get_a_standard_error_from_both_bootstraps():
+    teacher = {**report(0.8, 100.0), "frechet_stderr": 3.0}
+    student = {**report(0.8, 130.0), "frechet_stderr": 5.2}
+    f = toy_figures.ratios({"teacher": teacher, "rcm4": student})["rcm"]
+    assert f["toy_rcm4_frechet_ratio"] == 1.3
+    assert f["toy_rcm4_frechet_ratio_stderr"] == pytest.approx(1.3 * (0.04 ** 2 + 0.03 ** 2) ** 0.5, abs=1e-4)
 
 
 def test_toy_figures_refuses_a_summary_without_the_teacher(tmp_path, capsys):

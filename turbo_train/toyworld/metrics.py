@@ -131,6 +131,20 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     return max(d, 0.0)  # rounding can leave -1e-12 for identical sets
 
 
+def frechet_bootstrap_stderr(feats_a, feats_b, reps: int = 50, seed: int = 0) -> float:
+    """Bootstrap standard error of `frechet_distance(feats_a, feats_b)`: the std over `reps` recomputations
+    on both sets resampled with replacement (seeded). What another draw of as many videos would move the
+    distance by (the evaluation's own noise; resampling biases each replicate up a little, not its
+    spread much). reps < 2 -> 0."""
+    a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
+    if reps < 2:
+        return 0.0
+    rng = np.random.default_rng(seed)
+    vals = [frechet_distance(a[rng.integers(0, len(a), len(a))], b[rng.integers(0, len(b), len(b))])
+            for _ in range(reps)]
+    return float(np.std(vals, ddof=1))
+
+
 def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
     """Mean over prompts of the mean pairwise Euclidean distance between the (n_i, D) features of
     one prompt's videos (n_i >= 2 each). Accepts a dict prompt -> features or a list of arrays."""

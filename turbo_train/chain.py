@@ -96,7 +96,7 @@ def _evaluate(pipe, judge, cfg: ChainConfig, **sample_kw) -> dict:
     from turbo_train.eval import evaluate
 
     report, *_ = evaluate(pipe, judge, num_prompts=cfg.eval_prompts, diversity_prompts=2, diversity_seeds=2,
-                          seed=cfg.seed, batch_size=8, progress=False, **sample_kw)
+                          seed=cfg.seed, batch_size=8, progress=False, frechet_bootstrap=0, **sample_kw)
     return report
 
 

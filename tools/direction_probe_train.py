@@ -1,0 +1,157 @@
+"""Can a small toy DiT learn which way an object moves from its caption? A CPU experiment for the toy
+teacher's open problem (recipes/toy/README.md, "Why motion fails": teacher v6 gets the axis right and the
+sign of the motion at chance).
+
+    python tools/direction_probe_train.py [--minutes 6] [--variants rope,frame_embed] [--device cuda] [--out DIR]
+
+One red square on the dark background moves left or right; the caption says which. For each variant a
+small Wan DiT (2 blocks, width 128, 2 heads of 64: the toy's RoPE split) is trained from scratch by
+rectified flow (x0 prediction, logit-normal times, 10 % caption dropout, AdamW) for --minutes, then 16
+videos per direction are sampled (Euler, CFG 4) and the square is tracked by colour
+(turbo_train.toyworld.motion): sign accuracy among the videos that move horizontally. Variants:
+    rope         the toy architecture as is: time enters only through RoPE's relative offsets
+    frame_embed  plus a learned embedding of the latent frame index (WanConfig.frame_embed_len = 8)
+A variant that gets the sign right while the other stays at chance says where the v6 teacher's trouble
+comes from. Results: OUT/results.json and a printed line per variant (seeded; the training's length decides
+a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
+either variant to draw a trackable moving square (recipes/toy/logs/direction_probe_cpu.json): run it on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from turbo_infer.models.wan import WAN_CONFIGS, WanModel
+from turbo_infer.pipeline import TurboPipeline
+from turbo_infer.text_encoders import MiniLMTextEncoder
+from turbo_infer.vae import ToyCodec
+from turbo_train.toyworld.generator import render, video_to_float
+from turbo_train.toyworld.motion import motion_from_track, object_track
+
+DIRECTIONS = ("left", "right")
+VARIANTS = {"rope": {}, "frame_embed": {"frame_embed_len": 8}}
+
+
+def scene(direction: str) -> dict:
+    return {"background": "dark", "num_objects": 1,
+            "objects": [{"shape": "square", "color": "red", "motion": direction}]}
+
+
+def caption(direction: str) -> str:
+    return f"a red square moving {direction} on a dark background"
+
+
+def small_config(**extra):
+    from dataclasses import replace
+
+    return replace(WAN_CONFIGS["toy"], dim=128, ffn_dim=256, num_heads=2, num_layers=2, prediction="x0", **extra)
+
+
+def batch(rng: np.random.Generator, size: int, codec: ToyCodec, device) -> tuple[torch.Tensor, list[int]]:
+    dirs = [int(rng.integers(2)) for _ in range(size)]
+    videos = np.stack([render(scene(DIRECTIONS[d]), int(rng.integers(2**31))) for d in dirs])  # (B, F, H, W, 3)
+    x = video_to_float(torch.from_numpy(videos))  # (B, 3, F, H, W) in [-1, 1]
+    return codec.encode(x).to(device), dirs
+
+
+def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: torch.Tensor, codec: ToyCodec,
+          batch_size: int = 16, lr: float = 3e-4, device="cpu") -> tuple[WanModel, dict]:
+    torch.manual_seed(seed)
+    model = WanModel(small_config(**VARIANTS[variant])).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    t0, step, losses = time.perf_counter(), 0, []
+    while time.perf_counter() - t0 < 60 * minutes:
+        x0, dirs = batch(rng, batch_size, codec, device)
+        ctx = text[torch.tensor(dirs, device=text.device)]  # (B, L, 384)
+        drop = torch.from_numpy(rng.random(batch_size) < 0.1).to(device)
+        ctx = torch.where(drop[:, None, None], empty.expand_as(ctx), ctx)
+        s = torch.sigmoid(torch.randn(batch_size, device=device) + 0.8)  # logit-normal flow times centred at +0.8
+        eps = torch.randn_like(x0)
+        xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
+        v = model(xs, 1000 * s, ctx)
+        loss = F.mse_loss(v, eps - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        if step % 50 == 0:
+            print(f"  {variant}: step {step}, loss {np.mean(losses[-50:]):.4f}, {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+    return model.eval(), {"steps": step, "final_loss": float(np.mean(losses[-50:])) if losses else math.nan,
+                          "seconds": round(time.perf_counter() - t0, 1)}
+
+
+class _Fixed:
+    """The two captions' MiniLM states, for TurboPipeline (encode / empty_embedding / dim)."""
+
+    def __init__(self, enc: MiniLMTextEncoder):
+        self.enc, self.dim = enc, enc.dim
+
+    def encode(self, prompts):
+        return self.enc.encode(prompts)
+
+    def empty_embedding(self):
+        return self.enc.empty_embedding()
+
+
+@torch.no_grad()
+def sign_accuracy(model: WanModel, text_encoder, per_direction: int, seed: int, device="cpu") -> dict:
+    pipe = TurboPipeline(model, text_encoder, ToyCodec(), device=device, default_shift=3.0)
+    prompts = [caption(d) for d in DIRECTIONS for _ in range(per_direction)]
+    videos = pipe.generate(prompts, steps=20, guidance=4.0, sampler="euler", seed=seed, progress=False).cpu().numpy()
+    counts = {d: {"left": 0, "right": 0, "other": 0} for d in DIRECTIONS}
+    for video, prompt in zip(videos, prompts):
+        want = prompt.split("moving ")[1].split()[0]
+        got = motion_from_track(object_track(video, "red"))
+        counts[want][got if got in ("left", "right") else "other"] += 1
+    horizontal = sum(c["left"] + c["right"] for c in counts.values())
+    right = counts["left"]["left"] + counts["right"]["right"]
+    return {"counts": counts, "horizontal": horizontal,
+            "sign_acc": right / horizontal if horizontal else math.nan}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--minutes", type=float, default=6.0, help="training time per variant")
+    p.add_argument("--variants", default="rope,frame_embed")
+    p.add_argument("--per-direction", type=int, default=16, help="sampled videos per direction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("runs/direction"))
+    p.add_argument("--device", default="cpu", help="where the small DiT trains and samples (cpu or cuda)")
+    p.add_argument("--batch-size", type=int, default=16)
+    a = p.parse_args(argv)
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    enc = MiniLMTextEncoder(max_length=32, device=a.device)
+    text = enc.encode([caption(d) for d in DIRECTIONS])  # (2, L, 384)
+    empty = enc.empty_embedding()  # (1, L, 384)
+    codec = ToyCodec()
+    results = {}
+    for v in variants:
+        print(f"== {v}: training {a.minutes} min", flush=True)
+        model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device)
+        acc = sign_accuracy(model, _Fixed(enc), a.per_direction, a.seed + 1, device=a.device)
+        results[v] = {**log, **acc}
+        print(f"   {v}: {log['steps']} steps, loss {log['final_loss']:.4f}; sign accuracy {acc['sign_acc']:.2f} "
+              f"over {acc['horizontal']} horizontally moving videos; {acc['counts']}", flush=True)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "results.json").write_text(json.dumps({"settings": vars(a) | {"out": str(a.out)}, "results": results},
+                                                   indent=2) + "\n")
+    print(f"wrote {a.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -135,13 +135,6 @@ def restore_attention(model, old: list) -> None:
         block.self_attn.attn = prev
 
 
-def compile_blocks(model, backend: str = "inductor", mode: str | None = None) -> None:
-    """Regional compilation of the DiT (WanModel.compile_blocks, what TurboPipeline.compile and
-    turbo-infer --compile do); the --tiny run uses dynamo's "eager" backend (tracing and graph breaks
-    without Inductor's C++ build)."""
-    model.compile_blocks(backend, mode)
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -322,7 +315,7 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
         x = noise.to(pipe.dtype)
         ts = torch.full((1,), 900.0, device=device)
         ref = model(x, ts, context)
-        compile_blocks(model, args.compile_backend, args.compile_mode)
+        model.compile_blocks(args.compile_backend, args.compile_mode)
         try:
             t = time.perf_counter()
             dit()
@@ -377,10 +370,12 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
     mode (recompiled for the new constants), then the bundle's dynamic scales come back."""
     if use_compiled:
         model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
-    old = set_static_scales(model, dit)
     try:
+        old = set_static_scales(model, dit)
+    finally:
         if use_compiled:
-            compile_blocks(model, args.compile_backend, args.compile_mode)
+            model.compile_blocks(args.compile_backend, args.compile_mode)
+    try:
         dit()  # (re)compile / JIT for the new constants
         sync(device)
         static = statistics.median(timed(dit, device, args.reps, warmup=0))
@@ -391,12 +386,7 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
                                   "stand-in for calibration on random weights), as a calibrated bundle runs; "
                                   f"{'compiled' if use_compiled else 'eager'}, median of {args.reps}")
     finally:
-        if use_compiled:
-            model.uncompile_blocks()
-        restore_scales(model, old)
-        if use_compiled:
-            compile_blocks(model, args.compile_backend, args.compile_mode)
-
+        restore_scales(model, old)  # compiled blocks re-specialize on their next call
 
 @torch.no_grad()
 def bench_full(args, shape, device, pipe, fig, notes) -> None:
@@ -511,7 +501,7 @@ def ttfv_child(args) -> int:
     phases["load_dit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if args.compile:
-        compile_blocks(pipe.transformer, args.compile_backend, args.compile_mode)
+        pipe.transformer.compile_blocks(args.compile_backend, args.compile_mode)
     cfg = pipe.transformer.config
     with torch.no_grad():  # one DiT forward on zeros: compiles (or loads the compiled artifacts) and JITs
         # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)

@@ -125,6 +125,16 @@ def fill_meta_model(model: torch.nn.Module, files, device, dtype: torch.dtype | 
     return list(missing), list(unexpected)
 
 
+def staged_or_none(what, load):
+    """`load()` (a staged GPU load that returns a model or None), or None when it fails with a
+    RuntimeError, ValueError or OSError: logged, and the caller reads the same files its usual way."""
+    try:
+        return load()
+    except (RuntimeError, ValueError, OSError) as e:
+        log.warning("%s: staged GPU load failed (%s); using from_pretrained", what, e)
+        return None
+
+
 def meta_tensors(model: torch.nn.Module) -> list[str]:
     """Names of the parameters and buffers of `model` still on the meta device."""
     return [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -160,4 +170,5 @@ def _stream_chunks(f, path, base, lo, hi, chunk_bytes, spans, buffers, done, pin
             done[slot].record()
 
 
-__all__ = ["CHUNK_BYTES", "DTYPES", "fill_meta_model", "load_safetensors", "meta_tensors", "read_header"]
+__all__ = ["CHUNK_BYTES", "DTYPES", "fill_meta_model", "load_safetensors", "meta_tensors", "read_header",
+           "staged_or_none"]

@@ -170,9 +170,12 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
                          consumers: list) -> "QuantizedActivation | None":
     """LayerNorm(x)·(1 + scale) + shift, quantized in one pass for W8A8 consumers that would each quantize
     it the same way (q, k and v of a self-attention; a W8A8GeluFFN): all W8A8 with one mode and one
-    activation scale (or all dynamic), no smoothing, and all on the kernels or all on the CPU fallback.
+    activation scale (or all dynamic), no smoothing, all on the kernels or all on the CPU fallback, and no
+    hooks on them (hooks expect the tensor; calibration's probes are such).
     x (B, L, C); shift, scale (B, C) fp32 or None (no modulation). None where that does not hold (the
     caller normalizes as usual)."""
+    if any(c._forward_hooks or c._forward_pre_hooks for c in consumers):
+        return None
     layers = [c[0] if isinstance(c, W8A8GeluFFN) else c for c in consumers]
     if not layers or not all(isinstance(m, W8A8Linear) and m.smooth_inv is None for m in layers):
         return None

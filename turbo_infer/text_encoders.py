@@ -19,14 +19,11 @@ safetensors files (one per prompt, keyed by a hash of encoder identity + prompt)
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 # Wan2.1's default negative prompt (wan/configs/shared_config.py: sample_neg_prompt).
 WAN_NEGATIVE_PROMPT = (
@@ -272,10 +269,10 @@ class UMT5TextEncoder(_HFTextEncoder):
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         model = None
         if torch.device(device).type == "cuda":  # straight onto the GPU (turbo_infer.fastload)
-            try:
-                model = load_model_staged(UMT5EncoderModel, model_dir, device, dtype)
-            except (RuntimeError, ValueError, OSError) as e:  # from_pretrained reads the same files its own way
-                log.warning("umT5 %s: staged GPU load failed (%s); using from_pretrained", model_dir, e)
+            from turbo_infer.fastload import staged_or_none
+
+            model = staged_or_none(f"umT5 {model_dir}", lambda: load_model_staged(UMT5EncoderModel, model_dir, device,
+                                                                                 dtype))
         if model is None:
             model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype)
         super().__init__(model, tokenizer, device=device, dtype=dtype, max_length=max_length,

@@ -11,12 +11,9 @@ Both expose: `latent_channels`, `spatial_factor`, `temporal_factor`, `latent_sha
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
-
-log = logging.getLogger(__name__)
 
 
 def _check_video(video: torch.Tensor, name: str = "video") -> None:
@@ -147,10 +144,10 @@ class WanVAE:
         self.dtype = dtype
         self.model = None
         if self.device.type == "cuda":  # straight onto the GPU (turbo_infer.fastload)
-            try:
-                self.model = load_vae_staged(AutoencoderKLWan, vae_dir, self.device, dtype)
-            except (RuntimeError, ValueError, OSError) as e:  # from_pretrained reads the same files its own way
-                log.warning("Wan VAE %s: staged GPU load failed (%s); using from_pretrained", vae_dir, e)
+            from turbo_infer.fastload import staged_or_none
+
+            self.model = staged_or_none(f"Wan VAE {vae_dir}",
+                                        lambda: load_vae_staged(AutoencoderKLWan, vae_dir, self.device, dtype))
         if self.model is None:
             self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
         self.model.to(self.device).eval().requires_grad_(False)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from turbo_infer.layers.attention import SPARSE_BACKENDS, make_attention
-from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, norm_quantized_input
+from turbo_infer.quant import norm_quantized_input
 
 
 # ----------------------------------------------------------------------------- config
@@ -320,9 +320,7 @@ class WanBlock(nn.Module):
         the FFN): already quantized, in one fused pass, when the model opted in (bundles), in inference,
         and they are all W8A8 layers that would quantize it alike, without hooks (which expect the
         tensor; calibration's probes are such); else in x's dtype."""
-        if (self.fused_norm_quant and not torch.is_grad_enabled()
-                and all(isinstance(c, (W8A8Linear, W8A8GeluFFN)) and not (c._forward_hooks or c._forward_pre_hooks)
-                        for c in consumers)):
+        if self.fused_norm_quant and not torch.is_grad_enabled():
             q = norm_quantized_input(x, norm, shift, scale, list(consumers))
             if q is not None:
                 return q

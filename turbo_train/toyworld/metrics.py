@@ -131,7 +131,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
     return max(d, 0.0)  # rounding can leave -1e-12 for identical sets
 
 
-def frechet_bootstrap_stderr(feats_a, feats_b, reps: int = 50, seed: int = 0) -> float:
+def frechet_bootstrap_stderr(feats_a, feats_b, reps: int = 20, seed: int = 0) -> float:
     """Bootstrap standard error of `frechet_distance(feats_a, feats_b)`: the std over `reps` recomputations
     on both sets resampled with replacement (seeded). What another draw of as many videos would move the
     distance by (the evaluation's own noise; resampling biases each replicate up a little, not its

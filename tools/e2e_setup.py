@@ -152,13 +152,14 @@ def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
 def set_static_scales(model, forward) -> dict:
     """A stand-in for calibration on random weights: one `forward()` records the input amax of every
     W8A8Linear of the DiT, then each gets the static per-tensor scale amax / QMAX (what a calibrated
-    bundle carries), with the feed-forward blocks and the fused norm inputs re-formed around them.
-    Returns {name: the previous act_scale} for `restore_scales`."""
+    bundle carries), with the feed-forward blocks re-formed around them and the fused norm inputs as they
+    were. Returns {name: the previous act_scale} for `restore_scales`."""
     from torch import nn
 
     from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, fuse_gelu_ffns
     from turbo_kernels.gemm.quantize import QMAX
 
+    fused_norm = model.blocks[0].fused_norm_quant
     for block in model.blocks:  # the down layer's input must be seen as a tensor
         if isinstance(block.ffn, W8A8GeluFFN):
             block.ffn = nn.Sequential(*block.ffn)
@@ -181,7 +182,7 @@ def set_static_scales(model, forward) -> dict:
     for n, m in layers.items():
         m.act_scale = max(amax[n], 1e-6) / QMAX[m.mode]
     fuse_gelu_ffns(model)
-    model.fuse_norm_quant(True)
+    model.fuse_norm_quant(fused_norm)
     return old
 
 

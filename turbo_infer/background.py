@@ -15,6 +15,7 @@ use that needs the object.
 from __future__ import annotations
 
 import threading
+import time
 
 
 class Background:
@@ -28,16 +29,19 @@ class Background:
         self._known = known
         self._value = None
         self._error: BaseException | None = None
+        self.seconds: float | None = None  # how long factory() ran, once it has finished
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(factory,), name=f"load {what}", daemon=True)
         self._thread.start()
 
     def _run(self, factory) -> None:
+        t = time.perf_counter()
         try:
             self._value = factory()
         except BaseException as e:  # re-raised in the thread that uses the component
             self._error = e
         finally:
+            self.seconds = time.perf_counter() - t
             self._done.set()
 
     @property

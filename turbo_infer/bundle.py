@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -415,20 +416,26 @@ def read_weights(file, device) -> dict:
 
 
 def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, allow_reference: bool = False,
-                     verify: bool = True, progress: bool = False):
+                     verify: bool = True, progress: bool = False, timings: dict | None = None):
     """Load a bundle's DiT onto `device` -> (model in eval mode, manifest).
 
     device: None = cuda if available, else cpu. dtype: compute dtype of the floating-point
     tensors (None = the bundle's). allow_reference: run on a device the target does not support,
     through the torch reference kernels. verify: check every file's sha256 first (default; only
     skip it for a bundle verified moments ago). progress: tqdm bar over the hashing.
+    timings: a dict that gets the seconds of the hashing (verify_s) and of building and reading
+    the DiT (dit_s).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
+    timings = {} if timings is None else timings
     manifest = read_manifest(path)  # 1. schema
     check_device(manifest, device, allow_reference)  # 2. can this device run the target?
+    start = time.perf_counter()
     if verify:
         verify_files(path, manifest, progress)  # 3. every file's size and sha256, before any tensor is read
+    timings["verify_s"] = time.perf_counter() - start
+    start = time.perf_counter()
     model = build_transformer(manifest)  # 4. structure on the meta device
     state = read_weights(path / WEIGHTS, device)  # 5. tensors straight onto the device
     quantized = {n for n, e in manifest["linears"].items() if e["precision"] != "bf16"}
@@ -440,7 +447,11 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_meta:  # pragma: no cover - load_state_dict(strict=True) reports these first
             raise BundleError(f"{path / WEIGHTS}: no tensor for {name!r}")
-    return model.requires_grad_(False).eval(), manifest
+    model = model.requires_grad_(False).eval()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the staged copies have landed
+    timings["dit_s"] = time.perf_counter() - start
+    return model, manifest
 
 
 # ----------------------------------------------------------------------------- text encoder, VAE

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def load_safetensors(path, device="cpu", *, staged: bool | None = None,
         return _mapped(path, device)
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    t = time.perf_counter()
     out = {name: torch.empty(shape, dtype=dtype, device=device) for name, (dtype, shape, _, _) in entries.items()}
     # destination byte views, in file order
     spans = sorted(((begin, end, out[name].view(-1).view(torch.uint8)) for name, (_, _, begin, end) in entries.items()
@@ -108,6 +110,9 @@ def load_safetensors(path, device="cpu", *, staged: bool | None = None,
     except RuntimeError as e:  # e.g. no pinned memory to be had: the mapped path still works
         log.warning("%s: staged read failed (%s); reading it through safe_open instead", path, e)
         return _mapped(path, device)
+    dt = time.perf_counter() - t
+    log.info("%s: %.2f GiB staged onto %s in %.2f s (%.2f GiB/s)", path.name, (hi - lo) / 2**30, device, dt,
+             (hi - lo) / 2**30 / max(dt, 1e-9))
     return out
 
 

@@ -19,6 +19,7 @@ the batch.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -90,6 +91,7 @@ class TurboPipeline:
         # sampler settings used when generate() gets None (from_bundle: the bundle's own)
         self.sample_defaults = {"sampler": "euler", "steps": 50, "guidance": 5.0}
         self.manifest = None  # a bundle's manifest (from_bundle), else None
+        self.load_times: dict[str, float] = {}  # seconds per loaded part (from_bundle)
         cfg = getattr(transformer, "config", None)
         self.patch_size = tuple(getattr(cfg, "patch_size", (1, 1, 1)))
         if cfg is not None:
@@ -159,7 +161,9 @@ class TurboPipeline:
         background: load the text encoder and the VAE in background threads (turbo_infer.background)
         while the DiT loads here, and return once the DiT is ready; the first call that needs one of
         them waits for it (and raises its load error, if any). The manifest and the device check come
-        first either way. vae_dtype: the Wan VAE's dtype (fp32 default; the toy codec has none)."""
+        first either way. vae_dtype: the Wan VAE's dtype (fp32 default; the toy codec has none).
+        The returned pipeline's `load_times` holds the seconds of each part it loaded here: verify_s
+        (sha256), dit_s, text_encoder_s, vae_s (background loads: the component's own `seconds`)."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         read_manifest)
 
@@ -175,17 +179,23 @@ class TurboPipeline:
                                           dim=cfg["text_dim"])
             if vae is None:
                 vae = Background("VAE", lambda: build_vae(manifest, device, vae_path, vae_dtype), latent_channels=cfg["in_channels"])
+        times: dict = {}
         model, manifest = load_transformer(path, device, dtype=dtype, allow_reference=allow_reference,
-                                           verify=verify, progress=progress)
+                                           verify=verify, progress=progress, timings=times)
+        t = time.perf_counter()
         if text_encoder is None:
             text_encoder = build_text_encoder(manifest, device, text_encoder_path)
+            times["text_encoder_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         if vae is None:
             vae = build_vae(manifest, device, vae_path, vae_dtype)
+            times["vae_s"] = time.perf_counter() - t
         s = manifest["sampler"]
         pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
                    default_shift=float(s["shift"]), fps=manifest["video"]["fps"])
         pipe.sample_defaults = {"sampler": s["name"], "steps": s["steps"], "guidance": float(s["guidance"])}
         pipe.manifest = manifest
+        pipe.load_times = times
         return pipe
 
     def compile(self, backend: str = "inductor", mode: str | None = None) -> "TurboPipeline":

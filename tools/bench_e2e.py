@@ -435,6 +435,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
     cmd += ["--ttfv-background"] if args.ttfv_background else []
+    cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype]
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -475,7 +476,8 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                        if args.ttfv_background else
                                        "TurboPipeline.from_bundle loads text encoder, VAE and DiT one after the other, "
                                        "then the DiT runs once on zeros ")
-                                    + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}); "
+                                    + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}; "
+                                    f"VAE in {args.ttfv_vae_dtype}); "
                                     f"then one generate(), mp4 via {child['writer']}")
 
 
@@ -513,7 +515,7 @@ def ttfv_child(args) -> int:
         text = (Background("text encoder", random_text, dim=manifest["model"]["config"]["text_dim"])
                 if args.ttfv_background else random_text())
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
-                                     background=args.ttfv_background)
+                                     background=args.ttfv_background, vae_dtype=getattr(torch, args.ttfv_vae_dtype))
     sync(device)
     # from_bundle: the DiT, and (sequential loads) the text encoder and VAE before it; with
     # --ttfv-background those two are still loading here
@@ -789,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "ttfv_first_launch_s is the first")
     p.add_argument("--ttfv-compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile in the fresh process (auto: if it made the turbo DiT faster here)")
+    p.add_argument("--ttfv-vae-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the fresh process's Wan VAE dtype (turbo-infer --vae-dtype; default float32)")
     p.add_argument("--with-14b", action="store_true", help="also the 14B 720p turbo DiT (built in memory)")
     p.add_argument("--reps-14b", type=int, default=1, help="timed 4-step runs of the 14B (default 1)")
     # the fresh process of stage 7 (internal)

@@ -18,6 +18,7 @@ s from calibration statistics and `W8A8Linear.from_linear(..., smooth=s)` applie
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Iterable
@@ -52,16 +53,29 @@ class W8A8Linear(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if act_scale is not None and not (isinstance(act_scale, (int, float)) and act_scale > 0):
-            raise ValueError(f"act_scale must be None (dynamic per token) or a float > 0, got {act_scale!r}")
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
-        self.act_scale = None if act_scale is None else float(act_scale)
+        self.act_scale = act_scale
         self.register_buffer("weight_q", torch.zeros(out_features, in_features, dtype=QDTYPE[mode], device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32, device=device) if bias else None)
         # SmoothQuant: inputs are multiplied by smooth_inv = 1/s before quantization (None: off)
         self.register_buffer("smooth_inv", torch.ones(in_features, dtype=torch.float32, device=device)
                              if smooth else None)
+
+    @property
+    def act_scale(self) -> float | None:
+        """The static per-tensor activation scale (None: dynamic per-token scales)."""
+        return self._act_scale
+
+    @act_scale.setter
+    def act_scale(self, value: float | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise ValueError(f"act_scale must be None (dynamic per token) or a finite float > 0, got {value!r}")
+        self._act_scale = None if value is None else float(value)
+        # what the kernels' ops take: a 0-d fp32 CPU tensor (turbo_infer.layers.compile_ops: one compiled
+        # graph serves blocks with different scales); a plain attribute, so .to(device) leaves it on the CPU
+        self.static_scale = None if value is None else torch.tensor(self._act_scale, dtype=torch.float32)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "int8", act_scale: float | None = None,
@@ -110,14 +124,14 @@ class W8A8Linear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> QuantizedActivation:
         """Quantize x (..., K) per token (or with the static scale)."""
         self._check_input(x)
-        q, s = quantize_activation(x, self.mode, self.act_scale, self.smooth_inv, self._use_kernels(x))
+        q, s = quantize_activation(x, self.mode, self.static_scale, self.smooth_inv, self._use_kernels(x))
         return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
 
     def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
         """x: (..., in_features) float, or a QuantizedActivation → (..., out_features) in x's dtype."""
         if isinstance(x, torch.Tensor):  # quantize + GEMM as one opaque op for torch.compile
             self._check_input(x)
-            return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.act_scale,
+            return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.static_scale,
                                self.mode, self._use_kernels(x))
         if x.data.dtype != self.weight_q.dtype:
             raise TypeError(f"activation dtype {x.data.dtype} does not match this layer's mode {self.mode!r}")
@@ -154,15 +168,15 @@ class W8A8GeluFFN(nn.Sequential):
             if x.data.dtype != up.weight_q.dtype:
                 raise TypeError(f"activation dtype {x.data.dtype} does not match the up layer's mode {up.mode!r}")
             y = w8a8_gelu_ffn_q(x.data, x.scale, up.weight_q, up.weight_scale, up.bias, down.weight_q,
-                                down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode, x.dtype,
+                                down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode, x.dtype,
                                 up._use_kernels(x.data))
             return y.view(*x.shape[:-1], down.out_features)
         up._check_input(x)
         use = up._use_kernels(x)
         if use != down._use_kernels(x):
             return super().forward(x)
-        return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.act_scale, up.mode,
-                             down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.act_scale, down.mode,
+        return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.static_scale, up.mode,
+                             down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode,
                              use)
 
 
@@ -180,7 +194,11 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
     if not layers or not all(isinstance(m, W8A8Linear) and m.smooth_inv is None for m in layers):
         return None
     first = layers[0]
-    if any((m.mode, m.act_scale, m.in_features) != (first.mode, first.act_scale, first.in_features) for m in layers):
+    # all static or all dynamic; static ones are quantized with the first's scale: consumers of one tensor
+    # were calibrated on the same values (compared by value here, each block's scales would be constants of
+    # a compiled graph: a recompile per block)
+    if any((m.mode, m.static_scale is None, m.in_features) != (first.mode, first.static_scale is None,
+                                                                first.in_features) for m in layers):
         return None
     use = first._use_kernels(x)
     downs = [c[2] for c in consumers if isinstance(c, W8A8GeluFFN)]  # the fused FFN op runs both on `use`
@@ -188,7 +206,7 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
         return None
     if not isinstance(norm, nn.LayerNorm) or norm.normalized_shape != (x.shape[-1],):
         return None
-    q, s = norm_quant(x, norm.weight, norm.bias, norm.eps, shift, scale, first.mode, first.act_scale, use)
+    q, s = norm_quant(x, norm.weight, norm.bias, norm.eps, shift, scale, first.mode, first.static_scale, use)
     return QuantizedActivation(q, s, tuple(x.shape), x.dtype)
 
 

@@ -18,7 +18,7 @@ def linear_args(mode="int8", act_scale=None):
     torch.manual_seed(0)
     lin = torch.nn.Linear(32, 24)
     m = W8A8Linear.from_linear(lin, mode=mode, act_scale=act_scale)
-    return m, (torch.randn(3, 5, 32), m.weight_q, m.weight_scale, m.bias, m.smooth_inv, m.act_scale, mode, False)
+    return m, (torch.randn(3, 5, 32), m.weight_q, m.weight_scale, m.bias, m.smooth_inv, m.static_scale, mode, False)
 
 
 @pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static", "norm_rope"])

@@ -10,6 +10,11 @@ Forward only: the modules use these ops where no gradient is needed (inference);
 autograd Functions. Each op runs on any device (CPU tensors take the torch references inside the
 same functions), which is how the tests check them; the modules route only CUDA tensors through them.
 No `from __future__ import annotations` here: custom_op reads the schema from the annotations.
+
+Static activation scales travel as 0-d fp32 CPU tensors (`W8A8Linear.static_scale`), not floats: a float
+argument is a constant of the compiled graph, so the DiT's blocks — one compiled code object, each with
+its own calibrated scales — would each compile again (Dynamo's recompile limit is 8); a tensor is a graph
+input. Read on the CPU inside the op, it costs no device synchronization.
 """
 from typing import Optional
 
@@ -84,7 +89,7 @@ def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, pv):
     return q.new_empty(q.shape)
 
 
-def quantize_activation(x: Tensor, mode: str, act_scale: Optional[float], smooth_inv: Optional[Tensor],
+def quantize_activation(x: Tensor, mode: str, act_scale: Optional[Tensor], smooth_inv: Optional[Tensor],
                         use_kernels: bool) -> tuple[Tensor, Tensor]:
     """x (..., K) -> (rows (M, K) int8/fp8, scales): the Triton kernel or its torch reference."""
     if use_kernels:
@@ -102,7 +107,7 @@ def quantized_product(q: Tensor, s: Tensor, weight_q: Tensor, weight_scale: Tens
 
 @torch.library.custom_op("turbo::w8a8_linear", mutates_args=())
 def w8a8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                smooth_inv: Optional[Tensor], act_scale: Optional[float], mode: str, use_kernels: bool) -> Tensor:
+                smooth_inv: Optional[Tensor], act_scale: Optional[Tensor], mode: str, use_kernels: bool) -> Tensor:
     """y = quant(x) W_q^T · scales + bias for x (..., K) -> (..., N) in x's dtype (W8A8Linear's math)."""
     q, s = quantize_activation(x, mode, act_scale, smooth_inv, use_kernels)
     y = quantized_product(q, s, weight_q, weight_scale, bias, x.dtype, use_kernels)
@@ -129,8 +134,8 @@ def _gelu_ffn_tail(q: Tensor, s: Tensor, up_wq, up_ws, up_b, down_wq, down_ws, d
 
 @torch.library.custom_op("turbo::w8a8_gelu_ffn", mutates_args=())
 def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], up_smooth_inv: Optional[Tensor],
-                  up_act_scale: Optional[float], up_mode: str, down_wq: Tensor, down_ws: Tensor,
-                  down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor], down_act_scale: Optional[float],
+                  up_act_scale: Optional[Tensor], up_mode: str, down_wq: Tensor, down_ws: Tensor,
+                  down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor], down_act_scale: Optional[Tensor],
                   down_mode: str, use_kernels: bool) -> Tensor:
     """down(gelu_tanh(up(x))) for two W8A8 layers (W8A8GeluFFN's math): GELU runs in the up GEMM's
     epilogue on its fp32 result; with a static activation scale on `down` (and no smoothing there) the
@@ -150,7 +155,7 @@ def _(x, up_wq, up_ws, up_b, up_smooth_inv, up_act_scale, up_mode, down_wq, down
 @torch.library.custom_op("turbo::w8a8_gelu_ffn_q", mutates_args=())
 def w8a8_gelu_ffn_q(q: Tensor, s: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], down_wq: Tensor,
                     down_ws: Tensor, down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor],
-                    down_act_scale: Optional[float], down_mode: str, out_dtype: torch.dtype,
+                    down_act_scale: Optional[Tensor], down_mode: str, out_dtype: torch.dtype,
                     use_kernels: bool) -> Tensor:
     """w8a8_gelu_ffn from an already quantized input q (M, K), s (M,) -> (M, N) in out_dtype."""
     return _gelu_ffn_tail(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale,
@@ -177,7 +182,7 @@ def _(q, s, weight_q, weight_scale, bias, out_dtype, use_kernels):
 
 @torch.library.custom_op("turbo::norm_quant", mutates_args=())
 def norm_quant(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float, shift: Optional[Tensor],
-               scale: Optional[Tensor], mode: str, act_scale: Optional[float],
+               scale: Optional[Tensor], mode: str, act_scale: Optional[Tensor],
                use_kernels: bool) -> tuple[Tensor, Tensor]:
     """LayerNorm (fp32) -> x·(1 + scale) + shift -> per-token (or static) quantization, in one pass:
     x (B, L, C), shift/scale (B, C) -> (q (B·L, C) int8/fp8, s (B·L,) fp32) (turbo_kernels norm_quant)."""

@@ -457,8 +457,33 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
 # ----------------------------------------------------------------------------- text encoder, VAE
 
 
-def build_text_encoder(manifest: dict, device, path=None):
-    """The text encoder the manifest references (`path` overrides its stored path)."""
+def prefetch_text_weights(manifest: dict, device, path=None):
+    """Start reading the referenced umT5 encoder's weight files onto a CUDA `device` in a background
+    thread (`turbo_infer.background.Background`; the staged reads spend their time in file reads and
+    copies that release the GIL, so they overlap the DiT's hashing and loading): pass it to
+    `build_text_encoder(..., prefetched=)`. None where there is nothing to prefetch (not umT5, not
+    CUDA, no path, not safetensors); a bad path is left to `build_text_encoder` to report."""
+    te = manifest["text_encoder"]
+    path = path if path is not None else te["path"]
+    if te["name"] != "umt5" or torch.device(device).type != "cuda" or path is None:
+        return None
+    from turbo_infer.text_encoders import umt5_weight_files
+
+    try:
+        files = umt5_weight_files(path)
+    except OSError:
+        return None
+    if not files:
+        return None
+    from turbo_infer.background import Background
+    from turbo_infer.fastload import read_files
+
+    return Background("umT5 weights", lambda: read_files(files, device))
+
+
+def build_text_encoder(manifest: dict, device, path=None, prefetched=None):
+    """The text encoder the manifest references (`path` overrides its stored path); prefetched: a
+    `prefetch_text_weights` read of its weights."""
     te = manifest["text_encoder"]
     path = path if path is not None else te["path"]
     if te["name"] == "minilm":
@@ -470,7 +495,7 @@ def build_text_encoder(manifest: dict, device, path=None):
     if path is None:
         raise BundleError(f"{MANIFEST}: field 'text_encoder.path' is null: pass the umT5 directory "
                           f"(text_encoder_path= / turbo-infer --text-encoder)")
-    return UMT5TextEncoder(path, device=device, dtype=getattr(torch, manifest["dtype"]))
+    return UMT5TextEncoder(path, device=device, dtype=getattr(torch, manifest["dtype"]), prefetched=prefetched)
 
 
 def build_vae(manifest: dict, device, path=None, dtype=torch.float32):
@@ -492,6 +517,7 @@ def build_vae(manifest: dict, device, path=None, dtype=torch.float32):
 
 __all__ = ["BundleError", "BundleIntegrityError", "BundleTargetError", "FORMAT", "FORMAT_VERSION", "MANIFEST",
            "TARGETS", "Target", "WEIGHTS", "build_text_encoder", "build_transformer", "build_vae", "cast_floats",
-           "check_device", "checkpoint_sha256", "device_problem", "load_transformer", "model_config", "read_manifest",
+           "check_device", "checkpoint_sha256", "device_problem", "load_transformer", "model_config",
+           "prefetch_text_weights", "read_manifest",
            "read_weights",
            "sha256_file", "suggest_target", "validate_manifest", "verify_files"]

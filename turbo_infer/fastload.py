@@ -116,16 +116,25 @@ def load_safetensors(path, device="cpu", *, staged: bool | None = None,
     return out
 
 
+def read_files(files, device, *, staged: bool | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of several safetensors files (e.g. a model's shards) on `device`, one dict."""
+    state = {}
+    for f in files:
+        state.update(load_safetensors(f, device, staged=staged))
+    return state
+
+
 def fill_meta_model(model: torch.nn.Module, files, device, dtype: torch.dtype | None = None, *,
-                    staged: bool | None = None) -> tuple[list[str], list[str]]:
+                    staged: bool | None = None, tensors: dict | None = None) -> tuple[list[str], list[str]]:
     """Load the tensors of safetensors `files` into a model built on the meta device, in place
     (`load_state_dict(assign=True)`: the tensors become the parameters, no copy), floating-point ones
     cast to `dtype` on `device`. Returns load_state_dict's (missing, unexpected) keys; `meta_tensors`
-    lists what is still unloaded (e.g. a tied weight the file stores once)."""
-    state = {}
-    for f in files:
-        for k, v in load_safetensors(f, device, staged=staged).items():
-            state[k] = v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
+    lists what is still unloaded (e.g. a tied weight the file stores once).
+    tensors: those files' tensors already read onto `device` (`read_files`, e.g. ahead of time in a
+    thread while other parts load), used instead of reading them here."""
+    raw = tensors if tensors is not None else read_files(files, device, staged=staged)
+    state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
+             for k, v in raw.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     return list(missing), list(unexpected)
 
@@ -175,5 +184,5 @@ def _stream_chunks(f, path, base, lo, hi, chunk_bytes, spans, buffers, done, pin
             done[slot].record()
 
 
-__all__ = ["CHUNK_BYTES", "DTYPES", "fill_meta_model", "load_safetensors", "meta_tensors", "read_header",
-           "staged_or_none"]
+__all__ = ["CHUNK_BYTES", "DTYPES", "fill_meta_model", "load_safetensors", "meta_tensors", "read_files",
+           "read_header", "staged_or_none"]

@@ -224,12 +224,20 @@ def _safetensors_shards(model_dir: Path) -> list[Path] | None:
     return [single] if single.is_file() else None
 
 
-def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool = True):
+def umt5_weight_files(path, tokenizer_path=None) -> list[Path] | None:
+    """The safetensors files `UMT5TextEncoder(path)` reads its weights from (None: not safetensors);
+    FileNotFoundError as the encoder raises it for a directory that is not a umT5 model."""
+    model_dir, _ = _resolve_umt5_dirs(Path(path), tokenizer_path)
+    return _safetensors_shards(model_dir)
+
+
+def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool = True, tensors=None):
     """A transformers model built on the meta device and filled straight on `device` from its
     safetensors files by `turbo_infer.fastload` (pinned, chunked reads on CUDA; ~1.1 GiB/s through
     from_pretrained + .to() measured for umT5-XXL on an H200 host). Returns None where this path does not
     apply exactly (no safetensors files, keys that do not match the model's state dict, anything left on
-    the meta device after tying the shared embeddings): the caller then uses from_pretrained."""
+    the meta device after tying the shared embeddings): the caller then uses from_pretrained.
+    tensors: the files' tensors already read onto `device` (`fastload.read_files`), used instead."""
     from turbo_infer.fastload import fill_meta_model, meta_tensors
 
     shards = _safetensors_shards(model_dir)
@@ -238,7 +246,7 @@ def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool
     config = model_cls.config_class.from_pretrained(str(model_dir))
     with torch.device("meta"):
         model = model_cls._from_config(config, dtype=dtype)
-    missing, unexpected = fill_meta_model(model, shards, device, dtype, staged=staged)
+    missing, unexpected = fill_meta_model(model, shards, device, dtype, staged=staged, tensors=tensors)
     if unexpected:
         return None
     if missing:
@@ -258,21 +266,28 @@ class UMT5TextEncoder(_HFTextEncoder):
         max_length: tokens per prompt (Wan: 512); states past a prompt's length are zero.
         negative_prompt: the prompt whose encoding is `empty_embedding()` (default: Wan's).
         cache_size: prompts kept in memory; cache_dir: optional on-disk cache (None = off).
+        prefetched: the weight files' tensors being read onto `device` ahead (a `turbo_infer.background.Background`
+            of `fastload.read_files(umt5_weight_files(path), device)`, as `TurboPipeline.from_bundle` starts
+            one before the DiT loads): waited for here instead of reading the files again; a failed read
+            falls back to from_pretrained.
     """
 
     def __init__(self, path, device="cpu", dtype=torch.float32, max_length: int = 512,
                  negative_prompt: str = WAN_NEGATIVE_PROMPT, tokenizer_path=None,
-                 cache_size: int = 256, cache_dir=None):
+                 cache_size: int = 256, cache_dir=None, prefetched=None):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         model_dir, tok_dir = _resolve_umt5_dirs(Path(path), tokenizer_path)
         tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
         model = None
-        if torch.device(device).type == "cuda":  # straight onto the GPU (turbo_infer.fastload)
+        if torch.device(device).type == "cuda" or prefetched is not None:  # straight onto the device (fastload)
             from turbo_infer.fastload import staged_or_none
 
-            model = staged_or_none(f"umT5 {model_dir}", lambda: load_model_staged(UMT5EncoderModel, model_dir, device,
-                                                                                 dtype))
+            def staged():
+                tensors = prefetched.result() if prefetched is not None else None
+                return load_model_staged(UMT5EncoderModel, model_dir, device, dtype, tensors=tensors)
+
+            model = staged_or_none(f"umT5 {model_dir}", staged)
         if model is None:
             model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype)
         super().__init__(model, tokenizer, device=device, dtype=dtype, max_length=max_length,

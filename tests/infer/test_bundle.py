@@ -256,3 +256,31 @@ def test_turbo_infer_bundle_cli(bundles, tmp_path, capsys):
     # a text encoder directory without a model in it is a clear CLI error
     error(["--bundle", str(bundles["cpu"]), "--text-encoder", str(tmp_path)],
           "could not load the models: MiniLM text encoder directory not found or lacks config.json")
+
+
+def test_prefetch_text_weights_starts_only_for_a_umt5_on_cuda(tmp_path, monkeypatch):
+    """TurboPipeline.from_bundle reads a umT5 encoder's weights in a thread beside the DiT's load, on a
+    GPU only; nothing is started for MiniLM, the CPU, a null or bad path, or a model without safetensors."""
+    from safetensors.torch import save_file
+
+    import turbo_infer.fastload as fastload
+    from turbo_infer.bundle import prefetch_text_weights
+
+    te = tmp_path / "umt5"
+    te.mkdir()
+    (te / "config.json").write_text("{}")
+    save_file({"shared.weight": torch.zeros(2, 2)}, str(te / "model.safetensors"))
+    calls = []
+    monkeypatch.setattr(fastload, "read_files", lambda files, device: calls.append((files, device)) or {"x": 1})
+
+    def manifest(name, path):
+        return {"text_encoder": {"name": name, "path": path}}
+
+    assert prefetch_text_weights(manifest("minilm", None), "cuda") is None
+    assert prefetch_text_weights(manifest("umt5", str(te)), "cpu") is None
+    assert prefetch_text_weights(manifest("umt5", None), "cuda") is None
+    assert prefetch_text_weights(manifest("umt5", str(tmp_path / "missing")), "cuda") is None
+    got = prefetch_text_weights(manifest("umt5", None), "cuda", path=te)  # the override path
+    assert got.result() == {"x": 1} and calls == [([te / "model.safetensors"], "cuda")]
+    (te / "model.safetensors").unlink()
+    assert prefetch_text_weights(manifest("umt5", str(te)), "cuda") is None

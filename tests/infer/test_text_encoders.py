@@ -216,3 +216,28 @@ def test_minilm_path_from_the_environment(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TURBO_MINILM_PATH", str(get_model_path()))
     assert MiniLMTextEncoder(cache_size=0).encode(["a red circle"]).shape == (1, 32, 384)
+
+
+def test_umt5_from_prefetched_weights_and_a_failed_prefetch(umt5_dir):
+    """UMT5TextEncoder(prefetched=...): the weights read ahead in a thread (as TurboPipeline.from_bundle
+    does on a GPU) make the same encoder as reading them itself; a prefetch that failed is logged and the
+    encoder reads its files through from_pretrained instead (same states)."""
+    from turbo_infer.background import Background
+    from turbo_infer.fastload import read_files
+    from turbo_infer.text_encoders import umt5_weight_files
+
+    files = umt5_weight_files(umt5_dir)
+    assert [f.name for f in files] == ["model.safetensors"]
+    ref = UMT5TextEncoder(umt5_dir, max_length=8).encode(["a red circle"])
+    ahead = Background("umT5 weights", lambda: read_files(files, "cpu", staged=True))
+    got = UMT5TextEncoder(umt5_dir, max_length=8, prefetched=ahead).encode(["a red circle"])
+    assert ahead.seconds is not None
+    torch.testing.assert_close(got, ref)
+
+    def broken():
+        raise OSError("disk went away")
+
+    got = UMT5TextEncoder(umt5_dir, max_length=8, prefetched=Background("umT5 weights", broken)).encode(["a red circle"])
+    torch.testing.assert_close(got, ref)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        umt5_weight_files(umt5_dir.parent)

@@ -205,7 +205,8 @@ def setup_text(args, shape, device, dtype, work: Path, write: bool, fig, notes):
     fig["text_encode_s"] = statistics.median(times)
     log(f"text encode ({shape.text_len} tokens): median {fig['text_encode_s'] * 1e3:.1f} ms")
     notes["text_encode"] = (f"UMT5TextEncoder code path (tokenize, encode with mask, zero padding; no cache) around "
-                            f"an in-memory random UMT5EncoderModel at umT5-XXL's config ({n / 1e9:.2f}B params, "
+                            f"the runtime's own umT5 module (turbo_infer.models.umt5) holding a random "
+                            f"UMT5EncoderModel's weights at umT5-XXL's config ({n / 1e9:.2f}B params, "
                             f"{dtype}) and a synthetic {shape.umt5['vocab_size']}-piece unigram tokenizer; one "
                             f"prompt padded to {shape.text_len} tokens; median of {max(args.reps, 5)}")
     return enc, te_dir

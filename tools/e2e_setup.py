@@ -137,11 +137,20 @@ def synthetic_umt5_tokenizer(vocab_size: int):
 
 def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
     """The project's UMT5TextEncoder (tokenize, encode with the mask, zero the padding) around a
-    model already in memory: UMT5TextEncoder.__init__ only adds reading both from a directory.
-    No embedding cache, so that every encode() runs the model."""
+    model already in memory: UMT5TextEncoder.__init__ only adds reading both from a directory. A
+    transformers UMT5EncoderModel is re-housed in the runtime's own module (turbo_infer.models.umt5,
+    what UMT5TextEncoder builds from a directory), sharing its tensors. No embedding cache, so that
+    every encode() runs the model."""
+    from dataclasses import fields
+
+    from turbo_infer.models.umt5 import UMT5Config, UMT5Encoder
     from turbo_infer.text_encoders import WAN_NEGATIVE_PROMPT, UMT5TextEncoder, _HFTextEncoder
 
+    if not isinstance(model, UMT5Encoder):
+        config = UMT5Config(**{f.name: getattr(model.config, f.name) for f in fields(UMT5Config)})
+        model = UMT5Encoder.from_state(config, model.state_dict(), "in-memory umT5")
     enc = UMT5TextEncoder.__new__(UMT5TextEncoder)
+    enc.native = True
     _HFTextEncoder.__init__(enc, model, tokenizer, device=device, dtype=dtype, max_length=max_length,
                             negative_prompt=WAN_NEGATIVE_PROMPT, cache_size=0, cache_dir=None,
                             namespace="umt5|random-in-memory")

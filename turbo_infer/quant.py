@@ -75,7 +75,8 @@ class W8A8Linear(nn.Module):
         self._act_scale = None if value is None else float(value)
         # what the kernels' ops take: a 0-d fp32 CPU tensor (turbo_infer.layers.compile_ops: one compiled
         # graph serves blocks with different scales); a plain attribute, so .to(device) leaves it on the CPU
-        self.static_scale = None if value is None else torch.tensor(self._act_scale, dtype=torch.float32)
+        self.static_scale = (None if value is None else  # on the CPU even under a `with torch.device(...)`
+                             torch.tensor(self._act_scale, dtype=torch.float32, device="cpu"))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "int8", act_scale: float | None = None,

@@ -306,6 +306,9 @@ def test_act_scale_setter_validates_and_keeps_the_op_tensor_in_step():
     assert m.static_scale.item() == 0.25
     m.act_scale = None
     assert m.static_scale is None
+    with torch.device("meta"):  # bundles build their layers on the meta device: the scale stays a CPU value
+        lazy = W8A8Linear(8, 4, mode="fp8", act_scale=0.125)
+    assert lazy.weight_q.is_meta and lazy.static_scale.device.type == "cpu" and float(lazy.static_scale) == 0.125
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="act_scale"):
             m.act_scale = bad

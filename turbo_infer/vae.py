@@ -1,6 +1,7 @@
 """Video codecs between pixels and the DiT's latent space.
 
-    WanVAE    Wan2.1's causal 3D VAE through diffusers `AutoencoderKLWan`, from a local directory;
+    WanVAE    Wan2.1's causal 3D VAE from a local directory in diffusers' `AutoencoderKLWan` layout (decoded
+              by the runtime's own decoder, encoded through diffusers);
               latents normalized per channel with the config's latents_mean / latents_std exactly as
               diffusers' WanPipeline does (z_norm = (z - mean) / std; decode undoes it).
     ToyCodec  the toy world's codec: a fixed, lossless 4x4 space-to-depth permutation, no weights.
@@ -121,7 +122,11 @@ def load_vae_staged(model_cls, vae_dir: Path, device, dtype, *, staged: bool = T
 
 
 class WanVAE:
-    """Wan2.1 VAE (diffusers `AutoencoderKLWan`) from a local directory.
+    """Wan2.1 VAE from a local directory in diffusers' `AutoencoderKLWan` layout.
+
+    Decoding runs the runtime's own decoder (`turbo_infer.models.wan_vae.WanVAEDecoder`: no diffusers
+    import) when the config is Wan2.1's and the weights are safetensors (`native` is then True);
+    otherwise, and for `encode`, diffusers' AutoencoderKLWan (built on first use for encoding).
 
     Args:
         path: directory with the diffusers config.json + weights, or a diffusers Wan repo root
@@ -135,31 +140,73 @@ class WanVAE:
     """
 
     def __init__(self, path, device="cpu", dtype=torch.float32, channels_last: bool | None = None):
-        try:
-            from diffusers import AutoencoderKLWan
-        except ImportError as e:  # pragma: no cover - diffusers is needed only for the Wan VAE
-            raise ImportError("WanVAE needs diffusers (pip install diffusers)") from e
-        vae_dir = _resolve_vae_dir(Path(path))
+        import json
+
+        self.vae_dir = _resolve_vae_dir(Path(path))
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model = None
+        try:
+            cfg = json.loads((self.vae_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{self.vae_dir / 'config.json'}: unreadable ({e})") from None
+        self.config = cfg
+        self._full = None  # diffusers' AutoencoderKLWan, for encode (and decode where native is off)
+        self.model = self._native_decoder()
+        self.native = self.model is not None
+        if not self.native:
+            self.model = self._diffusers_model()
+        self.channels_last = False
+        self.set_channels_last(self.device.type == "cuda" if channels_last is None else bool(channels_last))
+        self.latent_channels = int(cfg.get("z_dim", 16))
+        # the architecture fixes the factors: one 2x spatial downsample per stage after the first,
+        # one 2x temporal downsample per True in temperal_downsample (Wan2.1: 8 and 4)
+        self.spatial_factor = 2 ** (len(cfg.get("dim_mult", [1, 2, 4, 4])) - 1)
+        self.temporal_factor = 2 ** sum(bool(t) for t in cfg.get("temperal_downsample", [False, True, True]))
+        model_cfg = getattr(self.model, "config", cfg)
+        get = model_cfg.get if isinstance(model_cfg, dict) else lambda k: getattr(model_cfg, k)
+        self.latents_mean = torch.tensor(get("latents_mean"), dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.latents_std = torch.tensor(get("latents_std"), dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    def _native_decoder(self):
+        """The runtime's decoder, or None (logged) where it does not reproduce this VAE."""
+        import logging
+
+        from turbo_infer.models.wan_vae import WanVAEDecoder
+
+        if "latents_mean" not in self.config or "latents_std" not in self.config:
+            return None  # diffusers' defaults apply: leave them to diffusers
+        try:
+            return WanVAEDecoder.from_dir(self.vae_dir, self.device, self.dtype)
+        except (ValueError, OSError, RuntimeError) as e:
+            logging.getLogger(__name__).warning("Wan VAE %s: not decoded by the runtime's own decoder (%s); using "
+                                                "diffusers", self.vae_dir, e)
+            return None
+
+    def _diffusers_model(self):
+        """diffusers' AutoencoderKLWan from the directory (staged onto a GPU), in this VAE's device/dtype."""
+        try:
+            from diffusers import AutoencoderKLWan
+        except ImportError as e:  # pragma: no cover - diffusers is needed only for encode / other layouts
+            raise ImportError("WanVAE needs diffusers for encoding and for VAEs other than Wan2.1's layout "
+                              "(pip install diffusers)") from e
+        model = None
         if self.device.type == "cuda":  # straight onto the GPU (turbo_infer.fastload)
             from turbo_infer.fastload import staged_or_none
 
-            self.model = staged_or_none(f"Wan VAE {vae_dir}",
-                                        lambda: load_vae_staged(AutoencoderKLWan, vae_dir, self.device, dtype))
-        if self.model is None:
-            self.model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype)
-        self.model.to(self.device).eval().requires_grad_(False)
-        self.set_channels_last(self.device.type == "cuda" if channels_last is None else bool(channels_last))
-        cfg = self.model.config
-        self.latent_channels = int(cfg.z_dim)
-        # the architecture fixes the factors: one 2x spatial downsample per stage after the first,
-        # one 2x temporal downsample per True in temperal_downsample (Wan2.1: 8 and 4)
-        self.spatial_factor = 2 ** (len(cfg.dim_mult) - 1)
-        self.temporal_factor = 2 ** sum(bool(t) for t in cfg.temperal_downsample)
-        self.latents_mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        self.latents_std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+            model = staged_or_none(f"Wan VAE {self.vae_dir}",
+                                   lambda: load_vae_staged(AutoencoderKLWan, self.vae_dir, self.device, self.dtype))
+        if model is None:
+            model = AutoencoderKLWan.from_pretrained(str(self.vae_dir), torch_dtype=self.dtype)
+        return model.to(self.device, self.dtype).eval().requires_grad_(False)
+
+    @property
+    def full_model(self):
+        """diffusers' AutoencoderKLWan (encoder and decoder): loaded on first use when decoding is native."""
+        if not self.native:
+            return self.model
+        if self._full is None:
+            self._full = self._diffusers_model()
+        return self._full
 
     def to(self, device=None, dtype=None) -> "WanVAE":
         if device is not None:
@@ -167,6 +214,8 @@ class WanVAE:
         if dtype is not None:
             self.dtype = dtype
         self.model.to(device=self.device, dtype=self.dtype)
+        if self._full is not None:
+            self._full.to(device=self.device, dtype=self.dtype)
         return self.set_channels_last(self.channels_last)
 
     def set_channels_last(self, on: bool) -> "WanVAE":
@@ -197,7 +246,7 @@ class WanVAE:
         """video (B, 3, F, H, W) in [-1, 1] -> normalized latents (B, z_dim, F', H', W') float32."""
         _check_video(video)
         self.check_size(*video.shape[2:])
-        dist = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        dist = self.full_model.encode(video.to(self.device, self.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return (z.float() - self.latents_mean.to(z.device)) / self.latents_std.to(z.device)
 
@@ -209,5 +258,8 @@ class WanVAE:
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must have shape (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
         z = latents.float().to(self.device) * self.latents_std.to(self.device) + self.latents_mean.to(self.device)
-        video = self.model.decode(z.to(self.dtype), return_dict=False)[0]
+        if self.native:
+            video = self.model.decode(z.to(self.dtype))
+        else:
+            video = self.model.decode(z.to(self.dtype), return_dict=False)[0]
         return video.float().clamp(-1.0, 1.0)

@@ -81,14 +81,32 @@ def test_wan_vae_normalization_matches_wan_pipeline(tiny_vae_dir):
     assert z.shape == (1, 4, 2, 2, 2)
     mean = torch.tensor(MEAN).view(1, 4, 1, 1, 1)
     std = torch.tensor(STD).view(1, 4, 1, 1, 1)
-    raw = vae.model.encode(video).latent_dist.mode()
+    raw = vae.full_model.encode(video).latent_dist.mode()
     torch.testing.assert_close(z, (raw - mean) / std)  # Wan: (mu - mean) * (1 / std)
     # decode inverts the normalization as WanPipeline does: latents / (1/std) + mean
     out = vae.decode(z)
-    ref = vae.model.decode(z / (1.0 / std) + mean, return_dict=False)[0].clamp(-1, 1)
-    assert out.shape == (1, 3, 5, 16, 16) and out.dtype == torch.float32
-    torch.testing.assert_close(out, ref)
+    ref = vae.full_model.decode(z / (1.0 / std) + mean, return_dict=False)[0].clamp(-1, 1)  # diffusers decodes
+    assert vae.native and out.shape == (1, 3, 5, 16, 16) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # the runtime's decoder vs diffusers'
     assert out.min() >= -1 and out.max() <= 1
+
+
+def test_wan_vae_falls_back_to_diffusers_where_its_decoder_refuses(tiny_vae_dir, monkeypatch, caplog):
+    """A VAE the runtime's decoder does not reproduce (its from_dir raises ValueError naming the field) is
+    decoded by diffusers, logged; same video."""
+    from turbo_infer.models.wan_vae import WanVAEDecoder
+
+    z = torch.randn(1, 4, 2, 2, 2)
+    ref = WanVAE(tiny_vae_dir / "vae").decode(z)
+
+    def refuse(*a, **k):
+        raise ValueError("config.json: field 'is_residual' is True")
+
+    monkeypatch.setattr(WanVAEDecoder, "from_dir", refuse)
+    with caplog.at_level("WARNING", logger="turbo_infer.vae"):
+        vae = WanVAE(tiny_vae_dir / "vae")
+    assert not vae.native and vae.full_model is vae.model and "is_residual" in caplog.text
+    torch.testing.assert_close(vae.decode(z), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_wan_vae_channels_last_conv3d_weights_decode_the_same(tiny_vae_dir):

@@ -69,7 +69,8 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
     """{file: {figure: value}} from the suite's reports (missing evaluations are skipped). An adherence
     ratio whose two reports carry per-video adherence (same prompts and noise) also gets
     `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr); a
-    Fréchet ratio whose two reports carry `frechet_stderr` (turbo-eval's bootstrap) gets one too."""
+    Fréchet ratio whose two reports carry `frechet_stderr` (turbo-eval's bootstrap) gets one too, and
+    `<figure>_stderr_paired` where the suite bootstrapped the ratio itself (`frechet_ratio_paired_stderr`)."""
     t = reports["teacher"]
     out: dict[str, dict[str, float]] = {"rcm": {}, "sla_finetune": {}, "toy_bundles": {}}
     for file, fig, name, key in RATIOS + variant_ratios(reports):
@@ -85,6 +86,9 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
             r, a, b = out[file][fig], reports[name], t
             out[file][fig + "_stderr"] = round(r * math.hypot(a["frechet_stderr"] / a["frechet"],
                                                               b["frechet_stderr"] / b["frechet"]), 4)
+        if key == "frechet" and reports[name].get("frechet_ratio_paired_stderr") is not None:
+            # the suite's paired bootstrap of the ratio itself (shared prompts and real videos move both)
+            out[file][fig + "_stderr_paired"] = reports[name]["frechet_ratio_paired_stderr"]
     for name in reports:  # absolute values too, for BENCHMARKS.md
         file = ("toy_bundles" if name.startswith("bundle") else "sla_finetune"
                 if name.startswith(("teacher_sla", "merged")) else "rcm")

@@ -111,6 +111,29 @@ class Suite:
         with ThreadPoolExecutor(max_workers=width) as pool:
             self.stages += list(pool.map(lambda j: j[0](*j[1:]), jobs))
 
+    def paired_frechet(self, eval_dir: Path) -> dict:
+        """{frechet_ratio_paired, frechet_ratio_paired_stderr}: this evaluation's Fréchet distance over the
+        teacher's, bootstrapped over the prompts (same for both: same prompts and noise) and the shared real
+        videos (turbo_train.toyworld.metrics.frechet_ratio_paired_bootstrap), from both runs' judge features;
+        {} where either is missing. Computed once per evaluation (cached next to its report)."""
+        cache, mine, ref = (eval_dir / "frechet_vs_teacher.json", eval_dir / "features.npz",
+                            self.out / "eval" / "teacher" / "features.npz")
+        if cache.is_file():
+            return json.loads(cache.read_text())
+        if not (mine.is_file() and ref.is_file()):
+            return {}
+        import numpy as np
+
+        from turbo_train.toyworld.metrics import frechet_ratio_paired_bootstrap
+
+        a, b = np.load(mine), np.load(ref)
+        if a["generated"].shape != b["generated"].shape or not np.array_equal(a["real"], b["real"]):
+            return {}  # not the same prompts / real videos: no pairing
+        ratio, se = frechet_ratio_paired_bootstrap(a["generated"], b["generated"], a["real"], reps=100)
+        out = {"frechet_ratio_paired": round(ratio, 4), "frechet_ratio_paired_stderr": round(se, 4)}
+        cache.write_text(json.dumps(out) + "\n")
+        return out
+
     def write_summary(self, t0: float, complete: bool) -> dict:
         """Write OUT/summary.json (atomically) from the stages so far and every report on disk; called after
         each phase too, so that a run stopped by a time limit still leaves a digest (complete: false)."""
@@ -125,6 +148,7 @@ class Suite:
                     "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_real", "s_per_video",
                     "per_attribute_accuracy", "settings")
             summary["reports"][rep.parent.name] = {k: r[k] for k in keys if k in r}
+            summary["reports"][rep.parent.name].update(self.paired_frechet(rep.parent))
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.out / "summary.json")

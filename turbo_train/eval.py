@@ -83,6 +83,7 @@ def generate_batched(pipe, prompts: list[str], *, batch_size: int, seed: int, pr
 # ----------------------------------------------------------------------------- saved videos (--save-videos / --reference)
 
 VIDEOS_FILE = "videos.npz"
+FEATURES_FILE = "features.npz"  # judge features of the generated and the real videos (Fréchet's two sets)
 
 
 def save_videos(path: Path, videos: np.ndarray, captions: list[str], seed: int) -> None:
@@ -143,8 +144,9 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
              steps: int = 50, guidance: float = 5.0, sampler: str = "euler", shift: float | None = None,
              seed: int = 0, batch_size: int = 8, progress: bool = True,
              reference: np.ndarray | None = None,
-             frechet_bootstrap: int = 20) -> tuple[dict[str, Any], np.ndarray, list[str], list[float]]:
-    """Run the whole evaluation; returns (report, videos, captions, per-video adherence). reference:
+             frechet_bootstrap: int = 20) -> tuple[dict[str, Any], np.ndarray, list[str], list[float], dict]:
+    """Run the whole evaluation; returns (report, videos, captions, per-video adherence, judge features
+    {"generated": (N, D), "real": (N, D)} of the Fréchet distance's two sets). reference:
     videos of another model for the same prompts and seed (load_reference_videos) -> fidelity figures.
     frechet_bootstrap: resamples for the Fréchet distance's standard error (0 = not computed)."""
     if num_prompts < 2:
@@ -176,6 +178,7 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     # Fréchet distance to as many real videos (random scenes, other seeds)
     gen_feats = judge.features(videos).cpu().numpy()
     real_feats = judge.features(real_videos(None, num_prompts, seed)).cpu().numpy()
+    features = {"generated": gen_feats, "real": real_feats}  # for paired comparisons of two runs (features.npz)
     report["frechet"] = frechet_distance(gen_feats, real_feats)
     if frechet_bootstrap:  # the evaluation's own noise on it (bootstrap over both video sets)
         report["frechet_stderr"] = frechet_bootstrap_stderr(gen_feats, real_feats, frechet_bootstrap, seed)
@@ -200,7 +203,7 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     report["s_per_video"] = s_per_video
     report["settings"] = dict(num_prompts=num_prompts, diversity_prompts=diversity_prompts, diversity_seeds=diversity_seeds,
                               seed=seed, **kw)
-    return report, videos, captions, per_video.tolist()
+    return report, videos, captions, per_video.tolist(), features
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.sampler == "rcm" and not 1 <= a.steps <= 4:
         p.error("--sampler rcm takes --steps 1..4")
     judge = load_judge(a.judge, device=a.device)
-    report, videos, captions, scores = evaluate(
+    report, videos, captions, scores, features = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,
         steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, seed=a.seed, batch_size=a.batch_size,
         progress=not a.no_progress, reference=reference, frechet_bootstrap=a.frechet_bootstrap,
@@ -307,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     if a.save_videos:
         save_videos(a.out_dir / VIDEOS_FILE, videos, captions, a.seed)
+    tmp = a.out_dir / "features.tmp.npz"  # judge features: paired comparisons of two runs (toy_gpu_suite)
+    np.savez(tmp, **features)
+    os.replace(tmp, a.out_dir / FEATURES_FILE)
     tmp = a.out_dir / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, a.out_dir / "report.json")

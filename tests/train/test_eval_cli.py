@@ -3,6 +3,7 @@ scored by the shipped judge; and the CLI's refusals. (The figures themselves are
 benchmarks/toy.json and are reproduced by the same command at full size.)"""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,6 +35,8 @@ def run(args, out):
     per = report["adherence_per_video"]  # in prompt order, for paired comparisons of two runs
     assert len(per) == report["settings"]["num_prompts"] and sum(per) / len(per) == pytest.approx(report["adherence"])
     assert report["adherence_stderr"] >= 0 and report["frechet_stderr"] >= 0
+    feats = np.load(out / "features.npz")  # the Fréchet distance's two sets, for paired comparisons
+    assert feats["generated"].shape == feats["real"].shape == (2, feats["real"].shape[1])
     return report
 
 

@@ -197,6 +197,26 @@ def test_frechet_bootstrap_stderr_shrinks_with_more_videos():
     assert frechet_bootstrap_stderr(a, b, reps=0) == 0.0
 
 
+def test_paired_frechet_ratio_bootstrap_cancels_what_two_runs_share():
+    """Two models' features of the same prompts against one real set: the paired bootstrap of the ratio
+    is 0 for identical models, and for two close models well below the ratio's error combined from the
+    two distances' separate bootstraps (which treats the shared prompts and real videos as independent)."""
+    from turbo_train.toyworld.metrics import frechet_bootstrap_stderr, frechet_ratio_paired_bootstrap
+
+    rng = np.random.default_rng(2)
+    real, teacher = rng.normal(size=(300, 8)), rng.normal(0.4, 1.0, size=(300, 8))
+    student = teacher + 0.2 * rng.normal(size=(300, 8))  # the same prompts, a little different
+    assert frechet_ratio_paired_bootstrap(teacher, teacher, real, reps=30) == (1.0, 0.0)
+    ratio, paired = frechet_ratio_paired_bootstrap(student, teacher, real, reps=60, seed=0)
+    assert ratio == pytest.approx(frechet_distance(student, real) / frechet_distance(teacher, real))
+    fa, fb = frechet_distance(student, real), frechet_distance(teacher, real)
+    unpaired = ratio * math.hypot(frechet_bootstrap_stderr(student, real, 60, 0) / fa,
+                                  frechet_bootstrap_stderr(teacher, real, 60, 1) / fb)
+    assert 0 < paired < 0.5 * unpaired
+    with pytest.raises(ValueError, match="one row per prompt"):
+        frechet_ratio_paired_bootstrap(student[:10], teacher, real)
+
+
 def test_frechet_distance_known_values():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 16))

@@ -224,3 +224,32 @@ def test_training_progress_reads_the_last_logged_values(tmp_path):
     (d / "metrics.csv").write_text("epoch,step,train/loss,val/loss\n0,49,2.0,\n0,99,1.5,\n0,99,,0.7\n")
     assert toy_gpu_suite.training_progress(tmp_path / "rcm") == {"steps": 99, "last": {"train/loss": 1.5, "val/loss": 0.7}}
     assert toy_gpu_suite.training_progress(tmp_path / "eval") is None
+
+
+def test_the_digest_pairs_each_frechet_with_the_teachers_from_their_features(tmp_path, monkeypatch):
+    """Evaluations with judge features (turbo-eval's features.npz) get the paired bootstrap of their Fréchet
+    ratio to the teacher's in the digest (once; cached), and toy_figures writes it as *_stderr_paired;
+    evaluations without features, or of other real videos, get none."""
+    import numpy as np
+
+    s, _ = suite(tmp_path, monkeypatch)
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(64, 6))
+    teacher = rng.normal(size=(64, 6))
+    extra = {"adherence_seen_templates": 0.7, "adherence_heldout_templates": 0.7, "diversity_real": 9.0,
+             "s_per_video": 1.0, "per_attribute_accuracy": {}, "settings": {}}
+    for name, gen, ref in (("teacher", teacher, real), ("rcm4", teacher + 0.3 * rng.normal(size=(64, 6)), real),
+                           ("rcm2", teacher, real + 1.0), ("rcm1", None, None)):
+        d = tmp_path / "eval" / name
+        d.mkdir(parents=True)
+        (d / "report.json").write_text(json.dumps({**report(0.7), **extra}))
+        if gen is not None:
+            np.savez(d / "features.npz", generated=gen, real=ref)
+    digest = s.write_summary(0.0, complete=True)["reports"]
+    assert digest["teacher"]["frechet_ratio_paired"] == 1.0 and digest["teacher"]["frechet_ratio_paired_stderr"] == 0.0
+    assert digest["rcm4"]["frechet_ratio_paired_stderr"] > 0
+    assert "frechet_ratio_paired" not in digest["rcm2"] and "frechet_ratio_paired" not in digest["rcm1"]
+    assert json.loads((tmp_path / "eval" / "rcm4" / "frechet_vs_teacher.json").read_text()) == {
+        k: digest["rcm4"][k] for k in ("frechet_ratio_paired", "frechet_ratio_paired_stderr")}
+    figs = toy_figures.ratios({**digest, "rcm4": {**digest["rcm4"], "frechet": 120.0}})
+    assert figs["rcm"]["toy_rcm4_frechet_ratio_stderr_paired"] == digest["rcm4"]["frechet_ratio_paired_stderr"]

@@ -145,6 +145,26 @@ def frechet_bootstrap_stderr(feats_a, feats_b, reps: int = 20, seed: int = 0) ->
     return float(np.std(vals, ddof=1))
 
 
+def frechet_ratio_paired_bootstrap(gen_a, gen_b, real, reps: int = 200, seed: int = 0) -> tuple[float, float]:
+    """(FD(a, real) / FD(b, real), its bootstrap standard error) for two models' features of the SAME
+    prompts and noise (row i of gen_a and gen_b: one prompt) against one real set. Each resample draws
+    prompt rows once for both models and real rows once for both distances, so what the two distances
+    share (the prompts drawn, the real videos) moves them together and cancels in the ratio: the
+    ratio's own noise, smaller than combining the two distances' separate errors."""
+    a, b, r = (_as_features(x, n) for x, n in ((gen_a, "gen_a"), (gen_b, "gen_b"), (real, "real")))
+    if a.shape != b.shape:
+        raise ValueError(f"paired features must have one row per prompt in both, got {a.shape} and {b.shape}")
+    ratio = frechet_distance(a, r) / frechet_distance(b, r)
+    if reps < 2:
+        return float(ratio), 0.0
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(reps):
+        i, j = rng.integers(0, len(a), len(a)), rng.integers(0, len(r), len(r))
+        vals.append(frechet_distance(a[i], r[j]) / frechet_distance(b[i], r[j]))
+    return float(ratio), float(np.std(vals, ddof=1))
+
+
 def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
     """Mean over prompts of the mean pairwise Euclidean distance between the (n_i, D) features of
     one prompt's videos (n_i >= 2 each). Accepts a dict prompt -> features or a list of arrays."""

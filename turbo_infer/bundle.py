@@ -20,9 +20,10 @@ measured 0.49x the SPEED of bf16 SLA at the 1.3B shape, topk 0.1 (benchmarks/low
 the whole 4-step 1.3B DiT 2.12 s against 1.83 s for sla (benchmarks/e2e.json). The Ada/Blackwell
 targets keep sagesla (unmeasured there). Loading order (`load_transformer`):
 read and validate the manifest -> check that this device can run the target (a refusal names the
-bundle to use instead) -> sha256 of every file against the manifest -> build the model on the meta
-device -> read the safetensors with `safe_open` straight onto the device -> assign. Nothing is read
-from the weights file before its hash has been checked.
+bundle to use instead) -> sha256 of every file against the manifest (in a thread, while the model is
+built on the meta device) -> read the safetensors straight onto the device (`turbo_infer.fastload`:
+mapped on the CPU, pinned staged reads on a GPU) -> assign. No tensor is read from the weights file
+before its hash has been checked.
 
 This module is the runtime half of the adapter pair; it imports nothing from turbo_train.
 """
@@ -423,8 +424,8 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
     tensors (None = the bundle's). allow_reference: run on a device the target does not support,
     through the torch reference kernels. verify: check every file's sha256 first (default; only
     skip it for a bundle verified moments ago). progress: tqdm bar over the hashing.
-    timings: a dict that gets the seconds of the hashing (verify_s) and of building and reading
-    the DiT (dit_s).
+    timings: a dict that gets the seconds of the hashing (verify_s; it runs in a thread while the
+    model's structure is built) and of building and reading the DiT (dit_s, from the start).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
@@ -432,11 +433,17 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
     manifest = read_manifest(path)  # 1. schema
     check_device(manifest, device, allow_reference)  # 2. can this device run the target?
     start = time.perf_counter()
-    if verify:
-        verify_files(path, manifest, progress)  # 3. every file's size and sha256, before any tensor is read
-    timings["verify_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model = build_transformer(manifest)  # 4. structure on the meta device
+    hashing = None
+    if verify:  # 3. every file's size and sha256 (in a thread: hashlib runs without the GIL) ...
+        from turbo_infer.background import Background
+
+        hashing = Background("sha256", lambda: verify_files(path, manifest, progress))
+    model = build_transformer(manifest)  # 4. ... while the structure is built on the meta device
+    if hashing is not None:
+        hashing.result()  # raises BundleIntegrityError before any tensor is read
+        timings["verify_s"] = hashing.seconds
+    else:
+        timings["verify_s"] = 0.0
     state = read_weights(path / WEIGHTS, device)  # 5. tensors straight onto the device
     quantized = {n for n, e in manifest["linears"].items() if e["precision"] != "bf16"}
     state = cast_floats(state, dtype or getattr(torch, manifest["dtype"]), quantized)

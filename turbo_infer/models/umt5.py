@@ -123,10 +123,13 @@ class SelfAttention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, L, self.heads * self.d_kv))
 
 
-class SelfAttentionLayer(nn.Module):
-    def __init__(self, cfg: UMT5Config):
+class Sublayer(nn.Module):
+    """A pre-norm sublayer: its RMS norm and its function, under the attribute name the checkpoints'
+    keys use ("SelfAttention", "DenseReluDense")."""
+
+    def __init__(self, cfg: UMT5Config, name: str, inner: nn.Module):
         super().__init__()
-        self.SelfAttention = SelfAttention(cfg)  # noqa: N815 - the checkpoints' key names
+        setattr(self, name, inner)
         self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
 
 
@@ -146,17 +149,11 @@ class FeedForward(nn.Module):
         return self.wo(h.to(self.wo.weight.dtype))
 
 
-class FeedForwardLayer(nn.Module):
-    def __init__(self, cfg: UMT5Config):
-        super().__init__()
-        self.DenseReluDense = FeedForward(cfg)  # noqa: N815 - the checkpoints' key names
-        self.layer_norm = RMSNorm(cfg.d_model, cfg.layer_norm_epsilon)
-
-
 class Block(nn.Module):
     def __init__(self, cfg: UMT5Config):
         super().__init__()
-        self.layer = nn.ModuleList([SelfAttentionLayer(cfg), FeedForwardLayer(cfg)])
+        self.layer = nn.ModuleList([Sublayer(cfg, "SelfAttention", SelfAttention(cfg)),
+                                    Sublayer(cfg, "DenseReluDense", FeedForward(cfg))])
 
     def forward(self, h: torch.Tensor, buckets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         attn, ff = self.layer

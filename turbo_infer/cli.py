@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                                      vae_dtype=getattr(torch, args.vae_dtype))
     except (FileNotFoundError, ValueError, OSError) as e:
         parser.error(f"could not load the models: {e}")
+    if pipe.load_times and not args.no_progress:
+        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in pipe.load_times.items())
+        print(f"loaded {args.bundle}: {parts}", file=sys.stderr)
     if args.compile:
         pipe.compile()
     video = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames,

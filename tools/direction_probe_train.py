@@ -12,8 +12,8 @@ videos per direction are sampled (Euler, CFG 4) and the square is tracked by col
     rope         the toy architecture as is: time enters only through RoPE's relative offsets
     frame_embed  plus a learned embedding of the latent frame index (WanConfig.frame_embed_len = 8)
 A variant that gets the sign right while the other stays at chance says where the v6 teacher's trouble
-comes from. Results: OUT/results.json and a printed line per variant (seeded; the training's length decides
-a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
+comes from. Results: OUT/results.json, a contact sheet of samples per variant (OUT/samples_<variant>.png)
+and a printed line per variant (seeded; the training's length decides a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
 either variant to draw a trackable moving square (recipes/toy/logs/direction_probe_cpu.json): run it on a GPU.
 """
 from __future__ import annotations
@@ -104,15 +104,24 @@ class _Fixed:
 
 
 @torch.no_grad()
-def sign_accuracy(model: WanModel, text_encoder, per_direction: int, seed: int, device="cpu") -> dict:
+def sign_accuracy(model: WanModel, text_encoder, per_direction: int, seed: int, device="cpu",
+                  sheet: Path | None = None) -> dict:
+    """Sample per_direction videos per caption and track the red square: counts per caption of left, right,
+    still, vertical and unreadable (no red square found in enough frames); sheet: also a contact sheet
+    PNG of the first four videos of each caption (what "unreadable" looked like)."""
     pipe = TurboPipeline(model, text_encoder, ToyCodec(), device=device, default_shift=3.0)
     prompts = [caption(d) for d in DIRECTIONS for _ in range(per_direction)]
     videos = pipe.generate(prompts, steps=20, guidance=4.0, sampler="euler", seed=seed, progress=False).cpu().numpy()
-    counts = {d: {"left": 0, "right": 0, "other": 0} for d in DIRECTIONS}
+    counts = {d: {"left": 0, "right": 0, "still": 0, "vertical": 0, "unreadable": 0} for d in DIRECTIONS}
     for video, prompt in zip(videos, prompts):
         want = prompt.split("moving ")[1].split()[0]
         got = motion_from_track(object_track(video, "red"))
-        counts[want][got if got in ("left", "right") else "other"] += 1
+        counts[want]["unreadable" if got is None else "vertical" if got in ("up", "down") else got] += 1
+    if sheet is not None:
+        from turbo_train.eval import contact_sheet
+
+        pick = [i for d in range(len(DIRECTIONS)) for i in range(d * per_direction, d * per_direction + min(4, per_direction))]
+        contact_sheet(videos[pick], [prompts[i] for i in pick], [0.0] * len(pick), sheet)
     horizontal = sum(c["left"] + c["right"] for c in counts.values())
     right = counts["left"]["left"] + counts["right"]["right"]
     return {"counts": counts, "horizontal": horizontal,
@@ -142,7 +151,9 @@ def main(argv=None) -> int:
     for v in variants:
         print(f"== {v}: training {a.minutes} min", flush=True)
         model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device)
-        acc = sign_accuracy(model, _Fixed(enc), a.per_direction, a.seed + 1, device=a.device)
+        a.out.mkdir(parents=True, exist_ok=True)
+        acc = sign_accuracy(model, _Fixed(enc), a.per_direction, a.seed + 1, device=a.device,
+                            sheet=a.out / f"samples_{v}.png")
         results[v] = {**log, **acc}
         print(f"   {v}: {log['steps']} steps, loss {log['final_loss']:.4f}; sign accuracy {acc['sign_acc']:.2f} "
               f"over {acc['horizontal']} horizontally moving videos; {acc['counts']}", flush=True)

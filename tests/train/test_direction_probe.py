@@ -26,6 +26,8 @@ def test_runs_end_to_end_and_writes_results(tmp_path):
                     str(tmp_path)]) == 0
     r = json.loads((tmp_path / "results.json").read_text())["results"]["frame_embed"]
     assert r["steps"] >= 1 and sum(sum(c.values()) for c in r["counts"].values()) == 2
+    assert set(r["counts"]["left"]) == {"left", "right", "still", "vertical", "unreadable"}
+    assert (tmp_path / "samples_frame_embed.png").stat().st_size > 0  # what the samples looked like
 
 
 def test_unknown_variant_is_refused(capsys):

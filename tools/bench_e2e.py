@@ -215,7 +215,7 @@ def setup_text(args, shape, device, dtype, work: Path, write: bool, fig, notes):
 @torch.no_grad()
 def setup_vae(args, shape, device, work: Path, fig, notes):
     """Wan2.1 VAE, random, written to disk and loaded with turbo_infer.vae.WanVAE; decode timed."""
-    from turbo_infer.vae import WanVAE
+    from turbo_infer.vae import WanVAE, conv3d_memory_format
 
     model = random_wan_vae(shape.vae, device)
     vae_dir = work / "vae"
@@ -226,11 +226,30 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
     times = timed(lambda: vae.decode(z), device, args.reps)
     fig["vae_decode_s"] = statistics.median(times)
     log(f"VAE decode of latent {tuple(z.shape)}: {[round(s, 3) for s in times]} s")
-    notes["vae_decode"] = (f"turbo_infer.vae.WanVAE (fp32, Conv3d weights "
+    notes["vae_decode"] = (f"turbo_infer.vae.WanVAE ({'the runtime decoder' if vae.native else 'diffusers'}, fp32, "
+                           f"Conv3d weights "
                            f"{'channels_last_3d' if vae.channels_last else 'contiguous'}: the runtime's default on "
                            f"{device.type}) loaded from a random diffusers AutoencoderKLWan at the Wan2.1 config "
                            f"written to disk; decode of a {tuple(z.shape)} latent, median of {args.reps}; "
                            f"vae_decode_contiguous_s / vae_decode_channels_last_s: the other layout")
+    if vae.native:  # the runtime's own decoder against diffusers' on the same weights: speed and agreement
+        raw = z * vae.latents_std.to(device) + vae.latents_mean.to(device)
+        full = vae.full_model
+        conv3d_memory_format(full, torch.channels_last_3d if vae.channels_last else torch.contiguous_format)
+        ref_dec = lambda: full.decode(raw, return_dict=False)[0].float().clamp(-1.0, 1.0)  # noqa: E731
+        times = timed(ref_dec, device, args.reps)
+        fig["vae_decode_diffusers_s"] = statistics.median(times)
+        diff = float((vae.decode(z) - ref_dec()).abs().max())
+        fig["vae_decode_native_vs_diffusers_max_abs"] = diff
+        log(f"VAE decode through diffusers' AutoencoderKLWan (same weights): {[round(t, 3) for t in times]} s; "
+            f"largest difference from the runtime's decoder {diff:.2e}")
+        notes["vae_decode_diffusers"] = ("vae_decode_diffusers_s: the same latent through diffusers' "
+                                         "AutoencoderKLWan.decode (the runtime decodes with its own "
+                                         "turbo_infer.models.wan_vae); *_max_abs: largest |difference| of the two "
+                                         "videos in [-1, 1]")
+        vae._full = None
+        del full
+        free()
     if not args.skip_channels_last:  # the other Conv3d weight layout than the runtime's default here
         default = vae.channels_last
         other = "contiguous" if default else "channels_last"

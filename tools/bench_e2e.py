@@ -204,6 +204,16 @@ def setup_text(args, shape, device, dtype, work: Path, write: bool, fig, notes):
     times = timed(lambda: enc.encode([PROMPT]), device, max(args.reps, 5))
     fig["text_encode_s"] = statistics.median(times)
     log(f"text encode ({shape.text_len} tokens): median {fig['text_encode_s'] * 1e3:.1f} ms")
+    # the same weights through transformers' UMT5EncoderModel: the runtime module's speed and agreement
+    batch = tok([PROMPT], padding="max_length", truncation=True, max_length=shape.text_len, return_tensors="pt")
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    ref = lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state * mask[..., None].to(dtype)  # noqa: E731
+    times = timed(ref, device, max(args.reps, 5))
+    fig["text_encode_transformers_s"] = statistics.median(times)
+    want, got = ref().float(), enc.encode([PROMPT]).float()
+    fig["text_encode_native_vs_transformers_rel"] = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    log(f"the same through transformers' UMT5EncoderModel: median {fig['text_encode_transformers_s'] * 1e3:.1f} ms; "
+        f"relative difference from the runtime's module {fig['text_encode_native_vs_transformers_rel']:.2e} ({dtype})")
     notes["text_encode"] = (f"UMT5TextEncoder code path (tokenize, encode with mask, zero padding; no cache) around "
                             f"the runtime's own umT5 module (turbo_infer.models.umt5) holding a random "
                             f"UMT5EncoderModel's weights at umT5-XXL's config ({n / 1e9:.2f}B params, "

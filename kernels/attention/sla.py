@@ -51,12 +51,14 @@ Public API:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from turbo_kernels.attention.blockmap import SELECTS, BlockMap, check_qk, sla_block_map, sla_block_map_reference
+from turbo_kernels.attention.blockmap import (SELECTS, BlockMap, check_qk, num_selected, sla_block_map,
+                                              sla_block_map_reference)
 from turbo_kernels.utils import check_block, check_float_dtype, next_power_of_2, use_triton
 
 __all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
@@ -720,6 +722,11 @@ class SLAKernelConfig:
     # select): "torch" (topk + sort) or "triton" (`topk_select`, one kernel). triton since 2026-12-04: whole
     # forward 2.31 vs 2.44 ms, block map alone 0.40 vs 0.48 ms (H200, 1.3B, topk 0.1; 14B 720p 1.56 vs 1.97).
     map_select: str = "triton"
+    # Inference only, on CUDA: run the linear branch's state kernel on a second stream while the block map
+    # is built, and its marginal GEMMs while the sparse kernel runs (neither needs the other's result until
+    # the epilogue). Off until timed (bench_attention --sweep "overlap"): the state kernel (0.30 ms) and
+    # the map's small kernels (0.42 ms) leave most of an H200 idle, the sparse kernel does not.
+    overlap_state: bool = False
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -824,6 +831,17 @@ def _query_features(q: torch.Tensor, feature_map: str) -> torch.Tensor:
     return feature_map_fn(q, feature_map).to(q.dtype)
 
 
+def _state_sums(k, v, Nk: int, block_k: int, feature_map: str, wt: torch.Tensor, cfg: SLAKernelConfig, fold: bool,
+                hs: torch.Tensor, zs: torch.Tensor) -> None:
+    """h_j (B*H, Nk, D, D) and z_j (B*H, Nk, D) per key block into hs, zs (one read of K and V; h_j from
+    V_j W^T when fold)."""
+    B, H, Lk, D = k.shape
+    _sla_lin_state_kernel[(Nk, B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
+                                       MAP_BK=block_k, BLOCK_D=_block_d(D),
+                                       FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,
+                                       num_warps=cfg.state_warps)
+
+
 def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig,
                   fold: bool = False):
     """Marginal sums of the linear branch per query block, for the forward epilogue.
@@ -839,10 +857,7 @@ def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Te
     hs = torch.empty(B * H, Nk, D, D, device=q.device, dtype=q.dtype)
     zs = torch.empty(B * H, Nk, D, device=q.device, dtype=q.dtype)
     wt = proj_weight.t().to(q.dtype).contiguous()
-    _sla_lin_state_kernel[(Nk, B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
-                                       MAP_BK=bm.block_k, BLOCK_D=_block_d(D),
-                                       FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,
-                                       num_warps=cfg.state_warps)
+    _state_sums(k, v, Nk, bm.block_k, feature_map, wt, cfg, fold, hs, zs)
     marginal = _marginal(bm, q.dtype)  # (BH, Nq, Nk)
     hm = torch.bmm(marginal, hs.view(B * H, Nk, D * D)).view(B * H, Nq, D, D)  # Hm (W^T folded in when fold)
     zm = torch.bmm(marginal, zs)  # (BH, Nq, D)
@@ -997,6 +1012,71 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return out
 
 
+_SIDE_STREAMS: dict = {}  # device index -> the second stream of `_overlapped_inference`
+
+
+class _TwoStreams:
+    """The current stream and a second one on a CUDA device; off CUDA (the interpreter) everything runs in
+    order on one, through the same calls."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.main = torch.cuda.current_stream(device)
+            if device.index not in _SIDE_STREAMS:
+                _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+            self.side = _SIDE_STREAMS[device.index]
+
+    def side_waits(self) -> None:
+        if self.cuda:
+            self.side.wait_stream(self.main)
+
+    def main_waits(self) -> None:
+        if self.cuda:
+            self.main.wait_stream(self.side)
+
+    def on_side(self):
+        return torch.cuda.stream(self.side) if self.cuda else nullcontext()
+
+
+def _overlapped_inference(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, cfg):
+    """The inference forward of `sla_attention` (separate linear epilogue) on two CUDA streams:
+
+        main:  block map ──────────► sparse kernel (O_s) ─────────────► wait ─► epilogue O = O_s + proj_l(O_l)
+        side:  state kernel (h_j, z_j) ─► wait map ─► marginal GEMMs (Hm, Zm) ──┘
+
+    Every tensor is allocated on the main stream before the side stream uses it, and the main stream
+    waits for the side stream before the epilogue, so the caching allocator never hands memory the
+    side stream still reads to another allocation. Same arithmetic as the one-stream path."""
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Nk = triton.cdiv(Lk, block_k)
+    streams = _TwoStreams(q.device)
+    hs = torch.empty(B * H, Nk, D, D, device=q.device, dtype=q.dtype)
+    zs = torch.empty(B * H, Nk, D, device=q.device, dtype=q.dtype)
+    wt = proj_weight.t().to(q.dtype).contiguous()
+    streams.side_waits()  # q, k, v and the buffers above are ready
+    with streams.on_side():
+        _state_sums(k, v, Nk, block_k, feature_map, wt, cfg, True, hs, zs)
+    bm = sla_block_map(q, k, topk, block_q, block_k, select=cfg.map_select)  # main, meanwhile
+    cfg = cfg.clamp(bm.block_q, bm.block_k)
+    Nq = bm.num_q_blocks
+    marginal = torch.ones(B * H, Nq, Nk, dtype=q.dtype, device=q.device)
+    hm = torch.empty(B * H, Nq, D * D, device=q.device, dtype=q.dtype)
+    zm = torch.empty(B * H, Nq, D, device=q.device, dtype=q.dtype)
+    streams.side_waits()  # the map and the buffers
+    with streams.on_side():
+        marginal.scatter_(-1, bm.lut.view(B * H, Nq, bm.n).long(), 0)
+        torch.bmm(marginal, hs.view(B * H, Nk, D * D), out=hm)
+        torch.bmm(marginal, zs, out=zm)
+    o = _sparse_forward(q, k, v, bm, cfg, store_lse=False)[0]  # main, meanwhile: O_s alone
+    streams.main_waits()
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    _linear_epilogue(q, o, o, (hm.view(B * H, Nq, D, D), zm, None), bias, bm, Lk, cfg, feature_map)
+    return o
+
+
 def sparse_attention(q, k, v, bm: BlockMap, config: SLAKernelConfig | None = None) -> torch.Tensor:
     """Sparse branch alone: softmax attention over the critical blocks of `bm` (Triton, autograd)."""
     cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
@@ -1030,6 +1110,9 @@ def sla_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, proj_weight
     if needs_grad:
         o_s = _SparseAttention.apply(q, k, v, bm, cfg)
         return o_s if proj_bias is None else (o_s.float() + proj_bias.float()).to(q.dtype)
+    if (block_map is None and cfg.overlap_state and not cfg.fuse_linear and proj_weight is not None
+            and num_selected(topk, triton.cdiv(k.shape[2], block_k)) < triton.cdiv(k.shape[2], block_k)):
+        return _overlapped_inference(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, cfg)
     # inference: block map, linear state (kernel + 3 GEMMs, proj_l folded in), phi(q), one fused kernel
     # for O_s + proj_l(O_l)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))

@@ -115,6 +115,25 @@ def test_fused_inference_forward(feature_map, dtype, cfg):
     assert_close(o, ref, dtype, f"fused O[{feature_map}]")
 
 
+@pytest.mark.parametrize("feature_map,dtype", [("softmax", torch.float16), ("elu", torch.float32)])
+def test_overlapped_inference_computes_what_one_stream_does(feature_map, dtype, monkeypatch):
+    """config.overlap_state (state kernel and marginal GEMMs on a second CUDA stream, beside the map and the
+    sparse kernel): the same kernels on the same buffers; in the interpreter (one stream) the output is
+    identical to the one-stream path, and the path is the one taken when sla_attention builds the map."""
+    import turbo_kernels.attention.sla as sla_mod
+
+    q, k, v = make_inputs(dtype, Lq=200, Lk=170, D=24)
+    W, b = proj(24)
+    calls = []
+    real = sla_mod._overlapped_inference
+    monkeypatch.setattr(sla_mod, "_overlapped_inference", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        one = sla_attention(q, k, v, W, b, 0.25, 32, 16, feature_map, config=CFG_UNFUSED)
+        two = sla_attention(q, k, v, W, b, 0.25, 32, 16, feature_map, config=replace(CFG_UNFUSED, overlap_state=True))
+    assert calls == [1] and two.dtype == dtype
+    assert torch.equal(one, two)
+
+
 def test_inference_folds_proj_l_into_the_linear_state():
     # (phi(q) Hm / den) W^T == phi(q) (Hm W^T) / den: inference passes Hm W^T and skips the epilogue's
     # second product; training keeps Hm and W^T apart (the backward needs Hm itself)

@@ -13,6 +13,7 @@
 #   .carry/minilm/   MiniLM, fp16 safetensors + tokenizer files
 # Then, in a call: carry [".carry/whl", ".carry/minilm"] (+ ".carry/whl_e2e") and begin the command with
 #   source tools/device/env.sh
+# or run one of the prepared calls: tools/device/e2e.sh (end to end + SLA sweep), tools/device/suite.sh (toy).
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.carry/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.carry/' >> .git/info/exclude; }

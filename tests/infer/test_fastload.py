@@ -26,12 +26,15 @@ def _tensors():
     }
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 100, 4096, 1 << 20])
-def test_staged_read_equals_safetensors(tmp_path, chunk):
+@pytest.mark.parametrize("chunk,workers", [(1, 1), (7, 1), (100, 1), (4096, 1), (1 << 20, 1), (7, 3), (4096, 4),
+                                           (1 << 20, 16)])
+def test_staged_read_equals_safetensors(tmp_path, chunk, workers):
+    """One reader, or several on contiguous shares of the data (tensors straddle the shares' borders;
+    16 readers for 30 KB: shares smaller than some tensors)."""
     f = tmp_path / "m.safetensors"
     save_file(_tensors(), str(f), metadata={"format": "pt"})
     ref = load_file(str(f))
-    got = load_safetensors(f, "cpu", staged=True, chunk_bytes=chunk)
+    got = load_safetensors(f, "cpu", staged=True, chunk_bytes=chunk, workers=workers)
     assert set(got) == set(ref)
     for k, v in ref.items():
         assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
@@ -48,6 +51,8 @@ def test_damaged_files_name_the_file_and_read_nothing(tmp_path):
     cut.write_bytes(raw[:-100])  # data region shorter than the header says
     with pytest.raises(ValueError, match="cut.safetensors.*truncated or damaged"):
         load_safetensors(cut, "cpu", staged=True)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        load_safetensors(f, "cpu", staged=True, workers=0)
     head = tmp_path / "head.safetensors"
     head.write_bytes(raw[:20])
     with pytest.raises(ValueError, match="head.safetensors.*header length"):

@@ -158,37 +158,33 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
             print(f"  fuse_linear_bwd={fuse} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     if fwd:
         best = replace(best, fuse_linear=min(fwd, key=fwd.get))
-    # the whole forward with the block map built inside (top-n by torch or by the fused Triton kernel)
-    whole = {}
-    for select in ("torch", "triton"):
-        try:
-            with torch.no_grad():
-                c = replace(best, map_select=select)
-                whole[select] = h.measure(tag, f"whole fwd with map, select={select}", "fwd",
-                                          lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=c))
-        except Exception as e:  # noqa: BLE001
-            print(f"  map_select={select} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    def whole_fwd(field: str, values) -> dict:
+        """The whole forward, block map built inside, for each value of one config field (ms by value)."""
+        times = {}
+        for val in values:
+            try:
+                with torch.no_grad():
+                    c = replace(best, **{field: val})
+                    times[val] = h.measure(tag, f"whole fwd with map, {field}={val}", "fwd",
+                                           lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=c))
+            except Exception as e:  # noqa: BLE001
+                print(f"  {field}={val} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return times
+
+    # top-n by torch or by the fused Triton kernel
+    whole = whole_fwd("map_select", ("torch", "triton"))
     if whole:
         best = replace(best, map_select=min(whole, key=whole.get))
     # the linear state and its marginal GEMMs on a second stream beside the map and the sparse kernel
-    overlap = {}
-    if not best.fuse_linear:  # the overlap needs the separate epilogue
-        for on in (False, True):
-            try:
-                with torch.no_grad():
-                    c = replace(best, overlap_state=on)
-                    overlap[on] = h.measure(tag, f"whole fwd with map, overlap_state={on}", "fwd",
-                                            lambda: sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=c))
-            except Exception as e:  # noqa: BLE001
-                print(f"  overlap_state={on} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        if len(overlap) == 2:
-            with torch.no_grad():  # the two-stream forward must compute what the one-stream one does
-                a = sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=replace(best, overlap_state=True))
-                ref = sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=replace(best, overlap_state=False))
-            err = ((a.float() - ref.float()).norm() / ref.float().norm()).item()
-            print(f"  overlap_state=True vs False: relative difference {err:.2e}", flush=True)
-            if err < 1e-3:
-                best = replace(best, overlap_state=min(overlap, key=overlap.get))
+    overlap = whole_fwd("overlap_state", (False, True)) if not best.fuse_linear else {}  # needs the separate epilogue
+    if len(overlap) == 2:
+        with torch.no_grad():  # the two-stream forward must compute what the one-stream one does
+            a = sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=replace(best, overlap_state=True))
+            ref = sla_attention(q, k, v, W, None, topk, BLOCK_Q, BLOCK_K, config=replace(best, overlap_state=False))
+        err = ((a.float() - ref.float()).norm() / ref.float().norm()).item()
+        print(f"  overlap_state=True vs False: relative difference {err:.2e}", flush=True)
+        if err < 1e-3:
+            best = replace(best, overlap_state=min(overlap, key=overlap.get))
     if bwd:
         best = replace(best, fuse_linear_bwd=min(bwd, key=bwd.get))
     print(f"  tuned config: {best}", flush=True)

@@ -413,7 +413,8 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
     """The turbo DiT as a calibrated bundle runs it: static per-tensor activation scales (here from one
     forward's input amax, `set_static_scales`) let the up GEMM of every feed-forward block write the down
     layer's fp8 input in its epilogue, and no per-token amax pass runs anywhere. Timed in the headline's
-    mode (recompiled for the new constants), then the bundle's dynamic scales come back."""
+    mode (compiled once more for the static branch; the scale values are graph inputs), then the bundle's
+    dynamic scales come back."""
     if use_compiled:
         model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
     try:
@@ -422,7 +423,7 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
         if use_compiled:
             model.compile_blocks(args.compile_backend, args.compile_mode)
     try:
-        dit()  # (re)compile / JIT for the new constants
+        dit()  # compile / JIT the static-scale branch
         sync(device)
         static = statistics.median(timed(dit, device, args.reps, warmup=0))
         fig[f"e2e_{TAG}_turbo_static_scales_s"] = static
@@ -432,7 +433,7 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
                                   "stand-in for calibration on random weights), as a calibrated bundle runs; "
                                   f"{'compiled' if use_compiled else 'eager'}, median of {args.reps}")
     finally:
-        restore_scales(model, old)  # compiled blocks re-specialize on their next call
+        restore_scales(model, old)  # the compiled blocks' dynamic branch is still cached
 
 @torch.no_grad()
 def bench_full(args, shape, device, pipe, fig, notes) -> None:
@@ -547,8 +548,8 @@ def ttfv_child(args) -> int:
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
                                      background=args.ttfv_background, vae_dtype=getattr(torch, args.ttfv_vae_dtype))
     sync(device)
-    # from_bundle: the DiT, and (sequential loads) the text encoder and VAE before it; with
-    # --ttfv-background those two are still loading here
+    # from_bundle: the DiT, then (sequential loads) the text encoder and VAE; with --ttfv-background
+    # those two are still loading here
     phases["load_dit_s"] = time.perf_counter() - t
     phases.update({f"load_part_{k}": v for k, v in pipe.load_times.items()})  # verify_s, dit_s, (text_encoder_s, vae_s)
     t = time.perf_counter()

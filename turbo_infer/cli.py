@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT dtype (default: bfloat16 on GPU, float32 on CPU; a bundle's own dtype)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT block by block before generating: ~7 s once, then 0.87 vs 1.23 s per "
-                        "4-step Wan-1.3B DiT pass on an H200; pays off over many prompts or with Inductor's cache warm")
+                   help="torch.compile the DiT block by block before generating: ~7 s once (~4 s with Inductor's cache "
+                        "warm), then 0.80 vs 1.00 s per 4-step Wan-1.3B DiT pass on an H200; pays off over many prompts")
     p.add_argument("--num-gpus", type=int, default=1, metavar="N",
                    help="split every video's tokens over N GPUs (Ulysses sequence parallel): turbo-infer starts N "
                         "worker processes itself, rank 0 writes the videos; N must divide the DiT's heads "

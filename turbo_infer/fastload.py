@@ -157,9 +157,15 @@ def fill_meta_model(model: torch.nn.Module, files, device, dtype: torch.dtype | 
     lists what is still unloaded (e.g. a tied weight the file stores once).
     tensors: those files' tensors already read onto `device` (`read_files`, e.g. ahead of time in a
     thread while other parts load), used instead of reading them here."""
-    raw = tensors if tensors is not None else read_files(files, device, staged=staged)
+    return assign_state(model, tensors if tensors is not None else read_files(files, device, staged=staged), dtype)
+
+
+def assign_state(model: torch.nn.Module, state: dict, dtype: torch.dtype | None = None) -> tuple[list[str], list[str]]:
+    """`state` into a model built on the meta device, in place (`load_state_dict(strict=False, assign=True)`:
+    the tensors become the parameters, no copy), floating-point ones cast to `dtype` (None: as they are).
+    Returns the (missing, unexpected) keys; a shape that differs raises load_state_dict's RuntimeError."""
     state = {k: v.to(dtype) if dtype is not None and v.is_floating_point() and v.dtype != dtype else v
-             for k, v in raw.items()}
+             for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     return list(missing), list(unexpected)
 
@@ -209,5 +215,5 @@ def _stream_chunks(f, path, base, lo, hi, chunk_bytes, spans, buffers, done, pin
             done[slot].record()
 
 
-__all__ = ["CHUNK_BYTES", "DTYPES", "WORKERS", "fill_meta_model", "load_safetensors", "meta_tensors", "read_files",
+__all__ = ["CHUNK_BYTES", "DTYPES", "WORKERS", "assign_state", "fill_meta_model", "load_safetensors", "meta_tensors", "read_files",
            "read_header", "staged_or_none"]

@@ -184,9 +184,9 @@ class W8A8GeluFFN(nn.Sequential):
 def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor,
                          consumers: list) -> "QuantizedActivation | None":
     """LayerNorm(x)·(1 + scale) + shift, quantized in one pass for W8A8 consumers that would each quantize
-    it the same way (q, k and v of a self-attention; a W8A8GeluFFN): all W8A8 with one mode and one
-    activation scale (or all dynamic), no smoothing, all on the kernels or all on the CPU fallback, and no
-    hooks on them (hooks expect the tensor; calibration's probes are such).
+    it the same way (q, k and v of a self-attention; a W8A8GeluFFN): all W8A8 with one mode, all static or
+    all dynamic (static ones with the first's scale), no smoothing, all on the kernels or all on the CPU
+    fallback, and no hooks on them (hooks expect the tensor; calibration's probes are such).
     x (B, L, C); shift, scale (B, C) fp32 or None (no modulation). None where that does not hold (the
     caller normalizes as usual)."""
     if any(c._forward_hooks or c._forward_pre_hooks for c in consumers):
@@ -196,8 +196,8 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
         return None
     first = layers[0]
     # all static or all dynamic; static ones are quantized with the first's scale: consumers of one tensor
-    # were calibrated on the same values (compared by value here, each block's scales would be constants of
-    # a compiled graph: a recompile per block)
+    # were calibrated on the same values. The scales are not compared by value: that would make each
+    # block's scales constants of the compiled graph (a recompile per block)
     if any((m.mode, m.static_scale is None, m.in_features) != (first.mode, first.static_scale is None,
                                                                 first.in_features) for m in layers):
         return None

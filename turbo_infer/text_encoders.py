@@ -274,10 +274,8 @@ def _native_umt5(model_dir: Path, tok_dir: Path, device, dtype, prefetched=None)
 
     try:
         config = UMT5Config.from_json(model_dir / "config.json")
-        tensors = prefetched.result() if prefetched is not None else read_files(shards, device)
-        tensors = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-                   for k, v in tensors.items()}
-        model = UMT5Encoder.from_state(config, tensors, str(model_dir))
+        tensors = prefetched.result() if prefetched is not None else read_files(shards, device)  # on `device`
+        model = UMT5Encoder.from_state(config, tensors, str(model_dir), dtype)
         tokenizer = FileTokenizer(tok_file)
     except (ValueError, OSError, RuntimeError) as e:
         log.warning("umT5 %s: not read by the runtime's own encoder (%s); using transformers", model_dir, e)

@@ -155,7 +155,6 @@ class WanVAE:
         self.native = self.model is not None
         if not self.native:
             self.model = self._diffusers_model()
-        self.channels_last = False
         self.set_channels_last(self.device.type == "cuda" if channels_last is None else bool(channels_last))
         self.latent_channels = int(cfg.get("z_dim", 16))
         # the architecture fixes the factors: one 2x spatial downsample per stage after the first,
@@ -176,7 +175,7 @@ class WanVAE:
         if "latents_mean" not in self.config or "latents_std" not in self.config:
             return None  # diffusers' defaults apply: leave them to diffusers
         try:
-            return WanVAEDecoder.from_dir(self.vae_dir, self.device, self.dtype)
+            return WanVAEDecoder.from_dir(self.vae_dir, self.device, self.dtype, config=self.config)
         except (ValueError, OSError, RuntimeError) as e:
             logging.getLogger(__name__).warning("Wan VAE %s: not decoded by the runtime's own decoder (%s); using "
                                                 "diffusers", self.vae_dir, e)

@@ -211,16 +211,20 @@ class UMT5Encoder(nn.Module):
         return EncoderOutput(self.encoder.final_layer_norm(h))
 
     @classmethod
-    def from_state(cls, config: UMT5Config, state: dict, source="state dict") -> "UMT5Encoder":
-        """Built on the meta device and filled with `state` (transformers' keys; tensors are taken as they
-        are: no copy, their device and dtype); ValueError naming `source` on missing or unknown keys."""
+    def from_state(cls, config: UMT5Config, state: dict, source="state dict",
+                   dtype: torch.dtype | None = None) -> "UMT5Encoder":
+        """Built on the meta device and filled with `state` (transformers' keys; tensors are taken on their
+        device, without a copy where `dtype` is None or theirs, floating-point ones cast to `dtype`);
+        ValueError naming `source` on missing or unknown keys."""
+        from turbo_infer.fastload import assign_state
+
         state = dict(state)
         embed = state.pop("encoder.embed_tokens.weight", None)  # transformers ties it to shared
         if "shared.weight" not in state and embed is not None:
             state["shared.weight"] = embed
         with torch.device("meta"):
             model = cls(config)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing, unexpected = assign_state(model, state, dtype)
         if missing or unexpected:
             raise ValueError(f"{source}: does not match a umT5 encoder of {config}: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]}")

@@ -438,8 +438,8 @@ class WanModel(nn.Module):
         """Regional compilation: each block's forward through torch.compile, in place (parameter names
         unchanged). The blocks are identical, so they share one compiled graph and compile time is about
         one block's; the runtime's Triton kernels are custom ops, opaque to the compiler, and what it
-        fuses is the elementwise work between them (H200, Wan-1.3B shape, 4-step DiT: 0.866 s compiled
-        vs 1.225 s eager, BENCHMARKS.md). The first forward afterwards compiles (or loads Inductor's
+        fuses is the elementwise work between them (H200, Wan-1.3B shape, 4-step DiT: 0.798 s compiled
+        vs 0.997 s eager, BENCHMARKS.md). The first forward afterwards compiles (or loads Inductor's
         on-disk cache). `uncompile_blocks` undoes it. (One graph for all blocks needs dynamo to inline
         nn.Modules, its default since torch 2.5.)"""
         for block in self.blocks:

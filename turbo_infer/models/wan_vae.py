@@ -240,29 +240,30 @@ class WanVAEDecoder(nn.Module):
         return config
 
     @classmethod
-    def from_dir(cls, vae_dir, device, dtype, tensors: dict | None = None) -> "WanVAEDecoder":
-        """Built on the meta device from `vae_dir`/config.json and filled from its safetensors file
-        (`turbo_infer.fastload`: staged reads on CUDA) or from `tensors` already read; ValueError naming the
-        file when the config or the tensors do not fit."""
-        from turbo_infer.fastload import read_files
+    def from_dir(cls, vae_dir, device, dtype, tensors: dict | None = None,
+                 config: dict | None = None) -> "WanVAEDecoder":
+        """Built on the meta device from `vae_dir`/config.json (or `config`, that file already parsed) and
+        filled from its safetensors file (`turbo_infer.fastload`: staged reads on CUDA) or from `tensors`
+        already read onto `device`; ValueError naming the file when the config or the tensors do not fit."""
+        from turbo_infer.fastload import assign_state, read_files
 
         vae_dir = Path(vae_dir)
-        try:
-            config = json.loads((vae_dir / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{vae_dir / 'config.json'}: unreadable ({e})") from None
+        if config is None:
+            try:
+                config = json.loads((vae_dir / "config.json").read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"{vae_dir / 'config.json'}: unreadable ({e})") from None
         cls.check_config(config, str(vae_dir / "config.json"))
         weights = vae_dir / "diffusion_pytorch_model.safetensors"
         if tensors is None:
             if not weights.is_file():
                 raise ValueError(f"{weights}: missing (the runtime's decoder reads safetensors only)")
             tensors = read_files([weights], device)
-        state = {k: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device)
-                 for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
+        state = {k: v for k, v in tensors.items() if k.startswith(("decoder.", "post_quant_conv."))}
         with torch.device("meta"):
             model = cls(config)
         try:
-            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            missing, unexpected = assign_state(model, state, dtype)
         except RuntimeError as e:  # shapes that differ from the config's
             raise ValueError(f"{weights}: does not match its config.json ({str(e).splitlines()[1].strip()})") from None
         if missing or unexpected:

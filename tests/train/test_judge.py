@@ -230,6 +230,14 @@ def test_frechet_distance_known_values():
     # degenerate sets (fewer videos than dims, or all identical) give a finite number, not NaN
     few = rng.normal(size=(5, 64))
     assert math.isfinite(frechet_distance(few, few + 1.0)) and frechet_distance(np.zeros((4, 8)), np.zeros((4, 8))) == 0.0
+    # the general matrix square root agrees (the eigen route is exact algebra, not an approximation)
+    from scipy import linalg
+
+    b = rng.normal(0.3, 1.5, size=(400, 16)) @ rng.normal(size=(16, 16))
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    scipy_fd = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s_a) + np.trace(s_b)
+                - 2 * np.trace(linalg.sqrtm(s_a @ s_b).real))
+    assert frechet_distance(a, b) == pytest.approx(scipy_fd, rel=1e-8)
     with pytest.raises(ValueError, match="feature dim"):
         frechet_distance(a, a[:, :8])
     with pytest.raises(ValueError, match="NaN"):

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -98,36 +97,33 @@ def _as_features(x, name: str) -> np.ndarray:
     return a
 
 
-def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
-    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (numpy or torch).
+def _psd_sqrt(s: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a covariance matrix (eigenvalues rounded below zero clipped to 0)."""
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
 
-    The matrix square root (scipy.linalg.sqrtm) of S_a S_b can come out complex or non-finite
-    when the covariances are near-singular (N < D, or collapsed features); then `eps` * I is added
-    to both covariances and the root retried; an imaginary part above 1e-3 of the largest
-    eigenvalue is reported as a warning and dropped. Returns a float >= 0.
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Fréchet distance between Gaussians fitted to two (N, D) feature sets (numpy or torch):
+    |mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2)).
+
+    tr((S_a S_b)^(1/2)) is taken as the sum of the square roots of the eigenvalues of the symmetric
+    PSD matrix S_a^(1/2) S_b S_a^(1/2), which has the same eigenvalues as S_a S_b: two symmetric
+    eigendecompositions instead of a general matrix square root (scipy.linalg.sqrtm), so it is
+    real by construction, also for singular covariances (N < D, collapsed features), and ~75x faster
+    at D = 256 (0.02 vs 1.3 s), which the bootstraps below need. Returns a float >= 0.
     """
-    from scipy import linalg
-
     a, b = _as_features(feats_a, "feats_a"), _as_features(feats_b, "feats_b")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feats_a and feats_b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}")
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"frechet_distance needs >= 2 videos per set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    s_a, s_b = np.atleast_2d(s_a), np.atleast_2d(s_b)
-    with warnings.catch_warnings():  # "matrix is singular" is expected for N < D; the result is checked below
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s_a @ s_b)
-        if not np.all(np.isfinite(covmean)):
-            offset = eps * np.eye(len(s_a))
-            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
-    if np.iscomplexobj(covmean):
-        scale = max(np.abs(np.linalg.eigvals(s_a @ s_b)).max(), 1e-12)
-        if np.abs(covmean.imag).max() > 1e-3 * scale:
-            warnings.warn(f"frechet_distance: dropping an imaginary part of {np.abs(covmean.imag).max():.3g}", stacklevel=2)
-        covmean = covmean.real
-    d = float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2.0 * np.trace(covmean))
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    root_a = _psd_sqrt(s_a)
+    m = root_a @ s_b @ root_a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum()
+    d = float(np.sum((mu_a - mu_b) ** 2) + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_covmean)
     return max(d, 0.0)  # rounding can leave -1e-12 for identical sets
 
 

@@ -1,11 +1,14 @@
 """Shared test fixtures: deterministic seeding and the Triton interpreter switch."""
 import os
 import random
+import tempfile
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy 2-core CI: spinning OpenMP threads cost 10x
 os.environ.setdefault("TRITON_INTERPRET", "1")  # kernels run on the CPU interpreter in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the record of verified bundle files (turbo_infer.verified): per test run, not the user's ~/.cache
+os.environ["TURBO_CACHE_DIR"] = tempfile.mkdtemp(prefix="turbo-test-cache-")
 
 import numpy as np
 import pytest

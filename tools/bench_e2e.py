@@ -72,7 +72,7 @@ from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
                        random_dit, random_umt5, random_wan_vae, restore_scales, set_static_scales,
-                       synthetic_umt5_tokenizer, warm_page_cache, write_video_file)
+                       synthetic_umt5_tokenizer, video_sink, warm_page_cache)
 
 BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
 TAG = "1.3b_480p"
@@ -466,7 +466,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
     cmd += ["--ttfv-background"] if args.ttfv_background else []
-    cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype]
+    cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype, "--ttfv-verify", args.ttfv_verify]
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -500,7 +500,10 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                     f"clock against the launch time; ttfv_process_wall_s: until the process exited; launch "
                                     f"walls {[round(w, 2) for w in walls]} s, ttfv_first_launch_s is the first; interpreter "
                                     f"start and imports included): text encoder: {text}; VAE and the h100 bundle "
-                                    f"from disk (bundle sha256 verified); page cache warmed by one read; Triton and "
+                                    f"from disk (bundle checked before loading, --ttfv-verify {args.ttfv_verify}: "
+                                    f"{'sha256 of every file at every launch' if args.ttfv_verify == 'full' else 'sha256 hashed by launch 1 and recorded (turbo_infer.verified), later launches hash only files changed since'}"
+                                    f"; this launch hashed {child['phases'].get('load_part_verify_files_hashed', '?')} "
+                                    f"file(s)); page cache warmed by one read; Triton and "
                                     f"Inductor on-disk caches warm from the parent; "
                                     + ("TurboPipeline.from_bundle(background=True) (--ttfv-background): text encoder "
                                        "and VAE load in background threads while the DiT loads and runs once on zeros "
@@ -509,7 +512,8 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                        "then the DiT runs once on zeros ")
                                     + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}; "
                                     f"VAE in {args.ttfv_vae_dtype}); "
-                                    f"then one generate(), mp4 via {child['writer']}")
+                                    f"then one generate(), the mp4 ({child['writer']}) encoded in a thread while the "
+                                    f"VAE decodes (TurboPipeline.decode_uint8 + video_io.write_mp4_stream)")
 
 
 def ttfv_child(args) -> int:
@@ -546,7 +550,8 @@ def ttfv_child(args) -> int:
         text = (Background("text encoder", random_text, dim=manifest["model"]["config"]["text_dim"])
                 if args.ttfv_background else random_text())
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
-                                     background=args.ttfv_background, vae_dtype=getattr(torch, args.ttfv_vae_dtype))
+                                     background=args.ttfv_background, vae_dtype=getattr(torch, args.ttfv_vae_dtype),
+                                     verify=args.ttfv_verify)
     sync(device)
     # from_bundle: the DiT, then (sequential loads) the text encoder and VAE; with --ttfv-background
     # those two are still loading here
@@ -578,13 +583,22 @@ def ttfv_child(args) -> int:
                                     seed=0, progress=False)
     sync(device)
     phases["generate_text_dit_s"] = time.perf_counter() - t
-    t1 = time.perf_counter()
-    video = video_to_uint8(pipe.vae.decode(latents)).cpu()
-    phases["generate_vae_s"] = time.perf_counter() - t1
-    phases["generate_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    writer = write_video_file(args.video, video[0], pipe.fps)
-    phases["write_s"] = time.perf_counter() - t
+    # VAE decode with the mp4 encoded alongside (write_mp4_stream: each latent frame's block of frames goes to
+    # the writer thread as soon as it is decoded); write_s is what the file took after the last block
+    from turbo_infer.video_io import write_mp4_stream
+
+    t1, decoded = time.perf_counter(), []
+
+    def blocks():
+        for block in pipe.decode_uint8(latents):
+            yield block[0]
+        decoded.append(time.perf_counter())
+
+    sink, writer = video_sink()
+    write_mp4_stream(args.video, blocks(), pipe.fps, sink=sink)
+    phases["generate_vae_s"] = decoded[0] - t1
+    phases["generate_s"] = decoded[0] - t
+    phases["write_s"] = time.perf_counter() - decoded[0]
     phases["total_s"] = time.time() - args.launched
     Path(args.result).write_text(json.dumps({"phases": phases, "writer": writer}))
     print(f"first video: {args.video} ({phases})", flush=True)
@@ -826,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "from Inductor's cache vs 1.6 s eager, for 0.2 s less DiT time)")
     p.add_argument("--ttfv-vae-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the fresh process's Wan VAE dtype (turbo-infer --vae-dtype; default float32)")
+    p.add_argument("--ttfv-verify", choices=("cached", "full"), default="cached",
+                   help="the fresh process's bundle check (turbo-infer --verify): cached (default, as turbo-infer: "
+                        "launch 1 hashes and records, later launches hash only changed files) or full")
     p.add_argument("--with-14b", action="store_true", help="also the 14B 720p turbo DiT (built in memory)")
     p.add_argument("--reps-14b", type=int, default=1, help="timed 4-step runs of the 14B (default 1)")
     # the fresh process of stage 7 (internal)

@@ -244,42 +244,36 @@ class LatentOnlyVAE:
 # ----------------------------------------------------------------------------- files
 
 
-def write_video_file(path, frames, fps: float) -> str:
-    """Write (F, H, W, 3) uint8 `frames` as mp4 through turbo_infer.video_io (H.264 via
-    imageio-ffmpeg); where imageio-ffmpeg or its ffmpeg is missing (the GPU image has neither,
-    and its wheel is 68 MB), through OpenCV's mp4v writer. Returns which writer ran."""
+def video_sink():
+    """(sink for `turbo_infer.video_io.write_mp4_stream`, its name): None = H.264 through imageio-ffmpeg; where
+    imageio-ffmpeg or its ffmpeg is missing (the GPU image has neither, and its wheel is 68 MB), OpenCV's
+    mp4v writer."""
     try:
         import imageio_ffmpeg
 
         imageio_ffmpeg.get_ffmpeg_exe()
     except (ImportError, RuntimeError):
-        _write_mp4_opencv(Path(path), frames, fps)
-        return "opencv mp4v (imageio-ffmpeg unavailable)"
-    from turbo_infer.video_io import write_mp4
-
-    write_mp4(path, frames, fps)
-    return "turbo_infer.video_io.write_mp4 (H.264)"
+        return OpenCVSink, "opencv mp4v (imageio-ffmpeg unavailable)"
+    return None, "imageio-ffmpeg H.264"
 
 
-def _write_mp4_opencv(path: Path, frames, fps: float) -> None:
-    import cv2
-    import numpy as np
+class OpenCVSink:
+    """`write_mp4_stream` sink: OpenCV's mp4v writer (RGB frames in)."""
 
-    f = frames.numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
-    if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
-        raise ValueError(f"frames must be (F, H, W, 3) uint8, got {f.shape} {f.dtype}")
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # atomic, as video_io
-    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (f.shape[2], f.shape[1]))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot open an mp4v writer for {path}")
-    try:
-        for frame in f:
-            writer.write(np.ascontiguousarray(frame[..., ::-1]))  # RGB -> BGR
-        writer.release()
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    def __init__(self, tmp: Path, width: int, height: int, fps: float):
+        import cv2
+
+        self.writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height))
+        if not self.writer.isOpened():
+            raise RuntimeError(f"OpenCV cannot open an mp4v writer for {tmp}")
+
+    def write(self, frame) -> None:
+        import numpy as np
+
+        self.writer.write(np.ascontiguousarray(frame[..., ::-1]))  # RGB -> BGR
+
+    def close(self) -> None:
+        self.writer.release()
 
 
 def warm_page_cache(paths, chunk: int = 64 << 20) -> int:
@@ -303,4 +297,4 @@ def dir_bytes(path) -> int:
 
 __all__ = ["LatentOnlyVAE", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype", "dir_bytes",
            "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
-           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "warm_page_cache", "write_video_file"]
+           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache", "OpenCVSink"]

@@ -21,7 +21,8 @@ the whole 4-step 1.3B DiT 2.12 s against 1.83 s for sla (benchmarks/e2e.json). T
 targets keep sagesla (unmeasured there). Loading order (`load_transformer`):
 read and validate the manifest -> check that this device can run the target (a refusal names the
 bundle to use instead) -> sha256 of every file against the manifest (in a thread, while the model is
-built on the meta device) -> read the safetensors straight onto the device (`turbo_infer.fastload`:
+built on the meta device; a file recorded as checked in its current state is not hashed again,
+`turbo_infer.verified`) -> read the safetensors straight onto the device (`turbo_infer.fastload`:
 mapped on the CPU, pinned staged reads on a GPU) -> assign. No tensor is read from the weights file
 before its hash has been checked.
 
@@ -331,12 +332,29 @@ def checkpoint_sha256(path) -> dict[str, str]:
     return {f.name: sha256_file(f) for f in files}
 
 
-def verify_files(path, manifest: dict, progress: bool = False) -> None:
+VERIFY_MODES = ("cached", "full", "off")
+
+
+def verify_mode(verify) -> str:
+    """from_bundle's `verify` as one of VERIFY_MODES: True = "cached", False = "off"."""
+    mode = {True: "cached", False: "off"}.get(verify, verify) if isinstance(verify, bool) else verify
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify must be True, False or one of {VERIFY_MODES}, got {verify!r}")
+    return mode
+
+
+def verify_files(path, manifest: dict, progress: bool = False, cached: bool = False) -> int:
     """Check every file the manifest lists: present, its size, its sha256. Raises
-    BundleIntegrityError naming the first bad file."""
+    BundleIntegrityError naming the first bad file. cached: skip the hashing of a file that
+    `turbo_infer.verified` records as matching this digest in its current state (same inode, size,
+    mtime and ctime), and record the files hashed here. Returns how many files were hashed."""
     from tqdm.auto import tqdm
 
+    from turbo_infer.verified import VerifiedFiles, file_state
+
     path = Path(path)
+    record = VerifiedFiles() if cached else None
+    hashed = 0
     for name, entry in tqdm(sorted(manifest["files"].items()), desc="verify sha256", disable=not progress):
         f = path / name
         if not f.is_file():
@@ -346,11 +364,20 @@ def verify_files(path, manifest: dict, progress: bool = False) -> None:
             what = "truncated" if size < entry["bytes"] else "grown"
             raise BundleIntegrityError(f"{f}: {size} bytes, {MANIFEST} says {entry['bytes']} (the file is {what} "
                                        f"or was replaced); re-export the bundle")
+        if record is not None and record.known(f, entry["sha256"]):
+            continue
+        state = file_state(f)
         digest = sha256_file(f)
+        hashed += 1
         if digest != entry["sha256"]:
             raise BundleIntegrityError(f"{f}: sha256 {digest[:16]}... does not match {MANIFEST} "
                                        f"({entry['sha256'][:16]}...): the file was modified or corrupted; "
                                        f"re-export the bundle")
+        if record is not None:
+            record.add(f, digest, state)
+    if record is not None:
+        record.save()
+    return hashed
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -422,10 +449,13 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
 
     device: None = cuda if available, else cpu. dtype: compute dtype of the floating-point
     tensors (None = the bundle's). allow_reference: run on a device the target does not support,
-    through the torch reference kernels. verify: check every file's sha256 first (default; only
-    skip it for a bundle verified moments ago). progress: tqdm bar over the hashing.
+    through the torch reference kernels. verify: check every file's size and sha256 first: True /
+    "cached" (default) hashes only files that `turbo_infer.verified` does not record as checked in
+    their current state, "full" hashes every file, False / "off" skips the check (only for a bundle
+    verified moments ago). progress: tqdm bar over the hashing.
     timings: a dict that gets the seconds of the hashing (verify_s; it runs in a thread while the
-    model's structure is built) and of building and reading the DiT (dit_s, from the start).
+    model's structure is built), how many files it hashed (verify_files_hashed) and the seconds of
+    building and reading the DiT (dit_s, from the start).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     path = Path(path)
@@ -434,13 +464,14 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
     check_device(manifest, device, allow_reference)  # 2. can this device run the target?
     start = time.perf_counter()
     hashing = None
-    if verify:  # 3. every file's size and sha256 (in a thread: hashlib runs without the GIL) ...
+    mode = verify_mode(verify)
+    if mode != "off":  # 3. every file's size and sha256 (in a thread: hashlib runs without the GIL) ...
         from turbo_infer.background import Background
 
-        hashing = Background("sha256", lambda: verify_files(path, manifest, progress))
+        hashing = Background("sha256", lambda: verify_files(path, manifest, progress, cached=mode == "cached"))
     model = build_transformer(manifest)  # 4. ... while the structure is built on the meta device
     if hashing is not None:
-        hashing.result()  # raises BundleIntegrityError before any tensor is read
+        timings["verify_files_hashed"] = hashing.result()  # raises BundleIntegrityError before any tensor is read
         timings["verify_s"] = hashing.seconds
     else:
         timings["verify_s"] = 0.0
@@ -456,7 +487,9 @@ def load_transformer(path, device=None, *, dtype: torch.dtype | None = None, all
             raise BundleError(f"{path / WEIGHTS}: no tensor for {name!r}")
     model = model.requires_grad_(False).eval()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the staged copies have landed
+        # the casts above are done (the staged copies were waited for by the read); only this stream:
+        # a device-wide sync would also wait for the umT5 prefetch's copies on their own streams
+        torch.cuda.current_stream(device).synchronize()
     timings["dit_s"] = time.perf_counter() - start
     return model, manifest
 
@@ -523,8 +556,8 @@ def build_vae(manifest: dict, device, path=None, dtype=torch.float32):
 
 
 __all__ = ["BundleError", "BundleIntegrityError", "BundleTargetError", "FORMAT", "FORMAT_VERSION", "MANIFEST",
-           "TARGETS", "Target", "WEIGHTS", "build_text_encoder", "build_transformer", "build_vae", "cast_floats",
+           "TARGETS", "Target", "VERIFY_MODES", "WEIGHTS", "build_text_encoder", "build_transformer", "build_vae", "cast_floats",
            "check_device", "checkpoint_sha256", "device_problem", "load_transformer", "model_config",
            "prefetch_text_weights", "read_manifest",
            "read_weights",
-           "sha256_file", "suggest_target", "validate_manifest", "verify_files"]
+           "sha256_file", "suggest_target", "validate_manifest", "verify_files", "verify_mode"]

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, choices=sorted(WAN_CONFIGS), help="DiT size preset (default: toy)")
     p.add_argument("--bundle", metavar="DIR", help="a bundle directory written by turbo-export (instead of "
                    "--checkpoint/--config): hashes verified, target checked against this device")
+    p.add_argument("--verify", default="cached", choices=("cached", "full"),
+                   help="bundle integrity check before loading: cached (default) hashes every file not recorded as "
+                        "checked in its current state (same inode, size, mtime, ctime; turbo_infer.verified), full "
+                        "hashes every file")
     p.add_argument("--allow-reference", action="store_true",
                    help="run a bundle whose GPU kernels this device lacks through the torch references (slow)")
     p.add_argument("--text-encoder", metavar="PATH",
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         spec = {"kind": "bundle" if manifest is not None else ("toy" if toy else "wan"), "bundle": args.bundle,
-                "allow_reference": args.allow_reference, "checkpoint": checkpoint, "config": args.config,
+                "allow_reference": args.allow_reference, "verify": args.verify, "checkpoint": checkpoint, "config": args.config,
                 "text_encoder": text_encoder, "vae": vae, "dtype": dtype_name, "vae_dtype": args.vae_dtype,
                 "compile": args.compile, "progress": not args.no_progress}
         generate_videos(spec, prompts, outs, dict(steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if manifest is not None:
             pipe = TurboPipeline.from_bundle(args.bundle, device, text_encoder_path=text_encoder, vae_path=vae,
-                                             allow_reference=args.allow_reference, dtype=dtype,
+                                             allow_reference=args.allow_reference, verify=args.verify, dtype=dtype,
                                              progress=not args.no_progress, vae_dtype=getattr(torch, args.vae_dtype))
         elif toy:
             pipe = TurboPipeline.toy(checkpoint, device=device, dtype=dtype, text_encoder_path=text_encoder)
@@ -247,14 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, OSError) as e:
         parser.error(f"could not load the models: {e}")
     if pipe.load_times and not args.no_progress:
-        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in pipe.load_times.items())
+        parts = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in pipe.load_times.items()
+                          if k.endswith("_s"))
         print(f"loaded {args.bundle}: {parts}", file=sys.stderr)
     if args.compile:
         pipe.compile()
-    video = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames,
-                          height=height, width=width, sampler=args.sampler, shift=args.shift,
-                          progress=not args.no_progress)  # (B, F, H, W, 3) uint8
     fps = args.fps or pipe.fps
+    settings = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames, height=height,
+                    width=width, sampler=args.sampler, shift=args.shift, progress=not args.no_progress)
+    if len(prompts) == 1 and str(outs[0]).lower().endswith(".mp4"):  # encoded while the VAE decodes
+        pipe.generate_mp4(prompts[0], outs[0], fps=fps, **settings)
+        print(f"{outs[0]}\t{prompts[0]}")
+        return 0
+    video = pipe.generate(prompts, **settings)  # (B, F, H, W, 3) uint8
     for path, clip, prompt in zip(outs, video, prompts):
         write_video(path, clip, fps=fps)
         print(f"{path}\t{prompt}")

@@ -40,7 +40,7 @@ def build_pipeline(spec: dict, device):
     if kind == "bundle":
         return TurboPipeline.from_bundle(spec["bundle"], device, text_encoder_path=spec.get("text_encoder"),
                                          vae_path=spec.get("vae"), allow_reference=spec.get("allow_reference", False),
-                                         dtype=dtype, progress=spec.get("progress", False), vae_dtype=vae_dtype)
+                                         verify=spec.get("verify", True), dtype=dtype, progress=spec.get("progress", False), vae_dtype=vae_dtype)
     if kind == "toy":
         return TurboPipeline.toy(spec.get("checkpoint"), device=device, dtype=dtype,
                                  text_encoder_path=spec.get("text_encoder"), **overrides)

@@ -145,7 +145,7 @@ class TurboPipeline:
 
     @classmethod
     def from_bundle(cls, path, device=None, *, text_encoder=None, vae=None, text_encoder_path=None, vae_path=None,
-                    allow_reference: bool = False, verify: bool = True, dtype=None,
+                    allow_reference: bool = False, verify: bool | str = True, dtype=None,
                     progress: bool = False, background: bool = False,
                     vae_dtype=torch.float32) -> "TurboPipeline":
         """A bundle directory written by turbo-export (see turbo_infer.bundle): hashes verified and
@@ -156,7 +156,9 @@ class TurboPipeline:
         device: None = cuda if available, else cpu. text_encoder / vae: objects to use instead of
         the ones the manifest references; text_encoder_path / vae_path: override the referenced
         directories. allow_reference: run a GPU target on a device lacking its kernels, through the
-        torch references (slow; e.g. an int8 bundle on the CPU). verify: check sha256 (default).
+        torch references (slow; e.g. an int8 bundle on the CPU). verify: check sizes and sha256 first:
+        True / "cached" (default: files recorded as checked in their current state are not hashed again,
+        turbo_infer.verified), "full", or False / "off".
         dtype: compute dtype (None = the bundle's). progress: bar over the hashing.
         background: load the text encoder and the VAE in background threads (turbo_infer.background)
         while the DiT loads here, and return once the DiT is ready; the first call that needs one of
@@ -257,5 +259,26 @@ class TurboPipeline:
         shift (None = the world's default: toy 3, Wan 5); progress: tqdm bar over steps."""
         latents = self.generate_latents(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift,
                                         progress)
-        video = self.vae.decode(latents)  # (B, 3, F, H, W) in [-1, 1]
-        return video_to_uint8(video).cpu()
+        return torch.cat(list(self.decode_uint8(latents)), dim=1)
+
+    @torch.no_grad()
+    def decode_uint8(self, latents: torch.Tensor):
+        """The VAE's video of `latents` as it is decoded: uint8 (B, f, H, W, 3) CPU blocks along time (one per
+        latent frame with the Wan VAE's own decoder; one block for the toy codec)."""
+        chunks = self.vae.decode_chunks(latents) if hasattr(self.vae, "decode_chunks") else [self.vae.decode(latents)]
+        for chunk in chunks:  # (B, 3, f, H, W) in [-1, 1]
+            yield video_to_uint8(chunk).cpu()
+
+    @torch.no_grad()
+    def generate_mp4(self, prompt: str, path, fps: float | None = None, sink=None, **kwargs) -> Path:
+        """One prompt's video written to the mp4 `path` while it decodes (`video_io.write_mp4_stream`: each
+        block of frames is encoded in a writer thread as soon as the VAE has made it). kwargs as `generate`
+        (steps, guidance, seed, num_frames, height, width, sampler, shift, progress); fps None = the
+        pipeline's; sink: `write_mp4_stream`'s encoder factory. Returns the path."""
+        from turbo_infer.video_io import write_mp4_stream
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be one string, got {type(prompt).__name__}")
+        latents = self.generate_latents([prompt], **kwargs)
+        return write_mp4_stream(path, (block[0] for block in self.decode_uint8(latents)),
+                                fps=self.fps if fps is None else fps, sink=sink)

@@ -82,6 +82,10 @@ class ToyCodec:
         # clamp is the identity on encoded videos (exact round trip) and bounds generated latents
         return (x.reshape(B, 3, F, h * p, w * p) / self.scale).clamp(-1.0, 1.0)
 
+    def decode_chunks(self, latents: torch.Tensor):
+        """`decode` as one chunk (the toy codec is a reshape: nothing to stream)."""
+        yield self.decode(latents)
+
 
 # ---------------------------------------------------------------------------------------------
 # Wan VAE
@@ -252,13 +256,20 @@ class WanVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, z_dim, F', H', W') -> video (B, 3, F, H, W) float32 in [-1, 1]."""
+        return torch.cat(list(self.decode_chunks(latents)), dim=2)
+
+    @torch.no_grad()
+    def decode_chunks(self, latents: torch.Tensor):
+        """`decode` as it is made: float32 (B, 3, f, H, W) chunks in [-1, 1] along time (the runtime's
+        decoder: one per latent frame, 1 then 4 frames each; diffusers' path: the whole video at once),
+        so that a consumer (an mp4 writer) can start on the first frames while the rest decode."""
         if not isinstance(latents, torch.Tensor):
             raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
             raise ValueError(f"latents must have shape (B, {self.latent_channels}, F, h, w), got {tuple(latents.shape)}")
         z = latents.float().to(self.device) * self.latents_std.to(self.device) + self.latents_mean.to(self.device)
         if self.native:
-            video = self.model.decode(z.to(self.dtype))
+            for chunk in self.model.decode_chunks(z.to(self.dtype)):
+                yield chunk.float()
         else:
-            video = self.model.decode(z.to(self.dtype), return_dict=False)[0]
-        return video.float().clamp(-1.0, 1.0)
+            yield self.model.decode(z.to(self.dtype), return_dict=False)[0].float().clamp(-1.0, 1.0)

@@ -82,6 +82,95 @@ def _write_through_ffmpeg(path: Path, frames: np.ndarray, fps: float, **writer_k
     return path
 
 
+class _FfmpegSink:
+    """H.264 mp4 through imageio-ffmpeg, as write_mp4 (odd sizes padded by one replicated edge)."""
+
+    def __init__(self, tmp: Path, width: int, height: int, fps: float):
+        import imageio_ffmpeg
+
+        self.pad_h, self.pad_w = height % 2, width % 2
+        self.writer = imageio_ffmpeg.write_frames(str(tmp), size=(width + self.pad_w, height + self.pad_h), fps=fps,
+                                                  macro_block_size=1, codec="libx264", pix_fmt_out="yuv420p",
+                                                  quality=8, output_params=["-movflags", "+faststart"])
+        self.writer.send(None)  # start ffmpeg
+
+    def write(self, frame: np.ndarray) -> None:
+        if self.pad_h or self.pad_w:
+            frame = np.pad(frame, ((0, self.pad_h), (0, self.pad_w), (0, 0)), mode="edge")
+        self.writer.send(np.ascontiguousarray(frame))
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def write_mp4_stream(path, chunks, fps: float = 8, sink=None) -> Path:
+    """Write an mp4 from `chunks`, an iterable of (f, H, W, 3) uint8 frame blocks (tensors or arrays; e.g.
+    a VAE decoding one latent frame at a time), encoding each block in a writer thread while the next is
+    made, so the file is done soon after the last block instead of a full encode later. Atomic as
+    write_mp4 (a failure in the producer or the encoder leaves nothing at `path`). sink: a factory
+    (tmp_path, width, height, fps) -> object with write(frame) and close() (default: H.264 through
+    imageio-ffmpeg); blocks must all have the first one's size. Returns the path."""
+    import queue
+    import threading
+
+    fps, path = _check_fps(fps), Path(path)
+    sink = sink or _FfmpegSink
+    tmp = _tmp_path(path)
+    blocks: queue.Queue = queue.Queue(maxsize=4)
+    failed: list[BaseException] = []
+    stop = object()
+
+    def encode() -> None:
+        out, ended = None, False
+        try:
+            while not ended:
+                block = blocks.get()
+                if block is stop:
+                    ended = True
+                    break
+                if out is None:
+                    out = sink(tmp, block.shape[2], block.shape[1], fps)
+                for frame in block:
+                    out.write(frame)
+            if out is None:
+                raise ValueError(f"{path}: no frames to write")
+            out.close()
+        except BaseException as e:  # reported by the producer's thread
+            failed.append(e)
+            if out is not None:
+                try:
+                    out.close()  # stop the encoder (its file is discarded)
+                except Exception:
+                    pass
+            while not ended:  # drain, so the producer never blocks on a full queue
+                ended = blocks.get() is stop
+
+    writer = threading.Thread(target=encode, name="mp4 writer", daemon=True)
+    writer.start()
+    size = None
+    try:
+        try:
+            for chunk in chunks:
+                block = _as_frames(chunk)
+                if size is None:
+                    size = block.shape[1:]
+                elif block.shape[1:] != size:
+                    raise ValueError(f"{path}: frame block of size {block.shape[1:3]} after {size[:2]}")
+                if failed:
+                    break
+                blocks.put(block)
+        finally:
+            blocks.put(stop)
+            writer.join()
+        if failed:
+            raise failed[0]
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
 def write_video(path, video, fps: float = 8) -> Path:
     """Write mp4 or gif chosen by the suffix of `path`."""
     suffix = Path(path).suffix.lower()

@@ -123,6 +123,55 @@ def test_tampered_file_is_refused_before_anything_is_loaded(cpu_bundle, monkeypa
         TurboPipeline.from_bundle(cpu_bundle, "cpu", text_encoder=object())
 
 
+def test_verified_record_skips_only_unchanged_files(cpu_bundle, monkeypatch, tmp_path):
+    """`verify="cached"`: a file hashed before and unchanged since is not hashed again; a modified one (same
+    size), a replaced one (same bytes, new inode) and a freshly written ("racy") one are; "full" always is."""
+    import time
+
+    from turbo_infer import verified
+
+    monkeypatch.setenv("TURBO_CACHE_DIR", str(tmp_path / "cache"))
+    manifest = B.read_manifest(cpu_bundle)
+    n = len(manifest["files"])
+    # just copied: younger than RACY_S, so hashed but not recorded
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == n
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == n
+    monkeypatch.setattr(verified, "RACY_S", 0.05)  # instead of waiting 2 s: > the filesystem's timestamp tick
+    time.sleep(0.1)
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == n  # hashed and now recorded
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == 0
+    assert B.verify_files(cpu_bundle, manifest) == n  # not cached: every file
+    timings = {}
+    B.load_transformer(cpu_bundle, "cpu", timings=timings)
+    assert timings["verify_files_hashed"] == 0
+    B.load_transformer(cpu_bundle, "cpu", verify="full", timings=timings)
+    assert timings["verify_files_hashed"] == n
+    with pytest.raises(ValueError, match="verify must be"):
+        B.load_transformer(cpu_bundle, "cpu", verify="sometimes")
+    # the same bytes under a new inode: hashed again (and fine)
+    f = cpu_bundle / B.WEIGHTS
+    data = f.read_bytes()
+    f.unlink()
+    f.write_bytes(data)
+    time.sleep(0.1)
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == 1
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == 0
+    # one bit flipped in place, same size: the record does not hide it
+    tampered = bytearray(data)
+    tampered[-5] ^= 0x01
+    with open(f, "r+b") as fh:
+        fh.write(tampered)
+    with pytest.raises(B.BundleIntegrityError, match="does not match"):
+        B.verify_files(cpu_bundle, manifest, cached=True)
+    # an unreadable record is no record
+    (tmp_path / "cache" / verified.FILE).write_text("{not json")
+    with open(f, "r+b") as fh:
+        fh.write(data)
+    time.sleep(0.1)
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == n
+    assert json.loads((tmp_path / "cache" / verified.FILE).read_text())  # rewritten
+
+
 def test_truncated_file_gives_a_clear_error(cpu_bundle, monkeypatch):
     f = cpu_bundle / B.WEIGHTS
     f.write_bytes(f.read_bytes()[:-1000])

@@ -36,6 +36,10 @@ def test_decode_matches_diffusers(tmp_path, cfg, frames):
     got = ours.decode(z)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # streamed: one block per latent frame (the first frame alone), together the same video
+    chunks = list(ours.decode_chunks(z))
+    assert len(chunks) == frames and chunks[0].shape[2] == 1
+    torch.testing.assert_close(torch.cat(chunks, dim=2), got, atol=0, rtol=0)
 
 
 def test_bf16_and_prefetched_tensors(tmp_path):

@@ -31,6 +31,14 @@ from torch import nn
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding; built on the meta device (to be filled from a checkpoint) without its normal_ init,
+    which on meta tensors runs torch's Python refs, whose first use imports torch._dynamo (~1 s of a fresh
+    process's start)."""
+    w = torch.empty(num, dim)
+    return nn.Embedding(num, dim, _weight=w) if w.is_meta else nn.Embedding(num, dim)
+
+
 @dataclass(frozen=True)
 class UMT5Config:
     """The encoder's shape, as transformers' config.json spells it (Wan: umT5-XXL)."""
@@ -112,7 +120,7 @@ class SelfAttention(nn.Module):
         self.k = nn.Linear(cfg.d_model, inner, bias=False)
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
-        self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
+        self.relative_attention_bias = _embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x (B, L, d_model); buckets (L, L) long; mask (B, 1, 1, L) additive, in x's dtype."""
@@ -191,7 +199,7 @@ class UMT5Encoder(nn.Module):
     def __init__(self, config: UMT5Config):
         super().__init__()
         self.config = config
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = _embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:

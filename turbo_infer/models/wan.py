@@ -287,6 +287,14 @@ class WanCrossAttention(_Projections):
 # ----------------------------------------------------------------------------- block and model
 
 
+def _modulation_init(n: int, dim: int) -> torch.Tensor:
+    """(1, n, dim) ~ N(0, 1/dim). Built on the meta device (a model to be filled from a checkpoint) it is only
+    the shape: arithmetic on meta tensors runs torch's Python refs, whose first use imports torch._dynamo
+    (~1 s of a fresh process's start)."""
+    t = torch.empty(1, n, dim)
+    return t if t.is_meta else torch.randn(1, n, dim) / dim**0.5
+
+
 class WanBlock(nn.Module):
     """One DiT block. Modulation e = modulation + time_proj(t) gives (shift, scale, gate) for the
     self-attention and for the FFN (6 vectors of size dim)."""
@@ -299,7 +307,7 @@ class WanBlock(nn.Module):
         self.cross_attn = WanCrossAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim))
-        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(_modulation_init(6, cfg.dim))
 
     def forward(self, x, e, context, rope):
         # x: (B, L, dim); e: (B, 6, dim) fp32; context: (B, Lc, dim)
@@ -335,7 +343,7 @@ class WanHead(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(_modulation_init(2, cfg.dim))
 
     def forward(self, x, temb):
         # x: (B, L, dim), temb: (B, dim) fp32

@@ -272,14 +272,18 @@ class WanVAEDecoder(nn.Module):
         return model.eval().requires_grad_(False)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode_chunks(self, z: torch.Tensor):
+        """The video of `decode(z)` as it is made: one (B, 3, f, H, W) chunk per latent frame (f = 1 for the
+        first, 4 after), clamped to [-1, 1]; the causal cache carries the context from chunk to chunk."""
         x = self.post_quant_conv(z)
         cache = _Cache()
-        frames = []
         for i in range(x.shape[2]):
             cache.start_frame()
-            frames.append(self.decoder(x[:, :, i:i + 1], cache))
-        return torch.cat(frames, dim=2).clamp(-1.0, 1.0)
+            yield self.decoder(x[:, :, i:i + 1], cache).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat(list(self.decode_chunks(z)), dim=2)
 
 
 __all__ = ["CausalConv3d", "WanVAEDecoder"]

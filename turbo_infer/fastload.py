@@ -7,8 +7,10 @@ DiT bundle 1.6 s with its hashing; BENCHMARKS.md "End to end"). Here the file's 
 sequentially in large chunks (`readinto`, no mapping) into two pinned host buffers, and each chunk's
 bytes are copied asynchronously into the destination tensors' storage while the next chunk is read. A
 large file is split into contiguous shares read by several threads at once (their reads release the
-GIL), on the assumption that copying out of the page cache, not the host-to-device link, bounds one
-reader (one reader measured 4.9 GiB/s on an H200 host; the threaded read is not yet timed there).
+GIL), each reader on its own CUDA stream, so that two loads side by side (the umT5 prefetch beside
+the DiT) do not queue on the default stream. Measured on an H200 host from the page cache: umT5-XXL
+(10.6 GiB) in 1.15-1.4 s (7.6-9.2 GiB/s) with 4 or 8 readers alike; with 4 readers on the shared default
+stream it had been 3.4-4.1 s (BENCHMARKS.md "End to end").
 
 `load_safetensors(path, device)` returns {name: tensor} like `safetensors.torch.load_file`. On the CPU
 it is `safe_open`'s zero-copy mapping; on CUDA the staged read. `staged=True` forces the staged path on
@@ -32,7 +34,7 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 CHUNK_BYTES = 64 << 20  # two pinned buffers of this size per reader
-WORKERS = int(os.environ.get("TURBO_FASTLOAD_WORKERS", "8"))  # most readers of one file
+WORKERS = int(os.environ.get("TURBO_FASTLOAD_WORKERS", "4"))  # most readers of one file (H200 host: 4 and 8 alike)
 log = logging.getLogger(__name__)
 
 
@@ -90,7 +92,7 @@ def load_safetensors(path, device="cpu", *, staged: bool | None = None,
     chunk_bytes: size of each of the two host buffers of the staged read (per reader).
     workers: readers of the staged read, each on its own contiguous share of the data with its own file
     handle and buffers (the reads release the GIL, so copying out of the page cache runs on several
-    cores); None = one per GiB of data, at most WORKERS (umT5-XXL's 10.6 GiB: 8; a 1.3 GiB DiT: 1)."""
+    cores); None = one per GiB of data, at most WORKERS (umT5-XXL's 10.6 GiB: 4; a 1.3 GiB DiT: 1)."""
     path, device = Path(path), torch.device(device)
     base, entries = read_header(path)  # checked before anything is read
     if staged is None:

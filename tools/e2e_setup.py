@@ -295,6 +295,6 @@ def dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-__all__ = ["LatentOnlyVAE", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype", "dir_bytes",
-           "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
-           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache", "OpenCVSink"]
+__all__ = ["LatentOnlyVAE", "OpenCVSink", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype",
+           "dir_bytes", "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
+           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache"]

@@ -337,7 +337,7 @@ VERIFY_MODES = ("cached", "full", "off")
 
 def verify_mode(verify) -> str:
     """from_bundle's `verify` as one of VERIFY_MODES: True = "cached", False = "off"."""
-    mode = {True: "cached", False: "off"}.get(verify, verify) if isinstance(verify, bool) else verify
+    mode = ("cached" if verify else "off") if isinstance(verify, bool) else verify
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify must be True, False or one of {VERIFY_MODES}, got {verify!r}")
     return mode

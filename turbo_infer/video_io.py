@@ -40,15 +40,7 @@ def _tmp_path(path: Path) -> Path:
 def write_mp4(path, video, fps: float = 8) -> Path:
     """Write `video` (F, H, W, 3) uint8 as H.264 mp4 (yuv420p). yuv420p needs even sizes: odd
     heights/widths are padded by one replicated edge row/column (never rescaled). Returns the path."""
-    frames = _as_frames(video)
-    fps = _check_fps(fps)
-    path = Path(path)
-    F, H, W, _ = frames.shape
-    pad_h, pad_w = H % 2, W % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return _write_through_ffmpeg(path, frames, fps, codec="libx264", pix_fmt_out="yuv420p", quality=8,
-                                 output_params=["-movflags", "+faststart"])
+    return write_mp4_stream(path, [_as_frames(video)], fps)
 
 
 def write_gif(path, video, fps: float = 8) -> Path:

@@ -9,7 +9,8 @@ Every ratio divides by the teacher's 50-step CFG figure from the same run (same 
                                   toy_dmd4_adherence_ratio, toy_dmd4_diversity_ratio,
                                   toy_teacher_rcm4_nocfg_adherence_ratio (the undistilled teacher at 4 steps)
     benchmarks/sla_finetune.json  toy_sla0.1_untrained_adherence_ratio, toy_sla0.1_finetuned_adherence_ratio,
-                                  toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained)
+                                  toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained),
+                                  toy_rcm4_sla0.1_direct_* (--sla-on-student: SLA tuned into the student)
     benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
                                   (the suite's cpu bundle, evaluated on the host's CPU; or a report of
                                   `turbo-eval --bundle <cpu bundle>` given as --cpu-bundle-report),
@@ -45,6 +46,9 @@ RATIOS = [
     ("sla_finetune", "toy_sla0.1_finetuned_adherence_ratio", "teacher_sla0.1_finetuned", "adherence"),
     ("sla_finetune", "toy_rcm4_sla0.1_adherence_ratio", "merged_rcm4_sla0.1", "adherence"),
     ("sla_finetune", "toy_rcm4_sla0.1_frechet_ratio", "merged_rcm4_sla0.1", "frechet"),
+    ("sla_finetune", "toy_rcm4_sla0.1_direct_adherence_ratio", "direct_rcm4_sla0.1", "adherence"),
+    ("sla_finetune", "toy_rcm4_sla0.1_direct_frechet_ratio", "direct_rcm4_sla0.1", "frechet"),
+    ("sla_finetune", "toy_rcm4_sla0.1_direct_diversity_ratio", "direct_rcm4_sla0.1", "diversity"),
     ("toy_bundles", "toy_bundle_h100_adherence_ratio", "bundle_h100", "adherence"),
     ("toy_bundles", "toy_bundle_cpu_adherence_ratio", "bundle_cpu", "adherence"),
 ]
@@ -91,7 +95,7 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
             out[file][fig + "_stderr_paired"] = reports[name]["frechet_ratio_paired_stderr"]
     for name in reports:  # absolute values too, for BENCHMARKS.md
         file = ("toy_bundles" if name.startswith("bundle") else "sla_finetune"
-                if name.startswith(("teacher_sla", "merged")) else "rcm")
+                if name.startswith(("teacher_sla", "merged", "direct")) else "rcm")
         out[file][f"toy_{name}_adherence"] = round(reports[name]["adherence"], 4)
     return out
 

@@ -215,8 +215,18 @@ class Suite:
         trained = [("rcm", "rcm4"), *((m, f"{m}4") for m in ablations), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
         jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
                  for run_name, ev in trained for f in sorted((self.out / run_name).glob("ema_step*.safetensors"))]
+        # --sla-on-student: SLA fine-tuned into the rCM student itself (distilled from the dense student, no
+        # caption dropout: the student samples without CFG), instead of the teacher's fine-tune merged into it
+        direct = [(self.evaluate, "direct_rcm4_sla0.1", ["--checkpoint", str(self.exported("sla_student"))] + student(4))]
+        if self.a.sla_on_student:
+            jobs.insert(0, (self.train, "sla_student", sla, ["--set", f"model.checkpoint={self.exported('rcm')}",
+                                                             "--set", "method.sla.caption_dropout=0.0"]))
+        else:
+            direct = []
         if self.a.rcm_only:  # the students' evaluations only: no SLA, merge, calibration or bundles
             self.parallel(jobs, width=self.a.eval_width)
+            if direct:
+                self.parallel(direct, width=1)
             return self.finish(t0)
         jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
         jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
@@ -226,7 +236,7 @@ class Suite:
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
         self.write_summary(t0, complete=False)
-        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))]
+        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))] + direct
         final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(self.out / f"merged_{v}.safetensors")]
                    + student(4)) for v in sla_variants]
         if self.a.device != "cpu":
@@ -311,6 +321,10 @@ def main(argv=None) -> int:
                    help="the rCM trainings also keep their EMA every N iterations (checkpoint.export_snapshots) "
                         "and each snapshot is evaluated at 4 steps as <name>_step<N>: a run's course from one "
                         "training (0 = off)")
+    p.add_argument("--sla-on-student", action="store_true",
+                   help="also fine-tune SLA into the rCM student itself once it is trained (recipes/toy/sla.yaml from "
+                        "the student, distilled from the dense student, no caption dropout; --sla-minutes) and "
+                        "evaluate it at 4 steps as direct_rcm4_sla0.1, beside the merge of the teacher's fine-tune")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,

@@ -63,7 +63,8 @@ def suite(tmp_path, monkeypatch, **kw):
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
-                           skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0)
+                           skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
+                           sla_on_student=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -176,6 +177,26 @@ def test_rcm_only_trains_and_evaluates_the_students_and_nothing_else(tmp_path, m
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", str(tmp_path), "--rcm-only", "--minutes", "-1"])
+
+
+def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tmp_path, monkeypatch):
+    for rcm_only in (True, False):
+        s, calls = suite(tmp_path / str(rcm_only), monkeypatch, rcm_only=rcm_only, skip_ablations=True,
+                         sla_on_student=True, sla_minutes=5.0)
+        assert s.main() == 0
+        names = [name for name, _ in calls]
+        assert names.index("train-rcm") < names.index("train-sla_student") < names.index("eval-direct_rcm4_sla0.1")
+        sets = sets_of(dict(calls)["train-sla_student"])
+        assert sets["model.checkpoint"] == str(s.exported("rcm")) and sets["method.sla.caption_dropout"] == "0.0"
+        assert sets["trainer.max_time_minutes"] == "5.0"
+        ev = dict(calls)["eval-direct_rcm4_sla0.1"]
+        assert ev[ev.index("--checkpoint") + 1] == str(s.exported("sla_student")) and "rcm" in ev
+    # its figures land in sla_finetune.json, divided by the teacher
+    reports = {"teacher": {"adherence": 0.8, "frechet": 100.0, "diversity": 20.0},
+               "direct_rcm4_sla0.1": {"adherence": 0.76, "frechet": 150.0, "diversity": 19.0}}
+    figs = toy_figures.ratios(reports)["sla_finetune"]
+    assert figs["toy_rcm4_sla0.1_direct_adherence_ratio"] == 0.95 and figs["toy_rcm4_sla0.1_direct_frechet_ratio"] == 1.5
+    assert figs["toy_direct_rcm4_sla0.1_adherence"] == 0.76
 
 
 def test_snapshots_keep_each_rcm_trainings_course_and_evaluate_it(tmp_path, monkeypatch):

@@ -74,7 +74,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
-from e2e_setup import (PROMPT, SHAPES, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
+from e2e_setup import (PROMPT, SHAPES, FirstKernelCalls, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
                        random_dit, random_umt5, random_wan_vae, restore_scales, set_static_scales,
                        synthetic_umt5_tokenizer, video_sink, warm_page_cache)
 
@@ -493,6 +493,10 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     fig["ttfv_first_launch_s"] = walls[0]
     for k, v in child["phases"].items():
         fig[f"ttfv_{k}"] = v
+    if child.get("triton_first_calls"):  # the slowest first launches of the warm-up, for the log and notes
+        top = list(child["triton_first_calls"].items())[:6]
+        notes["ttfv_triton_first_calls"] = {k: round(v, 4) for k, v in top}
+        log("warm-up: Triton first launches " + ", ".join(f"{k} {v:.3f} s" for k, v in top))
     log(f"time to first video: {child['phases']['total_s']:.2f} s to the mp4 ({wall:.2f} s until the process exited; "
         f"in-process phases {child['phases']}); {child['writer']}; "
         f"{video.stat().st_size / 2**20:.1f} MiB mp4")
@@ -577,7 +581,8 @@ def ttfv_child(args) -> int:
     if args.compile:
         pipe.transformer.compile_blocks(args.compile_backend, args.compile_mode)
     cfg = pipe.transformer.config
-    with torch.no_grad():  # one DiT forward on zeros: compiles (or loads the compiled artifacts) and JITs
+    kernels = FirstKernelCalls()
+    with torch.no_grad(), kernels:  # one DiT forward on zeros: compiles (or loads the compiled artifacts) and JITs
         # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)
         _, f, h, w = LatentOnlyVAE().latent_shape(shape.frames, shape.height, shape.width)
         x = torch.zeros(1, cfg.in_channels, f, h, w, device=device, dtype=pipe.dtype)
@@ -585,6 +590,7 @@ def ttfv_child(args) -> int:
         pipe.transformer(x, torch.full((1,), 999.0, device=device), ctx)
     sync(device)
     phases["warmup_dit_s"] = time.perf_counter() - t
+    phases["warmup_triton_first_calls_s"] = kernels.seconds  # of it: Triton's cache lookups + module loads
     t = time.perf_counter()
     for component in (pipe.text_encoder, pipe.vae):
         if isinstance(component, Background):
@@ -616,7 +622,9 @@ def ttfv_child(args) -> int:
     phases["generate_s"] = decoded[0] - t
     phases["write_s"] = time.perf_counter() - decoded[0]
     phases["total_s"] = time.time() - args.launched
-    Path(args.result).write_text(json.dumps({"phases": phases, "writer": writer}))
+    Path(args.result).write_text(json.dumps({"phases": phases, "writer": writer,
+                                             "triton_first_calls": dict(sorted(kernels.first.items(),
+                                                                               key=lambda kv: -kv[1]))}))
     print(f"first video: {args.video} ({phases})", flush=True)
     return 0
 

@@ -15,6 +15,7 @@ import itertools
 import math
 import os
 import string
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,43 @@ class OpenCVSink:
         self.writer.release()
 
 
+class FirstKernelCalls:
+    """Context manager: the host seconds of each Triton kernel's first launch inside it ({kernel name: s},
+    `seconds` their sum). A first launch finds the kernel's specialization in Triton's on-disk cache (or
+    compiles it) and loads its module: the part of a fresh process's DiT warm-up that is not the forward
+    itself. Later launches are not timed; outside the block nothing is patched."""
+
+    def __init__(self):
+        self.first: dict[str, float] = {}
+
+    def __enter__(self):
+        from triton.runtime.jit import JITFunction
+
+        self._cls, self._run = JITFunction, JITFunction.run
+        first, run = self.first, self._run
+
+        def timed_run(fn, *args, **kwargs):
+            name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "kernel")
+            if name in first:
+                return run(fn, *args, **kwargs)
+            t = time.perf_counter()
+            try:
+                return run(fn, *args, **kwargs)
+            finally:
+                first[name] = time.perf_counter() - t
+
+        JITFunction.run = timed_run
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.run = self._run
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.first.values())
+
+
 def warm_page_cache(paths, chunk: int = 64 << 20) -> int:
     """Read every file under `paths` once (discarding the bytes) so that a fresh process loads
     them from the page cache; returns the bytes read."""
@@ -295,6 +333,6 @@ def dir_bytes(path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-__all__ = ["LatentOnlyVAE", "OpenCVSink", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype",
+__all__ = ["FirstKernelCalls", "LatentOnlyVAE", "OpenCVSink", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype",
            "dir_bytes", "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
            "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache"]

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
 
 from e2e_breakdown import CLASSES, classify, name_class, profile_breakdown, split_wall  # noqa: E402
-from e2e_setup import SHAPES, random_dit, synthetic_umt5_tokenizer, synthetic_vocab, video_sink  # noqa: E402
+from e2e_setup import SHAPES, FirstKernelCalls, random_dit, synthetic_umt5_tokenizer, synthetic_vocab, video_sink  # noqa: E402
 
 FIXED_FIGURES = ("e2e_1.3b_480p_speedup", "e2e_1.3b_480p_turbo_s", "e2e_1.3b_480p_full_s",
                  "time_to_first_video_1.3b_s", "e2e_1.3b_480p_turbo_attention_s", "e2e_1.3b_480p_turbo_linear_s",
@@ -236,3 +236,27 @@ def test_static_scales_stand_in_for_calibration_and_restore():
         restore_scales(model, old)
         assert all(m.act_scale is None for m in layers)
         torch.testing.assert_close(model(x, t, ctx), dynamic)
+
+
+def test_first_kernel_calls_times_each_kernels_first_launch_only(monkeypatch):
+    import time
+    import types
+
+    from triton.runtime.jit import JITFunction
+
+    calls = []
+
+    def fake_run(self, *args, **kwargs):  # stands in for a launch (the CPU has no Triton launches to time)
+        calls.append(self.__name__)
+        time.sleep(0.02 if len(calls) == 1 else 0.0)
+        return "launched"
+
+    monkeypatch.setattr(JITFunction, "run", fake_run)
+    k1, k2 = types.SimpleNamespace(__name__="k1"), types.SimpleNamespace(__name__="k2")
+    with FirstKernelCalls() as first:
+        assert JITFunction.run(k1, grid=(1,), warmup=False) == "launched"
+        JITFunction.run(k1, grid=(1,), warmup=False)
+        JITFunction.run(k2, grid=(1,), warmup=False)
+    assert calls == ["k1", "k1", "k2"] and set(first.first) == {"k1", "k2"}
+    assert first.first["k1"] >= 0.015 and first.seconds == pytest.approx(sum(first.first.values()))
+    assert JITFunction.run is fake_run  # restored

@@ -67,6 +67,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -470,7 +471,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--tiny"] if args.tiny else []
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
     cmd += ["--ttfv-background"] if args.ttfv_background else []
-    cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype, "--ttfv-verify", args.ttfv_verify]
+    cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype, "--ttfv-verify", args.ttfv_verify, "--ttfv-warmup", args.ttfv_warmup]
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -503,6 +504,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     text = ("random weights built on the GPU by the child (--ttfv-random-text; NOT loaded from disk), tokenizer and "
             "config from disk" if args.ttfv_random_text else f"umT5 weights from {te_dir.name}/ on disk "
             f"({dir_bytes(te_dir) / 2**30:.1f} GiB)")
+    warm = args.ttfv_warmup == "on" or (args.ttfv_warmup == "auto" and compiled)
     notes["time_to_first_video"] = (f"from the launch of the last of {args.ttfv_runs} subprocesses `python "
                                     f"tools/bench_e2e.py --ttfv-child` until its mp4 is written and closed (the child's "
                                     f"clock against the launch time; ttfv_process_wall_s: until the process exited; launch "
@@ -514,10 +516,11 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                     f"file(s)); page cache warmed by one read; Triton and "
                                     f"Inductor on-disk caches warm from the parent; "
                                     + ("TurboPipeline.from_bundle(background=True) (--ttfv-background): text encoder "
-                                       "and VAE load in background threads while the DiT loads and runs once on zeros "
+                                       "and VAE load in background threads while the DiT loads"
                                        if args.ttfv_background else
-                                       "TurboPipeline.from_bundle loads text encoder, VAE and DiT one after the other, "
-                                       "then the DiT runs once on zeros ")
+                                       "TurboPipeline.from_bundle loads text encoder, VAE and DiT one after the other")
+                                    + (", then the DiT runs once on zeros " if warm else
+                                       ", no warm-up forward (generate()'s first step pays the kernels' first launches) ")
                                     + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}; "
                                     f"VAE in {args.ttfv_vae_dtype}); "
                                     + ("Python's bytecode cache on (--ttfv-bytecode-cache); " if args.ttfv_bytecode_cache else "")
@@ -539,11 +542,12 @@ def ttfv_child(args) -> int:
     """The fresh process of stage 7 (see bench_first_video); writes its phase times to --result.
 
     `TurboPipeline.from_bundle` loads text encoder, VAE and DiT (with --ttfv-background the first two in
-    background threads, still loading when it returns); the DiT is compiled (if asked) and run once on
-    zeros (compile caches, kernel JIT; meanwhile the background loads go on); then generate()."""
+    background threads, still loading when it returns); the DiT is compiled (if asked) and, with a warm-up
+    (--ttfv-warmup; by default only when compiled), run once on zeros (compile caches, kernel JIT; meanwhile
+    the background loads go on); then generate() and the streamed mp4."""
     from turbo_infer.background import Background
     from turbo_infer.bundle import read_manifest
-    from turbo_infer.pipeline import TurboPipeline, video_to_uint8
+    from turbo_infer.pipeline import TurboPipeline
 
     phases = {"startup_s": time.time() - args.launched,  # interpreter start + imports
               "startup_interpreter_s": STARTED - args.launched, "startup_imports_s": time.time() - STARTED}
@@ -581,16 +585,17 @@ def ttfv_child(args) -> int:
     if args.compile:
         pipe.transformer.compile_blocks(args.compile_backend, args.compile_mode)
     cfg = pipe.transformer.config
-    kernels = FirstKernelCalls()
-    with torch.no_grad(), kernels:  # one DiT forward on zeros: compiles (or loads the compiled artifacts) and JITs
-        # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)
-        _, f, h, w = LatentOnlyVAE().latent_shape(shape.frames, shape.height, shape.width)
-        x = torch.zeros(1, cfg.in_channels, f, h, w, device=device, dtype=pipe.dtype)
-        ctx = torch.zeros(1, shape.text_len, cfg.text_dim, device=device, dtype=pipe.dtype)
-        pipe.transformer(x, torch.full((1,), 999.0, device=device), ctx)
-    sync(device)
+    kernels = FirstKernelCalls()  # Triton's first launches: in the warm-up, or in generate() without one
+    warmup = args.ttfv_warmup == "on" or (args.ttfv_warmup == "auto" and args.compile)
+    if warmup:
+        with torch.no_grad(), kernels:  # one DiT forward on zeros: compiles (or loads the compiled artifacts), JITs
+            # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)
+            _, f, h, w = LatentOnlyVAE().latent_shape(shape.frames, shape.height, shape.width)
+            x = torch.zeros(1, cfg.in_channels, f, h, w, device=device, dtype=pipe.dtype)
+            ctx = torch.zeros(1, shape.text_len, cfg.text_dim, device=device, dtype=pipe.dtype)
+            pipe.transformer(x, torch.full((1,), 999.0, device=device), ctx)
+        sync(device)
     phases["warmup_dit_s"] = time.perf_counter() - t
-    phases["warmup_triton_first_calls_s"] = kernels.seconds  # of it: Triton's cache lookups + module loads
     t = time.perf_counter()
     for component in (pipe.text_encoder, pipe.vae):
         if isinstance(component, Background):
@@ -601,10 +606,12 @@ def ttfv_child(args) -> int:
             phases[f"load_part_{name}_background_s"] = component.seconds
     # generate() in its two parts (text encode + DiT steps, VAE decode)
     t = time.perf_counter()
-    latents = pipe.generate_latents([PROMPT], num_frames=shape.frames, height=shape.height, width=shape.width,
-                                    seed=0, progress=False)
+    with (nullcontext() if warmup else kernels):
+        latents = pipe.generate_latents([PROMPT], num_frames=shape.frames, height=shape.height, width=shape.width,
+                                        seed=0, progress=False)
     sync(device)
     phases["generate_text_dit_s"] = time.perf_counter() - t
+    phases["triton_first_calls_s"] = kernels.seconds  # Triton's cache lookups + module loads (warm-up or generate)
     # VAE decode with the mp4 encoded alongside (write_mp4_stream: each latent frame's block of frames goes to
     # the writer thread as soon as it is decoded); write_s is what the file took after the last block
     from turbo_infer.video_io import write_mp4_stream
@@ -869,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "PYTHONPYCACHEPREFIX=WORKDIR/pycache), as an ordinary installation has it; the GPU image sets "
                         "PYTHONDONTWRITEBYTECODE and its torch has no bytecode, so each process compiles torch's "
                         "sources (import torch 4.4-5.1 s there vs 1.9-2.4 s with the cache)")
+    p.add_argument("--ttfv-warmup", choices=("auto", "on", "off"), default="auto",
+                   help="run the DiT once on zeros before generating (auto: only when compiling, whose warm-up is "
+                        "the compile; eager, generate()'s first step pays the kernels' first launches itself, as in "
+                        "turbo-infer, and the extra forward is saved)")
     p.add_argument("--ttfv-verify", choices=("cached", "full"), default="cached",
                    help="the fresh process's bundle check (turbo-infer --verify): cached (default, as turbo-infer: "
                         "launch 1 hashes and records, later launches hash only changed files) or full")

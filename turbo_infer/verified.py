@@ -76,8 +76,10 @@ class VerifiedFiles:
         self.dirty = True
 
     def save(self) -> None:
+        """Write the record (atomically) if anything was added, without the entries of files that are gone."""
         if not self.dirty:
             return
+        self.entries = {k: v for k, v in self.entries.items() if os.path.exists(k)}
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

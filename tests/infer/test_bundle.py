@@ -170,6 +170,15 @@ def test_verified_record_skips_only_unchanged_files(cpu_bundle, monkeypatch, tmp
     time.sleep(0.1)
     assert B.verify_files(cpu_bundle, manifest, cached=True) == n
     assert json.loads((tmp_path / "cache" / verified.FILE).read_text())  # rewritten
+    # entries of files that are gone are dropped at the next write
+    record = json.loads((tmp_path / "cache" / verified.FILE).read_text())
+    record["/nonexistent/gone.safetensors"] = {"sha256": "0" * 64, "state": [0, 0, 0, 0, 0]}
+    (tmp_path / "cache" / verified.FILE).write_text(json.dumps(record))
+    other = shutil.copytree(cpu_bundle, tmp_path / "other")
+    time.sleep(0.1)
+    assert B.verify_files(other, manifest, cached=True) == n
+    kept = json.loads((tmp_path / "cache" / verified.FILE).read_text())
+    assert "/nonexistent/gone.safetensors" not in kept and len(kept) == 2 * n
 
 
 def test_truncated_file_gives_a_clear_error(cpu_bundle, monkeypatch):

@@ -211,6 +211,9 @@ class Suite:
         jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
+        # --rcm-times: the main student sampled on other 4-step grids (no training: the sampler's mid times)
+        jobs += [(self.evaluate, f"rcm4_times_{v}", ["--checkpoint", str(self.exported("rcm"))] + student(4)
+                  + ["--rcm-mid-times", spec]) for v, spec in self.a.rcm_times]
         # the snapshots (--snapshots): each training's course, e.g. rcm4_step000250
         trained = [("rcm", "rcm4"), *((m, f"{m}4") for m in ablations), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
         jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
@@ -301,6 +304,21 @@ def rcm_variant(text: str) -> tuple[str, list[str]]:
     return variant(text, "recipes/toy/rcm.yaml")
 
 
+def rcm_times(text: str) -> tuple[str, str]:
+    """--rcm-times NAME:SPEC -> (NAME, SPEC), SPEC checked as turbo-eval --rcm-mid-times would."""
+    from turbo_infer.samplers import parse_mid_times
+
+    name, sep, spec = text.partition(":")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:T1,T2,T3 or NAME:shift=S with NAME a word")
+    try:
+        if len(parse_mid_times(spec)) < 3:
+            raise ValueError("4 steps need 3 mid times")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return name, spec
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="run directory (trainings, bundles, eval reports)")
@@ -321,6 +339,9 @@ def main(argv=None) -> int:
                    help="the rCM trainings also keep their EMA every N iterations (checkpoint.export_snapshots) "
                         "and each snapshot is evaluated at 4 steps as <name>_step<N>: a run's course from one "
                         "training (0 = off)")
+    p.add_argument("--rcm-times", action="append", default=[], type=rcm_times, metavar="NAME:T1,T2,T3|NAME:shift=S",
+                   help="also evaluate the main rCM student at 4 steps with these sampler mid times (turbo-eval "
+                        "--rcm-mid-times) as rcm4_times_NAME (repeatable), e.g. toy:shift=3")
     p.add_argument("--sla-on-student", action="store_true",
                    help="also fine-tune SLA into the rCM student itself once it is trained (recipes/toy/sla.yaml from "
                         "the student, distilled from the dense student, no caption dropout; --sla-minutes) and "

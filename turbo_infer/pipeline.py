@@ -225,7 +225,8 @@ class TurboPipeline:
     @torch.no_grad()
     def generate_latents(self, prompts, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                          num_frames: int = 8, height: int = 64, width: int = 64, sampler: str | None = None,
-                         shift: float | None = None, progress: bool = True) -> torch.Tensor:
+                         shift: float | None = None, progress: bool = True,
+                         sampler_options: dict | None = None) -> torch.Tensor:
         """Sample latents (B, C, F', H', W') float32; arguments as `generate`."""
         prompts = check_prompts(prompts)
         d = self.sample_defaults
@@ -241,14 +242,15 @@ class TurboPipeline:
         uncond = self.text_encoder.empty_embedding().to(self.device) if guidance != 1.0 else None  # (1, L, D)
         gens = self.generators(len(prompts), seed)
         noise = batch_randn(self.vae.latent_shape(num_frames, height, width), gens, self.device)  # (B, C, F, H, W)
-        return get_sampler(sampler).sample(self.transformer, noise, context, uncond=uncond, guidance=guidance,
+        return get_sampler(sampler, **(sampler_options or {})).sample(
+                                           self.transformer, noise, context, uncond=uncond, guidance=guidance,
                                            steps=steps, shift=shift, progress=progress, dtype=self.dtype,
                                            generators=gens)
 
     @torch.no_grad()
     def generate(self, prompts, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                  num_frames: int = 8, height: int = 64, width: int = 64, sampler: str | None = None,
-                 shift: float | None = None, progress: bool = True) -> torch.Tensor:
+                 shift: float | None = None, progress: bool = True, sampler_options: dict | None = None) -> torch.Tensor:
         """Generate one video per prompt -> uint8 tensor (B, num_frames, height, width, 3) on the CPU.
 
         prompts: list of strings (a bare string is one prompt); steps: sampler steps (network
@@ -256,9 +258,10 @@ class TurboPipeline:
         steps / guidance / sampler None = `sample_defaults` (euler 50 steps CFG 5, or the bundle's);
         seed: base seed (prompt i uses seed + i); num_frames/height/width: output video size (checked
         against the VAE factors and the DiT's patch); sampler: a key of SAMPLERS; shift: timestep
-        shift (None = the world's default: toy 3, Wan 5); progress: tqdm bar over steps."""
+        shift (None = the world's default: toy 3, Wan 5); progress: tqdm bar over steps; sampler_options:
+        the sampler's own settings (rcm: mid_times, `turbo_infer.samplers.RCMSampler`)."""
         latents = self.generate_latents(prompts, steps, guidance, seed, num_frames, height, width, sampler, shift,
-                                        progress)
+                                        progress, sampler_options)
         return torch.cat(list(self.decode_uint8(latents)), dim=1)
 
     @torch.no_grad()
@@ -273,7 +276,7 @@ class TurboPipeline:
     def generate_mp4(self, prompt: str, path, fps: float | None = None, sink=None, **kwargs) -> Path:
         """One prompt's video written to the mp4 `path` while it decodes (`video_io.write_mp4_stream`: each
         block of frames is encoded in a writer thread as soon as the VAE has made it). kwargs as `generate`
-        (steps, guidance, seed, num_frames, height, width, sampler, shift, progress); fps None = the
+        (steps, guidance, seed, num_frames, height, width, sampler, shift, progress, sampler_options); fps None = the
         pipeline's; sink: `write_mp4_stream`'s encoder factory. Returns the path."""
         from turbo_infer.video_io import write_mp4_stream
 

@@ -226,19 +226,28 @@ class RCMSampler(FlowSampler):
     x = (1 - s_next)·x0 + s_next·z_new with fresh noise z_new (from `generators`, one CPU generator per
     item, so a result depends only on its seed; None = the global RNG). The last step returns x0.
     Conditional only: the student has the teacher's CFG distilled in, so `uncond` and `guidance` are
-    ignored (one forward per step), and so is `shift` (the grid is fixed).
+    ignored (one forward per step), and so is `shift` (the grid is fixed; `RCMSampler(mid_times=...)` sets
+    another, e.g. `shifted_mid_times(3.0)` for a world sampled with timestep shift 3).
     """
 
     name = "rcm"
     sigma_max = 80.0  # 480p; Wan at 720p uses 120
     mid_times = (1.5, 1.4, 1.0)  # TrigFlow times after atan(sigma_max)
 
+    def __init__(self, mid_times=None):
+        """mid_times: the TrigFlow times after atan(sigma_max) (None = the spec's (1.5, 1.4, 1.0), Wan's grid),
+        strictly decreasing in (0, atan(sigma_max)); e.g. a world sampled with another timestep shift may
+        want its own (`shifted_mid_times`)."""
+        if mid_times is not None:
+            self.mid_times = check_mid_times(mid_times, self.sigma_max)
+
     @classmethod
-    def timesteps(cls, steps: int, sigma_max: float | None = None) -> torch.Tensor:
-        """(steps + 1,) float64 RF times s_0 > ... > s_steps = 0."""
-        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1 + len(cls.mid_times):
-            raise ValueError(f"steps must be an int in 1..{1 + len(cls.mid_times)} for the rcm sampler, got {steps!r}")
-        t = torch.tensor([math.atan(sigma_max or cls.sigma_max), *cls.mid_times][:steps] + [0.0], dtype=torch.float64)
+    def timesteps(cls, steps: int, sigma_max: float | None = None, mid_times=None) -> torch.Tensor:
+        """(steps + 1,) float64 RF times s_0 > ... > s_steps = 0 (mid_times None = the class's)."""
+        mid = cls.mid_times if mid_times is None else tuple(mid_times)
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 1 + len(mid):
+            raise ValueError(f"steps must be an int in 1..{1 + len(mid)} for the rcm sampler, got {steps!r}")
+        t = torch.tensor([math.atan(sigma_max or cls.sigma_max), *mid][:steps] + [0.0], dtype=torch.float64)
         return torch.sin(t) / (torch.sin(t) + torch.cos(t))
 
     @torch.no_grad()
@@ -247,7 +256,7 @@ class RCMSampler(FlowSampler):
         self._check(noise, context, uncond, guidance)
         if generators is not None and len(generators) != noise.shape[0]:
             raise ValueError(f"generators: need one per batch item ({noise.shape[0]}), got {len(generators)}")
-        sig = self.timesteps(steps).tolist()
+        sig = self.timesteps(steps, mid_times=self.mid_times).tolist()
         dtype = dtype or torch.float32
         x = sig[0] * noise.double()  # (B, C, F, H, W)
         for i in tqdm(range(steps), desc=self.name, disable=not progress):
@@ -264,6 +273,52 @@ class RCMSampler(FlowSampler):
         raise AssertionError("unreachable: the last time is 0")
 
 
+def check_mid_times(mid_times, sigma_max: float = RCMSampler.sigma_max) -> tuple[float, ...]:
+    """The rCM sampler's intermediate TrigFlow times as a tuple, or ValueError: at least one, strictly
+    decreasing, each in (0, atan(sigma_max))."""
+    try:
+        mid = tuple(float(t) for t in mid_times)
+    except (TypeError, ValueError):
+        raise ValueError(f"mid_times must be numbers, got {mid_times!r}") from None
+    top = math.atan(sigma_max)
+    if not mid or any(not 0.0 < t < top for t in mid) or any(a <= b for a, b in zip(mid, mid[1:])):
+        raise ValueError(f"mid_times must be strictly decreasing TrigFlow times in (0, {top:.4f}), got {mid_times!r}")
+    return mid
+
+
+def shifted_mid_times(shift: float, mid_times=RCMSampler.mid_times, from_shift: float = 5.0) -> tuple[float, ...]:
+    """The rCM mid times moved from one timestep shift's grid to another's: each TrigFlow time -> its RF
+    time s -> the unshifted u of `from_shift` (s = f·u / (1 + (f - 1)·u)) -> s' under `shift` -> TrigFlow
+    time. The spec's (1.5, 1.4, 1.0) are Wan's (shift 5); the toy world samples with shift 3:
+    shifted_mid_times(3.0) = (1.454, 1.291, 0.751), i.e. RF times 0.895, 0.777, 0.483 instead of 0.934,
+    0.853, 0.609."""
+    if not shift > 0 or not from_shift > 0:
+        raise ValueError(f"shifts must be > 0, got {shift!r} and {from_shift!r}")
+    out = []
+    for t in mid_times:
+        s = math.sin(t) / (math.sin(t) + math.cos(t))
+        u = s / (from_shift - (from_shift - 1.0) * s)
+        s2 = shift * u / (1.0 + (shift - 1.0) * u)
+        out.append(math.atan2(s2, 1.0 - s2))
+    return tuple(out)
+
+
+def parse_mid_times(text: str) -> tuple[float, ...]:
+    """`--rcm-mid-times`: "T1,T2,..." (TrigFlow times) or "shift=S" (`shifted_mid_times(S)`: the spec's grid moved
+    to timestep shift S); ValueError naming the problem."""
+    text = text.strip()
+    if text.startswith("shift="):
+        try:
+            shift = float(text.removeprefix("shift="))
+        except ValueError:
+            raise ValueError(f"rcm mid times {text!r}: shift=S needs a number") from None
+        return check_mid_times(shifted_mid_times(shift))
+    try:
+        return check_mid_times(float(t) for t in text.split(","))
+    except ValueError as e:
+        raise ValueError(f"rcm mid times {text!r}: {e}") from None
+
+
 # Registry: the CLI's --sampler choices. One entry per sampler class.
 SAMPLERS: dict[str, type[FlowSampler]] = {
     FlowEulerSampler.name: FlowEulerSampler,
@@ -272,8 +327,11 @@ SAMPLERS: dict[str, type[FlowSampler]] = {
 }
 
 
-def get_sampler(name: str) -> FlowSampler:
-    """Instantiate the sampler registered under `name`."""
+def get_sampler(name: str, **options) -> FlowSampler:
+    """Instantiate the sampler registered under `name` with its options (rcm: mid_times)."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
-    return SAMPLERS[name]()
+    try:
+        return SAMPLERS[name](**options)
+    except TypeError:
+        raise ValueError(f"sampler {name!r} takes no options {sorted(options)}") from None

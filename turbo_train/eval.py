@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from turbo_infer.samplers import SAMPLERS
+from turbo_infer.samplers import SAMPLERS, parse_mid_times
 from turbo_train.toyworld.generator import generate_sample
 from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_bootstrap_stderr, frechet_distance,
                                           mean_stderr,
@@ -142,7 +142,7 @@ def contact_sheet(videos: np.ndarray, captions: list[str], scores: list[float], 
 
 def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8, diversity_seeds: int = 4,
              steps: int = 50, guidance: float = 5.0, sampler: str = "euler", shift: float | None = None,
-             seed: int = 0, batch_size: int = 8, progress: bool = True,
+             sampler_options: dict | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True,
              reference: np.ndarray | None = None,
              frechet_bootstrap: int = 20) -> tuple[dict[str, Any], np.ndarray, list[str], list[float], dict]:
     """Run the whole evaluation; returns (report, videos, captions, per-video adherence, judge features
@@ -159,6 +159,8 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
     captions = [c for c, _, _ in prompts]
     attrs = [a for _, a, _ in prompts]
     kw = dict(steps=steps, guidance=guidance, sampler=sampler, shift=shift)
+    if sampler_options:  # e.g. rcm's mid_times (recorded in the report's settings)
+        kw["sampler_options"] = dict(sampler_options)
     videos, s_per_video = generate_batched(pipe, captions, batch_size=batch_size, seed=seed, progress=progress, **kw)
 
     # adherence and per-attribute accuracy from the judge's predictions
@@ -221,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG weight (1 = conditional only; ignored by rcm); default 5 (a bundle: its own)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the toy world's)")
+    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+                   help="the rcm sampler's intermediate TrigFlow times (default: the spec's 1.5,1.4,1.0, Wan's grid); "
+                        "shift=S moves that grid to timestep shift S (the toy world samples with 3)")
     p.add_argument("--attention", default=None, help="self-attention backend override, e.g. sla")
     p.add_argument("--topk", type=float, default=None, help="SLA topk (with --attention sla)")
     p.add_argument("--block-q", type=int, default=None,
@@ -297,10 +302,21 @@ def main(argv: list[str] | None = None) -> int:
     a.guidance = d["guidance"] if a.guidance is None else a.guidance
     if a.sampler == "rcm" and not 1 <= a.steps <= 4:
         p.error("--sampler rcm takes --steps 1..4")
+    sampler_options = {}
+    if a.rcm_mid_times is not None:
+        if a.sampler != "rcm":
+            p.error("--rcm-mid-times: only with the rcm sampler")
+        try:
+            sampler_options["mid_times"] = parse_mid_times(a.rcm_mid_times)
+        except ValueError as e:
+            p.error(f"--rcm-mid-times: {e}")
+        if a.steps > 1 + len(sampler_options["mid_times"]):
+            p.error(f"--steps {a.steps} needs {a.steps - 1} --rcm-mid-times, got {len(sampler_options['mid_times'])}")
     judge = load_judge(a.judge, device=a.device)
     report, videos, captions, scores, features = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,
-        steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, seed=a.seed, batch_size=a.batch_size,
+        steps=a.steps, guidance=a.guidance, sampler=a.sampler, shift=a.shift, sampler_options=sampler_options,
+        seed=a.seed, batch_size=a.batch_size,
         progress=not a.no_progress, reference=reference, frechet_bootstrap=a.frechet_bootstrap,
     )
     report["checkpoint"] = (f"bundle {a.bundle}" if a.bundle else str(a.checkpoint) if a.checkpoint

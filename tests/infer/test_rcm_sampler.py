@@ -3,7 +3,8 @@ rule against a hand-written loop, conditional-only calls, determinism by seed an
 import pytest
 import torch
 
-from turbo_infer.samplers import SAMPLERS, RCMSampler, batch_randn, get_sampler
+from turbo_infer.samplers import (SAMPLERS, RCMSampler, batch_randn, check_mid_times, get_sampler, parse_mid_times,
+                                  shifted_mid_times)
 
 SHAPE = (4, 2, 4, 4)  # (C, F, H, W)
 
@@ -108,3 +109,30 @@ def test_bad_arguments_name_the_argument():
         RCMSampler().sample(lambda x, t, c: x, noise, ctx, steps=2, generators=gens([1]))
     with pytest.raises(ValueError, match="context"):
         RCMSampler().sample(lambda x, t, c: x, noise, torch.zeros(3, 3, 8), steps=2)
+
+
+def test_mid_times_are_an_option_with_checks():
+    """Other intermediate times: the grid follows them; the spec's grid moved between timestep shifts is the
+    identity at Wan's shift 5 and lands at RF times 0.895 / 0.777 / 0.483 for the toy world's 3."""
+    assert shifted_mid_times(5.0) == pytest.approx(RCMSampler.mid_times, abs=1e-12)
+    toy = shifted_mid_times(3.0)
+    s = RCMSampler.timesteps(4, mid_times=toy)
+    assert s[1:4].tolist() == pytest.approx([0.8943, 0.7767, 0.4831], abs=1e-4) and s[-1] == 0.0
+    sampler = get_sampler("rcm", mid_times=toy)
+    assert sampler.mid_times == pytest.approx(toy) and RCMSampler.mid_times == (1.5, 1.4, 1.0)  # class untouched
+    assert parse_mid_times("shift=3") == pytest.approx(toy) and parse_mid_times("1.4, 1.2,0.7") == (1.4, 1.2, 0.7)
+    # a sampler with fewer mid times takes fewer steps
+    two = RCMSampler(mid_times=(1.2,))
+    net = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    x = torch.randn(1, 4, 2, 4, 4)
+    ctx = torch.zeros(1, 3, 8)
+    assert two.sample(net, x, ctx, steps=2).shape == x.shape
+    with pytest.raises(ValueError, match="steps must be an int in 1..2"):
+        two.sample(net, x, ctx, steps=3)
+    for bad in ((1.0, 1.2), (), (1.6,), (0.0,), ("a",)):
+        with pytest.raises(ValueError, match="mid_times"):
+            check_mid_times(bad)
+    with pytest.raises(ValueError, match="takes no options"):
+        get_sampler("euler", mid_times=toy)
+    with pytest.raises(ValueError, match="shift=S needs a number"):
+        parse_mid_times("shift=three")

@@ -119,3 +119,23 @@ def test_reference_refusals(tiny_checkpoint, tmp_path, capsys):
     error(["--reference", str(tmp_path), "--seed", "1"], "same --num-prompts and --seed")
     error(["--reference", str(tmp_path), "--num-prompts", "3"], "same --num-prompts and --seed")
     assert not list(tmp_path.glob("*.tmp*"))  # the atomic write left no temporary file
+
+
+def test_rcm_mid_times_reach_the_sampler_and_the_report(tiny_checkpoint, tmp_path):
+    """--rcm-mid-times: another 4-step grid changes the videos and is recorded; bad grids are refused."""
+    from turbo_infer.samplers import shifted_mid_times
+
+    base = ["--checkpoint", str(tiny_checkpoint), "--sampler", "rcm", "--steps", "4", "--save-videos"]
+    spec = run(base, tmp_path / "spec")
+    toy = run(base + ["--rcm-mid-times", "shift=3"], tmp_path / "toy")
+    assert toy["settings"]["sampler_options"]["mid_times"] == pytest.approx(list(shifted_mid_times(3.0)))
+    assert "sampler_options" not in spec["settings"]
+    a, b = (np.load(tmp_path / d / "videos.npz")["videos"] for d in ("spec", "toy"))
+    assert not np.array_equal(a, b)  # same seeds, other intermediate times
+    for bad, msg in ((["--rcm-mid-times", "1.0,1.4,1.5"], "strictly decreasing"),
+                     (["--rcm-mid-times", "shift=x"], "needs a number"),
+                     (["--rcm-mid-times", "1.4,1.0"], "needs 3 --rcm-mid-times")):
+        with pytest.raises(SystemExit):
+            main(base + bad + ["--out-dir", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tiny_checkpoint), "--rcm-mid-times", "shift=3", "--out-dir", str(tmp_path / "e")])

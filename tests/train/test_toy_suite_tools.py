@@ -64,7 +64,7 @@ def suite(tmp_path, monkeypatch, **kw):
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
-                           sla_on_student=False)
+                           sla_on_student=False, rcm_times=[])
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -197,6 +197,19 @@ def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tm
     figs = toy_figures.ratios(reports)["sla_finetune"]
     assert figs["toy_rcm4_sla0.1_direct_adherence_ratio"] == 0.95 and figs["toy_rcm4_sla0.1_direct_frechet_ratio"] == 1.5
     assert figs["toy_direct_rcm4_sla0.1_adherence"] == 0.76
+
+
+def test_rcm_times_evaluate_the_main_student_on_other_grids(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch, rcm_only=True, skip_ablations=True,
+                     rcm_times=[toy_gpu_suite.rcm_times("toy:shift=3"), toy_gpu_suite.rcm_times("low:1.4,1.2,0.7")])
+    assert s.main() == 0
+    ev = dict(calls)
+    for name, spec in (("toy", "shift=3"), ("low", "1.4,1.2,0.7")):
+        cmd = ev[f"eval-rcm4_times_{name}"]
+        assert cmd[cmd.index("--rcm-mid-times") + 1] == spec and cmd[cmd.index("--checkpoint") + 1] == str(s.exported("rcm"))
+    for bad in ("toy", "1x:shift=3", "a:1.0,1.4,1.5", "b:shift=zero", "c:1.5,1.4"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            toy_gpu_suite.rcm_times(bad)
 
 
 def test_snapshots_keep_each_rcm_trainings_course_and_evaluate_it(tmp_path, monkeypatch):

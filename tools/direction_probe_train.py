@@ -15,12 +15,17 @@ A variant that gets the sign right while the other stays at chance says where th
 comes from. Results: OUT/results.json, a contact sheet of samples per variant (OUT/samples_<variant>.png)
 and a printed line per variant (seeded; the training's length decides a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
 either variant to draw a trackable moving square (recipes/toy/logs/direction_probe_cpu.json): run it on a GPU.
+On an H200, rendering in this process bounds it (1.7 minutes: ~2000 steps of 32, still not coherent motion;
+recipes/toy/logs/direction_probe_gpu_1.7min.json); --prerender N renders a bank of N videos once with a
+process pool (~730 videos/s on 2 CPU cores) and trains from it on the GPU, e.g.
+    python tools/direction_probe_train.py --device cuda --prerender 32768 --batch-size 64 --minutes 4
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -61,15 +66,47 @@ def batch(rng: np.random.Generator, size: int, codec: ToyCodec, device) -> tuple
     return codec.encode(x).to(device), dirs
 
 
+def _render_one(job: tuple[int, int]) -> np.ndarray:
+    d, seed = job
+    return render(scene(DIRECTIONS[d]), seed)
+
+
+def prerender(n: int, seed: int, codec: ToyCodec, device, workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bank of n videos (random direction, scene seed) rendered once by a process pool and encoded to
+    latents on `device` -> (latents (n, C, F, H, W) float32, directions (n,) long): training then draws
+    batches from it instead of rendering each step in this process (the GPU's step is ~ms, rendering a
+    batch of 32 ~50 ms). Call it before CUDA starts in this process (the pool forks)."""
+    import multiprocessing
+
+    rng = np.random.default_rng(seed + 7919)
+    jobs = [(int(rng.integers(2)), int(rng.integers(2**31))) for _ in range(n)]
+    workers = workers or os.cpu_count() or 1
+    t = time.perf_counter()
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            videos = pool.map(_render_one, jobs, chunksize=max(1, n // (4 * workers)))
+    else:
+        videos = [_render_one(j) for j in jobs]
+    latents = torch.cat([codec.encode(video_to_float(torch.from_numpy(np.stack(videos[i:i + 256])))).to(device)
+                         for i in range(0, n, 256)])
+    print(f"  rendered and encoded {n} videos in {time.perf_counter() - t:.1f} s ({workers} processes)", flush=True)
+    return latents, torch.tensor([d for d, _ in jobs], device=device)
+
+
 def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: torch.Tensor, codec: ToyCodec,
-          batch_size: int = 16, lr: float = 3e-4, device="cpu") -> tuple[WanModel, dict]:
+          batch_size: int = 16, lr: float = 3e-4, device="cpu", bank=None) -> tuple[WanModel, dict]:
+    """bank: `prerender`'s (latents, directions) to draw batches from (None: render each batch here)."""
     torch.manual_seed(seed)
     model = WanModel(small_config(**VARIANTS[variant])).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     t0, step, losses = time.perf_counter(), 0, []
     while time.perf_counter() - t0 < 60 * minutes:
-        x0, dirs = batch(rng, batch_size, codec, device)
+        if bank is None:
+            x0, dirs = batch(rng, batch_size, codec, device)
+        else:
+            idx = torch.from_numpy(rng.integers(0, len(bank[0]), batch_size)).to(bank[0].device)
+            x0, dirs = bank[0][idx], bank[1][idx].tolist()
         ctx = text[torch.tensor(dirs, device=text.device)]  # (B, L, 384)
         drop = torch.from_numpy(rng.random(batch_size) < 0.1).to(device)
         ctx = torch.where(drop[:, None, None], empty.expand_as(ctx), ctx)
@@ -137,20 +174,26 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/direction"))
     p.add_argument("--device", default="cpu", help="where the small DiT trains and samples (cpu or cuda)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--prerender", type=int, default=0, metavar="N",
+                   help="render N videos once with a process pool and train from that bank (0: render each batch; "
+                        "on a GPU, e.g. --prerender 32768 --batch-size 64: the step is then GPU-bound, ~10x the steps)")
     a = p.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
+    if a.prerender < 0:
+        p.error("--prerender must be >= 0")
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    codec = ToyCodec()
+    bank = prerender(a.prerender, a.seed, codec, a.device) if a.prerender else None  # before CUDA starts here
     enc = MiniLMTextEncoder(max_length=32, device=a.device)
     text = enc.encode([caption(d) for d in DIRECTIONS])  # (2, L, 384)
     empty = enc.empty_embedding()  # (1, L, 384)
-    codec = ToyCodec()
     results = {}
     for v in variants:
         print(f"== {v}: training {a.minutes} min", flush=True)
-        model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device)
+        model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device, bank=bank)
         a.out.mkdir(parents=True, exist_ok=True)
         acc = sign_accuracy(model, _Fixed(enc), a.per_direction, a.seed + 1, device=a.device,
                             sheet=a.out / f"samples_{v}.png")

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler (default: euler, or the bundle's)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
+    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+                   help="rcm sampler: intermediate TrigFlow times (default: the spec's 1.5,1.4,1.0, Wan's grid); "
+                        "shift=S moves that grid to timestep shift S")
     p.add_argument("--frames", type=int, default=None, help="frames (default: toy 8, Wan 81)")
     p.add_argument("--height", type=int, default=None, help="height in pixels (default: toy 64, Wan 480)")
     p.add_argument("--width", type=int, default=None, help="width in pixels (default: toy 64, Wan 832)")
@@ -187,6 +190,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--guidance: must be a finite number >= 0, got {args.guidance}")
     if args.shift is not None and not (0 < args.shift < float("inf")):
         parser.error(f"--shift: must be a finite number > 0, got {args.shift}")
+    sampler_options = {}
+    if args.rcm_mid_times is not None:
+        from turbo_infer.samplers import parse_mid_times
+
+        if args.sampler != "rcm" and not (args.sampler is None and args.bundle):
+            parser.error("--rcm-mid-times: only with --sampler rcm (or a bundle that samples with rcm)")
+
+        try:
+            sampler_options["mid_times"] = parse_mid_times(args.rcm_mid_times)
+        except ValueError as e:
+            parser.error(f"--rcm-mid-times: {e}")
     if args.fps is not None and not (0 < args.fps < float("inf")):
         parser.error(f"--fps: must be a finite number > 0, got {args.fps}")
     video = manifest["video"] if manifest else {"num_frames": 8 if toy else 81, "height": 64 if toy else 480,
@@ -230,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 "compile": args.compile, "progress": not args.no_progress}
         generate_videos(spec, prompts, outs, dict(steps=args.steps, guidance=args.guidance, seed=args.seed,
                                                   num_frames=frames, height=height, width=width, sampler=args.sampler,
+                                                  sampler_options=sampler_options or None,
                                                   shift=args.shift, progress=not args.no_progress),
                         args.num_gpus, device=device.type, fps=args.fps)
         return 0
@@ -258,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe.compile()
     fps = args.fps or pipe.fps
     settings = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, num_frames=frames, height=height,
-                    width=width, sampler=args.sampler, shift=args.shift, progress=not args.no_progress)
+                    width=width, sampler=args.sampler, shift=args.shift, progress=not args.no_progress,
+                    sampler_options=sampler_options or None)
     if len(prompts) == 1 and str(outs[0]).lower().endswith(".mp4"):  # encoded while the VAE decodes
         pipe.generate_mp4(prompts[0], outs[0], fps=fps, **settings)
         print(f"{outs[0]}\t{prompts[0]}")

@@ -79,6 +79,9 @@ def test_empty_prompts(capsys, toy_ckpt, tmp_path):
     (["--vae", "."], "--vae: only for Wan configs"),
     (["--vae-dtype", "bfloat16"], "--vae-dtype: only for Wan configs"),
     (["--vae-dtype", "float16"], "--vae-dtype"),
+    (["--sampler", "rcm", "--rcm-mid-times", "1.0,1.2"], "--rcm-mid-times"),
+    (["--sampler", "rcm", "--rcm-mid-times", "shift=-1"], "--rcm-mid-times"),
+    (["--rcm-mid-times", "shift=3"], "--rcm-mid-times: only with --sampler rcm"),
 ])
 def test_bad_values(capsys, toy_ckpt, args, needle):
     _fails(capsys, ["--checkpoint", str(toy_ckpt), "--prompt", "a", *args], needle)
@@ -131,3 +134,20 @@ def test_compile_flag_compiles_before_generating(toy_ckpt, tmp_path, monkeypatch
     assert main(["--checkpoint", str(toy_ckpt), "--prompt", "a", "--frames", "2", "--height", "32", "--width", "32",
                  "--steps", "1", "--out", str(out), "--no-progress", "--compile"]) == 0
     assert len(calls) == 1 and out.is_file()
+
+
+def test_rcm_mid_times_reach_the_sampler(toy_ckpt, tmp_path, monkeypatch):
+    from turbo_infer import samplers
+
+    seen = []
+    real = samplers.RCMSampler.sample
+
+    def spy(self, *a, **k):
+        seen.append(self.mid_times)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(samplers.RCMSampler, "sample", spy)
+    assert main(["--checkpoint", str(toy_ckpt), "--prompt", "a star", "--sampler", "rcm", "--steps", "4",
+                 "--rcm-mid-times", "shift=3", "--frames", "2", "--height", "16", "--width", "16",
+                 "--out", str(tmp_path / "a.mp4"), "--no-progress"]) == 0
+    assert seen == [pytest.approx(samplers.shifted_mid_times(3.0))]

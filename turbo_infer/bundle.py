@@ -255,6 +255,13 @@ def validate_manifest(m, source="manifest.json") -> dict:
     ts = _need(sampler, "timesteps", list, source, "sampler.")
     if len(ts) != steps + 1 or not all(isinstance(t, (int, float)) for t in ts):
         _fail(source, "sampler.timesteps", f"must be {steps + 1} numbers (steps + 1), got {ts!r}")
+    if sampler["name"] == "rcm":  # the runtime samples the recorded grid
+        from turbo_infer.samplers import mid_times_from_timesteps
+
+        try:
+            mid_times_from_timesteps(ts)
+        except ValueError as e:
+            _fail(source, "sampler.timesteps", str(e))
     for k in ("guidance", "shift"):
         _need(sampler, k, (int, float), source, "sampler.")
     video = _need(m, "video", dict, source)

@@ -202,6 +202,13 @@ class TurboPipeline:
         pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
                    default_shift=float(s["shift"]), fps=manifest["video"]["fps"])
         pipe.sample_defaults = {"sampler": s["name"], "steps": s["steps"], "guidance": float(s["guidance"])}
+        if s["name"] == "rcm":  # the grid the manifest records (turbo-export --rcm-mid-times), not only its steps
+            from turbo_infer.samplers import RCMSampler, mid_times_from_timesteps
+
+            mid = mid_times_from_timesteps(s["timesteps"])
+            spec = RCMSampler.mid_times[:len(mid)]
+            if mid and not all(abs(a - b) < 1e-9 for a, b in zip(mid, spec)):  # the spec's grid needs no option
+                pipe.sample_defaults["sampler_options"] = {"mid_times": mid}
         pipe.manifest = manifest
         pipe.load_times = times
         return pipe
@@ -231,6 +238,8 @@ class TurboPipeline:
         prompts = check_prompts(prompts)
         d = self.sample_defaults
         steps, guidance = (d["steps"] if steps is None else steps), (d["guidance"] if guidance is None else guidance)
+        if sampler_options is None and (sampler is None or sampler == d["sampler"]):
+            sampler_options = d.get("sampler_options")  # a bundle's recorded grid
         sampler = d["sampler"] if sampler is None else sampler
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")

@@ -303,6 +303,19 @@ def shifted_mid_times(shift: float, mid_times=RCMSampler.mid_times, from_shift: 
     return tuple(out)
 
 
+def mid_times_from_timesteps(timesteps) -> tuple[float, ...]:
+    """The rcm mid times of an RF-time grid s_0 > s_1 > ... > s_n = 0 (a bundle manifest's `sampler.timesteps`):
+    s_1 .. s_{n-1} as TrigFlow times atan(s / (1 - s)); () for one step. ValueError if the grid is not strictly
+    decreasing in (0, 1) ending at 0 or its first time is not the sampler's atan(sigma_max)."""
+    ts = [float(t) for t in timesteps]
+    if len(ts) < 2 or ts[-1] != 0.0 or any(not 0.0 < t < 1.0 for t in ts[:-1]) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"must be strictly decreasing RF times in (0, 1) ending at 0, got {timesteps!r}")
+    if abs(ts[0] - float(RCMSampler.timesteps(1)[0])) > 1e-9:
+        raise ValueError(f"the rcm grid starts at {float(RCMSampler.timesteps(1)[0]):.6f} (sigma_max "
+                         f"{RCMSampler.sigma_max:g}), got {ts[0]!r}")
+    return check_mid_times([math.atan2(t, 1.0 - t) for t in ts[1:-1]]) if len(ts) > 2 else ()
+
+
 def parse_mid_times(text: str) -> tuple[float, ...]:
     """`--rcm-mid-times`: "T1,T2,..." (TrigFlow times) or "shift=S" (`shifted_mid_times(S)`: the spec's grid moved
     to timestep shift S); ValueError naming the problem."""

@@ -164,16 +164,21 @@ def linear_precisions(model, target, plan: dict | None) -> dict[str, tuple[str, 
 # ----------------------------------------------------------------------------- one bundle
 
 
-def sampler_section(name: str, steps: int, guidance: float | None, shift: float | None, world: str) -> dict:
+def sampler_section(name: str, steps: int, guidance: float | None, shift: float | None, world: str,
+                    mid_times=None) -> dict:
     """The manifest's sampler: name, steps, the noise levels s it visits (steps + 1, last 0), CFG
-    weight (rcm: 1, distilled in) and timestep shift."""
-    from turbo_infer.samplers import SAMPLERS, flow_schedule
+    weight (rcm: 1, distilled in) and timestep shift. mid_times: the rcm grid's intermediate TrigFlow
+    times (None = the spec's); the runtime samples the recorded timesteps."""
+    from turbo_infer.samplers import SAMPLERS, check_mid_times, flow_schedule
 
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    if mid_times is not None and name != "rcm":
+        raise ValueError(f"mid times are the rcm sampler's, not {name!r}'s")
     shift = WORLD_SHIFT[world] if shift is None else float(shift)
     if name == "rcm":
-        ts = SAMPLERS["rcm"].timesteps(steps)  # raises for steps outside 1..4
+        mid = None if mid_times is None else check_mid_times(mid_times)
+        ts = SAMPLERS["rcm"].timesteps(steps, mid_times=mid)  # raises for steps outside 1..1+len(mid)
         guidance = 1.0
     else:
         ts = flow_schedule(steps, shift)
@@ -192,6 +197,7 @@ def _version() -> str:
 
 def export_bundle(checkpoint, target: str, out, *, config=None, plan_path=None, attention: str | None = None,
                   sla_options: dict | None = None, sampler: str = "rcm", steps: int = 4, guidance: float | None = None,
+                  mid_times=None,
                   shift: float | None = None, dtype: str | None = None, text_encoder=None, vae=None,
                   world: str | None = None, overwrite: bool = False, progress: bool = True,
                   _loaded=None) -> Path:
@@ -232,7 +238,7 @@ def export_bundle(checkpoint, target: str, out, *, config=None, plan_path=None, 
     dtype = dtype or tgt.dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    samp = sampler_section(sampler, steps, guidance, shift, world)
+    samp = sampler_section(sampler, steps, guidance, shift, world, mid_times)
     backend, options = choose_attention(cfg, state, tgt, attention, sla_options)
     model = build_model(state, cfg, backend, options)
     bar.update()
@@ -338,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="its steps (default: 4)")
     p.add_argument("--guidance", type=float, default=None, help="CFG weight for euler/unipc (default 5; rcm: 1)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
+    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+                   help="rcm: the grid's intermediate TrigFlow times, recorded in the manifest's timesteps and "
+                        "sampled by the runtime (default: the spec's 1.5,1.4,1.0; shift=S: that grid moved to "
+                        "timestep shift S)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="dtype of the floating-point tensors (default: bfloat16 for GPU targets, float32 for cpu)")
     p.add_argument("--text-encoder", metavar="PATH", help="text encoder directory the manifest references "
@@ -377,9 +387,18 @@ def main(argv: list[str] | None = None) -> int:
             load_plan(args.plan)
         except ValueError as e:
             parser.error(f"--plan: {e}")
+    mid_times = None
+    if args.rcm_mid_times is not None:
+        from turbo_infer.samplers import parse_mid_times
+
+        try:
+            mid_times = parse_mid_times(args.rcm_mid_times)
+        except ValueError as e:
+            parser.error(f"--rcm-mid-times: {e}")
     try:
         loaded = load_checkpoint(args.checkpoint, args.config)
-        sampler_section(args.sampler, args.steps, args.guidance, args.shift, args.world or world_of(loaded[1]))
+        sampler_section(args.sampler, args.steps, args.guidance, args.shift, args.world or world_of(loaded[1]),
+                        mid_times)
     except (OSError, ValueError) as e:
         parser.error(f"--checkpoint/--sampler: {e}")
 
@@ -389,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export_bundle(args.checkpoint, t, out, config=args.config, plan_path=args.plan,
                                  attention=args.attention, sla_options=sla, sampler=args.sampler, steps=args.steps,
+                                 mid_times=mid_times,
                                  guidance=args.guidance, shift=args.shift, dtype=args.dtype,
                                  text_encoder=args.text_encoder, vae=args.vae, world=args.world,
                                  overwrite=args.overwrite, progress=not args.no_progress, _loaded=loaded)

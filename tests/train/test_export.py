@@ -264,3 +264,34 @@ def test_x0_checkpoint_keeps_its_prediction_through_export_and_calibration(tmp_p
     assert build_calibration_model(m).config.prediction == "x0"
     forced = ModelConfig(preset="toy", overrides={**tiny, "prediction": "velocity"}, checkpoint=str(path))
     assert build_calibration_model(forced).config.prediction == "velocity"
+
+
+def test_rcm_grid_is_recorded_and_sampled_by_the_runtime(tmp_path, monkeypatch):
+    """turbo-export --rcm-mid-times: the manifest's timesteps carry the grid and from_bundle samples it; the
+    spec's grid adds no option; a manifest grid that is not one names sampler.timesteps."""
+    import json
+
+    from turbo_infer import samplers
+    from turbo_infer.bundle import BundleError, read_manifest
+    from turbo_infer.pipeline import TurboPipeline
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_wan_checkpoint(tiny_model(), ckpt)
+    toy = samplers.shifted_mid_times(3.0)
+    b = E.export_bundle(ckpt, "cpu", tmp_path / "grid", steps=4, mid_times=toy, progress=False)
+    m = read_manifest(b)
+    assert m["sampler"]["timesteps"] == pytest.approx(samplers.RCMSampler.timesteps(4, mid_times=toy).tolist())
+    seen = []
+    real = samplers.RCMSampler.sample
+    monkeypatch.setattr(samplers.RCMSampler, "sample", lambda self, *a, **k: seen.append(self.mid_times) or real(self, *a, **k))
+    pipe = TurboPipeline.from_bundle(b, "cpu", text_encoder=None)
+    pipe.generate_latents(["a red circle"], num_frames=2, height=16, width=16, progress=False)
+    assert seen[-1] == pytest.approx(toy)
+    spec = TurboPipeline.from_bundle(E.export_bundle(ckpt, "cpu", tmp_path / "spec", steps=4, progress=False), "cpu")
+    assert "sampler_options" not in spec.sample_defaults
+    with pytest.raises(ValueError, match="rcm sampler"):
+        E.export_bundle(ckpt, "cpu", tmp_path / "x", sampler="euler", steps=4, mid_times=toy, progress=False)
+    m["sampler"]["timesteps"] = [0.98, 0.99, 0.5, 0.2, 0.0]
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="sampler.timesteps"):
+        read_manifest(b)

@@ -18,12 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "recipes" / "toy" / "teacher-cpu-smoke.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: tests/conftest.py
 
 
 def run_main(args, capsys):

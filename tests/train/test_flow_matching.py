@@ -26,13 +26,7 @@ from fakes import FakeTextEncoder
 TINY = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription (tiny ops, 10x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: tests/conftest.py
 
 
 def tiny_recipe(**sections):

@@ -32,13 +32,7 @@ B, LATENT, L_TEXT = 2, (4, 4, 14, 14), 5
 BLOCKS = dict(block_q=32, block_k=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids oversubscription on these tiny ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: tests/conftest.py
 
 
 def dense_model(seed: int = 0) -> WanModel:

@@ -54,12 +54,7 @@ class FakeText:
         return self.encode([""])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores: tests/conftest.py
 
 
 def tiny_pipe() -> TurboPipeline:

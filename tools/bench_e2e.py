@@ -472,6 +472,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--ttfv-random-text"] if args.ttfv_random_text else []
     cmd += ["--ttfv-background"] if args.ttfv_background else []
     cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype, "--ttfv-verify", args.ttfv_verify, "--ttfv-warmup", args.ttfv_warmup]
+    cmd += ["--ttfv-prewarm"] if args.ttfv_prewarm else []
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -524,6 +525,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                     + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}; "
                                     f"VAE in {args.ttfv_vae_dtype}); "
                                     + ("Python's bytecode cache on (--ttfv-bytecode-cache); " if args.ttfv_bytecode_cache else "")
+                                    + ("kernels prewarmed beside the loads (--ttfv-prewarm); " if args.ttfv_prewarm else "")
                                     + f"then one generate(), the mp4 ({child['writer']}) encoded in a thread while the "
                                     f"VAE decodes (TurboPipeline.decode_uint8 + video_io.write_mp4_stream)")
 
@@ -575,7 +577,7 @@ def ttfv_child(args) -> int:
                 if args.ttfv_background else random_text())
     pipe = TurboPipeline.from_bundle(args.ttfv_child, device, text_encoder=text, allow_reference=args.tiny,
                                      background=args.ttfv_background, vae_dtype=getattr(torch, args.ttfv_vae_dtype),
-                                     verify=args.ttfv_verify)
+                                     verify=args.ttfv_verify, prewarm=args.ttfv_prewarm)
     sync(device)
     # from_bundle: the DiT, then (sequential loads) the text encoder and VAE; with --ttfv-background
     # those two are still loading here
@@ -880,6 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the DiT once on zeros before generating (auto: only when compiling, whose warm-up is "
                         "the compile; eager, generate()'s first step pays the kernels' first launches itself, as in "
                         "turbo-infer, and the extra forward is saved)")
+    p.add_argument("--ttfv-prewarm", action="store_true",
+                   help="the fresh process loads with TurboPipeline.from_bundle(prewarm=True): the kernels' first "
+                        "launches on a throwaway one-block DiT in a thread beside the weight reads")
     p.add_argument("--ttfv-verify", choices=("cached", "full"), default="cached",
                    help="the fresh process's bundle check (turbo-infer --verify): cached (default, as turbo-infer: "
                         "launch 1 hashes and records, later launches hash only changed files) or full")

@@ -147,7 +147,7 @@ class TurboPipeline:
     def from_bundle(cls, path, device=None, *, text_encoder=None, vae=None, text_encoder_path=None, vae_path=None,
                     allow_reference: bool = False, verify: bool | str = True, dtype=None,
                     progress: bool = False, background: bool = False,
-                    vae_dtype=torch.float32) -> "TurboPipeline":
+                    vae_dtype=torch.float32, prewarm: bool = False) -> "TurboPipeline":
         """A bundle directory written by turbo-export (see turbo_infer.bundle): hashes verified and
         the target checked against this device before any weight is read; the DiT is built with the
         bundle's W8A8 layers and attention backend, its tensors mmap'd straight onto `device`;
@@ -167,7 +167,11 @@ class TurboPipeline:
         The returned pipeline's `load_times` holds the seconds of each part it loaded here: verify_s
         (sha256), dit_s, text_encoder_s, vae_s (background loads: the component's own `seconds`), and
         text_weights_prefetch_s: a umT5 encoder's weights on a GPU are read in a thread that starts before
-        the DiT's hashing (`bundle.prefetch_text_weights`), so text_encoder_s is only what is left after."""
+        the DiT's hashing (`bundle.prefetch_text_weights`), so text_encoder_s is only what is left after.
+        prewarm: run the bundle's kernels once on a throwaway one-block copy of the DiT in a thread while the
+        weights load (`turbo_infer.prewarm`: their first launches leave the first generate()); load_times then
+        has prewarm_s (the thread's own seconds) and prewarm_wait_s (what was left of it at the end). A
+        failed prewarm is a warning, not an error."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         prefetch_text_weights, read_manifest)
 
@@ -184,6 +188,12 @@ class TurboPipeline:
             if vae is None:
                 vae = Background("VAE", lambda: build_vae(manifest, device, vae_path, vae_dtype), latent_channels=cfg["in_channels"])
         times: dict = {}
+        warming = None
+        if prewarm:  # the kernels' first launches, on throwaway tensors, beside the weight reads
+            from turbo_infer.background import Background
+            from turbo_infer.prewarm import prewarm_dit
+
+            warming = Background("prewarm", lambda: prewarm_dit(manifest, device, dtype))
         # umT5 on a GPU: its weights start reading now, beside the DiT's load
         prefetched = prefetch_text_weights(manifest, device, text_encoder_path) if text_encoder is None else None
         model, manifest = load_transformer(path, device, dtype=dtype, allow_reference=allow_reference,
@@ -198,6 +208,17 @@ class TurboPipeline:
         if vae is None:
             vae = build_vae(manifest, device, vae_path, vae_dtype)
             times["vae_s"] = time.perf_counter() - t
+        if warming is not None:
+            t = time.perf_counter()
+            try:
+                warming.result()
+                times["prewarm_s"] = warming.seconds
+            except Exception as e:  # an optimisation only: the first generate() pays the launches instead
+                import warnings
+
+                warnings.warn(f"from_bundle(prewarm=True): the prewarm failed ({type(e).__name__}: {e}); "
+                              f"the first generate() will pay the kernels' first launches", stacklevel=2)
+            times["prewarm_wait_s"] = time.perf_counter() - t
         s = manifest["sampler"]
         pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
                    default_shift=float(s["shift"]), fps=manifest["video"]["fps"])

@@ -348,3 +348,37 @@ def test_prefetch_text_weights_starts_only_for_a_umt5_on_cuda(tmp_path, monkeypa
     assert got.result() == {"x": 1} and calls == [([te / "model.safetensors"], "cuda")]
     (te / "model.safetensors").unlink()
     assert prefetch_text_weights(manifest("umt5", str(te)), "cuda") is None
+
+
+def test_prewarm_runs_a_one_block_copy_and_changes_nothing(bundles):
+    """from_bundle(prewarm=True): the throwaway one-block DiT runs (in a thread, beside the loads) and the
+    loaded model computes exactly what it computes without it."""
+    from turbo_infer import prewarm as P
+
+    for target in ("cpu", "h100"):
+        manifest = B.read_manifest(bundles[target])
+        one = P.one_block_manifest(manifest)
+        assert one["model"]["config"]["num_layers"] == 1 and manifest["model"]["config"]["num_layers"] == 2
+        assert all(not n.startswith("blocks.") or n.startswith("blocks.0.") for n in one["linears"])
+        assert P.prewarm_dit(manifest, "cpu", torch.float32) > 0
+    assert P.latent_size({"video": {"num_frames": 81, "height": 480, "width": 832}, "vae": {"name": "wan_vae"}}) == \
+        (21, 60, 104)
+    warm = TurboPipeline.from_bundle(bundles["cpu"], "cpu", prewarm=True)
+    cold = TurboPipeline.from_bundle(bundles["cpu"], "cpu")
+    assert warm.load_times["prewarm_s"] > 0 and warm.load_times["prewarm_wait_s"] >= 0
+    assert "prewarm_s" not in cold.load_times
+    kw = dict(num_frames=2, height=16, width=16, seed=1, progress=False)
+    torch.testing.assert_close(warm.generate_latents(["a red circle"], **kw), cold.generate_latents(["a red circle"], **kw),
+                               rtol=0, atol=0)
+
+
+def test_a_failed_prewarm_is_a_warning(bundles, monkeypatch):
+    from turbo_infer import prewarm as P
+
+    def broken(*a, **k):
+        raise RuntimeError("no memory for the copy")
+
+    monkeypatch.setattr(P, "prewarm_dit", broken)
+    with pytest.warns(UserWarning, match="prewarm failed.*no memory"):
+        pipe = TurboPipeline.from_bundle(bundles["cpu"], "cpu", prewarm=True)
+    assert "prewarm_s" not in pipe.load_times and pipe.transformer is not None

@@ -287,8 +287,13 @@ class FirstKernelCalls:
         self.first: dict[str, float] = {}
 
     def __enter__(self):
-        from triton.runtime.jit import JITFunction
-
+        self._cls = None
+        try:
+            from triton.runtime.jit import JITFunction
+        except ImportError:  # no Triton: nothing to time
+            return self
+        if not callable(getattr(JITFunction, "run", None)):  # another Triton's launch path: not timed
+            return self
         self._cls, self._run = JITFunction, JITFunction.run
         first, run = self.first, self._run
 
@@ -306,7 +311,8 @@ class FirstKernelCalls:
         return self
 
     def __exit__(self, *exc):
-        self._cls.run = self._run
+        if self._cls is not None:
+            self._cls.run = self._run
         return False
 
     @property

@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def build_parser() -> argparse.ArgumentParser:
     from turbo_infer.models.wan import WAN_CONFIGS
-    from turbo_infer.samplers import SAMPLERS
+    from turbo_infer.samplers import SAMPLERS, mid_times_arg
 
     p = argparse.ArgumentParser(prog="turbo-infer", description="Generate videos from text prompts.")
     p.add_argument("--checkpoint", metavar="PATH",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampler (default: euler, or the bundle's)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
-    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+    p.add_argument("--rcm-mid-times", default=None, type=mid_times_arg, metavar="T1,T2,T3 | shift=S",
                    help="rcm sampler: intermediate TrigFlow times (default: the spec's 1.5,1.4,1.0, Wan's grid); "
                         "shift=S moves that grid to timestep shift S")
     p.add_argument("--frames", type=int, default=None, help="frames (default: toy 8, Wan 81)")
@@ -192,15 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--shift: must be a finite number > 0, got {args.shift}")
     sampler_options = {}
     if args.rcm_mid_times is not None:
-        from turbo_infer.samplers import parse_mid_times
-
         if args.sampler != "rcm" and not (args.sampler is None and args.bundle):
             parser.error("--rcm-mid-times: only with --sampler rcm (or a bundle that samples with rcm)")
-
-        try:
-            sampler_options["mid_times"] = parse_mid_times(args.rcm_mid_times)
-        except ValueError as e:
-            parser.error(f"--rcm-mid-times: {e}")
+        sampler_options["mid_times"] = args.rcm_mid_times
     if args.fps is not None and not (0 < args.fps < float("inf")):
         parser.error(f"--fps: must be a finite number > 0, got {args.fps}")
     video = manifest["video"] if manifest else {"num_frames": 8 if toy else 81, "height": 64 if toy else 480,

@@ -40,8 +40,10 @@ def latent_size(manifest: dict) -> tuple[int, int, int]:
     spatial compression with the first frame apart; the toy codec: 4x spatial)."""
     v = manifest["video"]
     if manifest["vae"]["name"] == "toy_codec":
-        return v["num_frames"], v["height"] // 4, v["width"] // 4
-    return (v["num_frames"] - 1) // 4 + 1, v["height"] // 8, v["width"] // 8
+        from turbo_infer.vae import ToyCodec
+
+        return ToyCodec().latent_shape(v["num_frames"], v["height"], v["width"])[1:]
+    return (v["num_frames"] - 1) // 4 + 1, v["height"] // 8, v["width"] // 8  # the Wan VAE's (config not read here)
 
 
 @torch.no_grad()

@@ -332,6 +332,17 @@ def parse_mid_times(text: str) -> tuple[float, ...]:
         raise ValueError(f"rcm mid times {text!r}: {e}") from None
 
 
+def mid_times_arg(text: str) -> tuple[float, ...]:
+    """argparse `type` of the CLIs' --rcm-mid-times (turbo-infer, turbo-eval, turbo-export): `parse_mid_times`,
+    its message as the CLI's error."""
+    import argparse
+
+    try:
+        return parse_mid_times(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 # Registry: the CLI's --sampler choices. One entry per sampler class.
 SAMPLERS: dict[str, type[FlowSampler]] = {
     FlowEulerSampler.name: FlowEulerSampler,

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from turbo_infer.samplers import SAMPLERS, parse_mid_times
+from turbo_infer.samplers import SAMPLERS, mid_times_arg
 from turbo_train.toyworld.generator import generate_sample
 from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_bootstrap_stderr, frechet_distance,
                                           mean_stderr,
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG weight (1 = conditional only; ignored by rcm); default 5 (a bundle: its own)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: the toy world's)")
-    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+    p.add_argument("--rcm-mid-times", default=None, type=mid_times_arg, metavar="T1,T2,T3 | shift=S",
                    help="the rcm sampler's intermediate TrigFlow times (default: the spec's 1.5,1.4,1.0, Wan's grid); "
                         "shift=S moves that grid to timestep shift S (the toy world samples with 3)")
     p.add_argument("--attention", default=None, help="self-attention backend override, e.g. sla")
@@ -306,12 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.rcm_mid_times is not None:
         if a.sampler != "rcm":
             p.error("--rcm-mid-times: only with the rcm sampler")
-        try:
-            sampler_options["mid_times"] = parse_mid_times(a.rcm_mid_times)
-        except ValueError as e:
-            p.error(f"--rcm-mid-times: {e}")
-        if a.steps > 1 + len(sampler_options["mid_times"]):
-            p.error(f"--steps {a.steps} needs {a.steps - 1} --rcm-mid-times, got {len(sampler_options['mid_times'])}")
+        if a.steps > 1 + len(a.rcm_mid_times):
+            p.error(f"--steps {a.steps} needs {a.steps - 1} --rcm-mid-times, got {len(a.rcm_mid_times)}")
+        sampler_options["mid_times"] = a.rcm_mid_times
     judge = load_judge(a.judge, device=a.device)
     report, videos, captions, scores, features = evaluate(
         pipe, judge, num_prompts=a.num_prompts, diversity_prompts=a.diversity_prompts, diversity_seeds=a.diversity_seeds,

@@ -320,7 +320,7 @@ def export_bundle(checkpoint, target: str, out, *, config=None, plan_path=None, 
 
 def build_parser() -> argparse.ArgumentParser:
     from turbo_infer.models.wan import WAN_CONFIGS
-    from turbo_infer.samplers import SAMPLERS
+    from turbo_infer.samplers import SAMPLERS, mid_times_arg
 
     p = argparse.ArgumentParser(prog="turbo-export", description="Write per-hardware bundles (manifest.json + "
                                 "transformer.safetensors) from a DiT checkpoint and a calibration plan.")
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="its steps (default: 4)")
     p.add_argument("--guidance", type=float, default=None, help="CFG weight for euler/unipc (default 5; rcm: 1)")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: toy 3, Wan 5)")
-    p.add_argument("--rcm-mid-times", default=None, metavar="T1,T2,T3 | shift=S",
+    p.add_argument("--rcm-mid-times", default=None, type=mid_times_arg, metavar="T1,T2,T3 | shift=S",
                    help="rcm: the grid's intermediate TrigFlow times, recorded in the manifest's timesteps and "
                         "sampled by the runtime (default: the spec's 1.5,1.4,1.0; shift=S: that grid moved to "
                         "timestep shift S)")
@@ -387,18 +387,10 @@ def main(argv: list[str] | None = None) -> int:
             load_plan(args.plan)
         except ValueError as e:
             parser.error(f"--plan: {e}")
-    mid_times = None
-    if args.rcm_mid_times is not None:
-        from turbo_infer.samplers import parse_mid_times
-
-        try:
-            mid_times = parse_mid_times(args.rcm_mid_times)
-        except ValueError as e:
-            parser.error(f"--rcm-mid-times: {e}")
     try:
         loaded = load_checkpoint(args.checkpoint, args.config)
         sampler_section(args.sampler, args.steps, args.guidance, args.shift, args.world or world_of(loaded[1]),
-                        mid_times)
+                        args.rcm_mid_times)
     except (OSError, ValueError) as e:
         parser.error(f"--checkpoint/--sampler: {e}")
 
@@ -408,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path = export_bundle(args.checkpoint, t, out, config=args.config, plan_path=args.plan,
                                  attention=args.attention, sla_options=sla, sampler=args.sampler, steps=args.steps,
-                                 mid_times=mid_times,
+                                 mid_times=args.rcm_mid_times,
                                  guidance=args.guidance, shift=args.shift, dtype=args.dtype,
                                  text_encoder=args.text_encoder, vae=args.vae, world=args.world,
                                  overwrite=args.overwrite, progress=not args.no_progress, _loaded=loaded)

@@ -327,7 +327,7 @@ def parse_mid_times(text: str) -> tuple[float, ...]:
             raise ValueError(f"rcm mid times {text!r}: shift=S needs a number") from None
         return check_mid_times(shifted_mid_times(shift))
     try:
-        return check_mid_times(float(t) for t in text.split(","))
+        return check_mid_times([float(t) for t in text.split(",")])
     except ValueError as e:
         raise ValueError(f"rcm mid times {text!r}: {e}") from None
 

@@ -65,7 +65,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -440,6 +439,7 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
     finally:
         restore_scales(model, old)  # the compiled blocks' dynamic branch is still cached
 
+
 @torch.no_grad()
 def bench_full(args, shape, device, pipe, fig, notes) -> None:
     """pipe.generate() of one video, end to end (everything warm)."""
@@ -505,7 +505,7 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     text = ("random weights built on the GPU by the child (--ttfv-random-text; NOT loaded from disk), tokenizer and "
             "config from disk" if args.ttfv_random_text else f"umT5 weights from {te_dir.name}/ on disk "
             f"({dir_bytes(te_dir) / 2**30:.1f} GiB)")
-    warm = args.ttfv_warmup == "on" or (args.ttfv_warmup == "auto" and compiled)
+    warm = warmup_wanted(args.ttfv_warmup, compiled)
     notes["time_to_first_video"] = (f"from the launch of the last of {args.ttfv_runs} subprocesses `python "
                                     f"tools/bench_e2e.py --ttfv-child` until its mp4 is written and closed (the child's "
                                     f"clock against the launch time; ttfv_process_wall_s: until the process exited; launch "
@@ -528,6 +528,11 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                     + ("kernels prewarmed beside the loads (--ttfv-prewarm); " if args.ttfv_prewarm else "")
                                     + f"then one generate(), the mp4 ({child['writer']}) encoded in a thread while the "
                                     f"VAE decodes (TurboPipeline.decode_uint8 + video_io.write_mp4_stream)")
+
+
+def warmup_wanted(mode: str, compiled: bool) -> bool:
+    """--ttfv-warmup: whether the fresh process runs the DiT once on zeros (auto: only when compiling)."""
+    return mode == "on" or (mode == "auto" and compiled)
 
 
 def child_env(args, work: Path) -> dict:
@@ -588,7 +593,7 @@ def ttfv_child(args) -> int:
         pipe.transformer.compile_blocks(args.compile_backend, args.compile_mode)
     cfg = pipe.transformer.config
     kernels = FirstKernelCalls()  # Triton's first launches: in the warm-up, or in generate() without one
-    warmup = args.ttfv_warmup == "on" or (args.ttfv_warmup == "auto" and args.compile)
+    warmup = warmup_wanted(args.ttfv_warmup, args.compile)
     if warmup:
         with torch.no_grad(), kernels:  # one DiT forward on zeros: compiles (or loads the compiled artifacts), JITs
             # Wan's latent geometry (the VAE may still be loading; generate() checks the real one)

@@ -59,11 +59,14 @@ def small_config(**extra):
     return replace(WAN_CONFIGS["toy"], dim=128, ffn_dim=256, num_heads=2, num_layers=2, prediction="x0", **extra)
 
 
+def encode(videos, codec: ToyCodec, device) -> torch.Tensor:
+    """Rendered videos (a list of (F, H, W, 3) uint8) -> toy-codec latents (B, C, F, H', W') on `device`."""
+    return codec.encode(video_to_float(torch.from_numpy(np.stack(videos)))).to(device)
+
+
 def batch(rng: np.random.Generator, size: int, codec: ToyCodec, device) -> tuple[torch.Tensor, list[int]]:
     dirs = [int(rng.integers(2)) for _ in range(size)]
-    videos = np.stack([render(scene(DIRECTIONS[d]), int(rng.integers(2**31))) for d in dirs])  # (B, F, H, W, 3)
-    x = video_to_float(torch.from_numpy(videos))  # (B, 3, F, H, W) in [-1, 1]
-    return codec.encode(x).to(device), dirs
+    return encode([_render_one((d, int(rng.integers(2**31)))) for d in dirs], codec, device), dirs
 
 
 def _render_one(job: tuple[int, int]) -> np.ndarray:
@@ -87,8 +90,7 @@ def prerender(n: int, seed: int, codec: ToyCodec, device, workers: int | None = 
             videos = pool.map(_render_one, jobs, chunksize=max(1, n // (4 * workers)))
     else:
         videos = [_render_one(j) for j in jobs]
-    latents = torch.cat([codec.encode(video_to_float(torch.from_numpy(np.stack(videos[i:i + 256])))).to(device)
-                         for i in range(0, n, 256)])
+    latents = torch.cat([encode(videos[i:i + 256], codec, device) for i in range(0, n, 256)])
     print(f"  rendered and encoded {n} videos in {time.perf_counter() - t:.1f} s ({workers} processes)", flush=True)
     return latents, torch.tensor([d for d, _ in jobs], device=device)
 

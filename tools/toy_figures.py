@@ -105,6 +105,8 @@ def suite_command(s: dict) -> str:
     cmd = f"python tools/toy_gpu_suite.py --out {s.get('out')} --minutes {s.get('minutes')} --prompts {s.get('prompts')}"
     if s.get("sla_minutes") is not None:
         cmd += f" --sla-minutes {s['sla_minutes']}"
+    if s.get("lean"):
+        cmd += " --lean"
     if s.get("skip_ablations"):
         cmd += " --skip-ablations"
     if s.get("rcm_only"):
@@ -117,6 +119,10 @@ def suite_command(s: dict) -> str:
     for flag in ("sla_variant", "rcm_variant"):
         for name, sets in s.get(flag) or []:
             cmd += f" --{flag.replace('_', '-')} {name}:{','.join(sets)}"
+    for name, spec in s.get("rcm_times") or []:
+        cmd += f" --rcm-times {name}:{spec}"
+    if s.get("bundle_sla"):
+        cmd += f" --bundle-sla {s['bundle_sla']}"
     return cmd
 
 

@@ -184,12 +184,15 @@ class Suite:
         if not self.a.rcm_only:  # the SLA fine-tunes and the untrained-SLA references
             phase1 += [(self.train, "sla", sla)]
             phase1 += [(self.train, f"sla_{v}", sla, set_args(sets)) for v, sets in sla_variants.items()]
-            phase1 += [(self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
-                       (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
+            if not self.a.lean:
+                phase1 += [(self.evaluate, "teacher_sla0.1_untrained", untrained(0.1)),
+                           (self.evaluate, "teacher_sla0.2_untrained", untrained(0.2))]
         self.parallel(phase1, width=len(phase1))
         self.write_summary(t0, complete=False)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
-        merged, plan, bundles = self.out / "merged.safetensors", self.out / "calibrate/calibration_plan.json", self.out / "bundles"
+        plan, bundles = self.out / "calibrate/calibration_plan.json", self.out / "bundles"
+        merged_of = lambda v: self.out / ("merged.safetensors" if v is None else f"merged_{v}.safetensors")  # noqa: E731
+        merged = merged_of(self.a.bundle_sla)  # what calibration and the bundles are made from
 
         def merge(sla_run: str, out: Path) -> dict:
             return run(f"merge-{sla_run}", module_cmd("turbo_train.merge") + [
@@ -198,7 +201,7 @@ class Suite:
                 "--out", str(out)], self.out)
 
         def merge_calibrate_export():
-            r = [merge("sla", merged)] + [merge(f"sla_{v}", self.out / f"merged_{v}.safetensors") for v in sla_variants]
+            r = [merge("sla", merged_of(None))] + [merge(f"sla_{v}", merged_of(v)) for v in sla_variants]
             r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
                                 ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
                                  "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
@@ -208,12 +211,14 @@ class Suite:
                                          "--overwrite", "--no-progress"], self.out))
             return r
 
-        jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in (4, 2, 1)]
+        jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in ((4,) if self.a.lean else (4, 2, 1))]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
-        # --rcm-times: the main student sampled on other 4-step grids (no training: the sampler's mid times)
-        jobs += [(self.evaluate, f"rcm4_times_{v}", ["--checkpoint", str(self.exported("rcm"))] + student(4)
-                  + ["--rcm-mid-times", spec]) for v, spec in self.a.rcm_times]
+        # --rcm-times: every rCM student (main and variants) sampled on other 4-step grids (no training: the
+        # sampler's mid times), e.g. rcm4_times_toy and rcm4_seed1_times_toy: a paired comparison per training
+        students = [("rcm", "rcm4"), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
+        jobs += [(self.evaluate, f"{ev}_times_{t}", ["--checkpoint", str(self.exported(run_name))] + student(4)
+                  + ["--rcm-mid-times", spec]) for run_name, ev in students for t, spec in self.a.rcm_times]
         # the snapshots (--snapshots): each training's course, e.g. rcm4_step000250
         trained = [("rcm", "rcm4"), *((m, f"{m}4") for m in ablations), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
         jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
@@ -239,9 +244,9 @@ class Suite:
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
         self.write_summary(t0, complete=False)
-        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged)] + student(4))] + direct
-        final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(self.out / f"merged_{v}.safetensors")]
-                   + student(4)) for v in sla_variants]
+        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged_of(None))] + student(4))] + direct
+        final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(merged_of(v))] + student(4))
+                  for v in sla_variants]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
@@ -334,14 +339,20 @@ def main(argv=None) -> int:
                    help="another SLA fine-tune with these recipe settings, merged and evaluated too (repeatable)")
     p.add_argument("--rcm-variant", action="append", default=[], type=rcm_variant, metavar="NAME:KEY=VALUE[,...]",
                    help="another rCM training with these recipe settings, evaluated at 4 steps (repeatable)")
+    p.add_argument("--bundle-sla", default=None, metavar="NAME",
+                   help="calibrate and export the bundles from the merge of this --sla-variant instead of the main "
+                        "SLA fine-tune (recipes/toy/sla.yaml as it is)")
+    p.add_argument("--lean", action="store_true",
+                   help="leave out the reference evaluations that do not depend on this run's settings beyond "
+                        "the recipe (the teacher under untrained SLA, the main student at 2 and 1 steps)")
     p.add_argument("--skip-ablations", action="store_true", help="leave out the pure-sCM and DMD2-only runs")
     p.add_argument("--snapshots", type=int, default=0, metavar="N",
                    help="the rCM trainings also keep their EMA every N iterations (checkpoint.export_snapshots) "
                         "and each snapshot is evaluated at 4 steps as <name>_step<N>: a run's course from one "
                         "training (0 = off)")
     p.add_argument("--rcm-times", action="append", default=[], type=rcm_times, metavar="NAME:T1,T2,T3|NAME:shift=S",
-                   help="also evaluate the main rCM student at 4 steps with these sampler mid times (turbo-eval "
-                        "--rcm-mid-times) as rcm4_times_NAME (repeatable), e.g. toy:shift=3")
+                   help="also evaluate every rCM student at 4 steps with these sampler mid times (turbo-eval "
+                        "--rcm-mid-times) as rcm4_times_NAME, rcm4_VARIANT_times_NAME (repeatable), e.g. toy:shift=3")
     p.add_argument("--sla-on-student", action="store_true",
                    help="also fine-tune SLA into the rCM student itself once it is trained (recipes/toy/sla.yaml from "
                         "the student, distilled from the dense student, no caption dropout; --sla-minutes) and "
@@ -358,6 +369,11 @@ def main(argv=None) -> int:
     a.teacher = a.teacher.resolve()
     if a.minutes <= 0 or a.prompts < 2 or a.workers < 0 or (a.sla_minutes is not None and a.sla_minutes <= 0):
         p.error("--minutes and --sla-minutes must be > 0, --prompts >= 2, --workers >= 0")
+    if a.bundle_sla is not None and a.bundle_sla not in dict(a.sla_variant):
+        p.error(f"--bundle-sla {a.bundle_sla!r}: no --sla-variant of that name (have: "
+                f"{', '.join(dict(a.sla_variant)) or 'none'})")
+    if a.bundle_sla is not None and a.rcm_only:
+        p.error("--bundle-sla: --rcm-only makes no bundles")
     if a.smoke:
         a.device, a.eval_batch, a.eval_width = "cpu", 4, 2
     return Suite(a).main()

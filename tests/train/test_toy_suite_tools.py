@@ -64,7 +64,7 @@ def suite(tmp_path, monkeypatch, **kw):
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
-                           sla_on_student=False, rcm_times=[])
+                           sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -199,14 +199,19 @@ def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tm
     assert figs["toy_direct_rcm4_sla0.1_adherence"] == 0.76
 
 
-def test_rcm_times_evaluate_the_main_student_on_other_grids(tmp_path, monkeypatch):
+def test_rcm_times_evaluate_every_student_on_other_grids(tmp_path, monkeypatch):
     s, calls = suite(tmp_path, monkeypatch, rcm_only=True, skip_ablations=True,
+                     rcm_variant=[toy_gpu_suite.rcm_variant("seed1:trainer.seed=1")],
                      rcm_times=[toy_gpu_suite.rcm_times("toy:shift=3"), toy_gpu_suite.rcm_times("low:1.4,1.2,0.7")])
     assert s.main() == 0
     ev = dict(calls)
     for name, spec in (("toy", "shift=3"), ("low", "1.4,1.2,0.7")):
-        cmd = ev[f"eval-rcm4_times_{name}"]
-        assert cmd[cmd.index("--rcm-mid-times") + 1] == spec and cmd[cmd.index("--checkpoint") + 1] == str(s.exported("rcm"))
+        for run_name, ev_name in (("rcm", f"rcm4_times_{name}"), ("rcm_seed1", f"rcm4_seed1_times_{name}")):
+            cmd = ev[f"eval-{ev_name}"]
+            assert cmd[cmd.index("--rcm-mid-times") + 1] == spec
+            assert cmd[cmd.index("--checkpoint") + 1] == str(s.exported(run_name))
+    assert "--rcm-times toy:shift=3" in toy_figures.suite_command(
+        {"out": "o", "minutes": 4, "prompts": 256, "rcm_times": [["toy", "shift=3"]]})
     for bad in ("toy", "1x:shift=3", "a:1.0,1.4,1.5", "b:shift=zero", "c:1.5,1.4"):
         with pytest.raises(argparse.ArgumentTypeError):
             toy_gpu_suite.rcm_times(bad)
@@ -287,3 +292,32 @@ def test_the_digest_pairs_each_frechet_with_the_teachers_from_their_features(tmp
         k: digest["rcm4"][k] for k in ("frechet_ratio_paired", "frechet_ratio_paired_stderr")}
     figs = toy_figures.ratios({**digest, "rcm4": {**digest["rcm4"], "frechet": 120.0}})
     assert figs["rcm"]["toy_rcm4_frechet_ratio_stderr_paired"] == digest["rcm4"]["frechet_ratio_paired_stderr"]
+
+
+def test_bundle_sla_makes_the_bundles_from_that_variants_merge(tmp_path, monkeypatch):
+    k2 = toy_gpu_suite.sla_variant("k2:method.sla.topk=0.2")
+    s, calls = suite(tmp_path, monkeypatch, sla_variant=[k2], skip_ablations=True, bundle_sla="k2")
+    assert s.main() == 0
+    by = dict(calls)
+    merged_k2 = str(tmp_path / "merged_k2.safetensors")
+    assert sets_of(by["train-calibrate"])["model.checkpoint"] == merged_k2
+    export = by["export"]
+    assert export[export.index("--checkpoint") + 1] == merged_k2
+    # the main fine-tune is still merged and evaluated on its own
+    ev = by["eval-merged_rcm4_sla0.1"]
+    assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "merged.safetensors")
+    assert "--bundle-sla k2" in toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "bundle_sla": "k2"})
+    for argv in (["--bundle-sla", "k3", "--sla-variant", "k2:method.sla.topk=0.2"],
+                 ["--bundle-sla", "k2", "--sla-variant", "k2:method.sla.topk=0.2", "--rcm-only"]):
+        with pytest.raises(SystemExit):  # refused before anything runs
+            toy_gpu_suite.main(["--out", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x").exists()
+
+
+def test_lean_leaves_out_the_reference_evaluations(tmp_path, monkeypatch):
+    s, calls = suite(tmp_path, monkeypatch, skip_ablations=True, lean=True)
+    assert s.main() == 0
+    names = {name for name, _ in calls}
+    assert not names & {"eval-teacher_sla0.1_untrained", "eval-teacher_sla0.2_untrained", "eval-rcm2", "eval-rcm1"}
+    assert {"eval-teacher", "eval-rcm4", "eval-merged_rcm4_sla0.1", "eval-bundle_h100", "eval-bundle_cpu"} <= names
+    assert toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "lean": True}).endswith(" --lean")

@@ -76,8 +76,12 @@ if triton is not None:
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
                           EVEN_K: tl.constexpr, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
-                          OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr):
-        """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse."""
+                          OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr,
+                          A_QUANT: tl.constexpr, a_inv, a_scale):
+        """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse.
+        A_QUANT: A is the float activation itself, quantized tile by tile in the K loop with the static
+        per-tensor scale (a_inv = 1/a_scale), so that no quantized copy of it is written and read back;
+        AS is then unused and every row's scale is a_scale."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -106,6 +110,8 @@ if triton is not None:
             else:
                 a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
                 b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
+            if A_QUANT:
+                a = quantize_tile(a.to(tl.float32), a_inv, not INT8, EXACT_CAST)
             if INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
@@ -113,9 +119,12 @@ if triton is not None:
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         # epilogue: dequantize, add bias, cast
-        sa = tl.load(AS + offs_am)
         sb = tl.load(BS + offs_bn)
-        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+        if A_QUANT:
+            y = acc.to(tl.float32) * a_scale * sb[None, :]
+        else:
+            sa = tl.load(AS + offs_am)
+            y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
         if HAS_BIAS:
             y = y + tl.load(Bias + offs_bn).to(tl.float32)[None, :]
         if GELU:
@@ -223,11 +232,64 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
         GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
         out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        A_QUANT=False, a_inv=1.0, a_scale=1.0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if out_quant:
         return out, torch.full((M,), out_s, dtype=torch.float32, device=x_q.device)
     return out
 
 
+def w8a8_matmul_static_input_reference(x, act_scale: float, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, *,
+                                       activation: str | None = None):
+    """x (M, K) float quantized with the static per-tensor act_scale (quantize_rows_reference), then
+    w8a8_matmul_reference: what the fused kernel computes."""
+    mode = "int8" if w_q.dtype == torch.int8 else "fp8"
+    x_q, x_scale = quantize_rows_reference(x, mode, act_scale)
+    return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=activation)
+
+
+def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat16,
+                             config: GemmConfig | None = None, activation: str | None = None):
+    """(M, K) float activations × (N, K)ᵀ int8/fp8 weight → (M, N), the activation quantized inside the
+    GEMM with a static per-tensor scale (from calibration): one kernel instead of a quantization pass
+    (which writes x_q and the GEMM reads it back) plus the GEMM. The same numbers as quantizing with
+    `quantize_rows(x, mode, act_scale)` and calling `w8a8_matmul`. Whether it is faster than the two
+    kernels is for tools/bench_lowbit.py to say (the A tile is read in 16 bits and converted on the
+    CUDA cores in the K loop)."""
+    if x.dim() != 2 or not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
+        raise TypeError(f"x must be a 2-D float tensor (M, K), got {x.dtype} of shape {tuple(x.shape)}")
+    if w_q.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"w_q must be int8 or float8_e4m3fn, got {w_q.dtype}")
+    if w_q.dim() != 2 or x.shape[1] != w_q.shape[1]:
+        raise ValueError(f"x (M, K) and w_q (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w_q.shape)}")
+    if w_scale.shape != (w_q.shape[0],):
+        raise ValueError(f"w_scale must have shape ({w_q.shape[0]},), got {tuple(w_scale.shape)}")
+    if bias is not None and bias.shape != (w_q.shape[0],):
+        raise ValueError(f"bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    a_inv, a_s = static_inv_scale(act_scale)  # refuses a scale <= 0
+    if triton is None or not use_triton(x, w_q):
+        return w8a8_matmul_static_input_reference(x, act_scale, w_q, w_scale, bias, out_dtype, activation=activation)
+    M, K = x.shape
+    N = w_q.shape[0]
+    cfg = DEFAULT_GEMM_CONFIG if config is None else config
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=x.device)
+    if M == 0:
+        return out
+    ws = w_scale.float().contiguous()
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    _w8a8_gemm_kernel[grid](
+        x, w_q, out, ws, ws, bias if bias is not None else out,
+        M, N, K, x.stride(0), w_q.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, INT8=w_q.dtype == torch.int8, EVEN_K=K % cfg.block_k == 0,
+        GELU=activation == "gelu_tanh", OUT_QUANT=False, OUT_FP8=False, out_inv=1.0,
+        EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
 __all__ = ["ACTIVATIONS", "BACKENDS", "FP8_BACKEND", "GemmConfig", "gelu_tanh_reference", "w8a8_matmul",
-           "w8a8_matmul_reference"]
+           "w8a8_matmul_reference", "w8a8_matmul_static_input", "w8a8_matmul_static_input_reference"]

@@ -146,6 +146,40 @@ def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
             1 if out_quant == "int8" else 32)
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("M,K,N,dtype", [(37, 80, 50, torch.float32), (33, 64, 40, torch.bfloat16), (1, 32, 8, torch.float32)],
+                         ids=["ragged-K", "bf16-in", "one-token"])
+def test_gemm_static_input_quant_fused_equals_two_kernels(mode, M, K, N, dtype):
+    """Quantizing A inside the K loop with a static scale gives the numbers of quantize_rows + the GEMM:
+    the same per-element quantization (bit-exact, as the quantizer kernel's), the same accumulation."""
+    x, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    x[0, :3] = torch.tensor([40.0, -40.0, 0.0])  # beyond the static range: saturates in both paths
+    act_scale = 2.5 / Q.QMAX[mode]
+    wq, ws = Q.quantize_weight(w, mode)
+    xq, xs = Q.quantize_rows(x, mode, act_scale)
+    two = W.w8a8_matmul(xq, xs, wq, ws, b, out_dtype=torch.float32, backend="triton", config=SMALL)
+    fused = W.w8a8_matmul_static_input(x, act_scale, wq, ws, b, out_dtype=torch.float32, config=SMALL)
+    ref = W.w8a8_matmul_static_input_reference(x, act_scale, wq, ws, b, out_dtype=torch.float32)
+    tol = 1e-6 if mode == "int8" else 1e-5  # as test_gemm_kernel_matches_reference
+    assert rel(fused, two) <= tol and rel(fused, ref) <= tol
+    g = W.w8a8_matmul_static_input(x, act_scale, wq, ws, None, config=SMALL, activation="gelu_tanh")
+    r = W.w8a8_matmul_static_input_reference(x, act_scale, wq, ws, None, out_dtype=torch.float32, activation="gelu_tanh")
+    assert g.dtype == torch.bfloat16 and ((g.float() - r).abs() <= 2 ** -7 * r.abs() + 1e-6).all()
+
+
+def test_gemm_static_input_quant_bad_inputs():
+    wq, ws = Q.quantize_weight(torch.randn(8, 16), "fp8")
+    with pytest.raises(ValueError, match="static act_scale must be > 0"):
+        W.w8a8_matmul_static_input(torch.randn(4, 16), 0.0, wq, ws)
+    with pytest.raises(TypeError, match="2-D float tensor"):
+        W.w8a8_matmul_static_input(torch.randn(2, 4, 16), 0.1, wq, ws)
+    with pytest.raises(ValueError, match="must agree in K"):
+        W.w8a8_matmul_static_input(torch.randn(4, 12), 0.1, wq, ws)
+    with pytest.raises(ValueError, match="w_scale must have shape"):
+        W.w8a8_matmul_static_input(torch.randn(4, 16), 0.1, wq, ws[:3])
+    assert W.w8a8_matmul_static_input(torch.randn(0, 16), 0.1, wq, ws, config=SMALL).shape == (0, 8)
+
+
 def test_gemm_bad_inputs():
     xq, xs = Q.quantize_rows(torch.randn(4, 16), "int8")
     wq, ws = Q.quantize_weight(torch.randn(8, 16), "fp8")

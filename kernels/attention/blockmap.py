@@ -158,7 +158,10 @@ def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block
     n = num_selected(topk, Nk)
     # q k^T without the 1/sqrt(d): a positive scale keeps every row's order (rounding can only merge
     # near-ties, never swap two logits), so the top-n set is that of softmax(q k^T / sqrt(d)); one launch less
-    logits = torch.matmul(pq, pk.transpose(-1, -2))  # (B, H, Nq, Nk)
+    # in fp32 even under autocast (a bf16 autocast region would round the logits, merging near-ties,
+    # and topk_select takes float32 only)
+    with torch.autocast(device_type=pq.device.type, enabled=False):
+        logits = torch.matmul(pq.float(), pk.float().transpose(-1, -2))  # (B, H, Nq, Nk)
     if n == Nk:
         idx = torch.arange(Nk, device=pq.device).expand(*logits.shape[:3], Nk)
     elif select == "triton":

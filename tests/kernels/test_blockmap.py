@@ -140,3 +140,15 @@ def test_block_map_with_the_fused_selection_is_the_same_map(topk):
     assert torch.equal(a.lut, b.lut) and a.n == b.n
     with pytest.raises(ValueError, match="select must be one of"):
         sla_block_map(q, k, topk, 32, 16, select="heap")
+
+
+@pytest.mark.parametrize("select", ["torch", "triton"])
+def test_block_map_under_bf16_autocast_is_the_fp32_map(select):
+    """Training runs the block map inside a bf16 autocast region: the selection logits stay fp32 (the
+    fused selection takes float32 only; a GPU SLA fine-tune failed on exactly this), same map as outside."""
+    q, k = torch.randn(1, 2, 300, 32), torch.randn(1, 2, 300, 32)
+    ref = sla_block_map(q, k, 0.2, 32, 16, select=select)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = sla_block_map(q.bfloat16(), k.bfloat16(), 0.2, 32, 16, select=select)
+    assert torch.equal(got.lut, sla_block_map(q.bfloat16(), k.bfloat16(), 0.2, 32, 16, select=select).lut)
+    assert (got.lut == ref.lut).float().mean() > 0.9  # bf16 inputs may move near-ties only

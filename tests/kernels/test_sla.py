@@ -221,6 +221,26 @@ def test_forward_and_every_gradient(dtype, cfg):
     _grads_vs_reference(dtype, cfg)
 
 
+def test_training_under_autocast_builds_its_own_map_and_matches_the_reference():
+    """A GPU fine-tune runs sla_attention inside a bf16 autocast region and lets it build the block map
+    (default selection). fp16 autocast stands in for bf16 here (bf16 tl.dot is wrong in the interpreter).
+    proj_l's fp32 weight is used in fp16 under autocast, so the fp16 tolerance applies, not exact equality."""
+    q, k, v = make_inputs(torch.float16, Lq=150, Lk=150)
+    W, b = proj(32)
+    ours = [t.clone().requires_grad_() for t in (q, k, v, W, b)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v, W, b)]
+    with torch.autocast(device_type="cpu", dtype=torch.float16):
+        o = sla_attention(*ours, 0.3, 32, 16, "softmax")
+    o_ref = sla_reference(*ref[:3], 0.3, 32, 16, "softmax", proj_l=(ref[3], ref[4]))
+    assert_close(o, o_ref, torch.float16, "O")
+    g = torch.randn_like(o_ref)
+    o.float().backward(g.float())
+    o_ref.backward(g)
+    for name, a, r in zip(("dq", "dk", "dv"), ours, ref):
+        assert_close(a.grad, r.grad, torch.float16, name)
+    assert ours[3].grad is not None and torch.isfinite(ours[3].grad).all()
+
+
 def test_gradients_uneven_lengths_and_head_dim():
     # Lq != Lk (both ragged), head dim 24 (not a power of two: masked to 32), one block selected
     _grads_vs_reference(torch.float16, CFG_MIXED, Lq=90, Lk=75, D=24, topk=0.1, feature_map="elu")

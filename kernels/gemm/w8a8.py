@@ -156,19 +156,26 @@ class GemmConfig:
 DEFAULT_GEMM_CONFIG = GemmConfig()
 
 
+def _check_weight(x, x_name: str, w_q, w_scale, bias):
+    """w_q (N, K) int8/fp8 with its (N,) scale and bias, against the activation x (M, K)."""
+    if w_q.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise TypeError(f"w_q must be int8 or float8_e4m3fn, got {w_q.dtype}")
+    if x.dim() != 2 or w_q.dim() != 2 or x.shape[1] != w_q.shape[1]:
+        raise ValueError(f"{x_name} (M, K) and w_q (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w_q.shape)}")
+    if w_scale.shape != (w_q.shape[0],):
+        raise ValueError(f"w_scale must have shape ({w_q.shape[0]},), got {tuple(w_scale.shape)}")
+    if bias is not None and bias.shape != (w_q.shape[0],):
+        raise ValueError(f"bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
+
+
 def _check_operands(x_q, x_scale, w_q, w_scale, bias):
     if x_q.dtype not in (torch.int8, torch.float8_e4m3fn):
         raise TypeError(f"x_q must be int8 or float8_e4m3fn, got {x_q.dtype}")
     if w_q.dtype != x_q.dtype:
         raise TypeError(f"w_q dtype {w_q.dtype} must match x_q dtype {x_q.dtype}")
-    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
-        raise ValueError(f"x_q (M, K) and w_q (N, K) must agree in K, got {tuple(x_q.shape)} and {tuple(w_q.shape)}")
+    _check_weight(x_q, "x_q", w_q, w_scale, bias)
     if x_scale.shape != (x_q.shape[0],):
         raise ValueError(f"x_scale must have shape ({x_q.shape[0]},), got {tuple(x_scale.shape)}")
-    if w_scale.shape != (w_q.shape[0],):
-        raise ValueError(f"w_scale must have shape ({w_q.shape[0]},), got {tuple(w_scale.shape)}")
-    if bias is not None and bias.shape != (w_q.shape[0],):
-        raise ValueError(f"bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
 
 
 def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
@@ -257,14 +264,7 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
     CUDA cores in the K loop)."""
     if x.dim() != 2 or not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
         raise TypeError(f"x must be a 2-D float tensor (M, K), got {x.dtype} of shape {tuple(x.shape)}")
-    if w_q.dtype not in (torch.int8, torch.float8_e4m3fn):
-        raise TypeError(f"w_q must be int8 or float8_e4m3fn, got {w_q.dtype}")
-    if w_q.dim() != 2 or x.shape[1] != w_q.shape[1]:
-        raise ValueError(f"x (M, K) and w_q (N, K) must agree in K, got {tuple(x.shape)} and {tuple(w_q.shape)}")
-    if w_scale.shape != (w_q.shape[0],):
-        raise ValueError(f"w_scale must have shape ({w_q.shape[0]},), got {tuple(w_scale.shape)}")
-    if bias is not None and bias.shape != (w_q.shape[0],):
-        raise ValueError(f"bias must have shape ({w_q.shape[0]},), got {tuple(bias.shape)}")
+    _check_weight(x, "x", w_q, w_scale, bias)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     a_inv, a_s = static_inv_scale(act_scale)  # refuses a scale <= 0

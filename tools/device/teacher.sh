@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device-tool call for a toy-teacher experiment (issue 4), after tools/device/prep.sh: train a teacher
+# (from scratch with recipes/toy/teacher.yaml by default; RECIPE=recipes/toy/teacher-anneal.yaml with
+# CHECKPOINT=... anneals one), then the motion probe (time-reversal gap, direction word, sign of the motion)
+# and a 256-prompt turbo-eval, all under the call's 600 s:
+#   run(command="OVERRIDES='{prediction: x0, frame_embed_len: 8}' MIN=5.5 bash tools/device/teacher.sh",
+#       carry=[".carry/whl", ".carry/minilm"])
+# OVERRIDES: model.overrides, replacing the recipe's whole mapping (keep prediction: x0 in it); network fields such as
+# patch_size, frame_embed_len; MIN: training minutes;
+# EXTRA: more --set arguments. The EMA weights, metrics, probe and report come back under $OUT.
+source tools/device/env.sh
+set -o pipefail
+RUN=runs/teacher_exp
+sets=(--set "logging.run_dir=$RUN" --set logging.wandb=false --set "trainer.max_time_minutes=${MIN:-5.5}")
+[ -n "$OVERRIDES" ] && sets+=(--set "model.overrides=$OVERRIDES")
+[ -n "$CHECKPOINT" ] && sets+=(--set "model.checkpoint=$CHECKPOINT")
+python3 -m turbo_train.cli "${RECIPE:-recipes/toy/teacher.yaml}" "${sets[@]}" ${EXTRA} 2>&1 | tee "$OUT/train.log" \
+  | grep -v -E "it/s]|s/it]" | tail -30
+cp "$RUN/ema.safetensors" "$OUT/" || exit 1
+find "$RUN" -name metrics.csv -exec cp {} "$OUT/metrics.csv" \;
+timeout 90 python3 tools/toy_motion_probe.py --checkpoint "$RUN/ema.safetensors" --device cuda --out "$OUT/probe.json" \
+  --no-progress 2>&1 | tail -12
+timeout 150 python3 -m turbo_train.eval --checkpoint "$RUN/ema.safetensors" --num-prompts 256 --batch-size 64 --device cuda \
+  --out-dir "$OUT/eval" --no-progress 2>&1 | tail -25

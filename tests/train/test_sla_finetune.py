@@ -371,3 +371,25 @@ def test_validation_step_runs_every_network(tmp_path, monkeypatch):
     first = dict(logged)
     m.validation_step(FixedBatches().batch, 0)  # fixed s and noise per batch index: the same numbers
     assert logged == first
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to")
+def test_a_training_step_on_the_kernels_under_autocast(tmp_path, monkeypatch):
+    """The GPU fine-tune's path on the CPU: the Triton kernels (interpreter) inside an autocast region, the
+    block map built by sla_attention itself. A dtype the kernels refuse under autocast (a GPU run failed on
+    the block map's bf16 logits) fails here. fp16 autocast stands in for bf16 (bf16 tl.dot is wrong in
+    the interpreter); the values are not compared: only that forward and backward run and stay finite."""
+    from turbo_infer.layers.sla import SparseLinearAttention
+    from turbo_kernels.attention.sla import sla_attention
+
+    def kernel_forward(self, q, k, v):  # what forward runs for CUDA tensors during training
+        return sla_attention(q, k, v, self.proj_l.weight, self.proj_l.bias, self.topk, self.block_q, self.block_k,
+                             self.feature_map, config=self.config)
+    monkeypatch.setattr(SparseLinearAttention, "forward", kernel_forward)
+    m = SLAFinetuneModule(make_recipe(tmp_path, caption_dropout=0.0), teacher=dense_model(),
+                          text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
+    with torch.autocast(device_type="cpu", dtype=torch.float16):
+        loss = m.training_step(FixedBatches().batch, 0)
+    loss.backward()
+    grads = [p.grad for p in m.student.parameters() if p.requires_grad]
+    assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)

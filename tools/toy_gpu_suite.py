@@ -211,7 +211,8 @@ class Suite:
                                          "--overwrite", "--no-progress"], self.out))
             return r
 
-        jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in ((4,) if self.a.lean else (4, 2, 1))]
+        steps = (4,) if self.a.lean else (4, 2, 1)
+        jobs = [(self.evaluate, f"rcm{k}", ["--checkpoint", str(self.exported("rcm"))] + student(k)) for k in steps]
         jobs += [(self.evaluate, f"{m}4", ["--checkpoint", str(self.exported(m))] + student(4)) for m in ablations]
         jobs += [(self.evaluate, f"rcm4_{v}", ["--checkpoint", str(self.exported(f"rcm_{v}"))] + student(4)) for v in rcm_variants]
         # --rcm-times: every rCM student (main and variants) sampled on other 4-step grids (no training: the
@@ -220,7 +221,7 @@ class Suite:
         jobs += [(self.evaluate, f"{ev}_times_{t}", ["--checkpoint", str(self.exported(run_name))] + student(4)
                   + ["--rcm-mid-times", spec]) for run_name, ev in students for t, spec in self.a.rcm_times]
         # the snapshots (--snapshots): each training's course, e.g. rcm4_step000250
-        trained = [("rcm", "rcm4"), *((m, f"{m}4") for m in ablations), *((f"rcm_{v}", f"rcm4_{v}") for v in rcm_variants)]
+        trained = [students[0], *((m, f"{m}4") for m in ablations), *students[1:]]
         jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
                  for run_name, ev in trained for f in sorted((self.out / run_name).glob("ema_step*.safetensors"))]
         # --sla-on-student: SLA fine-tuned into the rCM student itself (distilled from the dense student, no

@@ -71,10 +71,10 @@ def compile_variant(variant: str, arch: int, warps: int = 0, stages: int = 0, bl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from turbo_kernels.attention import sla
+    from turbo_kernels.attention import sla, sla_kernels
 
     name, extra = VARIANTS[variant]
-    fn = getattr(sla, name)
+    fn = getattr(sla_kernels, name)
     f_m, f_n, f_w, f_s = (getattr(sla.DEFAULT_CONFIG, f) if f else None for f in LAUNCH_FIELDS[name])
     warps, stages = warps or f_w, stages or f_s or TRITON_DEFAULT_STAGES
     const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=f_m, BLOCK_N=block_n or f_n, BLOCK_D=128, EVEN_N=False,

@@ -7,7 +7,8 @@
 #       carry=[".carry/whl", ".carry/minilm"])
 # OVERRIDES: model.overrides, replacing the recipe's whole mapping (keep prediction: x0 in it); network fields such as
 # patch_size, frame_embed_len; MIN: training minutes;
-# EXTRA: more --set arguments. The EMA weights, metrics, probe and report come back under $OUT.
+# EXTRA: more --set arguments; DEVICE (cuda), PROMPTS (256) and PROBE (more toy_motion_probe flags) for a CPU smoke.
+# The EMA weights, metrics, probe and report come back under $OUT.
 source tools/device/env.sh
 set -o pipefail
 RUN=runs/teacher_exp
@@ -18,7 +19,7 @@ python3 -m turbo_train.cli "${RECIPE:-recipes/toy/teacher.yaml}" "${sets[@]}" ${
   | grep -v -E "it/s]|s/it]" | tail -30
 cp "$RUN/ema.safetensors" "$OUT/" || exit 1
 find "$RUN" -name metrics.csv -exec cp {} "$OUT/metrics.csv" \;
-timeout 90 python3 tools/toy_motion_probe.py --checkpoint "$RUN/ema.safetensors" --device cuda --out "$OUT/probe.json" \
-  --no-progress 2>&1 | tail -12
-timeout 150 python3 -m turbo_train.eval --checkpoint "$RUN/ema.safetensors" --num-prompts 256 --batch-size 64 --device cuda \
-  --out-dir "$OUT/eval" --no-progress 2>&1 | tail -25
+timeout 90 python3 tools/toy_motion_probe.py --checkpoint "$RUN/ema.safetensors" --device "${DEVICE:-cuda}" \
+  --out "$OUT/probe.json" --no-progress ${PROBE} 2>&1 | tail -12
+timeout 150 python3 -m turbo_train.eval --checkpoint "$RUN/ema.safetensors" --num-prompts "${PROMPTS:-256}" --batch-size 64 \
+  --device "${DEVICE:-cuda}" --out-dir "$OUT/eval" --no-progress 2>&1 | tail -25

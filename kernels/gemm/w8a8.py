@@ -111,7 +111,10 @@ if triton is not None:
                 a = tl.load(a_ptrs, mask=(k0 + offs_k)[None, :] < K, other=0.0)
                 b = tl.load(b_ptrs, mask=(k0 + offs_k)[:, None] < K, other=0.0)
             if A_QUANT:
-                a = quantize_tile(a.to(tl.float32), a_inv, not INT8, EXACT_CAST)
+                if INT8 or EXACT_CAST:
+                    a = quantize_tile(a.to(tl.float32), a_inv, not INT8, EXACT_CAST)
+                else:  # the GPU's fp32->e4m3 cast is cvt.rn.satfinite (saturates at +-448): no clamp needed
+                    a = (a.to(tl.float32) * a_inv).to(tl.float8e4nv)
             if INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
@@ -262,9 +265,10 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
     `quantize_rows(x, mode, act_scale)` and calling `w8a8_matmul`. Whether it is faster than the two
     kernels is for tools/bench_lowbit.py to say (the A tile is read in 16 bits and converted on the
     CUDA cores in the K loop). Compiled for sm_90 on the CPU (Triton 3.9, fp8, 128x256x128, 8 warps, no
-    spills): the K loop holds ~500 instructions per thread against the plain fp8 GEMM's 94 (bf16 unpack,
-    scale, clamp, pack, shared-memory stores: 64 A elements per thread per step), about as many issue slots
-    as the step's four wgmma take, so the conversion may bound it; shared memory 176 KiB at 3 stages."""
+    spills): the K loop holds ~380 instructions per thread against the plain fp8 GEMM's 94 (shared-memory
+    loads of the bf16 tile, unpack, scale, pack, stores of the fp8 tile: 64 A elements per thread per step;
+    ~500 with the clamp that the GPU's satfinite cast makes redundant), some 60 % of the issue slots of the
+    step's four wgmma: the conversion may bound it; shared memory 176 KiB at 3 stages."""
     if x.dim() != 2 or not x.is_floating_point() or x.dtype == torch.float8_e4m3fn:
         raise TypeError(f"x must be a 2-D float tensor (M, K), got {x.dtype} of shape {tuple(x.shape)}")
     _check_weight(x, "x", w_q, w_scale, bias)

@@ -59,8 +59,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(name: str, cmd: list[str], out: Path) -> dict:
-    """Run one stage as a subprocess, its output in OUT/logs/<name>.log; never raises."""
+def run(name: str, cmd: list[str], out: Path, needs: list[Path] = ()) -> dict:
+    """Run one stage as a subprocess, its output in OUT/logs/<name>.log; never raises. A stage whose inputs
+    (`needs`: files an earlier stage writes) are missing is skipped, not run: the log then names the one
+    failure instead of every stage downstream of it failing in turn."""
+    missing = [str(p) for p in needs if not Path(p).exists()]
+    if missing:
+        log(f"skip {name}: missing {', '.join(missing)} (an earlier stage failed)")
+        return {"stage": name, "rc": None, "seconds": 0.0, "skipped": "missing " + ", ".join(missing)}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"start {name}")
@@ -87,7 +93,8 @@ class Suite:
             sets.update({"trainer.max_steps": "2", "data.batch_size": "2", "data.num_workers": "0",
                          "trainer.val_every_n_steps": "0", "trainer.accelerator": "cpu"})
         cmd = module_cmd("turbo_train.cli") + [recipe] + set_args(f"{k}={v}" for k, v in sets.items()) + list(extra)
-        return run(f"train-{name}", cmd, self.out)
+        needs = [Path(a.teacher)] + [Path(x.split("=", 1)[1]) for x in extra if x.startswith("model.checkpoint=")]
+        return run(f"train-{name}", cmd, self.out, needs)
 
     def evaluate(self, name: str, args: list[str], device: str | None = None) -> dict:
         a = self.a
@@ -99,7 +106,8 @@ class Suite:
                                       "--no-progress"]
         if a.smoke and "--steps" not in args and "--bundle" not in args:
             cmd += ["--steps", "2"]
-        return run(f"eval-{name}", cmd, self.out)
+        needs = [Path(args[i + 1]) for i, x in enumerate(args[:-1]) if x in ("--checkpoint", "--bundle")]
+        return run(f"eval-{name}", cmd, self.out, needs)
 
     def exported(self, name: str) -> Path:
         for f in ("ema.safetensors", "sla.safetensors"):
@@ -198,7 +206,7 @@ class Suite:
             return run(f"merge-{sla_run}", module_cmd("turbo_train.merge") + [
                 "--student", str(self.exported("rcm")), "--sla", str(self.exported(sla_run)),
                 "--teacher", str(self.a.teacher),
-                "--out", str(out)], self.out)
+                "--out", str(out)], self.out, [self.exported("rcm"), self.exported(sla_run)])
 
         def merge_calibrate_export():
             r = [merge("sla", merged_of(None))] + [merge(f"sla_{v}", merged_of(v)) for v in sla_variants]
@@ -208,7 +216,7 @@ class Suite:
                                  "--set", "trainer.precision=32-true"]))
             r.append(run("export", module_cmd("turbo_train.export") + ["--checkpoint", str(merged), "--plan", str(plan),
                                          "--target", "h100", "--target", "cpu", "--out", str(bundles), "--steps", "4",
-                                         "--overwrite", "--no-progress"], self.out))
+                                         "--overwrite", "--no-progress"], self.out, [merged, plan]))
             return r
 
         steps = (4,) if self.a.lean else (4, 2, 1)
@@ -260,9 +268,11 @@ class Suite:
         for name, r in summary["reports"].items():
             fse = f" ± {r['frechet_stderr']:5.1f}" if r.get("frechet_stderr") is not None else ""
             log(f"{name:<28} adherence {r['adherence']:.4f}  frechet {r['frechet']:9.2f}{fse}  diversity {r['diversity']:.3f}")
-        failed = [s["stage"] for s in self.stages if s["rc"] != 0]
-        log(f"total {summary['total_s']} s; failed stages: {failed or 'none'}; wrote {self.out / 'summary.json'}")
-        return 1 if failed else 0
+        failed = [s["stage"] for s in self.stages if s["rc"] not in (0, None)]
+        skipped = [s["stage"] for s in self.stages if s["rc"] is None]
+        log(f"total {summary['total_s']} s; failed stages: {failed or 'none'}"
+            + (f"; skipped (inputs missing): {skipped}" if skipped else "") + f"; wrote {self.out / 'summary.json'}")
+        return 1 if failed or skipped else 0
 
 
 def variant(text: str, recipe: str) -> tuple[str, list[str]]:

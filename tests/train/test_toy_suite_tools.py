@@ -59,7 +59,7 @@ def test_toy_figures_refuses_a_summary_without_the_teacher(tmp_path, capsys):
 
 def suite(tmp_path, monkeypatch, **kw):
     calls = []
-    monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out: calls.append((name, cmd)) or
+    monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out, needs=(): calls.append((name, cmd)) or
                         {"stage": name, "rc": 0, "seconds": 0.0})
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
@@ -321,3 +321,24 @@ def test_lean_leaves_out_the_reference_evaluations(tmp_path, monkeypatch):
     assert not names & {"eval-teacher_sla0.1_untrained", "eval-teacher_sla0.2_untrained", "eval-rcm2", "eval-rcm1"}
     assert {"eval-teacher", "eval-rcm4", "eval-merged_rcm4_sla0.1", "eval-bundle_h100", "eval-bundle_cpu"} <= names
     assert toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "lean": True}).endswith(" --lean")
+
+
+def test_a_stage_whose_inputs_are_missing_is_skipped_not_run(tmp_path, monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(toy_gpu_suite.subprocess, "call", lambda *a, **k: ran.append(a) or 0)
+    there = tmp_path / "w.safetensors"
+    there.write_bytes(b"w")
+    r = toy_gpu_suite.run("merge-sla", ["echo"], tmp_path, [there, tmp_path / "sla" / "ema.safetensors"])
+    assert r["rc"] is None and "sla/ema.safetensors" in r["skipped"] and not ran
+    assert "skip merge-sla: missing" in capsys.readouterr().out
+    assert toy_gpu_suite.run("merge-sla", ["echo"], tmp_path, [there])["rc"] == 0 and ran
+    # the suite's own stages name their inputs: an evaluation its checkpoint, calibration the merged model
+    s, _ = suite(tmp_path, monkeypatch)
+    calls = []
+    monkeypatch.setattr(toy_gpu_suite, "run", lambda name, cmd, out, needs=(): calls.append((name, list(needs))) or
+                        {"stage": name, "rc": 0, "seconds": 0.0})
+    s.evaluate("rcm4", ["--checkpoint", str(tmp_path / "rcm/ema.safetensors")])
+    s.train("calibrate", "recipes/toy/calibrate.yaml", ["--set", f"model.checkpoint={tmp_path / 'merged.safetensors'}"])
+    needs = dict(calls)
+    assert needs["eval-rcm4"] == [tmp_path / "rcm/ema.safetensors"]
+    assert tmp_path / "merged.safetensors" in needs["train-calibrate"]

@@ -69,6 +69,7 @@ import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
+import turbo_infer  # noqa: F401,E402  (before torch: reads turbo-infer --prepare's bytecode cache when there is one)
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -473,6 +474,18 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
     cmd += ["--ttfv-background"] if args.ttfv_background else []
     cmd += ["--ttfv-vae-dtype", args.ttfv_vae_dtype, "--ttfv-verify", args.ttfv_verify, "--ttfv-warmup", args.ttfv_warmup]
     cmd += ["--ttfv-prewarm"] if args.ttfv_prewarm else []
+    if args.ttfv_prepare == "on":  # once, as a user does after installing: `turbo-infer --prepare --bundle DIR`
+        prep = [sys.executable, "-m", "turbo_infer.cli", "--prepare", "--bundle", str(bundle), "--no-progress"]
+        prep += ["--device", "cpu", "--allow-reference"] if args.tiny else []
+        log(f"prepare: {' '.join(prep)}")
+        t = time.perf_counter()
+        proc = subprocess.run(prep, env=child_env(args, work))
+        if proc.returncode != 0:
+            log(f"turbo-infer --prepare failed (exit {proc.returncode}); no time_to_first_video figure")
+            notes["time_to_first_video"] = f"turbo-infer --prepare failed with exit code {proc.returncode}"
+            return
+        fig["ttfv_prepare_s"] = time.perf_counter() - t
+        log(f"prepared in {fig['ttfv_prepare_s']:.1f} s")
     walls = []
     for i in range(args.ttfv_runs):  # launch 1 fills the on-disk compile caches if the parent left gaps
         result.unlink(missing_ok=True)
@@ -524,7 +537,10 @@ def bench_first_video(args, shape, bundle: Path, te_dir: Path, vae_dir: Path, wo
                                        ", no warm-up forward (generate()'s first step pays the kernels' first launches) ")
                                     + f"({'torch.compile per block, cached artifacts' if compiled else 'eager'}; "
                                     f"VAE in {args.ttfv_vae_dtype}); "
-                                    + ("Python's bytecode cache on (--ttfv-bytecode-cache); " if args.ttfv_bytecode_cache else "")
+                                    + ("after one `turbo-infer --prepare --bundle` (ttfv_prepare_s: Python bytecode of the "
+                                       "runtime's imports cached by turbo_infer.pycache, bundle hashes recorded, kernels "
+                                       "run once); " if args.ttfv_prepare == "on" else
+                                       "without turbo-infer --prepare (TURBO_PYCACHE=0); ")
                                     + ("kernels prewarmed beside the loads (--ttfv-prewarm); " if args.ttfv_prewarm else "")
                                     + f"then one generate(), the mp4 ({child['writer']}) encoded in a thread while the "
                                     f"VAE decodes (TurboPipeline.decode_uint8 + video_io.write_mp4_stream)")
@@ -536,12 +552,13 @@ def warmup_wanted(mode: str, compiled: bool) -> bool:
 
 
 def child_env(args, work: Path) -> dict:
-    """The fresh processes' environment: this one's; with --ttfv-bytecode-cache, Python's bytecode cache on
-    (PYTHONDONTWRITEBYTECODE dropped, caches under WORKDIR/pycache: launch 1 fills it)."""
-    env = dict(os.environ)
-    if args.ttfv_bytecode_cache:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
+    """The fresh processes' environment: this one's, with turbo-infer --prepare's bytecode cache under
+    WORKDIR/pycache (--ttfv-prepare on) or its use turned off (off). Python's own bytecode settings
+    (PYTHONDONTWRITEBYTECODE on the GPU image) are left as they are."""
+    env = dict(os.environ, TURBO_PYCACHE_DIR=str(work / "pycache"))
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    if args.ttfv_prepare == "off":
+        env["TURBO_PYCACHE"] = "0"
     return env
 
 
@@ -878,11 +895,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "from Inductor's cache vs 1.6 s eager, for 0.2 s less DiT time)")
     p.add_argument("--ttfv-vae-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="the fresh process's Wan VAE dtype (turbo-infer --vae-dtype; default float32)")
-    p.add_argument("--ttfv-bytecode-cache", action="store_true",
-                   help="run the fresh processes with Python's bytecode cache on (PYTHONDONTWRITEBYTECODE dropped, "
-                        "PYTHONPYCACHEPREFIX=WORKDIR/pycache), as an ordinary installation has it; the GPU image sets "
-                        "PYTHONDONTWRITEBYTECODE and its torch has no bytecode, so each process compiles torch's "
-                        "sources (import torch 4.4-5.1 s there vs 1.9-2.4 s with the cache)")
+    p.add_argument("--ttfv-prepare", choices=("on", "off"), default="on",
+                   help="run `turbo-infer --prepare --bundle` once before the fresh processes, as a user does once after "
+                        "installing (default on; its time is ttfv_prepare_s): caches the runtime's Python bytecode "
+                        "(turbo_infer.pycache; the GPU image sets PYTHONDONTWRITEBYTECODE and ships torch without "
+                        "bytecode: import torch 4.4-5.1 s there vs 1.9-2.4 s with it), records the bundle's hashes and "
+                        "runs its kernels once. off: the children compile every source (TURBO_PYCACHE=0)")
     p.add_argument("--ttfv-warmup", choices=("auto", "on", "off"), default="auto",
                    help="run the DiT once on zeros before generating (auto: only when compiling, whose warm-up is "
                         "the compile; eager, generate()'s first step pays the kernels' first launches itself, as in "

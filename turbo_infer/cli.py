@@ -5,11 +5,17 @@
         --prompt "..." --frames 81 --height 480 --width 832 --sampler unipc --out out.mp4
     turbo-infer --bundle runs/toy-bundles/cpu --prompt "a red circle moving left" --out video.mp4
     turbo-infer --config wan2.1-1.3b ... --num-gpus 2     # 2 worker processes, Ulysses over both GPUs
+    turbo-infer --prepare [--bundle DIR]                  # once per installation: cache what every start redoes
 
 A bundle (turbo-export) brings its model, W8A8 layers, attention backend, sampler, steps and video
 size; --steps/--sampler/--guidance/--frames/... still override, --text-encoder/--vae replace the
 directories its manifest references. A bundle for a GPU this device cannot run is refused with the
 bundle to use instead, unless --allow-reference (torch reference kernels, slow).
+
+--prepare compiles the runtime's Python bytecode into a cache of its own (turbo_infer.pycache: a
+fresh process then reads it even where PYTHONDONTWRITEBYTECODE=1 and the installed packages ship none),
+and with --bundle hashes the bundle into the verified-files record and, on a GPU, runs its kernels once
+so that Triton's on-disk cache holds them. It generates nothing.
 
 Several prompts write one file each: out.mp4 -> out_000.mp4, out_001.mp4, ... Every input is
 checked before any model is loaded; a bad one stops with an error naming the option or path.
@@ -48,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16"),
                    help="dtype of the Wan VAE (default float32, as the Wan pipeline; bfloat16 decoded 1.58x faster "
                         "on an H200, BENCHMARKS.md)")
-    src = p.add_mutually_exclusive_group(required=True)
+    src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", metavar="PATH", help="text file, one prompt per non-blank line")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50, or the bundle's)")
@@ -77,7 +83,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split every video's tokens over N GPUs (Ulysses sequence parallel): turbo-infer starts N "
                         "worker processes itself, rank 0 writes the videos; N must divide the DiT's heads "
                         "(with --device cpu: N gloo processes, for testing) (default: 1)")
+    p.add_argument("--prepare", action="store_true",
+                   help="cache what every fresh start would otherwise redo, then exit (no prompts): the runtime's Python "
+                        "bytecode (turbo_infer.pycache; TURBO_PYCACHE=0 turns its use off), and with --bundle the "
+                        "bundle's file hashes and, on a GPU, its kernels")
     return p
+
+
+def prepare(parser, args) -> int:
+    """`turbo-infer --prepare`: see the module docstring."""
+    import time
+
+    from turbo_infer import pycache
+
+    t = time.perf_counter()
+    try:
+        summary = pycache.prepare()
+    except RuntimeError as e:
+        parser.error(f"--prepare: {e}")
+    print(f"bytecode: {summary['files']} files from {len(summary['roots'])} packages in {summary['directory']} "
+          f"({summary['seconds']:.0f} s)", file=sys.stderr)
+    if args.bundle is None:
+        return 0
+    import torch
+
+    from turbo_infer.bundle import BundleIntegrityError, check_device, read_manifest, verify_files
+
+    bundle = _readable(parser, "--bundle", args.bundle)
+    try:
+        manifest = read_manifest(bundle)
+        hashed = verify_files(bundle, manifest, progress=not args.no_progress, cached=True)
+    except (OSError, ValueError, BundleIntegrityError) as e:
+        parser.error(f"--bundle: {e}")
+    print(f"hashes: {len(manifest['files'])} files checked ({hashed} hashed, the rest already recorded)", file=sys.stderr)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        from turbo_infer.prewarm import prewarm_dit
+
+        try:
+            check_device(manifest, device, allow_reference=args.allow_reference)
+        except ValueError as e:
+            parser.error(f"--bundle: {e}")
+        print(f"kernels: one-block DiT run on {device} in {prewarm_dit(manifest, device):.1f} s", file=sys.stderr)
+    print(f"prepared in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    return 0
 
 
 def _readable(parser, option: str, path: str | None) -> Path | None:
@@ -131,6 +180,12 @@ def _out_paths(parser, out: str, n: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.prepare:
+        if args.prompt is not None or args.prompts_file is not None:
+            parser.error("--prepare: generates nothing; leave out --prompt/--prompts-file")
+        return prepare(parser, args)
+    if args.prompt is None and args.prompts_file is None:
+        parser.error("one of the arguments --prompt --prompts-file is required")
 
     import torch
 

@@ -202,6 +202,7 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     parts = fig["ttfv_generate_text_dit_s"] + fig["ttfv_generate_vae_s"]
     assert 0 < parts <= fig["ttfv_generate_s"] + 1e-6
     assert fig["ttfv_load_dit_s"] > 0 and fig["ttfv_warmup_dit_s"] > 0 and fig["ttfv_wait_text_vae_s"] >= 0
+    assert fig["ttfv_prepare_s"] > 0 and "turbo-infer --prepare" in doc["notes"]["time_to_first_video"]
     assert "one after the other" in doc["notes"]["time_to_first_video"]
     assert [p.stat().st_mtime_ns if p.exists() else None for p in kept] == before  # benchmarks/ untouched
 

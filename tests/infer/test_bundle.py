@@ -382,3 +382,37 @@ def test_a_failed_prewarm_is_a_warning(bundles, monkeypatch):
     with pytest.warns(UserWarning, match="prewarm failed.*no memory"):
         pipe = TurboPipeline.from_bundle(bundles["cpu"], "cpu", prewarm=True)
     assert "prewarm_s" not in pipe.load_times and pipe.transformer is not None
+
+
+def test_cli_prepare_records_the_bundle_and_refuses_a_tampered_one(cpu_bundle, monkeypatch, tmp_path, capsys):
+    """`turbo-infer --prepare --bundle DIR`: the bytecode cache (turbo_infer.pycache, stubbed here: compiling
+    the standard library and torch takes minutes; tests/infer/test_pycache.py covers it) and the bundle's
+    hashes recorded, so that a start hashes nothing; a tampered file stops it with the file's name."""
+    import time
+
+    from turbo_infer import pycache, verified
+    from turbo_infer.cli import main
+
+    calls = []
+    monkeypatch.setattr(pycache, "prepare", lambda: calls.append(1) or {"files": 3, "roots": ["x"], "directory": "d",
+                                                                          "seconds": 0.0})
+    monkeypatch.setenv("TURBO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(verified, "RACY_S", 0.05)
+    time.sleep(0.1)
+    assert main(["--prepare", "--bundle", str(cpu_bundle), "--no-progress"]) == 0
+    assert calls == [1] and "bytecode: 3 files" in capsys.readouterr().err
+    manifest = B.read_manifest(cpu_bundle)
+    assert B.verify_files(cpu_bundle, manifest, cached=True) == 0  # recorded by --prepare
+    with pytest.raises(SystemExit):
+        main(["--prepare", "--prompt", "x"])
+    assert "--prepare: generates nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(cpu_bundle)])
+    assert "--prompt --prompts-file is required" in capsys.readouterr().err
+    f = cpu_bundle / B.WEIGHTS
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(SystemExit):
+        main(["--prepare", "--bundle", str(cpu_bundle), "--no-progress"])
+    assert str(f) in capsys.readouterr().err

@@ -11,6 +11,13 @@ videos per direction are sampled (Euler, CFG 4) and the square is tracked by col
 (turbo_train.toyworld.motion): sign accuracy among the videos that move horizontally. Variants:
     rope         the toy architecture as is: time enters only through RoPE's relative offsets
     frame_embed  plus a learned embedding of the latent frame index (WanConfig.frame_embed_len = 8)
+    position     plus learned embeddings of the frame, row and column index (frame_embed_len 8,
+                 space_embed_len 16): absolute positions, which a prediction from pure noise needs to put
+                 the object's average path anywhere (recipes/toy/README.md, "Where the direction is lost")
+Besides the samples, each variant's prior drift: its clean-video prediction from pure noise at s = 1 and
+0.98 under "right" minus under "left" (px/frame along x, 16 noises shared by both captions; the data's is
+~7, tools/toy_motion_probe.py). --high-noise-fraction draws that share of the training times from a
+logit-normal at 2.5 ± 0.5 (s ~ 0.92) instead of the default one at 0.8 ± 1.
 A variant that gets the sign right while the other stays at chance says where the v6 teacher's trouble
 comes from. Results: OUT/results.json, a contact sheet of samples per variant (OUT/samples_<variant>.png)
 and a printed line per variant (seeded; the training's length decides a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
@@ -41,7 +48,7 @@ from turbo_train.toyworld.generator import render, video_to_float
 from turbo_train.toyworld.motion import motion_from_track, object_track
 
 DIRECTIONS = ("left", "right")
-VARIANTS = {"rope": {}, "frame_embed": {"frame_embed_len": 8}}
+VARIANTS = {"rope": {}, "frame_embed": {"frame_embed_len": 8}, "position": {"frame_embed_len": 8, "space_embed_len": 16}}
 
 
 def scene(direction: str) -> dict:
@@ -96,7 +103,8 @@ def prerender(n: int, seed: int, codec: ToyCodec, device, workers: int | None = 
 
 
 def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: torch.Tensor, codec: ToyCodec,
-          batch_size: int = 16, lr: float = 3e-4, device="cpu", bank=None) -> tuple[WanModel, dict]:
+          batch_size: int = 16, lr: float = 3e-4, device="cpu", bank=None,
+          high_noise_fraction: float = 0.0) -> tuple[WanModel, dict]:
     """bank: `prerender`'s (latents, directions) to draw batches from (None: render each batch here)."""
     torch.manual_seed(seed)
     model = WanModel(small_config(**VARIANTS[variant])).to(device)
@@ -113,6 +121,9 @@ def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: to
         drop = torch.from_numpy(rng.random(batch_size) < 0.1).to(device)
         ctx = torch.where(drop[:, None, None], empty.expand_as(ctx), ctx)
         s = torch.sigmoid(torch.randn(batch_size, device=device) + 0.8)  # logit-normal flow times centred at +0.8
+        if high_noise_fraction > 0:  # as FlowMatchingConfig.high_noise_fraction, at its defaults 2.5 ± 0.5
+            pick = torch.rand(batch_size, device=device) < high_noise_fraction
+            s = torch.where(pick, torch.sigmoid(2.5 + 0.5 * torch.randn(batch_size, device=device)), s)
         eps = torch.randn_like(x0)
         xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
         v = model(xs, 1000 * s, ctx)
@@ -140,6 +151,32 @@ class _Fixed:
 
     def empty_embedding(self):
         return self.enc.empty_embedding()
+
+
+@torch.no_grad()
+def prior_drift(model: WanModel, text: torch.Tensor, codec: ToyCodec, seed: int, draws: int = 16,
+                times=(1.0, 0.98)) -> dict:
+    """Mean x-slope (px/frame) of the red mass in the model's clean-video prediction from pure noise under
+    "right" minus under "left" (the same noises for both), per flow time: {"s1": ..., "s0.98": ...}."""
+    from toy_motion_probe import soft_centroid_slope
+
+    device = text.device
+    g = torch.Generator().manual_seed(seed)
+    c, f, h, w = codec.latent_shape(8, 64, 64)
+    out = {}
+    for s in times:
+        noise = torch.randn((draws, c, f, h, w), generator=g).to(device)
+        t = torch.full((draws,), 1000.0 * s, device=device)
+        slopes = {}
+        for d in DIRECTIONS:
+            ctx = text[DIRECTIONS.index(d)][None].expand(draws, -1, -1)
+            x0 = noise - s * model(noise, t, ctx).float()
+            video = codec.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
+            slopes[d] = np.array([soft_centroid_slope(v, "red", 0) for v in video])
+        diff = slopes["right"] - slopes["left"]
+        out[f"s{s:g}"] = round(float(diff.mean()), 4)
+        out[f"s{s:g}_stderr"] = round(float(diff.std(ddof=1) / np.sqrt(draws)), 4)
+    return out
 
 
 @torch.no_grad()
@@ -176,6 +213,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/direction"))
     p.add_argument("--device", default="cpu", help="where the small DiT trains and samples (cpu or cuda)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--high-noise-fraction", type=float, default=0.0,
+                   help="share of training times from a logit-normal at 2.5 +- 0.5 (default 0: none)")
     p.add_argument("--prerender", type=int, default=0, metavar="N",
                    help="render N videos once with a process pool and train from that bank (0: render each batch; "
                         "on a GPU, e.g. --prerender 32768 --batch-size 64: the step is then GPU-bound, ~10x the steps)")
@@ -186,6 +225,8 @@ def main(argv=None) -> int:
         p.error(f"--variants: unknown {bad}; choose from {sorted(VARIANTS)}")
     if a.prerender < 0:
         p.error("--prerender must be >= 0")
+    if not 0 <= a.high_noise_fraction <= 1:
+        p.error(f"--high-noise-fraction must be in [0, 1], got {a.high_noise_fraction}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     codec = ToyCodec()
     bank = prerender(a.prerender, a.seed, codec, a.device) if a.prerender else None  # before CUDA starts here
@@ -195,7 +236,10 @@ def main(argv=None) -> int:
     results = {}
     for v in variants:
         print(f"== {v}: training {a.minutes} min", flush=True)
-        model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device, bank=bank)
+        model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device, bank=bank,
+                           high_noise_fraction=a.high_noise_fraction)
+        log["prior_drift"] = prior_drift(model, text, codec, a.seed + 2)
+        print(f"   {v}: prior drift right - left (px/frame; data ~7): {log['prior_drift']}", flush=True)
         a.out.mkdir(parents=True, exist_ok=True)
         acc = sign_accuracy(model, _Fixed(enc), a.per_direction, a.seed + 1, device=a.device,
                             sheet=a.out / f"samples_{v}.png")

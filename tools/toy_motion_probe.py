@@ -19,9 +19,20 @@ turbo_train/toyworld/motion.py):
                   times: 1 = the direction word has no effect on the video.
   tracked motion  of those 2 x --pairs videos against their captions: direction accuracy, axis accuracy
                   (either sign), sign accuracy (of those on the right axis) and the confusion table.
+  prior drift     no sampling: the model's clean-video prediction x0 = x - s·v from pure noise at the
+                  sampler's first flow times (--prior-times, default 1.0 and 0.98), for --prior-scenes
+                  single-object captions and their direction-flipped twins, --prior-draws noises each
+                  (shared by the twins). The object colour's soft centroid per frame gives a slope along
+                  the caption's axis (px/frame, signed towards the caption's direction); prior_drift_gap =
+                  mean slope under the caption minus under its twin. The data's own mean drifts apart by
+                  twice the objects' speed (~7 px/frame, `*_data`, measured on rendered videos the same
+                  way); a model whose first prediction does not move with the direction word has ~0, and
+                  its samples get the direction from the noise alone (teacher v6: 0.0).
 
 Writes benchmarks/toy_motion_probe.json (or --out): toy_motion_time_reversal_gap, toy_motion_hflip_gap,
-toy_motion_word_flip_unchanged, toy_motion_direction_acc, toy_motion_axis_acc, toy_motion_sign_acc.
+toy_motion_word_flip_unchanged, toy_motion_direction_acc, toy_motion_axis_acc, toy_motion_sign_acc,
+toy_motion_prior_drift_gap_s<time> (and its standard error, and *_data). --only-prior: the prior drift alone
+(about a minute on 2 CPU cores).
 On 2 CPU cores the default run takes about 3 minutes (16 videos of 50 CFG steps).
 """
 from __future__ import annotations
@@ -109,6 +120,62 @@ def direction_word(pipe, pairs: int, steps: int | None, guidance: float | None, 
     return out
 
 
+AXIS = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}  # (0 = x / 1 = y, sign)
+
+
+def soft_centroid_slope(video: np.ndarray, color: str, axis: int) -> float:
+    """Least-squares slope (px/frame) of the per-frame centroid, along x (axis 0) or y (1), of the pixels'
+    closeness to `color` (weight exp(-(d/40)^2), d = RGB distance): a blurred prediction has no crisp
+    object pixels for motion.py's tracker, but its colour mass still has a centre. video (F, H, W, 3)."""
+    from turbo_train.toyworld.generator import COLOR_RGB
+
+    d = np.linalg.norm(video.astype(np.float64) - np.asarray(COLOR_RGB[color], dtype=np.float64), axis=-1)  # (F, H, W)
+    w = np.exp(-(d / 40.0) ** 2)
+    profile = w.sum(1 + axis)  # (F, W) for x, (F, H) for y
+    pos = (profile * (np.arange(profile.shape[1]) + 0.5)).sum(1) / np.maximum(profile.sum(1), 1e-9)
+    return float(np.polyfit(np.arange(len(pos)), pos, 1)[0])
+
+
+@torch.no_grad()
+def prior_drift(pipe, scenes: int, draws: int, flow_times: list[float], seed: int) -> dict[str, float]:
+    """The model's first clean-video predictions from pure noise, under each caption and its direction-
+    flipped twin (module docstring, "prior drift"): {f"gap_s{s}": mean slope difference, f"gap_s{s}_stderr",
+    "gap_data"} in px/frame."""
+    from turbo_train.toyworld.generator import render
+
+    caps, flipped, attrs, _ = caption_pairs(scenes, seed)
+    net, g = pipe.transformer, torch.Generator().manual_seed(seed)
+    c, f, h, w = pipe.vae.latent_shape(8, 64, 64)
+    out: dict[str, float] = {}
+    for s in flow_times:
+        diffs = []
+        for cap, twin, a in zip(caps, flipped, attrs):
+            obj = a["objects"][0]
+            axis, sign = AXIS[obj["motion"]]
+            noise = torch.randn((draws, c, f, h, w), generator=g).to(pipe.device, pipe.dtype)
+            t = torch.full((draws,), 1000.0 * s, device=pipe.device)
+            slopes = []
+            for text in (cap, twin):
+                ctx = pipe.text_encoder.encode([text] * draws).to(pipe.device)
+                x0 = noise.float() - s * net(noise, timestep=t, context=ctx).float()  # (R, C, F, H, W)
+                video = pipe.vae.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
+                slopes.append(np.array([sign * soft_centroid_slope(v, obj["color"], axis) for v in video]))
+            diffs.extend(slopes[0] - slopes[1])  # paired: same noise under both captions
+        out[f"gap_s{s:g}"] = float(np.mean(diffs))
+        out[f"gap_s{s:g}_stderr"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+    rng = np.random.default_rng(seed)
+    data = []
+    for a in attrs:  # the same measurement on rendered videos: each caption's drift minus its twin's
+        obj = a["objects"][0]
+        axis, sign = AXIS[obj["motion"]]
+        twin = copy.deepcopy(a)
+        twin["objects"][0]["motion"] = OPPOSITE[obj["motion"]]
+        data.append(sign * (soft_centroid_slope(render(a, rng), obj["color"], axis)
+                            - soft_centroid_slope(render(twin, rng), obj["color"], axis)))
+    out["gap_data"] = float(np.mean(data))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="toy DiT safetensors (default: the shipped toy teacher)")
@@ -117,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's, 5)")
     p.add_argument("--real-videos", type=int, default=8, help="real videos for the symmetry gaps (>= 1)")
     p.add_argument("--flow-times", default="0.9,0.7,0.5", help="flow times s of the symmetry gaps, in (0, 1]")
+    p.add_argument("--prior-scenes", type=int, default=8, help="captions (and flipped twins) of the prior drift (>= 1)")
+    p.add_argument("--prior-draws", type=int, default=8, help="noises per caption of the prior drift (>= 2)")
+    p.add_argument("--prior-times", default="1.0,0.98", help="flow times of the prior drift, in (0, 1]")
+    p.add_argument("--only-prior", action="store_true", help="measure the prior drift alone")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "toy_motion_probe.json")
@@ -135,29 +206,46 @@ def main(argv=None) -> int:
         p.error(f"--flow-times must be comma-separated numbers, got {a.flow_times!r}")
     if not flow_times or not all(0 < s <= 1 for s in flow_times):
         p.error(f"--flow-times must be in (0, 1], got {a.flow_times!r}")
+    try:
+        prior_times = [float(s) for s in a.prior_times.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"--prior-times must be comma-separated numbers, got {a.prior_times!r}")
+    if not prior_times or not all(0 < s <= 1 for s in prior_times):
+        p.error(f"--prior-times must be in (0, 1], got {a.prior_times!r}")
+    if a.prior_scenes < 1 or a.prior_draws < 2:
+        p.error("--prior-scenes must be >= 1 and --prior-draws 2 or more")
     if a.checkpoint is not None and not a.checkpoint.is_file():
         p.error(f"checkpoint not found: {a.checkpoint}")
     from turbo_infer.pipeline import TurboPipeline
 
     pipe = TurboPipeline.toy(a.checkpoint, device=a.device)
-    gaps = symmetry_gaps(pipe, a.real_videos, flow_times, a.seed)
-    print(f"time-reversal gap {gaps['time_reversal']:.4f}   left-right mirror gap {gaps['hflip']:.4f}"
-          f"   (0 = the model commutes with the flip; s = {flow_times})")
-    word = direction_word(pipe, a.pairs, a.steps, a.guidance, a.seed, not a.no_progress)
-    print(f"direction word flipped, same noise: tracked motion unchanged in {word['word_flip_unchanged']:.2f} of "
-          f"{word['readable_pairs']} pairs (1 = the word has no effect)")
-    print(f"tracked motion of {word['n']} videos: direction {word['direction_acc']:.2f}, axis {word['axis_acc']:.2f}, "
-          f"sign {word['sign_acc']:.2f}, unreadable {word['unreadable']}")
-    for want, row in sorted(word["confusion"].items()):
-        print(f"  prompt {want:<6} -> " + ", ".join(f"{k} {v}" for k, v in sorted(row.items())))
-    figures = {"toy_motion_time_reversal_gap": round(gaps["time_reversal"], 5), "toy_motion_hflip_gap": round(gaps["hflip"], 5),
-               "toy_motion_word_flip_unchanged": round(word["word_flip_unchanged"], 4),
-               "toy_motion_direction_acc": round(word["direction_acc"], 4), "toy_motion_axis_acc": round(word["axis_acc"], 4),
-               "toy_motion_sign_acc": round(word["sign_acc"], 4)}
+    figures, extra = {}, {}
+    if not a.only_prior:
+        gaps = symmetry_gaps(pipe, a.real_videos, flow_times, a.seed)
+        print(f"time-reversal gap {gaps['time_reversal']:.4f}   left-right mirror gap {gaps['hflip']:.4f}"
+              f"   (0 = the model commutes with the flip; s = {flow_times})")
+        word = direction_word(pipe, a.pairs, a.steps, a.guidance, a.seed, not a.no_progress)
+        print(f"direction word flipped, same noise: tracked motion unchanged in {word['word_flip_unchanged']:.2f} of "
+              f"{word['readable_pairs']} pairs (1 = the word has no effect)")
+        print(f"tracked motion of {word['n']} videos: direction {word['direction_acc']:.2f}, axis {word['axis_acc']:.2f}, "
+              f"sign {word['sign_acc']:.2f}, unreadable {word['unreadable']}")
+        for want, row in sorted(word["confusion"].items()):
+            print(f"  prompt {want:<6} -> " + ", ".join(f"{k} {v}" for k, v in sorted(row.items())))
+        figures.update({"toy_motion_time_reversal_gap": round(gaps["time_reversal"], 5),
+                        "toy_motion_hflip_gap": round(gaps["hflip"], 5),
+                        "toy_motion_word_flip_unchanged": round(word["word_flip_unchanged"], 4),
+                        "toy_motion_direction_acc": round(word["direction_acc"], 4),
+                        "toy_motion_axis_acc": round(word["axis_acc"], 4), "toy_motion_sign_acc": round(word["sign_acc"], 4)})
+        extra = {"confusion": word["confusion"], "examples": word["examples"]}
+    drift = prior_drift(pipe, a.prior_scenes, a.prior_draws, prior_times, a.seed)
+    for k, v in drift.items():
+        figures[f"toy_motion_prior_drift_{k}"] = round(v, 4)
+    print("prior drift (first predictions from pure noise, caption minus flipped twin, px/frame): "
+          + ", ".join(f"s={t:g} {drift[f'gap_s{t:g}']:+.3f} ± {drift[f'gap_s{t:g}_stderr']:.3f}" for t in prior_times)
+          + f"; rendered videos {drift['gap_data']:+.2f}")
     doc = benchmark_doc(figures, device=device_label(a.device),
                         command="python tools/toy_motion_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                        checkpoint=str(a.checkpoint or "shipped toy teacher"), confusion=word["confusion"],
-                        examples=word["examples"])
+                        checkpoint=str(a.checkpoint or "shipped toy teacher"), **extra)
     write_json(a.out, doc)
     print(f"wrote {a.out}")
     return 0

@@ -68,6 +68,12 @@ class FlowMatchingConfig:
     logit_mean: float = 0.0  # location of logit_normal in logit units (0 = centred on s = 0.5)
     logit_std: float = 1.0  # scale of logit_normal in logit units, > 0
     shift: float = 1.0  # shift of shifted_uniform, > 0 (1 = plain uniform, > 1 favours noisier s)
+    # this fraction of the flow times comes instead from a second logit-normal at high noise (0 = none):
+    # the default time distributions rarely reach s > 0.95 (logit_normal at mean 0.8: 1.6 % of samples),
+    # where what the data look like on average (where objects are, which way they move) is learned
+    high_noise_fraction: float = 0.0
+    high_noise_logit_mean: float = 2.5  # its centre in logit units (2.5: s = 0.92)
+    high_noise_logit_std: float = 0.5  # its spread in logit units, > 0
     caption_dropout: float = 0.1  # probability a sample's caption becomes the empty prompt (for CFG), in [0, 1)
     # each video of a batch is trained at this many independent (s, eps) draws in one step: more
     # denoising samples per generated video when the data loader, not the GPU, bounds the run
@@ -79,6 +85,9 @@ class FlowMatchingConfig:
                  f"must be an int >= 1, got {self.noise_repeats!r}")
         _require(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
         _require(0.0 <= self.caption_dropout < 1.0, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
+        _require(0.0 <= self.high_noise_fraction <= 1.0, "high_noise_fraction",
+                 f"must be in [0, 1], got {self.high_noise_fraction}")
+        _require(self.high_noise_logit_std > 0, "high_noise_logit_std", f"must be > 0, got {self.high_noise_logit_std}")
 
 
 @dataclass(kw_only=True)
@@ -156,9 +165,9 @@ class ModelConfig:
 
     def checkpoint_overrides(self) -> dict:
         """The recipe's overrides that apply over a loaded checkpoint's own network (which otherwise
-        replaces the preset's): what the head predicts (x0 or velocity) and frame_embed_len (a frame
-        embedding, zero at the start, added to a checkpoint without one)."""
-        return {k: self.overrides[k] for k in ("prediction", "frame_embed_len") if k in self.overrides}
+        replaces the preset's): what the head predicts (x0 or velocity), frame_embed_len and space_embed_len
+        (learned position tables, zero at the start, added to a checkpoint without them)."""
+        return {k: self.overrides[k] for k in ("prediction", "frame_embed_len", "space_embed_len") if k in self.overrides}
 
     def wan_config(self):
         """The WanConfig this section describes (preset + overrides + attention backend)."""

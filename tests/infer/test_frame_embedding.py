@@ -80,11 +80,12 @@ def test_a_recipe_override_adds_it_to_a_loaded_checkpoint(tmp_path):
 
     path = tmp_path / "base.safetensors"
     save_wan_checkpoint(tiny(), path)
-    cfg = ModelConfig(preset="toy", checkpoint=str(path), overrides={"prediction": "x0", "frame_embed_len": 8},
+    cfg = ModelConfig(preset="toy", checkpoint=str(path), overrides={"prediction": "x0", "frame_embed_len": 8, "space_embed_len": 16},
                       compile=False)
     with pytest.warns(UserWarning, match="dim=32"):  # the checkpoint's network replaces the toy preset's
         model = build_wan_model(cfg)
     assert model.config.frame_embed_len == 8 and model.config.dim == 32 and model.frame_embedding.requires_grad
+    assert model.config.space_embed_len == 16 and model.row_embedding.requires_grad and model.col_embedding.requires_grad
 
 
 def test_a_checkpoint_that_claims_one_but_lacks_the_tensor_is_refused(tmp_path):
@@ -99,3 +100,38 @@ def test_a_checkpoint_that_claims_one_but_lacks_the_tensor_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="frame_embedding"):
         WanModel.from_pretrained(path)
 
+
+
+def test_row_and_column_tables_load_onto_a_checkpoint_without_them_and_make_outputs_place_dependent(tmp_path):
+    """WanConfig.space_embed_len: zero tables added to a trained checkpoint change nothing; trained ones
+    break the network's translation equivariance (a RoPE-only DiT computes nearly the same thing for a
+    shifted input, shifted), and they round-trip through a checkpoint."""
+    base = tiny()
+    path = tmp_path / "base.safetensors"
+    save_wan_checkpoint(base, path)
+    grown = WanModel.from_pretrained(path, frame_embed_len=4, space_embed_len=4).eval()
+    assert torch.equal(grown.row_embedding, torch.zeros(4, 32)) and torch.equal(grown.col_embedding, torch.zeros(4, 32))
+    x, t, ctx = inputs()
+    with torch.no_grad():
+        assert torch.equal(grown(x, t, ctx), base(x, t, ctx))
+
+    def roll_gap(model) -> float:  # columns rolled by one token (2 latent cells): ‖f(S x) − S f(x)‖ / ‖f(x)‖
+        with torch.no_grad():
+            fx = model(x, t, ctx)
+            return float((model(x.roll(2, dims=4), t, ctx) - fx.roll(2, dims=4)).norm() / fx.norm())
+
+    before = roll_gap(grown)
+    with torch.no_grad():
+        grown.col_embedding.copy_(torch.linspace(-1, 1, 4)[:, None] * torch.randn(1, 32))
+    after = roll_gap(grown)
+    assert after > 2 * before and after > 0.1, (before, after)  # (RoPE and the wrap-around give `before` > 0)
+    path2 = tmp_path / "grown.safetensors"
+    save_wan_checkpoint(grown, path2)
+    again = WanModel.from_pretrained(path2).eval()  # the stored config carries both tables
+    assert again.config.space_embed_len == 4 and torch.equal(again.col_embedding, grown.col_embedding)
+    with torch.no_grad():
+        assert torch.equal(again(x, t, ctx), grown(x, t, ctx))
+    with pytest.raises(ValueError, match="space_embed_len"):
+        again(torch.randn(2, 12, 4, 12, 12), t, ctx)  # a 6 x 6 token grid: more rows than the tables have
+    with pytest.raises(ValueError, match="space_embed_len"):
+        WanConfig(**{**TINY.to_dict(), "space_embed_len": -1})

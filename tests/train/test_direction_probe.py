@@ -58,3 +58,37 @@ def test_unknown_variant_is_refused(capsys):
     with pytest.raises(SystemExit):
         dp.main(["--variants", "alibi"])
     assert "--variants" in capsys.readouterr().err
+
+
+def test_prior_drift_reads_a_prediction_that_follows_the_caption():
+    """prior_drift's sign and scale: a stand-in model whose clean-video prediction is a rendered square
+    moving as its caption says gives right - left = the sum of the two squares' speeds (3-4 px/frame each);
+    one that ignores the caption gives 0."""
+    import torch
+
+    from turbo_infer.vae import ToyCodec
+    from turbo_train.toyworld.generator import video_to_float
+
+    codec = ToyCodec()
+    text = torch.stack([torch.full((4, 8), float(i)) for i in range(2)])  # (2, L, D): "left" 0, "right" 1
+    clean = [codec.encode(video_to_float(torch.from_numpy(dp.render(dp.scene(d), 5)[None]))) for d in dp.DIRECTIONS]
+
+    def follows(x, t, ctx):  # v = (x - x0) / s, so that x - s·v = the square of the caption's direction
+        s = (t / 1000.0).view(-1, 1, 1, 1, 1)
+        return (x - clean[int(ctx[0, 0, 0].item())]) / s
+
+    def ignores(x, t, ctx):
+        return (x - clean[1]) / (t / 1000.0).view(-1, 1, 1, 1, 1)
+
+    drift = dp.prior_drift(follows, text, codec, seed=0, draws=2)
+    assert 6 <= drift["s1"] <= 8 and 6 <= drift["s0.98"] <= 8 and drift["s1_stderr"] < 1e-6, drift
+    assert dp.prior_drift(ignores, text, codec, seed=0, draws=2)["s1"] == 0
+
+
+def test_position_variant_with_high_noise_times_runs_and_reports_its_prior_drift(tmp_path):
+    assert dp.main(["--minutes", "0.01", "--per-direction", "1", "--variants", "position", "--high-noise-fraction",
+                    "0.5", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())["results"]["position"]
+    assert set(r["prior_drift"]) == {"s1", "s1_stderr", "s0.98", "s0.98_stderr"}
+    with pytest.raises(SystemExit):
+        dp.main(["--high-noise-fraction", "2"])

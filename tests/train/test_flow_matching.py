@@ -70,6 +70,22 @@ def test_shifted_uniform_time():
     assert abs(s1.mean().item() - 0.5) < 0.01  # shift 1 = plain uniform
 
 
+def test_high_noise_mixture_time():
+    """high_noise_fraction: that share of the times from logit-normal(2.5, 0.5), the rest as before."""
+    base = FlowMatchingConfig(logit_mean=0.8, logit_std=1.0)
+    mixed = FlowMatchingConfig(logit_mean=0.8, logit_std=1.0, high_noise_fraction=0.3)
+    s0 = sample_time(20000, base, generator=torch.Generator().manual_seed(0))
+    s = sample_time(20000, mixed, generator=torch.Generator().manual_seed(0))
+    # P(s > 0.95) = P(logit > 2.944): base N(0.8, 1) 0.0160, high N(2.5, 0.5) 0.1870, so the mixture has
+    # 0.7 * 0.0160 + 0.3 * 0.1870 = 0.0673 (binomial std of 20000 draws 0.0018: 0.008 bound is > 4 sigma)
+    assert abs((s0 > 0.95).float().mean().item() - 0.0160) < 0.004
+    assert abs((s > 0.95).float().mean().item() - 0.0673) < 0.008
+    with pytest.raises(ValueError, match="high_noise_fraction"):
+        FlowMatchingConfig(high_noise_fraction=1.5)
+    with pytest.raises(ValueError, match="high_noise_logit_std"):
+        FlowMatchingConfig(high_noise_logit_std=0.0)
+
+
 def test_caption_dropout_rate_and_content():
     B, p = 20000, 0.1
     ctx = torch.randn(B, 3, 4)

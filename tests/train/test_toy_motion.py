@@ -94,12 +94,17 @@ def test_probe_end_to_end_and_the_time_symmetry_of_a_one_frame_patch(tmp_path, c
         out = tmp_path / f"probe_{ps[0]}.json"
         assert toy_motion_probe.main(["--checkpoint", str(_checkpoint(tmp_path, ps)), "--pairs", "2", "--steps", "2",
                                       "--real-videos", "2", "--flow-times", "0.8", "--out", str(out),
+                                      "--prior-scenes", "2", "--prior-draws", "2", "--prior-times", "1.0",
                                       "--no-progress"]) == 0
         doc = json.loads(out.read_text())
         figs = doc["figures"]
         assert set(figs) == {"toy_motion_time_reversal_gap", "toy_motion_hflip_gap", "toy_motion_word_flip_unchanged",
-                             "toy_motion_direction_acc", "toy_motion_axis_acc", "toy_motion_sign_acc"}
-        assert all(0 <= figs[k] <= 1 for k in figs if not k.endswith("_gap"))
+                             "toy_motion_direction_acc", "toy_motion_axis_acc", "toy_motion_sign_acc",
+                             "toy_motion_prior_drift_gap_s1", "toy_motion_prior_drift_gap_s1_stderr",
+                             "toy_motion_prior_drift_gap_data"}
+        assert all(0 <= figs[k] <= 1 for k in figs if not k.endswith("_gap") and "prior_drift" not in k)
+        # rendered videos: a caption's object and its twin move apart at the sum of two speeds in [3, 4]
+        assert 6 <= figs["toy_motion_prior_drift_gap_data"] <= 8
         assert doc["device"].startswith("CPU") and doc["command"].startswith("python tools/toy_motion_probe.py")
         gaps[ps] = figs["toy_motion_time_reversal_gap"]
     assert gaps[(1, 2, 2)] < 0.05 < 0.3 < gaps[(2, 2, 1)]
@@ -111,8 +116,20 @@ def test_probe_end_to_end_and_the_time_symmetry_of_a_one_frame_patch(tmp_path, c
     (["--flow-times", "0.5,1.5"], "--flow-times must be in (0, 1]"),
     (["--flow-times", "a"], "--flow-times must be comma-separated numbers"),
     (["--checkpoint", "/nonexistent.safetensors"], "checkpoint not found: /nonexistent.safetensors"),
+    (["--prior-draws", "1"], "--prior-draws 2"),
+    (["--prior-times", "0"], "--prior-times must be in (0, 1]"),
 ])
 def test_probe_refusals(args, match, capsys):
     with pytest.raises(SystemExit):
         toy_motion_probe.main(args)
     assert match in capsys.readouterr().err
+
+
+def test_soft_centroid_slope_reads_the_speed_of_a_rendered_object():
+    from turbo_train.toyworld.generator import render
+
+    for motion, axis, sign in (("right", 0, 1), ("left", 0, -1), ("down", 1, 1), ("up", 1, -1)):
+        a = {"background": "checker", "num_objects": 1, "objects": [{"shape": "cross", "color": "cyan", "motion": motion}]}
+        slope = toy_motion_probe.soft_centroid_slope(render(a, 3), "cyan", axis)
+        assert 2.9 <= sign * slope <= 4.1, (motion, slope)  # speeds are drawn from [3, 4] px/frame
+        assert abs(toy_motion_probe.soft_centroid_slope(render(a, 3), "cyan", 1 - axis)) < 0.2  # not across

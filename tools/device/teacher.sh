@@ -8,6 +8,11 @@
 # OVERRIDES: model.overrides, replacing the recipe's whole mapping (keep prediction: x0 in it); network fields such as
 # patch_size, frame_embed_len; MIN: training minutes;
 # EXTRA: more --set arguments; DEVICE (cuda), PROMPTS (256) and PROBE (more toy_motion_probe flags) for a CPU smoke.
+# The next experiment (recipes/toy/README.md, "Where the direction is lost"): v6 annealed with absolute positions
+# and more training at high noise, read out first by the probe's prior drift (v6: 0.0 px/frame, data 7.1):
+#   OVERRIDES='{prediction: x0, frame_embed_len: 8, space_embed_len: 16}' RECIPE=recipes/toy/teacher-anneal.yaml \
+#   CHECKPOINT=turbo_infer/assets/toy_teacher.safetensors EXTRA='--set method.flow_matching.high_noise_fraction=0.3' \
+#   MIN=5.5 bash tools/device/teacher.sh
 # The EMA weights, metrics, probe and report come back under $OUT.
 source tools/device/env.sh
 set -o pipefail

@@ -65,6 +65,12 @@ class WanConfig:
     # Not in Wan: its causal VAE already makes the input time-asymmetric. The toy codec does not, and a toy
     # DiT without it cannot tell a video from the same video played backwards (recipes/toy/README.md).
     frame_embed_len: int = 0
+    # rows of two learned embeddings, of the token's latent row and of its column, added to the patch tokens
+    # (0 = none, as Wan). Not in Wan. A DiT whose only positions are RoPE's relative ones cannot place
+    # anything at an absolute place from pure noise: teacher v6's x0 prediction at s = 0.98 is flat across
+    # the frame where the data's mean is a blob drifting with the caption's direction (recipes/toy/README.md,
+    # "Where the direction is lost"). With frame_embed_len, the tokens know (frame, row, column) absolutely.
+    space_embed_len: int = 0
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:
@@ -81,6 +87,8 @@ class WanConfig:
             raise ValueError(f"WanConfig.patch_size must be 3 positive ints, got {self.patch_size}")
         if int(self.frame_embed_len) < 0:
             raise ValueError(f"WanConfig.frame_embed_len must be >= 0 (0 = no frame embedding), got {self.frame_embed_len}")
+        if int(self.space_embed_len) < 0:
+            raise ValueError(f"WanConfig.space_embed_len must be >= 0 (0 = no row/column embedding), got {self.space_embed_len}")
 
     @property
     def head_dim(self) -> int:
@@ -125,7 +133,11 @@ def get_config(name_or_config: "str | WanConfig | dict", **overrides) -> WanConf
 # WanConfig fields that describe the trained network itself (as opposed to how it runs: the attention
 # backend and its options); a checkpoint that stores its config keeps these (checkpoint_config).
 NETWORK_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_channels", "out_channels", "freq_dim",
-                  "patch_size", "eps", "cross_attn_norm", "rope_theta", "prediction", "frame_embed_len")
+                  "patch_size", "eps", "cross_attn_norm", "rope_theta", "prediction", "frame_embed_len", "space_embed_len")
+# learned absolute-position tables that start at zero: a checkpoint trained without one loads with it
+# added (WanModel.from_pretrained, strict or not), its function unchanged until it trains
+POSITION_TABLES = {"frame_embedding": "frame_embed_len", "row_embedding": "space_embed_len",
+                   "col_embedding": "space_embed_len"}
 
 
 def checkpoint_config(state: dict, file_config: "dict | None", path, config=None, **overrides) -> WanConfig:
@@ -398,6 +410,9 @@ class WanModel(nn.Module):
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
         if cfg.frame_embed_len:  # zero at the start: the network's function is unchanged until it trains
             self.frame_embedding = nn.Parameter(torch.zeros(cfg.frame_embed_len, cfg.dim))
+        if cfg.space_embed_len:  # the same for the latent row and column of a token
+            self.row_embedding = nn.Parameter(torch.zeros(cfg.space_embed_len, cfg.dim))
+            self.col_embedding = nn.Parameter(torch.zeros(cfg.space_embed_len, cfg.dim))
         self.gradient_checkpointing = False  # activation checkpointing when training: True, False or first N blocks
         self.checkpoint_policy = "full"  # what a checkpointed block recomputes (CHECKPOINT_POLICIES)
         self.sequence_shard = None  # set by turbo_infer.sequence_parallel (Ulysses); None = single device
@@ -484,13 +499,24 @@ class WanModel(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
-    def frame_rows(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """The frame embedding of every token of a (F', H', W') grid, in token order: (L, dim)."""
+    def position_rows(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The learned absolute-position embedding of every token of a (F', H', W') grid, in token order:
+        (L, dim), the sum of the frame table's row (frame_embed_len) and the row and column tables' rows
+        (space_embed_len) that the config has."""
         f, h, w = grid
-        if f > self.config.frame_embed_len:
-            raise ValueError(f"{f} latent frames of {self.config.patch_size[0]}-frame patches, but the frame embedding "
-                             f"has {self.config.frame_embed_len} rows (WanConfig.frame_embed_len)")
-        return self.frame_embedding[:f, None, :].expand(f, h * w, -1).reshape(f * h * w, -1)
+        cfg = self.config
+        e = torch.zeros(f, h, w, cfg.dim, device=self.patch_embedding.weight.device)
+        if cfg.frame_embed_len:
+            if f > cfg.frame_embed_len:
+                raise ValueError(f"{f} latent frames of {cfg.patch_size[0]}-frame patches, but the frame embedding "
+                                 f"has {cfg.frame_embed_len} rows (WanConfig.frame_embed_len)")
+            e = e + self.frame_embedding[:f, None, None, :].float()
+        if cfg.space_embed_len:
+            if max(h, w) > cfg.space_embed_len:
+                raise ValueError(f"a token grid of {h} x {w} (height x width), but the row and column embeddings "
+                                 f"have {cfg.space_embed_len} rows (WanConfig.space_embed_len)")
+            e = e + self.row_embedding[None, :h, None, :].float() + self.col_embedding[None, None, :w, :].float()
+        return e.reshape(f * h * w, cfg.dim)
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Predict the rectified-flow velocity.
@@ -510,8 +536,8 @@ class WanModel(nn.Module):
         dtype = self.patch_embedding.weight.dtype
 
         tokens, grid = self.patchify(x.to(dtype))  # (B, L, dim)
-        if cfg.frame_embed_len:
-            tokens = tokens + self.frame_rows(grid).to(tokens.dtype)
+        if cfg.frame_embed_len or cfg.space_embed_len:
+            tokens = tokens + self.position_rows(grid).to(tokens.dtype)
         rope = self.rope.freqs(grid, x.device)
         # time: sinusoid (fp32) -> MLP -> 6-way modulation, kept in fp32
         temb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype)).float()  # (B, dim)
@@ -555,8 +581,8 @@ class WanModel(nn.Module):
         config: preset name / WanConfig / dict; None = read `config.json` beside the weights or infer the
         preset from tensor shapes. overrides: WanConfig fields to change (e.g. attention="sla").
         strict: refuse a missing or unexpected tensor, except those that start at zero by design (SLA's
-        proj_l, so a dense checkpoint loads as an untrained SLA model; the frame embedding that
-        `frame_embed_len` adds to a checkpoint without one)."""
+        proj_l, so a dense checkpoint loads as an untrained SLA model; the position tables (frame, row and
+        column embeddings) that `frame_embed_len` / `space_embed_len` add to a checkpoint without them)."""
         from turbo_infer.models.wan_keys import load_wan_state_dict
 
         state, file_config = load_wan_state_dict(path)
@@ -565,8 +591,8 @@ class WanModel(nn.Module):
             model = cls(cfg)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         # Parameters of the self-attention backend itself (SLA's proj_l, under `.self_attn.attn.`) are
-        # absent from a dense checkpoint and start at zero by design (an untrained SLA model), as does a
-        # frame embedding added by an override, strict or not; strict=True refuses any other missing or
+        # absent from a dense checkpoint and start at zero by design (an untrained SLA model), as do
+        # position tables added by an override (POSITION_TABLES), strict or not; strict=True refuses any other missing or
         # unexpected tensor (a checkpoint stored as SLA without its proj_l among them), strict=False
         # zero-fills too.
         if strict:
@@ -574,9 +600,9 @@ class WanModel(nn.Module):
             # embedding its config claims, must be in the file)
             stored = file_config or {}
             new_sla = stored.get("attention") not in SPARSE_BACKENDS
-            new_frames = bool(cfg.frame_embed_len) and not stored.get("frame_embed_len")
-            other = [n for n in missing if not (".self_attn.attn." in n and new_sla)
-                     and not (n == "frame_embedding" and new_frames)]
+            new_tables = {n for n, field_ in POSITION_TABLES.items()
+                          if getattr(cfg, field_) and not stored.get(field_)}
+            other = [n for n in missing if not (".self_attn.attn." in n and new_sla) and n not in new_tables]
             if other or unexpected:
                 raise RuntimeError(f"{path}: checkpoint does not fit the model: missing {other}, unexpected "
                                    f"{unexpected}")

@@ -37,14 +37,21 @@ from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Rec
 
 
 def sample_time(n: int, cfg: FlowMatchingConfig, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) float32 flow times s in (0, 1) drawn from cfg.time_distribution."""
+    """(n,) float32 flow times s in (0, 1) drawn from cfg.time_distribution, with a fraction
+    cfg.high_noise_fraction of them (each sample independently) from the high-noise logit-normal instead."""
     if cfg.time_distribution == "logit_normal":
         z = torch.randn(n, device=device, generator=generator, dtype=torch.float32)
-        return torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
-    if cfg.time_distribution == "shifted_uniform":
+        s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    elif cfg.time_distribution == "shifted_uniform":
         u = torch.rand(n, device=device, generator=generator, dtype=torch.float32)
-        return shift_time(u, cfg.shift)
-    raise ValueError(f"time_distribution must be 'logit_normal' or 'shifted_uniform', got {cfg.time_distribution!r}")
+        s = shift_time(u, cfg.shift)
+    else:
+        raise ValueError(f"time_distribution must be 'logit_normal' or 'shifted_uniform', got {cfg.time_distribution!r}")
+    if cfg.high_noise_fraction > 0:
+        pick = torch.rand(n, device=device, generator=generator) < cfg.high_noise_fraction
+        z = torch.randn(n, device=device, generator=generator, dtype=torch.float32)
+        s = torch.where(pick, torch.sigmoid(cfg.high_noise_logit_mean + cfg.high_noise_logit_std * z), s)
+    return s
 
 
 def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,

@@ -17,7 +17,7 @@ videos per direction are sampled (Euler, CFG 4) and the square is tracked by col
 Besides the samples, each variant's prior drift: its clean-video prediction from pure noise at s = 1 and
 0.98 under "right" minus under "left" (px/frame along x, 16 noises shared by both captions; the data's is
 ~7, tools/toy_motion_probe.py). --high-noise-fraction draws that share of the training times from a
-logit-normal at 2.5 ± 0.5 (s ~ 0.92) instead of the default one at 0.8 ± 1.
+logit-normal at --high-noise-logit-mean ± 0.5 (2.5: s ~ 0.92) instead of the default one at 0.8 ± 1.
 A variant that gets the sign right while the other stays at chance says where the v6 teacher's trouble
 comes from. Results: OUT/results.json, a contact sheet of samples per variant (OUT/samples_<variant>.png)
 and a printed line per variant (seeded; the training's length decides a lot, so they give steps and losses). On 2 CPU cores 6 minutes are ~650 steps of 16 videos, too few for
@@ -104,7 +104,7 @@ def prerender(n: int, seed: int, codec: ToyCodec, device, workers: int | None = 
 
 def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: torch.Tensor, codec: ToyCodec,
           batch_size: int = 16, lr: float = 3e-4, device="cpu", bank=None,
-          high_noise_fraction: float = 0.0) -> tuple[WanModel, dict]:
+          high_noise_fraction: float = 0.0, high_noise_logit_mean: float = 2.5) -> tuple[WanModel, dict]:
     """bank: `prerender`'s (latents, directions) to draw batches from (None: render each batch here)."""
     torch.manual_seed(seed)
     model = WanModel(small_config(**VARIANTS[variant])).to(device)
@@ -121,9 +121,9 @@ def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: to
         drop = torch.from_numpy(rng.random(batch_size) < 0.1).to(device)
         ctx = torch.where(drop[:, None, None], empty.expand_as(ctx), ctx)
         s = torch.sigmoid(torch.randn(batch_size, device=device) + 0.8)  # logit-normal flow times centred at +0.8
-        if high_noise_fraction > 0:  # as FlowMatchingConfig.high_noise_fraction, at its defaults 2.5 ± 0.5
+        if high_noise_fraction > 0:  # as FlowMatchingConfig.high_noise_fraction (spread 0.5 in logit units)
             pick = torch.rand(batch_size, device=device) < high_noise_fraction
-            s = torch.where(pick, torch.sigmoid(2.5 + 0.5 * torch.randn(batch_size, device=device)), s)
+            s = torch.where(pick, torch.sigmoid(high_noise_logit_mean + 0.5 * torch.randn(batch_size, device=device)), s)
         eps = torch.randn_like(x0)
         xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
         v = model(xs, 1000 * s, ctx)
@@ -214,7 +214,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where the small DiT trains and samples (cpu or cuda)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--high-noise-fraction", type=float, default=0.0,
-                   help="share of training times from a logit-normal at 2.5 +- 0.5 (default 0: none)")
+                   help="share of training times from a logit-normal at --high-noise-logit-mean +- 0.5 (default 0: none)")
+    p.add_argument("--high-noise-logit-mean", type=float, default=2.5,
+                   help="centre of those times in logit units (2.5: s = 0.92; 4: s = 0.98, the sampler's first steps)")
     p.add_argument("--prerender", type=int, default=0, metavar="N",
                    help="render N videos once with a process pool and train from that bank (0: render each batch; "
                         "on a GPU, e.g. --prerender 32768 --batch-size 64: the step is then GPU-bound, ~10x the steps)")
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
     for v in variants:
         print(f"== {v}: training {a.minutes} min", flush=True)
         model, log = train(v, a.minutes, a.seed, text, empty, codec, a.batch_size, device=a.device, bank=bank,
-                           high_noise_fraction=a.high_noise_fraction)
+                           high_noise_fraction=a.high_noise_fraction, high_noise_logit_mean=a.high_noise_logit_mean)
         log["prior_drift"] = prior_drift(model, text, codec, a.seed + 2)
         print(f"   {v}: prior drift right - left (px/frame; data ~7): {log['prior_drift']}", flush=True)
         a.out.mkdir(parents=True, exist_ok=True)

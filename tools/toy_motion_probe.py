@@ -195,23 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flow_times_arg(p: argparse.ArgumentParser, option: str, value: str) -> list[float]:
+    """A comma-separated list of flow times in (0, 1], or a parser error naming `option`."""
+    try:
+        times = [float(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        p.error(f"{option} must be comma-separated numbers, got {value!r}")
+    if not times or not all(0 < s <= 1 for s in times):
+        p.error(f"{option} must be in (0, 1], got {value!r}")
+    return times
+
+
 def main(argv=None) -> int:
     p = build_parser()
     a = p.parse_args(argv)
     if a.pairs < 1 or a.real_videos < 1:
         p.error("--pairs and --real-videos must be >= 1")
-    try:
-        flow_times = [float(s) for s in a.flow_times.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--flow-times must be comma-separated numbers, got {a.flow_times!r}")
-    if not flow_times or not all(0 < s <= 1 for s in flow_times):
-        p.error(f"--flow-times must be in (0, 1], got {a.flow_times!r}")
-    try:
-        prior_times = [float(s) for s in a.prior_times.split(",") if s.strip()]
-    except ValueError:
-        p.error(f"--prior-times must be comma-separated numbers, got {a.prior_times!r}")
-    if not prior_times or not all(0 < s <= 1 for s in prior_times):
-        p.error(f"--prior-times must be in (0, 1], got {a.prior_times!r}")
+    flow_times = flow_times_arg(p, "--flow-times", a.flow_times)
+    prior_times = flow_times_arg(p, "--prior-times", a.prior_times)
     if a.prior_scenes < 1 or a.prior_draws < 2:
         p.error("--prior-scenes must be >= 1 and --prior-draws 2 or more")
     if a.checkpoint is not None and not a.checkpoint.is_file():

@@ -157,15 +157,19 @@ class _Fixed:
 def prior_drift(model: WanModel, text: torch.Tensor, codec: ToyCodec, seed: int, draws: int = 16,
                 times=(1.0, 0.98)) -> dict:
     """Mean x-slope (px/frame) of the red mass in the model's clean-video prediction from pure noise under
-    "right" minus under "left" (the same noises for both), per flow time: {"s1": ..., "s0.98": ...}."""
-    from toy_motion_probe import soft_centroid_slope
+    "right" minus under "left" (the same noises for both), per flow time: {"s1": ..., "s0.98": ...}, with
+    the standard error and the prediction's red mass over a rendered scene's ("mass_s1", ...: a slope read
+    from a prediction without the colour says nothing)."""
+    from toy_motion_probe import colour_mass, soft_centroid_slope
 
     device = text.device
     g = torch.Generator().manual_seed(seed)
     c, f, h, w = codec.latent_shape(8, 64, 64)
     out = {}
+    rendered = colour_mass(render(scene("right"), seed), "red").sum()
     for s in times:
         noise = torch.randn((draws, c, f, h, w), generator=g).to(device)
+        masses = []
         t = torch.full((draws,), 1000.0 * s, device=device)
         slopes = {}
         for d in DIRECTIONS:
@@ -173,7 +177,9 @@ def prior_drift(model: WanModel, text: torch.Tensor, codec: ToyCodec, seed: int,
             x0 = noise - s * model(noise, t, ctx).float()
             video = codec.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
             slopes[d] = np.array([soft_centroid_slope(v, "red", 0) for v in video])
+            masses.extend(colour_mass(v, "red").sum() for v in video)
         diff = slopes["right"] - slopes["left"]
+        out[f"mass_s{s:g}"] = round(float(np.mean(masses) / max(rendered, 1e-9)), 4)
         out[f"s{s:g}"] = round(float(diff.mean()), 4)
         out[f"s{s:g}_stderr"] = round(float(diff.std(ddof=1) / np.sqrt(draws)), 4)
     return out

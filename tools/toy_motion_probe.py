@@ -27,7 +27,9 @@ turbo_train/toyworld/motion.py):
                   mean slope under the caption minus under its twin. The data's own mean drifts apart by
                   twice the objects' speed (~7 px/frame, `*_data`, measured on rendered videos the same
                   way); a model whose first prediction does not move with the direction word has ~0, and
-                  its samples get the direction from the noise alone (teacher v6: 0.0).
+                  its samples get the direction from the noise alone (teacher v6: 0.0). mass_ratio: the
+                  colour mass of the predictions over that of rendered videos of the same scenes (a slope
+                  read from a prediction without the colour says nothing).
 
 Writes benchmarks/toy_motion_probe.json (or --out): toy_motion_time_reversal_gap, toy_motion_hflip_gap,
 toy_motion_word_flip_unchanged, toy_motion_direction_acc, toy_motion_axis_acc, toy_motion_sign_acc,
@@ -123,16 +125,32 @@ def direction_word(pipe, pairs: int, steps: int | None, guidance: float | None, 
 AXIS = {"left": (0, -1), "right": (0, 1), "up": (1, -1), "down": (1, 1)}  # (0 = x / 1 = y, sign)
 
 
-def soft_centroid_slope(video: np.ndarray, color: str, axis: int) -> float:
-    """Least-squares slope (px/frame) of the per-frame centroid, along x (axis 0) or y (1), of the pixels'
-    closeness to `color` (weight exp(-(d/40)^2), d = RGB distance): a blurred prediction has no crisp
-    object pixels for motion.py's tracker, but its colour mass still has a centre. video (F, H, W, 3)."""
+CHROMA_FLOOR = 8.0  # uint8 units: the backgrounds' blue hint projects to <= 5 on any object colour's chroma
+
+
+def colour_mass(video: np.ndarray, color: str) -> np.ndarray:
+    """(F, H, W) amount of `color` in each pixel, linear in how much of it a pixel holds: the pixel's chroma
+    (RGB minus its grey mean) projected on the colour's chroma direction, less CHROMA_FLOOR, clipped at 0.
+    The neutral backgrounds read ~0; an object pixel ~100-170; a pixel that is 20 % object and 80 %
+    background (a blurred mean prediction) ~1/5 of that. A weight that falls off with the distance to the
+    colour (as motion.py's tracker) would read such a blend as nothing."""
     from turbo_train.toyworld.generator import COLOR_RGB
 
-    d = np.linalg.norm(video.astype(np.float64) - np.asarray(COLOR_RGB[color], dtype=np.float64), axis=-1)  # (F, H, W)
-    w = np.exp(-(d / 40.0) ** 2)
+    c = np.asarray(COLOR_RGB[color], dtype=np.float64)
+    u = (c - c.mean()) / np.linalg.norm(c - c.mean())
+    v = video.astype(np.float64)
+    return np.clip((v - v.mean(-1, keepdims=True)) @ u - CHROMA_FLOOR, 0, None)
+
+
+def soft_centroid_slope(video: np.ndarray, color: str, axis: int) -> float:
+    """Least-squares slope (px/frame) of the per-frame centroid, along x (axis 0) or y (1), of `colour_mass`:
+    a blurred prediction has no crisp object pixels for motion.py's tracker, but its colour mass still has a
+    centre. video (F, H, W, 3); a frame without any of the colour counts as centred."""
+    w = colour_mass(video, color)
     profile = w.sum(1 + axis)  # (F, W) for x, (F, H) for y
-    pos = (profile * (np.arange(profile.shape[1]) + 0.5)).sum(1) / np.maximum(profile.sum(1), 1e-9)
+    centre = (profile.shape[1]) / 2
+    pos = np.where(profile.sum(1) > 0, (profile * (np.arange(profile.shape[1]) + 0.5)).sum(1)
+                   / np.maximum(profile.sum(1), 1e-9), centre)
     return float(np.polyfit(np.arange(len(pos)), pos, 1)[0])
 
 
@@ -147,8 +165,9 @@ def prior_drift(pipe, scenes: int, draws: int, flow_times: list[float], seed: in
     net, g = pipe.transformer, torch.Generator().manual_seed(seed)
     c, f, h, w = pipe.vae.latent_shape(8, 64, 64)
     out: dict[str, float] = {}
+    rendered_mass = np.mean([colour_mass(render(a, seed), a["objects"][0]["color"]).sum() for a in attrs])
     for s in flow_times:
-        diffs = []
+        diffs, masses = [], []
         for cap, twin, a in zip(caps, flipped, attrs):
             obj = a["objects"][0]
             axis, sign = AXIS[obj["motion"]]
@@ -160,9 +179,13 @@ def prior_drift(pipe, scenes: int, draws: int, flow_times: list[float], seed: in
                 x0 = noise.float() - s * net(noise, timestep=t, context=ctx).float()  # (R, C, F, H, W)
                 video = pipe.vae.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
                 slopes.append(np.array([sign * soft_centroid_slope(v, obj["color"], axis) for v in video]))
+                masses.extend(colour_mass(v, obj["color"]).sum() for v in video)
             diffs.extend(slopes[0] - slopes[1])  # paired: same noise under both captions
         out[f"gap_s{s:g}"] = float(np.mean(diffs))
         out[f"gap_s{s:g}_stderr"] = float(np.std(diffs, ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+        # how much of the object's colour the prediction holds, against rendered videos of the same scenes
+        # (a slope of 0 from a prediction without the colour would say nothing about direction)
+        out[f"mass_ratio_s{s:g}"] = float(np.mean(masses) / max(rendered_mass, 1e-9))
     rng = np.random.default_rng(seed)
     data = []
     for a in attrs:  # the same measurement on rendered videos: each caption's drift minus its twin's
@@ -243,7 +266,8 @@ def main(argv=None) -> int:
         figures[f"toy_motion_prior_drift_{k}"] = round(v, 4)
     print("prior drift (first predictions from pure noise, caption minus flipped twin, px/frame): "
           + ", ".join(f"s={t:g} {drift[f'gap_s{t:g}']:+.3f} ± {drift[f'gap_s{t:g}_stderr']:.3f}" for t in prior_times)
-          + f"; rendered videos {drift['gap_data']:+.2f}")
+          + f"; rendered videos {drift['gap_data']:+.2f}; colour mass of the predictions / rendered: "
+          + ", ".join(f"{drift[f'mass_ratio_s{t:g}']:.2f}" for t in prior_times))
     doc = benchmark_doc(figures, device=device_label(a.device),
                         command="python tools/toy_motion_probe.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                         checkpoint=str(a.checkpoint or "shipped toy teacher"), **extra)

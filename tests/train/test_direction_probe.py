@@ -82,6 +82,7 @@ def test_prior_drift_reads_a_prediction_that_follows_the_caption():
 
     drift = dp.prior_drift(follows, text, codec, seed=0, draws=2)
     assert 6 <= drift["s1"] <= 8 and 6 <= drift["s0.98"] <= 8 and drift["s1_stderr"] < 1e-6, drift
+    assert 0.7 < drift["mass_s1"] < 1.3  # rendered squares of other sizes: about one square's mass
     assert dp.prior_drift(ignores, text, codec, seed=0, draws=2)["s1"] == 0
 
 
@@ -89,6 +90,6 @@ def test_position_variant_with_high_noise_times_runs_and_reports_its_prior_drift
     assert dp.main(["--minutes", "0.01", "--per-direction", "1", "--variants", "position", "--high-noise-fraction",
                     "0.5", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "results.json").read_text())["results"]["position"]
-    assert set(r["prior_drift"]) == {"s1", "s1_stderr", "s0.98", "s0.98_stderr"}
+    assert set(r["prior_drift"]) == {"s1", "s1_stderr", "s0.98", "s0.98_stderr", "mass_s1", "mass_s0.98"}
     with pytest.raises(SystemExit):
         dp.main(["--high-noise-fraction", "2"])

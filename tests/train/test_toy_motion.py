@@ -101,7 +101,7 @@ def test_probe_end_to_end_and_the_time_symmetry_of_a_one_frame_patch(tmp_path, c
         assert set(figs) == {"toy_motion_time_reversal_gap", "toy_motion_hflip_gap", "toy_motion_word_flip_unchanged",
                              "toy_motion_direction_acc", "toy_motion_axis_acc", "toy_motion_sign_acc",
                              "toy_motion_prior_drift_gap_s1", "toy_motion_prior_drift_gap_s1_stderr",
-                             "toy_motion_prior_drift_gap_data"}
+                             "toy_motion_prior_drift_mass_ratio_s1", "toy_motion_prior_drift_gap_data"}
         assert all(0 <= figs[k] <= 1 for k in figs if not k.endswith("_gap") and "prior_drift" not in k)
         # rendered videos: a caption's object and its twin move apart at the sum of two speeds in [3, 4]
         assert 6 <= figs["toy_motion_prior_drift_gap_data"] <= 8
@@ -133,3 +133,28 @@ def test_soft_centroid_slope_reads_the_speed_of_a_rendered_object():
         slope = toy_motion_probe.soft_centroid_slope(render(a, 3), "cyan", axis)
         assert 2.9 <= sign * slope <= 4.1, (motion, slope)  # speeds are drawn from [3, 4] px/frame
         assert abs(toy_motion_probe.soft_centroid_slope(render(a, 3), "cyan", 1 - axis)) < 0.2  # not across
+
+
+def test_colour_mass_is_linear_in_a_blend_and_zero_on_backgrounds():
+    """A blurred prediction (object colour blended into the background) must still weigh in: the mass of a
+    20 % blend is ~1/5 of the object's; the neutral backgrounds (grey plus the generator's blue hint of 6)
+    read 0; the centroid of a blend moves as the object's."""
+    from turbo_train.toyworld.generator import COLOR_RGB, render, shape_mask
+
+    xs = 14 + 3.5 * np.arange(8)  # a square moving right at 3.5 px/frame
+    mask = shape_mask("square", xs, np.full(8, 30.0), 16.0)  # (F, H, W)
+    for grey in (18, 60, 105, 160, 178):
+        bg = np.broadcast_to(np.array([grey, grey, grey + 6], dtype=np.float64), (8, 64, 64, 3))
+        for color in COLOR_RGB:
+            video = np.where(mask[..., None], np.asarray(COLOR_RGB[color], dtype=np.float64), bg)
+            mass = toy_motion_probe.colour_mass(video, color)
+            assert mass[~mask].max() == 0 and mass[mask].min() > 50, (grey, color)
+            blend = 0.2 * video + 0.8 * bg
+            ratio = toy_motion_probe.colour_mass(blend, color)[mask].mean() / mass[mask].mean()
+            assert 0.1 < ratio < 0.25, (grey, color, ratio)  # 0.2 less the floor's share
+            for v in (video, blend):
+                assert abs(toy_motion_probe.soft_centroid_slope(v, color, 0) - 3.5) < 0.05, (grey, color)
+    for bgname in ("dark", "gray", "gradient", "checker"):  # rendered backgrounds read 0 around the object
+        a = {"background": bgname, "num_objects": 1, "objects": [{"shape": "cross", "color": "blue", "motion": "up"}]}
+        mass = toy_motion_probe.colour_mass(render(a, 2), "blue")
+        assert (mass > 50).sum() > 100 and ((mass > 0) & (mass <= 50)).sum() == 0, bgname

@@ -160,7 +160,7 @@ def prior_drift(model: WanModel, text: torch.Tensor, codec: ToyCodec, seed: int,
     "right" minus under "left" (the same noises for both), per flow time: {"s1": ..., "s0.98": ...}, with
     the standard error and the prediction's red mass over a rendered scene's ("mass_s1", ...: a slope read
     from a prediction without the colour says nothing)."""
-    from toy_motion_probe import colour_mass, soft_centroid_slope
+    from toy_motion_probe import colour_mass, first_prediction, soft_centroid_slope
 
     device = text.device
     g = torch.Generator().manual_seed(seed)
@@ -170,12 +170,9 @@ def prior_drift(model: WanModel, text: torch.Tensor, codec: ToyCodec, seed: int,
     for s in times:
         noise = torch.randn((draws, c, f, h, w), generator=g).to(device)
         masses = []
-        t = torch.full((draws,), 1000.0 * s, device=device)
         slopes = {}
         for d in DIRECTIONS:
-            ctx = text[DIRECTIONS.index(d)][None].expand(draws, -1, -1)
-            x0 = noise - s * model(noise, t, ctx).float()
-            video = codec.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
+            video = first_prediction(model, codec, noise, s, text[DIRECTIONS.index(d)][None].expand(draws, -1, -1))
             slopes[d] = np.array([soft_centroid_slope(v, "red", 0) for v in video])
             masses.extend(colour_mass(v, "red").sum() for v in video)
         diff = slopes["right"] - slopes["left"]

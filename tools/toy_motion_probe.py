@@ -155,6 +155,15 @@ def soft_centroid_slope(video: np.ndarray, color: str, axis: int) -> float:
 
 
 @torch.no_grad()
+def first_prediction(net, codec, noise: torch.Tensor, s: float, context: torch.Tensor) -> np.ndarray:
+    """A model's clean-video prediction x0 = x - s·v from input `noise` at flow time s (the sampler's start
+    when s = 1), decoded: float (B, F, H, W, 3) in [0, 255], not rounded (a faint blend keeps its mass)."""
+    t = torch.full((len(noise),), 1000.0 * s, device=noise.device)
+    x0 = noise.float() - s * net(noise, t, context).float()  # (B, C, F, H, W)
+    return codec.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+@torch.no_grad()
 def prior_drift(pipe, scenes: int, draws: int, flow_times: list[float], seed: int) -> dict[str, float]:
     """The model's first clean-video predictions from pure noise, under each caption and its direction-
     flipped twin (module docstring, "prior drift"): {f"gap_s{s}": mean slope difference, f"gap_s{s}_stderr",
@@ -172,12 +181,10 @@ def prior_drift(pipe, scenes: int, draws: int, flow_times: list[float], seed: in
             obj = a["objects"][0]
             axis, sign = AXIS[obj["motion"]]
             noise = torch.randn((draws, c, f, h, w), generator=g).to(pipe.device, pipe.dtype)
-            t = torch.full((draws,), 1000.0 * s, device=pipe.device)
             slopes = []
             for text in (cap, twin):
                 ctx = pipe.text_encoder.encode([text] * draws).to(pipe.device)
-                x0 = noise.float() - s * net(noise, timestep=t, context=ctx).float()  # (R, C, F, H, W)
-                video = pipe.vae.decode(x0).clamp(-1, 1).add(1).mul(127.5).permute(0, 2, 3, 4, 1).cpu().numpy()
+                video = first_prediction(net, pipe.vae, noise, s, ctx)
                 slopes.append(np.array([sign * soft_centroid_slope(v, obj["color"], axis) for v in video]))
                 masses.extend(colour_mass(v, obj["color"]).sum() for v in video)
             diffs.extend(slopes[0] - slopes[1])  # paired: same noise under both captions

@@ -33,12 +33,17 @@ RUNTIME_IMPORTS = ("turbo_kernels", "turbo_infer.pipeline", "turbo_infer.bundle"
 OPTIONAL_IMPORTS = ("triton", "triton.compiler", "triton.runtime", "tokenizers", "imageio_ffmpeg")
 
 
+def user_cache_dir() -> Path:
+    """The user's cache directory for turbo: $XDG_CACHE_HOME/turbo, else ~/.cache/turbo (the default home of
+    this cache and of turbo_infer.verified's record)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turbo"
+
+
 def cache_dir() -> Path:
     """Where the prepared bytecode lives (module docstring)."""
     if os.environ.get("TURBO_PYCACHE_DIR"):
         return Path(os.environ["TURBO_PYCACHE_DIR"]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "turbo" / "pycache"
+    return user_cache_dir() / "pycache"
 
 
 def disabled() -> bool:

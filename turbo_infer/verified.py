@@ -28,9 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
+    from turbo_infer.pycache import user_cache_dir
+
     if os.environ.get("TURBO_CACHE_DIR"):
         return Path(os.environ["TURBO_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "turbo"
+    return user_cache_dir()
 
 
 def file_state(path: Path) -> list[int]:

@@ -270,9 +270,14 @@ class OptimConfig:
     warmup_steps: int = 0  # optimizer steps of linear warmup from 0 to lr (0 = start at lr)
     schedule: Literal["constant", "cosine"] = "constant"  # after warmup: hold lr, or cosine-decay it until trainer.max_steps
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr, in [0, 1]; unused by constant
+    # learning rate of the absolute position tables (model.overrides frame_embed_len / space_embed_len) as
+    # a multiple of lr, without weight decay: e.g. 10 when the tables start at zero on a trained checkpoint
+    position_table_lr_scale: float = 1.0
 
     def __post_init__(self):
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.position_table_lr_scale > 0, "position_table_lr_scale",
+                 f"must be > 0, got {self.position_table_lr_scale}")
         for i, b in enumerate(self.betas):
             _require(0.0 <= b < 1.0, f"betas[{i}]", f"must be in [0, 1), got {b}")
         _require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")

@@ -209,6 +209,24 @@ def test_optimizer_groups_and_schedule():
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3)
 
 
+def test_position_tables_get_their_own_rate_without_decay():
+    r = tiny_recipe(model={"overrides": {**TINY, "frame_embed_len": 4, "space_embed_len": 8}},
+                    optim={"lr": 1e-3, "weight_decay": 0.05, "position_table_lr_scale": 10.0})
+    m = FlowMatchingModule(r, text_encoder=FakeTextEncoder())
+    opt, sched = (lambda c: (c["optimizer"], c["lr_scheduler"]["scheduler"]))(m.configure_optimizers())
+    decay, no_decay, tables = opt.param_groups
+    assert {id(p) for p in tables["params"]} == {id(m.model.frame_embedding), id(m.model.row_embedding),
+                                                 id(m.model.col_embedding)}
+    assert tables["weight_decay"] == 0.0 and tables["lr"] == pytest.approx(1e-2)
+    assert decay["lr"] == pytest.approx(1e-3)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(1 for _ in m.model.parameters())
+    opt.step()
+    sched.step()  # the schedule scales every group alike
+    assert tables["lr"] / decay["lr"] == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="position_table_lr_scale"):
+        tiny_recipe(optim={"position_table_lr_scale": 0.0})
+
+
 def test_encode_batch_checks_keys():
     m = FlowMatchingModule(tiny_recipe(), text_encoder=FakeTextEncoder())
     with pytest.raises(ValueError, match="'video' or 'latent'"):

@@ -11,7 +11,8 @@
 # The next experiment (recipes/toy/README.md, "Where the direction is lost"): v6 annealed with absolute positions
 # and more training at high noise, read out first by the probe's prior drift (v6: 0.0 px/frame, data 7.1):
 #   OVERRIDES='{prediction: x0, frame_embed_len: 8, space_embed_len: 16}' RECIPE=recipes/toy/teacher-anneal.yaml \
-#   CHECKPOINT=turbo_infer/assets/toy_teacher.safetensors EXTRA='--set method.flow_matching.high_noise_fraction=0.3' \
+#   CHECKPOINT=turbo_infer/assets/toy_teacher.safetensors EXTRA='--set method.flow_matching.high_noise_fraction=0.3
+#   --set method.flow_matching.high_noise_logit_mean=4 --set optim.position_table_lr_scale=10' \
 #   MIN=5.5 bash tools/device/teacher.sh
 # The EMA weights, metrics, probe and report come back under $OUT.
 source tools/device/env.sh

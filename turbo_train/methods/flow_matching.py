@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from turbo_infer.models.wan import WanModel
+from turbo_infer.models.wan import POSITION_TABLES, WanModel
 from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
@@ -106,13 +106,21 @@ def build_wan_model(cfg: ModelConfig) -> WanModel:
 
 
 def adamw(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (biases, norm weights and modulation tables excluded)."""
-    decay, no_decay = [], []
+    """AdamW with weight decay on matrices only (biases, norm weights and modulation tables excluded). The
+    absolute position tables (`WanConfig.frame_embed_len` / `space_embed_len`) get their own group: no
+    decay, and `cfg.position_table_lr_scale` times the learning rate (they start at zero when added to a
+    trained checkpoint, where one shared, decaying rate left them small: recipes/toy/README.md)."""
+    decay, no_decay, tables = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 and not name.endswith("modulation") else no_decay).append(p)
+        if name.split(".")[-1] in POSITION_TABLES:
+            tables.append(p)
+        else:
+            (decay if p.ndim >= 2 and not name.endswith("modulation") else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tables:
+        groups.append({"params": tables, "weight_decay": 0.0, "lr": cfg.lr * cfg.position_table_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 

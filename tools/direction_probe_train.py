@@ -44,6 +44,8 @@ from turbo_infer.models.wan import WAN_CONFIGS, WanModel
 from turbo_infer.pipeline import TurboPipeline
 from turbo_infer.text_encoders import MiniLMTextEncoder
 from turbo_infer.vae import ToyCodec
+from turbo_train.methods.flow_matching import sample_time
+from turbo_train.recipe import FlowMatchingConfig
 from turbo_train.toyworld.generator import render, video_to_float
 from turbo_train.toyworld.motion import motion_from_track, object_track
 
@@ -108,6 +110,8 @@ def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: to
     """bank: `prerender`'s (latents, directions) to draw batches from (None: render each batch here)."""
     torch.manual_seed(seed)
     model = WanModel(small_config(**VARIANTS[variant])).to(device)
+    times = FlowMatchingConfig(logit_mean=0.8, high_noise_fraction=high_noise_fraction,
+                               high_noise_logit_mean=high_noise_logit_mean)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     rng = np.random.default_rng(seed)
     t0, step, losses = time.perf_counter(), 0, []
@@ -120,10 +124,7 @@ def train(variant: str, minutes: float, seed: int, text: torch.Tensor, empty: to
         ctx = text[torch.tensor(dirs, device=text.device)]  # (B, L, 384)
         drop = torch.from_numpy(rng.random(batch_size) < 0.1).to(device)
         ctx = torch.where(drop[:, None, None], empty.expand_as(ctx), ctx)
-        s = torch.sigmoid(torch.randn(batch_size, device=device) + 0.8)  # logit-normal flow times centred at +0.8
-        if high_noise_fraction > 0:  # as FlowMatchingConfig.high_noise_fraction (spread 0.5 in logit units)
-            pick = torch.rand(batch_size, device=device) < high_noise_fraction
-            s = torch.where(pick, torch.sigmoid(high_noise_logit_mean + 0.5 * torch.randn(batch_size, device=device)), s)
+        s = sample_time(batch_size, times, device=device)  # logit-normal at +0.8, plus the high-noise share
         eps = torch.randn_like(x0)
         xs = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * eps
         v = model(xs, 1000 * s, ctx)

@@ -167,7 +167,10 @@ class ModelConfig:
         """The recipe's overrides that apply over a loaded checkpoint's own network (which otherwise
         replaces the preset's): what the head predicts (x0 or velocity), frame_embed_len and space_embed_len
         (learned position tables, zero at the start, added to a checkpoint without them)."""
-        return {k: self.overrides[k] for k in ("prediction", "frame_embed_len", "space_embed_len") if k in self.overrides}
+        from turbo_infer.models.wan import POSITION_TABLES
+
+        keys = ("prediction", *dict.fromkeys(POSITION_TABLES.values()))
+        return {k: self.overrides[k] for k in keys if k in self.overrides}
 
     def wan_config(self):
         """The WanConfig this section describes (preset + overrides + attention backend)."""

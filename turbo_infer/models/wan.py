@@ -66,10 +66,10 @@ class WanConfig:
     # DiT without it cannot tell a video from the same video played backwards (recipes/toy/README.md).
     frame_embed_len: int = 0
     # rows of two learned embeddings, of the token's latent row and of its column, added to the patch tokens
-    # (0 = none, as Wan). Not in Wan. A DiT whose only positions are RoPE's relative ones cannot place
-    # anything at an absolute place from pure noise: teacher v6's x0 prediction at s = 0.98 is flat across
-    # the frame where the data's mean is a blob drifting with the caption's direction (recipes/toy/README.md,
-    # "Where the direction is lost"). With frame_embed_len, the tokens know (frame, row, column) absolutely.
+    # (0 = none, as Wan). Not in Wan. Added for teacher v6's flat first prediction (recipes/toy/README.md,
+    # "Where the direction is lost"); since measured not to be needed there: v6 without them learns a
+    # caption-dependent layout from pure noise as fast ("Can the teacher make its layout depend on the
+    # caption?"). With frame_embed_len, the tokens know (frame, row, column) absolutely.
     space_embed_len: int = 0
 
     def __post_init__(self):

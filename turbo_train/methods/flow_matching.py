@@ -91,6 +91,24 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: s
     raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
 
 
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """A recipe optim section's LR factor per update: `lr_multiplier` with its warmup and schedule."""
+    return partial(lr_multiplier, warmup_steps=optim.warmup_steps, total_steps=total_steps,
+                   schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+
+
+def scheduled(opt: torch.optim.Optimizer, optim: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`opt`'s LR schedule from a recipe's optim section, counted in this optimizer's own updates."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
+
+
+def optimizer_config(model: torch.nn.Module, optim: OptimConfig, total_steps: int) -> dict:
+    """Lightning's configure_optimizers answer for one network: `adamw` stepped by `scheduled` every step."""
+    opt = adamw(model, optim)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduled(opt, optim, total_steps), "interval": "step",
+                                               "frequency": 1}}
+
+
 # ----------------------------------------------------------------------------- builders
 
 
@@ -202,12 +220,7 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         configure_module(self)
 
     def configure_optimizers(self):
-        opt = adamw(self.model, self.recipe.optim)
-        o = self.recipe.optim
-        fn = partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
-                     schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return optimizer_config(self.model, self.recipe.optim, self.recipe.trainer.max_steps)
 
     # ------------------------------------------------------------------ validation
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -468,8 +467,10 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         # only that one); build the fake score's engine now, before a resumed run restores both
         if self.fake_score is not None and self.uses_deepspeed() and self._fake_engine is None:
             from turbo_train.deepspeed_engines import build_extra_engine
+            from turbo_train.methods.flow_matching import lr_lambda
 
-            self._fake_engine = build_extra_engine(self.fake_score, self._fake_score_optimizer(), self._lr_lambda(),
+            self._fake_engine = build_extra_engine(self.fake_score, self._fake_score_optimizer(),
+                                                   lr_lambda(self.recipe.optim, self.recipe.trainer.max_steps),
                                                    getattr(self.trainer.strategy, "config", {}))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -522,14 +523,6 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
 
         configure_module(self)
 
-    def _lr_lambda(self):
-        """LR factor per update of one network: linear warmup then the optim schedule (§4)."""
-        from turbo_train.methods.flow_matching import lr_multiplier
-
-        o = self.recipe.optim
-        return partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
-                       schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
-
     def _fake_score_optimizer(self) -> torch.optim.AdamW:
         from turbo_train.methods.flow_matching import adamw
 
@@ -543,7 +536,9 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         opts = [adamw(self.student, self.recipe.optim)]
         if self.fake_score is not None and not self.uses_deepspeed():  # DeepSpeed: on_fit_start builds its engine
             opts.append(self._fake_score_optimizer())
-        scheds = [torch.optim.lr_scheduler.LambdaLR(opt, self._lr_lambda()) for opt in opts]
+        from turbo_train.methods.flow_matching import scheduled
+
+        scheds = [scheduled(opt, self.recipe.optim, self.recipe.trainer.max_steps) for opt in opts]
         return opts, scheds
 
     # ------------------------------------------------------------------ validation

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Literal
 
@@ -322,14 +321,9 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
 
     def configure_optimizers(self):
         """AdamW over the student's trainable parameters, linear warmup then the optim schedule."""
-        from turbo_train.methods.flow_matching import adamw, lr_multiplier
+        from turbo_train.methods.flow_matching import optimizer_config
 
-        o = self.recipe.optim
-        opt = adamw(self.student, o)
-        fn = partial(lr_multiplier, warmup_steps=o.warmup_steps, total_steps=self.recipe.trainer.max_steps,
-                     schedule=o.schedule, min_lr_ratio=o.min_lr_ratio)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, fn)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return optimizer_config(self.student, self.recipe.optim, self.recipe.trainer.max_steps)
 
     # ------------------------------------------------------------------ validation
 

@@ -3,6 +3,7 @@ folder on sys.path)."""
 import zlib
 
 import torch
+from torch.utils.data import IterableDataset
 
 
 class FakeTextEncoder:
@@ -25,3 +26,26 @@ class FakeTextEncoder:
 
     def empty_embedding(self):
         return self.encode([""])
+
+
+class FixedBatches(IterableDataset):
+    """The same tiny batch of latents (B, *latent) and text states (B, text_len, text_dim), forever."""
+
+    def __init__(self, batch: int, latent: tuple, text_len: int, text_dim: int):
+        g = torch.Generator().manual_seed(7)
+        self.batch = {"latent": 0.5 * torch.randn(batch, *latent, generator=g),
+                      "context": torch.randn(batch, text_len, text_dim, generator=g)}
+
+    def __iter__(self):
+        while True:
+            yield self.batch
+
+
+def run_cli(main, args, capsys):
+    """main(args) -> (exit code, stdout, stderr), a SystemExit's code included."""
+    try:
+        code = main(args)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -12,7 +12,7 @@ import yaml
 
 from turbo_train import cli, runner
 from turbo_train.recipe import recipe_from_dict
-from fakes import FakeTextEncoder
+from fakes import FakeTextEncoder, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "recipes" / "toy" / "teacher-cpu-smoke.yaml"
@@ -22,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops on 2 shared cores
 
 
 def run_main(args, capsys):
-    """main(args) -> (exit code, stdout, stderr)."""
-    try:
-        code = cli.main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    """cli.main(args) -> (exit code, stdout, stderr)."""
+    return run_cli(cli.main, args, capsys)
 
 
 def test_help(capsys):

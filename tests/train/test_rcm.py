@@ -8,34 +8,25 @@ from dataclasses import replace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from turbo_infer.models.wan import WanConfig, WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import pl
 from turbo_train.methods.rcm import RCMModule, check_rcm_recipe, fit_length
 from turbo_train.recipe import recipe_from_dict
-from fakes import FakeTextEncoder
+from fakes import FakeTextEncoder, FixedBatches
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, in_channels=4, out_channels=4, freq_dim=32)
 B, LATENT, L_TEXT = 2, (4, 2, 4, 4), 5
 
 
-class FixedBatches(IterableDataset):
-    """The same tiny batch of latents and text states, forever."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(7)
-        self.batch = {"latent": 0.5 * torch.randn(B, *LATENT, generator=g),
-                      "context": torch.randn(B, L_TEXT, TINY["text_dim"], generator=g)}
-
-    def __iter__(self):
-        while True:
-            yield self.batch
+def fixed_batches() -> FixedBatches:
+    return FixedBatches(B, LATENT, L_TEXT, TINY["text_dim"])
 
 
 def loader():
-    return DataLoader(FixedBatches(), batch_size=None)
+    return DataLoader(fixed_batches(), batch_size=None)
 
 
 def teacher():
@@ -108,7 +99,7 @@ def test_schedule_counters_ema_and_export(tmp_path):
 def test_loss_modes_run_and_are_finite(tmp_path, mode, keys, fake):
     m = module(make_recipe(tmp_path, loss_mode=mode, tangent_warmup=1, cm_steps=8), tmp_path)
     assert (m.fake_score is not None) == fake
-    x0, ctx = m.encode_batch(FixedBatches().batch)
+    x0, ctx = m.encode_batch(fixed_batches().batch)
     loss, logs = m.student_losses(x0, ctx, m.uncond_context(ctx), iteration=4)
     assert keys <= set(logs) and "loss_scm" not in set(logs) - keys
     assert torch.isfinite(loss) and loss.requires_grad
@@ -126,7 +117,7 @@ def test_fake_vs_teacher_starts_at_one_and_falls_as_the_fake_score_fits_the_stud
     """The diagnostic logged on fake steps: the fake score starts as a copy of the teacher (ratio 1 on any
     samples); trained on the student's samples of one fixed batch, it fits them better than the teacher."""
     m = module(make_recipe(tmp_path, rollout_times="fixed"), tmp_path)
-    x0, ctx = m.encode_batch(FixedBatches().batch)
+    x0, ctx = m.encode_batch(fixed_batches().batch)
     opt = torch.optim.AdamW(m.fake_score.parameters(), lr=3e-3, weight_decay=0.0)
     ratios = []
     for _ in range(15):
@@ -156,7 +147,7 @@ def test_combined_scm_dmd_loss_falls_on_a_fixed_batch(tmp_path):
     their sum falls (and that the sCM value itself falls). At r = 1 sCM is a fixed-point iteration
     through the student's own tangent, not a monotone objective; there only finiteness is checked."""
     m = module(make_recipe(tmp_path, rollout_times="fixed"), tmp_path)
-    x0, ctx = m.encode_batch(FixedBatches().batch)
+    x0, ctx = m.encode_batch(fixed_batches().batch)
     uncond = m.uncond_context(ctx)
     opt = torch.optim.AdamW(m.student.parameters(), lr=1e-3, betas=(0.0, 0.999), weight_decay=0.0)
     scm, residual = [], []
@@ -297,7 +288,7 @@ def test_dmd_guidance_sets_the_real_score_cfg_only(tmp_path, monkeypatch):
             return guided(x_t, t, context, uncond, w)
 
         monkeypatch.setattr(type(m.teacher_tf), "guided", lambda self, *a: spy(*a))
-        x0, ctx = m.encode_batch(FixedBatches().batch)
+        x0, ctx = m.encode_batch(fixed_batches().batch)
         seen.clear()
         m.dmd_student_loss(x0, ctx, m.uncond_context(ctx))
         assert seen == [want]

@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from turbo_infer.layers.attention import SDPAttention
 from turbo_infer.layers.sla import SparseLinearAttention
@@ -25,7 +25,7 @@ from turbo_train.lightning_compat import pl
 from turbo_train.methods.sla import SLAFinetuneModule, check_sla_recipe, sla_losses
 from turbo_train.recipe import recipe_from_dict
 from turbo_train.sla_convert import convert_to_dense, convert_to_sla, is_proj_l_key, proj_l_norms, sla_layers
-from fakes import FakeTextEncoder
+from fakes import FakeTextEncoder, FixedBatches
 
 TINY = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=16, in_channels=4, out_channels=4, freq_dim=32)
 B, LATENT, L_TEXT = 2, (4, 4, 14, 14), 5
@@ -51,17 +51,8 @@ def inputs(seed: int = 1):
     return x, t, c
 
 
-class FixedBatches(IterableDataset):
-    """The same tiny batch of latents and text states, forever."""
-
-    def __init__(self):
-        g = torch.Generator().manual_seed(7)
-        self.batch = {"latent": 0.5 * torch.randn(B, *LATENT, generator=g),
-                      "context": torch.randn(B, L_TEXT, TINY["text_dim"], generator=g)}
-
-    def __iter__(self):
-        while True:
-            yield self.batch
+def fixed_batches() -> FixedBatches:
+    return FixedBatches(B, LATENT, L_TEXT, TINY["text_dim"])
 
 
 def make_recipe(tmp_path, ema: str = "power", **sla):
@@ -269,7 +260,7 @@ def test_a_few_steps_lower_the_training_objective(tmp_path, loss):
     r = make_recipe(tmp_path, loss=loss, caption_dropout=0.0)
     m = SLAFinetuneModule(r, teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     opt = m.configure_optimizers()["optimizer"]
-    fixed = FixedBatches().batch
+    fixed = fixed_batches().batch
     batch = {k: v.repeat(4, *[1] * (v.dim() - 1)) for k, v in fixed.items()}  # 4 (s, eps) draws per sample
     # held-out measure: the batch at 8 fixed flow times with fixed noise
     g = torch.Generator().manual_seed(3)
@@ -311,7 +302,7 @@ def test_fit_export_reload_reproduces_outputs(tmp_path):
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=4, max_epochs=-1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
-    trainer.fit(m, train_dataloaders=DataLoader(FixedBatches(), batch_size=None))
+    trainer.fit(m, train_dataloaders=DataLoader(fixed_batches(), batch_size=None))
     assert int(m.ema_updates) == 4
     for k, v in m.teacher.state_dict().items():  # frozen
         assert torch.equal(v, teacher0[k]), k
@@ -365,11 +356,11 @@ def test_validation_step_runs_every_network(tmp_path, monkeypatch):
     m = SLAFinetuneModule(make_recipe(tmp_path, loss="both"), teacher=dense_model(), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     logged = {}
     monkeypatch.setattr(m, "log", lambda name, value, **kw: logged.__setitem__(name, float(value)))
-    m.validation_step(FixedBatches().batch, 0)
+    m.validation_step(fixed_batches().batch, 0)
     assert set(logged) == {f"val/{k}{e}" for k in ("loss", "loss_distill", "loss_flow") for e in ("", "_ema")}
     assert logged["val/loss"] == pytest.approx(logged["val/loss_distill"] + logged["val/loss_flow"], rel=1e-6)
     first = dict(logged)
-    m.validation_step(FixedBatches().batch, 0)  # fixed s and noise per batch index: the same numbers
+    m.validation_step(fixed_batches().batch, 0)  # fixed s and noise per batch index: the same numbers
     assert logged == first
 
 
@@ -389,7 +380,7 @@ def test_a_training_step_on_the_kernels_under_autocast(tmp_path, monkeypatch):
     m = SLAFinetuneModule(make_recipe(tmp_path, caption_dropout=0.0), teacher=dense_model(),
                           text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
     with torch.autocast(device_type="cpu", dtype=torch.float16):
-        loss = m.training_step(FixedBatches().batch, 0)
+        loss = m.training_step(fixed_batches().batch, 0)
     loss.backward()
     grads = [p.grad for p in m.student.parameters() if p.requires_grad]
     assert torch.isfinite(loss) and grads and all(g is not None and torch.isfinite(g).all() for g in grads)

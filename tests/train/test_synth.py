@@ -24,6 +24,7 @@ from turbo_train.latent_shards import (
 )
 from turbo_train.recipe import recipe_from_dict
 from turbo_train.synth import encode_toy_videos, synthesize_teacher, trim_context, write_latent_shards
+from fakes import run_cli
 
 TINY = {"dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2}
 SIZE = {"num_frames": 2, "height": 32, "width": 32}  # latent (48, 2, 8, 8): 32 tokens
@@ -263,31 +264,27 @@ def test_bad_sample_is_skipped_and_counted_and_collate_checks_shapes(tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def run_cli(args, capsys):
-    try:
-        code = cli.main(args)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+def run_main(args, capsys):
+    """cli.main(args) -> (exit code, stdout, stderr)."""
+    return run_cli(cli.main, args, capsys)
 
 
 def test_cli_synth_subcommand(tmp_path, capsys):
-    code, out, _ = run_cli(["synth", "--help"], capsys)
+    code, out, _ = run_main(["synth", "--help"], capsys)
     assert code == 0 and "teacher" in out and "toy-videos" in out
-    code, out, err = run_cli(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
+    code, out, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
                               "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
     assert code == 0, err
     assert "2 shard(s) written" in out and (tmp_path / "train-shards.json").is_file()
-    code, out, err = run_cli(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
+    code, out, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
                               "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
     assert code == 0 and "0 shard(s) written, 2 kept" in out
-    code, _, err = run_cli(["synth", "teacher", "--config", "wan2.1-1.3b", "--out", str(tmp_path)], capsys)
+    code, _, err = run_main(["synth", "teacher", "--config", "wan2.1-1.3b", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--checkpoint: required" in err
-    code, _, err = run_cli(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
+    code, _, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
                             "--samples-per-shard", "0"], capsys)
     assert code == 2 and "--samples-per-shard" in err
-    code, _, err = run_cli(["synth", "teacher", "--out", str(tmp_path), "--prompts-file", str(tmp_path / "nope.txt")],
+    code, _, err = run_main(["synth", "teacher", "--out", str(tmp_path), "--prompts-file", str(tmp_path / "nope.txt")],
                            capsys)
     assert code == 2 and "prompts_file" in err and "nope.txt" in err
 

@@ -18,7 +18,9 @@ target pairs of the same size separate what is hard:
                (its conditional mean, up to 1/--renders of its variance); logged on the first scene's
                caption. Read the result with `tools/toy_motion_probe.py --only-prior --checkpoint` on
                the model --save writes (held-out captions: does the first prediction now move with the
-               direction word?)
+               direction word?). --mix-flow N adds ordinary flow matching on N single renders per step
+               (one per scene; the teacher recipe's times, 10 % caption dropout): trained at s = 1 alone
+               the teacher learns the direction but forgets the rest (recipes/toy/README.md)
 Per target, every --log-every steps: `err` (relative distance of the prediction under caption 0 to its
 target), `floor` (what ignoring the caption can reach: the targets' average), `gain` (the prediction's
 caption difference over the targets', 1 = learned, 0 = the caption has no effect) and `cos` (their cosine).
@@ -53,20 +55,24 @@ def caption_means(videos: int, seed: int, codec) -> torch.Tensor:
     return torch.stack([latents[dirs == d].mean(0) for d in range(len(DIRECTIONS))])
 
 
-def _render_mean(job: tuple[int, int]) -> tuple[str, np.ndarray]:
-    """(caption, mean float video (F, H, W, 3) in [0, 255]) of one toy scene over `renders` seeds."""
+def _render_mean(job: tuple[int, int]) -> tuple[str, np.ndarray, np.ndarray]:
+    """(caption, mean float video (F, H, W, 3) in [0, 255] over `renders` seeds, the first render) of one
+    toy scene."""
     from turbo_train.toyworld.attributes import sample_attributes
     from turbo_train.toyworld.captions import caption_for
     from turbo_train.toyworld.generator import render
 
     seed, renders = job
     attrs = sample_attributes(seed)
-    return caption_for(attrs, seed), np.mean([render(attrs, seed * 1000 + k) for k in range(renders)], axis=0, dtype=np.float32)
+    videos = [render(attrs, seed * 1000 + k) for k in range(renders)]
+    return caption_for(attrs, seed), np.mean(videos, axis=0, dtype=np.float32), videos[0]
 
 
-def toy_caption_means(scenes: int, renders: int, seed: int, codec) -> tuple[list[str], torch.Tensor]:
+def toy_caption_means(scenes: int, renders: int, seed: int, codec,
+                      singles: bool = False) -> tuple[list[str], torch.Tensor] | tuple[list[str], torch.Tensor, torch.Tensor]:
     """`scenes` toy captions and their mean latents (scenes, C, F, H, W) over `renders` renders each (the
-    codec is linear: the latent of the mean video is the mean latent), rendered by a process pool."""
+    codec is linear: the latent of the mean video is the mean latent), rendered by a process pool; with
+    `singles` also each scene's first render's latent (scenes, C, F, H, W): ordinary training videos."""
     import multiprocessing
     import os
 
@@ -74,10 +80,15 @@ def toy_caption_means(scenes: int, renders: int, seed: int, codec) -> tuple[list
     t = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         out = pool.map(_render_mean, jobs, chunksize=max(1, scenes // 16))
-    video = torch.from_numpy(np.stack([v for _, v in out])).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
-    latents = torch.cat([codec.encode(video[i:i + 256]) for i in range(0, scenes, 256)])
+    def encode(videos) -> torch.Tensor:
+        video = torch.from_numpy(np.stack(videos)).float().div(127.5).sub(1).permute(0, 4, 1, 2, 3)
+        return torch.cat([codec.encode(video[i:i + 256]) for i in range(0, scenes, 256)])
+
+    latents = encode([v for _, v, _ in out])
     print(f"  {scenes} toy scenes x {renders} renders in {time.perf_counter() - t:.1f} s", flush=True)
-    return [c for c, _ in out], latents
+    if singles:
+        return [c for c, _, _ in out], latents, encode([r for _, _, r in out])
+    return [c for c, _, _ in out], latents
 
 
 def targets_for(kind: str, means: torch.Tensor) -> torch.Tensor:
@@ -119,6 +130,7 @@ def measure(model, text: torch.Tensor, target: torch.Tensor, zero_input: bool, d
     """err / floor / gain / cos of the mean prediction over `draws` inputs (module docstring)."""
     shape = (draws,) + tuple(target.shape[1:])
     x = torch.zeros(shape) if zero_input else torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    x = x.to(target.device)
     pred = [(x - model(x, torch.full((draws,), 1000.0), text[d][None].expand(draws, -1, -1))).mean(0) for d in range(2)]
     want = target[1] - target[0]
     got = pred[1] - pred[0]
@@ -131,10 +143,19 @@ def measure(model, text: torch.Tensor, target: torch.Tensor, zero_input: bool, d
 
 
 def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float, batch_size: int,
-        zero_input: bool, table_lr_scale: float, log_every: int, label: str) -> list[dict]:
-    """Train `model` to output target[i] under caption i (text[i]) from s = 1; returns the log rows."""
-    from turbo_train.methods.flow_matching import adamw
-    from turbo_train.recipe import OptimConfig
+        zero_input: bool, table_lr_scale: float, log_every: int, label: str,
+        flow: tuple[torch.Tensor, torch.Tensor] | None = None, flow_batch: int = 0) -> list[dict]:
+    """Train `model` to output target[i] under caption i (text[i]) from s = 1; returns the log rows.
+
+    flow = (videos (N, C, F, H, W), empty-caption states (1, L, D)): every step also adds the teacher's own
+    flow-matching loss (its recipe's logit-normal times, 10 % caption dropout) on `flow_batch` of those
+    videos, video i under caption i, so that the s = 1 targets are mixed into ordinary training instead of
+    replacing it."""
+    from turbo_train.methods.flow_matching import adamw, drop_captions, rectified_flow_loss, sample_time
+    from turbo_train.recipe import FlowMatchingConfig, OptimConfig
+
+    times = FlowMatchingConfig(time_distribution="logit_normal", logit_mean=0.8, logit_std=1.0)
+    dev = target.device
 
     opt = adamw(model, OptimConfig(lr=lr, position_table_lr_scale=table_lr_scale))
     g = torch.Generator().manual_seed(0)
@@ -142,9 +163,16 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
     for step in range(1, steps + 1):
         dirs = torch.randint(0, len(target), (batch_size,), generator=g)
         shape = (batch_size,) + tuple(target.shape[1:])
-        x = torch.zeros(shape) if zero_input else torch.randn(shape, generator=g)
-        x0 = x - model(x, torch.full((batch_size,), 1000.0), text[dirs])  # at s = 1, x0 = x - v
+        x = (torch.zeros(shape) if zero_input else torch.randn(shape, generator=g)).to(dev)
+        x0 = x - model(x, torch.full((batch_size,), 1000.0, device=dev), text[dirs])  # at s = 1, x0 = x - v
         loss = F.mse_loss(x0, target[dirs])
+        if flow is not None:
+            videos, empty = flow
+            pick = torch.randint(0, len(videos), (flow_batch,), generator=g)
+            ctx, _ = drop_captions(text[pick].cpu(), empty.cpu(), 0.1, generator=g)  # the CPU generator's stream
+            eps = torch.randn((flow_batch,) + tuple(videos.shape[1:]), generator=g).to(dev)
+            s = sample_time(flow_batch, times, generator=g).to(dev)
+            loss = loss + rectified_flow_loss(model, videos[pick], ctx.to(dev), s, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -171,6 +199,10 @@ def main(argv=None) -> int:
     p.add_argument("--videos", type=int, default=1500, help="rendered videos per direction for the means")
     p.add_argument("--scenes", type=int, default=2048, help="toy target: captions drawn")
     p.add_argument("--renders", type=int, default=16, help="toy target: renders averaged per caption")
+    p.add_argument("--mix-flow", type=int, default=0, metavar="N",
+                   help="toy target: also train ordinary flow matching on N single renders per step (one per scene), "
+                        "the s = 1 targets mixed into training instead of replacing it (0 = off)")
+    p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     p.add_argument("--save", type=Path, default=None,
                    help="write the last target's trained model here (safetensors with its config), for the probes")
     p.add_argument("--log-every", type=int, default=50)
@@ -183,6 +215,8 @@ def main(argv=None) -> int:
         p.error(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
     if min(a.steps, a.batch_size, a.videos, a.log_every, a.scenes) < 1 or a.renders < 1:
         p.error("--steps, --batch-size, --videos, --scenes, --renders and --log-every must be >= 1")
+    if a.mix_flow < 0 or (a.mix_flow and kinds != ["toy"]):
+        p.error("--mix-flow must be >= 0 and needs --targets toy alone")
     if "toy" in kinds and a.scenes < 2:
         p.error("--scenes must be >= 2 (the log compares the first two captions)")
     if a.teacher is not None and not a.teacher.is_file():
@@ -199,18 +233,22 @@ def main(argv=None) -> int:
     results = {}
     for kind in kinds:
         print(f"== {kind}: {a.init}, input {'zero' if zero_input else 'noise'}, lr {lr:g}, {a.steps} steps", flush=True)
+        flow = None
         if kind == "toy":
-            captions, target = toy_caption_means(a.scenes, a.renders, a.seed, ToyCodec())
+            captions, target, singles = toy_caption_means(a.scenes, a.renders, a.seed, ToyCodec(), singles=True)
             kind_text = torch.cat([encoder.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)])
+            if a.mix_flow:
+                flow = (singles.to(a.device), encoder.encode([""]).to(a.device))
         else:
             target, kind_text = targets_for(kind, means), text
-        model = build_model(a.init, a.teacher)
-        results[kind] = fit(model, kind_text, target, steps=a.steps, lr=lr, batch_size=a.batch_size,
-                            zero_input=zero_input, table_lr_scale=a.table_lr_scale, log_every=a.log_every, label=kind)
+        model = build_model(a.init, a.teacher).to(a.device)
+        results[kind] = fit(model, kind_text.to(a.device), target.to(a.device), steps=a.steps, lr=lr,
+                            batch_size=a.batch_size, zero_input=zero_input, table_lr_scale=a.table_lr_scale,
+                            log_every=a.log_every, label=kind, flow=flow, flow_batch=a.mix_flow)
     if a.save is not None:
         from turbo_infer.models.wan_keys import save_wan_checkpoint
 
-        save_wan_checkpoint(model.eval(), a.save)
+        save_wan_checkpoint(model.eval().cpu(), a.save)
         print(f"wrote {a.save}")
     settings = vars(a) | {"out": str(a.out), "teacher": str(a.teacher) if a.teacher else None, "lr": lr,
                           "save": str(a.save) if a.save else None,

@@ -83,3 +83,21 @@ def test_toy_captions_run_and_save_a_loadable_model(tmp_path):
                      "--out", str(out), "--save", str(save)]) == 0
     assert [r["step"] for r in json.loads(out.read_text())["results"]["toy"]] == [0, 1]
     TurboPipeline.toy(save)  # the probes' loader reads it with its config
+
+
+def test_mix_flow_trains_both_losses_and_is_checked(tmp_path, capsys):
+    """--mix-flow: the toy fit also runs the flow-matching loss on single renders (the run differs from the
+    plain s = 1 fit with the same seed), and asking it without the toy target alone is refused."""
+    runs = {}
+    for name, extra in (("plain", []), ("mix", ["--mix-flow", "2"])):
+        out, save = tmp_path / f"{name}.json", tmp_path / f"{name}.safetensors"
+        assert clp.main(["--targets", "toy", "--scenes", "2", "--renders", "2", "--steps", "2", "--batch-size", "1",
+                         "--init", "teacher", "--log-every", "1", "--out", str(out), "--save", str(save)] + extra) == 0
+        runs[name] = json.loads(out.read_text())["results"]["toy"]
+    assert runs["plain"][0] == runs["mix"][0]  # same start
+    # step 1 draws the same s = 1 batch from the same weights, so the mixed loss = that loss + the flow term > it
+    assert runs["plain"][1]["loss"] < runs["mix"][1]["loss"]
+    assert runs["plain"][2] != runs["mix"][2]  # and the flow gradient moved the weights differently
+    with pytest.raises(SystemExit):
+        clp.main(["--targets", "direction", "--mix-flow", "2"])
+    assert "--mix-flow" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def measure(model, text: torch.Tensor, target: torch.Tensor, zero_input: bool, d
     shape = (draws,) + tuple(target.shape[1:])
     x = torch.zeros(shape) if zero_input else torch.randn(shape, generator=torch.Generator().manual_seed(1))
     x = x.to(target.device)
-    pred = [(x - model(x, torch.full((draws,), 1000.0), text[d][None].expand(draws, -1, -1))).mean(0) for d in range(2)]
+    pred = [(x - model(x, torch.full((draws,), 1000.0, device=x.device), text[d][None].expand(draws, -1, -1))).mean(0) for d in range(2)]
     want = target[1] - target[0]
     got = pred[1] - pred[0]
     floor = (target.mean(0) - target[0]).norm() / target[0].norm()

@@ -169,10 +169,10 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
         if flow is not None:
             videos, empty = flow
             pick = torch.randint(0, len(videos), (flow_batch,), generator=g)
-            ctx, _ = drop_captions(text[pick].cpu(), empty.cpu(), 0.1, generator=g)  # the CPU generator's stream
+            ctx, _ = drop_captions(text[pick], empty, 0.1, generator=g)
             eps = torch.randn((flow_batch,) + tuple(videos.shape[1:]), generator=g).to(dev)
             s = sample_time(flow_batch, times, generator=g).to(dev)
-            loss = loss + rectified_flow_loss(model, videos[pick], ctx.to(dev), s, eps).mean()
+            loss = loss + rectified_flow_loss(model, videos[pick], ctx, s, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -235,10 +235,11 @@ def main(argv=None) -> int:
         print(f"== {kind}: {a.init}, input {'zero' if zero_input else 'noise'}, lr {lr:g}, {a.steps} steps", flush=True)
         flow = None
         if kind == "toy":
-            captions, target, singles = toy_caption_means(a.scenes, a.renders, a.seed, ToyCodec(), singles=True)
+            captions, target, *singles = toy_caption_means(a.scenes, a.renders, a.seed, ToyCodec(),
+                                                           singles=a.mix_flow > 0)
             kind_text = torch.cat([encoder.encode(captions[i:i + 256]) for i in range(0, len(captions), 256)])
-            if a.mix_flow:
-                flow = (singles.to(a.device), encoder.encode([""]).to(a.device))
+            if singles:
+                flow = (singles[0].to(a.device), encoder.encode([""]).to(a.device))
         else:
             target, kind_text = targets_for(kind, means), text
         model = build_model(a.init, a.teacher).to(a.device)

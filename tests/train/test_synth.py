@@ -273,19 +273,19 @@ def test_cli_synth_subcommand(tmp_path, capsys):
     code, out, _ = run_main(["synth", "--help"], capsys)
     assert code == 0 and "teacher" in out and "toy-videos" in out
     code, out, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
-                              "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
+                               "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
     assert code == 0, err
     assert "2 shard(s) written" in out and (tmp_path / "train-shards.json").is_file()
     code, out, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
-                              "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
+                               "--samples-per-shard", "2", "--no-context", "--no-progress"], capsys)
     assert code == 0 and "0 shard(s) written, 2 kept" in out
     code, _, err = run_main(["synth", "teacher", "--config", "wan2.1-1.3b", "--out", str(tmp_path)], capsys)
     assert code == 2 and "--checkpoint: required" in err
     code, _, err = run_main(["synth", "toy-videos", "--out", str(tmp_path), "--num-samples", "3",
-                            "--samples-per-shard", "0"], capsys)
+                             "--samples-per-shard", "0"], capsys)
     assert code == 2 and "--samples-per-shard" in err
     code, _, err = run_main(["synth", "teacher", "--out", str(tmp_path), "--prompts-file", str(tmp_path / "nope.txt")],
-                           capsys)
+                            capsys)
     assert code == 2 and "prompts_file" in err and "nope.txt" in err
 
 

@@ -58,9 +58,11 @@ def drop_captions(context: torch.Tensor, empty: torch.Tensor, p: float,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace each sample's text states by the empty-prompt states with probability p (for CFG).
 
-    context (B, L, D), empty (1, L, D) -> (context', dropped (B,) bool)."""
+    context (B, L, D), empty (1, L, D) -> (context', dropped (B,) bool). The draws come from `generator`'s
+    device (a CPU generator can drive a GPU context)."""
     B = context.shape[0]
-    dropped = torch.rand(B, device=context.device, generator=generator) < p  # (B,)
+    draw_on = generator.device if generator is not None else context.device
+    dropped = (torch.rand(B, device=draw_on, generator=generator) < p).to(context.device)  # (B,)
     out = torch.where(dropped[:, None, None], empty.to(context.dtype).expand_as(context), context)
     return out, dropped
 

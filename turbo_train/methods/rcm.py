@@ -531,13 +531,11 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
     def configure_optimizers(self):
         """AdamW for the student (optim section) and the fake score (lr = fake_score_lr), each with
         linear warmup then the optim schedule, counted in its own updates (§4)."""
-        from turbo_train.methods.flow_matching import adamw
+        from turbo_train.methods.flow_matching import adamw, scheduled
 
         opts = [adamw(self.student, self.recipe.optim)]
         if self.fake_score is not None and not self.uses_deepspeed():  # DeepSpeed: on_fit_start builds its engine
             opts.append(self._fake_score_optimizer())
-        from turbo_train.methods.flow_matching import scheduled
-
         scheds = [scheduled(opt, self.recipe.optim, self.recipe.trainer.max_steps) for opt in opts]
         return opts, scheds
 

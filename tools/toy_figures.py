@@ -113,6 +113,8 @@ def suite_command(s: dict) -> str:
         cmd += " --rcm-only"
     if s.get("snapshots"):
         cmd += f" --snapshots {s['snapshots']}"
+    if s.get("ema_widths"):
+        cmd += " --ema-widths " + ",".join(f"{w:g}" for w in s["ema_widths"])
     teacher = s.get("teacher")
     if teacher and Path(teacher).resolve() != (REPO / "turbo_infer/assets/toy_teacher.safetensors").resolve():
         cmd += f" --teacher {teacher}"

@@ -182,6 +182,10 @@ class Suite:
         # --snapshots N: the rCM trainings keep their EMA every N iterations (evaluated in phase 2)
         snap = set_args([f"checkpoint.every_n_steps={self.a.snapshots}", "checkpoint.export_snapshots=true"]) \
             if self.a.snapshots else []
+        # --ema-widths: every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels)
+        widths = getattr(self.a, "ema_widths", None) or []
+        if widths:
+            snap = snap + set_args([f"ema.extra_sigma_rels=[{','.join(f'{w:g}' for w in widths)}]"])
         # phase 1: the trainings and the teacher's evaluations, all at once
         phase1 = [(self.train, "rcm", rcm, snap)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"] + snap) for m in ablations]
@@ -232,6 +236,14 @@ class Suite:
         trained = [students[0], *((m, f"{m}4") for m in ablations), *students[1:]]
         jobs += [(self.evaluate, f"{ev}_{f.stem.removeprefix('ema_')}", ["--checkpoint", str(f)] + student(4))
                  for run_name, ev in trained for f in sorted((self.out / run_name).glob("ema_step*.safetensors"))]
+        # --ema-widths: each training's extra EMA widths at 4 steps (and on the --rcm-times grids), e.g.
+        # rcm4_sr0.2 and rcm4_seed1_sr0.2_times_hi: paired with the recipe's width on the same training
+        for run_name, ev in students:
+            for w in widths:
+                f, tag = self.out / run_name / f"ema_sr{w:g}.safetensors", f"{ev}_sr{w:g}"
+                jobs.append((self.evaluate, tag, ["--checkpoint", str(f)] + student(4)))
+                jobs += [(self.evaluate, f"{tag}_times_{t}", ["--checkpoint", str(f)] + student(4)
+                          + ["--rcm-mid-times", spec]) for t, spec in self.a.rcm_times]
         # --sla-on-student: SLA fine-tuned into the rCM student itself (distilled from the dense student, no
         # caption dropout: the student samples without CFG), instead of the teacher's fine-tune merged into it
         direct = [(self.evaluate, "direct_rcm4_sla0.1", ["--checkpoint", str(self.exported("sla_student"))] + student(4))]
@@ -320,6 +332,17 @@ def rcm_variant(text: str) -> tuple[str, list[str]]:
     return variant(text, "recipes/toy/rcm.yaml")
 
 
+def ema_widths(text: str) -> list[float]:
+    """--ema-widths "0.2,0.15" -> [0.2, 0.15], each in (0, 0.28) as the recipe's ema.extra_sigma_rels wants."""
+    try:
+        widths = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 0.2,0.15") from None
+    if not widths or any(not 0.0 < w < 0.28 for w in widths) or len(set(widths)) != len(widths):
+        raise argparse.ArgumentTypeError(f"{text!r}: each width must be in (0, 0.28), and distinct")
+    return widths
+
+
 def rcm_times(text: str) -> tuple[str, str]:
     """--rcm-times NAME:SPEC -> (NAME, SPEC), SPEC checked as turbo-eval --rcm-mid-times would."""
     from turbo_infer.samplers import parse_mid_times
@@ -361,6 +384,10 @@ def main(argv=None) -> int:
                    help="the rCM trainings also keep their EMA every N iterations (checkpoint.export_snapshots) "
                         "and each snapshot is evaluated at 4 steps as <name>_step<N>: a run's course from one "
                         "training (0 = off)")
+    p.add_argument("--ema-widths", default=[], type=ema_widths, metavar="W1[,W2...]",
+                   help="every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels, beside the "
+                        "recipe's sigma_rel), each evaluated at 4 steps as <name>_sr<W>: the EMA length compared on "
+                        "the same trainings, e.g. 0.2")
     p.add_argument("--rcm-times", action="append", default=[], type=rcm_times, metavar="NAME:T1,T2,T3|NAME:shift=S",
                    help="also evaluate every rCM student at 4 steps with these sampler mid times (turbo-eval "
                         "--rcm-mid-times) as rcm4_times_NAME, rcm4_VARIANT_times_NAME (repeatable), e.g. toy:shift=3")

@@ -11,6 +11,11 @@ solved for gamma as the largest real root of gamma^3 + 7 gamma^2 + (16 - s^-2) g
 (EDM2's std_to_exp). sigma_rel 0.05 -> gamma 16.97, 0.1 -> 6.94. beta(0) = 0: the first update
 copies theta.
 The fixed-decay variant (DiT's update_ema) uses beta(k) = decay for every k.
+
+Extra power EMAs of other widths (`ema.extra_sigma_rels`) run beside the main one on the same updates, so
+that one training yields several averaging lengths to evaluate (EDM2 picks the length after training, from
+the same observation that the best width depends on the run); each is exported as
+ema_sr<sigma_rel>.safetensors next to ema.safetensors (`extra_ema_name`).
 """
 from __future__ import annotations
 
@@ -80,3 +85,25 @@ def frozen_copy(model: torch.nn.Module, ema_cfg) -> torch.nn.Module | None:
     if hasattr(ema, "enable_activation_checkpointing"):
         ema.enable_activation_checkpointing(False)
     return ema
+
+
+def extra_copies(model: torch.nn.Module, ema_cfg) -> torch.nn.ModuleList | None:
+    """One frozen fp32 copy of `model` per `ema_cfg.extra_sigma_rels` (power EMAs beside the main one), as a
+    ModuleList submodule (follows the device, lands in checkpoints); None when there are none."""
+    widths = list(getattr(ema_cfg, "extra_sigma_rels", None) or [])
+    if not widths or ema_cfg.kind == "none":
+        return None
+    return torch.nn.ModuleList(frozen_copy(model, ema_cfg) for _ in widths)
+
+
+def step_extras(extras: torch.nn.ModuleList | None, model: torch.nn.Module, ema_cfg, k: int) -> None:
+    """Update number k of every extra power EMA, each with its own sigma_rel."""
+    if extras is None:
+        return
+    for net, sigma_rel in zip(extras, ema_cfg.extra_sigma_rels, strict=True):
+        update_ema(net, model, power_ema_beta(k, sigma_rel_to_gamma(sigma_rel)))
+
+
+def extra_ema_name(sigma_rel: float) -> str:
+    """File name of the extra EMA of width sigma_rel: ema_sr0.2.safetensors for 0.2."""
+    return f"ema_sr{float(sigma_rel):g}.safetensors"

@@ -298,10 +298,21 @@ class EMAConfig:
     kind: Literal["power", "fixed", "none"] = "power"
     sigma_rel: float = 0.05  # power EMA width relative to the training length, in (0, 0.28)
     decay: float = 0.999  # fixed EMA decay per optimizer step, in [0, 1)
+    # more power EMAs of other widths on the same updates (one fp32 copy of the trained network each),
+    # exported as ema_sr<width>.safetensors beside ema.safetensors: choose the averaging length after training
+    extra_sigma_rels: list[float] = field(default_factory=list)
 
     def __post_init__(self):
         # sigma_rel -> gamma has a positive root only below sqrt(1/12) = 0.2887 (gamma = 0)
         _require(0.0 < self.sigma_rel < 0.28, "sigma_rel", f"must be in (0, 0.28), got {self.sigma_rel}")
+        for i, w in enumerate(self.extra_sigma_rels):
+            _require(isinstance(w, (int, float)) and not isinstance(w, bool) and 0.0 < w < 0.28,
+                     f"extra_sigma_rels[{i}]", f"must be a number in (0, 0.28), got {w!r}")
+        _require(len({float(w) for w in self.extra_sigma_rels} | {float(self.sigma_rel)}) == len(self.extra_sigma_rels) + 1,
+                 "extra_sigma_rels", f"must differ from each other and from sigma_rel {self.sigma_rel}, got "
+                 f"{self.extra_sigma_rels}")
+        _require(not self.extra_sigma_rels or self.kind == "power", "extra_sigma_rels",
+                 f"needs ema.kind power, got {self.kind!r}")
         _require(0.0 <= self.decay < 1.0, "decay", f"must be in [0, 1), got {self.decay}")
 
 
@@ -476,6 +487,11 @@ def _coerce(value, tp, key: str, src: _Source):
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _Mismatch
         return tuple(_coerce(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(v, arg, f"{key}[{i}]", src) for i, v in enumerate(value)]
     if tp is dict or origin is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
             raise _Mismatch

@@ -107,6 +107,9 @@ def check_strategy(recipe: Recipe) -> None:
         if world is not None and world % t.sequence_parallel:
             raise ValueError(f"trainer.sequence_parallel: {t.sequence_parallel} does not divide the "
                              f"{world} processes (trainer.devices x trainer.num_nodes)")
+    if name == "fsdp2" and recipe.ema.extra_sigma_rels:
+        raise ValueError("ema.extra_sigma_rels: the extra EMA copies are not sharded, so fsdp2 cannot update or "
+                         "export them; leave the list empty with fsdp2 (or train with ddp)")
     precision = resolve_precision(recipe)
     if name == "fsdp2" and precision not in ("32-true", "bf16-mixed"):
         raise ValueError(f"trainer.precision: {precision!r} is not supported with fsdp2; use bf16-mixed (GPU) or 32-true")

@@ -298,6 +298,7 @@ def recipe_with(**sections):
     ({"trainer": {"sequence_parallel": 2, "strategy": "fsdp2", "devices": 3}}, "trainer.sequence_parallel",
      "does not divide the 3 processes"),
     ({"trainer": {"strategy": "fsdp2", "precision": "16-mixed"}}, "trainer.precision", "not supported with fsdp2"),
+    ({"trainer": {"strategy": "fsdp2"}, "ema": {"extra_sigma_rels": [0.2]}}, "ema.extra_sigma_rels", "not sharded"),
     ({"trainer": {"strategy": "deepspeed_zero2"}, "ema": {"kind": "none"}}, "trainer.strategy", "CUDA GPUs only"),
     ({"trainer": {"strategy": "deepspeed_zero3"}}, "ema.kind", "ZeRO-3 partitions the EMA copy"),
     ({"trainer": {"strategy": "deepspeed_zero2", "precision": "bf16-mixed"}}, "ema.kind", "round away"),

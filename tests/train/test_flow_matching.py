@@ -188,6 +188,41 @@ def test_module_ema_follows_its_schedule(kind):
     assert "ema_updates" in keys and any(k.startswith("ema.") for k in keys)
 
 
+def test_extra_emas_follow_their_own_widths_and_are_exported(tmp_path):
+    """ema.extra_sigma_rels: each extra copy is a power EMA of its own width over the same updates, in the
+    checkpoint state, and exported as ema_sr<width>.safetensors (loadable on its own) beside ema.safetensors."""
+    r = tiny_recipe(ema={"kind": "power", "sigma_rel": 0.1, "extra_sigma_rels": [0.2, 0.05]})
+    m = FlowMatchingModule(r, text_encoder=FakeTextEncoder(), export_dir=tmp_path)
+    assert len(m.ema_extra) == 2
+    vals = {w: next(m.ema.parameters()).detach().clone() for w in (0.1, 0.2, 0.05)}
+    for k, c in enumerate((1.0, 2.0, 3.0, 5.0)):
+        for p in m.model.parameters():
+            p.data.fill_(c)
+        m.update_ema()
+        for w in vals:
+            beta = ema_lib.power_ema_beta(k, ema_lib.sigma_rel_to_gamma(w))
+            vals[w] = beta * vals[w] + (1 - beta) * c
+    for net, w in ((m.ema, 0.1), (m.ema_extra[0], 0.2), (m.ema_extra[1], 0.05)):
+        assert torch.allclose(next(net.parameters()), vals[w], atol=1e-6), w
+    # the widths differ, so the copies do (a copy updated with the main width would fail the check above)
+    assert not torch.allclose(next(m.ema_extra[0].parameters()), next(m.ema.parameters()))
+    assert any(k.startswith("ema_extra.1.") for k in m.state_dict())
+    m.on_fit_end()
+    for name, net in (("ema_sr0.2.safetensors", m.ema_extra[0]), ("ema_sr0.05.safetensors", m.ema_extra[1])):
+        loaded = WanModel.from_pretrained(tmp_path / name)
+        assert torch.equal(next(loaded.parameters()), next(net.parameters()).detach())
+    assert (tmp_path / "ema.safetensors").is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ema_sr0.2.safetensors"), "pt") as f:
+        assert f.metadata()["turbo_weights"] == "ema sigma_rel 0.2"
+    # none configured: no copies, nothing extra written
+    plain = FlowMatchingModule(tiny_recipe(), text_encoder=FakeTextEncoder(), export_dir=tmp_path / "plain")
+    assert plain.ema_extra is None
+    plain.on_fit_end()
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["ema.safetensors"]
+
+
 # ----------------------------------------------------------------------------- training
 
 

@@ -89,6 +89,22 @@ def test_schedule_counters_ema_and_export(tmp_path):
     assert loaded.config == m.teacher.config
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, m.ema.state_dict()[k]), k
+    assert m.ema_extra is None and not (tmp_path / "ema_sr0.2.safetensors").exists()
+
+
+def test_extra_ema_width_rides_on_student_updates(tmp_path):
+    """ema.extra_sigma_rels: the extra EMA takes the same 5 student updates as the main one with its own
+    width, and lands in ema_sr0.2.safetensors, loadable on its own."""
+    r = make_recipe(tmp_path)
+    r = replace(r, ema=replace(r.ema, extra_sigma_rels=[0.2]))
+    m = module(r, tmp_path)
+    trainer(8, tmp_path).fit(m, train_dataloaders=loader())
+    assert int(m.ema_updates) == 5
+    extra = WanModel.from_pretrained(tmp_path / "ema_sr0.2.safetensors")
+    for k, v in extra.state_dict().items():
+        assert torch.equal(v, m.ema_extra[0].state_dict()[k]), k
+    # a wider average than the main EMA's (sigma_rel 0.1) over the same iterates: not the same weights
+    assert not torch.equal(m.ema_extra[0].blocks[0].ffn[0].weight, m.ema.blocks[0].ffn[0].weight)
 
 
 @pytest.mark.parametrize("mode, keys, fake", [

@@ -112,6 +112,9 @@ def test_ill_typed_value_names_dotted_key_and_file(tmp_path, text, key):
     ("optim: {betas: [0.9, 1.5]}", "optim.betas[1]"),
     ("trainer: {devices: 0}", "trainer.devices"),
     ("ema: {sigma_rel: 0.5}", "ema.sigma_rel"),
+    ("ema: {extra_sigma_rels: [0.2, 0.3]}", "ema.extra_sigma_rels[1]"),
+    ("ema: {sigma_rel: 0.1, extra_sigma_rels: [0.2, 0.1]}", "ema.extra_sigma_rels"),
+    ("ema: {kind: fixed, extra_sigma_rels: [0.2]}", "ema.extra_sigma_rels"),
     ("method: {flow_matching: {caption_dropout: 1.0}}", "method.flow_matching.caption_dropout"),
     ("model: {preset: giant}", "model.preset"),
     ("model: {overrides: {dim: 33}}", "model.overrides"),  # 33 not divisible by the toy's 3 heads

@@ -30,7 +30,7 @@ from turbo_infer.samplers import shift_time
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
-from turbo_train.methods.one_network import OneNetworkMixin, export_on_checkpoint
+from turbo_train.methods.one_network import OneNetworkMixin, export_extra_emas, export_on_checkpoint
 from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Recipe
 
 # ----------------------------------------------------------------------------- the loss and its pieces
@@ -169,6 +169,7 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         self.model = model if model is not None else build_wan_model(recipe.model)
         # EMA weights: a frozen fp32 copy, a submodule so it follows the device and lands in checkpoints
         self.ema = ema_lib.frozen_copy(self.model, recipe.ema)
+        self.ema_extra = ema_lib.extra_copies(self.model, recipe.ema)  # ema.extra_sigma_rels
         self.register_counters("ema_updates")  # k of the EMA schedule
         self.init_encoders(text_encoder, codec)
         self._empty = None  # (1, L, D) empty-prompt states, on this module's device
@@ -251,3 +252,5 @@ class FlowMatchingModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             path = self.export_weights()
             if path is not None:
                 print(f"turbo-train: wrote {path} ({self.count('ema_updates')} EMA updates)")
+            for extra in export_extra_emas(self):
+                print(f"turbo-train: wrote {extra}")

@@ -25,12 +25,29 @@ def export_on_checkpoint(module, step: int | None = None) -> None:
     if not ck.export_ema:
         return
     path = module.export_weights()
+    export_extra_emas(module)
     if path is not None and ck.export_snapshots:
         if step is None:
             step = module._trainer.global_step if module._trainer is not None else 0
         from turbo_infer.files import copy_file
 
         copy_file(path, path.with_name(f"{path.stem}_step{step:06d}{path.suffix}"))
+
+
+def export_extra_emas(module) -> list[Path]:
+    """Write each extra EMA (ema.extra_sigma_rels, `module.ema_extra`) as <export_dir>/ema_sr<width>.safetensors
+    through the module's own `export_weights(path, net=, weights=)`; the paths written (none off rank 0 or
+    without an export_dir)."""
+    extras = getattr(module, "ema_extra", None)
+    if extras is None or module.export_dir is None:
+        return []
+    written = []
+    for net, width in zip(extras, module.recipe.ema.extra_sigma_rels, strict=True):
+        path = module.export_weights(module.export_dir / ema_lib.extra_ema_name(width), net=net,
+                                     weights=f"ema sigma_rel {float(width):g}")
+        if path is not None:
+            written.append(path)
+    return written
 
 
 class OneNetworkMixin(CountersMixin):
@@ -60,20 +77,24 @@ class OneNetworkMixin(CountersMixin):
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta, k = updates so far."""
+        """One EMA update after an optimizer step: ema <- beta(k)·ema + (1-beta(k))·theta, k = updates so far
+        (the extra widths too, `ema_extra`)."""
         if self.ema is None:
             return
-        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, self.count("ema_updates"))
+        k = self.count("ema_updates")
+        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, k)
+        ema_lib.step_extras(getattr(self, "ema_extra", None), self.trained_network(), self.recipe.ema, k)
         self.bump("ema_updates")
 
     # ------------------------------------------------------------------ export
 
-    def export_weights(self, path: str | Path | None = None) -> Path | None:
-        """Write the EMA weights (the trained weights if ema.kind is none) in checkpoint.export_dtype as a
-        standalone safetensors with the WanConfig and `export_metadata()` in its metadata (loadable by
-        WanModel.from_pretrained with no config). Default path: <export_dir>/ema.safetensors
-        (<export_dir>/<raw_weights_name> without EMA). Returns the path, or None where nothing is written
-        (no export_dir, not rank 0)."""
+    def export_weights(self, path: str | Path | None = None, net: torch.nn.Module | None = None,
+                       weights: str | None = None) -> Path | None:
+        """Write the EMA weights (the trained weights if ema.kind is none; `net` = another copy, e.g. an extra
+        EMA, labelled `weights` in the metadata) in checkpoint.export_dtype as a standalone safetensors with the
+        WanConfig and `export_metadata()` in its metadata (loadable by WanModel.from_pretrained with no config).
+        Default path: <export_dir>/ema.safetensors (<export_dir>/<raw_weights_name> without EMA). Returns the
+        path, or None where nothing is written (no export_dir, not rank 0)."""
         if path is None:
             if self.export_dir is None:
                 return None
@@ -82,13 +103,15 @@ class OneNetworkMixin(CountersMixin):
             return None
         from turbo_infer.models.wan_keys import save_wan_checkpoint
 
-        net = self.ema if self.ema is not None else self.trained_network()
+        if net is None:
+            net = self.ema if self.ema is not None else self.trained_network()
+            weights = "ema" if self.ema is not None else "raw"
         dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
         if next(net.parameters()).dtype != dtype:
             net = copy.deepcopy(net).to(dtype)  # SLA's proj_l stays float32 (SparseLinearAttention keeps it)
         meta = {
             **self.export_metadata(),
-            "turbo_weights": "ema" if self.ema is not None else "raw",
+            "turbo_weights": weights or "ema",
             "turbo_ema_updates": str(self.count("ema_updates")),
             "turbo_recipe": json.dumps(self.recipe.to_dict()),
         }

@@ -40,7 +40,7 @@ from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
 from turbo_train.methods.counters import CountersMixin
-from turbo_train.methods.one_network import export_on_checkpoint
+from turbo_train.methods.one_network import export_extra_emas, export_on_checkpoint
 from turbo_train.methods import rcm_losses as L
 
 if TYPE_CHECKING:  # recipe.py imports this module for RCMConfig: import it back lazily only
@@ -246,6 +246,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         self.teacher = teacher.requires_grad_(False).eval().enable_activation_checkpointing(False)
         # EMA of the student: frozen fp32 copy (§4), a submodule so it follows the device and is checkpointed
         self.ema = ema_lib.frozen_copy(self.student, recipe.ema)
+        self.ema_extra = ema_lib.extra_copies(self.student, recipe.ema)  # ema.extra_sigma_rels
         # counters (buffers: saved in checkpoints, restored bitwise on resume; counters.py mirrors the
         # step counts on the host so that a step reads none of them from the device)
         self.register_counters("iteration", "student_updates", "fake_updates", "ema_updates")
@@ -514,7 +515,9 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         """ema <- beta(k)·ema + (1 - beta(k))·student, k = EMA updates so far (student steps only, §4)."""
         if self.ema is None:
             return
-        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, self.count("ema_updates"))
+        k = self.count("ema_updates")
+        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, k)
+        ema_lib.step_extras(self.ema_extra, self.student, self.recipe.ema, k)
         self.bump("ema_updates")
 
     def configure_model(self) -> None:
@@ -572,10 +575,12 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         for k, v in self.teacher.state_dict().items():
             sd.setdefault(f"teacher.{k}", v)
 
-    def export_weights(self, path: str | Path | None = None) -> Path | None:
-        """Write the EMA student (the student if ema.kind is none) as a standalone safetensors with its
-        WanConfig in the metadata (WanModel.from_pretrained loads it with no config). Default path:
-        <export_dir>/ema.safetensors (student.safetensors without EMA); None where nothing is written."""
+    def export_weights(self, path: str | Path | None = None, net: torch.nn.Module | None = None,
+                       weights: str | None = None) -> Path | None:
+        """Write the EMA student (the student if ema.kind is none; `net` = another copy, e.g. an extra EMA,
+        labelled `weights` in the metadata) as a standalone safetensors with its WanConfig in the metadata
+        (WanModel.from_pretrained loads it with no config). Default path: <export_dir>/ema.safetensors
+        (student.safetensors without EMA); None where nothing is written."""
         if path is None:
             if self.export_dir is None:
                 return None
@@ -584,14 +589,16 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
             return None
         from turbo_infer.models.wan_keys import save_wan_checkpoint
 
-        net = self.ema if self.ema is not None else self.student
+        if net is None:
+            net = self.ema if self.ema is not None else self.student
+            weights = "ema" if self.ema is not None else "raw"
         dtype = getattr(torch, self.recipe.checkpoint.export_dtype)
         # export with the model's configured attention (the student's JVP backend is a training detail)
         out = copy_network(net, self.teacher.config.attention).to(dtype)
         meta = {
             "turbo_method": "rcm",
             "turbo_rcm_loss_mode": self.cfg.loss_mode,
-            "turbo_weights": "ema" if self.ema is not None else "raw",
+            "turbo_weights": weights or "ema",
             "turbo_student_updates": str(self.count("student_updates")),
             "turbo_recipe": json.dumps(self.recipe.to_dict()),
         }
@@ -604,3 +611,5 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
             if path is not None:
                 print(f"turbo-train: wrote {path} ({self.count('student_updates')} student updates, "
                       f"{self.count('fake_updates')} fake-score updates, {int(self.nan_samples)} NaN samples zeroed)")
+            for extra in export_extra_emas(self):
+                print(f"turbo-train: wrote {extra}")

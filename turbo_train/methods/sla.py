@@ -42,7 +42,7 @@ from turbo_infer.models.wan import WanModel
 from turbo_train import ema as ema_lib
 from turbo_train.lightning_compat import LightningModule
 from turbo_train.methods.batching import BatchEncoderMixin
-from turbo_train.methods.one_network import OneNetworkMixin, export_on_checkpoint
+from turbo_train.methods.one_network import OneNetworkMixin, export_extra_emas, export_on_checkpoint
 from turbo_train.sla_convert import convert_to_sla, proj_l_norms, sla_layers
 
 if TYPE_CHECKING:  # recipe.py imports this module for SLAFinetuneConfig: import it back lazily only
@@ -257,6 +257,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             self.teacher = teacher.requires_grad_(False).eval().enable_activation_checkpointing(False)
         # EMA of the student: frozen fp32 copy, a submodule so it follows the device and lands in checkpoints
         self.ema = ema_lib.frozen_copy(self.student, recipe.ema)
+        self.ema_extra = ema_lib.extra_copies(self.student, recipe.ema)  # ema.extra_sigma_rels
         self.register_counters("ema_updates")  # k of the EMA schedule
         self.init_encoders(text_encoder, codec)
         self._uncond = None  # (1, L, D) unconditional states on this device
@@ -380,3 +381,5 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             if path is not None:
                 print(f"turbo-train: wrote {path} (SLA topk {self.cfg.topk}, {self.cfg.block_q}x{self.cfg.block_k} "
                       f"blocks, {self.count('ema_updates')} EMA updates)")
+            for extra in export_extra_emas(self):
+                print(f"turbo-train: wrote {extra}")

@@ -144,13 +144,14 @@ def measure(model, text: torch.Tensor, target: torch.Tensor, zero_input: bool, d
 
 def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float, batch_size: int,
         zero_input: bool, table_lr_scale: float, log_every: int, label: str,
-        flow: tuple[torch.Tensor, torch.Tensor] | None = None, flow_batch: int = 0) -> list[dict]:
+        flow: tuple[torch.Tensor, torch.Tensor] | None = None, flow_batch: int = 0,
+        flow_weight: float = 1.0) -> list[dict]:
     """Train `model` to output target[i] under caption i (text[i]) from s = 1; returns the log rows.
 
     flow = (videos (N, C, F, H, W), empty-caption states (1, L, D)): every step also adds the teacher's own
     flow-matching loss (its recipe's logit-normal times, 10 % caption dropout) on `flow_batch` of those
-    videos, video i under caption i, so that the s = 1 targets are mixed into ordinary training instead of
-    replacing it."""
+    videos, video i under caption i, times `flow_weight`, so that the s = 1 targets are mixed into ordinary
+    training instead of replacing it."""
     from turbo_train.methods.flow_matching import adamw, drop_captions, rectified_flow_loss, sample_time
     from turbo_train.recipe import FlowMatchingConfig, OptimConfig
 
@@ -172,7 +173,7 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
             ctx, _ = drop_captions(text[pick], empty, 0.1, generator=g)
             eps = torch.randn((flow_batch,) + tuple(videos.shape[1:]), generator=g).to(dev)
             s = sample_time(flow_batch, times, generator=g).to(dev)
-            loss = loss + rectified_flow_loss(model, videos[pick], ctx, s, eps).mean()
+            loss = loss + flow_weight * rectified_flow_loss(model, videos[pick], ctx, s, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -202,6 +203,9 @@ def main(argv=None) -> int:
     p.add_argument("--mix-flow", type=int, default=0, metavar="N",
                    help="toy target: also train ordinary flow matching on N single renders per step (one per scene), "
                         "the s = 1 targets mixed into training instead of replacing it (0 = off)")
+    p.add_argument("--flow-weight", type=float, default=1.0,
+                   help="weight of the --mix-flow term against the s = 1 term (its gradients are larger and noisier: "
+                        "under one clip norm and one Adam they can drown the clean signal)")
     p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     p.add_argument("--save", type=Path, default=None,
                    help="write the last target's trained model here (safetensors with its config), for the probes")
@@ -215,6 +219,8 @@ def main(argv=None) -> int:
         p.error(f"--targets: unknown {bad}; choose from {list(TARGETS)}")
     if min(a.steps, a.batch_size, a.videos, a.log_every, a.scenes) < 1 or a.renders < 1:
         p.error("--steps, --batch-size, --videos, --scenes, --renders and --log-every must be >= 1")
+    if not a.flow_weight > 0:
+        p.error("--flow-weight must be > 0")
     if a.mix_flow < 0 or (a.mix_flow and kinds != ["toy"]):
         p.error("--mix-flow must be >= 0 and needs --targets toy alone")
     if "toy" in kinds and a.scenes < 2:
@@ -245,7 +251,8 @@ def main(argv=None) -> int:
         model = build_model(a.init, a.teacher).to(a.device)
         results[kind] = fit(model, kind_text.to(a.device), target.to(a.device), steps=a.steps, lr=lr,
                             batch_size=a.batch_size, zero_input=zero_input, table_lr_scale=a.table_lr_scale,
-                            log_every=a.log_every, label=kind, flow=flow, flow_batch=a.mix_flow)
+                            log_every=a.log_every, label=kind, flow=flow, flow_batch=a.mix_flow,
+                            flow_weight=a.flow_weight)
     if a.save is not None:
         from turbo_infer.models.wan_keys import save_wan_checkpoint
 

@@ -89,7 +89,7 @@ def test_mix_flow_trains_both_losses_and_is_checked(tmp_path, capsys):
     """--mix-flow: the toy fit also runs the flow-matching loss on single renders (the run differs from the
     plain s = 1 fit with the same seed), and asking it without the toy target alone is refused."""
     runs = {}
-    for name, extra in (("plain", []), ("mix", ["--mix-flow", "2"])):
+    for name, extra in (("plain", []), ("mix", ["--mix-flow", "2"]), ("light", ["--mix-flow", "2", "--flow-weight", "0.5"])):
         out, save = tmp_path / f"{name}.json", tmp_path / f"{name}.safetensors"
         assert clp.main(["--targets", "toy", "--scenes", "2", "--renders", "2", "--steps", "2", "--batch-size", "1",
                          "--init", "teacher", "--log-every", "1", "--out", str(out), "--save", str(save)] + extra) == 0
@@ -98,6 +98,12 @@ def test_mix_flow_trains_both_losses_and_is_checked(tmp_path, capsys):
     # step 1 draws the same s = 1 batch from the same weights, so the mixed loss = that loss + the flow term > it
     assert runs["plain"][1]["loss"] < runs["mix"][1]["loss"]
     assert runs["plain"][2] != runs["mix"][2]  # and the flow gradient moved the weights differently
+    # --flow-weight scales only the flow term: at step 1 the loss is plain + weight x flow term
+    flow_term = runs["mix"][1]["loss"] - runs["plain"][1]["loss"]
+    assert runs["light"][1]["loss"] == pytest.approx(runs["plain"][1]["loss"] + 0.5 * flow_term, rel=1e-3, abs=1e-5)
     with pytest.raises(SystemExit):
         clp.main(["--targets", "direction", "--mix-flow", "2"])
     assert "--mix-flow" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        clp.main(["--targets", "toy", "--mix-flow", "2", "--flow-weight", "0"])
+    assert "--flow-weight" in capsys.readouterr().err

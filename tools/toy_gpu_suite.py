@@ -170,6 +170,7 @@ class Suite:
         teacher_eval = ["--checkpoint", str(self.a.teacher)]
         # untrained SLA with the fine-tune's own blocks (turbo-eval's 128x64 default leaves 8 key blocks
         # of a 512-token toy video, where topk 0.1 and 0.2 both keep one)
+        from turbo_train.ema import extra_ema_name
         from turbo_train.recipe import load_recipe
 
         sc = load_recipe(REPO / sla).method.sla
@@ -183,7 +184,7 @@ class Suite:
         snap = set_args([f"checkpoint.every_n_steps={self.a.snapshots}", "checkpoint.export_snapshots=true"]) \
             if self.a.snapshots else []
         # --ema-widths: every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels)
-        widths = getattr(self.a, "ema_widths", None) or []
+        widths = self.a.ema_widths
         if widths:
             snap = snap + set_args([f"ema.extra_sigma_rels=[{','.join(f'{w:g}' for w in widths)}]"])
         # phase 1: the trainings and the teacher's evaluations, all at once
@@ -240,7 +241,8 @@ class Suite:
         # rcm4_sr0.2 and rcm4_seed1_sr0.2_times_hi: paired with the recipe's width on the same training
         for run_name, ev in students:
             for w in widths:
-                f, tag = self.out / run_name / f"ema_sr{w:g}.safetensors", f"{ev}_sr{w:g}"
+                f = self.out / run_name / extra_ema_name(w)
+                tag = f"{ev}_{f.stem.removeprefix('ema_')}"
                 jobs.append((self.evaluate, tag, ["--checkpoint", str(f)] + student(4)))
                 jobs += [(self.evaluate, f"{tag}_times_{t}", ["--checkpoint", str(f)] + student(4)
                           + ["--rcm-mid-times", spec]) for t, spec in self.a.rcm_times]

@@ -69,10 +69,15 @@ def update_ema(ema_model: torch.nn.Module, model: torch.nn.Module, beta: float) 
         eb.copy_(b)
 
 
-def step_ema(ema_model: torch.nn.Module, model: torch.nn.Module, ema_cfg, k: int) -> None:
+def step_ema(ema_model: torch.nn.Module, model: torch.nn.Module, ema_cfg, k: int,
+             extras: torch.nn.ModuleList | None = None) -> None:
     """EMA update number k (0-based) after an optimizer step, for a recipe's `ema` section
-    (kind 'power' with sigma_rel, or 'fixed' with decay): ema <- beta(k)·ema + (1-beta(k))·model."""
+    (kind 'power' with sigma_rel, or 'fixed' with decay): ema <- beta(k)·ema + (1-beta(k))·model; and the
+    same update of each extra power EMA (`extra_copies`) with its own width from ema.extra_sigma_rels."""
     update_ema(ema_model, model, ema_beta(k, ema_cfg.kind, sigma_rel=ema_cfg.sigma_rel, decay=ema_cfg.decay))
+    if extras is not None:
+        for net, sigma_rel in zip(extras, ema_cfg.extra_sigma_rels, strict=True):
+            update_ema(net, model, power_ema_beta(k, sigma_rel_to_gamma(sigma_rel)))
 
 
 def frozen_copy(model: torch.nn.Module, ema_cfg) -> torch.nn.Module | None:
@@ -89,19 +94,11 @@ def frozen_copy(model: torch.nn.Module, ema_cfg) -> torch.nn.Module | None:
 
 def extra_copies(model: torch.nn.Module, ema_cfg) -> torch.nn.ModuleList | None:
     """One frozen fp32 copy of `model` per `ema_cfg.extra_sigma_rels` (power EMAs beside the main one), as a
-    ModuleList submodule (follows the device, lands in checkpoints); None when there are none."""
-    widths = list(getattr(ema_cfg, "extra_sigma_rels", None) or [])
-    if not widths or ema_cfg.kind == "none":
+    ModuleList submodule (follows the device, lands in checkpoints); None when there are none (the recipe
+    allows them with ema.kind power only)."""
+    if not ema_cfg.extra_sigma_rels:
         return None
-    return torch.nn.ModuleList(frozen_copy(model, ema_cfg) for _ in widths)
-
-
-def step_extras(extras: torch.nn.ModuleList | None, model: torch.nn.Module, ema_cfg, k: int) -> None:
-    """Update number k of every extra power EMA, each with its own sigma_rel."""
-    if extras is None:
-        return
-    for net, sigma_rel in zip(extras, ema_cfg.extra_sigma_rels, strict=True):
-        update_ema(net, model, power_ema_beta(k, sigma_rel_to_gamma(sigma_rel)))
+    return torch.nn.ModuleList(frozen_copy(model, ema_cfg) for _ in ema_cfg.extra_sigma_rels)
 
 
 def extra_ema_name(sigma_rel: float) -> str:

@@ -382,7 +382,7 @@ def test_ema_update_count_host_mirror_follows_the_buffer(monkeypatch):
     """update_ema reads ema_updates once and then counts on the host (no per-step device sync); a
     state dict loaded later (a resumed run) is what the next update counts from."""
     ks = []
-    monkeypatch.setattr(ema_lib, "step_ema", lambda ema, net, cfg, k: ks.append(k))
+    monkeypatch.setattr(ema_lib, "step_ema", lambda ema, net, cfg, k, extras=None: ks.append(k))
     m = FlowMatchingModule(tiny_recipe(), text_encoder=FakeTextEncoder())
     m.update_ema()
     m.update_ema()

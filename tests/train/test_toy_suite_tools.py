@@ -64,7 +64,7 @@ def suite(tmp_path, monkeypatch, **kw):
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
-                           sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False)
+                           sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[])
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 

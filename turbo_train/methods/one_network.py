@@ -38,11 +38,10 @@ def export_extra_emas(module) -> list[Path]:
     """Write each extra EMA (ema.extra_sigma_rels, `module.ema_extra`) as <export_dir>/ema_sr<width>.safetensors
     through the module's own `export_weights(path, net=, weights=)`; the paths written (none off rank 0 or
     without an export_dir)."""
-    extras = getattr(module, "ema_extra", None)
-    if extras is None or module.export_dir is None:
+    if module.ema_extra is None or module.export_dir is None:
         return []
     written = []
-    for net, width in zip(extras, module.recipe.ema.extra_sigma_rels, strict=True):
+    for net, width in zip(module.ema_extra, module.recipe.ema.extra_sigma_rels, strict=True):
         path = module.export_weights(module.export_dir / ema_lib.extra_ema_name(width), net=net,
                                      weights=f"ema sigma_rel {float(width):g}")
         if path is not None:
@@ -51,7 +50,7 @@ def export_extra_emas(module) -> list[Path]:
 
 
 class OneNetworkMixin(CountersMixin):
-    """Needs: self.ema (frozen copy or None), the counter `ema_updates` (register_counters), self.recipe (ema and
+    """Needs: self.ema (frozen copy or None), self.ema_extra (`ema.extra_copies`, or None), the counter `ema_updates` (register_counters), self.recipe (ema and
     checkpoint sections), self.export_dir (Path or None), `trained_network()` -> the network being
     optimised (and averaged), `export_metadata()` -> the method's own safetensors metadata, and
     `raw_weights_name`: the export's file name without EMA."""
@@ -81,9 +80,7 @@ class OneNetworkMixin(CountersMixin):
         (the extra widths too, `ema_extra`)."""
         if self.ema is None:
             return
-        k = self.count("ema_updates")
-        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, k)
-        ema_lib.step_extras(getattr(self, "ema_extra", None), self.trained_network(), self.recipe.ema, k)
+        ema_lib.step_ema(self.ema, self.trained_network(), self.recipe.ema, self.count("ema_updates"), self.ema_extra)
         self.bump("ema_updates")
 
     # ------------------------------------------------------------------ export

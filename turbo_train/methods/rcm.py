@@ -515,9 +515,7 @@ class RCMModule(CountersMixin, BatchEncoderMixin, LightningModule):
         """ema <- beta(k)·ema + (1 - beta(k))·student, k = EMA updates so far (student steps only, §4)."""
         if self.ema is None:
             return
-        k = self.count("ema_updates")
-        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, k)
-        ema_lib.step_extras(self.ema_extra, self.student, self.recipe.ema, k)
+        ema_lib.step_ema(self.ema, self.student, self.recipe.ema, self.count("ema_updates"), self.ema_extra)
         self.bump("ema_updates")
 
     def configure_model(self) -> None:

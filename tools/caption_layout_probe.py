@@ -145,7 +145,7 @@ def measure(model, text: torch.Tensor, target: torch.Tensor, zero_input: bool, d
 def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: float, batch_size: int,
         zero_input: bool, table_lr_scale: float, log_every: int, label: str,
         flow: tuple[torch.Tensor, torch.Tensor] | None = None, flow_batch: int = 0,
-        flow_weight: float = 1.0) -> list[dict]:
+        flow_weight: float = 1.0, flow_min_time: float | None = None) -> list[dict]:
     """Train `model` to output target[i] under caption i (text[i]) from s = 1; returns the log rows.
 
     flow = (videos (N, C, F, H, W), empty-caption states (1, L, D)): every step also adds the teacher's own
@@ -172,7 +172,10 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
             pick = torch.randint(0, len(videos), (flow_batch,), generator=g)
             ctx, _ = drop_captions(text[pick], empty, 0.1, generator=g)
             eps = torch.randn((flow_batch,) + tuple(videos.shape[1:]), generator=g).to(dev)
-            s = sample_time(flow_batch, times, generator=g).to(dev)
+            if flow_min_time is None:
+                s = sample_time(flow_batch, times, generator=g).to(dev)
+            else:
+                s = (flow_min_time + (1.0 - flow_min_time) * torch.rand(flow_batch, generator=g)).to(dev)
             loss = loss + flow_weight * rectified_flow_loss(model, videos[pick], ctx, s, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--flow-weight", type=float, default=1.0,
                    help="weight of the --mix-flow term against the s = 1 term (its gradients are larger and noisier: "
                         "under one clip norm and one Adam they can drown the clean signal)")
+    p.add_argument("--flow-min-time", type=float, default=None, metavar="S",
+                   help="draw the --mix-flow times uniformly in [S, 1] instead of the recipe's logit-normal: a "
+                        "high-noise expert for the steps above S (tools/high_noise_oracle.py --modes expert@S)")
     p.add_argument("--device", default="cpu", help="where the model trains (cpu, cuda)")
     p.add_argument("--save", type=Path, default=None,
                    help="write the last target's trained model here (safetensors with its config), for the probes")
@@ -221,6 +227,8 @@ def main(argv=None) -> int:
         p.error("--steps, --batch-size, --videos, --scenes, --renders and --log-every must be >= 1")
     if not a.flow_weight > 0:
         p.error("--flow-weight must be > 0")
+    if a.flow_min_time is not None and not (0.0 <= a.flow_min_time < 1.0 and a.mix_flow):
+        p.error("--flow-min-time must be in [0, 1) and needs --mix-flow")
     if a.mix_flow < 0 or (a.mix_flow and kinds != ["toy"]):
         p.error("--mix-flow must be >= 0 and needs --targets toy alone")
     if "toy" in kinds and a.scenes < 2:
@@ -252,7 +260,7 @@ def main(argv=None) -> int:
         results[kind] = fit(model, kind_text.to(a.device), target.to(a.device), steps=a.steps, lr=lr,
                             batch_size=a.batch_size, zero_input=zero_input, table_lr_scale=a.table_lr_scale,
                             log_every=a.log_every, label=kind, flow=flow, flow_batch=a.mix_flow,
-                            flow_weight=a.flow_weight)
+                            flow_weight=a.flow_weight, flow_min_time=a.flow_min_time)
     if a.save is not None:
         from turbo_infer.models.wan_keys import save_wan_checkpoint
 

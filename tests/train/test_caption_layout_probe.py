@@ -107,3 +107,34 @@ def test_mix_flow_trains_both_losses_and_is_checked(tmp_path, capsys):
     with pytest.raises(SystemExit):
         clp.main(["--targets", "toy", "--mix-flow", "2", "--flow-weight", "0"])
     assert "--flow-weight" in capsys.readouterr().err
+
+
+def test_flow_min_time_draws_the_mixed_flow_times_above_it(monkeypatch):
+    """--flow-min-time S: every mixed flow-matching sample is trained at s in [S, 1] (a high-noise expert)."""
+    import turbo_train.methods.flow_matching as fm
+
+    seen = []
+    real = fm.rectified_flow_loss
+
+    def spy(net, x0, ctx, s, eps):
+        seen.append(s.clone())
+        return real(net, x0, ctx, s, eps)
+
+    monkeypatch.setattr(fm, "rectified_flow_loss", spy)
+    model = clp.build_model("scratch", None)
+    from turbo_infer.vae import ToyCodec
+
+    shape = ToyCodec().latent_shape(8, 64, 64)
+    target = torch.zeros((2,) + tuple(shape))
+    text = torch.randn(2, 4, 384, generator=torch.Generator().manual_seed(0))
+    flow = (torch.randn((2,) + tuple(shape)), torch.zeros(1, 4, 384))  # one video per caption
+    clp.fit(model, text, target, steps=3, lr=1e-4, batch_size=1, zero_input=True, table_lr_scale=1.0, log_every=3,
+            label="t", flow=flow, flow_batch=4, flow_min_time=0.9)
+    s = torch.cat(seen)
+    assert len(s) == 12 and s.min() >= 0.9 and s.max() <= 1.0
+
+
+def test_flow_min_time_needs_mix_flow(capsys):
+    with pytest.raises(SystemExit):
+        clp.main(["--targets", "toy", "--flow-min-time", "0.9"])
+    assert "--flow-min-time must be in [0, 1) and needs --mix-flow" in capsys.readouterr().err

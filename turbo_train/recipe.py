@@ -75,6 +75,10 @@ class FlowMatchingConfig:
     high_noise_logit_mean: float = 2.5  # its centre in logit units (2.5: s = 0.92)
     high_noise_logit_std: float = 0.5  # its spread in logit units, > 0
     caption_dropout: float = 0.1  # probability a sample's caption becomes the empty prompt (for CFG), in [0, 1)
+    # the drawn flow times are mapped affinely into [min_time, 1): s -> min_time + (1 - min_time)·s. 0 = all
+    # times; 0.9 with shifted_uniform at shift 1 trains a high-noise expert uniformly on [0.9, 1), the part of
+    # sampling it serves (turbo_infer.models.experts; recipes/toy/README.md, "Where the direction is decided")
+    min_time: float = 0.0
     # each video of a batch is trained at this many independent (s, eps) draws in one step: more
     # denoising samples per generated video when the data loader, not the GPU, bounds the run
     noise_repeats: int = 1
@@ -88,6 +92,7 @@ class FlowMatchingConfig:
         _require(0.0 <= self.high_noise_fraction <= 1.0, "high_noise_fraction",
                  f"must be in [0, 1], got {self.high_noise_fraction}")
         _require(self.high_noise_logit_std > 0, "high_noise_logit_std", f"must be > 0, got {self.high_noise_logit_std}")
+        _require(0.0 <= self.min_time < 1.0, "min_time", f"must be in [0, 1), got {self.min_time}")
 
 
 @dataclass(kw_only=True)

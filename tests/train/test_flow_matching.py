@@ -86,6 +86,19 @@ def test_high_noise_mixture_time():
         FlowMatchingConfig(high_noise_logit_std=0.0)
 
 
+def test_min_time_squeezes_the_draw_into_the_expert_range():
+    """min_time 0.9 with a plain uniform draw: s uniform on [0.9, 1) (a high-noise expert's times)."""
+    cfg = FlowMatchingConfig(time_distribution="shifted_uniform", shift=1.0, min_time=0.9)
+    s = sample_time(20000, cfg, generator=torch.Generator().manual_seed(0))
+    base = sample_time(20000, FlowMatchingConfig(time_distribution="shifted_uniform", shift=1.0),
+                       generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(s, 0.9 + 0.1 * base)  # the same draw, mapped
+    assert s.min() >= 0.9 and s.max() < 1.0 and abs(s.mean().item() - 0.95) < 0.001  # std of the mean 2e-4
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_time"):
+            FlowMatchingConfig(min_time=bad)
+
+
 def test_caption_dropout_rate_and_content():
     B, p = 20000, 0.1
     ctx = torch.randn(B, 3, 4)

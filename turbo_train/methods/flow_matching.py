@@ -38,7 +38,8 @@ from turbo_train.recipe import FlowMatchingConfig, ModelConfig, OptimConfig, Rec
 
 def sample_time(n: int, cfg: FlowMatchingConfig, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
     """(n,) float32 flow times s in (0, 1) drawn from cfg.time_distribution, with a fraction
-    cfg.high_noise_fraction of them (each sample independently) from the high-noise logit-normal instead."""
+    cfg.high_noise_fraction of them (each sample independently) from the high-noise logit-normal instead,
+    then mapped into [cfg.min_time, 1)."""
     if cfg.time_distribution == "logit_normal":
         z = torch.randn(n, device=device, generator=generator, dtype=torch.float32)
         s = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
@@ -51,6 +52,8 @@ def sample_time(n: int, cfg: FlowMatchingConfig, device=None, generator: torch.G
         pick = torch.rand(n, device=device, generator=generator) < cfg.high_noise_fraction
         z = torch.randn(n, device=device, generator=generator, dtype=torch.float32)
         s = torch.where(pick, torch.sigmoid(cfg.high_noise_logit_mean + cfg.high_noise_logit_std * z), s)
+    if cfg.min_time > 0:  # a high-noise expert: the same draw squeezed into [min_time, 1)
+        s = cfg.min_time + (1.0 - cfg.min_time) * s
     return s
 
 

@@ -10,7 +10,8 @@ rest of the teacher as it is.
 
 `BoundaryExperts(low, high, boundary)` is called like a `WanModel` (x, timestep = 1000·s, context) and
 sends each batch item to `high` when s >= boundary, else to `low` (a batch that mixes times is split,
-each part run through its own expert). Samplers, turbo-eval and turbo-infer take it in place of the DiT.
+each part run through its own expert). Samplers, `TurboPipeline.toy(high_noise_expert=)` and turbo-eval
+take it in place of the DiT.
 """
 from __future__ import annotations
 

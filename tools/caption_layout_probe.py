@@ -155,7 +155,8 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
     from turbo_train.methods.flow_matching import adamw, drop_captions, rectified_flow_loss, sample_time
     from turbo_train.recipe import FlowMatchingConfig, OptimConfig
 
-    times = FlowMatchingConfig(time_distribution="logit_normal", logit_mean=0.8, logit_std=1.0)
+    times = (FlowMatchingConfig(time_distribution="logit_normal", logit_mean=0.8, logit_std=1.0) if flow_min_time is None
+             else FlowMatchingConfig(time_distribution="shifted_uniform", shift=1.0, min_time=flow_min_time))
     dev = target.device
 
     opt = adamw(model, OptimConfig(lr=lr, position_table_lr_scale=table_lr_scale))
@@ -172,10 +173,7 @@ def fit(model, text: torch.Tensor, target: torch.Tensor, *, steps: int, lr: floa
             pick = torch.randint(0, len(videos), (flow_batch,), generator=g)
             ctx, _ = drop_captions(text[pick], empty, 0.1, generator=g)
             eps = torch.randn((flow_batch,) + tuple(videos.shape[1:]), generator=g).to(dev)
-            if flow_min_time is None:
-                s = sample_time(flow_batch, times, generator=g).to(dev)
-            else:
-                s = (flow_min_time + (1.0 - flow_min_time) * torch.rand(flow_batch, generator=g)).to(dev)
+            s = sample_time(flow_batch, times, generator=g).to(dev)
             loss = loss + flow_weight * rectified_flow_loss(model, videos[pick], ctx, s, eps).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -70,26 +70,21 @@ def scene_latents(attributes: list[dict], renders: int, seed: int, codec) -> tup
 
 
 @torch.no_grad()
-def sample_from(pipe, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, *, steps: int,
-                guidance: float, shift: float, start: float | None, target: torch.Tensor | None,
-                expert=None) -> torch.Tensor:
-    """Euler CFG sampling of the teacher; with `start` the steps above it use `target` as the clean-video
-    prediction (the state at the first step at or below it is s·noise + (1 - s)·target), or, with `expert`
-    (a network like the teacher's), that network's guided velocity."""
+def sample_from(net, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, *, steps: int,
+                guidance: float, shift: float, dtype: torch.dtype | None = None, start: float | None = None,
+                target: torch.Tensor | None = None) -> torch.Tensor:
+    """Euler CFG sampling of `net` (the teacher, or `BoundaryExperts` of teacher and expert); with `start`
+    the steps above it use `target` as the clean-video prediction, so sampling begins at the first step at
+    or below it from s·noise + (1 - s)·target."""
     from turbo_infer.samplers import flow_schedule, guided_velocity
 
     sig = flow_schedule(steps, shift).tolist()
-    first = 0
+    first = 0 if start is None else next(i for i, s in enumerate(sig) if s <= start)
     x = noise.float()
     if start is not None:
-        first = next(i for i, s in enumerate(sig) if s <= start)
-        if expert is None:
-            x = sig[first] * x + (1.0 - sig[first]) * target.to(x)
-    for i in range(steps):
-        if i < first and expert is None:
-            continue
-        net = expert if i < first else pipe.transformer
-        v = guided_velocity(net, x, sig[i], context, uncond, guidance, pipe.dtype)
+        x = sig[first] * x + (1.0 - sig[first]) * target.to(x)
+    for i in range(first, steps):
+        v = guided_velocity(net, x, sig[i], context, uncond, guidance, dtype)
         x = x + (sig[i + 1] - sig[i]) * v
     return x
 
@@ -98,6 +93,7 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
         steps: int, guidance: float, shift: float, seed: int, progress: bool = True, expert=None) -> dict:
     from tqdm.auto import tqdm
 
+    from turbo_infer.models.experts import BoundaryExperts
     from turbo_infer.samplers import batch_randn
     from turbo_train.eval import eval_prompts
     from turbo_train.toyworld.metrics import adherence_per_video, mean_stderr, per_attribute_accuracy
@@ -114,6 +110,8 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
     scores: dict[str, np.ndarray] = {}
     for name, start in modes:
         label = name if start is None else f"{name}@{start:g}"
+        # expert@S: the expert samples s >= S, the teacher the rest (what turbo-eval --high-noise-expert runs)
+        net = BoundaryExperts(pipe.transformer, expert, start) if name == "expert" else pipe.transformer
         t = time.perf_counter()
         videos = []
         for b in tqdm(range(0, prompts, batch_size), desc=label, disable=not progress):
@@ -121,9 +119,10 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
             gens = [torch.Generator().manual_seed(seed + i) for i in idx]  # turbo-eval's noise for prompt i
             noise = batch_randn(shape, gens, pipe.device)
             context = pipe.text_encoder.encode([captions[i] for i in idx]).to(pipe.device)
-            target = (means if name == "mean" else singles)[idx].to(pipe.device) if name in ("mean", "single") else None
-            lat = sample_from(pipe, noise, context, uncond, steps=steps, guidance=guidance, shift=shift,
-                              start=start, target=target, expert=expert if name == "expert" else None)
+            oracle = name in ("mean", "single")
+            target = (means if name == "mean" else singles)[idx].to(pipe.device) if oracle else None
+            lat = sample_from(net, noise, context, uncond, steps=steps, guidance=guidance, shift=shift,
+                              dtype=pipe.dtype, start=start if oracle else None, target=target)
             videos.append(torch.cat(list(pipe.decode_uint8(lat)), dim=1).numpy())
         videos = np.concatenate(videos)
         pred = judge.predict_attributes(videos)

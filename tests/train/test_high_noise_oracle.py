@@ -45,13 +45,14 @@ def test_oracle_start_is_the_straight_path_state():
     g = torch.Generator().manual_seed(0)
     noise, target = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 4, 4, generator=g)
     ctx = torch.zeros(2, 4, 8)
-    x = hno.sample_from(pipe, noise, ctx, None, steps=10, guidance=1.0, shift=3.0, start=0.9, target=target)
+    x = hno.sample_from(pipe.transformer, noise, ctx, None, steps=10, guidance=1.0, shift=3.0, start=0.9,
+                        target=target)
     sig = flow_schedule(10, 3.0).tolist()
     first = next(i for i, s in enumerate(sig) if s <= 0.9)
     assert first > 0 and pipe.times == pytest.approx(sig[first:-1], abs=1e-4)  # only the steps at or below S run
     torch.testing.assert_close(x, sig[first] * noise + (1 - sig[first]) * target)  # zero velocity: the start state
     pipe.times.clear()
-    x = hno.sample_from(pipe, noise, ctx, None, steps=10, guidance=1.0, shift=3.0, start=None, target=None)
+    x = hno.sample_from(pipe.transformer, noise, ctx, None, steps=10, guidance=1.0, shift=3.0)
     assert len(pipe.times) == 10 and torch.equal(x, noise)
 
 
@@ -60,8 +61,10 @@ def test_expert_runs_the_steps_above_s_and_the_teacher_the_rest():
 
     pipe, expert = _Recorder(), _Recorder()
     noise = torch.randn(1, 3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
-    x = hno.sample_from(pipe, noise, torch.zeros(1, 4, 8), None, steps=10, guidance=1.0, shift=3.0, start=0.9,
-                        target=None, expert=expert.transformer)
+    from turbo_infer.models.experts import BoundaryExperts
+
+    net = BoundaryExperts(pipe.transformer, expert.transformer, 0.9)  # what the tool's expert@0.9 mode samples
+    x = hno.sample_from(net, noise, torch.zeros(1, 4, 8), None, steps=10, guidance=1.0, shift=3.0)
     sig = flow_schedule(10, 3.0).tolist()
     first = next(i for i, s in enumerate(sig) if s <= 0.9)
     assert expert.times == pytest.approx(sig[:first], abs=1e-4) and pipe.times == pytest.approx(sig[first:-1], abs=1e-4)
@@ -78,8 +81,8 @@ def test_teacher_mode_is_turbo_eval_sampling(tmp_path):
     caption = eval_prompts(1, 0)[0][0]
     want = pipe.generate([caption], steps=3, guidance=5.0, seed=0, shift=3.0, progress=False)
     noise = batch_randn(pipe.vae.latent_shape(8, 64, 64), [torch.Generator().manual_seed(0)])
-    lat = hno.sample_from(pipe, noise, pipe.text_encoder.encode([caption]), pipe.text_encoder.empty_embedding(),
-                          steps=3, guidance=5.0, shift=3.0, start=None, target=None)
+    lat = hno.sample_from(pipe.transformer, noise, pipe.text_encoder.encode([caption]),
+                          pipe.text_encoder.empty_embedding(), steps=3, guidance=5.0, shift=3.0, dtype=pipe.dtype)
     got = torch.cat(list(pipe.decode_uint8(lat)), dim=1)
     assert torch.equal(got, want)
 

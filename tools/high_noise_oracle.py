@@ -19,6 +19,9 @@ flow time s_b are replaced by an oracle, and the judge reads the videos:
     expert@S       no oracle: the steps above S run the --expert network (with the same CFG), the rest the
                    teacher: a trained high-noise expert (e.g. `tools/caption_layout_probe.py --mix-flow N
                    --flow-min-time S --save ...`), as Wan 2.2 splits its denoiser at a boundary time
+    cfg@S:W        no oracle: the teacher alone, with CFG weight W (instead of --guidance) on the steps above S:
+                   whether stronger guidance while the layout is decided commits the sample to the caption's
+                   direction (a sampler setting, no training)
 
 Per mode: adherence (± standard error over prompts), per-attribute accuracy, and the paired adherence
 difference to `teacher` (same prompts and noise). Results: --out (JSON) and a table.
@@ -33,25 +36,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MODES = ("teacher", "mean", "single", "expert")
+MODES = ("teacher", "mean", "single", "expert", "cfg")
 
 
-def parse_mode(text: str) -> tuple[str, float | None]:
-    """'teacher' -> ('teacher', None); 'mean@0.95' -> ('mean', 0.95); clear errors otherwise."""
+def parse_mode(text: str) -> tuple[str, float | None, float | None]:
+    """'teacher' -> ('teacher', None, None); 'mean@0.95' -> ('mean', 0.95, None); 'cfg@0.9:8' ->
+    ('cfg', 0.9, 8.0) (the CFG weight above S); clear errors otherwise."""
     name, _, at = text.partition("@")
     if name not in MODES:
         raise ValueError(f"mode {text!r}: unknown kind {name!r}; choose from {MODES}")
     if name == "teacher":
         if at:
             raise ValueError(f"mode {text!r}: 'teacher' takes no @S")
-        return name, None
+        return name, None, None
+    at, colon, w = at.partition(":")
+    if (name == "cfg") != bool(colon):
+        form = "cfg@S:W with a CFG weight W" if name == "cfg" else f"{name}@S (no :W)"
+        raise ValueError(f"mode {text!r}: write {form}")
     try:
         s = float(at)
     except ValueError:
         raise ValueError(f"mode {text!r}: write {name}@S with a flow time S in (0, 1)") from None
     if not 0.0 < s < 1.0:
         raise ValueError(f"mode {text!r}: S must be in (0, 1), got {s}")
-    return name, s
+    if name != "cfg":
+        return name, s, None
+    try:
+        weight = float(w)
+    except ValueError:
+        raise ValueError(f"mode {text!r}: the CFG weight after ':' must be a number, got {w!r}") from None
+    if not 0.0 <= weight <= 50.0:
+        raise ValueError(f"mode {text!r}: the CFG weight must be in [0, 50], got {weight}")
+    return name, s, weight
 
 
 def scene_latents(attributes: list[dict], renders: int, seed: int, codec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,10 +88,12 @@ def scene_latents(attributes: list[dict], renders: int, seed: int, codec) -> tup
 @torch.no_grad()
 def sample_from(net, noise: torch.Tensor, context: torch.Tensor, uncond: torch.Tensor, *, steps: int,
                 guidance: float, shift: float, dtype: torch.dtype | None = None, start: float | None = None,
-                target: torch.Tensor | None = None) -> torch.Tensor:
+                target: torch.Tensor | None = None, high_guidance: tuple[float, float] | None = None
+                ) -> torch.Tensor:
     """Euler CFG sampling of `net` (the teacher, or `BoundaryExperts` of teacher and expert); with `start`
     the steps above it use `target` as the clean-video prediction, so sampling begins at the first step at
-    or below it from s·noise + (1 - s)·target."""
+    or below it from s·noise + (1 - s)·target; `high_guidance=(S, W)` samples the steps at s >= S with CFG
+    weight W instead of `guidance`."""
     from turbo_infer.samplers import flow_schedule, guided_velocity
 
     sig = flow_schedule(steps, shift).tolist()
@@ -84,12 +102,13 @@ def sample_from(net, noise: torch.Tensor, context: torch.Tensor, uncond: torch.T
     if start is not None:
         x = sig[first] * x + (1.0 - sig[first]) * target.to(x)
     for i in range(first, steps):
-        v = guided_velocity(net, x, sig[i], context, uncond, guidance, dtype)
+        w = high_guidance[1] if high_guidance is not None and sig[i] >= high_guidance[0] else guidance
+        v = guided_velocity(net, x, sig[i], context, uncond, w, dtype)
         x = x + (sig[i + 1] - sig[i]) * v
     return x
 
 
-def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, renders: int, batch_size: int,
+def run(pipe, judge, modes: list[tuple[str, float | None, float | None]], *, prompts: int, renders: int, batch_size: int,
         steps: int, guidance: float, shift: float, seed: int, progress: bool = True, expert=None) -> dict:
     from tqdm.auto import tqdm
 
@@ -108,8 +127,8 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
     out: dict = {"settings": dict(prompts=prompts, renders=renders, steps=steps, guidance=guidance, shift=shift,
                                   seed=seed), "modes": {}}
     scores: dict[str, np.ndarray] = {}
-    for name, start in modes:
-        label = name if start is None else f"{name}@{start:g}"
+    for name, start, weight in modes:
+        label = name if start is None else f"{name}@{start:g}" + (f":{weight:g}" if weight is not None else "")
         # expert@S: the expert samples s >= S, the teacher the rest (what turbo-eval --high-noise-expert runs)
         net = BoundaryExperts(pipe.transformer, expert, start) if name == "expert" else pipe.transformer
         t = time.perf_counter()
@@ -122,7 +141,8 @@ def run(pipe, judge, modes: list[tuple[str, float | None]], *, prompts: int, ren
             oracle = name in ("mean", "single")
             target = (means if name == "mean" else singles)[idx].to(pipe.device) if oracle else None
             lat = sample_from(net, noise, context, uncond, steps=steps, guidance=guidance, shift=shift,
-                              dtype=pipe.dtype, start=start if oracle else None, target=target)
+                              dtype=pipe.dtype, start=start if oracle else None, target=target,
+                              high_guidance=(start, weight) if name == "cfg" else None)
             videos.append(torch.cat(list(pipe.decode_uint8(lat)), dim=1).numpy())
         videos = np.concatenate(videos)
         pred = judge.predict_attributes(videos)
@@ -149,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None, help="toy DiT (default: the shipped teacher)")
     p.add_argument("--expert", type=Path, default=None, help="the high-noise network of the expert@S modes")
     p.add_argument("--modes", default="teacher,mean@0.95,single@0.9",
-                   help="comma-separated: teacher, mean@S, single@S (module docstring)")
+                   help="comma-separated: teacher, mean@S, single@S, expert@S, cfg@S:W (module docstring)")
     p.add_argument("--prompts", type=int, default=64, help="turbo-eval's first N prompts")
     p.add_argument("--renders", type=int, default=16, help="renders per scene for the mean target")
     p.add_argument("--steps", type=int, default=50)
@@ -177,7 +197,7 @@ def main(argv=None) -> int:
     for flag, path in (("--checkpoint", a.checkpoint), ("--expert", a.expert)):
         if path is not None and not path.is_file():
             p.error(f"{flag}: file not found: {path}")
-    if any(name == "expert" for name, _ in modes) != (a.expert is not None):
+    if any(name == "expert" for name, _, _ in modes) != (a.expert is not None):
         p.error("--expert and the expert@S modes go together")
     from turbo_infer.files import write_json
     from turbo_infer.pipeline import TurboPipeline

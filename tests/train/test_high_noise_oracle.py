@@ -14,12 +14,15 @@ import high_noise_oracle as hno  # noqa: E402
 
 
 def test_parse_mode():
-    assert hno.parse_mode("teacher") == ("teacher", None)
-    assert hno.parse_mode("mean@0.95") == ("mean", 0.95)
-    assert hno.parse_mode("single@0.5") == ("single", 0.5)
-    assert hno.parse_mode("expert@0.9") == ("expert", 0.9)
+    assert hno.parse_mode("teacher") == ("teacher", None, None)
+    assert hno.parse_mode("mean@0.95") == ("mean", 0.95, None)
+    assert hno.parse_mode("single@0.5") == ("single", 0.5, None)
+    assert hno.parse_mode("expert@0.9") == ("expert", 0.9, None)
+    assert hno.parse_mode("cfg@0.9:8") == ("cfg", 0.9, 8.0)
     for bad, msg in [("prior@0.9", "unknown kind 'prior'"), ("mean", "with a flow time"), ("mean@x", "with a flow time"),
-                     ("single@1.0", r"S must be in \(0, 1\)"), ("teacher@0.9", "takes no @S")]:
+                     ("single@1.0", r"S must be in \(0, 1\)"), ("teacher@0.9", "takes no @S"),
+                     ("cfg@0.9", "cfg@S:W"), ("mean@0.9:3", r"mean@S \(no :W\)"), ("cfg@0.9:x", "must be a number"),
+                     ("cfg@0.9:-1", r"in \[0, 50\]")]:
         with pytest.raises(ValueError, match=msg):
             hno.parse_mode(bad)
 
@@ -69,6 +72,24 @@ def test_expert_runs_the_steps_above_s_and_the_teacher_the_rest():
     first = next(i for i, s in enumerate(sig) if s <= 0.9)
     assert expert.times == pytest.approx(sig[:first], abs=1e-4) and pipe.times == pytest.approx(sig[first:-1], abs=1e-4)
     assert torch.equal(x, noise)  # zero velocities: the expert did not jump to an oracle state
+
+
+def test_high_guidance_applies_above_s_only():
+    """cfg@S:W: the steps at s >= S combine the two predictions with weight W, the others with --guidance."""
+    from turbo_infer.samplers import flow_schedule
+
+    def spy(x, t, ctx):  # conditional velocity 1, unconditional 0: the guided velocity is the weight itself
+        return ctx[:, 0, 0].view(-1, 1, 1, 1, 1).expand_as(x).clone()
+
+    noise = torch.zeros(1, 1, 1, 2, 2)
+    ctx, unc = torch.ones(1, 2, 3), torch.zeros(1, 2, 3)
+    x = hno.sample_from(spy, noise, ctx, unc, steps=10, guidance=2.0, shift=3.0, high_guidance=(0.9, 7.0))
+    sig = flow_schedule(10, 3.0).tolist()
+    want = sum((sig[i + 1] - sig[i]) * (7.0 if sig[i] >= 0.9 else 2.0) for i in range(10))
+    assert any(s >= 0.9 for s in sig[:-1]) and any(s < 0.9 for s in sig[:-1])
+    torch.testing.assert_close(x, torch.full_like(x, want))
+    plain = hno.sample_from(spy, noise, ctx, unc, steps=10, guidance=2.0, shift=3.0)
+    torch.testing.assert_close(plain, torch.full_like(x, 2.0 * (sig[-1] - sig[0])))
 
 
 def test_teacher_mode_is_turbo_eval_sampling(tmp_path):

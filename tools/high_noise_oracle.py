@@ -131,6 +131,7 @@ def run(pipe, judge, modes: list[tuple[str, float | None, float | None]], *, pro
         label = name if start is None else f"{name}@{start:g}" + (f":{weight:g}" if weight is not None else "")
         # expert@S: the expert samples s >= S, the teacher the rest (what turbo-eval --high-noise-expert runs)
         net = BoundaryExperts(pipe.transformer, expert, start) if name == "expert" else pipe.transformer
+        oracle = name in ("mean", "single")  # the steps above S replaced by a target video's straight path
         t = time.perf_counter()
         videos = []
         for b in tqdm(range(0, prompts, batch_size), desc=label, disable=not progress):
@@ -138,7 +139,6 @@ def run(pipe, judge, modes: list[tuple[str, float | None, float | None]], *, pro
             gens = [torch.Generator().manual_seed(seed + i) for i in idx]  # turbo-eval's noise for prompt i
             noise = batch_randn(shape, gens, pipe.device)
             context = pipe.text_encoder.encode([captions[i] for i in idx]).to(pipe.device)
-            oracle = name in ("mean", "single")
             target = (means if name == "mean" else singles)[idx].to(pipe.device) if oracle else None
             lat = sample_from(net, noise, context, uncond, steps=steps, guidance=guidance, shift=shift,
                               dtype=pipe.dtype, start=start if oracle else None, target=target,

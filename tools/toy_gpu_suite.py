@@ -389,7 +389,7 @@ def main(argv=None) -> int:
     p.add_argument("--ema-widths", default=[], type=ema_widths, metavar="W1[,W2...]",
                    help="every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels, beside the "
                         "recipe's sigma_rel), each evaluated at 4 steps as <name>_sr<W>: the EMA length compared on "
-                        "the same trainings, e.g. 0.2")
+                        "the same trainings, e.g. 0.1")
     p.add_argument("--rcm-times", action="append", default=[], type=rcm_times, metavar="NAME:T1,T2,T3|NAME:shift=S",
                    help="also evaluate every rCM student at 4 steps with these sampler mid times (turbo-eval "
                         "--rcm-mid-times) as rcm4_times_NAME, rcm4_VARIANT_times_NAME (repeatable), e.g. toy:shift=3")
@@ -414,6 +414,13 @@ def main(argv=None) -> int:
                 f"{', '.join(dict(a.sla_variant)) or 'none'})")
     if a.bundle_sla is not None and a.rcm_only:
         p.error("--bundle-sla: --rcm-only makes no bundles")
+    if a.ema_widths:  # the recipe refuses an extra EMA as wide as its own: say so here, not on the GPU
+        from turbo_train.recipe import load_recipe
+
+        own = load_recipe(REPO / "recipes/toy/rcm.yaml").ema.sigma_rel
+        if own in a.ema_widths:
+            p.error(f"--ema-widths: {own:g} is already recipes/toy/rcm.yaml's ema.sigma_rel (the main EMA, "
+                    f"evaluated as rcm4); give other widths")
     if a.smoke:
         a.device, a.eval_batch, a.eval_width = "cpu", 4, 2
     return Suite(a).main()

@@ -237,30 +237,34 @@ def test_snapshots_keep_each_rcm_trainings_course_and_evaluate_it(tmp_path, monk
     assert f["toy_rcm4_step000250_adherence_ratio"] == 0.95
 
 
-def test_ema_widths_keep_extra_emas_in_every_rcm_training_and_evaluate_them(tmp_path, monkeypatch):
-    s, calls = suite(tmp_path, monkeypatch, rcm_only=True, skip_ablations=True, ema_widths=[0.2, 0.15],
+def test_ema_widths_keep_extra_emas_in_every_rcm_training_and_evaluate_them(tmp_path, monkeypatch, capsys):
+    s, calls = suite(tmp_path, monkeypatch, rcm_only=True, skip_ablations=True, ema_widths=[0.1, 0.15],
                      rcm_variant=[toy_gpu_suite.rcm_variant("seed1:trainer.seed=1")],
                      rcm_times=[toy_gpu_suite.rcm_times("hi:shift=8")])
     assert s.main() == 0
     by = dict(calls)
     for t in ("train-rcm", "train-rcm_seed1"):
-        assert sets_of(by[t])["ema.extra_sigma_rels"] == "[0.2,0.15]"
-    for ev_name, path in (("rcm4_sr0.2", "rcm/ema_sr0.2.safetensors"), ("rcm4_seed1_sr0.15", "rcm_seed1/ema_sr0.15.safetensors"),
-                          ("rcm4_seed1_sr0.2_times_hi", "rcm_seed1/ema_sr0.2.safetensors")):
+        assert sets_of(by[t])["ema.extra_sigma_rels"] == "[0.1,0.15]"
+    for ev_name, path in (("rcm4_sr0.1", "rcm/ema_sr0.1.safetensors"), ("rcm4_seed1_sr0.15", "rcm_seed1/ema_sr0.15.safetensors"),
+                          ("rcm4_seed1_sr0.1_times_hi", "rcm_seed1/ema_sr0.1.safetensors")):
         cmd = by[f"eval-{ev_name}"]
         assert cmd[cmd.index("--checkpoint") + 1] == str(tmp_path / path)
-    cmd = by["eval-rcm4_seed1_sr0.2_times_hi"]
+    cmd = by["eval-rcm4_seed1_sr0.1_times_hi"]
     assert cmd[cmd.index("--rcm-mid-times") + 1] == "shift=8"
     # the recipe accepts what the suite sets (a YAML list through --set)
     from turbo_train.recipe import load_recipe
 
-    r = load_recipe(toy_gpu_suite.REPO / "recipes/toy/rcm.yaml", overrides=["ema.extra_sigma_rels=[0.2,0.15]"])
-    assert r.ema.extra_sigma_rels == [0.2, 0.15]
+    r = load_recipe(toy_gpu_suite.REPO / "recipes/toy/rcm.yaml", overrides=["ema.extra_sigma_rels=[0.1,0.15]"])
+    assert r.ema.extra_sigma_rels == [0.1, 0.15]
     assert "--ema-widths 0.2,0.15" in toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256,
                                                                   "ema_widths": [0.2, 0.15]})
     for bad in ("0.3", "x", "0.2,0.2", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             toy_gpu_suite.ema_widths(bad)
+    # a width equal to the recipe's own sigma_rel (0.2) is refused before anything starts
+    with pytest.raises(SystemExit):
+        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--ema-widths", "0.1,0.2"])
+    assert "--ema-widths: 0.2 is already recipes/toy/rcm.yaml's ema.sigma_rel" in capsys.readouterr().err
 
 
 def test_another_teacher_feeds_every_training_the_merge_and_the_ratios(tmp_path, monkeypatch):

@@ -261,10 +261,12 @@ def test_ema_widths_keep_extra_emas_in_every_rcm_training_and_evaluate_them(tmp_
     for bad in ("0.3", "x", "0.2,0.2", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             toy_gpu_suite.ema_widths(bad)
-    # a width equal to the recipe's own sigma_rel (0.2) is refused before anything starts
+    # a width equal to the recipe's own sigma_rel is refused before anything starts
+    own = load_recipe(toy_gpu_suite.REPO / "recipes/toy/rcm.yaml").ema.sigma_rel
     with pytest.raises(SystemExit):
-        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--ema-widths", "0.1,0.2"])
-    assert "--ema-widths: 0.2 is already recipes/toy/rcm.yaml's ema.sigma_rel" in capsys.readouterr().err
+        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--ema-widths", f"0.15,{own:g}"])
+    assert f"--ema-widths: {own:g} is already recipes/toy/rcm.yaml's ema.sigma_rel" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_another_teacher_feeds_every_training_the_merge_and_the_ratios(tmp_path, monkeypatch):

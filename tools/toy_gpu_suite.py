@@ -184,9 +184,8 @@ class Suite:
         snap = set_args([f"checkpoint.every_n_steps={self.a.snapshots}", "checkpoint.export_snapshots=true"]) \
             if self.a.snapshots else []
         # --ema-widths: every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels)
-        widths = self.a.ema_widths
-        if widths:
-            snap = snap + set_args([f"ema.extra_sigma_rels=[{','.join(f'{w:g}' for w in widths)}]"])
+        if self.a.ema_widths:
+            snap = snap + set_args([ema_widths_setting(self.a.ema_widths)])
         # phase 1: the trainings and the teacher's evaluations, all at once
         phase1 = [(self.train, "rcm", rcm, snap)]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"] + snap) for m in ablations]
@@ -240,7 +239,7 @@ class Suite:
         # --ema-widths: each training's extra EMA widths at 4 steps (and on the --rcm-times grids), e.g.
         # rcm4_sr0.2 and rcm4_seed1_sr0.2_times_hi: paired with the recipe's width on the same training
         for run_name, ev in students:
-            for w in widths:
+            for w in self.a.ema_widths:
                 f = self.out / run_name / extra_ema_name(w)
                 tag = f"{ev}_{f.stem.removeprefix('ema_')}"
                 jobs.append((self.evaluate, tag, ["--checkpoint", str(f)] + student(4)))
@@ -345,6 +344,11 @@ def ema_widths(text: str) -> list[float]:
     return widths
 
 
+def ema_widths_setting(widths: list[float]) -> str:
+    """[0.1, 0.15] -> "ema.extra_sigma_rels=[0.1,0.15]", the recipe override every rCM training gets."""
+    return f"ema.extra_sigma_rels=[{','.join(f'{w:g}' for w in widths)}]"
+
+
 def rcm_times(text: str) -> tuple[str, str]:
     """--rcm-times NAME:SPEC -> (NAME, SPEC), SPEC checked as turbo-eval --rcm-mid-times would."""
     from turbo_infer.samplers import parse_mid_times
@@ -414,13 +418,13 @@ def main(argv=None) -> int:
                 f"{', '.join(dict(a.sla_variant)) or 'none'})")
     if a.bundle_sla is not None and a.rcm_only:
         p.error("--bundle-sla: --rcm-only makes no bundles")
-    if a.ema_widths:  # the recipe refuses an extra EMA as wide as its own: say so here, not on the GPU
+    if a.ema_widths:  # the rCM recipe's own check (e.g. a width equal to its sigma_rel), here rather than on the GPU
         from turbo_train.recipe import load_recipe
 
-        own = load_recipe(REPO / "recipes/toy/rcm.yaml").ema.sigma_rel
-        if own in a.ema_widths:
-            p.error(f"--ema-widths: {own:g} is already recipes/toy/rcm.yaml's ema.sigma_rel (the main EMA, "
-                    f"evaluated as rcm4); give other widths")
+        try:
+            load_recipe(REPO / "recipes/toy/rcm.yaml", overrides=[ema_widths_setting(a.ema_widths)])
+        except ValueError as e:
+            p.error(f"--ema-widths: {e}")
     if a.smoke:
         a.device, a.eval_batch, a.eval_width = "cpu", 4, 2
     return Suite(a).main()

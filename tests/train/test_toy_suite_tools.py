@@ -265,7 +265,8 @@ def test_ema_widths_keep_extra_emas_in_every_rcm_training_and_evaluate_them(tmp_
     own = load_recipe(toy_gpu_suite.REPO / "recipes/toy/rcm.yaml").ema.sigma_rel
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--ema-widths", f"0.15,{own:g}"])
-    assert f"--ema-widths: {own:g} is already recipes/toy/rcm.yaml's ema.sigma_rel" in capsys.readouterr().err
+    assert (f"--ema-widths: {toy_gpu_suite.REPO / 'recipes/toy/rcm.yaml'} (--set ema.extra_sigma_rels): "
+            f"ema.extra_sigma_rels: must differ from each other and from sigma_rel {own}") in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

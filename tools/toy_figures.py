@@ -8,9 +8,11 @@ Every ratio divides by the teacher's 50-step CFG figure from the same run (same 
                                   toy_rcm4_diversity_ratio, toy_scm4_adherence_ratio,
                                   toy_dmd4_adherence_ratio, toy_dmd4_diversity_ratio,
                                   toy_teacher_rcm4_nocfg_adherence_ratio (the undistilled teacher at 4 steps)
-    benchmarks/sla_finetune.json  toy_sla0.1_untrained_adherence_ratio, toy_sla0.1_finetuned_adherence_ratio,
-                                  toy_rcm4_sla0.1_adherence_ratio, toy_rcm4_sla0.1_frechet_ratio (+ topk 0.2 untrained),
-                                  toy_rcm4_sla0.1_direct_* (--sla-on-student: SLA tuned into the student)
+    benchmarks/sla_finetune.json  toy_sla{0.1,0.2}_untrained_adherence_ratio, and with K the fine-tune's topk
+                                  as the suite names it: toy_slaK_finetuned_{adherence,frechet}_ratio,
+                                  toy_rcm4_slaK_{adherence,frechet,diversity}_ratio (merged),
+                                  toy_rcm4_slaK_direct_* (--sla-on-student: SLA tuned into the student);
+                                  an --sla-variant NAME adds toy_slaK_finetuned_NAME_* and toy_rcm4_slaK_NAME_*
     benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
                                   (the suite's cpu bundle, evaluated on the host's CPU; or a report of
                                   `turbo-eval --bundle <cpu bundle>` given as --cpu-bundle-report),
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -43,27 +46,29 @@ RATIOS = [
     ("rcm", "toy_teacher_rcm4_nocfg_adherence_ratio", "teacher_rcm4", "adherence"),
     ("sla_finetune", "toy_sla0.1_untrained_adherence_ratio", "teacher_sla0.1_untrained", "adherence"),
     ("sla_finetune", "toy_sla0.2_untrained_adherence_ratio", "teacher_sla0.2_untrained", "adherence"),
-    ("sla_finetune", "toy_sla0.1_finetuned_adherence_ratio", "teacher_sla0.1_finetuned", "adherence"),
-    ("sla_finetune", "toy_rcm4_sla0.1_adherence_ratio", "merged_rcm4_sla0.1", "adherence"),
-    ("sla_finetune", "toy_rcm4_sla0.1_frechet_ratio", "merged_rcm4_sla0.1", "frechet"),
-    ("sla_finetune", "toy_rcm4_sla0.1_direct_adherence_ratio", "direct_rcm4_sla0.1", "adherence"),
-    ("sla_finetune", "toy_rcm4_sla0.1_direct_frechet_ratio", "direct_rcm4_sla0.1", "frechet"),
-    ("sla_finetune", "toy_rcm4_sla0.1_direct_diversity_ratio", "direct_rcm4_sla0.1", "diversity"),
     ("toy_bundles", "toy_bundle_h100_adherence_ratio", "bundle_h100", "adherence"),
     ("toy_bundles", "toy_bundle_cpu_adherence_ratio", "bundle_cpu", "adherence"),
 ]
 
 
+# the SLA fine-tune's evaluations, named by the suite with the fine-tune's topk K (and a variant's _NAME):
+# (report name pattern, figure stem, keys)
+SLA_REPORTS = [
+    (re.compile(r"teacher_sla(?P<k>[0-9.]+)_finetuned(?P<v>_\w+)?"), "toy_sla{k}_finetuned{v}", ("adherence", "frechet")),
+    (re.compile(r"merged_rcm4_sla(?P<k>[0-9.]+)(?P<v>_\w+)?"), "toy_rcm4_sla{k}{v}", ("adherence", "frechet", "diversity")),
+    (re.compile(r"direct_rcm4_sla(?P<k>[0-9.]+)"), "toy_rcm4_sla{k}_direct", ("adherence", "frechet", "diversity")),
+]
+
+
 def variant_ratios(reports: dict) -> list[tuple[str, str, str, str]]:
-    """RATIOS rows for the suite's variants: SLA fine-tunes (--sla-variant NAME:...) and rCM trainings
-    (--rcm-variant NAME:...)."""
+    """RATIOS rows for the evaluations whose names the suite builds: the SLA fine-tune's (SLA_REPORTS: the
+    main one and every --sla-variant NAME) and the rCM variants' (--rcm-variant NAME: rcm4_NAME)."""
     rows = []
     for name in reports:
-        for prefix, fig in (("teacher_sla0.1_finetuned_", "toy_sla0.1_finetuned_{}"), ("merged_rcm4_sla0.1_", "toy_rcm4_sla0.1_{}")):
-            if name.startswith(prefix):
-                v = fig.format(name.removeprefix(prefix))
-                rows += [("sla_finetune", v + "_adherence_ratio", name, "adherence"),
-                         ("sla_finetune", v + "_frechet_ratio", name, "frechet")]
+        for pattern, stem, keys in SLA_REPORTS:
+            if m := pattern.fullmatch(name):
+                fig = stem.format(k=m["k"], v=m.groupdict().get("v") or "")
+                rows += [("sla_finetune", f"{fig}_{key}_ratio", name, key) for key in keys]
         if name.startswith("rcm4_"):
             rows += [("rcm", f"toy_{name}_{key}_ratio", name, key) for key in ("adherence", "frechet", "diversity")]
     return rows

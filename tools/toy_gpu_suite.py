@@ -7,9 +7,11 @@ the CPU workers that render the videos. So the suite runs, at the same time,
     rcm   recipes/toy/rcm.yaml                    rCM: sCM + DMD fake score (the method)
     scm   the same with method.rcm.loss_mode=scm  pure sCM ablation (no fake score)
     dmd   the same with method.rcm.loss_mode=dmd  DMD2-alone ablation (no consistency term)
-    sla   recipes/toy/sla.yaml                    SLA (topk 0.1) fine-tune of the teacher
+    sla   recipes/toy/sla.yaml                    SLA fine-tune of the teacher (the recipe's topk K)
 each capped at --minutes of training, while the teacher is evaluated dense, with untrained SLA
 (topk 0.1, 0.2) and under the students' 4-step rcm sampler without CFG (what distillation adds).
+The SLA evaluations carry the fine-tune's topk in their names: teacher_slaK_finetuned (the fine-tuned
+teacher, 50-step CFG), merged_rcm4_slaK (rCM student + SLA delta, 4 steps), e.g. K = 0.2.
 Then: merge (rCM student + SLA delta), calibration of the merged model (fp32, on
 the evaluation device), export of the h100 and cpu bundles, and `turbo-eval` of every model (a few evaluations at a time; the
 cpu bundle on the host's CPU). Every
@@ -19,8 +21,8 @@ benchmarks/{rcm,sla_finetune,toy_bundles}.json.
 
 --sla-variant NAME:KEY=VALUE[,KEY=VALUE...] adds another SLA fine-tune (recipe sla.yaml with those
 method/optim settings) that is trained alongside, merged into the same rCM student and evaluated as
-teacher_sla0.1_finetuned_NAME and merged_rcm4_sla0.1_NAME (calibration and bundles stay with the main
-one); --rcm-variant NAME:KEY=VALUE[,...] adds another rCM training (recipe rcm.yaml with those settings,
+teacher_slaK_finetuned_NAME and merged_rcm4_slaK_NAME, K that variant's topk (calibration and bundles stay
+with the main one unless --bundle-sla NAME); --rcm-variant NAME:KEY=VALUE[,...] adds another rCM training (recipe rcm.yaml with those settings,
 e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablations leaves out the
 pure-sCM and DMD2-only trainings; --rcm-only runs just the rCM trainings (and variants) and the teacher's
 evaluation, for comparing rCM settings in one call.
@@ -174,10 +176,12 @@ class Suite:
         from turbo_train.recipe import load_recipe
 
         sc = load_recipe(REPO / sla).method.sla
+        lab = sla_label()  # e.g. "sla0.2": the fine-tune's topk, in the names of its evaluations
         untrained = lambda k: teacher_eval + ["--attention", "sla", "--topk", str(k), "--block-q", str(sc.block_q),  # noqa: E731
                                               "--block-k", str(sc.block_k)]
         student = lambda steps: ["--sampler", "rcm", "--steps", str(steps), "--guidance", "1"]  # noqa: E731
         sla_variants = dict(self.a.sla_variant)
+        vlab = {v: sla_label(sets) for v, sets in sla_variants.items()}  # a variant may set its own topk
         rcm_variants = dict(self.a.rcm_variant)
         ablations = () if self.a.skip_ablations else ("scm", "dmd")
         # --snapshots N: the rCM trainings keep their EMA every N iterations (evaluated in phase 2)
@@ -247,7 +251,7 @@ class Suite:
                           + ["--rcm-mid-times", spec]) for t, spec in self.a.rcm_times]
         # --sla-on-student: SLA fine-tuned into the rCM student itself (distilled from the dense student, no
         # caption dropout: the student samples without CFG), instead of the teacher's fine-tune merged into it
-        direct = [(self.evaluate, "direct_rcm4_sla0.1", ["--checkpoint", str(self.exported("sla_student"))] + student(4))]
+        direct = [(self.evaluate, f"direct_rcm4_{lab}", ["--checkpoint", str(self.exported("sla_student"))] + student(4))]
         if self.a.sla_on_student:
             jobs.insert(0, (self.train, "sla_student", sla, ["--set", f"model.checkpoint={self.exported('rcm')}",
                                                              "--set", "method.sla.caption_dropout=0.0"]))
@@ -258,16 +262,16 @@ class Suite:
             if direct:
                 self.parallel(direct, width=1)
             return self.finish(t0)
-        jobs += [(self.evaluate, "teacher_sla0.1_finetuned", ["--checkpoint", str(self.exported("sla"))])]
-        jobs += [(self.evaluate, f"teacher_sla0.1_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
+        jobs += [(self.evaluate, f"teacher_{lab}_finetuned", ["--checkpoint", str(self.exported("sla"))])]
+        jobs += [(self.evaluate, f"teacher_{vlab[v]}_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
                  for v in sla_variants]
         with ThreadPoolExecutor(max_workers=1) as side:
             mce = side.submit(merge_calibrate_export)
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
         self.write_summary(t0, complete=False)
-        final = [(self.evaluate, "merged_rcm4_sla0.1", ["--checkpoint", str(merged_of(None))] + student(4))] + direct
-        final += [(self.evaluate, f"merged_rcm4_sla0.1_{v}", ["--checkpoint", str(merged_of(v))] + student(4))
+        final = [(self.evaluate, f"merged_rcm4_{lab}", ["--checkpoint", str(merged_of(None))] + student(4))] + direct
+        final += [(self.evaluate, f"merged_rcm4_{vlab[v]}_{v}", ["--checkpoint", str(merged_of(v))] + student(4))
                   for v in sla_variants]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
@@ -321,6 +325,14 @@ def training_progress(run_dir: Path) -> dict | None:
                 if k not in ("epoch", "step") and v not in (None, ""):
                     last[k] = float(v)
     return {"steps": steps, "last": last}
+
+
+def sla_label(sets=()) -> str:
+    """"sla0.2": the topk of recipes/toy/sla.yaml with these settings, as the SLA evaluations' names carry it
+    (tools/toy_figures.py reads it back into figure names such as toy_rcm4_sla0.2_adherence_ratio)."""
+    from turbo_train.recipe import load_recipe
+
+    return f"sla{load_recipe(REPO / 'recipes/toy/sla.yaml', overrides=list(sets)).method.sla.topk:g}"
 
 
 def sla_variant(text: str) -> tuple[str, list[str]]:
@@ -400,7 +412,7 @@ def main(argv=None) -> int:
     p.add_argument("--sla-on-student", action="store_true",
                    help="also fine-tune SLA into the rCM student itself once it is trained (recipes/toy/sla.yaml from "
                         "the student, distilled from the dense student, no caption dropout; --sla-minutes) and "
-                        "evaluate it at 4 steps as direct_rcm4_sla0.1, beside the merge of the teacher's fine-tune")
+                        "evaluate it at 4 steps as direct_rcm4_slaK (K the recipe's topk), beside the merge of the teacher's fine-tune")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,

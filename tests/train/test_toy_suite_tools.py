@@ -111,9 +111,29 @@ def test_sla_variants_are_trained_merged_and_evaluated(tmp_path, monkeypatch):
     merge = by["merge-sla_x0"]
     assert merge[merge.index("--sla") + 1] == str(tmp_path / "sla_x0/ema.safetensors")
     assert merge[merge.index("--out") + 1] == str(tmp_path / "merged_x0.safetensors")
-    ev = by["eval-merged_rcm4_sla0.1_x0"]
+    lab = toy_gpu_suite.sla_label()  # the recipe's topk names the evaluations, e.g. sla0.2
+    from turbo_train.recipe import load_recipe
+    assert lab == f"sla{load_recipe(ROOT / 'recipes/toy/sla.yaml').method.sla.topk:g}"
+    ev = by[f"eval-merged_rcm4_{lab}_x0"]
     assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "merged_x0.safetensors") and "rcm" in ev
-    assert "eval-teacher_sla0.1_finetuned_x0" in by and "eval-merged_rcm4_sla0.1" in by
+    assert f"eval-teacher_{lab}_finetuned_x0" in by and f"eval-merged_rcm4_{lab}" in by
+
+
+def test_an_sla_variant_with_its_own_topk_is_named_by_it(tmp_path, monkeypatch):
+    k3 = toy_gpu_suite.sla_variant("k3:method.sla.topk=0.3")
+    assert toy_gpu_suite.sla_label(k3[1]) == "sla0.3"
+    s, calls = suite(tmp_path, monkeypatch, sla_variant=[k3], skip_ablations=True)
+    s.main()
+    by = dict(calls)
+    assert sets_of(by["train-sla_k3"])["method.sla.topk"] == "0.3"
+    assert "eval-teacher_sla0.3_finetuned_k3" in by and "eval-merged_rcm4_sla0.3_k3" in by
+    main = toy_gpu_suite.sla_label()
+    assert main != "sla0.3" and f"eval-merged_rcm4_{main}" in by
+    # and toy_figures files them under that topk
+    f = toy_figures.ratios({"teacher": report(0.8, 400.0, 20.0), "merged_rcm4_sla0.3_k3": report(0.76, 600.0, 22.0),
+                            "teacher_sla0.3_finetuned_k3": report(0.8, 500.0)})["sla_finetune"]
+    assert f["toy_rcm4_sla0.3_k3_adherence_ratio"] == 0.95 and f["toy_rcm4_sla0.3_k3_diversity_ratio"] == 1.1
+    assert f["toy_sla0.3_finetuned_k3_adherence_ratio"] == 1.0 and f["toy_sla0.3_finetuned_k3_frechet_ratio"] == 1.25
     assert json.loads((tmp_path / "summary.json").read_text())["complete"] is True
 
 
@@ -185,11 +205,12 @@ def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tm
                          sla_on_student=True, sla_minutes=5.0)
         assert s.main() == 0
         names = [name for name, _ in calls]
-        assert names.index("train-rcm") < names.index("train-sla_student") < names.index("eval-direct_rcm4_sla0.1")
+        lab = toy_gpu_suite.sla_label()
+        assert names.index("train-rcm") < names.index("train-sla_student") < names.index(f"eval-direct_rcm4_{lab}")
         sets = sets_of(dict(calls)["train-sla_student"])
         assert sets["model.checkpoint"] == str(s.exported("rcm")) and sets["method.sla.caption_dropout"] == "0.0"
         assert sets["trainer.max_time_minutes"] == "5.0"
-        ev = dict(calls)["eval-direct_rcm4_sla0.1"]
+        ev = dict(calls)[f"eval-direct_rcm4_{lab}"]
         assert ev[ev.index("--checkpoint") + 1] == str(s.exported("sla_student")) and "rcm" in ev
     # its figures land in sla_finetune.json, divided by the teacher
     reports = {"teacher": {"adherence": 0.8, "frechet": 100.0, "diversity": 20.0},
@@ -337,7 +358,7 @@ def test_bundle_sla_makes_the_bundles_from_that_variants_merge(tmp_path, monkeyp
     export = by["export"]
     assert export[export.index("--checkpoint") + 1] == merged_k2
     # the main fine-tune is still merged and evaluated on its own
-    ev = by["eval-merged_rcm4_sla0.1"]
+    ev = by[f"eval-merged_rcm4_{toy_gpu_suite.sla_label()}"]
     assert ev[ev.index("--checkpoint") + 1] == str(tmp_path / "merged.safetensors")
     assert "--bundle-sla k2" in toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "bundle_sla": "k2"})
     for argv in (["--bundle-sla", "k3", "--sla-variant", "k2:method.sla.topk=0.2"],
@@ -352,7 +373,8 @@ def test_lean_leaves_out_the_reference_evaluations(tmp_path, monkeypatch):
     assert s.main() == 0
     names = {name for name, _ in calls}
     assert not names & {"eval-teacher_sla0.1_untrained", "eval-teacher_sla0.2_untrained", "eval-rcm2", "eval-rcm1"}
-    assert {"eval-teacher", "eval-rcm4", "eval-merged_rcm4_sla0.1", "eval-bundle_h100", "eval-bundle_cpu"} <= names
+    assert {"eval-teacher", "eval-rcm4", f"eval-merged_rcm4_{toy_gpu_suite.sla_label()}", "eval-bundle_h100",
+            "eval-bundle_cpu"} <= names
     assert toy_figures.suite_command({"out": "o", "minutes": 4, "prompts": 256, "lean": True}).endswith(" --lean")
 
 

@@ -77,7 +77,8 @@ def variant_ratios(reports: dict) -> list[tuple[str, str, str, str]]:
 def ratios(reports: dict) -> dict[str, dict[str, float]]:
     """{file: {figure: value}} from the suite's reports (missing evaluations are skipped). An adherence
     ratio whose two reports carry per-video adherence (same prompts and noise) also gets
-    `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr); a
+    `<figure>_stderr`, its paired standard error (turbo_train.toyworld.metrics.paired_ratio_stderr), and so
+    does a diversity ratio whose reports carry `diversity_per_prompt` (paired over the diversity prompts); a
     Fréchet ratio whose two reports carry `frechet_stderr` (turbo-eval's bootstrap) gets one too, and
     `<figure>_stderr_paired` where the suite bootstrapped the ratio itself (`frechet_ratio_paired_stderr`)."""
     t = reports["teacher"]
@@ -89,6 +90,11 @@ def ratios(reports: dict) -> dict[str, dict[str, float]]:
         if key == "adherence" and "adherence_per_video" in reports[name] and "adherence_per_video" in t:
             out[file][fig + "_stderr"] = round(paired_ratio_stderr(reports[name]["adherence_per_video"],
                                                                    t["adherence_per_video"]), 4)
+        if key == "diversity" and len(reports[name].get("diversity_per_prompt") or ()) > 1 \
+                and len(reports[name]["diversity_per_prompt"]) == len(t.get("diversity_per_prompt") or ()):
+            # the same prompts and seeds in both (turbo-eval's diversity pass): a paired ratio over prompts
+            out[file][fig + "_stderr"] = round(paired_ratio_stderr(reports[name]["diversity_per_prompt"],
+                                                                   t["diversity_per_prompt"]), 4)
         if key == "frechet" and reports[name].get("frechet_stderr") is not None and t.get("frechet_stderr") is not None:
             # both distances' bootstrap errors, combined as if independent (they share the real videos, so
             # this overstates the ratio's noise a little)

@@ -155,7 +155,8 @@ class Suite:
         for rep in sorted((self.out / "eval").glob("*/report.json")):
             r = json.loads(rep.read_text())
             keys = ("adherence", "adherence_stderr", "adherence_per_video", "adherence_seen_templates",
-                    "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_real", "s_per_video",
+                    "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_per_prompt",
+                    "diversity_stderr", "diversity_real", "s_per_video",
                     "per_attribute_accuracy", "settings")
             summary["reports"][rep.parent.name] = {k: r[k] for k in keys if k in r}
             summary["reports"][rep.parent.name].update(self.paired_frechet(rep.parent))

@@ -9,7 +9,8 @@ the held-out paraphrase templates never seen in training) it generates one video
                       many real toy videos (other seeds)
   diversity           mean pairwise judge-feature distance among videos of one prompt over several
                       seeds (few-step students tend to collapse modes), with the same statistic for
-                      real videos of the same attributes as a reference
+                      real videos of the same attributes as a reference; per prompt and its standard
+                      error over prompts too (prompt j always gets the same seeds: two models' values pair)
   s_per_video         generation wall time per video (text encoding + sampling + decoding)
   fidelity            with --reference: PSNR (dB) and judge-feature distance of each video against
                       the video a reference model made from the same prompt and the same noise (the
@@ -32,8 +33,8 @@ import numpy as np
 
 from turbo_infer.samplers import SAMPLERS, mid_times_arg
 from turbo_train.toyworld.generator import generate_sample
-from turbo_train.toyworld.metrics import (adherence_per_video, diversity, frechet_bootstrap_stderr, frechet_distance,
-                                          mean_stderr,
+from turbo_train.toyworld.metrics import (adherence_per_video, diversity, diversity_per_prompt, frechet_bootstrap_stderr,
+                                          frechet_distance, mean_stderr,
                                           paired_feature_distance, paired_psnr, per_attribute_accuracy)
 
 EVAL_SEED_OFFSET = 10_000_000  # prompt seeds live far from the training stream's small seeds
@@ -199,8 +200,12 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
                                    seed=seed + 1_000 * (j + 1), progress=False, **kw)
         by_prompt_gen.append(judge.features(vids).cpu().numpy())
         by_prompt_real.append(judge.features(real_videos([attrs[j]], diversity_seeds, seed + j)).cpu().numpy())
-    # diversity_prompts = 0: not measured (None in the report)
-    report["diversity"] = diversity(by_prompt_gen) if by_prompt_gen else None
+    # diversity_prompts = 0: not measured (None in the report). Per prompt too: the same prompts and seeds for
+    # every model, so two reports give a paired diversity ratio with its standard error (tools/toy_figures.py)
+    per_prompt = diversity_per_prompt(by_prompt_gen) if by_prompt_gen else None
+    report["diversity"] = float(per_prompt.mean()) if per_prompt is not None else None
+    report["diversity_per_prompt"] = per_prompt.tolist() if per_prompt is not None else None
+    report["diversity_stderr"] = mean_stderr(per_prompt) if per_prompt is not None else None
     report["diversity_real"] = diversity(by_prompt_real) if by_prompt_real else None
     report["s_per_video"] = s_per_video
     report["settings"] = dict(num_prompts=num_prompts, diversity_prompts=diversity_prompts, diversity_seeds=diversity_seeds,
@@ -348,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
           f"seen templates {report['adherence_seen_templates']:.4f}, held-out {report['adherence_heldout_templates']:.4f})")
     for k, v in report["per_attribute_accuracy"].items():
         print(f"  {k:<12} {v:.3f}")
-    div = (f"diversity {report['diversity']:.3f} (real {report['diversity_real']:.3f})" if report["diversity"] is not None
+    div = (f"diversity {report['diversity']:.3f} ± {report['diversity_stderr']:.3f} over {len(report['diversity_per_prompt'])} "
+           f"prompts (real {report['diversity_real']:.3f})" if report["diversity"] is not None
            else "diversity not measured (--diversity-prompts 0)")
     fse = f" ± {report['frechet_stderr']:.2f}" if report.get("frechet_stderr") else ""
     print(f"frechet {report['frechet']:.3f}{fse}  {div}  {report['s_per_video']:.2f} s/video")

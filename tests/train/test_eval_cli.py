@@ -26,7 +26,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def run(args, out):
-    assert main([*args, "--num-prompts", "2", "--diversity-prompts", "1", "--diversity-seeds", "2",
+    assert main([*args, "--num-prompts", "2", "--diversity-prompts", "2", "--diversity-seeds", "2",
                  "--out-dir", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert (out / "contact_sheet.png").stat().st_size > 0
@@ -35,6 +35,9 @@ def run(args, out):
     per = report["adherence_per_video"]  # in prompt order, for paired comparisons of two runs
     assert len(per) == report["settings"]["num_prompts"] and sum(per) / len(per) == pytest.approx(report["adherence"])
     assert report["adherence_stderr"] >= 0 and report["frechet_stderr"] >= 0
+    div = report["diversity_per_prompt"]  # per diversity prompt, same seeds for every model: paired ratios
+    assert len(div) == 2 and sum(div) / 2 == pytest.approx(report["diversity"])
+    assert report["diversity_stderr"] == pytest.approx(abs(div[0] - div[1]) / 2)  # sd(ddof 1) / sqrt(2) of two
     feats = np.load(out / "features.npz")  # the Fréchet distance's two sets, for paired comparisons
     assert feats["generated"].shape == feats["real"].shape == (2, feats["real"].shape[1])
     return report
@@ -81,6 +84,7 @@ def test_diversity_can_be_skipped(tiny_checkpoint, tmp_path, capsys):
                  "--out-dir", str(tmp_path), "--no-progress"]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["diversity"] is None and report["diversity_real"] is None and report["frechet"] >= 0
+    assert report["diversity_per_prompt"] is None and report["diversity_stderr"] is None
     assert "diversity not measured" in capsys.readouterr().out
 
 

@@ -10,7 +10,8 @@ import torch
 from turbo_train.toyworld import attributes as A
 from turbo_train.toyworld.generator import generate_sample, video_to_float
 from turbo_train.toyworld.judge import Judge, JudgeConfig, JudgeTrainConfig, judge_loss, load_judge, lr_at, main, save_judge, train_judge
-from turbo_train.toyworld.metrics import adherence_per_video, diversity, frechet_distance, per_attribute_accuracy, prompt_adherence
+from turbo_train.toyworld.metrics import (adherence_per_video, diversity, diversity_per_prompt, frechet_distance,
+                                          per_attribute_accuracy, prompt_adherence)
 from turbo_train.toyworld.stream import ToyVideoStream, collate_toy
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "toy" / "judge.yaml"
@@ -252,6 +253,8 @@ def test_diversity_known_values():
     assert diversity({"a": tri, "b": np.zeros((3, 2))}) == pytest.approx(1.0)
     with pytest.raises(ValueError, match=">= 2 videos"):
         diversity({"p": np.zeros((1, 4))})
+    # per prompt, in order: the values a paired diversity ratio is computed from
+    np.testing.assert_allclose(diversity_per_prompt([tri, np.zeros((3, 2)), [[0.0, 0.0], [3.0, 4.0]]]), [2.0, 0.0, 5.0])
 
 
 def test_judge_features_feed_the_metrics():

@@ -41,6 +41,20 @@ def test_adherence_ratios_get_a_paired_standard_error_when_the_reports_carry_per
     assert "toy_rcm2_adherence_ratio_stderr" not in f  # a report without per-video scores (older digests)
 
 
+def test_diversity_ratios_get_a_paired_standard_error_over_the_diversity_prompts():
+    teacher = {**report(0.8, diversity=20.0), "diversity_per_prompt": [10.0, 20.0, 30.0]}
+    student = {**report(0.8, diversity=18.0), "diversity_per_prompt": [9.0, 18.0, 27.0]}  # 0.9 x on every prompt
+    f = toy_figures.ratios({"teacher": teacher, "rcm4": student, "rcm2": report(0.7, diversity=10.0)})["rcm"]
+    assert f["toy_rcm4_diversity_ratio"] == 0.9 and f["toy_rcm4_diversity_ratio_stderr"] == 0.0
+    noisy = {**report(0.8, diversity=20.0), "diversity_per_prompt": [12.0, 18.0, 30.0]}
+    g = toy_figures.ratios({"teacher": teacher, "rcm4": noisy})["rcm"]
+    assert g["toy_rcm4_diversity_ratio_stderr"] > 0.0
+    # without per-prompt values (older reports), or over other prompts: no standard error
+    assert "toy_rcm2_diversity_ratio_stderr" not in f
+    other = {**report(0.8, diversity=20.0), "diversity_per_prompt": [20.0, 20.0]}
+    assert "toy_rcm4_diversity_ratio_stderr" not in toy_figures.ratios({"teacher": teacher, "rcm4": other})["rcm"]
+
+
 def test_frechet_ratios_get_a_standard_error_from_both_bootstraps():
     teacher = {**report(0.8, 100.0), "frechet_stderr": 3.0}
     student = {**report(0.8, 130.0), "frechet_stderr": 5.2}

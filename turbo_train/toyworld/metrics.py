@@ -161,9 +161,10 @@ def frechet_ratio_paired_bootstrap(gen_a, gen_b, real, reps: int = 200, seed: in
     return float(ratio), float(np.std(vals, ddof=1))
 
 
-def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
-    """Mean over prompts of the mean pairwise Euclidean distance between the (n_i, D) features of
-    one prompt's videos (n_i >= 2 each). Accepts a dict prompt -> features or a list of arrays."""
+def diversity_per_prompt(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> np.ndarray:
+    """(P,) for each prompt the mean pairwise Euclidean distance between the (n_i, D) features of its
+    videos (n_i >= 2 each). Accepts a dict prompt -> features or a list of arrays. Two models sampled with
+    the same prompts and seeds give paired values (paired_ratio_stderr of their diversity ratio)."""
     groups = list(features_by_prompt.values()) if isinstance(features_by_prompt, Mapping) else list(features_by_prompt)
     if not groups:
         raise ValueError("diversity: no prompts")
@@ -175,7 +176,13 @@ def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
         d = np.sqrt(np.maximum(((f[:, None, :] - f[None, :, :]) ** 2).sum(-1), 0.0))  # (n, n)
         iu = np.triu_indices(len(f), k=1)
         means.append(d[iu].mean())
-    return float(np.mean(means))
+    return np.asarray(means, dtype=np.float64)
+
+
+def diversity(features_by_prompt: Mapping[Any, Any] | Sequence[Any]) -> float:
+    """Mean over prompts of diversity_per_prompt: the mean pairwise judge-feature distance between the videos
+    of one prompt."""
+    return float(diversity_per_prompt(features_by_prompt).mean())
 
 
 def paired_psnr(videos, reference, peak: float = 255.0, max_db: float = 100.0) -> np.ndarray:

@@ -102,7 +102,7 @@ class Suite:
         a = self.a
         n = "4" if a.smoke else str(a.prompts)
         div = ["--diversity-prompts", "1", "--diversity-seeds", "2"] if a.smoke else \
-              ["--diversity-prompts", "8", "--diversity-seeds", "4"]
+              ["--diversity-prompts", str(min(8, a.prompts)), "--diversity-seeds", "4"]
         cmd = module_cmd("turbo_train.eval") + args + ["--num-prompts", n, *div, "--batch-size", str(a.eval_batch),
                                       "--device", device or a.device, "--out-dir", str(self.out / "eval" / name),
                                       "--no-progress"]

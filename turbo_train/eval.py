@@ -156,6 +156,9 @@ def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8,
         raise ValueError(f"diversity_prompts must be >= 0 (0 skips the diversity measurement), got {diversity_prompts}")
     if diversity_prompts and diversity_seeds < 2:
         raise ValueError(f"diversity_seeds must be >= 2 (a distance needs two videos of a prompt), got {diversity_seeds}")
+    if diversity_prompts > num_prompts:
+        raise ValueError(f"diversity_prompts ({diversity_prompts}) must be <= num_prompts ({num_prompts}): the diversity "
+                         "prompts are the first evaluation prompts")
     prompts = eval_prompts(num_prompts, seed)
     captions = [c for c, _, _ in prompts]
     attrs = [a for _, a, _ in prompts]
@@ -244,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SLA key block (with --attention sla; default 64; the toy SLA recipes use 16: at 512 "
                         "tokens 64-token blocks leave 8 key blocks, so topk 0.1 and 0.2 both keep one)")
     p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--diversity-prompts", type=int, default=8,
-                   help="prompts sampled with several seeds for the diversity figure (0 skips it)")
+    p.add_argument("--diversity-prompts", type=int, default=None,
+                   help="the first N prompts, each sampled with several seeds for the diversity figure (0 skips it; "
+                        "at most --num-prompts; default 8, or --num-prompts if fewer)")
     p.add_argument("--diversity-seeds", type=int, default=4, help="seeds per diversity prompt (>= 2)")
     p.add_argument("--frechet-bootstrap", type=int, default=20, metavar="N",
                    help="bootstrap resamples for the Fréchet distance's standard error (0 skips it; each costs "
@@ -282,10 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--judge: file not found: {a.judge}")
     if a.num_prompts < 2:
         p.error("--num-prompts must be >= 2")
+    if a.diversity_prompts is None:
+        a.diversity_prompts = min(8, a.num_prompts)
     if a.diversity_prompts < 0:
         p.error("--diversity-prompts must be >= 0 (0 skips the diversity figure)")
     if a.diversity_prompts and a.diversity_seeds < 2:
         p.error("--diversity-seeds must be >= 2")
+    if a.diversity_prompts > a.num_prompts:
+        p.error(f"--diversity-prompts ({a.diversity_prompts}) must be <= --num-prompts ({a.num_prompts}): the diversity "
+                "prompts are the first evaluation prompts")
     if a.frechet_bootstrap < 0 or a.frechet_bootstrap == 1:
         p.error("--frechet-bootstrap must be 0 (skip) or >= 2")
     if a.steps is not None and a.steps < 1:

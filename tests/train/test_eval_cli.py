@@ -75,6 +75,8 @@ def test_cli_refusals(tiny_checkpoint, tmp_path, capsys):
     error(["--num-prompts", "1"], "--num-prompts")
     error(["--diversity-prompts", "-1"], "--diversity-prompts")
     error(["--diversity-seeds", "1"], "--diversity-seeds")
+    # the diversity prompts are the first evaluation prompts: more of them than prompts is refused, not capped
+    error(["--num-prompts", "4", "--diversity-prompts", "8"], "must be <= --num-prompts (4)")
     error(["--frechet-bootstrap", "1"], "--frechet-bootstrap")
 
 

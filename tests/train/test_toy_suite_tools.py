@@ -87,6 +87,14 @@ def sets_of(cmd):
     return dict(cmd[i + 1].split("=", 1) for i, x in enumerate(cmd) if x == "--set")
 
 
+def test_diversity_is_measured_on_up_to_32_prompts(tmp_path, monkeypatch):
+    for prompts, expected in ((256, "32"), (16, "16")):
+        s, calls = suite(tmp_path / str(prompts), monkeypatch, prompts=prompts)
+        s.evaluate("teacher", ["--checkpoint", str(toy_gpu_suite.TEACHER)])
+        cmd = calls[-1][1]
+        assert cmd[cmd.index("--diversity-prompts") + 1] == expected and cmd[cmd.index("--diversity-seeds") + 1] == "4"
+
+
 def test_sla_minutes_caps_only_the_sla_fine_tune(tmp_path, monkeypatch):
     s, calls = suite(tmp_path, monkeypatch, sla_minutes=7.5)
     s.train("sla", "recipes/toy/sla.yaml")

@@ -12,9 +12,8 @@ cp runs/suite/summary.json "$OUT/summary.json"
 # every report and judge-feature file in one archive (the tool returns few files): the digest can be rebuilt here
 (cd runs/suite && tar czf "$OUT/suite_eval.tgz" $(ls eval/*/report.json eval/*/features.npz logs/*.log 2>/dev/null))
 # the merged model the bundles were made from and its calibration plan (~14 MB): if the cpu bundle's evaluation on the
-# device's CPU did not finish, the host exports and evaluates it from these (tools/toy_figures.py --cpu-bundle-report):
-#   python -m turbo_train.export --checkpoint models/M.safetensors --plan models/calibration_plan.json --target cpu \
-#     --out B --steps 4 && turbo-eval --bundle B/cpu --device cpu --num-prompts 256 --batch-size 64 --out-dir E
+# device's CPU did not finish, the host exports and evaluates it from these: bash tools/device/host_cpu_bundle.sh FILES_AT
+# (checked on a smoke run: the host's export and evaluation reproduce the device-side cpu bundle's per-video scores)
 M=$(python3 -c "import json; b = json.load(open('runs/suite/summary.json'))['settings'].get('bundle_sla'); \
 print(f'merged_{b}' if b else 'merged')" 2>/dev/null)
 mkdir -p "$OUT/models" && cp "runs/suite/$M.safetensors" runs/suite/calibrate/calibration_plan.json "$OUT/models/" 2>/dev/null

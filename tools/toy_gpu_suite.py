@@ -79,6 +79,59 @@ def run(name: str, cmd: list[str], out: Path, needs: list[Path] = ()) -> dict:
     return {"stage": name, "rc": rc, "seconds": dt}
 
 
+def paired_frechet(out: Path, eval_dir: Path) -> dict:
+    """{frechet_ratio_paired, frechet_ratio_paired_stderr}: this evaluation's Fréchet distance over the
+    teacher's, bootstrapped over the prompts (same for both: same prompts and noise) and the shared real
+    videos (turbo_train.toyworld.metrics.frechet_ratio_paired_bootstrap), from both runs' judge features;
+    {} where either is missing. Computed once per evaluation (cached next to its report)."""
+    cache, mine, ref = (eval_dir / "frechet_vs_teacher.json", eval_dir / "features.npz",
+                        out / "eval" / "teacher" / "features.npz")
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    if not (mine.is_file() and ref.is_file()):
+        return {}
+    import numpy as np
+
+    from turbo_train.toyworld.metrics import frechet_ratio_paired_bootstrap
+
+    a, b = np.load(mine), np.load(ref)
+    if a["generated"].shape != b["generated"].shape or not np.array_equal(a["real"], b["real"]):
+        return {}  # not the same prompts / real videos: no pairing
+    ratio, se = frechet_ratio_paired_bootstrap(a["generated"], b["generated"], a["real"], reps=100)
+    res = {"frechet_ratio_paired": round(ratio, 4), "frechet_ratio_paired_stderr": round(se, 4)}
+    cache.write_text(json.dumps(res) + "\n")
+    return res
+
+
+REPORT_KEYS = ("adherence", "adherence_stderr", "adherence_per_video", "adherence_seen_templates",
+               "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_per_prompt",
+               "diversity_stderr", "diversity_real", "s_per_video", "per_attribute_accuracy", "settings")
+
+
+def collect_reports(out: Path) -> dict:
+    """{evaluation: its report's digest keys + the paired Fréchet ratio} for every OUT/eval/*/report.json."""
+    reports = {}
+    for rep in sorted((out / "eval").glob("*/report.json")):
+        r = json.loads(rep.read_text())
+        reports[rep.parent.name] = {k: r[k] for k in REPORT_KEYS if k in r}
+        reports[rep.parent.name].update(paired_frechet(out, rep.parent))
+    return reports
+
+
+def refresh_summary(out: Path) -> dict:
+    """Re-read every report under OUT/eval into OUT/summary.json, keeping the digest's settings and stages: for a
+    run stopped by a time limit, whose last digest predates the evaluations that finished after it."""
+    path = out / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no digest to refresh (the suite never reached its first phase's end)")
+    summary = json.loads(path.read_text())
+    summary["reports"] = collect_reports(out)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, path)
+    return summary
+
+
 class Suite:
     def __init__(self, a):
         self.a, self.out = a, a.out.resolve()
@@ -124,29 +177,6 @@ class Suite:
         with ThreadPoolExecutor(max_workers=width) as pool:
             self.stages += list(pool.map(lambda j: j[0](*j[1:]), jobs))
 
-    def paired_frechet(self, eval_dir: Path) -> dict:
-        """{frechet_ratio_paired, frechet_ratio_paired_stderr}: this evaluation's Fréchet distance over the
-        teacher's, bootstrapped over the prompts (same for both: same prompts and noise) and the shared real
-        videos (turbo_train.toyworld.metrics.frechet_ratio_paired_bootstrap), from both runs' judge features;
-        {} where either is missing. Computed once per evaluation (cached next to its report)."""
-        cache, mine, ref = (eval_dir / "frechet_vs_teacher.json", eval_dir / "features.npz",
-                            self.out / "eval" / "teacher" / "features.npz")
-        if cache.is_file():
-            return json.loads(cache.read_text())
-        if not (mine.is_file() and ref.is_file()):
-            return {}
-        import numpy as np
-
-        from turbo_train.toyworld.metrics import frechet_ratio_paired_bootstrap
-
-        a, b = np.load(mine), np.load(ref)
-        if a["generated"].shape != b["generated"].shape or not np.array_equal(a["real"], b["real"]):
-            return {}  # not the same prompts / real videos: no pairing
-        ratio, se = frechet_ratio_paired_bootstrap(a["generated"], b["generated"], a["real"], reps=100)
-        out = {"frechet_ratio_paired": round(ratio, 4), "frechet_ratio_paired_stderr": round(se, 4)}
-        cache.write_text(json.dumps(out) + "\n")
-        return out
-
     def write_summary(self, t0: float, complete: bool) -> dict:
         """Write OUT/summary.json (atomically) from the stages so far and every report on disk; called after
         each phase too, so that a run stopped by a time limit still leaves a digest (complete: false)."""
@@ -155,14 +185,7 @@ class Suite:
                    "reports": {},
                    "trainings": {name: trained for name in sorted(p.name for p in self.out.iterdir() if p.is_dir())
                                  if (trained := training_progress(self.out / name)) is not None}}
-        for rep in sorted((self.out / "eval").glob("*/report.json")):
-            r = json.loads(rep.read_text())
-            keys = ("adherence", "adherence_stderr", "adherence_per_video", "adherence_seen_templates",
-                    "adherence_heldout_templates", "frechet", "frechet_stderr", "diversity", "diversity_per_prompt",
-                    "diversity_stderr", "diversity_real", "s_per_video",
-                    "per_attribute_accuracy", "settings")
-            summary["reports"][rep.parent.name] = {k: r[k] for k in keys if k in r}
-            summary["reports"][rep.parent.name].update(self.paired_frechet(rep.parent))
+        summary["reports"] = collect_reports(self.out)
         tmp = self.out / "summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.out / "summary.json")
@@ -423,7 +446,17 @@ def main(argv=None) -> int:
                    help="teacher weights every training starts from and every ratio divides by (default: the shipped "
                         "toy teacher), e.g. a freshly trained EMA export")
     p.add_argument("--smoke", action="store_true", help="2 training steps, 4 prompts, CPU: checks the plumbing")
+    p.add_argument("--refresh-digest", action="store_true",
+                   help="only re-read every report under --out into its summary.json (settings and stages kept) and "
+                        "exit: after a run stopped by a time limit, whose digest predates its last evaluations")
     a = p.parse_args(argv)
+    if a.refresh_digest:
+        try:
+            n = len(refresh_summary(a.out)["reports"])
+        except FileNotFoundError as e:
+            p.error(f"--refresh-digest: {e}")
+        log(f"refreshed {a.out / 'summary.json'}: {n} reports")
+        return 0
     if not a.teacher.is_file():
         p.error(f"--teacher: no file {a.teacher}")
     a.teacher = a.teacher.resolve()

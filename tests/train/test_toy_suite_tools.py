@@ -172,6 +172,26 @@ def test_an_unfinished_suite_still_leaves_a_digest_and_toy_figures_says_so(tmp_p
     assert "did not finish" in capsys.readouterr().err
 
 
+def test_refresh_digest_adds_the_reports_that_finished_after_the_last_digest(tmp_path, monkeypatch, capsys):
+    s, calls = suite(tmp_path, monkeypatch, sla_variant=[toy_gpu_suite.sla_variant("k2:method.sla.topk=0.2")])
+    full = {**report(0.7), "adherence_seen_templates": 0.7, "adherence_heldout_templates": 0.7, "diversity_real": 9.0,
+            "s_per_video": 1.0, "per_attribute_accuracy": {}, "settings": {}, "diversity_per_prompt": [9.0, 11.0]}
+    (tmp_path / "eval" / "teacher").mkdir(parents=True)
+    (tmp_path / "eval" / "teacher" / "report.json").write_text(json.dumps(full))
+    s.write_summary(0.0, complete=False)  # the digest a time limit leaves: the teacher only
+    (tmp_path / "eval" / "bundle_h100").mkdir(parents=True)  # ...then an evaluation finished
+    (tmp_path / "eval" / "bundle_h100" / "report.json").write_text(json.dumps({**full, "adherence": 0.63}))
+    assert toy_gpu_suite.main(["--out", str(tmp_path), "--refresh-digest"]) == 0
+    d = json.loads((tmp_path / "summary.json").read_text())
+    assert set(d["reports"]) == {"teacher", "bundle_h100"} and d["complete"] is False
+    assert d["settings"]["sla_variant"] == [["k2", ["method.sla.topk=0.2"]]]  # the run's own settings, kept
+    assert d["reports"]["bundle_h100"]["diversity_per_prompt"] == [9.0, 11.0]
+    assert toy_figures.ratios(d["reports"])["toy_bundles"]["toy_bundle_h100_adherence_ratio"] == 0.9
+    with pytest.raises(SystemExit):  # nothing to refresh: a clear refusal
+        toy_gpu_suite.main(["--out", str(tmp_path / "none"), "--refresh-digest"])
+    assert "no digest to refresh" in capsys.readouterr().err
+
+
 def test_sla_variant_errors_name_the_problem():
     with pytest.raises(argparse.ArgumentTypeError, match="NAME:KEY=VALUE"):
         toy_gpu_suite.sla_variant("x0")

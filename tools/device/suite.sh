@@ -8,6 +8,8 @@ set -o pipefail
 # LIMIT: seconds for the suite, under the call's 600 so that what it reached still comes back
 timeout "${LIMIT:-540}" python3 tools/toy_gpu_suite.py --out runs/suite --minutes "${MIN:-3}" --prompts 256 ${EXTRA} 2>&1 \
   | tee "$OUT/suite.log" | grep -v -E "it/s|s/it"
+# a run stopped by LIMIT wrote its digest before its last evaluations: re-read every report that finished
+python3 tools/toy_gpu_suite.py --out runs/suite --refresh-digest
 cp runs/suite/summary.json "$OUT/summary.json"
 # every report and judge-feature file in one archive (the tool returns few files): the digest can be rebuilt here
 (cd runs/suite && tar czf "$OUT/suite_eval.tgz" $(ls eval/*/report.json eval/*/features.npz logs/*.log 2>/dev/null))

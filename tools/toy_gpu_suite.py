@@ -36,12 +36,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from turbo_infer.files import write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TEACHER = REPO / "turbo_infer/assets/toy_teacher.safetensors"
@@ -126,9 +127,7 @@ def refresh_summary(out: Path) -> dict:
         raise FileNotFoundError(f"{path}: no digest to refresh (the suite never reached its first phase's end)")
     summary = json.loads(path.read_text())
     summary["reports"] = collect_reports(out)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_json(path, summary)
     return summary
 
 
@@ -182,13 +181,10 @@ class Suite:
         each phase too, so that a run stopped by a time limit still leaves a digest (complete: false)."""
         summary = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.a).items()},
                    "complete": complete, "total_s": round(time.perf_counter() - t0, 1), "stages": self.stages,
-                   "reports": {},
+                   "reports": collect_reports(self.out),
                    "trainings": {name: trained for name in sorted(p.name for p in self.out.iterdir() if p.is_dir())
                                  if (trained := training_progress(self.out / name)) is not None}}
-        summary["reports"] = collect_reports(self.out)
-        tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.out / "summary.json")
+        write_json(self.out / "summary.json", summary)
         return summary
 
     # ------------------------------------------------------------------ the run

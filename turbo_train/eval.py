@@ -38,6 +38,7 @@ from turbo_train.toyworld.metrics import (adherence_per_video, diversity, divers
                                           paired_feature_distance, paired_psnr, per_attribute_accuracy)
 
 EVAL_SEED_OFFSET = 10_000_000  # prompt seeds live far from the training stream's small seeds
+DIVERSITY_PROMPTS = 8  # default: the first 8 evaluation prompts get the diversity seeds
 
 
 # ----------------------------------------------------------------------------- prompts and videos
@@ -141,7 +142,7 @@ def contact_sheet(videos: np.ndarray, captions: list[str], scores: list[float], 
 # ----------------------------------------------------------------------------- the evaluation
 
 
-def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = 8, diversity_seeds: int = 4,
+def evaluate(pipe, judge, *, num_prompts: int = 256, diversity_prompts: int = DIVERSITY_PROMPTS, diversity_seeds: int = 4,
              steps: int = 50, guidance: float = 5.0, sampler: str = "euler", shift: float | None = None,
              sampler_options: dict | None = None, seed: int = 0, batch_size: int = 8, progress: bool = True,
              reference: np.ndarray | None = None,
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.num_prompts < 2:
         p.error("--num-prompts must be >= 2")
     if a.diversity_prompts is None:
-        a.diversity_prompts = min(8, a.num_prompts)
+        a.diversity_prompts = min(DIVERSITY_PROMPTS, a.num_prompts)
     if a.diversity_prompts < 0:
         p.error("--diversity-prompts must be >= 0 (0 skips the diversity figure)")
     if a.diversity_prompts and a.diversity_seeds < 2:

@@ -103,6 +103,7 @@ def check(h: Harness) -> None:
 # ---------------------------------------------------------------------------- tuning sweep
 FWD_VARIANTS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2),
                 (64, 64, 4, 2)]
+TAU_VARIANTS = [(0.0,), (8.0,)]
 DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2)]
 DKDV_VARIANTS = [(64, 64, 4, 2), (64, 64, 4, 3)]
 
@@ -131,6 +132,8 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
 
     run("fwd", FWD_VARIANTS, ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
         lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
+    # lazy rescaling of the forward's accumulator (only in tiles where some row's max rose by > tau)
+    run("fwd", TAU_VARIANTS, ("fwd_rescale_tau",), lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
     hm, zm, _ = _linear_state(q, k, v, bm, "softmax", W, best)
     o, lse, o_s = _sparse_forward(q, k, v, bm, best, store_os=True)
     do = torch.randn_like(o)

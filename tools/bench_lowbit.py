@@ -131,6 +131,10 @@ ATTN_CONFIGS = [
     LB.LowbitConfig(128, 64, 4, 3, i2f=2),
     LB.LowbitConfig(128, 64, 4, 5, i2f=2),
     LB.LowbitConfig(64, 64, 4, 4, i2f=2),
+    # lazy rescaling (FlashAttention-4): the accumulator is rescaled only in tiles where a row's max rose by > tau
+    LB.LowbitConfig(128, 64, 4, 4, i2f=2, rescale_tau=2.0),
+    LB.LowbitConfig(128, 64, 4, 4, i2f=2, rescale_tau=4.0),
+    LB.LowbitConfig(128, 128, 8, 3, i2f=2, rescale_tau=4.0),
 ]
 
 
@@ -159,7 +163,8 @@ def bench_dense(h: Harness, name: str, B, H, L, D, configs):
     for cfg in configs:
         qq = LB.quantize_qkv(q, k, v, pv="fp8")
         out = torch.empty_like(q)
-        tag = f"bm{cfg.block_m}bn{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}{'ws' if cfg.warp_specialize else ''}"
+        tag = (f"bm{cfg.block_m}bn{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}"
+               f"{'ws' if cfg.warp_specialize else ''}{f't{cfg.rescale_tau:g}' if cfg.rescale_tau else ''}")
         t = guarded(tag, lambda: h.measure(name, f"ours_kernel_{tag}", "fwd",
                                            lambda: LB.lowbit_attention_quantized(qq, out, cfg)))
         if t is not None and t < best:
@@ -213,8 +218,10 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
     # run 2 (i2f=2): g1 w4 s3 1.129; g2 w8 s2 1.497; g2 w8 s3 1.508; g1 w8 s3 1.555; bm64 g2 w4 s3 1.541;
     # g2 w8 s2 i2f=1 1.553 (SLA bf16 2.135)
     for cfg in (LS.SparseLowbitConfig(128, 1, 4, 3), LS.SparseLowbitConfig(128, 1, 4, 4),
-                LS.SparseLowbitConfig(128, 1, 4, 2)):
-        tag = f"bm{cfg.block_m}g{cfg.group}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}"
+                LS.SparseLowbitConfig(128, 1, 4, 2), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0),
+                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0)):
+        tag = f"bm{cfg.block_m}g{cfg.group}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}" + \
+            (f"t{cfg.rescale_tau:g}" if cfg.rescale_tau else "")
         t = guarded(tag, lambda: h.measure(name, f"ours_sparse_kernel_{tag}", "fwd",
                                            lambda: LS.sagesla_sparse_quantized(qq, bm, out, cfg)))
         if t is not None and t < best:

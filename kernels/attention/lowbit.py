@@ -42,6 +42,7 @@ LOG2E = 1.4426950408889634
 QUANT_BLOCK_Q = 128  # tokens per Q scale (SageAttention's choice; one scale per kernel row block)
 QUANT_BLOCK_K = 64  # tokens per K scale
 P_SHIFT = 8.0  # P̃ = exp2(S − m + P_SHIFT): P scaled by 2⁸ before its fp8/fp16 cast
+MAX_RESCALE_TAU = 4.0  # largest lazy-rescale threshold (log2 units) the kernels accept
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 PAD = 128  # quantized Q/K/V are zero-padded to a multiple of this many tokens (largest tile)
 PV_MODES = ("fp8", "fp16")
@@ -103,13 +104,32 @@ def quantize_v_reference(v: torch.Tensor, pv: str = "fp8"):
     return v_q, amax / FP8_MAX
 
 
+def p_shift(pv_fp8: bool, tau: float) -> float:
+    """The exponent offset of P̃ = exp2(S − m + shift) for a lazy-rescale threshold tau.
+
+    With tau > 0 the running max m may lag the true row max by up to tau (log2 units), so P̃ can reach
+    2^(shift + tau): fp8 keeps shift + tau = 8 (P̃ ≤ 256 < 448, its largest value); fp16 has the range
+    to keep shift = 8 (P̃ ≤ 2^12).
+    """
+    if not 0.0 <= tau <= MAX_RESCALE_TAU:
+        raise ValueError(f"rescale_tau must be in [0, {MAX_RESCALE_TAU}], got {tau!r}")
+    return P_SHIFT - tau if pv_fp8 else P_SHIFT
+
+
+def lazy_max(m: torch.Tensor, m_cand: torch.Tensor, tau: float) -> torch.Tensor:
+    """The running max after a tile: the candidate where it exceeds the old one by more than tau, else the
+    old one (FlashAttention-4's conditional rescaling; tau = 0 is the plain running max)."""
+    return torch.where(m_cand > m + tau, m_cand, m)
+
+
 def _fma32(a, b, c):
     """fp32 fused multiply-add, emulated in float64 (exact for the operands used here)."""
     return (torch.as_tensor(a, dtype=torch.float64) * torch.as_tensor(b).double() + torch.as_tensor(c).double()).float()
 
 
 def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *, tile: int, block_q: int,
-                             block_k: int, out_dtype: torch.dtype, group: int = 1, i2f: int = 2) -> torch.Tensor:
+                             block_k: int, out_dtype: torch.dtype, group: int = 1, i2f: int = 2,
+                             rescale_tau: float = 0.0) -> torch.Tensor:
     """Online-softmax attention over key tiles, emulating the kernels' arithmetic.
 
     q_i8: (B, H, Lq, D) int8; k_i8: (B, H, Lk, D) int8; v_q: (B, H, Lk, D) fp8/fp16; scales as
@@ -117,8 +137,10 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
     n) indices of key tiles of `tile` tokens. Each online-softmax step takes the next `group` tiles
     of the row (dense: all tiles ascending, group 1; sparse: the critical blocks, `group` per
     kernel iteration). i2f: the kernels' int32→fp32 score path (0/1: S = qk·sc; 2: fused FMA, see
-    lowbit_online_step). Returns (B, H, Lq, D) in out_dtype.
+    lowbit_online_step). rescale_tau: the lazy-rescale threshold (lazy_max, p_shift).
+    Returns (B, H, Lq, D) in out_dtype.
     """
+    shift = p_shift(v_q.dtype == torch.float8_e4m3fn, rescale_tau)
     B, H, Lq, D = q_i8.shape
     Lk = k_i8.shape[2]
     nq, nt, n = cdiv(Lq, block_q), cdiv(Lk, tile), lut.shape[-1]
@@ -156,23 +178,23 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
             if tile * group <= block_k:  # one K scale per step: int row max, one FMA per score
                 sc = qs * ks_j[..., 0]  # (B, H, nq)
                 qk_max = torch.where(ok[..., None, :], qk, float("-inf")).amax(-1)
-                m_new = torch.maximum(m, qk_max * sc[..., None])
-                c = _fma32(12582912.0, sc[..., None], m_new - P_SHIFT)  # (B, H, nq, bq)
+                m_new = lazy_max(m, torch.maximum(m, qk_max * sc[..., None]), rescale_tau)
+                c = _fma32(12582912.0, sc[..., None], m_new - shift)  # (B, H, nq, bq)
                 x = _fma32(b, sc[..., None, None], -c[..., None])
             else:
                 sc = qs[..., None] * ks_j  # (B, H, nq, G·T)
                 s = _fma32(b, sc[..., None, :], -(12582912.0 * sc)[..., None, :])
                 s = torch.where(ok[..., None, :], s, float("-inf"))
-                m_new = torch.maximum(m, s.amax(-1))
-                x = s - (m_new - P_SHIFT)[..., None]
+                m_new = lazy_max(m, torch.maximum(m, s.amax(-1)), rescale_tau)
+                x = s - (m_new - shift)[..., None]
             x = torch.where(ok[..., None, :], x, float("-inf"))
         else:
             s = qk * (qs[..., None] * ks_j)[..., None, :]
             s = torch.where(ok[..., None, :], s, float("-inf"))
-            m_new = torch.maximum(m, s.amax(-1))
-            x = s - (m_new - P_SHIFT)[..., None]
+            m_new = lazy_max(m, torch.maximum(m, s.amax(-1)), rescale_tau)
+            x = s - (m_new - shift)[..., None]
         alpha = torch.exp2(m - m_new)
-        p = torch.exp2(x)  # 256·softmax numerators, ≤ 256
+        p = torch.exp2(x)  # 2^shift·softmax numerators, ≤ 256 (fp8)
         l = l * alpha + p.sum(-1)
         p_q = p.to(v_q.dtype).double()
         acc = acc * alpha[..., None] + (p_q @ v_j).float()
@@ -182,10 +204,11 @@ def attention_core_reference(q_i8, q_scale, k_i8, k_scale, v_q, v_scale, lut, *,
 
 
 def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_n: int = 128,
-                               i2f: int = 2):
+                               i2f: int = 2, rescale_tau: float = 0.0):
     """Sage-style low-bit attention in plain torch. q: (B, H, Lq, D), k/v: (B, H, Lk, D).
 
-    block_n, i2f: the kernel's BLOCK_N and score path (they change rounding only).
+    block_n, i2f, rescale_tau: the kernel's BLOCK_N, score path and lazy-rescale threshold (they change
+    rounding only).
     """
     q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale)
     v_q, v_s = quantize_v_reference(v, pv)
@@ -193,7 +216,7 @@ def lowbit_attention_reference(q, k, v, *, pv: str = "fp8", sm_scale: float | No
     nq, nt = cdiv(Lq, QUANT_BLOCK_Q), cdiv(k.shape[2], block_n)
     lut = torch.arange(nt, device=q.device).expand(B, H, nq, nt)
     return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, lut, tile=block_n, block_q=QUANT_BLOCK_Q,
-                                    block_k=QUANT_BLOCK_K, out_dtype=q.dtype, i2f=i2f)
+                                    block_k=QUANT_BLOCK_K, out_dtype=q.dtype, i2f=i2f, rescale_tau=rescale_tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,7 +271,8 @@ if triton is not None:
 
     @triton.jit
     def lowbit_online_step(acc, l_i, m_i, qk, qs, ks, valid, v, SCALAR_K: tl.constexpr, I2F: tl.constexpr,
-                           PV_FP8: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+                           PV_FP8: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr,
+                           TAU: tl.constexpr, SHIFT: tl.constexpr):
         """Online-softmax update with one tile of int32 scores qk (BLOCK_M, BLOCK_N) and V (BLOCK_N, D).
 
         qs: the tile's Q scale; ks: its K scale (a scalar when SCALAR_K, i.e. the tile lies in one
@@ -259,6 +283,9 @@ if triton is not None:
           with the row max taken on the int32 scores when SCALAR_K (one IMNMX + one FFMA per score
           instead of I2F + FMUL + FMNMX + FADD). The constant's rounding moves S by ≤ 1 ulp of
           1.5·2²³·sc, i.e. < one int8 score step.
+        TAU > 0: lazy rescaling (FlashAttention-4): a row's running max moves only when the tile's max
+        exceeds it by more than TAU, and the (BLOCK_M, D) accumulator is rescaled only when some row's
+        moved (alpha is exactly 1 elsewhere, so skipping is exact). SHIFT = p_shift(PV_FP8, TAU).
         """
         if I2F == 2:
             b = (qk + 0x4B400000).to(tl.float32, bitcast=True)
@@ -267,14 +294,18 @@ if triton is not None:
                 if MASK:
                     qk = tl.where(valid[None, :], qk, -2147483647)
                 m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * sc)
-                x = tl.fma(b, sc, -tl.fma(12582912.0, sc, m_new - 8.0)[:, None])  # S − (m_new − 8)
+                if TAU > 0:
+                    m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+                x = tl.fma(b, sc, -tl.fma(12582912.0, sc, m_new - SHIFT)[:, None])  # S − (m_new − SHIFT)
             else:
                 sc = qs * ks
                 s = tl.fma(b, sc[None, :], -(12582912.0 * sc)[None, :])
                 if MASK:
                     s = tl.where(valid[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                x = s - (m_new - 8.0)[:, None]
+                if TAU > 0:
+                    m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+                x = s - (m_new - SHIFT)[:, None]
             if MASK:
                 x = tl.where(valid[None, :], x, float("-inf"))
         else:
@@ -289,11 +320,17 @@ if triton is not None:
             if MASK:
                 s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            x = s - (m_new - 8.0)[:, None]  # 8.0 == P_SHIFT
+            if TAU > 0:
+                m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+            x = s - (m_new - SHIFT)[:, None]
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(x)  # 256·softmax numerators
+        p = tl.math.exp2(x)  # 2^SHIFT·softmax numerators
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if TAU > 0:
+            if tl.max((m_new != m_i).to(tl.int32), 0) > 0:  # some row's max moved: rescale the tile
+                acc = acc * alpha[:, None]
+        else:
+            acc = acc * alpha[:, None]
         if PV_FP8:
             if EXACT_CAST:
                 p = round_to_fp8_grid(p)
@@ -305,7 +342,8 @@ if triton is not None:
     @triton.jit
     def _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, L_pad,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr,
-                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr, TAU: tl.constexpr,
+                     SHIFT: tl.constexpr):
         """One online-softmax step over keys [start_n, start_n + BLOCK_N)."""
         offs_n = start_n + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, D)
@@ -317,14 +355,14 @@ if triton is not None:
         qk = tl.dot(q, k, out_dtype=tl.int32)  # (BLOCK_M, BLOCK_N) exact
         v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
         return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, offs_n < Lk, v, BLOCK_N <= QBK, I2F, PV_FP8,
-                                  EXACT_CAST, MASK)
+                                  EXACT_CAST, MASK, TAU, SHIFT)
 
     @triton.jit
     def _lowbit_attn_fwd_kernel(Q, K, V, QS, KS, VS, Out, stride_ob, stride_oh, stride_ol, stride_od,
                                 H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks,
                                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                 QBQ: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                                EXACT_CAST: tl.constexpr, WS: tl.constexpr):
+                                EXACT_CAST: tl.constexpr, WS: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
         """One program = BLOCK_M queries of one (b, h) against all keys (dense)."""
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
@@ -342,10 +380,10 @@ if triton is not None:
         n_full = (Lk // BLOCK_N) * BLOCK_N
         for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):  # full tiles: no masking
             acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, Lk_pad,
-                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, False)
+                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, False, TAU, SHIFT)
         if n_full < Lk:  # ragged tail: mask keys ≥ Lk
             acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, n_full, Lk, Lk_pad,
-                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, True)
+                                         D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, True, TAU, SHIFT)
         vs = tl.load(VS + bh * D + offs_d)
         out = acc / l_i[:, None] * vs[None, :]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -365,8 +403,10 @@ class LowbitConfig:
     num_stages: int = 3
     i2f: int = 2  # int32 → fp32 score path, see lowbit_online_step: 0 cvt, 1 magic add, 2 fused FMA
     warp_specialize: bool = False  # Triton's automatic warp specialization of the key loop
+    rescale_tau: float = 0.0  # lazy rescaling threshold, log2 units (0: rescale at every tile); see p_shift
 
     def __post_init__(self):
+        p_shift(True, self.rescale_tau)  # validates the threshold
         if self.i2f not in (0, 1, 2):
             raise ValueError(f"i2f must be 0, 1 or 2, got {self.i2f!r}")
         if self.block_m not in (16, 32, 64, 128):
@@ -475,7 +515,8 @@ def lowbit_attention_quantized(qkv: QuantizedQKV, out: torch.Tensor, config: Low
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1],
         D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=qkv.block_q, QBK=qkv.block_k,
         PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),
-        WS=config.warp_specialize,
+        WS=config.warp_specialize, TAU=float(config.rescale_tau),
+        SHIFT=p_shift(qkv.v_q.dtype == torch.float8_e4m3fn, config.rescale_tau),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -502,12 +543,13 @@ def lowbit_attention(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None,
     _check_qkv(q, k, v, pv)
     config = DEFAULT_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
-        return lowbit_attention_reference(q, k, v, pv=pv, sm_scale=sm_scale, block_n=config.block_n, i2f=config.i2f)
+        return lowbit_attention_reference(q, k, v, pv=pv, sm_scale=sm_scale, block_n=config.block_n, i2f=config.i2f,
+                                          rescale_tau=config.rescale_tau)
     return _LowbitAttention.apply(q, k, v, pv, sm_scale, config)
 
 
 __all__ = [
     "LowbitConfig", "QuantizedQKV", "attention_core_reference", "lowbit_attention", "lowbit_attention_quantized",
     "lowbit_attention_reference", "quantize_blocks_int8_reference", "quantize_qk_reference", "quantize_qkv",
-    "quantize_v_reference",
+    "quantize_v_reference", "lazy_max", "p_shift",
 ]

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from turbo_kernels.attention.blockmap import BlockMap
-from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, quantize_qk_reference,
-                                           quantize_qkv, quantize_v_reference)
+from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, p_shift,
+                                           quantize_qk_reference, quantize_qkv, quantize_v_reference)
 from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
 
 try:
@@ -52,15 +52,16 @@ def _check_map(q, k, bm: BlockMap):
 # torch reference
 # ----------------------------------------------------------------------------------------------
 def sagesla_sparse_reference(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: float | None = None,
-                             group: int = 1, i2f: int = 2) -> torch.Tensor:
-    """Low-bit sparse branch in plain torch (emulates the kernel; `group`, `i2f` = its GROUP, I2F)."""
+                             group: int = 1, i2f: int = 2, rescale_tau: float = 0.0) -> torch.Tensor:
+    """Low-bit sparse branch in plain torch (emulates the kernel; `group`, `i2f`, `rescale_tau` = its GROUP,
+    I2F, TAU)."""
     _check_qkv(q, k, v, pv)
     _check_map(q, k, block_map)
     bq, bk = block_map.block_q, block_map.block_k
     q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale, block_q=bq, block_k=bk)
     v_q, v_s = quantize_v_reference(v, pv)
     return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, block_map.lut, tile=bk, block_q=bq, block_k=bk,
-                                    out_dtype=q.dtype, group=group, i2f=i2f)
+                                    out_dtype=q.dtype, group=group, i2f=i2f, rescale_tau=rescale_tau)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -71,7 +72,8 @@ if triton is not None:
     @triton.jit
     def _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk, L_pad,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, BLK_K: tl.constexpr, PV_FP8: tl.constexpr,
-                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr):
+                     I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr, TAU: tl.constexpr,
+                     SHIFT: tl.constexpr):
         """One online-softmax step over LUT entries j0 .. j0 + BLOCK_N/BLK_K − 1 (gathered tile)."""
         t = tl.arange(0, BLOCK_N)
         entry = j0 + t // BLK_K  # LUT entry of each tile column
@@ -86,14 +88,14 @@ if triton is not None:
         qk = tl.dot(q, k, out_dtype=tl.int32)
         v = tl.load(V_base + offs_n[:, None] + offs_d[None, :] * L_pad)  # (BLOCK_N, D) from (D, L_pad)
         return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, (entry < n) & (offs_n < Lk), v, BLOCK_N == BLK_K, I2F,
-                                  PV_FP8, EXACT_CAST, MASK)
+                                  PV_FP8, EXACT_CAST, MASK, TAU, SHIFT)
 
     @triton.jit
     def _lowbit_sparse_fwd_kernel(Q, K, V, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol, stride_od,
                                   H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
                                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr, BLK_K: tl.constexpr,
                                   GROUP: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                                  EXACT_CAST: tl.constexpr):
+                                  EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -116,10 +118,12 @@ if triton is not None:
             last = tl.load(lut_row + tl.minimum(j0 + GROUP, n) - 1)
             if (j0 + GROUP > n) | (ragged & (last == n_kblk - 1)):
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
-                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, True)
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, True, TAU,
+                                             SHIFT)
             else:
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
-                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, False)
+                                             Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, False, TAU,
+                                             SHIFT)
         vs = tl.load(VS + bh * D + offs_d)
         out = acc / l_i[:, None] * vs[None, :]
         tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
@@ -138,8 +142,10 @@ class SparseLowbitConfig:
     num_warps: int = 4
     num_stages: int = 3
     i2f: int = 2  # int32 → fp32 score path (turbo_kernels.attention.lowbit.lowbit_online_step)
+    rescale_tau: float = 0.0  # lazy rescaling threshold (turbo_kernels.attention.lowbit.p_shift)
 
     def __post_init__(self):
+        p_shift(True, self.rescale_tau)  # validates the threshold
         if self.i2f not in (0, 1, 2):
             raise ValueError(f"i2f must be 0, 1 or 2, got {self.i2f!r}")
         if self.block_m not in (16, 32, 64, 128):
@@ -182,6 +188,7 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
         block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=block_map.block_k, GROUP=group,
         PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),
+        TAU=float(config.rescale_tau), SHIFT=p_shift(qkv.v_q.dtype == torch.float8_e4m3fn, config.rescale_tau),
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
@@ -198,7 +205,8 @@ def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: f
     config = DEFAULT_SPARSE_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
         group = key_group(config, block_map.block_k, pv == "fp8")
-        return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f)
+        return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f,
+                                        rescale_tau=config.rescale_tau)
     qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
     with torch.no_grad():
         return sagesla_sparse_quantized(qkv, block_map, torch.empty_like(q), config)

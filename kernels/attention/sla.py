@@ -280,10 +280,15 @@ class SLAKernelConfig:
     # the epilogue). Off until timed (bench_attention --sweep "overlap"): the state kernel (0.30 ms) and
     # the map's small kernels (0.42 ms) leave most of an H200 idle, the sparse kernel does not.
     overlap_state: bool = False
+    # Forward: lazy rescaling threshold of the sparse kernel's online softmax (log2 units; 0 = rescale the
+    # accumulator at every key tile). See _fwd_tile in sla_kernels. Off until timed (bench_attention --sweep).
+    fwd_rescale_tau: float = 0.0
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
             check_block(f"config.{name}", getattr(self, name))
+        if not 0.0 <= self.fwd_rescale_tau <= 8.0:
+            raise ValueError(f"config.fwd_rescale_tau must be in [0, 8] (P <= 2^tau), got {self.fwd_rescale_tau!r}")
         if self.map_select not in SELECTS:
             raise ValueError(f"config.map_select must be one of {SELECTS}, got {self.map_select!r}")
         return replace(self, fwd_block_m=min(self.fwd_block_m, block_q), dq_block_m=min(self.dq_block_m, block_q),
@@ -350,7 +355,8 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
                           BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
                           STORE_OS=store_os and fused, LINEAR=fused and linear is not None,
                           HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
-                          FOLDED=folded, num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+                          FOLDED=folded, TAU=float(cfg.fwd_rescale_tau), num_warps=cfg.fwd_warps,
+                          num_stages=cfg.fwd_stages)
     if not fused:  # O = O_s + proj_l(O_l) (+ bias), O_s read back (in place when o_s is o)
         _linear_epilogue(q, o_s, o, linear, bias, bm, Lk, cfg, feature_map)
     return o, (lse if store_lse else None), (o_s if store_os else None)

@@ -222,8 +222,13 @@ if triton is not None:
         tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
+    def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr,
+                  TAU: tl.constexpr):
         # One online-softmax step over a tile of keys (pointers kp/vp: (BLOCK_N, BLOCK_D)).
+        # TAU > 0: lazy rescaling (FlashAttention-4): a row's running max moves only when the tile's max
+        # exceeds it by more than TAU (log2 units), so P <= 2^TAU (in range for bf16/fp16), and the
+        # accumulator is rescaled only when some row's max moved (alpha is exactly 1 elsewhere). The LSE
+        # m + log2(l) stays exact: l is summed against the same stale m.
         k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
         v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores
@@ -233,10 +238,17 @@ if triton is not None:
         # The first tile always holds a valid key (every LUT block has >= 1 token and tiles start
         # at block starts), so m_new is finite from the first step on.
         m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        if TAU > 0:
+            m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if TAU > 0:
+            if tl.max((m_new != m_i).to(tl.int32), 0) > 0:
+                acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, l_i, m_new
 
     @triton.jit
@@ -247,7 +259,7 @@ if triton is not None:
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr,
                         STORE_LSE: tl.constexpr, STORE_OS: tl.constexpr, LINEAR: tl.constexpr,
                         HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr, PAD_D: tl.constexpr,
-                        FOLDED: tl.constexpr):
+                        FOLDED: tl.constexpr, TAU: tl.constexpr):
         # One program: BLOCK_M queries (inside one map block of MAP_BQ) of one (batch, head).
         # The selected keys are the concatenation of the n LUT blocks (n * MAP_BK positions).
         # BLOCK_N <= MAP_BK: a tile lies inside one block, its rows are contiguous from a scalar
@@ -278,12 +290,12 @@ if triton is not None:
                 tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
                                           V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
-                                          False, PAD_D)
+                                          False, PAD_D, TAU)
             for start in range(n_even, n_sel * MAP_BK, BLOCK_N):
                 tok = tl.load(lut + start // MAP_BK) * MAP_BK + start % MAP_BK + offs_n
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
                                           V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
-                                          True, PAD_D)
+                                          True, PAD_D, TAU)
         else:
             # BLOCK_N = R * MAP_BK: a tile gathers R consecutive LUT entries (R whole blocks, rows
             # contiguous within each), unmasked; the entries left over (fewer than R, and the ragged
@@ -295,13 +307,13 @@ if triton is not None:
                 tok = tl.load(lut + e0 + offs_n // MAP_BK) * MAP_BK + offs_n % MAP_BK
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
                                           V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
-                                          False, PAD_D)
+                                          False, PAD_D, TAU)
             offs_b = tl.arange(0, MAP_BK)
             for e in range(n_grouped, n_sel):
                 tok = tl.load(lut + e) * MAP_BK + offs_b
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K + tok[:, None] * skl + offs_d[None, :],
                                           V + tok[:, None] * svl + offs_d[None, :], tok < Lk, mask_d, qk_scale,
-                                          True, PAD_D)
+                                          True, PAD_D, TAU)
         acc = acc / l_i[:, None]
         if STORE_LSE:
             tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=mask_m)

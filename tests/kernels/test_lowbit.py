@@ -109,6 +109,74 @@ def test_dense_kernel_matches_reference(pv, cfg):
     assert_attn_close(got, ref, pv, f"dense {pv} {cfg}")
 
 
+def rising_scores_qkv(Lq=100, Lk=200, D=32, step=12.0):
+    """Scores that climb in two steps along the keys (keys past a third and past two thirds of Lk gain
+    step along the queries' shared direction, ~6 log2 units of score each), so a row's running max jumps by
+    more than the lazy-rescale threshold in a few tiles and stays within it in the flat stretches."""
+    q, k, v = qkv(Lq=Lq, Lk=Lk, D=D, k_offset=0.0)
+    u = torch.ones(D) / D ** 0.5
+    q = 0.5 * q + 2.0 * u  # score noise ~0.7 log2 units: the flat stretches rarely move a max by > tau
+    level = torch.div(torch.arange(Lk) * 3, Lk, rounding_mode="floor").float()
+    k = k + step * level[:, None] * u
+    return q, k, v
+
+
+def count_lazy_updates(q, k, tau, tile, block_m):
+    """Per key tile after the first and per kernel program (block_m query rows of one head): how many rows
+    move their running max under lazy_max (fp64 on the exact scores: enough to show both cases occur)."""
+    s = (q.double() @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5 * LB.LOG2E
+    m = s[..., :tile].amax(-1)
+    moved = []
+    for j in range(tile, s.shape[-1], tile):
+        m_new = LB.lazy_max(m, torch.maximum(m, s[..., j:j + tile].amax(-1)), tau)
+        moved += (m_new != m).flatten(0, 1).unflatten(-1, (-1, block_m)).sum(-1).flatten().tolist()
+        m = m_new
+    return moved
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+@pytest.mark.parametrize("cfg", [
+    LB.LowbitConfig(block_m=32, block_n=32, num_warps=4, i2f=2, rescale_tau=2.0),  # scalar K scale, int row max
+    LB.LowbitConfig(block_m=32, block_n=128, num_warps=4, i2f=2, rescale_tau=2.0),  # vector K scale
+    LB.LowbitConfig(block_m=32, block_n=64, num_warps=4, i2f=0, rescale_tau=4.0),
+], ids=["bn32-fused", "bn128-fused", "bn64-cvt"])
+def test_dense_kernel_lazy_rescale_matches_reference(pv, cfg):
+    """Lazy rescaling (the running max moves only by more than tau) changes which max each tile's P̃ is taken
+    against, so the kernel must follow the reference with the same tau; the tiles of these inputs include
+    ones where some rows move (the accumulator is rescaled) and ones where none does (it is not)."""
+    q, k, v = rising_scores_qkv(Lq=64, Lk=400)
+    moved = count_lazy_updates(q, k, cfg.rescale_tau, cfg.block_n, cfg.block_m)
+    assert any(n == 0 for n in moved) and any(n > 0 for n in moved), moved
+    got = LB.lowbit_attention(q, k, v, pv=pv, config=cfg)
+    ref = LB.lowbit_attention_reference(q, k, v, pv=pv, block_n=cfg.block_n, i2f=cfg.i2f, rescale_tau=cfg.rescale_tau)
+    assert_attn_close(got, ref, pv, f"dense lazy {pv} {cfg}")
+
+
+# Lazy rescaling keeps P̃ ≤ 2^(shift + tau) = 256 for fp8 (p_shift lowers the shift by tau), so the only cost
+# is the range at the bottom: P̃ values relative to the true max are taken up to tau lower on the fp8 grid,
+# well above its smallest subnormal for softmax weights that matter: the same 0.999 bound holds.
+@pytest.mark.parametrize("tau", [2.0, 4.0])
+@pytest.mark.parametrize("inputs", ["normal", "rising"])
+def test_lazy_rescale_accuracy_vs_fp32(tau, inputs):
+    if inputs == "normal":
+        q, k, v = qkv(Lq=300, Lk=300, D=64, k_offset=0.0)
+    else:
+        q, k, v = rising_scores_qkv(Lq=300, Lk=300, D=64)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    got = LB.lowbit_attention_reference(q, k, v, pv="fp8", rescale_tau=tau)
+    assert torch.isfinite(got).all()
+    assert cos(got, ref) >= 0.999
+    assert cos(LB.lowbit_attention_reference(q, k, v, pv="fp16", rescale_tau=tau), ref) >= 0.9998
+
+
+def test_lazy_rescale_threshold_is_validated():
+    with pytest.raises(ValueError, match="rescale_tau"):
+        LB.LowbitConfig(rescale_tau=5.0)
+    with pytest.raises(ValueError, match="rescale_tau"):
+        LS.SparseLowbitConfig(rescale_tau=-1.0)
+    assert LB.p_shift(True, 2.0) == 6.0 and LB.p_shift(False, 2.0) == LB.P_SHIFT
+
+
 def test_dense_kernel_bf16_strided_inputs():
     """bf16 (B, L, H, D) tensors viewed as (B, H, L, D), as the Wan model passes them."""
     B, L, H, D = 2, 70, 2, 32
@@ -205,6 +273,17 @@ def test_sparse_kernel_matches_reference(pv, group):
     # the kernel gathers >= 32 keys per step for fp8 P·V (key_group): the reference takes the same steps
     ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=LS.key_group(cfg, 16, pv == "fp8"))
     assert_attn_close(got, ref, pv, f"sparse {pv} group {group}")
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+def test_sparse_kernel_lazy_rescale_matches_reference(pv):
+    L, D = 200, 32
+    q, k, v = rising_scores_qkv(Lq=L, Lk=L, D=D)
+    bm = sla_block_map_reference(q, k, 0.5, block_q=32, block_k=16)
+    cfg = LS.SparseLowbitConfig(block_m=32, group=2, num_warps=4, rescale_tau=2.0)
+    got = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=cfg)
+    ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=LS.key_group(cfg, 16, pv == "fp8"), rescale_tau=2.0)
+    assert_attn_close(got, ref, pv, f"sparse lazy {pv}")
 
 
 def test_sparse_accuracy_vs_fp32_sparse_branch():

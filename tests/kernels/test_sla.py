@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from turbo_kernels.attention.blockmap import sla_block_map
-from turbo_kernels.attention.sla import (SLAKernelConfig, add_linear_branch, linear_branch, sla_attention,
-                                         sla_reference, sparse_attention)
+from turbo_kernels.attention.sla import (SLAKernelConfig, _sparse_forward, add_linear_branch, linear_branch,
+                                         sla_attention, sla_reference, sparse_attention)
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3)}
 
@@ -75,6 +75,30 @@ def test_sparse_forward_matches_reference(dtype, cfg):
     ref_s, _ = sla_reference(q, k, v, 0.3, 32, 16, block_map=bm, return_branches=True)
     assert o_s.dtype == dtype and o_s.shape == q.shape
     assert_close(o_s, ref_s, dtype, "O_s")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("tau", [1.0, 8.0])
+@pytest.mark.parametrize("cfg", [CFG_EQUAL, CFG_MIXED], ids=["equal", "mixed"])
+def test_sparse_forward_lazy_rescale(dtype, tau, cfg):
+    """Lazy rescaling (fwd_rescale_tau): the running max moves only by more than tau, P reaches up to 2^tau
+    before its cast. On keys whose scores climb in two steps (~6 log2 units each, along the queries' shared
+    direction) some tiles move a row's max and others leave every row within tau; the output and the LSE
+    the backward uses must still match the reference to the same tolerance."""
+    q, k, v = make_inputs(dtype)
+    D, Lk = q.shape[-1], k.shape[2]
+    u = torch.ones(D) / math.sqrt(D)
+    level = torch.div(torch.arange(Lk) * 3, Lk, rounding_mode="floor").float()
+    q = (0.5 * q.float() + 2.0 * u).to(dtype)
+    k = (k.float() + 12.0 * level[:, None] * u).to(dtype)
+    bm = sla_block_map(q, k, 0.5, 32, 16)
+    c = replace(cfg, fwd_rescale_tau=tau)
+    o_s = sparse_attention(q, k, v, bm, c)
+    ref_s, _ = sla_reference(q, k, v, 0.5, 32, 16, block_map=bm, return_branches=True)
+    assert_close(o_s, ref_s, dtype, f"O_s (tau {tau})")
+    o_plain, lse_plain, _ = _sparse_forward(q, k, v, bm, cfg.clamp(32, 16), store_lse=True)
+    o_lazy, lse_lazy, _ = _sparse_forward(q, k, v, bm, c.clamp(32, 16), store_lse=True)
+    torch.testing.assert_close(lse_lazy, lse_plain, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block_n", [32, 64])
@@ -215,8 +239,10 @@ def _grads_vs_reference(dtype, cfg, Lq=200, Lk=200, D=32, topk=0.3, feature_map=
 
 @pytest.mark.parametrize("dtype,cfg", [(torch.float16, CFG_EQUAL), (torch.float16, CFG_MIXED),
                                        (torch.float32, CFG_MIXED), (torch.float16, CFG_UNFUSED_MIXED),
-                                       (torch.float16, CFG_DEFAULT_MIX)],
-                         ids=["fp16-equal", "fp16-mixed", "fp32-mixed", "fp16-unfused", "fp16-default-mix"])
+                                       (torch.float16, CFG_DEFAULT_MIX),
+                                       (torch.float16, replace(CFG_MIXED, fwd_rescale_tau=8.0))],
+                         ids=["fp16-equal", "fp16-mixed", "fp32-mixed", "fp16-unfused", "fp16-default-mix",
+                              "fp16-lazy-rescale"])
 def test_forward_and_every_gradient(dtype, cfg):
     _grads_vs_reference(dtype, cfg)
 
@@ -351,6 +377,8 @@ def test_bad_kernel_config_names_the_field():
         sparse_attention(q, q, q, bm, replace(CFG_EQUAL, map_select="numpy"))
     with pytest.raises(ValueError, match="config.fwd_block_n"):
         sparse_attention(q, q, q, bm, replace(CFG_EQUAL, fwd_block_n=24))
+    with pytest.raises(ValueError, match="config.fwd_rescale_tau"):
+        sparse_attention(q, q, q, bm, replace(CFG_EQUAL, fwd_rescale_tau=9.0))
 
 
 # ---------------------------------------------------------------------------- module wrapper

@@ -403,7 +403,9 @@ class LowbitConfig:
     num_stages: int = 3
     i2f: int = 2  # int32 → fp32 score path, see lowbit_online_step: 0 cvt, 1 magic add, 2 fused FMA
     warp_specialize: bool = False  # Triton's automatic warp specialization of the key loop
-    rescale_tau: float = 0.0  # lazy rescaling threshold, log2 units (0: rescale at every tile); see p_shift
+    # lazy rescaling threshold, log2 units (0: rescale at every tile; see p_shift). Measured slower on an H100
+    # (2026-12-05, 1.3B, 128x64 w4 s4): tau 0 8.23 ms, tau 2 9.19, tau 4 9.07 (BENCHMARKS.md): stays 0
+    rescale_tau: float = 0.0
 
     def __post_init__(self):
         p_shift(True, self.rescale_tau)  # validates the threshold

@@ -78,7 +78,8 @@ def compile_variant(variant: str, arch: int, warps: int = 0, stages: int = 0, bl
     f_m, f_n, f_w, f_s = (getattr(sla.DEFAULT_CONFIG, f) if f else None for f in LAUNCH_FIELDS[name])
     warps, stages = warps or f_w, stages or f_s or TRITON_DEFAULT_STAGES
     const = dict(MAP_BQ=128, MAP_BK=64, BLOCK_M=f_m, BLOCK_N=block_n or f_n, BLOCK_D=128, EVEN_N=False,
-                 FEATURE=0, PAD_D=False, STORE_LSE=False, STORE_OS=False, **extra)
+                 FEATURE=0, PAD_D=False, STORE_LSE=False, STORE_OS=False,
+                 TAU=float(sla.DEFAULT_CONFIG.fwd_rescale_tau), **extra)
     const = {k: v for k, v in const.items() if k in fn.arg_names}  # the ones this kernel takes
     sig = {}
     for n in fn.arg_names:

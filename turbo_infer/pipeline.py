@@ -181,7 +181,9 @@ class TurboPipeline:
         prewarm: run the bundle's kernels once on a throwaway one-block copy of the DiT in a thread while the
         weights load (`turbo_infer.prewarm`: their first launches leave the first generate()); load_times then
         has prewarm_s (the thread's own seconds) and prewarm_wait_s (what was left of it at the end). A
-        failed prewarm is a warning, not an error."""
+        failed prewarm is a warning, not an error. Measured slower on an H100 (Wan-1.3B h100 bundle, 2026-12-05):
+        the thread slows the loads beside it by more than the ~0.5 s of first launches it saves (BENCHMARKS.md,
+        "End to end"), so it is off by default."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         prefetch_text_weights, read_manifest)
 

@@ -183,7 +183,10 @@ class TurboPipeline:
         has prewarm_s (the thread's own seconds) and prewarm_wait_s (what was left of it at the end). A
         failed prewarm is a warning, not an error. Measured slower on an H100 (Wan-1.3B h100 bundle, 2026-12-05):
         the thread slows the loads beside it by more than the ~0.5 s of first launches it saves (BENCHMARKS.md,
-        "End to end"), so it is off by default."""
+        "End to end"), so it is off by default.
+        On CUDA, Triton's per-process compiler key (a hash of its ~500 MB library that the first kernel launch
+        would otherwise compute, `turbo_kernels.triton_key`) is computed in a thread beside the loads;
+        load_times then has triton_key_s (the thread's seconds) and triton_key_wait_s (left at the end)."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         prefetch_text_weights, read_manifest)
 
@@ -200,6 +203,11 @@ class TurboPipeline:
             if vae is None:
                 vae = Background("VAE", lambda: build_vae(manifest, device, vae_path, vae_dtype), latent_channels=cfg["in_channels"])
         times: dict = {}
+        key_warmup = None
+        if device.type == "cuda":  # Triton's per-process key, beside the loads (file reads and hashing: no GIL)
+            from turbo_kernels.triton_key import TritonKeyWarmup
+
+            key_warmup = TritonKeyWarmup()
         warming = None
         if prewarm:  # the kernels' first launches, on throwaway tensors, beside the weight reads
             from turbo_infer.background import Background
@@ -231,6 +239,12 @@ class TurboPipeline:
                 warnings.warn(f"from_bundle(prewarm=True): the prewarm failed ({type(e).__name__}: {e}); "
                               f"the first generate() will pay the kernels' first launches", stacklevel=2)
             times["prewarm_wait_s"] = time.perf_counter() - t
+        if key_warmup is not None and key_warmup.started:
+            t = time.perf_counter()
+            key_warmup.wait()
+            times["triton_key_wait_s"] = time.perf_counter() - t
+            if key_warmup.seconds is not None:
+                times["triton_key_s"] = key_warmup.seconds
         s = manifest["sampler"]
         pipe = cls(model, text_encoder, vae, device=device, dtype=model.patch_embedding.weight.dtype,
                    default_shift=float(s["shift"]), fps=manifest["video"]["fps"])

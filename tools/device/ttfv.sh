@@ -8,9 +8,12 @@
 # compared against no prewarm). The bench runs `turbo-infer --prepare --bundle` once before its launches (its
 # bytecode cache under $W/pycache serves the extra children too); PREPARE=off: no prepare, every child compiles
 # its Python sources (TURBO_PYCACHE=0, as before session 15). EXTRA: more bench_e2e flags. Merge only the ttfv
-# figures into benchmarks/e2e.json by hand.
+# figures into benchmarks/e2e.json by hand. TRITON_KEY=0 skips the first-launch check (tools/bench_triton_key.py).
 source tools/device/env.sh
 set -o pipefail
+# the first Triton launch of a fresh process with and without the early compiler key (turbo_kernels.triton_key);
+# writes $OUT/triton_key.json
+[ "${TRITON_KEY:-1}" = 1 ] && timeout 120 python3 tools/bench_triton_key.py --runs 3 2>&1 | tee "$OUT/triton_key.log" | tail -4
 W=/tmp/e2e_ttfv
 timeout 360 python3 tools/bench_e2e.py --workdir $W --skip-baseline --skip-profile --skip-static-scales --skip-compile \
   --skip-attention-compare --skip-channels-last --ttfv-runs "${RUNS:-3}" --ttfv-vae-dtype "${VAE_DTYPE:-bfloat16}" \

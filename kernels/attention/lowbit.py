@@ -340,6 +340,15 @@ if triton is not None:
         return acc, l_i, m_new
 
     @triton.jit
+    def lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
+                         Lq, D: tl.constexpr):
+        """O = acc / l · V's per-channel scale, stored in Out's dtype for the rows < Lq (dense and sparse kernels)."""
+        vs = tl.load(VS + bh * D + offs_d)
+        out = acc / l_i[:, None] * vs[None, :]
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                 out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+
+    @triton.jit
     def _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, start_n, Lk, L_pad,
                      D: tl.constexpr, BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr,
                      I2F: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr, TAU: tl.constexpr,
@@ -384,10 +393,8 @@ if triton is not None:
         if n_full < Lk:  # ragged tail: mask keys ≥ Lk
             acc, l_i, m_i = _lowbit_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, n_full, Lk, Lk_pad,
                                          D, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, True, TAU, SHIFT)
-        vs = tl.load(VS + bh * D + offs_d)
-        out = acc / l_i[:, None] * vs[None, :]
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                 out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
+                         Lq, D)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.attention.lowbit import lowbit_online_step
+    from turbo_kernels.attention.lowbit import lowbit_online_step, lowbit_store_out
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -124,10 +124,8 @@ if triton is not None:
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
                                              Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, False, TAU,
                                              SHIFT)
-        vs = tl.load(VS + bh * D + offs_d)
-        out = acc / l_i[:, None] * vs[None, :]
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                 out.to(Out.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
+                         Lq, D)
 
 
 # ----------------------------------------------------------------------------------------------

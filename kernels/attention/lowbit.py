@@ -270,6 +270,14 @@ if triton is not None:
         tl.store(Out + bh * D * L_pad + offs_d[None, :] * L_pad + offs_l[:, None], y)
 
     @triton.jit
+    def lazy_running_max(m_i, m_cand, TAU: tl.constexpr):
+        """The running max after a tile, as `lazy_max`: m_cand = max(m_i, tile max) where it exceeds m_i by
+        more than TAU, else m_i; TAU = 0 is m_cand itself."""
+        if TAU > 0:
+            m_cand = tl.where(m_cand > m_i + TAU, m_cand, m_i)
+        return m_cand
+
+    @triton.jit
     def lowbit_online_step(acc, l_i, m_i, qk, qs, ks, valid, v, SCALAR_K: tl.constexpr, I2F: tl.constexpr,
                            PV_FP8: tl.constexpr, EXACT_CAST: tl.constexpr, MASK: tl.constexpr,
                            TAU: tl.constexpr, SHIFT: tl.constexpr):
@@ -294,8 +302,7 @@ if triton is not None:
                 if MASK:
                     qk = tl.where(valid[None, :], qk, -2147483647)
                 m_new = tl.maximum(m_i, tl.max(qk, 1).to(tl.float32) * sc)
-                if TAU > 0:
-                    m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+                m_new = lazy_running_max(m_i, m_new, TAU)
                 x = tl.fma(b, sc, -tl.fma(12582912.0, sc, m_new - SHIFT)[:, None])  # S − (m_new − SHIFT)
             else:
                 sc = qs * ks
@@ -303,8 +310,7 @@ if triton is not None:
                 if MASK:
                     s = tl.where(valid[None, :], s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                if TAU > 0:
-                    m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+                m_new = lazy_running_max(m_i, m_new, TAU)
                 x = s - (m_new - SHIFT)[:, None]
             if MASK:
                 x = tl.where(valid[None, :], x, float("-inf"))
@@ -320,8 +326,7 @@ if triton is not None:
             if MASK:
                 s = tl.where(valid[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            if TAU > 0:
-                m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+            m_new = lazy_running_max(m_i, m_new, TAU)
             x = s - (m_new - SHIFT)[:, None]
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(x)  # 2^SHIFT·softmax numerators

@@ -10,11 +10,17 @@ loads weights; the first launch then finds it cached (`functools.lru_cache`).
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 import time
 
 # where Triton keeps the function, by version (3.9: runtime.cache; earlier 3.x: compiler.compiler)
 _LOCATIONS = (("triton.runtime.cache", "triton_key"), ("triton.compiler.compiler", "triton_key"))
+
+
+def early_key_enabled() -> bool:
+    """False when $TURBO_TRITON_KEY is 0/off/no/false (to time a program without the early key)."""
+    return os.environ.get("TURBO_TRITON_KEY", "").strip().lower() not in ("0", "off", "no", "false")
 
 
 def find_triton_key():
@@ -64,4 +70,4 @@ class TritonKeyWarmup:
         return self.seconds
 
 
-__all__ = ["TritonKeyWarmup", "find_triton_key"]
+__all__ = ["TritonKeyWarmup", "early_key_enabled", "find_triton_key"]

@@ -186,7 +186,8 @@ class TurboPipeline:
         "End to end"), so it is off by default.
         On CUDA, Triton's per-process compiler key (a hash of its ~500 MB library that the first kernel launch
         would otherwise compute, `turbo_kernels.triton_key`) is computed in a thread beside the loads;
-        load_times then has triton_key_s (the thread's seconds) and triton_key_wait_s (left at the end)."""
+        load_times then has triton_key_s (the thread's seconds) and triton_key_wait_s (left at the end);
+        TURBO_TRITON_KEY=0 turns it off."""
         from turbo_infer.bundle import (build_text_encoder, build_vae, check_device, load_transformer,
                                         prefetch_text_weights, read_manifest)
 
@@ -205,9 +206,9 @@ class TurboPipeline:
         times: dict = {}
         key_warmup = None
         if device.type == "cuda":  # Triton's per-process key, beside the loads (file reads and hashing: no GIL)
-            from turbo_kernels.triton_key import TritonKeyWarmup
+            from turbo_kernels.triton_key import TritonKeyWarmup, early_key_enabled
 
-            key_warmup = TritonKeyWarmup()
+            key_warmup = TritonKeyWarmup() if early_key_enabled() else None
         warming = None
         if prewarm:  # the kernels' first launches, on throwaway tensors, beside the weight reads
             from turbo_infer.background import Background

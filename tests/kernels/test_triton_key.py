@@ -34,3 +34,12 @@ def test_a_failing_key_is_swallowed(monkeypatch):
     assert w.started
     assert w.wait() is not None  # it finished, and only recorded the failure
     assert isinstance(w.error, OSError)
+
+
+@pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("0", False), ("off", False), (" False ", False)])
+def test_the_early_key_can_be_turned_off(monkeypatch, value, enabled):
+    if value is None:
+        monkeypatch.delenv("TURBO_TRITON_KEY", raising=False)
+    else:
+        monkeypatch.setenv("TURBO_TRITON_KEY", value)
+    assert TK.early_key_enabled() is enabled

@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ sys.path.insert(0, str(REPO / "tools"))
 
 CHILD = r"""
 import json, sys, time
-mode = sys.argv[1]
+mode, device = sys.argv[1], sys.argv[2]
 import torch, triton, triton.language as tl
 from turbo_kernels.triton_key import TritonKeyWarmup
 
@@ -35,8 +36,12 @@ def _add_one(X, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(X + offs, tl.load(X + offs, mask=offs < N) + 1, mask=offs < N)
 
-x = torch.zeros(1024, device="cuda")
-torch.cuda.synchronize()
+def sync():
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+x = torch.zeros(1024, device=device)
+sync()
 out = {}
 if mode == "early":
     w = TritonKeyWarmup()
@@ -44,16 +49,22 @@ if mode == "early":
     out["key_s"] = w.wait()
 t = time.perf_counter()
 _add_one[(4,)](x, 1024, BLOCK=256)
-torch.cuda.synchronize()
+sync()
 out["first_launch_s"] = time.perf_counter() - t
 assert float(x[0]) == 1.0
 print("RESULT " + json.dumps(out))
 """
 
 
-def child(mode: str) -> dict:
+def child(mode: str, device: str = "cuda") -> dict:
+    """One fresh process timing the first launch of `_add_one` (mode cold or early) on `device` (a CPU needs
+    TRITON_INTERPRET=1). The child is a file: @triton.jit reads its kernel's source, which `python -c` lacks."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    r = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, env=env, timeout=300)
+    with tempfile.TemporaryDirectory(prefix="triton_key_") as d:
+        script = Path(d) / "first_launch.py"
+        script.write_text(CHILD)
+        r = subprocess.run([sys.executable, str(script), mode, device], capture_output=True, text=True, env=env,
+                           timeout=300)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise SystemExit(f"child ({mode}) failed, exit {r.returncode}:\n{r.stderr[-3000:]}")

@@ -36,7 +36,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -107,21 +106,23 @@ def targets_for(kind: str, means: torch.Tensor) -> torch.Tensor:
 
 def build_model(init: str, teacher: Path | None):
     """A DiT with absolute frame/row/column tables: the small probe model from scratch, or the toy teacher
-    with zero tables added (loaded non-strictly: only the tables are new)."""
+    (its own tables when it has them, as teacher v9 does; else zero tables of 8 added to it)."""
     from turbo_infer.models.wan import WAN_CONFIGS, WanModel
 
     torch.manual_seed(0)
     if init == "scratch":
         return WanModel(small_config(**VARIANTS["position"]))
-    from safetensors.torch import load_file
-
     from turbo_infer.pipeline import TOY_TEACHER_PATH
 
     path = teacher or TOY_TEACHER_PATH
-    model = WanModel(replace(WAN_CONFIGS["toy"], prediction="x0", frame_embed_len=8, space_embed_len=8))
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()}, strict=False)
-    if unexpected or set(missing) != {"frame_embedding", "row_embedding", "col_embedding"}:
-        raise ValueError(f"{path}: not a toy-preset x0 teacher (missing {missing}, unexpected {unexpected})")
+    model = WanModel.from_pretrained(str(path), dtype=torch.float32)
+    cfg, toy = model.config, WAN_CONFIGS["toy"]
+    if cfg.prediction != "x0" or (cfg.dim, cfg.num_layers, cfg.in_channels) != (toy.dim, toy.num_layers, toy.in_channels):
+        raise ValueError(f"{path}: not a toy-preset x0 teacher (dim {cfg.dim}, {cfg.num_layers} blocks, "
+                         f"{cfg.in_channels} channels, prediction {cfg.prediction})")
+    if not (cfg.frame_embed_len and cfg.space_embed_len):
+        model = WanModel.from_pretrained(str(path), dtype=torch.float32, frame_embed_len=cfg.frame_embed_len or 8,
+                                         space_embed_len=cfg.space_embed_len or 8)
     return model
 
 

@@ -8,8 +8,8 @@
 # OVERRIDES: model.overrides, replacing the recipe's whole mapping (keep prediction: x0 in it); network fields such as
 # patch_size, frame_embed_len; MIN: training minutes;
 # EXTRA: more --set arguments; DEVICE (cuda), PROMPTS (256) and PROBE (more toy_motion_probe flags) for a CPU smoke.
-# The next experiment (recipes/toy/README.md, "Where the direction is lost"): v6 annealed with absolute positions
-# and more training at high noise, read out first by the probe's prior drift (v6: 0.0 px/frame, data 7.1):
+# Teachers v7-v9 (session 24) were three calls of, each from the previous call's ema.safetensors copied over the
+# shipped asset (recipes/toy/teacher-direction.yaml writes the same settings down):
 #   OVERRIDES='{prediction: x0, frame_embed_len: 8, space_embed_len: 16}' RECIPE=recipes/toy/teacher-anneal.yaml \
 #   CHECKPOINT=turbo_infer/assets/toy_teacher.safetensors EXTRA='--set method.flow_matching.high_noise_fraction=0.3
 #   --set method.flow_matching.high_noise_logit_mean=4 --set optim.position_table_lr_scale=10' \
@@ -18,6 +18,9 @@
 source tools/device/env.sh
 set -o pipefail
 RUN=runs/teacher_exp
+# a fresh run every call: on a machine still warm from the last call, checkpoint.resume=auto would otherwise find
+# that run's last.ckpt past its time cap and stop at once, exporting the previous call's EMA (it happened, s24)
+rm -rf "$RUN"
 sets=(--set "logging.run_dir=$RUN" --set logging.wandb=false --set "trainer.max_time_minutes=${MIN:-5.5}")
 [ -n "$OVERRIDES" ] && sets+=(--set "model.overrides=$OVERRIDES")
 [ -n "$CHECKPOINT" ] && sets+=(--set "model.checkpoint=$CHECKPOINT")

@@ -20,6 +20,7 @@ the batch.
 from __future__ import annotations
 
 import time
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -27,8 +28,8 @@ import torch
 from turbo_infer.samplers import SAMPLERS, batch_randn, get_sampler
 from turbo_infer.text_encoders import check_prompts
 
-# Where the toy teacher ships inside the package.
-TOY_TEACHER_PATH = Path(__file__).resolve().parent / "assets" / "toy_teacher.safetensors"
+# Where the toy teacher ships inside the package (package data, found through importlib.resources).
+TOY_TEACHER_PATH = Path(str(resources.files("turbo_infer") / "assets" / "toy_teacher.safetensors"))
 # Default timestep shifts: Wan2.1 T2V samples with 5; the toy teacher's latents are small (64x64
 # video -> 16x16 latent), where less shift is needed; 3 is the toy default.
 WAN_SHIFT = 5.0

@@ -5,6 +5,9 @@
 # The digest lands in $OUT/summary.json; tools/toy_figures.py turns it into benchmarks/*.json here.
 source tools/device/env.sh
 set -o pipefail
+# a fresh suite every call: on a machine still warm from an earlier call, the trainings' checkpoint.resume=auto would
+# find that call's last.ckpt past its time cap and stop at once (tools/device/teacher.sh met this in session 24)
+rm -rf runs/suite
 # LIMIT: seconds for the suite, under the call's 600 so that what it reached still comes back
 timeout "${LIMIT:-540}" python3 tools/toy_gpu_suite.py --out runs/suite --minutes "${MIN:-3}" --prompts 256 ${EXTRA} 2>&1 \
   | tee "$OUT/suite.log" | grep -v -E "it/s|s/it"

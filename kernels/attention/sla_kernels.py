@@ -12,6 +12,8 @@ from __future__ import annotations
 try:
     import triton
     import triton.language as tl
+
+    from turbo_kernels.attention.lowbit import lazy_running_max  # the low-bit kernels' lazy-rescale rule
 except ImportError:  # CPU-only install: sla.py uses the torch reference
     triton = None
 
@@ -237,9 +239,7 @@ if triton is not None:
         # log2(e)/sqrt(d) folded into one multiply-add: p = exp2(s * c - m), m in scaled units.
         # The first tile always holds a valid key (every LUT block has >= 1 token and tiles start
         # at block starts), so m_new is finite from the first step on.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        if TAU > 0:
-            m_new = tl.where(m_new > m_i + TAU, m_new, m_i)
+        m_new = lazy_running_max(m_i, tl.maximum(m_i, tl.max(s, axis=1) * qk_scale), TAU)
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)

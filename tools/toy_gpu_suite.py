@@ -100,7 +100,7 @@ def paired_frechet(out: Path, eval_dir: Path) -> dict:
         return {}  # not the same prompts / real videos: no pairing
     ratio, se = frechet_ratio_paired_bootstrap(a["generated"], b["generated"], a["real"], reps=100)
     res = {"frechet_ratio_paired": round(ratio, 4), "frechet_ratio_paired_stderr": round(se, 4)}
-    cache.write_text(json.dumps(res) + "\n")
+    write_json(cache, res)  # atomic: a run stopped mid-write leaves no half cache to read back
     return res
 
 

@@ -1,9 +1,10 @@
 """The whole turbo pipeline as one recipe: rCM → SLA fine-tune → merge → calibrate → export → eval → mp4.
 
-`turbo-train recipes/toy/turbo.yaml` lands here when the YAML has a top-level `chain:` section
-(TurboDiffusion's order, RCM.md §8): the rCM student and the SLA fine-tune both start from the
-teacher; the merge adds the SLA delta (and proj_l) to the student; calibration runs on the merged
-model with the rCM sampler's timesteps; export writes the bundles; the evaluation scores the
+`turbo-train recipes/toy/turbo.yaml` lands here when the YAML has a top-level `chain:` section.
+With `sla_base: teacher` (TurboDiffusion's order, RCM.md §8) the rCM student and the SLA fine-tune
+both start from the teacher and the merge adds the SLA delta (and proj_l) to the student; with
+`sla_base: student` the SLA stage fine-tunes the rCM student itself against its own dense outputs
+(no merge). Calibration runs on the resulting sparse student with the rCM sampler's timesteps; export writes the bundles; the evaluation scores the
 teacher (50-step CFG), the student, the merged model and the exported bundle with the toy judge, and
 the bundle renders one mp4. Every stage is an ordinary turbo-train recipe or tool, so a failing
 stage can be rerun alone with the command printed in its header. The run ends with a summary table
@@ -21,6 +22,9 @@ import yaml
 from turbo_infer.files import write_json
 
 
+SLA_BASES = ("teacher", "student")
+
+
 @dataclass(kw_only=True)
 class ChainConfig:
     """One end-to-end run. Paths are relative to the current directory."""
@@ -28,7 +32,11 @@ class ChainConfig:
     run_dir: str = "runs/toy-turbo"  # every stage writes under this directory
     teacher: str = "turbo_infer/assets/toy_teacher.safetensors"  # the 50-step CFG teacher checkpoint
     rcm_recipe: str = "recipes/toy/rcm-cpu.yaml"  # rCM distillation stage (teacher → few-step student)
-    sla_recipe: str = "recipes/toy/sla-cpu.yaml"  # SLA fine-tuning stage (teacher + SLA → SLA delta)
+    sla_recipe: str = "recipes/toy/sla-cpu.yaml"  # SLA fine-tuning stage (see sla_base)
+    # what the SLA stage fine-tunes: teacher = TurboDiffusion's order (the teacher's fine-tune, its weight
+    # delta merged into the student); student = the rCM student itself, distilled from its own dense outputs
+    # without caption dropout (it samples without CFG), so no merge
+    sla_base: str = "teacher"
     calibrate_recipe: str = "recipes/toy/calibrate.yaml"  # W8A8 calibration stage (merged model → plan)
     targets: list = field(default_factory=lambda: ["cpu"])  # bundle targets to export (cpu, h100, a100, rtx4090, rtx5090)
     steps: int = 4  # student / bundle sampling steps (rcm sampler, 1..4)
@@ -45,6 +53,8 @@ class ChainConfig:
             raise ValueError(f"chain.eval_prompts must be 0 or >= 2, got {self.eval_prompts}")
         if not self.targets:
             raise ValueError("chain.targets must name at least one bundle target")
+        if self.sla_base not in SLA_BASES:
+            raise ValueError(f"chain.sla_base must be one of {list(SLA_BASES)}, got {self.sla_base!r}")
 
 
 def load_chain(path, overrides: list[str] = ()) -> ChainConfig:
@@ -79,10 +89,11 @@ def is_chain_recipe(path) -> bool:
 # ----------------------------------------------------------------------------- stages
 
 
-def _train(recipe: str, run_dir: Path, teacher: str, extra: list[str] = ()) -> None:
+def _train(recipe: str, run_dir: Path, start: str, extra: list[str] = ()) -> None:
+    """turbo-train `recipe` from the weights `start`, writing under run_dir."""
     from turbo_train.cli import main as train_main
 
-    train_main([recipe, "--set", f"logging.run_dir={run_dir}", "--set", f"model.checkpoint={teacher}", *extra])
+    train_main([recipe, "--set", f"logging.run_dir={run_dir}", "--set", f"model.checkpoint={start}", *extra])
 
 
 def _exported(run_dir: Path) -> Path:
@@ -128,12 +139,12 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
         return {"adherence": round(r["adherence"], 4), "adherence_stderr": round(r["adherence_stderr"], 4),
                 "frechet": round(r["frechet"], 2), "s_per_video": round(r["s_per_video"], 2)}
 
-    def train(recipe, out_dir):
-        _train(recipe, out_dir, cfg.teacher)
+    def train(recipe, out_dir, start=None, extra=()):
+        _train(recipe, out_dir, start or cfg.teacher, extra)
         return {"artefact": str(_exported(out_dir))}
 
     def calibrate():
-        _train(cfg.calibrate_recipe, run / "calibrate", str(merged), ["--set", f"method.calibrate.plan_path={plan}"])
+        _train(cfg.calibrate_recipe, run / "calibrate", str(sparse), ["--set", f"method.calibrate.plan_path={plan}"])
         return {"artefact": str(plan)}
 
     def merge():
@@ -143,11 +154,12 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
 
     def export():
         targets = [a for t in cfg.targets for a in ("--target", t)]
-        export_main(["--checkpoint", str(merged), "--plan", str(plan), *targets, "--out", str(bundles),
+        export_main(["--checkpoint", str(sparse), "--plan", str(plan), *targets, "--out", str(bundles),
                      "--steps", str(cfg.steps), "--overwrite", "--no-progress"])
         return {"artefact": str(bundles)}
 
-    merged = run / "merged.safetensors"
+    merged = run / "merged.safetensors"  # sla_base teacher: the merge's output
+    sparse = merged  # the few-step SLA model that is calibrated and exported (set by the SLA stages below)
     plan = run / "calibrate" / "calibration_plan.json"
     bundles = run / "bundles"
     student_kw = dict(sampler="rcm", steps=cfg.steps, guidance=1.0)
@@ -155,9 +167,15 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
                                                         steps=cfg.teacher_steps, guidance=cfg.teacher_guidance))
     stage("rCM distillation", lambda: train(cfg.rcm_recipe, run / "rcm"))
     stage(f"student eval ({cfg.steps}-step)", lambda: scored(TurboPipeline.toy(_exported(run / "rcm")), **student_kw))
-    stage("SLA fine-tune", lambda: train(cfg.sla_recipe, run / "sla"))
-    stage("merge (student + SLA delta)", merge)
-    stage(f"merged eval ({cfg.steps}-step, SLA)", lambda: scored(TurboPipeline.toy(merged), **student_kw))
+    if cfg.sla_base == "student":  # the student itself gets SLA: its export is the model calibrated and bundled
+        stage("SLA fine-tune (of the student)", lambda: train(cfg.sla_recipe, run / "sla", str(_exported(run / "rcm")),
+                                                             ["--set", "method.sla.caption_dropout=0.0"]))
+        sparse = _exported(run / "sla")
+        stage(f"SLA student eval ({cfg.steps}-step)", lambda: scored(TurboPipeline.toy(sparse), **student_kw))
+    else:
+        stage("SLA fine-tune (of the teacher)", lambda: train(cfg.sla_recipe, run / "sla"))
+        stage("merge (student + SLA delta)", merge)
+        stage(f"merged eval ({cfg.steps}-step, SLA)", lambda: scored(TurboPipeline.toy(merged), **student_kw))
     stage("W8A8 calibration", calibrate)
     stage("export", export)
     bundle = bundles / ("cpu" if "cpu" in cfg.targets else cfg.targets[0])

@@ -135,3 +135,22 @@ def test_row_and_column_tables_load_onto_a_checkpoint_without_them_and_make_outp
         again(torch.randn(2, 12, 4, 12, 12), t, ctx)  # a 6 x 6 token grid: more rows than the tables have
     with pytest.raises(ValueError, match="space_embed_len"):
         WanConfig(**{**TINY.to_dict(), "space_embed_len": -1})
+
+
+def test_a_preset_loads_a_checkpoint_with_tables_quietly_but_still_warns_on_a_real_mismatch(tmp_path):
+    """A preset has no tables (0): a checkpoint's tables are an addition, not a conflict — the README job
+    loads the shipped toy teacher (8 + 16 rows) under the toy preset at every stage. A different shape
+    still warns, naming the field."""
+    import warnings
+
+    model = tiny(frame_embed_len=4, space_embed_len=4)
+    path = tmp_path / "tables.safetensors"
+    save_wan_checkpoint(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = WanModel.from_pretrained(path, config=TINY)
+    assert quiet.config.frame_embed_len == 4 and torch.equal(quiet.row_embedding, model.row_embedding)
+    with pytest.warns(UserWarning, match=r"frame_embed_len=4"):  # a config that names other tables: told
+        WanModel.from_pretrained(path, config=WanConfig(**{**TINY.to_dict(), "frame_embed_len": 2}))
+    with pytest.warns(UserWarning, match=r"ffn_dim=64"):
+        WanModel.from_pretrained(path, config=WanConfig(**{**TINY.to_dict(), "ffn_dim": 48}))

@@ -45,3 +45,56 @@ def test_summary_table_shows_adherence_with_its_standard_error(capsys):
                    {"stage": "export", "seconds": 0.6, "artefact": "runs/x/bundles"}])
     out = capsys.readouterr().out
     assert "0.766 ± 0.051" in out and "runs/x/bundles" in out and "99.7" in out  # total
+
+
+def _shrunk(tmp_path, name, edits):
+    """A copy of a shipped toy recipe with some keys changed (section.key -> value), for a fast chain."""
+    import yaml
+
+    doc = yaml.safe_load(open(f"recipes/toy/{name}"))
+    for key, value in edits.items():
+        section, _, leaf = key.rpartition(".")
+        node = doc
+        for part in section.split("."):
+            node = node[part]
+        node[leaf] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("sla_base", ["teacher", "student"])
+def test_chain_runs_every_stage_and_bundles_the_sparse_student(tmp_path, sla_base):
+    """The README job's chain end to end at a few steps of each stage (no evaluations): the bundle made from
+    the SLA model of either route loads, verifies and renders the mp4."""
+    import json
+
+    from safetensors import safe_open
+
+    from turbo_train.chain import run_chain
+
+    rcm = _shrunk(tmp_path, "rcm-cpu.yaml", {"trainer.max_steps": 1})
+    sla = _shrunk(tmp_path, "sla-cpu.yaml", {"trainer.max_steps": 2, "data.batch_size": 1})
+    cal = _shrunk(tmp_path, "calibrate.yaml", {"method.calibrate.num_prompts": 2, "method.calibrate.batch_size": 2,
+                                               "method.calibrate.sensitivity_samples": 1})
+    run = tmp_path / "run"
+    cfg = ChainConfig(run_dir=str(run), rcm_recipe=rcm, sla_recipe=sla, calibrate_recipe=cal, targets=["cpu"],
+                      eval_prompts=0, sla_base=sla_base)
+    rows = run_chain(cfg)
+    stages = [r["stage"] for r in rows]
+    assert any(s.startswith("merge") for s in stages) == (sla_base == "teacher")
+    assert (run / "turbo.mp4").stat().st_size > 0
+    manifest = json.loads((run / "bundles" / "cpu" / "manifest.json").read_text())
+    assert manifest["attention"]["backend"] == "sla"  # the cpu target's sparse backend: the torch reference
+    bundled = "sla/ema.safetensors" if sla_base == "student" else "merged.safetensors"
+    assert manifest["sources"]["checkpoint"]["path"].endswith(bundled)
+    # the student route fine-tunes the rCM export itself, without caption dropout (it samples without CFG)
+    with safe_open(str(run / "sla" / "ema.safetensors"), "pt") as f:
+        source = f.metadata()["turbo_source_checkpoint"]
+    assert source.endswith("rcm/ema.safetensors" if sla_base == "student" else "toy_teacher.safetensors")
+    assert json.loads((run / "summary.json").read_text())["config"]["sla_base"] == sla_base
+
+
+def test_chain_rejects_an_unknown_sla_base():
+    with pytest.raises(ValueError, match="chain.sla_base"):
+        ChainConfig(sla_base="both")

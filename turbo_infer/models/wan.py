@@ -153,8 +153,10 @@ def checkpoint_config(state: dict, file_config: "dict | None", path, config=None
     if config is not None and file_config is not None:
         stored = get_config(file_config)
         changed = {f: getattr(stored, f) for f in NETWORK_FIELDS if getattr(stored, f) != getattr(cfg, f)}
-        # a preset never names the prediction; an explicit override is the caller's own choice
-        shown = {f: v for f, v in changed.items() if f != "prediction" and f not in overrides}
+        # a preset never names the prediction nor position tables (0 = none: the checkpoint's tables are an
+        # addition, e.g. the shipped toy teacher's under the toy preset); an explicit override is the caller's choice
+        shown = {f: v for f, v in changed.items() if f != "prediction" and f not in overrides
+                 and not (f in POSITION_TABLES.values() and getattr(cfg, f) == 0)}
         if shown:
             warnings.warn(f"{path}: the checkpoint's network ({', '.join(f'{f}={v}' for f, v in shown.items())}) "
                           f"replaces the requested config's", stacklevel=3)

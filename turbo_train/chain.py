@@ -1,14 +1,15 @@
-"""The whole turbo pipeline as one recipe: rCM → SLA fine-tune → merge → calibrate → export → eval → mp4.
+"""The whole turbo pipeline as one recipe: rCM → SLA fine-tune (→ merge) → calibrate → export → eval → mp4.
 
 `turbo-train recipes/toy/turbo.yaml` lands here when the YAML has a top-level `chain:` section.
 With `sla_base: teacher` (TurboDiffusion's order, RCM.md §8) the rCM student and the SLA fine-tune
 both start from the teacher and the merge adds the SLA delta (and proj_l) to the student; with
 `sla_base: student` the SLA stage fine-tunes the rCM student itself against its own dense outputs
-(no merge). Calibration runs on the resulting sparse student with the rCM sampler's timesteps; export writes the bundles; the evaluation scores the
-teacher (50-step CFG), the student, the merged model and the exported bundle with the toy judge, and
-the bundle renders one mp4. Every stage is an ordinary turbo-train recipe or tool, so a failing
-stage can be rerun alone with the command printed in its header. The run ends with a summary table
-(stage, seconds, adherence) written to <run_dir>/summary.json.
+(no merge). Calibration runs on the resulting sparse student with the rCM sampler's timesteps;
+export writes the bundles; the evaluation scores the teacher (50-step CFG), the student, the sparse
+student and the exported bundle with the toy judge, and the bundle renders one mp4. Every stage is an
+ordinary turbo-train recipe or tool, so a failing stage can be rerun alone with the command printed
+in its header. The run ends with a summary table (stage, seconds, adherence) written to
+<run_dir>/summary.json.
 """
 from __future__ import annotations
 

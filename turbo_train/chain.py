@@ -38,7 +38,7 @@ class ChainConfig:
     # delta merged into the student); student = the rCM student itself, distilled from its own dense outputs
     # without caption dropout (it samples without CFG), so no merge
     sla_base: str = "teacher"
-    calibrate_recipe: str = "recipes/toy/calibrate.yaml"  # W8A8 calibration stage (merged model → plan)
+    calibrate_recipe: str = "recipes/toy/calibrate.yaml"  # W8A8 calibration stage (the sparse student → plan)
     targets: list = field(default_factory=lambda: ["cpu"])  # bundle targets to export (cpu, h100, a100, rtx4090, rtx5090)
     steps: int = 4  # student / bundle sampling steps (rcm sampler, 1..4)
     eval_prompts: int = 8  # prompts per evaluation (0 = skip the evaluations)

@@ -1,6 +1,6 @@
 """Turn a `tools/toy_gpu_suite.py` run into the toy figures of the rCM, SLA and bundle issues.
 
-    python tools/toy_figures.py SUMMARY_JSON [--cpu-bundle-report REPORT] [--pipeline-minutes M]
+    python tools/toy_figures.py SUMMARY_JSON [--cpu-bundle-report REPORT] [--report NAME=REPORT] [--pipeline-minutes M]
                                 [--device NAME] [--write]
 
 Every ratio divides by the teacher's 50-step CFG figure from the same run (same prompts, same seeds):
@@ -16,6 +16,7 @@ Every ratio divides by the teacher's 50-step CFG figure from the same run (same 
     benchmarks/toy_bundles.json   toy_bundle_h100_adherence_ratio, toy_bundle_cpu_adherence_ratio
                                   (the suite's cpu bundle, evaluated on the host's CPU; or a report of
                                   `turbo-eval --bundle <cpu bundle>` given as --cpu-bundle-report),
+                                  toy_bundle_student_{h100,cpu}_adherence_ratio (--student-bundles),
                                   toy_pipeline_cpu_minutes (--pipeline-minutes: the README main job, timed)
 Existing figures in those files that this run does not produce are kept (e.g. the 1.3B step figures
 in rcm.json). Without --write it only prints.
@@ -48,6 +49,9 @@ RATIOS = [
     ("sla_finetune", "toy_sla0.2_untrained_adherence_ratio", "teacher_sla0.2_untrained", "adherence"),
     ("toy_bundles", "toy_bundle_h100_adherence_ratio", "bundle_h100", "adherence"),
     ("toy_bundles", "toy_bundle_cpu_adherence_ratio", "bundle_cpu", "adherence"),
+    # --student-bundles: the bundles of the student's own SLA fine-tune (no merge)
+    ("toy_bundles", "toy_bundle_student_h100_adherence_ratio", "bundle_student_h100", "adherence"),
+    ("toy_bundles", "toy_bundle_student_cpu_adherence_ratio", "bundle_student_cpu", "adherence"),
 ]
 
 
@@ -136,6 +140,10 @@ def suite_command(s: dict) -> str:
         cmd += f" --rcm-times {name}:{spec}"
     if s.get("bundle_sla"):
         cmd += f" --bundle-sla {s['bundle_sla']}"
+    if s.get("sla_on_student"):
+        cmd += f" --sla-on-student --student-sla-steps {s.get('student_sla_steps')}"
+    if s.get("student_bundles"):
+        cmd += " --student-bundles"
     return cmd
 
 
@@ -146,10 +154,22 @@ def write(tool: str, figures: dict, device: str, command: str) -> Path:
     return write_json(path, benchmark_doc(merged, device=device, command=command))
 
 
+def named_report(text: str) -> tuple[str, Path]:
+    """--report NAME=PATH -> (NAME, PATH)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=PATH, e.g. bundle_cpu=eval/report.json")
+    return name, Path(path)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("summary", type=Path, help="summary.json written by tools/toy_gpu_suite.py")
-    p.add_argument("--cpu-bundle-report", type=Path, help="report.json of `turbo-eval --bundle <cpu bundle> --device cpu`")
+    p.add_argument("--cpu-bundle-report", type=Path, help="report.json of `turbo-eval --bundle <cpu bundle> --device cpu`"
+                   " (the same as --report bundle_cpu=REPORT)")
+    p.add_argument("--report", action="append", default=[], type=named_report, metavar="NAME=REPORT",
+                   help="add (or replace) the suite's evaluation NAME with this turbo-eval report.json, e.g. "
+                        "bundle_student_cpu=runs/host/eval/report.json from tools/device/host_cpu_bundle.sh (repeatable)")
     p.add_argument("--pipeline-minutes", type=float, help="measured minutes of the README main job on 2 CPU cores")
     p.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="where the suite ran")
     p.add_argument("--write", action="store_true", help="write benchmarks/*.json (else print only)")
@@ -163,11 +183,15 @@ def main(argv=None) -> int:
               f"evaluations it reached", file=sys.stderr)
     if "teacher" not in reports:
         p.error(f"{a.summary}: no teacher evaluation in the suite's reports: ratios need it")
-    figs = ratios(reports)
     if a.cpu_bundle_report:
-        cpu = json.loads(a.cpu_bundle_report.read_text())
-        figs["toy_bundles"]["toy_bundle_cpu_adherence_ratio"] = round(cpu["adherence"] / reports["teacher"]["adherence"], 4)
-        figs["toy_bundles"]["toy_bundle_cpu_adherence"] = round(cpu["adherence"], 4)
+        a.report.append(named_report(f"bundle_cpu={a.cpu_bundle_report}"))
+    for name, path in a.report:  # evaluated elsewhere (e.g. on this machine's CPU): paired like the suite's own
+        if not path.is_file():
+            p.error(f"--report {name}: no file {path}")
+        reports[name] = json.loads(path.read_text())
+        if "adherence" not in reports[name]:
+            p.error(f"--report {name}: {path} has no 'adherence' (not a turbo-eval report.json?)")
+    figs = ratios(reports)
     if a.pipeline_minutes is not None:
         figs["toy_bundles"]["toy_pipeline_cpu_minutes"] = a.pipeline_minutes
     s = summary.get("settings", {})

@@ -27,6 +27,10 @@ e.g. seed:trainer.seed=1 for a replicate) evaluated as rcm4_NAME; --skip-ablatio
 pure-sCM and DMD2-only trainings; --rcm-only runs just the rCM trainings (and variants) and the teacher's
 evaluation, for comparing rCM settings in one call.
 --teacher PATH replaces the shipped toy teacher everywhere (trainings' start, merge, the ratios' teacher).
+--sla-on-student also fine-tunes SLA into the rCM student itself (no merge: distilled from the dense student,
+no caption dropout), right after the rCM training and for --student-sla-steps steps, evaluated as
+direct_rcm4_slaK; --student-bundles then calibrates and exports bundles from that model too (bundles_student/),
+evaluated as bundle_student_h100 and bundle_student_cpu beside the merge's bundles.
 --snapshots N makes every rCM training keep its EMA every N iterations and evaluates each snapshot at 4
 steps (rcm4_step000250, ...): where a distillation peaks and whether it decays, from one training.
 
@@ -173,8 +177,15 @@ class Suite:
         return self.out / name / "ema.safetensors"  # absent: the evaluation then fails with a clear message
 
     def parallel(self, jobs: list, width: int) -> None:
+        """Run jobs (callable, *args) width at a time; a job returns one stage or a list of stages (self.chain)."""
         with ThreadPoolExecutor(max_workers=width) as pool:
-            self.stages += list(pool.map(lambda j: j[0](*j[1:]), jobs))
+            for r in pool.map(lambda j: j[0](*j[1:]), jobs):
+                self.stages += r if isinstance(r, list) else [r]
+
+    @staticmethod
+    def chain(jobs: list) -> list[dict]:
+        """Run jobs one after another (one slot of self.parallel): a training that starts from another's export."""
+        return [j[0](*j[1:]) for j in jobs]
 
     def write_summary(self, t0: float, complete: bool) -> dict:
         """Write OUT/summary.json (atomically) from the stages so far and every report on disk; called after
@@ -213,8 +224,13 @@ class Suite:
         # --ema-widths: every rCM training also keeps power EMAs of these widths (ema.extra_sigma_rels)
         if self.a.ema_widths:
             snap = snap + set_args([ema_widths_setting(self.a.ema_widths)])
-        # phase 1: the trainings and the teacher's evaluations, all at once
-        phase1 = [(self.train, "rcm", rcm, snap)]
+        # phase 1: the trainings and the teacher's evaluations, all at once. --sla-on-student: SLA fine-tuned into
+        # the rCM student itself (distilled from the dense student, no caption dropout: the student samples without
+        # CFG), chained after the rCM training while the teacher's longer fine-tune still runs
+        student_sla = ["--set", f"model.checkpoint={self.exported('rcm')}", "--set", "method.sla.caption_dropout=0.0",
+                       "--set", f"trainer.max_steps={self.a.student_sla_steps}"]
+        phase1 = [(self.chain, [(self.train, "rcm", rcm, snap)]
+                   + ([(self.train, "sla_student", sla, student_sla)] if self.a.sla_on_student else []))]
         phase1 += [(self.train, m, rcm, ["--set", f"method.rcm.loss_mode={m}"] + snap) for m in ablations]
         phase1 += [(self.train, f"rcm_{v}", rcm, set_args(sets) + snap) for v, sets in rcm_variants.items()]
         phase1 += [(self.evaluate, "teacher", teacher_eval)]
@@ -229,7 +245,7 @@ class Suite:
         self.parallel(phase1, width=len(phase1))
         self.write_summary(t0, complete=False)
         # phase 2: merge, calibrate, export (sequential), with the students' evaluations alongside
-        plan, bundles = self.out / "calibrate/calibration_plan.json", self.out / "bundles"
+        bundles = self.out / "bundles"
         merged_of = lambda v: self.out / ("merged.safetensors" if v is None else f"merged_{v}.safetensors")  # noqa: E731
         merged = merged_of(self.a.bundle_sla)  # what calibration and the bundles are made from
 
@@ -239,15 +255,23 @@ class Suite:
                 "--teacher", str(self.a.teacher),
                 "--out", str(out)], self.out, [self.exported("rcm"), self.exported(sla_run)])
 
+        def calibrate_export(model: Path, tag: str = "") -> list[dict]:
+            # tag "": calibrate/, bundles/ (the merge); "_student": calibrate_student/, bundles_student/
+            cal_plan = self.out / f"calibrate{tag}/calibration_plan.json"
+            return [self.train(f"calibrate{tag}", "recipes/toy/calibrate.yaml",
+                               ["--set", f"model.checkpoint={model}", "--set", f"method.calibrate.plan_path={cal_plan}",
+                                "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
+                                "--set", "trainer.precision=32-true"]),
+                    run(f"export{tag}", module_cmd("turbo_train.export") + [
+                        "--checkpoint", str(model), "--plan", str(cal_plan), "--target", "h100", "--target", "cpu",
+                        "--out", str(self.out / f"bundles{tag}"), "--steps", "4", "--overwrite", "--no-progress"],
+                        self.out, [model, cal_plan])]
+
         def merge_calibrate_export():
             r = [merge("sla", merged_of(None))] + [merge(f"sla_{v}", merged_of(v)) for v in sla_variants]
-            r.append(self.train("calibrate", "recipes/toy/calibrate.yaml",
-                                ["--set", f"model.checkpoint={merged}", "--set", f"method.calibrate.plan_path={plan}",
-                                 "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
-                                 "--set", "trainer.precision=32-true"]))
-            r.append(run("export", module_cmd("turbo_train.export") + ["--checkpoint", str(merged), "--plan", str(plan),
-                                         "--target", "h100", "--target", "cpu", "--out", str(bundles), "--steps", "4",
-                                         "--overwrite", "--no-progress"], self.out, [merged, plan]))
+            r += calibrate_export(merged)
+            if self.a.student_bundles:  # the student's own SLA fine-tune, bundled the same way
+                r += calibrate_export(self.exported("sla_student"), "_student")
             return r
 
         steps = (4,) if self.a.lean else (4, 2, 1)
@@ -272,18 +296,12 @@ class Suite:
                 jobs.append((self.evaluate, tag, ["--checkpoint", str(f)] + student(4)))
                 jobs += [(self.evaluate, f"{tag}_times_{t}", ["--checkpoint", str(f)] + student(4)
                           + ["--rcm-mid-times", spec]) for t, spec in self.a.rcm_times]
-        # --sla-on-student: SLA fine-tuned into the rCM student itself (distilled from the dense student, no
-        # caption dropout: the student samples without CFG), instead of the teacher's fine-tune merged into it
-        direct = [(self.evaluate, f"direct_rcm4_{lab}", ["--checkpoint", str(self.exported("sla_student"))] + student(4))]
+        # --sla-on-student: the student's own SLA fine-tune (trained in phase 1) at 4 steps
         if self.a.sla_on_student:
-            jobs.insert(0, (self.train, "sla_student", sla, ["--set", f"model.checkpoint={self.exported('rcm')}",
-                                                             "--set", "method.sla.caption_dropout=0.0"]))
-        else:
-            direct = []
+            jobs.append((self.evaluate, f"direct_rcm4_{lab}",
+                         ["--checkpoint", str(self.exported("sla_student"))] + student(4)))
         if self.a.rcm_only:  # the students' evaluations only: no SLA, merge, calibration or bundles
             self.parallel(jobs, width=self.a.eval_width)
-            if direct:
-                self.parallel(direct, width=1)
             return self.finish(t0)
         jobs += [(self.evaluate, f"teacher_{lab}_finetuned", ["--checkpoint", str(self.exported("sla"))])]
         jobs += [(self.evaluate, f"teacher_{vlab[v]}_finetuned_{v}", ["--checkpoint", str(self.exported(f"sla_{v}"))])
@@ -293,13 +311,18 @@ class Suite:
             self.parallel(jobs, width=self.a.eval_width)
             self.stages += mce.result()
         self.write_summary(t0, complete=False)
-        final = [(self.evaluate, f"merged_rcm4_{lab}", ["--checkpoint", str(merged_of(None))] + student(4))] + direct
+        final = [(self.evaluate, f"merged_rcm4_{lab}", ["--checkpoint", str(merged_of(None))] + student(4))]
         final += [(self.evaluate, f"merged_rcm4_{vlab[v]}_{v}", ["--checkpoint", str(merged_of(v))] + student(4))
                   for v in sla_variants]
         if self.a.device != "cpu":
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
         final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
+        if self.a.student_bundles:
+            sb = self.out / "bundles_student"
+            if self.a.device != "cpu":
+                final.append((self.evaluate, "bundle_student_h100", ["--bundle", str(sb / "h100")]))
+            final.append((self.evaluate, "bundle_student_cpu", ["--bundle", str(sb / "cpu")], "cpu"))
         self.parallel(final, width=self.a.eval_width)
         return self.finish(t0)
 
@@ -436,6 +459,13 @@ def main(argv=None) -> int:
                    help="also fine-tune SLA into the rCM student itself once it is trained (recipes/toy/sla.yaml from "
                         "the student, distilled from the dense student, no caption dropout; --sla-minutes) and "
                         "evaluate it at 4 steps as direct_rcm4_slaK (K the recipe's topk), beside the merge of the teacher's fine-tune")
+    p.add_argument("--student-sla-steps", type=int, default=300, metavar="N",
+                   help="--sla-on-student: optimizer steps of the student's SLA fine-tune (trainer.max_steps; "
+                        "--sla-minutes still caps it). On the CPU (README job, teacher v9) 120 steps of 4 videos beat "
+                        "200: a longer tune drifts from the dense student")
+    p.add_argument("--student-bundles", action="store_true",
+                   help="--sla-on-student: also calibrate and export h100 and cpu bundles from the student's own SLA "
+                        "fine-tune (bundles_student/) and evaluate them as bundle_student_h100 and bundle_student_cpu")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,
@@ -461,6 +491,11 @@ def main(argv=None) -> int:
     if a.bundle_sla is not None and a.bundle_sla not in dict(a.sla_variant):
         p.error(f"--bundle-sla {a.bundle_sla!r}: no --sla-variant of that name (have: "
                 f"{', '.join(dict(a.sla_variant)) or 'none'})")
+    if a.student_bundles and (not a.sla_on_student or a.rcm_only):
+        p.error("--student-bundles needs --sla-on-student (the model it bundles) and makes bundles, which "
+                "--rcm-only does not")
+    if a.student_sla_steps < 1:
+        p.error("--student-sla-steps must be >= 1")
     if a.bundle_sla is not None and a.rcm_only:
         p.error("--bundle-sla: --rcm-only makes no bundles")
     if a.ema_widths:  # the rCM recipe's own check (e.g. a width equal to its sigma_rel), here rather than on the GPU

@@ -78,7 +78,8 @@ def suite(tmp_path, monkeypatch, **kw):
     a = argparse.Namespace(out=tmp_path, minutes=3.0, sla_minutes=None, prompts=256, workers=3, eval_batch=64,
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
-                           sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[])
+                           sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[],
+                           student_sla_steps=300, student_bundles=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -251,7 +252,7 @@ def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tm
         assert names.index("train-rcm") < names.index("train-sla_student") < names.index(f"eval-direct_rcm4_{lab}")
         sets = sets_of(dict(calls)["train-sla_student"])
         assert sets["model.checkpoint"] == str(s.exported("rcm")) and sets["method.sla.caption_dropout"] == "0.0"
-        assert sets["trainer.max_time_minutes"] == "5.0"
+        assert sets["trainer.max_time_minutes"] == "5.0" and sets["trainer.max_steps"] == "300"
         ev = dict(calls)[f"eval-direct_rcm4_{lab}"]
         assert ev[ev.index("--checkpoint") + 1] == str(s.exported("sla_student")) and "rcm" in ev
     # its figures land in sla_finetune.json, divided by the teacher
@@ -260,6 +261,49 @@ def test_sla_on_student_tunes_the_student_after_its_training_and_evaluates_it(tm
     figs = toy_figures.ratios(reports)["sla_finetune"]
     assert figs["toy_rcm4_sla0.1_direct_adherence_ratio"] == 0.95 and figs["toy_rcm4_sla0.1_direct_frechet_ratio"] == 1.5
     assert figs["toy_direct_rcm4_sla0.1_adherence"] == 0.76
+
+
+def test_student_bundles_calibrate_export_and_evaluate_the_students_own_sla_tune(tmp_path, monkeypatch, capsys):
+    s, calls = suite(tmp_path, monkeypatch, skip_ablations=True, sla_on_student=True, student_bundles=True,
+                     student_sla_steps=150)
+    assert s.main() == 0
+    by, names = dict(calls), [name for name, _ in calls]
+    student = str(s.exported("sla_student"))
+    assert sets_of(by["train-sla_student"])["trainer.max_steps"] == "150"
+    cal = sets_of(by["train-calibrate_student"])
+    assert cal["model.checkpoint"] == student and cal["logging.run_dir"] == str(tmp_path / "calibrate_student")
+    plan = cal["method.calibrate.plan_path"]
+    assert plan == str(tmp_path / "calibrate_student/calibration_plan.json")
+    ex = by["export_student"]
+    assert ex[ex.index("--checkpoint") + 1] == student and ex[ex.index("--plan") + 1] == plan
+    assert ex[ex.index("--out") + 1] == str(tmp_path / "bundles_student")
+    # the merge's own calibration and bundles are untouched
+    assert sets_of(by["train-calibrate"])["model.checkpoint"] == str(tmp_path / "merged.safetensors")
+    assert names.index("export_student") < names.index("eval-bundle_student_h100")
+    dev = lambda cmd: cmd[cmd.index("--device") + 1]  # noqa: E731
+    assert dev(by["eval-bundle_student_cpu"]) == "cpu" and dev(by["eval-bundle_student_h100"]) == "cuda"
+    b = by["eval-bundle_student_cpu"]
+    assert b[b.index("--bundle") + 1] == str(tmp_path / "bundles_student/cpu")
+    # the figures, and a report evaluated elsewhere (tools/device/host_cpu_bundle.sh ROUTE=student) added by name
+    reports = {"teacher": report(0.8), "bundle_student_h100": report(0.76)}
+    assert toy_figures.ratios(reports)["toy_bundles"]["toy_bundle_student_h100_adherence_ratio"] == 0.95
+    (tmp_path / "summary.json").write_text(json.dumps({"settings": {"out": "o", "minutes": 3, "prompts": 256,
+                                                                    "sla_on_student": True, "student_sla_steps": 150,
+                                                                    "student_bundles": True}, "reports": reports}))
+    (tmp_path / "host.json").write_text(json.dumps(report(0.72)))
+    assert toy_figures.main([str(tmp_path / "summary.json"), "--report", f"bundle_student_cpu={tmp_path / 'host.json'}"]) == 0
+    out = capsys.readouterr().out
+    assert "toy_bundle_student_cpu_adherence_ratio" in out and "0.9" in out
+    assert "--sla-on-student --student-sla-steps 150 --student-bundles" in toy_figures.suite_command(
+        json.loads((tmp_path / "summary.json").read_text())["settings"])
+    with pytest.raises(SystemExit):  # a report that is not there is named
+        toy_figures.main([str(tmp_path / "summary.json"), "--report", f"bundle_student_cpu={tmp_path / 'nope.json'}"])
+    assert "nope.json" in capsys.readouterr().err
+    for argv in (["--student-bundles"], ["--student-bundles", "--sla-on-student", "--rcm-only"],
+                 ["--sla-on-student", "--student-sla-steps", "0"]):
+        with pytest.raises(SystemExit):  # refused before anything runs
+            toy_gpu_suite.main(["--out", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x").exists()
 
 
 def test_rcm_times_evaluate_every_student_on_other_grids(tmp_path, monkeypatch):

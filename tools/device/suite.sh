@@ -22,3 +22,8 @@ cp runs/suite/summary.json "$OUT/summary.json"
 M=$(python3 -c "import json; b = json.load(open('runs/suite/summary.json'))['settings'].get('bundle_sla'); \
 print(f'merged_{b}' if b else 'merged')" 2>/dev/null)
 mkdir -p "$OUT/models" && cp "runs/suite/$M.safetensors" runs/suite/calibrate/calibration_plan.json "$OUT/models/" 2>/dev/null
+# --student-bundles: the student's own SLA fine-tune and its plan too (ROUTE=student bash tools/device/host_cpu_bundle.sh)
+[ -f runs/suite/calibrate_student/calibration_plan.json ] && cp runs/suite/sla_student/ema.safetensors \
+  "$OUT/models/student_sla.safetensors" && cp runs/suite/calibrate_student/calibration_plan.json \
+  "$OUT/models/calibration_plan_student.json"
+true

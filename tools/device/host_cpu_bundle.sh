@@ -15,22 +15,21 @@ OUT=${1:?usage: host_cpu_bundle.sh FILES_AT [WORK_DIR]}
 W=${2:-runs/host_cpu_bundle}
 SUMMARY=$OUT/summary.json
 [ -f "$SUMMARY" ] || { echo "host_cpu_bundle: no $SUMMARY (not a suite call's files?)" >&2; exit 2; }
-if [ "${ROUTE:-merge}" = student ]; then  # --student-bundles: the student's own SLA fine-tune
-  PLAN=$OUT/models/calibration_plan_student.json MODEL=$OUT/models/student_sla.safetensors NAME=bundle_student_cpu
-  [ -f "$MODEL" ] || { echo "host_cpu_bundle: no $MODEL (a suite call without --student-bundles?)" >&2; exit 2; }
-else
-  PLAN=$OUT/models/calibration_plan.json NAME=bundle_cpu
-  MODEL=$(ls "$OUT"/models/merged*.safetensors 2>/dev/null | head -1)
-  [ -n "$MODEL" ] || { echo "host_cpu_bundle: no merged*.safetensors in $OUT/models" >&2; exit 2; }
-fi
-[ -f "$PLAN" ] || { echo "host_cpu_bundle: no $PLAN" >&2; exit 2; }
+ROUTE=${ROUTE:-merge}
+case $ROUTE in merge) NAME=bundle_cpu ;; student) NAME=bundle_student_cpu ;;
+  *) echo "host_cpu_bundle: ROUTE must be merge or student, got $ROUTE" >&2; exit 2 ;; esac
+ls "$OUT/models/$ROUTE.tar.part_"* >/dev/null 2>&1 || { echo "host_cpu_bundle: no $OUT/models/$ROUTE.tar.part_* (the \
+device evaluated that cpu bundle itself, or a suite call without --student-bundles for ROUTE=student)" >&2; exit 2; }
+mkdir -p "$W/models_$ROUTE"
+cat "$OUT/models/$ROUTE.tar.part_"* | tar xf - -C "$W/models_$ROUTE" \
+  || { echo "host_cpu_bundle: $OUT/models/$ROUTE.tar.part_* do not make a whole archive" >&2; exit 2; }
+MODEL=$W/models_$ROUTE/model.safetensors PLAN=$W/models_$ROUTE/calibration_plan.json
 read -r N SEED DIV SEEDS BATCH < <(python3 -c "import json, sys; d = json.load(open(sys.argv[1])); \
 t = d['reports']['teacher']['settings']; \
 print(t['num_prompts'], t['seed'], t['diversity_prompts'], t['diversity_seeds'], d['settings']['eval_batch'])" "$SUMMARY") \
   || { echo "host_cpu_bundle: $SUMMARY has no teacher evaluation to pair with" >&2; exit 2; }
 N=${PROMPTS:-$N}
 DIV=${DIVERSITY:-$DIV}
-mkdir -p "$W"
 python3 -m turbo_train.export --checkpoint "$MODEL" --plan "$PLAN" --target cpu --out "$W/bundles_$NAME" --steps 4 \
   --overwrite
 turbo-eval --bundle "$W/bundles_$NAME/cpu" --device cpu --num-prompts "$N" --seed "$SEED" --batch-size "$BATCH" \

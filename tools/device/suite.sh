@@ -16,14 +16,19 @@ python3 tools/toy_gpu_suite.py --out runs/suite --refresh-digest
 cp runs/suite/summary.json "$OUT/summary.json"
 # every report and judge-feature file in one archive (the tool returns few files): the digest can be rebuilt here
 (cd runs/suite && tar czf "$OUT/suite_eval.tgz" $(ls eval/*/report.json eval/*/features.npz logs/*.log 2>/dev/null))
-# the merged model the bundles were made from and its calibration plan (~14 MB): if the cpu bundle's evaluation on the
-# device's CPU did not finish, the host exports and evaluates it from these: bash tools/device/host_cpu_bundle.sh FILES_AT
-# (checked on a smoke run: the host's export and evaluation reproduce the device-side cpu bundle's per-video scores)
+# the model each route's bundles came from and its calibration plan, where that route's cpu-bundle evaluation did not
+# finish here: the host exports and evaluates it from these (bash tools/device/host_cpu_bundle.sh FILES_AT, ROUTE=student
+# for --student-bundles). One tar per route split into 15 MB parts ($OUT/models/ROUTE.tar.part_aa, ...): the tool returns
+# files of at most 16 MB, 8 in all, and a merged toy model is ~29 MB in fp32.
+pack() {  # pack ROUTE MODEL PLAN
+  local d
+  d=$(mktemp -d) && cp "$2" "$d/model.safetensors" && cp "$3" "$d/calibration_plan.json" || return 0
+  mkdir -p "$OUT/models" && tar cf - -C "$d" model.safetensors calibration_plan.json | split -b 15M - "$OUT/models/$1.tar.part_"
+}
 M=$(python3 -c "import json; b = json.load(open('runs/suite/summary.json'))['settings'].get('bundle_sla'); \
 print(f'merged_{b}' if b else 'merged')" 2>/dev/null)
-mkdir -p "$OUT/models" && cp "runs/suite/$M.safetensors" runs/suite/calibrate/calibration_plan.json "$OUT/models/" 2>/dev/null
-# --student-bundles: the student's own SLA fine-tune and its plan too (ROUTE=student bash tools/device/host_cpu_bundle.sh)
-[ -f runs/suite/calibrate_student/calibration_plan.json ] && cp runs/suite/sla_student/ema.safetensors \
-  "$OUT/models/student_sla.safetensors" && cp runs/suite/calibrate_student/calibration_plan.json \
-  "$OUT/models/calibration_plan_student.json"
+[ -f runs/suite/eval/bundle_cpu/report.json ] || \
+  pack merge "runs/suite/$M.safetensors" runs/suite/calibrate/calibration_plan.json
+[ -f runs/suite/calibrate_student/calibration_plan.json ] && [ ! -f runs/suite/eval/bundle_student_cpu/report.json ] && \
+  pack student runs/suite/sla_student/ema.safetensors runs/suite/calibrate_student/calibration_plan.json
 true

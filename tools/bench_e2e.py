@@ -124,11 +124,12 @@ def set_attention(model, backend: str, options: dict) -> list:
     """Give every block's self-attention the backend `backend` (sharing the old module's SLA
     proj_l when both have one); returns the old modules for `restore_attention`."""
     from turbo_infer.layers.attention import make_attention
+    from turbo_infer.models.wan import backend_options
 
     old = []
     for block in model.blocks:
         prev = block.self_attn.attn
-        new = make_attention(backend, block.self_attn.head_dim, **options)
+        new = make_attention(backend, block.self_attn.head_dim, **backend_options(options))
         if hasattr(prev, "proj_l") and hasattr(new, "proj_l"):
             new.proj_l = prev.proj_l
         block.self_attn.attn = new.to(next(model.parameters()).device)

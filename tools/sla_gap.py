@@ -29,6 +29,7 @@ import torch
 
 from bench_harness import benchmark_doc, device_label
 from turbo_infer.files import write_json
+from turbo_infer.models.token_order import token_tile_arg
 
 REPO = Path(__file__).resolve().parents[1]
 SEED_OFFSET = 40_000_000  # video seeds far from the training stream and from turbo-eval's prompts
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=float, default=0.1, help="SLA topk of `untrained` (default 0.1)")
     p.add_argument("--block-q", type=int, default=16, help="SLA query block of `untrained` (default 16, the toy recipe's)")
     p.add_argument("--block-k", type=int, default=16, help="SLA key block of `untrained` (default 16, the toy recipe's)")
+    p.add_argument("--token-tile", type=token_tile_arg, default=None, metavar="F,H,W",
+                   help="token order of `untrained`: 3D tiles of F frames x H rows x W columns (default raster)")
     p.add_argument("--num-videos", type=int, default=64, help="held-out toy videos (default 64)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shift", type=float, default=3.0, help="the toy sampler's timestep shift (default 3)")
@@ -89,7 +92,8 @@ def load_models(args, teacher):
             models[name] = teacher
         elif spec.startswith("untrained"):
             topk = float(spec.split(":", 1)[1]) if ":" in spec else args.topk
-            models[name] = convert_to_sla(teacher, topk=topk, block_q=args.block_q, block_k=args.block_k)
+            models[name] = convert_to_sla(teacher, topk=topk, block_q=args.block_q, block_k=args.block_k,
+                                          token_tile=args.token_tile)
         else:
             models[name] = WanModel.from_pretrained(spec, device=args.device, dtype=torch.float32)
         models[name].eval().requires_grad_(False)

@@ -43,6 +43,7 @@ from torch import nn
 from turbo_kernels.capability import Capabilities, kernel_support
 from turbo_infer.layers.attention import SPARSE_BACKENDS
 from turbo_infer.quant import PRECISIONS, W8A8Linear, fuse_gelu_ffns
+from turbo_infer.models.token_order import check_token_tile
 
 FORMAT = "turbo-bundle"
 FORMAT_VERSION = 1
@@ -50,7 +51,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "transformer.safetensors"
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("sdpa", "sla", "sage", "sagesla")
-SLA_OPTIONS = ("topk", "block_q", "block_k", "feature_map")
+SLA_OPTIONS = ("topk", "block_q", "block_k", "feature_map", "token_tile")  # token_tile optional (raster order)
 TEXT_ENCODERS = ("minilm", "umt5")
 VAES = ("toy_codec", "wan_vae")
 WORLDS = ("toy", "wan")
@@ -229,6 +230,11 @@ def validate_manifest(m, source="manifest.json") -> dict:
             if b < 16 or b & (b - 1):
                 _fail(source, f"attention.{k}", f"must be a power of two >= 16, got {b}")
         _need(att, "feature_map", str, source, "attention.")
+        if att.get("token_tile") is not None:
+            try:
+                check_token_tile(att["token_tile"])
+            except ValueError as e:
+                _fail(source, "attention.token_tile", str(e).removeprefix("token_tile "))
     elif set(att) != {"backend"}:
         _fail(source, f"attention.{sorted(set(att) - {'backend'})[0]}", f"not used by the {backend!r} backend")
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from turbo_infer.models.token_order import token_tile_arg
 from turbo_infer.samplers import SAMPLERS, mid_times_arg
 from turbo_train.toyworld.generator import generate_sample
 from turbo_train.toyworld.metrics import (adherence_per_video, diversity, diversity_per_prompt, frechet_bootstrap_stderr,
@@ -247,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-k", type=int, default=None,
                    help="SLA key block (with --attention sla; default 64; the toy SLA recipes use 16: at 512 "
                         "tokens 64-token blocks leave 8 key blocks, so topk 0.1 and 0.2 both keep one)")
+    p.add_argument("--token-tile", type=token_tile_arg, default=None, metavar="F,H,W",
+                   help="with --attention sla: order the tokens by 3D tiles of F frames x H rows x W columns so that "
+                        "a block holds a tile (turbo_infer.models.token_order), e.g. 4,2,2; default raster order")
     p.add_argument("--num-prompts", type=int, default=256)
     p.add_argument("--diversity-prompts", type=int, default=None,
                    help="the first N prompts, each sampled with several seeds for the diversity figure (0 skips it; "
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {}
         if a.attention:
             overrides["attention"] = a.attention
-            opts = {"topk": a.topk, "block_q": a.block_q, "block_k": a.block_k}
+            opts = {"topk": a.topk, "block_q": a.block_q, "block_k": a.block_k, "token_tile": a.token_tile}
             overrides["attention_options"] = {k: v for k, v in opts.items() if v is not None}
         pipe = TurboPipeline.toy(checkpoint=a.checkpoint, device=a.device, high_noise_expert=a.high_noise_expert,
                                  expert_boundary=a.expert_boundary, **overrides)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from turbo_infer.bundle import (ATTENTION_BACKENDS, FORMAT, FORMAT_VERSION, MANIFEST, SPARSE_BACKENDS, TARGETS,
                                 WEIGHTS, cast_floats, checkpoint_sha256, sha256_file, validate_manifest)
+from turbo_infer.models.token_order import TOKEN_TILE
 
 SLA_DEFAULTS = {"topk": 0.1, "block_q": 128, "block_k": 64, "feature_map": "softmax"}  # SparseLinearAttention's
 WORLD_VIDEO = {"toy": {"num_frames": 8, "height": 64, "width": 64, "fps": 8},
@@ -82,7 +83,8 @@ def choose_attention(cfg, state: dict, target, attention: str | None = None, sla
     if backend not in SPARSE_BACKENDS:
         return backend, {}
     opts = dict(SLA_DEFAULTS)
-    opts.update({k: v for k, v in cfg.attention_options.items() if k in SLA_DEFAULTS})
+    # the kernel's options and the DiT's token order (token_tile), which only sparse attention needs
+    opts.update({k: v for k, v in cfg.attention_options.items() if k in SLA_DEFAULTS or k == TOKEN_TILE})
     opts.update({k: v for k, v in (sla_options or {}).items() if v is not None})
     return backend, opts
 

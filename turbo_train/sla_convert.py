@@ -27,15 +27,22 @@ from torch import nn
 
 from turbo_infer.layers.attention import SPARSE_BACKENDS, available_attention, make_attention
 from turbo_infer.layers.sla import SparseLinearAttention
-from turbo_infer.models.wan import WanModel
+from turbo_infer.models.token_order import TOKEN_TILE, check_token_tile
+from turbo_infer.models.wan import WanModel, backend_options
 
 PROJ_L_SUFFIXES = (".self_attn.attn.proj_l.weight", ".self_attn.attn.proj_l.bias")
 
 
-def sla_options(topk: float = 0.1, block_q: int = 128, block_k: int = 64, feature_map: str = "softmax") -> dict:
-    """The WanConfig.attention_options of an SLA model (validated by building one SLA module)."""
+def sla_options(topk: float = 0.1, block_q: int = 128, block_k: int = 64, feature_map: str = "softmax",
+                token_tile=None) -> dict:
+    """The WanConfig.attention_options of an SLA model (validated by building one SLA module); token_tile:
+    [frames, rows, columns] of the 3D tiles the DiT orders its tokens by (turbo_infer.models.token_order;
+    None = raster order)."""
     SparseLinearAttention(16, topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map)  # raises, naming the option
-    return {"topk": float(topk), "block_q": block_q, "block_k": block_k, "feature_map": feature_map}
+    opts = {"topk": float(topk), "block_q": block_q, "block_k": block_k, "feature_map": feature_map}
+    if token_tile is not None:
+        opts[TOKEN_TILE] = list(check_token_tile(token_tile))
+    return opts
 
 
 def is_proj_l_key(key: str) -> bool:
@@ -54,12 +61,15 @@ def _check_model(model) -> None:
 
 
 def convert_to_sla(model: WanModel, *, topk: float = 0.1, block_q: int = 128, block_k: int = 64,
-                   feature_map: str = "softmax", backend: str = "sla", inplace: bool = False) -> WanModel:
+                   feature_map: str = "softmax", backend: str = "sla", token_tile=None,
+                   inplace: bool = False) -> WanModel:
     """Swap every block's self-attention backend for SLA; cross-attention stays dense.
 
     topk: fraction of key blocks kept exact per query block, in (0, 1]; block_q / block_k: tokens per
     query / key block of the block map (powers of two >= 16); feature_map: phi of the linear branch
-    (softmax | elu | relu); backend: "sla" (trainable) or "sagesla" (low-bit sparse branch, inference).
+    (softmax | elu | relu); backend: "sla" (trainable) or "sagesla" (low-bit sparse branch, inference);
+    token_tile: order the tokens by 3D tiles of [frames, rows, columns] so that a block holds a tile
+    (turbo_infer.models.token_order; None = raster order).
     A layer that already is SLA keeps its trained proj_l (only the options change); a dense layer gets
     a zero proj_l in float32 on the device of its q projection. inplace=False converts a deep copy.
     Returns the converted model, whose config reads attention=backend, attention_options={...}.
@@ -67,12 +77,12 @@ def convert_to_sla(model: WanModel, *, topk: float = 0.1, block_q: int = 128, bl
     _check_model(model)
     if backend not in SPARSE_BACKENDS:
         raise ValueError(f"backend must be one of {SPARSE_BACKENDS}, got {backend!r}")
-    opts = sla_options(topk, block_q, block_k, feature_map)
+    opts = sla_options(topk, block_q, block_k, feature_map, token_tile)
     if not inplace:
         model = copy.deepcopy(model)
     for block in model.blocks:
         sa = block.self_attn
-        new = make_attention(backend, sa.head_dim, **opts)
+        new = make_attention(backend, sa.head_dim, **backend_options(opts))
         old = sa.attn
         if isinstance(old, SparseLinearAttention):  # re-conversion: keep the trained projection
             new.proj_l = old.proj_l

@@ -168,7 +168,8 @@ def test_config_defaults_and_validation(tmp_path):
     assert (d.topk, d.block_q, d.block_k, d.trainable, d.loss) == (0.1, 128, 64, "all", "distill")
     for bad, key in (({"loss": "kl"}, "method.sla.loss"), ({"topk": 1.5}, "method.sla.topk"), ({"weighting": "snr"}, "method.sla.weighting"),
                      ({"block_q": 48}, "method.sla.block_q"), ({"block_k": 8}, "method.sla.block_k"),
-                     ({"caption_dropout": 1.0}, "method.sla.caption_dropout"), ({"flow_weight": 0}, "method.sla.flow_weight")):
+                     ({"caption_dropout": 1.0}, "method.sla.caption_dropout"), ({"flow_weight": 0}, "method.sla.flow_weight"),
+                     ({"token_tile": [4, 2]}, "method.sla.token_tile")):
         with pytest.raises(ValueError, match=key.replace(".", r"\.")):
             make_recipe(tmp_path, **bad)
 
@@ -309,6 +310,10 @@ def test_fit_export_reload_reproduces_outputs(tmp_path):
     path = tmp_path / "ema.safetensors"  # written at fit end
     loaded = WanModel.from_pretrained(path)  # no arguments: the SLA config comes from the file
     assert loaded.config == m.student.config and loaded.config.attention == "sla"
+    # a tiled token order (method.sla.token_tile) is the student's and the export's
+    tiled = SLAFinetuneModule(make_recipe(tmp_path, token_tile=[1, 2, 2]), teacher=dense_model(),
+                              text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]), export_dir=tmp_path / "tiled")
+    assert tiled.student.config.attention_options["token_tile"] == [1, 2, 2]
     assert any(is_proj_l_key(k) for k in loaded.state_dict())
     assert proj_l_norms(loaded).gt(0).all()
     x, t, c = inputs()

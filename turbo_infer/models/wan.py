@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from turbo_infer.layers.attention import SPARSE_BACKENDS, make_attention
+from turbo_infer.models.token_order import TOKEN_TILE, check_token_tile, inverse_permutation, tile_permutation
 from turbo_infer.quant import norm_quantized_input
 
 
@@ -89,6 +90,12 @@ class WanConfig:
             raise ValueError(f"WanConfig.frame_embed_len must be >= 0 (0 = no frame embedding), got {self.frame_embed_len}")
         if int(self.space_embed_len) < 0:
             raise ValueError(f"WanConfig.space_embed_len must be >= 0 (0 = no row/column embedding), got {self.space_embed_len}")
+        if self.attention_options.get(TOKEN_TILE) is not None:  # the DiT's own option (token_order.py), kept as a list
+            try:
+                tile = check_token_tile(self.attention_options[TOKEN_TILE])
+            except ValueError as e:
+                raise ValueError(f"WanConfig.attention_options.{e}") from None
+            self.attention_options = {**self.attention_options, TOKEN_TILE: list(tile)}
 
     @property
     def head_dim(self) -> int:
@@ -260,12 +267,17 @@ class _Projections(nn.Module):
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
 
+def backend_options(options: dict) -> dict:
+    """The attention options that the backend takes: all but the ones the DiT applies itself (token_tile)."""
+    return {k: v for k, v in options.items() if k != TOKEN_TILE}
+
+
 class WanSelfAttention(_Projections):
     """Self-attention with RMSNorm(q, k) across heads, 3D RoPE and a pluggable backend."""
 
     def __init__(self, cfg: WanConfig):
         super().__init__(cfg)
-        self.attn = make_attention(cfg.attention, cfg.head_dim, **cfg.attention_options)
+        self.attn = make_attention(cfg.attention, cfg.head_dim, **backend_options(cfg.attention_options))
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         # x: (B, L, dim)
@@ -501,6 +513,19 @@ class WanModel(nn.Module):
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # (B, C, F', pt, H', ph, W', pw)
         return x.reshape(B, -1, f * pt, h * ph, w * pw)
 
+    def token_order(self, grid: tuple[int, int, int], device) -> "tuple[torch.Tensor, torch.Tensor] | None":
+        """(perm, inverse) of the tile order that attention_options.token_tile asks for on this grid (cached),
+        or None for raster order."""
+        tile = self.config.attention_options.get(TOKEN_TILE)
+        if tile is None:
+            return None
+        cache = self.__dict__.setdefault("_token_orders", {})
+        key = (tuple(grid), tuple(tile), str(device))
+        if key not in cache:
+            perm = tile_permutation(grid, tile, device)
+            cache[key] = (perm, inverse_permutation(perm))
+        return cache[key]
+
     def position_rows(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """The learned absolute-position embedding of every token of a (F', H', W') grid, in token order:
         (L, dim), the sum of the frame table's row (frame_embed_len) and the row and column tables' rows
@@ -541,6 +566,9 @@ class WanModel(nn.Module):
         if cfg.frame_embed_len or cfg.space_embed_len:
             tokens = tokens + self.position_rows(grid).to(tokens.dtype)
         rope = self.rope.freqs(grid, x.device)
+        order = self.token_order(grid, x.device)
+        if order is not None:  # tile order for block-sparse attention (token_order.py): tokens and their RoPE rows
+            tokens, rope = tokens[:, order[0]], tuple(r[order[0]] for r in rope)
         # time: sinusoid (fp32) -> MLP -> 6-way modulation, kept in fp32
         temb = self.time_embedding(sinusoidal_embedding(timestep, cfg.freq_dim).to(dtype)).float()  # (B, dim)
         e = self.time_projection(temb.to(dtype)).float().unflatten(1, (6, cfg.dim))  # (B, 6, dim)
@@ -560,6 +588,8 @@ class WanModel(nn.Module):
         out = self.head(tokens, temb)  # (B, L, C·p)
         if sp is not None:
             out = sp.gather(out, dim=1)  # (B, L, C·p)
+        if order is not None:
+            out = out[:, order[1]]  # back to raster order
         out = self.unpatchify(out, grid).float()
         if cfg.prediction == "x0":  # the head's output is x̂0: return the velocity it implies
             s = (timestep.float() / 1000.0).clamp(min=X0_MIN_S).view(B, 1, 1, 1, 1)

@@ -77,6 +77,10 @@ class SLAFinetuneConfig:
     block_q: int = 128  # query tokens per block of the block map (power of two >= 16)
     block_k: int = 64  # key tokens per block of the block map (power of two >= 16)
     feature_map: Literal["softmax", "elu", "relu"] = "softmax"  # phi of the linear branch, over the head dim
+    # [frames, rows, columns]: order the tokens by 3D tiles of this size, so that a block of the block map holds
+    # a tile followed over frames rather than rows of one frame (turbo_infer.models.token_order); null = raster
+    # order. Travels with the exported model (attention_options.token_tile) into the merge and the bundles.
+    token_tile: list[int] | None = None
     trainable: Literal["all", "proj_l"] = "all"  # all = every DiT parameter plus proj_l; proj_l = the projections only
     # distribution of the flow time s: shifted_uniform draws u ~ U[0, 1) and applies the sampler's
     # shift s = shift·u/(1 + (shift-1)·u); logit_normal draws s = sigmoid(logit_mean + logit_std·n)
@@ -93,6 +97,7 @@ class SLAFinetuneConfig:
     teacher_dtype: Literal["same", "float32", "bfloat16"] = "same"
 
     def __post_init__(self):
+        from turbo_infer.models.token_order import check_token_tile
         from turbo_kernels.utils import check_block
         from turbo_train.recipe import FieldError
 
@@ -109,6 +114,11 @@ class SLAFinetuneConfig:
                 check_block(key, getattr(self, key))
             except (TypeError, ValueError) as e:
                 raise FieldError(key, str(e).removeprefix(f"{key} ")) from None
+        if self.token_tile is not None:
+            try:
+                self.token_tile = list(check_token_tile(self.token_tile))
+            except ValueError as e:
+                raise FieldError("token_tile", str(e).removeprefix("token_tile ")) from None
         need(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
         need(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
         need(0.0 <= self.caption_dropout < 1.0, "caption_dropout", f"must be in [0, 1), got {self.caption_dropout}")
@@ -245,7 +255,7 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
             raise ValueError(f"model.attention: the teacher must use dense attention, got {teacher.config.attention!r}")
         # student: the teacher with SLA self-attention (proj_l = 0), all parameters or proj_l trainable
         self.student = convert_to_sla(teacher, topk=c.topk, block_q=c.block_q, block_k=c.block_k,
-                                      feature_map=c.feature_map).train()
+                                      feature_map=c.feature_map, token_tile=c.token_tile).train()
         self.student.requires_grad_(c.trainable == "all")
         for layer in sla_layers(self.student):
             layer.proj_l.requires_grad_(True)

@@ -12,10 +12,16 @@ RoPE does not depend on the order of its inputs, so reordering once after patchi
 unpatchify costs one gather each way and changes nothing for dense attention.
 
 The order is the stable sort of the tokens by (tile index in raster order over the grid of tiles,
-position inside the tile in raster order): any grid works, with partial tiles at its far edges. Measured
-on the toy teacher v9 (untrained SLA at topk 0.2 with 16 x 16 blocks, tools/sla_gap.py on 32 held-out
-videos, session 26): relative velocity error 0.050 in raster order, 0.029 with (4, 2, 2) tiles, 0.026
-with (4, 1, 4) and (8, 1, 2); 0.054 with (1, 4, 4) (a tile inside one frame).
+position inside the tile in raster order): any grid works, with partial tiles at its far edges.
+
+Measured on the toy world (teacher v9, 16 x 16 blocks; recipes/toy/logs/token_tile_cpu_v9.json, session 26):
+tiles cut the untrained SLA's velocity error against the dense teacher (topk 0.2: 0.050 raster, 0.029 with
+(4, 2, 2) tiles, 0.026 with (4, 1, 4)) but not the judge's adherence, which they lower: the README job's
+student with untrained SLA at topk 0.1 scores 0.542 raster, 0.472 with (4, 2, 2), 0.518 with (1, 4, 4),
+0.542 with (2, 2, 4) (64 prompts); tuned (120 CPU steps, 192 prompts) 0.777 vs 0.799 raster at topk 0.2
+(-0.022 +- 0.017) and 0.650 vs 0.768 at topk 0.1. So raster order is the default everywhere; the option is
+for grids where a raster block is a thin strip (Wan-1.3B at 480p: a 64-token key block is 1.2 rows of 52
+tokens), not measured there.
 """
 from __future__ import annotations
 

@@ -11,17 +11,9 @@ from turbo_infer.models.wan import WanConfig, WanModel
 from turbo_infer.models.wan_keys import save_wan_checkpoint
 from turbo_train.sla_convert import convert_to_sla
 
-TINY = WanConfig(dim=32, ffn_dim=64, num_heads=2, num_layers=2, text_dim=384, in_channels=48, out_channels=48)
+from tiny_wan import TINY, tiny_model  # noqa: E402  (tests/infer/tiny_wan.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: see tests/conftest.py
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = WanModel(WanConfig(**{**TINY.to_dict(), **overrides})).eval()
-    for p in model.parameters():  # Wan's init zeroes the head: give every weight some signal
-        torch.nn.init.normal_(p, std=0.05)
-    return model
 
 
 def test_divisible_grids_are_ordered_tile_by_tile():

@@ -251,6 +251,12 @@ def test_module_networks_and_trainable_sets(tmp_path):
     names = {n for n, q in p.student.named_parameters() if q.requires_grad}
     assert names == {f"blocks.{i}.self_attn.attn.proj_l.{w}" for i in range(2) for w in ("weight", "bias")}
     assert sum(len(g["params"]) for g in p.configure_optimizers()["optimizer"].param_groups) == 4
+    a = SLAFinetuneModule(make_recipe(tmp_path, trainable="self_attention"), teacher=dense_model(),
+                          text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
+    names = {n for n, q in a.student.named_parameters() if q.requires_grad}
+    assert names == {n for n, _ in a.student.named_parameters() if ".self_attn." in n}  # q, k, v, o, norms, proj_l
+    assert any(".self_attn.attn.proj_l." in n for n in names) and not any(".ffn." in n or ".cross_attn." in n for n in names)
+    assert sum(len(g["params"]) for g in a.configure_optimizers()["optimizer"].param_groups) == len(names)
     with pytest.raises(ValueError, match="model.attention"):
         SLAFinetuneModule(make_recipe(tmp_path), teacher=convert_to_sla(dense_model()), text_encoder=FakeTextEncoder(length=L_TEXT, dim=TINY["text_dim"]))
 

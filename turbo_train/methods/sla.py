@@ -82,7 +82,9 @@ class SLAFinetuneConfig:
     # order, the default: on the toy world no tile helped adherence (-0.02 to -0.12, token_order.py). Travels
     # with the exported model (attention_options.token_tile) into the merge and the bundles.
     token_tile: list[int] | None = None
-    trainable: Literal["all", "proj_l"] = "all"  # all = every DiT parameter plus proj_l; proj_l = the projections only
+    # all = every DiT parameter plus proj_l; self_attention = each block's self-attention (q, k, v, o, the q/k norms,
+    # proj_l), the only part SLA changes; proj_l = the projections only
+    trainable: Literal["all", "self_attention", "proj_l"] = "all"
     # distribution of the flow time s: shifted_uniform draws u ~ U[0, 1) and applies the sampler's
     # shift s = shift·u/(1 + (shift-1)·u); logit_normal draws s = sigmoid(logit_mean + logit_std·n)
     time_distribution: Literal["logit_normal", "shifted_uniform"] = "shifted_uniform"
@@ -258,6 +260,9 @@ class SLAFinetuneModule(OneNetworkMixin, BatchEncoderMixin, LightningModule):
         self.student = convert_to_sla(teacher, topk=c.topk, block_q=c.block_q, block_k=c.block_k,
                                       feature_map=c.feature_map, token_tile=c.token_tile).train()
         self.student.requires_grad_(c.trainable == "all")
+        if c.trainable == "self_attention":
+            for block in self.student.blocks:
+                block.self_attn.requires_grad_(True)
         for layer in sla_layers(self.student):
             layer.proj_l.requires_grad_(True)
         # frozen dense teacher: only the distillation loss needs it (validation reports against it too)

@@ -465,7 +465,9 @@ def main(argv=None) -> int:
                         "200: a longer tune drifts from the dense student")
     p.add_argument("--student-bundles", action="store_true",
                    help="--sla-on-student: also calibrate and export h100 and cpu bundles from the student's own SLA "
-                        "fine-tune (bundles_student/) and evaluate them as bundle_student_h100 and bundle_student_cpu")
+                        "fine-tune (bundles_student/) and evaluate them as bundle_student_h100 and bundle_student_cpu. "
+                        "Two more evaluations at the end: on one H100 (session 26, --minutes 3.5 --sla-minutes 4 --lean) "
+                        "the final five did not finish inside a 548-second limit (the device tool's calls stop at 600)")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,

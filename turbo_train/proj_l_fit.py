@@ -14,9 +14,10 @@ come from the SLA layer's own block map (turbo_kernels sparse_branch / linear_br
 exactly the blocks the SLA layer keeps (the same token order too, when the SLA model has a token_tile).
 
 Measured as a start for the README job's SLA stage (teacher v9, topk 0.2, 2 CPU cores, session 26;
-recipes/toy/logs/readme_job_sla_route_cpu192_v9.json, a scratch version of this fit): untrained 0.772 vs
-0.738 with zero proj_l (64 prompts, +0.034 +- 0.025), after the 120-step tune 0.819 vs 0.799 (192 prompts,
-+0.020 +- 0.014): small, under two standard errors.
+recipes/toy/logs/readme_job_sla_route_cpu192_v9.json), after the 120-step tune, paired with zero proj_l on 192
+prompts: a scratch fit on 16 videos at the rcm sampler's 4 times 0.819 vs 0.799 (+0.020 +- 0.014; untrained 0.772
+vs 0.738 on 64 prompts), this method option (first batch, 4 videos at 4 training-distribution times) 0.778
+(-0.020 +- 0.015). Not established either way: zero stays the default.
 """
 from __future__ import annotations
 

@@ -95,7 +95,8 @@ class SLAFinetuneConfig:
     caption_dropout: float = 0.1  # probability a sample is conditioned on the unconditional states, in [0, 1)
     # start of proj_l: zero (TurboDiffusion's) or lstsq, the ridge least-squares map from the linear branch to what
     # the sparse branch misses, fitted on the first training batch before the first step (turbo_train/proj_l_fit.py;
-    # on the README job's CPU tune +0.020 +- 0.014 adherence, under two standard errors). One process only.
+    # on the README job's CPU tune -0.020 +- 0.015 adherence, a scratch fit on other data +0.020: not established).
+    # One process only.
     proj_l_init: Literal["zero", "lstsq"] = "zero"
     # lstsq: noise levels (drawn from time_distribution) at which the first batch is fitted, >= 1
     proj_l_init_times: int = 4

@@ -46,9 +46,8 @@ def fit_proj_l(sla: WanModel, dense: WanModel, inputs: Iterable[tuple[torch.Tens
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     D = layers[0].head_dim
-    xtx = [torch.zeros(D + 1, D + 1, dtype=torch.float64) for _ in layers]
-    xtr = [torch.zeros(D + 1, D, dtype=torch.float64) for _ in layers]
-    rr = [torch.zeros((), dtype=torch.float64) for _ in layers]
+    # the normal equations per layer, float64 sums on the attention's own device: [X^T X, X^T R, R.R]
+    sums: list = [None] * len(layers)
 
     def take(i: int):
         lay = layers[i]
@@ -56,12 +55,11 @@ def fit_proj_l(sla: WanModel, dense: WanModel, inputs: Iterable[tuple[torch.Tens
         def hook(module, args, out):
             q, k, v = (t.float() for t in args)  # (B, H, L, D)
             bm = sla_block_map_reference(q, k, lay.topk, lay.block_q, lay.block_k)
-            r = (out.float() - sparse_branch(q, k, v, bm)).reshape(-1, D).double().cpu()
-            ol = linear_branch(q, k, v, bm, lay.feature_map).reshape(-1, D).double().cpu()
-            x = torch.cat([ol, torch.ones(ol.shape[0], 1, dtype=ol.dtype)], dim=1)  # (N, D + 1)
-            xtx[i] += x.T @ x
-            xtr[i] += x.T @ r
-            rr[i] += (r * r).sum()
+            r = (out.float() - sparse_branch(q, k, v, bm)).reshape(-1, D).double()
+            ol = linear_branch(q, k, v, bm, lay.feature_map).reshape(-1, D).double()
+            x = torch.cat([ol, torch.ones_like(ol[:, :1])], dim=1)  # (N, D + 1)
+            new = [x.T @ x, x.T @ r, (r * r).sum()]
+            sums[i] = new if sums[i] is None else [a + b for a, b in zip(sums[i], new)]
         return hook
 
     # the dense model in the SLA model's token order, so that its q, k, v arrive as the SLA layers see them
@@ -81,12 +79,12 @@ def fit_proj_l(sla: WanModel, dense: WanModel, inputs: Iterable[tuple[torch.Tens
     if n == 0:
         raise ValueError("fit_proj_l: no inputs")
     explained = []
-    for i, lay in enumerate(layers):
-        a = xtx[i] + ridge * xtx[i].diagonal().mean() * torch.eye(D + 1, dtype=torch.float64)
-        beta = torch.linalg.solve(a, xtr[i])  # (D + 1, D): [W^T; b]
+    for lay, (xtx, xtr, rr) in zip(layers, sums):
+        a = xtx + ridge * xtx.diagonal().mean() * torch.eye(D + 1, dtype=xtx.dtype, device=xtx.device)
+        beta = torch.linalg.solve(a, xtr)  # (D + 1, D): [W^T; b]
         # residual energy after the fit: sum ||r - x beta||^2 = r.r - 2 tr(beta^T X^T R) + tr(beta^T X^T X beta)
-        left = rr[i] - 2 * (beta * xtr[i]).sum() + (beta * (xtx[i] @ beta)).sum()
-        explained.append(float(1.0 - left / rr[i]) if rr[i] > 0 else 0.0)
+        left = rr - 2 * (beta * xtr).sum() + (beta * (xtx @ beta)).sum()
+        explained.append(float(1.0 - left / rr) if rr > 0 else 0.0)
         lay.proj_l.weight.copy_(beta[:D].T.to(lay.proj_l.weight))
         lay.proj_l.bias.copy_(beta[D].to(lay.proj_l.bias))
     return explained

@@ -422,6 +422,7 @@ class WanModel(nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self.rope = RoPE3D(cfg.head_dim, cfg.rope_theta)
+        self._token_orders: dict = {}  # (grid, tile, device) -> (perm, inverse): token_order's cache
         if cfg.frame_embed_len:  # zero at the start: the network's function is unchanged until it trains
             self.frame_embedding = nn.Parameter(torch.zeros(cfg.frame_embed_len, cfg.dim))
         if cfg.space_embed_len:  # the same for the latent row and column of a token
@@ -519,12 +520,11 @@ class WanModel(nn.Module):
         tile = self.config.attention_options.get(TOKEN_TILE)
         if tile is None:
             return None
-        cache = self.__dict__.setdefault("_token_orders", {})
         key = (tuple(grid), tuple(tile), str(device))
-        if key not in cache:
+        if key not in self._token_orders:
             perm = tile_permutation(grid, tile, device)
-            cache[key] = (perm, inverse_permutation(perm))
-        return cache[key]
+            self._token_orders[key] = (perm, inverse_permutation(perm))
+        return self._token_orders[key]
 
     def position_rows(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """The learned absolute-position embedding of every token of a (F', H', W') grid, in token order:

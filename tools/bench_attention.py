@@ -104,6 +104,11 @@ def check(h: Harness) -> None:
 FWD_VARIANTS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2),
                 (64, 64, 4, 2)]
 TAU_VARIANTS = [(0.0,), (8.0,)]
+# K/V tiles through tensor descriptors (TMA): (fwd_tma, fwd_warp_spec, fwd_stages)
+TMA_VARIANTS = [(False, False, 2), (True, False, 2), (True, False, 3), (True, False, 4), (True, True, 2),
+                (True, True, 3)]
+# the backward's dQ (K/V tiles) and dK/dV (Q/dO tiles) kernels through descriptors: (bwd_tma, dq_stages, dkdv_stages)
+BWD_TMA_VARIANTS = [(False, 2, 2), (True, 2, 2), (True, 3, 2), (True, 2, 3), (True, 3, 3)]
 DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2)]
 DKDV_VARIANTS = [(64, 64, 4, 2), (64, 64, 4, 3)]
 
@@ -134,6 +139,17 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
         lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
     # lazy rescaling of the forward's accumulator (only in tiles where some row's max rose by > tau)
     run("fwd", TAU_VARIANTS, ("fwd_rescale_tau",), lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
+    # the same kernel with K/V tiles fetched by tensor descriptors; checked against the pointer kernel first
+    with torch.no_grad():
+        ref_o = _sparse_forward(q, k, v, bm, replace(best, fwd_tma=False))[0].float()
+        try:
+            tma_o = _sparse_forward(q, k, v, bm, replace(best, fwd_tma=True))[0].float()
+            print(f"  fwd_tma vs pointer kernel: relative difference "
+                  f"{((tma_o - ref_o).norm() / ref_o.norm()).item():.2e}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  fwd_tma failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    run("fwd", TMA_VARIANTS, ("fwd_tma", "fwd_warp_spec", "fwd_stages"),
+        lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
     hm, zm, _ = _linear_state(q, k, v, bm, "softmax", W, best)
     o, lse, o_s = _sparse_forward(q, k, v, bm, best, store_os=True)
     do = torch.randn_like(o)
@@ -141,6 +157,16 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
     run("dq", DQ_VARIANTS, ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages"),
         lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
     run("dkdv", DKDV_VARIANTS, ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
+        lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
+    with torch.no_grad():  # descriptor-fed backward kernels must compute what the pointer ones do
+        try:
+            a = _sparse_backward(do, q, k, v, o_s, lse, bm, replace(best, bwd_tma=True), lin)
+            r = _sparse_backward(do, q, k, v, o_s, lse, bm, replace(best, bwd_tma=False), lin)
+            diffs = [((x.float() - y.float()).norm() / y.float().norm()).item() for x, y in zip(a[:3], r[:3])]
+            print("  bwd_tma vs pointer kernels: relative difference dq %.2e dk %.2e dv %.2e" % tuple(diffs), flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"  bwd_tma failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    run("bwd", BWD_TMA_VARIANTS, ("bwd_tma", "dq_stages", "dkdv_stages"),
         lambda cfg: (lambda: _sparse_backward(do, q, k, v, o_s, lse, bm, cfg, lin)))
     # linear branch in the sparse kernels' epilogues or in separate kernels after them, chosen for the
     # forward (fuse_linear) and the backward (fuse_linear_bwd) independently

@@ -71,11 +71,13 @@ def check_correctness(h: Harness):
     q, k, v = qkv(2, 3, 1000, 128, seed=1, k_offset=0.5)
     for pv in ("fp8", "fp16"):
         for cfg in (LB.LowbitConfig(), LB.LowbitConfig(128, 128, 8, 3, i2f=2),
-                    LB.LowbitConfig(block_m=64, block_n=64, num_warps=4, i2f=0)):
+                    LB.LowbitConfig(block_m=64, block_n=64, num_warps=4, i2f=0), LB.LowbitConfig(tma=True),
+                    LB.LowbitConfig(128, 128, 8, 3, i2f=2, tma=True)):
             o = LB.lowbit_attention(q, k, v, pv=pv, config=cfg)
             r = LB.lowbit_attention_reference(q, k, v, pv=pv, block_n=cfg.block_n, i2f=cfg.i2f)
             d = (o.float() - r.float()).abs()
-            h.note("check", f"dense_{pv}_bn{cfg.block_n}_i2f{cfg.i2f}", "fwd", max_abs=d.max().item(),
+            h.note("check", f"dense_{pv}_bn{cfg.block_n}_i2f{cfg.i2f}{'_tma' if cfg.tma else ''}", "fwd",
+                   max_abs=d.max().item(),
                    frac_gt_1e2=(d > 1e-2).float().mean().item(), cos_vs_ref=cos(o, r))
     qkv_q = LB.quantize_qkv(q, k, v, pv="fp8")
     rq = LB.quantize_qk_reference(q, k)
@@ -87,11 +89,11 @@ def check_correctness(h: Harness):
     from turbo_kernels.attention.blockmap import sla_block_map
     bm = sla_block_map(q, k, 0.3, 128, 64)
     for pv in ("fp8", "fp16"):
-        for g in (1, 2):
-            o = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=LS.SparseLowbitConfig(group=g))
+        for g, tma in ((1, False), (2, False), (1, True)):
+            o = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=LS.SparseLowbitConfig(group=g, tma=tma))
             r = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=g)
             d = (o.float() - r.float()).abs()
-            h.note("check", f"sparse_{pv}_g{g}", "fwd", max_abs=d.max().item(),
+            h.note("check", f"sparse_{pv}_g{g}{'_tma' if tma else ''}", "fwd", max_abs=d.max().item(),
                    frac_gt_1e2=(d > 1e-2).float().mean().item(), cos_vs_ref=cos(o, r))
     # W8A8 GEMMs, activation quantization, fused norm
     g = torch.Generator(device=DEV).manual_seed(2)
@@ -135,6 +137,12 @@ ATTN_CONFIGS = [
     LB.LowbitConfig(128, 64, 4, 4, i2f=2, rescale_tau=2.0),
     LB.LowbitConfig(128, 64, 4, 4, i2f=2, rescale_tau=4.0),
     LB.LowbitConfig(128, 128, 8, 3, i2f=2, rescale_tau=4.0),
+    # K/V tiles through tensor descriptors (TMA), with and without Triton's warp specialization
+    LB.LowbitConfig(128, 64, 4, 4, i2f=2, tma=True),
+    LB.LowbitConfig(128, 64, 4, 3, i2f=2, tma=True),
+    LB.LowbitConfig(128, 64, 4, 4, i2f=2, tma=True, warp_specialize=True),
+    LB.LowbitConfig(128, 128, 8, 3, i2f=2, tma=True),
+    LB.LowbitConfig(128, 128, 8, 3, i2f=2, tma=True, warp_specialize=True),
 ]
 
 
@@ -164,7 +172,8 @@ def bench_dense(h: Harness, name: str, B, H, L, D, configs):
         qq = LB.quantize_qkv(q, k, v, pv="fp8")
         out = torch.empty_like(q)
         tag = (f"bm{cfg.block_m}bn{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}"
-               f"{'ws' if cfg.warp_specialize else ''}{f't{cfg.rescale_tau:g}' if cfg.rescale_tau else ''}")
+               f"{'ws' if cfg.warp_specialize else ''}{f't{cfg.rescale_tau:g}' if cfg.rescale_tau else ''}"
+               f"{'tma' if cfg.tma else ''}")
         t = guarded(tag, lambda: h.measure(name, f"ours_kernel_{tag}", "fwd",
                                            lambda: LB.lowbit_attention_quantized(qq, out, cfg)))
         if t is not None and t < best:
@@ -219,9 +228,10 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
     # g2 w8 s2 i2f=1 1.553 (SLA bf16 2.135)
     for cfg in (LS.SparseLowbitConfig(128, 1, 4, 3), LS.SparseLowbitConfig(128, 1, 4, 4),
                 LS.SparseLowbitConfig(128, 1, 4, 2), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0),
-                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0)):
+                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0), LS.SparseLowbitConfig(128, 1, 4, 3, tma=True),
+                LS.SparseLowbitConfig(128, 1, 4, 4, tma=True), LS.SparseLowbitConfig(128, 1, 8, 3, tma=True)):
         tag = f"bm{cfg.block_m}g{cfg.group}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}" + \
-            (f"t{cfg.rescale_tau:g}" if cfg.rescale_tau else "")
+            (f"t{cfg.rescale_tau:g}" if cfg.rescale_tau else "") + ("tma" if cfg.tma else "")
         t = guarded(tag, lambda: h.measure(name, f"ours_sparse_kernel_{tag}", "fwd",
                                            lambda: LS.sagesla_sparse_quantized(qq, bm, out, cfg)))
         if t is not None and t < best:

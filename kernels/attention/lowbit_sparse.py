@@ -30,7 +30,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.attention.lowbit import lowbit_online_step, lowbit_store_out
+    from turbo_kernels.attention.lowbit import TensorDescriptor, _lowbit_tma_tile, lowbit_online_step, lowbit_store_out
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -128,6 +128,45 @@ if triton is not None:
                          Lq, D)
 
 
+    @triton.jit
+    def _lowbit_sparse_fwd_tma_kernel(Q, k_desc, v_desc, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol,
+                                      stride_od, H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
+                                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr,
+                                      BLK_K: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
+                                      EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
+        """_lowbit_sparse_fwd_kernel for one key block per step (GROUP 1), K and V tiles fetched by tensor
+        descriptors (TMA on sm_90+): k_desc over the int8 K as (B·H·Lk_pad, D), v_desc over the transposed V as
+        (B·H·D, Lk_pad); zero-padded to Lk_pad, so a tile never leaves its head."""
+        pid_m = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        qblk = (pid_m * BLOCK_M) // BLK_Q
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D)
+        q = tl.load(Q + bh * Lq_pad * D + offs_m[:, None] * D + offs_d[None, :])
+        qs = tl.load(QS + bh * n_qs + qblk)
+        k_row = tl.program_id(1) * Lk_pad
+        v_row = tl.program_id(1) * D
+        KS_base = KS + bh * n_ks
+        lut_row = LUT + (bh * n_qblk + qblk) * n
+        ragged = (Lk % BLK_K) != 0
+        n_kblk = tl.cdiv(Lk, BLK_K)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # the LUT is ascending, so only its last entry can be the ragged last key block
+        n_even = n - 1 if ragged and tl.load(lut_row + n - 1) == n_kblk - 1 else n
+        for j in range(0, n_even):
+            acc, l_i, m_i = _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base,
+                                             tl.load(lut_row + j) * BLK_K, Lk, BLK_K, BLK_K, PV_FP8, I2F,
+                                             EXACT_CAST, False, TAU, SHIFT)
+        for j in range(n_even, n):
+            acc, l_i, m_i = _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base,
+                                             tl.load(lut_row + j) * BLK_K, Lk, BLK_K, BLK_K, PV_FP8, I2F,
+                                             EXACT_CAST, True, TAU, SHIFT)
+        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
+                         Lq, D)
+
 # ----------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +182,9 @@ class SparseLowbitConfig:
     # lazy rescaling threshold (turbo_kernels.attention.lowbit.p_shift); H100, 1.3B, topk 0.1: tau 0 1.13 ms,
     # tau 2 1.27, tau 4 1.22: stays 0
     rescale_tau: float = 0.0
+    # K and V tiles through tensor descriptors (TMA on sm_90+) where one key block is one step (group 1, and
+    # not raised by key_group); off until timed (tools/bench_lowbit.py's sparse sweep)
+    tma: bool = False
 
     def __post_init__(self):
         p_shift(True, self.rescale_tau)  # validates the threshold
@@ -183,6 +225,18 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
     lut = block_map.lut if block_map.lut.dtype == torch.int32 and block_map.lut.is_contiguous() else \
         block_map.lut.to(torch.int32).contiguous()
     grid = (cdiv(qkv.lq, block_m), B * H)
+    pv_fp8 = qkv.v_q.dtype == torch.float8_e4m3fn
+    if config.tma and group == 1:
+        bk = block_map.block_k
+        _lowbit_sparse_fwd_tma_kernel[grid](
+            qkv.q_i8, TensorDescriptor(qkv.k_i8, shape=[B * H * Lk_pad, D], strides=[D, 1], block_shape=[bk, D]),
+            TensorDescriptor(qkv.v_q, shape=[B * H * D, Lk_pad], strides=[Lk_pad, 1], block_shape=[D, bk]),
+            qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
+            H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
+            block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=bk, PV_FP8=pv_fp8, I2F=config.i2f,
+            EXACT_CAST=interpreter_enabled(), TAU=float(config.rescale_tau), SHIFT=p_shift(pv_fp8, config.rescale_tau),
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
     _lowbit_sparse_fwd_kernel[grid](
         qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,

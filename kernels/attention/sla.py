@@ -229,6 +229,8 @@ if triton is not None:
     from turbo_kernels.attention.sla_kernels import (_sla_bwd_dkdv_kernel, _sla_bwd_dq_kernel, _sla_bwd_preprocess,
                                                      _sla_fwd_kernel, _sla_lin_bwd_kv_kernel, _sla_lin_bwd_q_kernel,
                                                      _sla_lin_fwd_kernel, _sla_lin_state_kernel)
+    from turbo_kernels.attention.sla_tma import (_sla_bwd_dkdv_tma_kernel, _sla_bwd_dq_tma_kernel, _sla_fwd_tma_kernel,
+                                                 token_descriptor, token_view)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +286,17 @@ class SLAKernelConfig:
     # accumulator at every key tile). See _fwd_tile in sla_kernels. Measured slower (H100, 2026-12-05, 1.3B,
     # topk 0.1, sparse forward kernel: tau 0 1.545 ms, tau 8 1.683; bench_attention --sweep): stays 0.
     fwd_rescale_tau: float = 0.0
+    # Forward: fetch K/V tiles through tensor descriptors (TMA on sm_90+; `sla_tma.py`) instead of pointer
+    # gathers. Used where the operands have a 2-D token view (contiguous (B, H, L, D), or (B, L, H, D)
+    # permuted), fwd_block_n <= the map's block_k and the linear branch is not fused into the sparse
+    # kernel; elsewhere the pointer kernel runs. Off until timed (bench_attention --sweep "tma").
+    fwd_tma: bool = False
+    # With fwd_tma: Triton's automatic warp specialization of the key loop (tl.range(warp_specialize=...)).
+    fwd_warp_spec: bool = False
+    # Backward: the dQ kernel's K/V tiles and the dK/dV kernel's Q/dO tiles through tensor descriptors, where
+    # the operands have a token view, dq_block_n <= block_k / dkdv_block_m <= block_q, and the linear branch
+    # runs in its own kernels (fuse_linear_bwd False). Off until timed (bench_attention --sweep "bwd_tma").
+    bwd_tma: bool = False
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":
         for name in ("fwd_block_m", "fwd_block_n", "dq_block_m", "dq_block_n", "dkdv_block_m", "dkdv_block_n"):
@@ -348,19 +361,45 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
     folded = wt is None  # inference: proj_l folded into Hm (`_linear_state(fold=True)`), phi(q) precomputed
     fq = _query_features(q, feature_map) if folded and fused else q
     grid = (triton.cdiv(Lq, cfg.fwd_block_m), B * H)
-    _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, hm if folded else wt,
-                          bias if bias is not None else o, fq,
-                          *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(fq),
-                          H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
-                          MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
-                          BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
-                          STORE_OS=store_os and fused, LINEAR=fused and linear is not None,
-                          HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
-                          FOLDED=folded, TAU=float(cfg.fwd_rescale_tau), num_warps=cfg.fwd_warps,
-                          num_stages=cfg.fwd_stages)
+    tma_ok = cfg.fwd_tma and not (fused and linear is not None) and not (store_os and fused)
+    if not _launch_tma_forward(q, k, v, o if fused else o_s, lse, bm, cfg, grid, bias if fused else None, store_lse,
+                               tma_ok):
+        _sla_fwd_kernel[grid](q, k, v, o if fused else o_s, o_s, lse, bm.lut, hm, zm, hm if folded else wt,
+                              bias if bias is not None else o, fq,
+                              *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(fq),
+                              H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E, LINEAR_EPS / Lk,
+                              MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m, BLOCK_N=cfg.fwd_block_n,
+                              BLOCK_D=_block_d(D), EVEN_N=Lk % bm.block_k == 0, STORE_LSE=store_lse,
+                              STORE_OS=store_os and fused, LINEAR=fused and linear is not None,
+                              HAS_BIAS=fused and bias is not None, FEATURE=feature, PAD_D=D != _block_d(D),
+                              FOLDED=folded, TAU=float(cfg.fwd_rescale_tau), num_warps=cfg.fwd_warps,
+                              num_stages=cfg.fwd_stages)
     if not fused:  # O = O_s + proj_l(O_l) (+ bias), O_s read back (in place when o_s is o)
         _linear_epilogue(q, o_s, o, linear, bias, bm, Lk, cfg, feature_map)
     return o, (lse if store_lse else None), (o_s if store_os else None)
+
+
+def _launch_tma_forward(q, k, v, out, lse, bm: BlockMap, cfg: SLAKernelConfig, grid, bias, store_lse: bool,
+                        wanted: bool) -> bool:
+    """Run the descriptor-fed sparse kernel (`sla_tma`) into out when wanted and the operands allow it;
+    False (nothing launched) otherwise, and the caller runs the pointer kernel."""
+    if not wanted or cfg.fwd_block_n > bm.block_k:
+        return False
+    B, H, Lq, D = q.shape
+    BLOCK_D = _block_d(D)
+    kv, vv = token_view(k), token_view(v)
+    if kv is None or vv is None:
+        return False
+    k_desc = token_descriptor(k, kv, cfg.fwd_block_n, BLOCK_D)
+    v_desc = token_descriptor(v, vv, cfg.fwd_block_n, BLOCK_D)
+    _sla_fwd_tma_kernel[grid](q, k_desc, v_desc, out, lse, bm.lut, bias if bias is not None else out,
+                              *_strides(q), *_strides(out), H, Lq, k.shape[2], D, bm.n, bm.num_q_blocks,
+                              LOG2E / math.sqrt(D), *kv[2:], *vv[2:],
+                              MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.fwd_block_m,
+                              BLOCK_N=cfg.fwd_block_n, BLOCK_D=BLOCK_D, EVEN_N=k.shape[2] % bm.block_k == 0,
+                              STORE_LSE=store_lse, HAS_BIAS=bias is not None, WS=cfg.fwd_warp_spec,
+                              num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
+    return True
 
 
 def _linear_epilogue(q, o_s, o, linear, bias, bm: BlockMap, Lk: int, cfg: SLAKernelConfig, feature_map: str) -> None:
@@ -452,13 +491,23 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
     else:
         hm = zm = w = dhm = dzm = o_l = dq
     fused = cfg.fuse_linear_bwd and linear is not None
-    _sla_bwd_dq_kernel[(n_tiles, B * H)](
-        q, k, v, do, dq, lse, delta, bm.lut, hm, zm, w, dhm, dzm, o_l,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
-        H, Lq, Lk, D, bm.n, bm.num_q_blocks, tiles_per_bh, sm_scale * LOG2E, sm_scale, LINEAR_EPS / Lk,
-        MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
-        EVEN_N=Lk % bm.block_k == 0, LINEAR=fused, FEATURE=feature, PAD_D=D != BLOCK_D,
-        num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    kv_views = (token_view(k), token_view(v)) if cfg.bwd_tma and not fused else (None, None)
+    if None not in kv_views and cfg.dq_block_n <= bm.block_k:
+        _sla_bwd_dq_tma_kernel[(n_tiles, B * H)](
+            q, token_descriptor(k, kv_views[0], cfg.dq_block_n, BLOCK_D),
+            token_descriptor(v, kv_views[1], cfg.dq_block_n, BLOCK_D), do, dq, lse, delta, bm.lut,
+            *_strides(q), *_strides(do), *_strides(dq), H, Lq, Lk, D, bm.n, bm.num_q_blocks, sm_scale * LOG2E,
+            sm_scale, *kv_views[0][2:], *kv_views[1][2:], MAP_BQ=bm.block_q, MAP_BK=bm.block_k,
+            BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D, EVEN_N=Lk % bm.block_k == 0,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
+    else:
+        _sla_bwd_dq_kernel[(n_tiles, B * H)](
+            q, k, v, do, dq, lse, delta, bm.lut, hm, zm, w, dhm, dzm, o_l,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+            H, Lq, Lk, D, bm.n, bm.num_q_blocks, tiles_per_bh, sm_scale * LOG2E, sm_scale, LINEAR_EPS / Lk,
+            MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dq_block_m, BLOCK_N=cfg.dq_block_n, BLOCK_D=BLOCK_D,
+            EVEN_N=Lk % bm.block_k == 0, LINEAR=fused, FEATURE=feature, PAD_D=D != BLOCK_D,
+            num_warps=cfg.dq_warps, num_stages=cfg.dq_stages)
     if linear is not None and not fused:
         _sla_lin_bwd_q_kernel[(n_tiles, B * H)](
             q, do, dq, hm, zm, w, dhm, dzm, o_l, *_strides(q), *_strides(do), *_strides(dq),
@@ -474,12 +523,22 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
     kv_off, kv_qidx = bm.inverse(cache=False)  # built per backward: its cost belongs to the backward
     dk = torch.empty(B, H, Lk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, Lk, D, device=q.device, dtype=v.dtype)
-    _sla_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, dh, dz, *_strides(q), *_strides(k), *_strides(v),
-        *_strides(do), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1], sm_scale * LOG2E,
-        sm_scale, 1.0 / Lk, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m,
-        BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, LINEAR=fused, FEATURE=feature,
-        num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    qd_views = (token_view(q), token_view(do)) if cfg.bwd_tma and not fused else (None, None)
+    if None not in qd_views and cfg.dkdv_block_m <= bm.block_q:
+        _sla_bwd_dkdv_tma_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
+            token_descriptor(q, qd_views[0], cfg.dkdv_block_m, BLOCK_D), k, v,
+            token_descriptor(do, qd_views[1], cfg.dkdv_block_m, BLOCK_D), dk, dv, lse, delta, kv_off, kv_qidx,
+            *_strides(k), *_strides(v), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1],
+            sm_scale * LOG2E, sm_scale, *qd_views[0][2:], *qd_views[1][2:], MAP_BQ=bm.block_q, MAP_BK=bm.block_k,
+            BLOCK_M=cfg.dkdv_block_m, BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D,
+            num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
+    else:
+        _sla_bwd_dkdv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
+            q, k, v, do, dk, dv, lse, delta, kv_off, kv_qidx, dh, dz, *_strides(q), *_strides(k), *_strides(v),
+            *_strides(do), *_strides(dk), H, Lq, Lk, D, bm.num_k_blocks, kv_qidx.shape[-1], sm_scale * LOG2E,
+            sm_scale, 1.0 / Lk, MAP_BQ=bm.block_q, MAP_BK=bm.block_k, BLOCK_M=cfg.dkdv_block_m,
+            BLOCK_N=cfg.dkdv_block_n, BLOCK_D=BLOCK_D, LINEAR=fused, FEATURE=feature,
+            num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages)
     if linear is not None and not fused:
         _sla_lin_bwd_kv_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
             k, v, dk, dv, dh, dz, *_strides(k), *_strides(v), *_strides(dk), H, Lk, D, bm.num_k_blocks, 1.0 / Lk,

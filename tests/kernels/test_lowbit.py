@@ -16,6 +16,8 @@ bfloat16 inputs are fine here: no bf16 tl.dot is involved (the kernels multiply 
 Accuracy vs fp32 attention is checked on the references (which the tests above tie to the
 kernels), at larger shapes that would be slow in the interpreter.
 """
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,7 +102,10 @@ def test_zero_blocks_quantize_to_zero_scale():
     LB.LowbitConfig(block_m=64, block_n=128, num_warps=4, i2f=2),  # tile over two K blocks: vector scale
     LB.LowbitConfig(block_m=32, block_n=64, num_warps=4, i2f=0),
     LB.LowbitConfig(block_m=32, block_n=128, num_warps=4, i2f=1),
-], ids=["bn32-fused", "bn128-fused", "bn64-cvt", "bn128-magic"])
+    # K/V through tensor descriptors (TMA on sm_90+): same arithmetic, so the same reference and bounds
+    LB.LowbitConfig(block_m=32, block_n=32, num_warps=4, i2f=2, tma=True),
+    LB.LowbitConfig(block_m=64, block_n=128, num_warps=4, i2f=2, tma=True),
+], ids=["bn32-fused", "bn128-fused", "bn64-cvt", "bn128-magic", "bn32-tma", "bn128-tma"])
 def test_dense_kernel_matches_reference(pv, cfg):
     q, k, v = qkv(Lq=100, Lk=150)  # Lq ≠ Lk, both ragged
     got = LB.lowbit_attention(q, k, v, pv=pv, config=cfg)
@@ -273,6 +278,25 @@ def test_sparse_kernel_matches_reference(pv, group):
     # the kernel gathers >= 32 keys per step for fp8 P·V (key_group): the reference takes the same steps
     ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=LS.key_group(cfg, 16, pv == "fp8"))
     assert_attn_close(got, ref, pv, f"sparse {pv} group {group}")
+
+
+@pytest.mark.parametrize("pv", ["fp8", "fp16"])
+@pytest.mark.parametrize("Lk", [200, 192])
+def test_tma_kernels_compute_what_the_pointer_kernels_do(pv, Lk):
+    """tma=True (K/V tiles through tensor descriptors): the dense and the sparse kernel give bit for bit the
+    pointer kernels' output (same tiles, same arithmetic), with a ragged key tail (200) and without (192);
+    the sparse one on 32-key map blocks, where a step is one key block (group 1)."""
+    q, k, v = qkv(Lq=100, Lk=Lk, D=32, k_offset=0.3)
+    dense = LB.LowbitConfig(block_m=32, block_n=64, num_warps=4, i2f=2)
+    got = LB.lowbit_attention(q, k, v, pv=pv, config=replace(dense, tma=True))
+    assert torch.equal(got, LB.lowbit_attention(q, k, v, pv=pv, config=dense))
+    bm = sla_block_map_reference(q, k, 0.3, block_q=32, block_k=32)
+    sparse = LS.SparseLowbitConfig(block_m=32, group=1, num_warps=4)
+    assert LS.key_group(sparse, 32, pv == "fp8") == 1
+    got = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=replace(sparse, tma=True))
+    assert torch.equal(got, LS.sagesla_sparse(q, k, v, bm, pv=pv, config=sparse))
+    ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=1)
+    assert_attn_close(got, ref, pv, f"sparse tma {pv}")
 
 
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])

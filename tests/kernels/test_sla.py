@@ -406,3 +406,117 @@ def test_module_and_registry():
         SparseLinearAttention(16, feature_map="tanh")
     with pytest.raises(ValueError, match="head dim"):
         m(q[..., :8], k[..., :8], v[..., :8])
+
+
+# ---------------------------------------------------------------------------------------------- TMA forward
+CFG_TMA = replace(CFG_UNFUSED, fwd_tma=True)
+
+
+def _spy_tma(monkeypatch):
+    """Record whether each forward took the descriptor kernel (True) or fell back to the pointer one."""
+    import turbo_kernels.attention.sla as sla_mod
+
+    taken = []
+    real = sla_mod._launch_tma_forward
+    monkeypatch.setattr(sla_mod, "_launch_tma_forward", lambda *a: taken.append(real(*a)) or taken[-1])
+    return taken
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("layout,D", [("bhld", 32), ("blhd", 32), ("bhld", 24), ("blhd", 24)])
+def test_tma_sparse_forward_matches_reference(dtype, layout, D, monkeypatch):
+    """fwd_tma: K/V tiles through 2-D tensor descriptors, both token views (contiguous (B, H, L, D), and the
+    model's (B, L, H, D) permuted, where a head is a column offset), a ragged key tail (200 = 12.5 blocks of
+    16, whose masked rows read the next head's or batch's tokens, or zeros past the end) and a padded head
+    dim (24 of 32 columns). Same tolerances as the pointer kernel: the arithmetic is the same."""
+    taken = _spy_tma(monkeypatch)
+    B, H, L = 2, 3, 200
+    if layout == "bhld":
+        q, k, v = (torch.randn(B, H, L, D, dtype=dtype) for _ in range(3))
+    else:
+        q, k, v = (torch.randn(B, L, H, D, dtype=dtype).transpose(1, 2) for _ in range(3))
+    bm = sla_block_map(q, k, 0.3, 32, 16)
+    o_s = sparse_attention(q, k, v, bm, CFG_TMA)
+    ref_s, _ = sla_reference(q, k, v, 0.3, 32, 16, block_map=bm, return_branches=True)
+    assert taken == [True]
+    assert_close(o_s, ref_s, dtype, f"O_s (TMA, {layout}, D={D})")
+    _, lse_tma, _ = _sparse_forward(q, k, v, bm, CFG_TMA.clamp(32, 16), store_lse=True)
+    _, lse_ptr, _ = _sparse_forward(q, k, v, bm, CFG_UNFUSED.clamp(32, 16), store_lse=True)
+    torch.testing.assert_close(lse_tma, lse_ptr, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("feature_map,dtype", [("softmax", torch.float16), ("elu", torch.float32)])
+def test_tma_inference_forward_with_the_linear_branch(feature_map, dtype, monkeypatch):
+    # the whole inference forward (state kernel, marginal GEMMs, TMA sparse kernel, linear epilogue, bias)
+    taken = _spy_tma(monkeypatch)
+    q, k, v = make_inputs(dtype, Lq=200, Lk=170, D=24)
+    W, b = proj(24)
+    bm = sla_block_map(q, k, 0.25, 32, 16)
+    with torch.no_grad():
+        o = sla_attention(q, k, v, W, b, 0.25, 32, 16, feature_map, block_map=bm, config=CFG_TMA)
+    ref = sla_reference(q, k, v, 0.25, 32, 16, feature_map, proj_l=(W, b), block_map=bm)
+    assert taken == [True]
+    assert_close(o, ref, dtype, f"TMA O[{feature_map}]")
+
+
+def test_tma_falls_back_to_the_pointer_kernel_where_no_descriptor_fits(monkeypatch):
+    """No 2-D token view (every other key of a longer tensor), tiles wider than a map block, or the linear
+    branch fused into the sparse kernel: the pointer kernel runs, and the result is still the reference's."""
+    from turbo_kernels.attention.sla_tma import token_view
+
+    taken = _spy_tma(monkeypatch)
+    q, _, _ = make_inputs(torch.float32, Lq=96, D=16)
+    k_long, v_long = (torch.randn(1, 2, 192, 16) for _ in range(2))
+    k, v = k_long[:, :, ::2], v_long[:, :, ::2]
+    assert token_view(k) is None and token_view(k_long) is not None
+    bm = sla_block_map(q, k, 0.5, 32, 16)
+    ref_s, _ = sla_reference(q, k, v, 0.5, 32, 16, block_map=bm, return_branches=True)
+    assert_close(sparse_attention(q, k, v, bm, CFG_TMA), ref_s, torch.float32, "O_s (strided K/V)")
+    kc, vc = k.contiguous(), v.contiguous()
+    assert_close(sparse_attention(q, kc, vc, bm, replace(CFG_TMA, fwd_block_n=32)), ref_s, torch.float32,
+                 "O_s (block_n 32 > block_k 16)")
+    W, b = proj(16)
+    with torch.no_grad():
+        o = sla_attention(q, kc, vc, W, b, 0.5, 32, 16, block_map=bm, config=replace(CFG_TMA, fuse_linear=True))
+    assert_close(o, sla_reference(q, kc, vc, 0.5, 32, 16, proj_l=(W, b), block_map=bm), torch.float32, "O (fused)")
+    assert taken == [False, False, False]
+
+
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("Lq,Lk,D", [(200, 200, 32), (90, 75, 24)])
+def test_tma_forward_and_every_gradient(layout, Lq, Lk, D, monkeypatch):
+    """fwd_tma + bwd_tma: the sparse forward, the dQ kernel (K/V tiles) and the dK/dV kernel (Q/dO tiles)
+    through descriptors, on both token views; ragged query and key tails (the dK/dV kernel's rows past Lq are
+    another head's queries there, zeroed through an infinite LSE) and a padded head dim. Every gradient
+    against the reference at the fp16 tolerance, and all three kernels must have taken the descriptor path."""
+    import turbo_kernels.attention.sla as sla_mod
+
+    described = []
+    real = sla_mod.token_descriptor
+    monkeypatch.setattr(sla_mod, "token_descriptor", lambda x, *a: described.append(x.shape) or real(x, *a))
+    dtype = torch.float16
+
+    def make(L):
+        t = torch.randn(2, 2, L, D, dtype=dtype) if layout == "bhld" else torch.randn(2, L, 2, D, dtype=dtype)
+        return t if layout == "bhld" else t.transpose(1, 2)
+
+    q, k, v = make(Lq), make(Lk), make(Lk)
+    W, b = proj(D)
+    bm = sla_block_map(q, k, 0.3, 32, 16)
+    ours = [t.detach().requires_grad_() for t in (q, k, v)] + [t.clone().requires_grad_() for t in (W, b)]
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v, W, b)]
+    cfg = replace(CFG_UNFUSED, fwd_tma=True, bwd_tma=True)
+    o = sla_attention(*ours, 0.3, 32, 16, block_map=bm, config=cfg)
+    o_ref = sla_reference(*ref[:3], 0.3, 32, 16, proj_l=(ref[3], ref[4]), block_map=bm)
+    assert_close(o, o_ref, dtype, "O")
+    g = torch.randn_like(o)
+    if layout == "blhd":  # an upstream gradient in the model's layout too
+        g = g.transpose(1, 2).contiguous().transpose(1, 2)
+    o.backward(g)
+    o_ref.backward(g)
+    # the training forward (linear branch in its own kernel, O_s kept for the backward) and the backward's
+    # two kernels each describe two operands
+    assert len(described) == 6, described
+    for name, a, r in zip(("dq", "dk", "dv", "dW", "db"), ours, ref):
+        scale = 1.0 if name in ("dq", "dk", "dv") else max(1.0, r.grad.abs().max().item())
+        assert_close(a.grad / scale, r.grad / scale, dtype, name)

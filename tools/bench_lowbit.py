@@ -226,9 +226,12 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
     # run 1 (i2f=1): g2 w8 s3 1.489 ms; g1 w8 s3 1.602; g2 w4 s3 2.543; g2 w8 s2 1.480 (SLA bf16 2.156)
     # run 2 (i2f=2): g1 w4 s3 1.129; g2 w8 s2 1.497; g2 w8 s3 1.508; g1 w8 s3 1.555; bm64 g2 w4 s3 1.541;
     # g2 w8 s2 i2f=1 1.553 (SLA bf16 2.135)
-    for cfg in (LS.SparseLowbitConfig(128, 1, 4, 3), LS.SparseLowbitConfig(128, 1, 4, 4),
-                LS.SparseLowbitConfig(128, 1, 4, 2), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0),
-                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0), LS.SparseLowbitConfig(128, 1, 4, 3, tma=True),
+    # run 3 (H100, 2026-12-06, i2f=2, pointers unless tma): g1 w4 s3 1.122; s4 1.128; s2 1.128; tau 2 1.268; tau 4
+    # 1.223; tma g1 w4 s3 0.951 (now the default), s4 0.956, w8 s3 1.313
+    ptr = dict(tma=False)
+    for cfg in (LS.SparseLowbitConfig(128, 1, 4, 3, **ptr), LS.SparseLowbitConfig(128, 1, 4, 4, **ptr),
+                LS.SparseLowbitConfig(128, 1, 4, 2, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0, **ptr),
+                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, tma=True),
                 LS.SparseLowbitConfig(128, 1, 4, 4, tma=True), LS.SparseLowbitConfig(128, 1, 8, 3, tma=True)):
         tag = f"bm{cfg.block_m}g{cfg.group}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}" + \
             (f"t{cfg.rescale_tau:g}" if cfg.rescale_tau else "") + ("tma" if cfg.tma else "")

@@ -466,8 +466,9 @@ class LowbitConfig:
     num_stages: int = 3
     i2f: int = 2  # int32 → fp32 score path, see lowbit_online_step: 0 cvt, 1 magic add, 2 fused FMA
     warp_specialize: bool = False  # Triton's automatic warp specialization of the key loop
-    # K and V tiles through tensor descriptors (TMA on sm_90+) instead of pointer loads; off until timed
-    # (tools/bench_lowbit.py's dense sweep)
+    # K and V tiles through tensor descriptors (TMA on sm_90+) instead of pointer loads. Measured slower (H100,
+    # 2026-12-06, 1.3B, kernel only, same process: 128x64 w4 s4 8.30 ms pointers vs 8.68 descriptors, s3 8.30 vs
+    # 8.66, with warp specialization 8.67; 128x128 w8 s3 11.73 both): stays off, kept in the sweep
     tma: bool = False
     # lazy rescaling threshold, log2 units (0: rescale at every tile; see p_shift). Measured slower on an H100
     # (2026-12-05, 1.3B, 128x64 w4 s4): tau 0 8.23 ms, tau 2 9.19, tau 4 9.07 (BENCHMARKS.md): stays 0

@@ -289,13 +289,17 @@ class SLAKernelConfig:
     # Forward: fetch K/V tiles through tensor descriptors (TMA on sm_90+; `sla_tma.py`) instead of pointer
     # gathers. Used where the operands have a 2-D token view (contiguous (B, H, L, D), or (B, L, H, D)
     # permuted), fwd_block_n <= the map's block_k and the linear branch is not fused into the sparse
-    # kernel; elsewhere the pointer kernel runs. Off until timed (bench_attention --sweep "tma").
+    # kernel; elsewhere the pointer kernel runs. Measured slower (H100, 2026-12-06, 1.3B, topk 0.1, sparse
+    # forward kernel, same process: pointers 1.555 ms; descriptors 1.798 / 1.644 / 1.646 ms at 2 / 3 / 4 stages,
+    # with warp specialization 1.808 / 1.639): stays off, kept in the sweep.
     fwd_tma: bool = False
     # With fwd_tma: Triton's automatic warp specialization of the key loop (tl.range(warp_specialize=...)).
     fwd_warp_spec: bool = False
     # Backward: the dQ kernel's K/V tiles and the dK/dV kernel's Q/dO tiles through tensor descriptors, where
     # the operands have a token view, dq_block_n <= block_k / dkdv_block_m <= block_q, and the linear branch
-    # runs in its own kernels (fuse_linear_bwd False). Off until timed (bench_attention --sweep "bwd_tma").
+    # runs in its own kernels (fuse_linear_bwd False). H100, 2026-12-06, 1.3B, topk 0.1, the backward's kernels,
+    # same process: pointers 5.72 ms, descriptors 5.55-5.69 ms over four stage choices; pointer variants of the
+    # same sweep ranged 5.68-5.89, so the 3 % is not established: stays off, kept in the sweep.
     bwd_tma: bool = False
 
     def clamp(self, block_q: int, block_k: int) -> "SLAKernelConfig":

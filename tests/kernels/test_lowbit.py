@@ -291,7 +291,7 @@ def test_tma_kernels_compute_what_the_pointer_kernels_do(pv, Lk):
     got = LB.lowbit_attention(q, k, v, pv=pv, config=replace(dense, tma=True))
     assert torch.equal(got, LB.lowbit_attention(q, k, v, pv=pv, config=dense))
     bm = sla_block_map_reference(q, k, 0.3, block_q=32, block_k=32)
-    sparse = LS.SparseLowbitConfig(block_m=32, group=1, num_warps=4)
+    sparse = LS.SparseLowbitConfig(block_m=32, group=1, num_warps=4, tma=False)
     assert LS.key_group(sparse, 32, pv == "fp8") == 1
     got = LS.sagesla_sparse(q, k, v, bm, pv=pv, config=replace(sparse, tma=True))
     assert torch.equal(got, LS.sagesla_sparse(q, k, v, bm, pv=pv, config=sparse))

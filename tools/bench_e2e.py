@@ -340,6 +340,24 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
         finally:
             restore_attention(model, old)
 
+    if not args.skip_gemm_compare and device.type == "cuda" and clock_ok("GEMM comparison"):
+        # the W8A8 GEMMs with tensor-descriptor tiles (and a persistent grid) instead of pointer loads: the DiT
+        # eager with each, the module default swapped for the call and restored
+        import dataclasses
+
+        import turbo_kernels.gemm.w8a8 as w8a8_mod
+        default = w8a8_mod.DEFAULT_GEMM_CONFIG
+        for tag, change in (("gemm_tma", dict(tma=True)), ("gemm_tma_persistent", dict(tma=True, persistent=True))):
+            if dataclasses.replace(default, **change) == default:
+                continue  # that is the default, timed above
+            w8a8_mod.DEFAULT_GEMM_CONFIG = dataclasses.replace(default, **change)
+            try:
+                alt = statistics.median(timed(dit, device, args.reps))
+                fig[f"e2e_{TAG}_turbo_eager_{tag}_s"] = alt
+                log(f"turbo DiT with W8A8 GEMM config {w8a8_mod.DEFAULT_GEMM_CONFIG}, eager: {alt:.3f} s")
+            finally:
+                w8a8_mod.DEFAULT_GEMM_CONFIG = default
+
     if not args.skip_profile:
         br = profile_breakdown(model, dit, device.type)
         parts = br["seconds"]
@@ -861,13 +879,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per measurement (median; default 3)")
     p.add_argument("--topk", type=float, default=0.1, help="SLA topk of the checkpoint (default 0.1)")
     p.add_argument("--attention", choices=("sdpa", "sla", "sage", "sagesla"), default=None,
-                   help="bundle attention backend (default: the h100 target's, sagesla for an SLA checkpoint)")
+                   help="bundle attention backend (default: the h100 target's, sla for an SLA checkpoint)")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="past this many seconds, optional parts (attention comparison, compile, 14B) are skipped")
     for name, what in (("baseline", "the 50-step CFG baseline"), ("text", "the umT5 text encoder (random context)"),
                        ("vae", "the VAE (no full pipeline, no first video)"), ("compile", "torch.compile"),
                        ("profile", "the profiler breakdown"), ("ttfv", "the fresh-process time to first video"),
                        ("attention-compare", "timing the other sparse backend"),
+                       ("gemm-compare", "timing the DiT with the W8A8 GEMMs' tensor-descriptor variants"),
                        ("channels-last", "the VAE decode with the other Conv3d weight layout")):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"skip {what}")
     p.add_argument("--skip-turbo", action="store_true",

@@ -271,6 +271,12 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
 GEMM_CONFIGS = [
     W.GemmConfig(128, 256, 128, 8, 8, 3),
     W.GemmConfig(256, 128, 128, 8, 8, 3),
+    # A/B tiles through tensor descriptors (TMA), one program per tile or a persistent grid (one per SM)
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True),
+    W.GemmConfig(256, 128, 128, 8, 8, 3, tma=True),
+    W.GemmConfig(128, 128, 128, 8, 8, 4, tma=True, persistent=True),
 ]
 # the GEMM with the activation quantized in its K loop reads A in 16 bits: twice the shared memory per A
 # stage (128x128 bf16 = 32 KiB), so fewer stages or a shorter K step; tiles that do not fit are skipped
@@ -313,7 +319,8 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
                                                    num_warps=int(qbest.split("w")[1]))
             tb, cb = float("inf"), None
             for cfg in GEMM_CONFIGS:
-                tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+                tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" + \
+                    ("tma" if cfg.tma else "") + ("p" if cfg.persistent else "")
                 t = guarded(tag, lambda: h.measure(case, f"triton_{mode}_{tag}", "fwd",
                                                    lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, backend="triton",
                                                                          config=cfg)))

@@ -21,6 +21,7 @@ from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from turbo_kernels.gemm.quantize import quantize_tile
 except ImportError:  # pragma: no cover
@@ -141,6 +142,56 @@ if triton is not None:
             tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
 
 
+    @triton.jit
+    def _w8a8_gemm_tma_kernel(a_desc, b_desc, C, AS, BS, Bias, M, N, K, stride_cm,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
+                              GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
+                              EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+        """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
+        sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
+        NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
+        kernel's. NUM_PROGRAMS = the number of tiles gives one tile per program."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_tiles = num_pid_m * num_pid_n
+        num_pid_in_group = GROUP_M * num_pid_n
+        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+            group_id = tile // num_pid_in_group
+            first_pid_m = group_id * GROUP_M
+            group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+            pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
+            pid_n = (tile % num_pid_in_group) // group_size_m
+            if INT8:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            else:
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in tl.range(0, K, BLOCK_K):
+                a = a_desc.load([pid_m * BLOCK_M, k0])
+                b = b_desc.load([pid_n * BLOCK_N, k0])
+                if INT8:
+                    acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+                else:
+                    acc = tl.dot(a, tl.trans(b), acc)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            m_ok = offs_m < M
+            n_ok = offs_n < N
+            sa = tl.load(AS + offs_m, mask=m_ok, other=0.0)
+            sb = tl.load(BS + offs_n, mask=n_ok, other=0.0)
+            y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+            if HAS_BIAS:
+                y = y + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if GELU:
+                u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
+                y = y / (1.0 + tl.exp(-u))
+            c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+            c_mask = m_ok[:, None] & n_ok[None, :]
+            if OUT_QUANT:
+                tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
+            else:
+                tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
+
 # ----------------------------------------------------------------------------------------------
 # host launcher
 # ----------------------------------------------------------------------------------------------
@@ -154,9 +205,18 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 3
+    # A and B tiles through tensor descriptors (TMA on sm_90+; needs K % 16 == 0, else the pointer kernel), and
+    # with persistent=True one program per SM walking the tiles. Off until timed (tools/bench_lowbit.py's W8A8
+    # sweep; quantizing A inside the K loop, `w8a8_matmul_static_input`, keeps the pointer kernel)
+    tma: bool = False
+    persistent: bool = False
 
 
 DEFAULT_GEMM_CONFIG = GemmConfig()
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _check_weight(x, x_name: str, w_q, w_scale, bias):
@@ -234,15 +294,28 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     out = torch.empty(M, N, dtype=QDTYPE[out_quant] if out_quant else out_dtype, device=x_q.device)
     if M == 0:
         return (out, torch.empty(0, device=x_q.device)) if out_quant else out
-    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
-    _w8a8_gemm_kernel[grid](
-        x_q, w_q, out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,
-        M, N, K, x_q.stride(0), w_q.stride(0), out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
-        GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
-        out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
-        A_QUANT=False, a_inv=1.0, a_scale=1.0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+    if cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
+            and x_q.stride(0) == K and w_q.stride(0) == K:
+        programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
+        _w8a8_gemm_tma_kernel[(programs,)](
+            TensorDescriptor(x_q, shape=[M, K], strides=[K, 1], block_shape=[cfg.block_m, cfg.block_k]),
+            TensorDescriptor(w_q, shape=[N, K], strides=[K, 1], block_shape=[cfg.block_n, cfg.block_k]),
+            out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,
+            M, N, K, out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
+            OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
+            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    else:
+        _w8a8_gemm_kernel[(tiles,)](
+            x_q, w_q, out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,
+            M, N, K, x_q.stride(0), w_q.stride(0), out.stride(0),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
+            GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
+            out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
+            A_QUANT=False, a_inv=1.0, a_scale=1.0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if out_quant:
         return out, torch.full((M,), out_s, dtype=torch.float32, device=x_q.device)
     return out

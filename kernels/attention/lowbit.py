@@ -33,8 +33,6 @@ from turbo_kernels.utils import cdiv, check_float_dtype, interpreter_enabled, is
 try:  # Triton is optional: without it only the references run (CPU runtime).
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     from turbo_kernels.gemm.quantize import round_to_fp8_grid
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
@@ -403,56 +401,6 @@ if triton is not None:
         lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
                          Lq, D)
 
-
-    @triton.jit
-    def _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base, start_n, Lk,
-                         BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                         EXACT_CAST: tl.constexpr, MASK: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
-        """_lowbit_tile over descriptors: K rows [start_n, +BLOCK_N) as (BLOCK_N, D), V^T columns as (D, BLOCK_N)."""
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = k_desc.load([k_row + start_n, 0])  # (BLOCK_N, D) int8
-        if BLOCK_N <= QBK:
-            ks = tl.load(KS_base + start_n // QBK)
-        else:
-            ks = tl.load(KS_base + offs_n // QBK)
-        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
-        v = tl.trans(v_desc.load([v_row, start_n]))  # (BLOCK_N, D), keys contiguous in memory
-        return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, offs_n < Lk, v, BLOCK_N <= QBK, I2F, PV_FP8,
-                                  EXACT_CAST, MASK, TAU, SHIFT)
-
-    @triton.jit
-    def _lowbit_attn_fwd_tma_kernel(Q, k_desc, v_desc, QS, KS, VS, Out, stride_ob, stride_oh, stride_ol, stride_od,
-                                    H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks,
-                                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                    QBQ: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                                    EXACT_CAST: tl.constexpr, WS: tl.constexpr, TAU: tl.constexpr,
-                                    SHIFT: tl.constexpr):
-        """_lowbit_attn_fwd_kernel with K and V tiles fetched by tensor descriptors (TMA on sm_90+): k_desc
-        over the int8 K as (B·H·Lk_pad, D) rows, v_desc over the transposed V as (B·H·D, Lk_pad). Both are
-        zero-padded to Lk_pad, so every tile lies inside its own head; the tail tile masks keys >= Lk."""
-        pid_m = tl.program_id(0)
-        bh = tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, D)
-        q = tl.load(Q + bh * Lq_pad * D + offs_m[:, None] * D + offs_d[None, :])  # (BLOCK_M, D) int8
-        qs = tl.load(QS + bh * n_qs + (pid_m * BLOCK_M) // QBQ)
-        k_row = tl.program_id(1) * Lk_pad
-        v_row = tl.program_id(1) * D
-        KS_base = KS + bh * n_ks
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D], tl.float32)
-        n_full = (Lk // BLOCK_N) * BLOCK_N
-        for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):  # full tiles: no masking
-            acc, l_i, m_i = _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base, start_n,
-                                             Lk, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, False, TAU, SHIFT)
-        if n_full < Lk:  # ragged tail: mask keys >= Lk
-            acc, l_i, m_i = _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base, n_full,
-                                             Lk, BLOCK_N, QBK, PV_FP8, I2F, EXACT_CAST, True, TAU, SHIFT)
-        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
-                         Lq, D)
-
 # ----------------------------------------------------------------------------------------------
 # host launchers
 # ----------------------------------------------------------------------------------------------
@@ -466,10 +414,6 @@ class LowbitConfig:
     num_stages: int = 3
     i2f: int = 2  # int32 → fp32 score path, see lowbit_online_step: 0 cvt, 1 magic add, 2 fused FMA
     warp_specialize: bool = False  # Triton's automatic warp specialization of the key loop
-    # K and V tiles through tensor descriptors (TMA on sm_90+) instead of pointer loads. Measured slower (H100,
-    # 2026-12-06, 1.3B, kernel only, same process: 128x64 w4 s4 8.30 ms pointers vs 8.68 descriptors, s3 8.30 vs
-    # 8.66, with warp specialization 8.67; 128x128 w8 s3 11.73 both): stays off, kept in the sweep
-    tma: bool = False
     # lazy rescaling threshold, log2 units (0: rescale at every tile; see p_shift). Measured slower on an H100
     # (2026-12-05, 1.3B, 128x64 w4 s4): tau 0 8.23 ms, tau 2 9.19, tau 4 9.07 (BENCHMARKS.md): stays 0
     rescale_tau: float = 0.0
@@ -579,14 +523,8 @@ def lowbit_attention_quantized(qkv: QuantizedQKV, out: torch.Tensor, config: Low
     B, H, Lq_pad, D = qkv.q_i8.shape
     Lk_pad = qkv.k_i8.shape[2]
     grid = (cdiv(qkv.lq, config.block_m), B * H)
-    if config.tma:
-        k_op = TensorDescriptor(qkv.k_i8, shape=[B * H * Lk_pad, D], strides=[D, 1], block_shape=[config.block_n, D])
-        v_op = TensorDescriptor(qkv.v_q, shape=[B * H * D, Lk_pad], strides=[Lk_pad, 1], block_shape=[D, config.block_n])
-        kernel = _lowbit_attn_fwd_tma_kernel
-    else:
-        k_op, v_op, kernel = qkv.k_i8, qkv.v_q, _lowbit_attn_fwd_kernel
-    kernel[grid](
-        qkv.q_i8, k_op, v_op, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, *out.stride(),
+    _lowbit_attn_fwd_kernel[grid](
+        qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1],
         D=D, BLOCK_M=config.block_m, BLOCK_N=config.block_n, QBQ=qkv.block_q, QBK=qkv.block_k,
         PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),

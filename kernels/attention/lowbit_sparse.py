@@ -30,7 +30,9 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.attention.lowbit import TensorDescriptor, _lowbit_tma_tile, lowbit_online_step, lowbit_store_out
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from turbo_kernels.attention.lowbit import lowbit_online_step, lowbit_store_out
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -127,6 +129,22 @@ if triton is not None:
         lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
                          Lq, D)
 
+
+    @triton.jit
+    def _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base, start_n, Lk,
+                         BLOCK_N: tl.constexpr, QBK: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
+                         EXACT_CAST: tl.constexpr, MASK: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
+        """_lowbit_tile over descriptors: K rows [start_n, +BLOCK_N) as (BLOCK_N, D), V^T columns as (D, BLOCK_N)."""
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = k_desc.load([k_row + start_n, 0])  # (BLOCK_N, D) int8
+        if BLOCK_N <= QBK:
+            ks = tl.load(KS_base + start_n // QBK)
+        else:
+            ks = tl.load(KS_base + offs_n // QBK)
+        qk = tl.dot(q, tl.trans(k), out_dtype=tl.int32)
+        v = tl.trans(v_desc.load([v_row, start_n]))  # (BLOCK_N, D), keys contiguous in memory
+        return lowbit_online_step(acc, l_i, m_i, qk, qs, ks, offs_n < Lk, v, BLOCK_N <= QBK, I2F, PV_FP8,
+                                  EXACT_CAST, MASK, TAU, SHIFT)
 
     @triton.jit
     def _lowbit_sparse_fwd_tma_kernel(Q, k_desc, v_desc, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol,

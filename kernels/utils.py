@@ -27,6 +27,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors) and interpreter_enabled()
 
 
+def descriptors_supported(t: torch.Tensor) -> bool:
+    """Whether kernels may fetch t's tiles through Triton tensor descriptors: on the interpreter (tests), or on a
+    GPU with the bulk tensor copy engine (compute capability 9.0+; the variants were only ever timed there).
+    Older GPUs (the a100 and rtx4090 targets) keep the pointer kernels."""
+    if t.device.type == "cpu":
+        return interpreter_enabled()
+    return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

@@ -24,7 +24,7 @@ import torch
 from turbo_kernels.attention.blockmap import BlockMap
 from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, p_shift,
                                            quantize_qk_reference, quantize_qkv, quantize_v_reference)
-from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
+from turbo_kernels.utils import cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
     import triton
@@ -245,7 +245,7 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
         block_map.lut.to(torch.int32).contiguous()
     grid = (cdiv(qkv.lq, block_m), B * H)
     pv_fp8 = qkv.v_q.dtype == torch.float8_e4m3fn
-    if config.tma and group == 1:
+    if config.tma and group == 1 and descriptors_supported(qkv.k_i8):
         bk = block_map.block_k
         _lowbit_sparse_fwd_tma_kernel[grid](
             qkv.q_i8, TensorDescriptor(qkv.k_i8, shape=[B * H * Lk_pad, D], strides=[D, 1], block_shape=[bk, D]),

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from turbo_kernels.attention.blockmap import (SELECTS, BlockMap, check_qk, num_selected, sla_block_map,
                                               sla_block_map_reference)
-from turbo_kernels.utils import check_block, check_float_dtype, next_power_of_2, use_triton
+from turbo_kernels.utils import check_block, check_float_dtype, descriptors_supported, next_power_of_2, use_triton
 
 __all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
            "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
@@ -387,7 +387,7 @@ def _launch_tma_forward(q, k, v, out, lse, bm: BlockMap, cfg: SLAKernelConfig, g
                         wanted: bool) -> bool:
     """Run the descriptor-fed sparse kernel (`sla_tma`) into out when wanted and the operands allow it;
     False (nothing launched) otherwise, and the caller runs the pointer kernel."""
-    if not wanted or cfg.fwd_block_n > bm.block_k:
+    if not wanted or cfg.fwd_block_n > bm.block_k or not descriptors_supported(k):
         return False
     B, H, Lq, D = q.shape
     BLOCK_D = _block_d(D)
@@ -495,7 +495,8 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
     else:
         hm = zm = w = dhm = dzm = o_l = dq
     fused = cfg.fuse_linear_bwd and linear is not None
-    kv_views = (token_view(k), token_view(v)) if cfg.bwd_tma and not fused else (None, None)
+    tma = cfg.bwd_tma and not fused and descriptors_supported(q)
+    kv_views = (token_view(k), token_view(v)) if tma else (None, None)
     if None not in kv_views and cfg.dq_block_n <= bm.block_k:
         _sla_bwd_dq_tma_kernel[(n_tiles, B * H)](
             q, token_descriptor(k, kv_views[0], cfg.dq_block_n, BLOCK_D),
@@ -527,7 +528,7 @@ def _sparse_backward(do, q, k, v, o_s, lse, bm: BlockMap, cfg: SLAKernelConfig, 
     kv_off, kv_qidx = bm.inverse(cache=False)  # built per backward: its cost belongs to the backward
     dk = torch.empty(B, H, Lk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, H, Lk, D, device=q.device, dtype=v.dtype)
-    qd_views = (token_view(q), token_view(do)) if cfg.bwd_tma and not fused else (None, None)
+    qd_views = (token_view(q), token_view(do)) if tma else (None, None)
     if None not in qd_views and cfg.dkdv_block_m <= bm.block_q:
         _sla_bwd_dkdv_tma_kernel[(triton.cdiv(Lk, cfg.dkdv_block_n), B * H)](
             token_descriptor(q, qd_views[0], cfg.dkdv_block_m, BLOCK_D), k, v,

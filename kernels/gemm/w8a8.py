@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows_reference, static_inv_scale
-from turbo_kernels.utils import cdiv, interpreter_enabled, use_triton
+from turbo_kernels.utils import cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
     import triton
@@ -197,7 +197,8 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile configuration. Default: the Triton matmul tutorial's 8-bit Hopper tile (128×256×128)."""
+    """Tile configuration. Default: the Triton matmul tutorial's 8-bit Hopper tile (128×256×128), tiles fetched by
+    tensor descriptors."""
 
     block_m: int = 128
     block_n: int = 256
@@ -206,9 +207,11 @@ class GemmConfig:
     num_warps: int = 8
     num_stages: int = 3
     # A and B tiles through tensor descriptors (TMA on sm_90+; needs K % 16 == 0, else the pointer kernel), and
-    # with persistent=True one program per SM walking the tiles. Off until timed (tools/bench_lowbit.py's W8A8
-    # sweep; quantizing A inside the K loop, `w8a8_matmul_static_input`, keeps the pointer kernel)
-    tma: bool = False
+    # with persistent=True one program per SM walking the tiles. tma on since 2026-12-06 (H100, M = 32760, same
+    # process, ms pointers -> descriptors, 128x256x128 w8 s3): fp8 1536->8960 0.913 -> 0.889, 8960->1536 0.687 ->
+    # 0.686; int8 1.031 -> 0.979, 0.819 -> 0.747. Persistent: fp8 up 0.873, down 0.712; int8 0.952 / 0.747: mixed,
+    # off. Quantizing A inside the K loop (`w8a8_matmul_static_input`) keeps the pointer kernel.
+    tma: bool = True
     persistent: bool = False
 
 
@@ -296,7 +299,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         return (out, torch.empty(0, device=x_q.device)) if out_quant else out
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     if cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
-            and x_q.stride(0) == K and w_q.stride(0) == K:
+            and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
         programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
         _w8a8_gemm_tma_kernel[(programs,)](
             TensorDescriptor(x_q, shape=[M, K], strides=[K, 1], block_shape=[cfg.block_m, cfg.block_k]),

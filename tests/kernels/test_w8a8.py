@@ -29,7 +29,9 @@ from turbo_kernels.gemm import norm_quant as NQ
 from turbo_kernels.gemm import quantize as Q
 from turbo_kernels.gemm import w8a8 as W
 
-SMALL = W.GemmConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1)
+# the pointer kernel at interpreter-sized tiles; the descriptor kernel (the default's tma=True) is tied to it bit for
+# bit by test_gemm_tma_kernel_computes_what_the_pointer_kernel_does
+SMALL = W.GemmConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1, tma=False)
 
 
 def rel(a, b):
@@ -266,3 +268,13 @@ def test_norm_modulate_quant_bad_inputs():
         NQ.norm_modulate_quant(x, None, torch.randn(3, 16))
     with pytest.raises(ValueError, match="quant must be one of"):
         NQ.norm_modulate_quant(x, quant="int4")
+
+
+def test_descriptor_kernels_only_where_they_were_timed(monkeypatch):
+    # CPU tensors: only under the interpreter (tests); CUDA: compute capability 9.0+ (checked on the device)
+    from turbo_kernels.utils import descriptors_supported
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert descriptors_supported(torch.zeros(1))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not descriptors_supported(torch.zeros(1))

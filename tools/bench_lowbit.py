@@ -374,6 +374,25 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
                 h.figure(f"w8a8_{mode}_static_fused_saturated_vs_two_kernels_{case}",
                          rel(one, two) if torch.isfinite(one).all() else float("inf"))
     h.figure("w8a8_fp8_speedup_ffn_down", h.figures["w8a8_fp8_speedup_ffn_down_standalone"])
+
+    # self-attention's q, k, v projections (dim -> dim each) on one quantized input (the runtime quantizes it once):
+    # three GEMMs, as the DiT runs them, against one GEMM over the concatenated weight (dim -> 3 dim), the fusion a
+    # bundle could make at load time. GEMM only, default config; bf16 three nn.Linear vs one for scale.
+    case = "attn_qkv"
+    lins = [torch.nn.Linear(dim, dim, device=DEV, dtype=BF16) for _ in range(3)]
+    cat = torch.nn.Linear(dim, 3 * dim, device=DEV, dtype=BF16)
+    t3 = h.measure(case, "bf16_three_linears", "fwd", lambda: [m(h_up) for m in lins])
+    t1 = h.measure(case, "bf16_one_qkv_linear", "fwd", lambda: cat(h_up))
+    h.figure("bf16_qkv_one_vs_three", t3 / t1)
+    for mode in ("fp8", "int8"):
+        xq, xs = Q.quantize_rows(h_up, mode)
+        parts = [Q.quantize_weight(m.weight, mode) for m in lins]
+        wcat, scat = torch.cat([w for w, _ in parts]), torch.cat([sc for _, sc in parts])
+        bcat = torch.cat([m.bias for m in lins])
+        t3 = h.measure(case, f"w8a8_{mode}_three_gemms", "fwd", lambda: [
+            W.w8a8_matmul(xq, xs, w, sc, m.bias) for (w, sc), m in zip(parts, lins)])
+        t1 = h.measure(case, f"w8a8_{mode}_one_qkv_gemm", "fwd", lambda: W.w8a8_matmul(xq, xs, wcat, scat, bcat))
+        h.figure(f"w8a8_{mode}_qkv_one_vs_three", t3 / t1)
     h.figure("w8a8_int8_speedup_ffn_down", h.figures["w8a8_int8_speedup_ffn_down_standalone"])
 
     # ffn_up with the producer fused: LayerNorm + modulation (+ quantization) → GEMM

@@ -10,6 +10,11 @@ import os
 
 import torch
 
+try:  # host-side tensor descriptors (Triton >= 3.4); without them every kernel keeps its pointer loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # no Triton (CPU-only install) or an older one
+    TensorDescriptor = None
+
 
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
@@ -30,7 +35,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def descriptors_supported(t: torch.Tensor) -> bool:
     """Whether kernels may fetch t's tiles through Triton tensor descriptors: on the interpreter (tests), or on a
     GPU with the bulk tensor copy engine (compute capability 9.0+; the variants were only ever timed there).
-    Older GPUs (the a100 and rtx4090 targets) keep the pointer kernels."""
+    Older GPUs (the a100 and rtx4090 targets) and Triton builds without descriptors keep the pointer kernels."""
+    if TensorDescriptor is None:
+        return False
     if t.device.type == "cpu":
         return interpreter_enabled()
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9

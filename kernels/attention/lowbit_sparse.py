@@ -24,13 +24,11 @@ import torch
 from turbo_kernels.attention.blockmap import BlockMap
 from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, p_shift,
                                            quantize_qk_reference, quantize_qkv, quantize_v_reference)
-from turbo_kernels.utils import cdiv, descriptors_supported, interpreter_enabled, use_triton
+from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
     import triton
     import triton.language as tl
-
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from turbo_kernels.attention.lowbit import lowbit_online_step, lowbit_store_out
 except ImportError:  # pragma: no cover

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import torch
 
+from turbo_kernels.utils import TensorDescriptor
+
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # CPU-only install: sla.py uses the torch reference
     triton = None
 

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows_reference, static_inv_scale
-from turbo_kernels.utils import cdiv, descriptors_supported, interpreter_enabled, use_triton
+from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
     import triton
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
     from turbo_kernels.gemm.quantize import quantize_tile
 except ImportError:  # pragma: no cover

@@ -278,3 +278,14 @@ def test_descriptor_kernels_only_where_they_were_timed(monkeypatch):
     assert descriptors_supported(torch.zeros(1))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not descriptors_supported(torch.zeros(1))
+    # a Triton without host-side descriptors: pointer kernels everywhere, and the GEMM still runs (on them)
+    import turbo_kernels.utils as utils
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(utils, "TensorDescriptor", None)
+    assert not descriptors_supported(torch.zeros(1))
+    x, w = torch.randn(8, 32), torch.randn(16, 32)
+    xq, xs = Q.quantize_rows(x, "int8")
+    wq, ws = Q.quantize_weight(w, "int8")
+    got = W.w8a8_matmul(xq, xs, wq, ws, out_dtype=torch.float32, config=replace(SMALL, tma=True))
+    assert torch.equal(got, W.w8a8_matmul(xq, xs, wq, ws, out_dtype=torch.float32, config=SMALL))

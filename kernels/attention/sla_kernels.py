@@ -224,15 +224,13 @@ if triton is not None:
         tl.store(DV + g_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr,
-                  TAU: tl.constexpr):
-        # One online-softmax step over a tile of keys (pointers kp/vp: (BLOCK_N, BLOCK_D)).
+    def _fwd_step(acc, l_i, m_i, q, k, v, tok_ok, qk_scale, MASK: tl.constexpr, TAU: tl.constexpr):
+        # One online-softmax step over a loaded tile of keys k, v (BLOCK_N, BLOCK_D); tok_ok masks its scores
+        # when MASK (the pointer kernel's and the descriptor kernel's tiles alike).
         # TAU > 0: lazy rescaling (FlashAttention-4): a row's running max moves only when the tile's max
         # exceeds it by more than TAU (log2 units), so P <= 2^TAU (in range for bf16/fp16), and the
         # accumulator is rescaled only when some row's max moved (alpha is exactly 1 elsewhere). The LSE
         # m + log2(l) stays exact: l is summed against the same stale m.
-        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
-        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
         s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N) raw scores
         if MASK:
             s = tl.where(tok_ok[None, :], s, float("-inf"))
@@ -250,6 +248,14 @@ if triton is not None:
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, l_i, m_new
+
+    @triton.jit
+    def _fwd_tile(acc, l_i, m_i, q, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr,
+                  TAU: tl.constexpr):
+        # `_fwd_step` over a tile of keys loaded from pointers kp/vp: (BLOCK_N, BLOCK_D).
+        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
+        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
+        return _fwd_step(acc, l_i, m_i, q, k, v, tok_ok, qk_scale, MASK, TAU)
 
     @triton.jit
     def _sla_fwd_kernel(Q, K, V, O, OS, LSE, LUT, HM, ZM, WT, BIAS, FQ,
@@ -350,16 +356,31 @@ if triton is not None:
         tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, delta, mask=offs_m < Lq)
 
     @triton.jit
-    def _dq_tile(dq, q, do, lse, delta, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
-        # dQ += dS K over one key tile, dS = P * (dO V^T - delta), P = exp2(S * c - lse2).
-        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
-        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
+    def _dq_step(dq, q, do, lse, delta, k, v, tok_ok, qk_scale, MASK: tl.constexpr):
+        # dQ += dS K over one loaded key tile, dS = P * (dO V^T - delta), P = exp2(S * c - lse2).
         p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])  # (BLOCK_M, BLOCK_N)
-        if MASK:  # masked keys load as 0; zero P too so that exp2(-lse) can never meet inf * 0
-            p = tl.where(tok_ok[None, :], p, 0.0)
+        if MASK:  # masked keys (zeros, or another head's keys in a descriptor tile): P = 0, and exp2(-lse)
+            p = tl.where(tok_ok[None, :], p, 0.0)  # can never meet inf * 0
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         return dq + tl.dot(ds.to(k.dtype), k)
+
+    @triton.jit
+    def _dq_tile(dq, q, do, lse, delta, kp, vp, tok_ok, mask_d, qk_scale, MASK: tl.constexpr, PAD_D: tl.constexpr):
+        # `_dq_step` over a key tile loaded from pointers.
+        k = _load2d(kp, tok_ok, mask_d, MASK, PAD_D)
+        v = _load2d(vp, tok_ok, mask_d, MASK, PAD_D)
+        return _dq_step(dq, q, do, lse, delta, k, v, tok_ok, qk_scale, MASK)
+
+    @triton.jit
+    def _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale):
+        # dV += P^T dO and dK += dS^T Q over one query tile (q, do: (BLOCK_M, BLOCK_D)) for the key tile k, v.
+        pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        dv += tl.dot(pT.to(do.dtype), do)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q)
+        return dk, dv
 
     @triton.jit
     def _sla_bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, LUT, HM, ZM, W, DHM, DZM, OL,
@@ -464,11 +485,7 @@ if triton is not None:
             do = tl.load(DO + tok[:, None] * sdl + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
             lse = tl.load(LSE + tok, mask=valid, other=0.0)
             delta = tl.load(DELTA + tok, mask=valid, other=0.0)
-            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-            dv += tl.dot(pT.to(do.dtype), do)
-            dpT = tl.dot(v, tl.trans(do))
-            dsT = pT * (dpT - delta[None, :])
-            dk += tl.dot(dsT.to(q.dtype), q)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale)
         dk = dk * sm_scale
         if LINEAR:  # fused linear branch (see _lin_bwd_kv_tile)
             dk_lin, dv_lin = _lin_bwd_kv_tile(k, v, DH, DZ, pid_bh.to(tl.int64) * num_kb + kblk, D, offs_d, mask_d,

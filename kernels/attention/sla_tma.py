@@ -22,6 +22,8 @@ from turbo_kernels.utils import TensorDescriptor
 try:
     import triton
     import triton.language as tl
+
+    from turbo_kernels.attention.sla_kernels import _dkdv_step, _dq_step, _fwd_step
 except ImportError:  # CPU-only install: sla.py uses the torch reference
     triton = None
 
@@ -54,20 +56,12 @@ if triton is not None:
     @triton.jit
     def _tma_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, k_col, v_row, v_col, t0, Lk, qk_scale,
                   BLOCK_N: tl.constexpr, MASK: tl.constexpr):
-        # One online-softmax step over the BLOCK_N keys starting at token t0 (a tile inside one map block).
-        # MASK: the ragged tail block; its rows past Lk may hold the next head's K/V (finite) or zeros, and
-        # their scores are set to -inf, so p is exactly 0 there.
+        # `_fwd_step` over the BLOCK_N keys starting at token t0 (a tile inside one map block), fetched by the
+        # descriptors. MASK: the ragged tail block; its rows past Lk may hold the next head's K/V (finite) or
+        # zeros, and their scores are set to -inf, so p is exactly 0 there.
         k = k_desc.load([k_row + t0, k_col])
         v = v_desc.load([v_row + t0, v_col])
-        s = tl.dot(q, tl.trans(k))
-        if MASK:
-            s = tl.where((t0 + tl.arange(0, BLOCK_N) < Lk)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        return acc, l_i, m_new
+        return _fwd_step(acc, l_i, m_i, q, k, v, t0 + tl.arange(0, BLOCK_N) < Lk, qk_scale, MASK, 0.0)
 
     @triton.jit
     def _sla_fwd_tma_kernel(Q, k_desc, v_desc, O, LSE, LUT, BIAS,
@@ -118,15 +112,11 @@ if triton is not None:
     @triton.jit
     def _dq_tma_tile(dq, q, do, lse, delta, k_desc, v_desc, k_row, k_col, v_row, v_col, t0, Lk, qk_scale,
                      BLOCK_N: tl.constexpr, MASK: tl.constexpr):
-        # dQ += dS K over the BLOCK_N keys from token t0; MASK: the ragged tail block, whose rows past Lk are
-        # another head's keys or zeros, get P = 0.
+        # `_dq_step` over the BLOCK_N keys from token t0, fetched by the descriptors; MASK: the ragged tail block,
+        # whose rows past Lk are another head's keys or zeros, gets P = 0 there.
         k = k_desc.load([k_row + t0, k_col])
         v = v_desc.load([v_row + t0, v_col])
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-        if MASK:
-            p = tl.where((t0 + tl.arange(0, BLOCK_N) < Lk)[None, :], p, 0.0)
-        ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-        return tl.dot(ds.to(k.dtype), k, dq)
+        return _dq_step(dq, q, do, lse, delta, k, v, t0 + tl.arange(0, BLOCK_N) < Lk, qk_scale, MASK)
 
     @triton.jit
     def _sla_bwd_dq_tma_kernel(Q, k_desc, v_desc, DO, DQ, LSE, DELTA, LUT,
@@ -208,10 +198,7 @@ if triton is not None:
             do = do_desc.load([d_row + t0, d_col])
             lse = tl.load(LSE + tok, mask=tok < Lq, other=float("inf"))
             delta = tl.load(DELTA + tok, mask=tok < Lq, other=0.0)
-            pT = tl.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-            dv = tl.dot(pT.to(do.dtype), do, dv)
-            dsT = pT * (tl.dot(v, tl.trans(do)) - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk)
+            dk, dv = _dkdv_step(dk, dv, k, v, q, do, lse, delta, qk_scale)
         tl.store(DK + bq * sgb + hq * sgh + offs_n[:, None] * sgl + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                  mask=mask_kd)
         tl.store(DV + bq * sgb + hq * sgh + offs_n[:, None] * sgl + offs_d[None, :], dv.to(DV.dtype.element_ty),

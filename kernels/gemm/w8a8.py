@@ -72,6 +72,22 @@ def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch
 if triton is not None:
 
     @triton.jit
+    def _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
+                      OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr):
+        """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh), then the (BLOCK_M, BLOCK_N)
+        tile stored in C's dtype, or quantized with the static per-tensor scale (the next layer's input, 1 byte
+        per element), rows < M and columns < N."""
+        if GELU:
+            u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
+            y = y / (1.0 + tl.exp(-u))
+        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+        c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if OUT_QUANT:
+            tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
+        else:
+            tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
     def _w8a8_gemm_kernel(A, B, C, AS, BS, Bias, M, N, K, stride_am, stride_bn, stride_cm,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
@@ -130,15 +146,7 @@ if triton is not None:
             y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
         if HAS_BIAS:
             y = y + tl.load(Bias + offs_bn).to(tl.float32)[None, :]
-        if GELU:
-            u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-            y = y / (1.0 + tl.exp(-u))
-        c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        if OUT_QUANT:  # static per-tensor scale: the next layer's input, 1 byte per element
-            tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
-        else:
-            tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
+        _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST)
 
 
     @triton.jit
@@ -181,15 +189,7 @@ if triton is not None:
             y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
             if HAS_BIAS:
                 y = y + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            if GELU:
-                u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-                y = y / (1.0 + tl.exp(-u))
-            c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-            c_mask = m_ok[:, None] & n_ok[None, :]
-            if OUT_QUANT:
-                tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
-            else:
-                tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
+            _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST)
 
 # ----------------------------------------------------------------------------------------------
 # host launcher

@@ -301,16 +301,22 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
         for mode in ("fp8", "int8"):
             wq, ws = Q.quantize_weight(lin.weight, mode)
             xq, xs = Q.quantize_rows(x, mode)
-            # activation quantization alone: default (one pass, row in registers) and variants
-            t_q = h.measure(case, f"act_quant_{mode}", "fwd", lambda: Q.quantize_rows(x, mode))
-            qvars = {"default": t_q}
-            for bk, nw in ((1024, 4), (None, 16)) if K > 4096 else ((1024, 4),):
-                tag = f"bk{bk}w{nw}"
-                qvars[tag] = h.measure(case, f"act_quant_{mode}_{tag}", "fwd",
-                                       lambda: Q.quantize_rows(x, mode, block_k=bk, num_warps=nw))
-            qbest = min(qvars, key=qvars.get)
-            qkw = {} if qbest == "default" else dict(block_k=None if "None" in qbest else 1024,
-                                                   num_warps=int(qbest.split("w")[1]))
+            # activation quantization alone: default (one pass, row in registers) and variants: chunked rows
+            # (two passes, the second from L2), more warps per row, int8 rounded by integer arithmetic
+            qvars = {"default": {}}
+            chunks = ((4096, 8), (2048, 4), (None, 16)) if K > 4096 else ((1024, 4),)
+            for bk, nw in chunks:
+                qvars[f"bk{bk}w{nw}"] = dict(block_k=bk, num_warps=nw)
+            if mode == "int8":
+                qvars.update({f"{tag}_bits": dict(kw, int8_bits=True) for tag, kw in list(qvars.items())})
+            qtimes = {tag: h.measure(case, f"act_quant_{mode}" + ("" if tag == "default" else f"_{tag}"), "fwd",
+                                     lambda kw=kw: Q.quantize_rows(x, mode, **kw))
+                      for tag, kw in qvars.items()}
+            qbest = min(qtimes, key=qtimes.get)
+            qkw = qvars[qbest]
+            h.note(case, f"act_quant_{mode}_best", "fwd", ms=qtimes[qbest], variant=qbest)
+            for tag, t in qtimes.items():
+                h.figure(f"act_quant_{mode}_ms_{case}_{tag}", t)
             tb, cb = float("inf"), None
             for cfg in GEMM_CONFIGS:
                 tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" + \

@@ -43,6 +43,32 @@ def descriptors_supported(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
+def token_major(t: torch.Tensor) -> bool:
+    """Whether t (B, H, L, D) is the per-head view t.transpose(1, 2) of contiguous (B, L, H, D) tokens (the
+    DiT's layout after its q/k/v projections)."""
+    B, H, L, D = t.shape
+    return H > 1 and L > 1 and t.stride() == (L * H * D, D, H * D, 1)
+
+
+def heads_output_like(q: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty attention output for q (B, H, L, D), token-major (`token_major`) when q is: then the model's
+    o.transpose(1, 2).reshape(B, L, H·D) is a view, not a copy. Any other q gets a contiguous (B, H, L, D)
+    output. Kernels take the output's strides; the runtime's custom ops and their fake implementations
+    both allocate through this, so compiled graphs see the real strides."""
+    B, H, L, D = q.shape
+    dtype = q.dtype if dtype is None else dtype
+    if token_major(q):
+        return q.new_empty((B, L, H, D), dtype=dtype).transpose(1, 2)
+    return q.new_empty((B, H, L, D), dtype=dtype)
+
+
+def as_heads_output(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """out (B, H, L, D) in `heads_output_like(q)`'s layout: out itself when it has it, else a copy."""
+    if (token_major(out) if token_major(q) else out.is_contiguous()):
+        return out
+    return heads_output_like(q, out.dtype).copy_(out)
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 

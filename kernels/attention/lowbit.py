@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from turbo_kernels.gemm.quantize import round_half_away as _round_half_away
-from turbo_kernels.utils import cdiv, check_float_dtype, interpreter_enabled, is_power_of_2, use_triton
+from turbo_kernels.utils import cdiv, check_float_dtype, heads_output_like, interpreter_enabled, is_power_of_2, use_triton
 
 try:  # Triton is optional: without it only the references run (CPU runtime).
     import triton
@@ -538,7 +538,7 @@ class _LowbitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pv, sm_scale, config):
         qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale)
-        out = torch.empty_like(q)
+        out = heads_output_like(q)
         return lowbit_attention_quantized(qkv, out, config)
 
     @staticmethod

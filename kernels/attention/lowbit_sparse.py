@@ -24,7 +24,8 @@ import torch
 from turbo_kernels.attention.blockmap import BlockMap
 from turbo_kernels.attention.lowbit import (QuantizedQKV, _check_qkv, attention_core_reference, p_shift,
                                            quantize_qk_reference, quantize_qkv, quantize_v_reference)
-from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
+from turbo_kernels.utils import (TensorDescriptor, cdiv, descriptors_supported, heads_output_like, interpreter_enabled,
+                                 use_triton)
 
 try:
     import triton
@@ -280,7 +281,7 @@ def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: f
                                         rescale_tau=config.rescale_tau)
     qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
     with torch.no_grad():
-        return sagesla_sparse_quantized(qkv, block_map, torch.empty_like(q), config)
+        return sagesla_sparse_quantized(qkv, block_map, heads_output_like(q), config)
 
 
 __all__ = ["SparseLowbitConfig", "sagesla_sparse", "sagesla_sparse_quantized", "sagesla_sparse_reference"]

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from turbo_kernels.attention.blockmap import (SELECTS, BlockMap, check_qk, num_selected, sla_block_map,
                                               sla_block_map_reference)
-from turbo_kernels.utils import check_block, check_float_dtype, descriptors_supported, next_power_of_2, use_triton
+from turbo_kernels.utils import (check_block, check_float_dtype, descriptors_supported, heads_output_like,
+                                 next_power_of_2, token_major, use_triton)
 
 __all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
            "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
@@ -355,7 +356,7 @@ def _sparse_forward(q, k, v, bm: BlockMap, cfg: SLAKernelConfig, linear=None, bi
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    o = torch.empty(B, H, Lq, D, device=q.device, dtype=q.dtype)
+    o = heads_output_like(q)  # token-major when q is: the DiT reads it back as (B, L, H*D) without a copy
     o_s = torch.empty_like(o) if store_os else o
     lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32) if store_lse else o
     sm_scale = 1.0 / math.sqrt(D)
@@ -608,8 +609,8 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     elsewhere (sagesla's low-bit kernel), in q's dtype. Where Triton runs: SLA's own linear state (one
     kernel + three GEMMs, proj_l folded in) and its epilogue kernel after the sparse one (`_sla_lin_fwd_kernel`, the
     fuse_linear=False path of sla_attention) — one implementation of the linear branch for `sla` and
-    `sagesla`; inplace=True writes the result over O_s when it is contiguous in q's dtype (a temporary
-    of the caller's). Elsewhere: `linear_branch`."""
+    `sagesla`; inplace=True writes the result over O_s when it is in q's dtype and `heads_output_like(q)`'s
+    layout (a temporary of the caller's). Elsewhere: `linear_branch`."""
     _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
     _check_proj(proj_weight, proj_bias, q.shape[-1])
     if o_s.shape != q.shape:
@@ -627,8 +628,8 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return out.to(q.dtype)
     cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    reuse = inplace and o_s.dtype == q.dtype and o_s.is_contiguous()
-    out = o_s if reuse else torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    reuse = inplace and o_s.dtype == q.dtype and (token_major(o_s) if token_major(q) else o_s.is_contiguous())
+    out = o_s if reuse else heads_output_like(q)
     o_s = o_s if o_s.stride() == out.stride() else o_s.contiguous()  # the kernel reads O_s with O's strides
     linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
     bias = None if proj_bias is None else proj_bias.float().contiguous()

@@ -94,3 +94,29 @@ def test_sagesla_kernel_path_equals_its_references(pv, monkeypatch):
     got = ops.sagesla_forward(q, k, v, W, b, 0.3, 16, 16, "softmax", pv)
     assert got.dtype == torch.float16 and got.is_contiguous()
     torch.testing.assert_close(got, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["references", "interpreter"])
+@pytest.mark.parametrize("name", ["sla", "sage", "sagesla"])
+def test_attention_ops_answer_token_major_inputs_token_major(name, kernels, monkeypatch):
+    """The DiT hands the attention q, k, v as per-head views of its (B, L, H, D) tokens and reads the output back
+    as (B, L, H·D): the ops write such inputs' outputs in that layout (no copy either side), other inputs' outputs
+    contiguous, with the same values, and the fake implementation has the real strides."""
+    from turbo_kernels.utils import token_major
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1" if kernels else "0")
+    if kernels:
+        monkeypatch.setattr(ops, "_fast_lowbit", lambda t, p: (True, p))
+    q, k, v = (t.half() if kernels else t for t in qkv(L=48))
+    tq, tk, tv = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))  # token-major views
+    assert token_major(tq) and not token_major(q)
+    W, b = torch.randn(32, 32) * 0.1, torch.randn(32) * 0.1
+    rest = {"sla": (W, b, 0.5, 16, 16, "softmax"), "sage": ("fp8",), "sagesla": (W, b, 0.5, 16, 16, "softmax", "fp8")}
+    op = {"sla": ops.sla_forward, "sage": ops.sage_forward, "sagesla": ops.sagesla_forward}[name]
+    got, plain = op(tq, tk, tv, *rest[name]), op(q, k, v, *rest[name])
+    assert token_major(got) and plain.is_contiguous()
+    torch.testing.assert_close(got, plain, atol=0, rtol=0)
+    (B, H, L, D) = got.shape
+    assert got.transpose(1, 2).reshape(B, L, H * D).data_ptr() == got.data_ptr()  # the DiT's reshape is a view
+    if not kernels:
+        torch.library.opcheck(op.op, (tq, tk, tv, *rest[name]), test_utils=("test_faketensor",))

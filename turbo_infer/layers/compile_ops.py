@@ -31,6 +31,7 @@ from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.norm_quant import norm_modulate_quant, norm_modulate_quant_reference
 from turbo_kernels.gemm.quantize import QDTYPE, quantize_rows, quantize_rows_reference
 from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
+from turbo_kernels.utils import as_heads_output, heads_output_like
 
 
 class _Op:
@@ -71,12 +72,12 @@ def sla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Optional[Tensor], 
                 topk: float, block_q: int, block_k: int, feature_map: str) -> Tensor:
     """SLA inference forward (B, H, L, D) -> (B, H, L, D) in q's dtype (turbo_kernels sla_attention)."""
     with torch.no_grad():
-        return sla_attention(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map).contiguous()
+        return as_heads_output(sla_attention(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map), q)
 
 
 @sla_forward.register_fake
 def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map):
-    return q.new_empty(q.shape)
+    return heads_output_like(q)
 
 
 @_custom_op("turbo::sage_forward")
@@ -85,12 +86,12 @@ def sage_forward(q: Tensor, k: Tensor, v: Tensor, pv: str) -> Tensor:
     fast, pv = _fast_lowbit(q, pv)
     with torch.no_grad():
         out = lowbit_attention(q, k, v, pv=pv) if fast else lowbit_attention_reference(q, k, v, pv=pv)
-    return out.contiguous()
+    return as_heads_output(out, q)
 
 
 @sage_forward.register_fake
 def _(q, k, v, pv):
-    return q.new_empty(q.shape)
+    return heads_output_like(q)
 
 
 @_custom_op("turbo::sagesla_forward")
@@ -107,12 +108,12 @@ def sagesla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_b
             o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv)
         # + proj_l(O_l): SLA's linear state and epilogue kernel where Triton runs (was torch block GEMMs,
         # ~3.6 ms of the 5.1 ms module at the 1.3B shape), the torch linear_branch elsewhere
-        return add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, inplace=True).contiguous()
+        return as_heads_output(add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, inplace=True), q)
 
 
 @sagesla_forward.register_fake
 def _(q, k, v, proj_weight, proj_bias, topk, block_q, block_k, feature_map, pv):
-    return q.new_empty(q.shape)
+    return heads_output_like(q)
 
 
 def quantize_activation(x: Tensor, mode: str, act_scale: Optional[Tensor], smooth_inv: Optional[Tensor],

@@ -45,15 +45,27 @@ def gelu_tanh_reference(y: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # torch reference
 # ----------------------------------------------------------------------------------------------
+def gate_rows_of(M: int, N: int, gate: torch.Tensor | None) -> int:
+    """Rows of the output per gate row for a gate (G, N) (or (N,): one row) over M rows: M // G."""
+    if gate is None:
+        return 1
+    G = 1 if gate.dim() == 1 else gate.shape[0]
+    if gate.dim() not in (1, 2) or gate.shape[-1] != N or G == 0 or M % G:
+        raise ValueError(f"gate must have shape ({N},) or (G, {N}) with G dividing M = {M}, got {tuple(gate.shape)}")
+    return M // G
+
+
 def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, *,
                           activation: str | None = None, out_quant: str | None = None,
-                          out_scale: float | None = None):
-    """Dequantized product, with the kernel's epilogue order: act((acc·s_x)·s_w + bias).
+                          out_scale: float | None = None, residual: torch.Tensor | None = None,
+                          gate: torch.Tensor | None = None):
+    """Dequantized product, with the kernel's epilogue order: residual + gate·act((acc·s_x)·s_w + bias).
 
     acc is computed in float64, exact for int8 (|acc| < 2⁵³) and for fp8 products (rounding only
     in the kernel's fp32 sum); then rounded to fp32 like the kernel's int32→fp32 conversion.
     out_quant ("int8" | "fp8") with a static out_scale returns (y_q, scale (M,)) instead: the next
-    W8A8 layer's input, quantized in the epilogue.
+    W8A8 layer's input, quantized in the epilogue. residual (M, N) (and gate (N,) or (G, N), one row per
+    M // G consecutive output rows): the block's gated residual add, in fp32 before the output cast.
     """
     acc = (x_q.double() @ w_q.double().t()).float()  # (M, N)
     y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
@@ -61,6 +73,10 @@ def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch
         y = y + bias.float()[None, :]
     if activation == "gelu_tanh":
         y = gelu_tanh_reference(y)
+    if residual is not None:
+        if gate is not None:
+            y = y * gate.float().reshape(-1, y.shape[1]).repeat_interleave(gate_rows_of(*y.shape, gate), dim=0)
+        y = residual.float() + y
     if out_quant is not None:
         return quantize_rows_reference(y, out_quant, out_scale)
     return y.to(out_dtype)
@@ -73,15 +89,23 @@ if triton is not None:
 
     @triton.jit
     def _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
-                      OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr):
-        """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh), then the (BLOCK_M, BLOCK_N)
-        tile stored in C's dtype, or quantized with the static per-tensor scale (the next layer's input, 1 byte
-        per element), rows < M and columns < N."""
+                      OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr, R, stride_rm, G, gate_rows,
+                      RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
+        """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh), optional gated residual
+        (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows rows),
+        then the (BLOCK_M, BLOCK_N) tile stored in C's dtype, or quantized with the static per-tensor scale (the
+        next layer's input, 1 byte per element), rows < M and columns < N."""
         if GELU:
             u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
             y = y / (1.0 + tl.exp(-u))
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if RESIDUAL:
+            if HAS_GATE:
+                g_ptrs = G + (offs_m // gate_rows).to(tl.int64)[:, None] * N + offs_n[None, :]
+                y = y * tl.load(g_ptrs, mask=c_mask, other=0.0)
+            r_ptrs = R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
+            y = tl.load(r_ptrs, mask=c_mask, other=0.0).to(tl.float32) + y
         if OUT_QUANT:
             tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
         else:
@@ -93,7 +117,8 @@ if triton is not None:
                           GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
                           EVEN_K: tl.constexpr, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
                           OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr,
-                          A_QUANT: tl.constexpr, a_inv, a_scale):
+                          A_QUANT: tl.constexpr, a_inv, a_scale, R, stride_rm, G, gate_rows,
+                          RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
         """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse.
         A_QUANT: A is the float activation itself, quantized tile by tile in the K loop with the static
         per-tensor scale (a_inv = 1/a_scale), so that no quantized copy of it is written and read back;
@@ -146,7 +171,8 @@ if triton is not None:
             y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
         if HAS_BIAS:
             y = y + tl.load(Bias + offs_bn).to(tl.float32)[None, :]
-        _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST)
+        _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST, R,
+                          stride_rm, G, gate_rows, RESIDUAL, HAS_GATE)
 
 
     @triton.jit
@@ -154,7 +180,8 @@ if triton is not None:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
                               GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
-                              EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr):
+                              EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr, R, stride_rm, G, gate_rows,
+                              RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
         """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
         sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
         NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
@@ -189,7 +216,8 @@ if triton is not None:
             y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
             if HAS_BIAS:
                 y = y + tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST)
+            _store_output(y, C, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8, out_inv, EXACT_CAST, R,
+                          stride_rm, G, gate_rows, RESIDUAL, HAS_GATE)
 
 # ----------------------------------------------------------------------------------------------
 # host launcher
@@ -243,6 +271,20 @@ def _check_operands(x_q, x_scale, w_q, w_scale, bias):
         raise ValueError(f"x_scale must have shape ({x_q.shape[0]},), got {tuple(x_scale.shape)}")
 
 
+def _check_residual(M: int, N: int, residual, gate, out_quant) -> int:
+    """The residual (M, N) float tensor and gate of a gated-residual epilogue; returns rows per gate row."""
+    if residual is None:
+        if gate is not None:
+            raise ValueError("gate needs a residual (the epilogue computes residual + gate·y)")
+        return 1
+    if not isinstance(residual, torch.Tensor) or not residual.is_floating_point() or residual.shape != (M, N):
+        raise ValueError(f"residual must be a float tensor of shape ({M}, {N}), got "
+                         f"{tuple(residual.shape) if isinstance(residual, torch.Tensor) else type(residual).__name__}")
+    if out_quant is not None:
+        raise ValueError("residual and out_quant cannot be combined (the sum is the block's state, not a layer input)")
+    return gate_rows_of(M, N, gate)
+
+
 def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
     """cuBLAS fp8 with row-wise (per-token × per-channel) scales."""
     kw = dict(scale_a=x_scale.float().reshape(-1, 1).contiguous(), scale_b=w_scale.float().reshape(1, -1).contiguous(),
@@ -257,14 +299,18 @@ def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 
 def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat16, backend: str = "auto",
                 config: GemmConfig | None = None, activation: str | None = None, out_quant: str | None = None,
-                out_scale: float | None = None):
+                out_scale: float | None = None, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None):
     """(M, K) × (N, K)ᵀ → (M, N) in out_dtype. backend: auto | triton | scaled_mm (fp8 on CUDA only).
 
     activation: None or "gelu_tanh" (fused in the epilogue). out_quant: None, or "int8"/"fp8" with a
     static out_scale (> 0, from calibration): the epilogue writes the quantized next-layer input
-    and the call returns (y_q (M, N), scale (M,)). Epilogue options force the Triton kernel.
+    and the call returns (y_q (M, N), scale (M,)). residual (M, N) with an optional gate ((N,) or (G, N),
+    one gate row per M // G rows): returns residual + gate·y, added in fp32 in the epilogue (a DiT
+    block's gated residual; the product never exists on its own). Epilogue options force the Triton kernel.
     """
     _check_operands(x_q, x_scale, w_q, w_scale, bias)
+    gate_rows = _check_residual(x_q.shape[0], w_q.shape[0], residual, gate, out_quant)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if activation not in ACTIVATIONS:
@@ -277,13 +323,13 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         out_inv, out_s = static_inv_scale(out_scale)
     if triton is None or not use_triton(x_q, w_q):
         return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=activation,
-                                     out_quant=out_quant, out_scale=out_scale)
+                                     out_quant=out_quant, out_scale=out_scale, residual=residual, gate=gate)
     M, K = x_q.shape
     N = w_q.shape[0]
     fp8 = x_q.dtype == torch.float8_e4m3fn
     if backend == "auto":
         backend = FP8_BACKEND if fp8 else "triton"
-    if activation is not None or out_quant is not None:
+    if activation is not None or out_quant is not None or residual is not None:
         backend = "triton"
     if backend == "scaled_mm":
         if not fp8:
@@ -297,6 +343,12 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     if M == 0:
         return (out, torch.empty(0, device=x_q.device)) if out_quant else out
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+    if residual is not None:
+        residual = residual if residual.stride(-1) == 1 else residual.contiguous()
+        gate = None if gate is None else gate.float().contiguous()
+    res = dict(R=residual if residual is not None else out, stride_rm=residual.stride(0) if residual is not None else 0,
+               G=gate if gate is not None else out, gate_rows=gate_rows, RESIDUAL=residual is not None,
+               HAS_GATE=gate is not None)
     if cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
             and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
         programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
@@ -307,7 +359,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             M, N, K, out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
             OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
-            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, num_warps=cfg.num_warps,
+            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     else:
         _w8a8_gemm_kernel[(tiles,)](
@@ -317,7 +369,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
             GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
             out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
-            A_QUANT=False, a_inv=1.0, a_scale=1.0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            A_QUANT=False, a_inv=1.0, a_scale=1.0, **res, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if out_quant:
         return out, torch.full((M,), out_s, dtype=torch.float32, device=x_q.device)
     return out
@@ -368,10 +420,10 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, INT8=w_q.dtype == torch.int8, EVEN_K=K % cfg.block_k == 0,
         GELU=activation == "gelu_tanh", OUT_QUANT=False, OUT_FP8=False, out_inv=1.0,
-        EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s, R=out, stride_rm=0, G=out,
+        gate_rows=1, RESIDUAL=False, HAS_GATE=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "FP8_BACKEND", "GemmConfig", "gelu_tanh_reference", "w8a8_matmul",
+__all__ = ["ACTIVATIONS", "BACKENDS", "FP8_BACKEND", "GemmConfig", "gate_rows_of", "gelu_tanh_reference", "w8a8_matmul",
            "w8a8_matmul_reference", "w8a8_matmul_static_input", "w8a8_matmul_static_input_reference"]

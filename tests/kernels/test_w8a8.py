@@ -189,6 +189,37 @@ def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("gate_shape", [None, (72,), (2, 72)], ids=["no-gate", "one-gate", "gate-per-half"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_gemm_gated_residual_epilogue(mode, gate_shape, tma):
+    """residual + gate·y in the epilogue: the reference's fp32 sum, then one rounding to the residual's dtype
+    (bf16: the interpreter truncates where a GPU rounds, one ulp, as the module docstring says); a gate row
+    per M // G output rows (a DiT batch of G videos, each its own gate)."""
+    M, K, N = 40, 64, 72
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    res = (torch.randn(M, N) * 4).to(torch.bfloat16)
+    gate = None if gate_shape is None else torch.randn(gate_shape)
+    xq, xs = Q.quantize_rows(x, mode)
+    wq, ws = Q.quantize_weight(w, mode)
+    cfg = replace(SMALL, tma=tma)
+    got = W.w8a8_matmul(xq, xs, wq, ws, b, out_dtype=torch.bfloat16, config=cfg, residual=res, gate=gate)
+    ref = W.w8a8_matmul_reference(xq, xs, wq, ws, b, out_dtype=torch.float32, residual=res, gate=gate)
+    assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= 2 ** -7 * ref.abs() + 1e-5).all()
+    y = W.w8a8_matmul_reference(xq, xs, wq, ws, b, out_dtype=torch.float32)
+    g = torch.ones(1, N) if gate is None else gate.reshape(-1, N)
+    manual = res.float() + (y.view(g.shape[0], -1, N) * g[:, None]).view(M, N)  # the model's formula
+    assert torch.allclose(ref, manual, atol=1e-5)
+    with pytest.raises(ValueError, match="residual must be a float tensor of shape"):
+        W.w8a8_matmul(xq, xs, wq, ws, b, residual=res[:3])
+    with pytest.raises(ValueError, match="gate must have shape"):
+        W.w8a8_matmul(xq, xs, wq, ws, b, residual=res, gate=torch.randn(3, N))
+    with pytest.raises(ValueError, match="gate needs a residual"):
+        W.w8a8_matmul(xq, xs, wq, ws, b, gate=torch.randn(N))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        W.w8a8_matmul(xq, xs, wq, ws, b, residual=res, out_quant="int8", out_scale=0.1)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("M,K,N,dtype", [(37, 80, 50, torch.float32), (33, 64, 40, torch.bfloat16), (1, 32, 8, torch.float32)],
                          ids=["ragged-K", "bf16-in", "one-token"])
 def test_gemm_static_input_quant_fused_equals_two_kernels(mode, M, K, N, dtype):

@@ -140,6 +140,16 @@ class W8A8Linear(nn.Module):
                          self._use_kernels(x.data))
         return y.view(*x.shape[:-1], self.out_features)
 
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """residual + gate·self(x) for x (B, L, in_features), residual (B, L, out_features), gate (B,
+        out_features) fp32 or None: one op, the sum in fp32 in the GEMM's epilogue, rounded once to the
+        residual's dtype (`gated_residual` calls it in inference)."""
+        self._check_input(x)
+        if residual.shape != (*x.shape[:-1], self.out_features):
+            raise ValueError(f"residual shape {tuple(residual.shape)} != {(*x.shape[:-1], self.out_features)}")
+        return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.static_scale,
+                           self.mode, self._use_kernels(x), residual, gate)
+
     def extra_repr(self) -> str:
         act = "dynamic per-token" if self.act_scale is None else f"static {self.act_scale:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode}, "
@@ -164,21 +174,33 @@ class W8A8GeluFFN(nn.Sequential):
 
     def forward(self, x: "torch.Tensor | QuantizedActivation") -> torch.Tensor:
         """x: (..., dim) float, or the up layer's input already quantized (`norm_quantized_input`)."""
+        return self._run(x, None, None)
+
+    def forward_residual(self, x: "torch.Tensor | QuantizedActivation", residual: torch.Tensor,
+                         gate: torch.Tensor | None) -> torch.Tensor:
+        """residual + gate·self(x) (see W8A8Linear.forward_residual), the sum in the down GEMM's epilogue."""
+        shape = x.shape if isinstance(x, QuantizedActivation) else tuple(x.shape)
+        if residual.shape != (*shape[:-1], self[2].out_features):
+            raise ValueError(f"residual shape {tuple(residual.shape)} != {(*shape[:-1], self[2].out_features)}")
+        return self._run(x, residual, gate)
+
+    def _run(self, x, residual, gate):
         up, down = self[0], self[2]
         if isinstance(x, QuantizedActivation):
             if x.data.dtype != up.weight_q.dtype:
                 raise TypeError(f"activation dtype {x.data.dtype} does not match the up layer's mode {up.mode!r}")
             y = w8a8_gelu_ffn_q(x.data, x.scale, up.weight_q, up.weight_scale, up.bias, down.weight_q,
                                 down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode, x.dtype,
-                                up._use_kernels(x.data))
+                                up._use_kernels(x.data), residual, gate)
             return y.view(*x.shape[:-1], down.out_features)
         up._check_input(x)
         use = up._use_kernels(x)
-        if use != down._use_kernels(x):
-            return super().forward(x)
+        if use != down._use_kernels(x):  # one after the other, as the Sequential
+            h = self[1](up(x))
+            return down(h) if residual is None else down.forward_residual(h, residual, gate)
         return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.static_scale, up.mode,
                              down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode,
-                             use)
+                             use, residual, gate)
 
 
 def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor,

@@ -312,3 +312,63 @@ def test_act_scale_setter_validates_and_keeps_the_op_tensor_in_step():
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.1"):
         with pytest.raises(ValueError, match="act_scale"):
             m.act_scale = bad
+
+
+@pytest.mark.parametrize("fuse_ffn", [False, True], ids=["linears", "gelu-ffn"])
+def test_block_residuals_are_added_in_the_w8a8_epilogues(fuse_ffn, monkeypatch):
+    """In inference every W8A8 output projection of a block (self-attention o, cross-attention o, the FFN's down)
+    returns x + gate·y from its GEMM's epilogue (`gated_residual`): three fused calls per block, the block's own
+    formula's numbers (fp32 model: the sum is the same fp32 sum), and with gradients on the formula runs."""
+    from tiny_wan import tiny_model  # tests/infer/tiny_wan.py
+
+    from turbo_infer.models import wan
+    from turbo_infer.quant import W8A8GeluFFN, fuse_gelu_ffns
+
+    model = tiny_model(seed=3)
+    quantize_model(model, {n: "int8" for n in quantizable_linears(model)})
+    if fuse_ffn:
+        fuse_gelu_ffns(model)
+    calls = []
+    for cls in (W8A8Linear, W8A8GeluFFN):
+        orig = cls.forward_residual
+        monkeypatch.setattr(cls, "forward_residual",
+                            lambda self, *a, _orig=orig: (calls.append(type(self).__name__), _orig(self, *a))[1])
+    x, t, ctx = torch.randn(2, 48, 2, 4, 4), torch.tensor([500.0, 200.0]), torch.randn(2, 5, 384)
+    with torch.no_grad():
+        fused = model(x, t, ctx)
+    per_block = ["W8A8Linear", "W8A8Linear"] + (["W8A8GeluFFN"] if fuse_ffn else [])  # a Sequential FFN: formula
+    assert calls == per_block * len(model.blocks)
+    calls.clear()
+    with torch.no_grad(), monkeypatch.context() as m:  # the unfused formula, as a float model runs it
+        m.setattr(wan, "gated_residual", lambda lin, h, r, g: r + lin(h) if g is None else
+                  (r.float() + lin(h).float() * g[:, None]).to(r.dtype))
+        plain = model(x, t, ctx)
+    assert not calls
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():
+        model(x, t, ctx)
+    assert not calls  # gradients: the formula, not the fused op
+
+
+@pytest.mark.parametrize("op", ["linear", "gelu_ffn"])
+def test_residual_ops_kernel_path_matches_the_cpu_fallback(op):
+    """turbo::w8a8_linear / w8a8_gelu_ffn with a bf16 residual and a per-video gate (2 videos of 20 tokens): the
+    interpreter's kernels vs the CPU fallback, bf16 out (one ulp: the interpreter truncates, the fallback
+    rounds); the fake implementation gives the residual's dtype."""
+    from turbo_infer.layers import compile_ops as ops
+
+    seq = _ffn("int8", "int8", down_scale=0.01)
+    up, down = seq[0], seq[2]
+    x = torch.randn(2, 20, 64)
+    res, gate = torch.randn(2, 20, 64).to(torch.bfloat16), torch.randn(2, 64)
+    if op == "linear":
+        fn = ops.w8a8_linear
+        args = (x, down.weight_q[:, :64].contiguous(), down.weight_scale, down.bias, None, None, "int8")
+    else:
+        fn = ops.w8a8_gelu_ffn
+        args = (x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.static_scale, up.mode, down.weight_q,
+                down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode)
+    got, ref = fn(*args, True, res, gate), fn(*args, False, res, gate)
+    assert got.dtype == ref.dtype == torch.bfloat16 and got.shape == res.shape
+    assert ((got.float() - ref.float()).abs() <= 2 ** -7 * ref.float().abs() + 1e-4).all()
+    torch.library.opcheck(fn.op, (*args, False, res, gate), test_utils=("test_faketensor",))

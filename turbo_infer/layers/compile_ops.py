@@ -125,30 +125,44 @@ def quantize_activation(x: Tensor, mode: str, act_scale: Optional[Tensor], smoot
 
 
 def quantized_product(q: Tensor, s: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                      out_dtype: torch.dtype, use_kernels: bool) -> Tensor:
+                      out_dtype: torch.dtype, use_kernels: bool, residual: Optional[Tensor] = None,
+                      gate: Optional[Tensor] = None) -> Tensor:
     """(M, N) = dequantized q W_q^T + bias: the kernel, or the CPU fallback's dequantized product (exact
-    int8 products, same epilogue order)."""
+    int8 products, same epilogue order). residual (..., N) and gate (G, N): residual + gate·y instead, added
+    in the GEMM's epilogue (out_dtype should then be the residual's)."""
     fn = w8a8_matmul if use_kernels else w8a8_matmul_reference
-    return fn(q, s, weight_q, weight_scale, bias, out_dtype=out_dtype)
+    if residual is not None:
+        residual = residual.reshape(-1, weight_q.shape[0])
+    return fn(q, s, weight_q, weight_scale, bias, out_dtype=out_dtype, residual=residual, gate=gate)
+
+
+def _out_dtype(dtype: torch.dtype, residual: Optional[Tensor]) -> torch.dtype:
+    """The output dtype of a W8A8 op: the input's, or the residual's when one is added."""
+    return dtype if residual is None else residual.dtype
 
 
 @_custom_op("turbo::w8a8_linear")
 def w8a8_linear(x: Tensor, weight_q: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
-                smooth_inv: Optional[Tensor], act_scale: Optional[Tensor], mode: str, use_kernels: bool) -> Tensor:
-    """y = quant(x) W_q^T · scales + bias for x (..., K) -> (..., N) in x's dtype (W8A8Linear's math)."""
+                smooth_inv: Optional[Tensor], act_scale: Optional[Tensor], mode: str, use_kernels: bool,
+                residual: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+    """y = quant(x) W_q^T · scales + bias for x (..., K) -> (..., N) in x's dtype (W8A8Linear's math); with a
+    residual (..., N) (and gate (B, N)): residual + gate·y in the residual's dtype, summed in the epilogue."""
     q, s = quantize_activation(x, mode, act_scale, smooth_inv, use_kernels)
-    y = quantized_product(q, s, weight_q, weight_scale, bias, x.dtype, use_kernels)
+    y = quantized_product(q, s, weight_q, weight_scale, bias, _out_dtype(x.dtype, residual), use_kernels, residual,
+                          gate)
     return y.reshape(*x.shape[:-1], weight_q.shape[0]).contiguous()
 
 
 @w8a8_linear.register_fake
-def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels):
-    return x.new_empty((*x.shape[:-1], weight_q.shape[0]))
+def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels, residual=None, gate=None):
+    return x.new_empty((*x.shape[:-1], weight_q.shape[0]), dtype=_out_dtype(x.dtype, residual))
 
 
 def _gelu_ffn_tail(q: Tensor, s: Tensor, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv,
-                   down_act_scale, down_mode: str, out_dtype: torch.dtype, use_kernels: bool) -> Tensor:
-    """(M, N) = down(gelu_tanh(up(q·s))) from the up layer's quantized input (see w8a8_gelu_ffn)."""
+                   down_act_scale, down_mode: str, out_dtype: torch.dtype, use_kernels: bool, residual=None,
+                   gate=None) -> Tensor:
+    """(M, N) = down(gelu_tanh(up(q·s))) from the up layer's quantized input (see w8a8_gelu_ffn); with a
+    residual: residual + gate·that, in the down GEMM's epilogue."""
     mm = w8a8_matmul if use_kernels else w8a8_matmul_reference
     if down_act_scale is not None and down_smooth_inv is None:
         hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh", out_quant=down_mode,
@@ -156,43 +170,47 @@ def _gelu_ffn_tail(q: Tensor, s: Tensor, up_wq, up_ws, up_b, down_wq, down_ws, d
     else:
         h = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh")
         hq, hs = quantize_activation(h, down_mode, down_act_scale, down_smooth_inv, use_kernels)
-    return quantized_product(hq, hs, down_wq, down_ws, down_b, out_dtype, use_kernels)
+    return quantized_product(hq, hs, down_wq, down_ws, down_b, _out_dtype(out_dtype, residual),
+                             use_kernels, residual, gate)
 
 
 @_custom_op("turbo::w8a8_gelu_ffn")
 def w8a8_gelu_ffn(x: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], up_smooth_inv: Optional[Tensor],
                   up_act_scale: Optional[Tensor], up_mode: str, down_wq: Tensor, down_ws: Tensor,
                   down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor], down_act_scale: Optional[Tensor],
-                  down_mode: str, use_kernels: bool) -> Tensor:
+                  down_mode: str, use_kernels: bool, residual: Optional[Tensor] = None,
+                  gate: Optional[Tensor] = None) -> Tensor:
     """down(gelu_tanh(up(x))) for two W8A8 layers (W8A8GeluFFN's math): GELU runs in the up GEMM's
     epilogue on its fp32 result; with a static activation scale on `down` (and no smoothing there) the
-    epilogue also writes down's quantized input, so the (M, 4·dim) hidden state never exists in bf16."""
+    epilogue also writes down's quantized input, so the (M, 4·dim) hidden state never exists in bf16.
+    residual, gate: residual + gate·FFN(x) from the down GEMM's epilogue (see w8a8_linear)."""
     q, s = quantize_activation(x, up_mode, up_act_scale, up_smooth_inv, use_kernels)
     y = _gelu_ffn_tail(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale,
-                       down_mode, x.dtype, use_kernels)
+                       down_mode, x.dtype, use_kernels, residual, gate)
     return y.reshape(*x.shape[:-1], down_wq.shape[0]).contiguous()
 
 
 @w8a8_gelu_ffn.register_fake
 def _(x, up_wq, up_ws, up_b, up_smooth_inv, up_act_scale, up_mode, down_wq, down_ws, down_b, down_smooth_inv,
-      down_act_scale, down_mode, use_kernels):
-    return x.new_empty((*x.shape[:-1], down_wq.shape[0]))
+      down_act_scale, down_mode, use_kernels, residual=None, gate=None):
+    return x.new_empty((*x.shape[:-1], down_wq.shape[0]), dtype=_out_dtype(x.dtype, residual))
 
 
 @_custom_op("turbo::w8a8_gelu_ffn_q")
 def w8a8_gelu_ffn_q(q: Tensor, s: Tensor, up_wq: Tensor, up_ws: Tensor, up_b: Optional[Tensor], down_wq: Tensor,
                     down_ws: Tensor, down_b: Optional[Tensor], down_smooth_inv: Optional[Tensor],
                     down_act_scale: Optional[Tensor], down_mode: str, out_dtype: torch.dtype,
-                    use_kernels: bool) -> Tensor:
-    """w8a8_gelu_ffn from an already quantized input q (M, K), s (M,) -> (M, N) in out_dtype."""
+                    use_kernels: bool, residual: Optional[Tensor] = None, gate: Optional[Tensor] = None) -> Tensor:
+    """w8a8_gelu_ffn from an already quantized input q (M, K), s (M,) -> (M, N) in out_dtype (the residual's
+    dtype when one is added)."""
     return _gelu_ffn_tail(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale,
-                          down_mode, out_dtype, use_kernels).contiguous()
+                          down_mode, out_dtype, use_kernels, residual, gate).contiguous()
 
 
 @w8a8_gelu_ffn_q.register_fake
 def _(q, s, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv, down_act_scale, down_mode, out_dtype,
-      use_kernels):
-    return q.new_empty((q.shape[0], down_wq.shape[0]), dtype=out_dtype)
+      use_kernels, residual=None, gate=None):
+    return q.new_empty((q.shape[0], down_wq.shape[0]), dtype=_out_dtype(out_dtype, residual))
 
 
 @_custom_op("turbo::w8a8_product")

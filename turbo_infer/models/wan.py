@@ -256,6 +256,22 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
     return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
 
 
+def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: torch.Tensor | None):
+    """residual + gate[:, None]·linear(h) in the residual's dtype (gate (B, dim) fp32 or None), or linear(h)
+    without a residual. In inference a layer with `forward_residual` (the W8A8 layers) adds it in its GEMM's
+    epilogue, in fp32 and rounded once, so the product never round-trips through memory; elsewhere (training,
+    float layers, hooked layers such as calibration's probes) the block's own formula runs: the sum in fp32
+    where there is a gate, in the residual's dtype where there is none (Wan's cross-attention residual)."""
+    if residual is None:
+        return linear(h)
+    fused = getattr(linear, "forward_residual", None)
+    if fused is not None and not torch.is_grad_enabled() and not (linear._forward_hooks or linear._forward_pre_hooks):
+        return fused(h, residual, gate)
+    if gate is None:
+        return residual + linear(h)
+    return (residual.float() + linear(h).float() * gate[:, None]).to(residual.dtype)
+
+
 class _Projections(nn.Module):
     """The q, k, v, o linears and the q/k RMSNorms (across heads) that both attentions of a block have."""
 
@@ -279,8 +295,9 @@ class WanSelfAttention(_Projections):
         super().__init__(cfg)
         self.attn = make_attention(cfg.attention, cfg.head_dim, **backend_options(cfg.attention_options))
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # x: (B, L, dim)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, L, dim); with residual (B, L, dim): residual + gate·attention(x) (`gated_residual`)
         B, L, _ = x.shape
         q_lin, k_lin = self.q(x), self.k(x)  # (B, L, dim)
         if fused_norm_rope_applies(q_lin):  # one kernel per projection: turbo_kernels qk_norm_rope
@@ -293,21 +310,21 @@ class WanSelfAttention(_Projections):
             k = RoPE3D.rotate(self.norm_k(k_lin).view(B, L, self.num_heads, self.head_dim), *rope)
         v = self.v(x).view(B, L, self.num_heads, self.head_dim)
         o = self.attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
-        return self.o(o.transpose(1, 2).reshape(B, L, -1))  # (B, L, dim)
+        return gated_residual(self.o, o.transpose(1, 2).reshape(B, L, -1), residual, gate)  # (B, L, dim)
 
 
 class WanCrossAttention(_Projections):
     """Dense cross-attention from video tokens to text states (q/k RMSNorm, no RoPE)."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        # x: (B, L, dim), context: (B, Lc, dim)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, L, dim), context: (B, Lc, dim); with residual: residual + attention(x)
         B, L, _ = x.shape
         Lc = context.shape[1]
         q = self.norm_q(self.q(x)).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, L, D)
         k = self.norm_k(self.k(context)).view(B, Lc, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v(context).view(B, Lc, self.num_heads, self.head_dim).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v)  # (B, H, L, D)
-        return self.o(o.transpose(1, 2).reshape(B, L, -1))
+        return gated_residual(self.o, o.transpose(1, 2).reshape(B, L, -1), residual, None)
 
 
 # ----------------------------------------------------------------------------- block and model
@@ -339,12 +356,11 @@ class WanBlock(nn.Module):
         # x: (B, L, dim); e: (B, 6, dim) fp32; context: (B, Lc, dim)
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e).unbind(1)  # each (B, dim)
         h = self._modulated_norm(x, self.norm1, shift1, scale1, (self.self_attn.q, self.self_attn.k, self.self_attn.v))
-        x = (x.float() + self.self_attn(h, rope).float() * gate1[:, None]).to(x.dtype)
+        x = self.self_attn(h, rope, residual=x, gate=gate1)  # x + gate1·attn(h), see gated_residual
         h = self._modulated_norm(x, self.norm3, None, None, (self.cross_attn.q,)) if self.norm3 is not None else x
-        x = x + self.cross_attn(h, context)
+        x = self.cross_attn(h, context, residual=x)
         h = self._modulated_norm(x, self.norm2, shift2, scale2, (self.ffn,))
-        x = (x.float() + self.ffn(h).float() * gate2[:, None]).to(x.dtype)
-        return x
+        return gated_residual(self.ffn, h, x, gate2)
 
     # set by WanModel.fuse_norm_quant (bundles): hand W8A8 consumers their input quantized in one pass
     fused_norm_quant = False

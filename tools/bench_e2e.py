@@ -397,6 +397,20 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
                     notes["compiled_norm"] = "headline compiled run without the fused norm inputs (faster)"
                 else:
                     model.fuse_norm_quant(True)
+            if not args.skip_residual_compare and clock_ok("compiled with the residuals outside the GEMMs"):
+                # the blocks' residual adds in the W8A8 output projections' epilogues (the default) against the
+                # block's own formula after the GEMM (an Inductor elementwise kernel): same run, both compiled
+                from turbo_infer.models import wan as wan_mod
+                wan_mod.EPILOGUE_RESIDUALS = False
+                try:
+                    dit()  # recompiles (the flag is guarded)
+                    apart = statistics.median(timed(dit, device, args.reps, warmup=0))
+                finally:
+                    wan_mod.EPILOGUE_RESIDUALS = True
+                fig[f"e2e_{TAG}_turbo_compiled_residual_formula_s"] = apart
+                log(f"turbo DiT compiled, residuals added after the GEMMs: {apart:.3f} s (vs {compiled:.3f} s in "
+                    f"the epilogues)")
+                dit()  # back to the default's graphs
         except Exception as e:  # a compile failure must not lose the eager figures
             log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); keeping eager")
             notes["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -901,6 +915,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the fresh process builds umT5 with random weights instead of loading 11 GB from disk")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor; --tiny: eager, i.e. dynamo only)")
+    p.add_argument("--skip-residual-compare", action="store_true",
+                   help="do not time the compiled DiT with the blocks' residuals added after the W8A8 GEMMs")
     p.add_argument("--skip-static-scales", action="store_true",
                    help="do not time the DiT with static activation scales (a calibrated bundle's fused FFN path)")
     p.add_argument("--compile-mode", default=None,

@@ -256,6 +256,11 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
     return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
 
 
+# whether gated_residual may hand the residual to a layer's epilogue (tools/bench_e2e.py times both; torch.compile
+# guards on it, so flipping it recompiles)
+EPILOGUE_RESIDUALS = True
+
+
 def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: torch.Tensor | None):
     """residual + gate[:, None]·linear(h) in the residual's dtype (gate (B, dim) fp32 or None), or linear(h)
     without a residual. In inference a layer with `forward_residual` (the W8A8 layers) adds it in its GEMM's
@@ -265,7 +270,8 @@ def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: to
     if residual is None:
         return linear(h)
     fused = getattr(linear, "forward_residual", None)
-    if fused is not None and not torch.is_grad_enabled() and not (linear._forward_hooks or linear._forward_pre_hooks):
+    if (fused is not None and EPILOGUE_RESIDUALS and not torch.is_grad_enabled()
+            and not (linear._forward_hooks or linear._forward_pre_hooks)):
         return fused(h, residual, gate)
     if gate is None:
         return residual + linear(h)

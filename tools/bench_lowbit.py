@@ -271,6 +271,10 @@ GEMM_CONFIGS = [
     W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True),
     W.GemmConfig(256, 128, 128, 8, 8, 3, tma=True),
     W.GemmConfig(128, 128, 128, 8, 8, 4, tma=True, persistent=True),
+    # Triton's automatic warp specialization of the K loop (producer / consumer warps)
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, warp_spec=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True, warp_spec=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True, warp_spec=True),
 ]
 # the GEMM with the activation quantized in its K loop reads A in 16 bits: twice the shared memory per A
 # stage (128x128 bf16 = 32 KiB), so fewer stages or a shorter K step; tiles that do not fit are skipped
@@ -320,7 +324,7 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
             tb, cb = float("inf"), None
             for cfg in GEMM_CONFIGS:
                 tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" + \
-                    ("tma" if cfg.tma else "") + ("p" if cfg.persistent else "")
+                    ("tma" if cfg.tma else "") + ("p" if cfg.persistent else "") + ("ws" if cfg.warp_spec else "")
                 t = guarded(tag, lambda: h.measure(case, f"triton_{mode}_{tag}", "fwd",
                                                    lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, backend="triton",
                                                                          config=cfg)))

@@ -181,11 +181,12 @@ if triton is not None:
                               GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
                               GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
                               EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr, R, stride_rm, G, gate_rows,
-                              RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr):
+                              RESIDUAL: tl.constexpr, HAS_GATE: tl.constexpr, WS: tl.constexpr):
         """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
         sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
         NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
-        kernel's. NUM_PROGRAMS = the number of tiles gives one tile per program."""
+        kernel's. NUM_PROGRAMS = the number of tiles gives one tile per program. WS: Triton's automatic warp
+        specialization of the K loop (producer warps issue the copies, consumer warps the MMAs)."""
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_pid_m * num_pid_n
@@ -200,7 +201,7 @@ if triton is not None:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             else:
                 acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in tl.range(0, K, BLOCK_K):
+            for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WS):
                 a = a_desc.load([pid_m * BLOCK_M, k0])
                 b = b_desc.load([pid_n * BLOCK_N, k0])
                 if INT8:
@@ -240,6 +241,7 @@ class GemmConfig:
     # off. Quantizing A inside the K loop (`w8a8_matmul_static_input`) keeps the pointer kernel.
     tma: bool = True
     persistent: bool = False
+    warp_spec: bool = False  # descriptor kernel only: the K loop warp-specialized (tl.range(warp_specialize=True))
 
 
 DEFAULT_GEMM_CONFIG = GemmConfig()
@@ -359,7 +361,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             M, N, K, out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
             OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
-            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, num_warps=cfg.num_warps,
+            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, WS=cfg.warp_spec, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     else:
         _w8a8_gemm_kernel[(tiles,)](

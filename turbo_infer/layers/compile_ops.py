@@ -108,7 +108,8 @@ def sagesla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_b
             o_s = sagesla_sparse_reference(q, k, v, bm, pv=pv)
         # + proj_l(O_l): SLA's linear state and epilogue kernel where Triton runs (was torch block GEMMs,
         # ~3.6 ms of the 5.1 ms module at the 1.3B shape), the torch linear_branch elsewhere
-        return as_heads_output(add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, inplace=True), q)
+        out = add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, inplace=True)
+        return as_heads_output(out, q)
 
 
 @sagesla_forward.register_fake

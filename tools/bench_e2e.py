@@ -378,6 +378,9 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
             warm = time.perf_counter() - t
             compiled = statistics.median(timed(dit, device, args.reps, warmup=0))
             rel = ((model(x, ts, context) - ref).float().norm() / ref.float().norm()).item()
+            import torch._dynamo.utils as dyn_utils
+            counters = {k: dict(v) for k, v in dyn_utils.counters.items() if k in ("stats", "graph_break", "unimplemented")}
+            log(f"dynamo counters after compiling: {json.dumps(counters, default=str)[:1500]}")
             fig[f"e2e_{TAG}_turbo_compiled_s"] = compiled
             fig[f"e2e_{TAG}_turbo_compile_warmup_s"] = warm
             log(f"turbo DiT, torch.compile per block ({args.compile_backend}): first call {warm:.1f} s, then "

@@ -405,6 +405,7 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
         h.figure(f"w8a8_{mode}_qkv_one_vs_three", t3 / t1)
     h.figure("w8a8_int8_speedup_ffn_down", h.figures["w8a8_int8_speedup_ffn_down_standalone"])
 
+
     # ffn_up with the producer fused: LayerNorm + modulation (+ quantization) → GEMM
     case = "ffn_up"
     t_eager = h.measure(case, "eager_norm_mod+bf16_linear", "fwd", lambda: up(
@@ -448,10 +449,37 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
         h.figure(f"w8a8_{mode}_relerr_vs_bf16_ffn_block", rel(ffn_q(), ref))
 
 
+def bench_residual(h: Harness, M=32760, dim=1536, ffn=8960):
+    """A DiT block's gated residual x + gate·y after its output projections (attention o: dim -> dim; FFN down):
+    the fp8 GEMM then the block's formula in torch (what eager runs) against the sum in the GEMM's epilogue
+    (residual read in the epilogue, one output instead of the product and then the sum). GEMM on a quantized
+    input, default config."""
+    print("== gated residual in the W8A8 epilogue", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(6)
+    o_lin = torch.nn.Linear(dim, dim, device=DEV, dtype=BF16)
+    down = torch.nn.Linear(ffn, dim, device=DEV, dtype=BF16)
+    gate = torch.randn(1, dim, device=DEV, generator=g)
+    resid = torch.randn(M, dim, device=DEV, generator=g, dtype=BF16)
+    for case, lin in (("attn_o", o_lin), ("ffn_down", down)):
+        x = torch.randn(M, lin.in_features, device=DEV, generator=g, dtype=BF16)
+        wq, ws = Q.quantize_weight(lin.weight, "fp8")
+        xq, xs = Q.quantize_rows(x, "fp8")
+        t_gemm = h.measure(case, "w8a8_fp8_gemm", "fwd", lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias))
+        t_formula = h.measure(case, "w8a8_fp8_gemm+torch_residual", "fwd", lambda: (
+            resid.float() + W.w8a8_matmul(xq, xs, wq, ws, lin.bias).float() * gate).to(BF16))
+        t_epi = h.measure(case, "w8a8_fp8_gemm_residual_epilogue", "fwd",
+                          lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, residual=resid, gate=gate))
+        fused = W.w8a8_matmul(xq, xs, wq, ws, lin.bias, residual=resid, gate=gate).float()
+        formula = resid.float() + W.w8a8_matmul(xq, xs, wq, ws, lin.bias).float() * gate
+        h.figure(f"w8a8_fp8_residual_epilogue_vs_torch_{case}", t_formula / t_epi)
+        h.figure(f"w8a8_fp8_residual_epilogue_cost_{case}", t_epi / t_gemm)
+        h.figure(f"w8a8_fp8_residual_epilogue_relerr_{case}", rel(fused, formula))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweeps, no 14B shape")
-    ap.add_argument("--only", default="check,dense,sparse,w8a8")
+    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual")
     args = ap.parse_args()
     print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), flush=True)
     import triton
@@ -472,6 +500,8 @@ def main():
         h.write()
     if "w8a8" in only:
         guarded("w8a8", lambda: bench_w8a8(h))
+    if "residual" in only:
+        guarded("residual", lambda: bench_residual(h))
     h.print_table()
     h.write()
 

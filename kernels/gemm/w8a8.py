@@ -233,7 +233,7 @@ class GemmConfig:
     block_k: int = 128
     group_m: int = 8
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4  # 192 KiB of shared memory: sm_90 (see DEFAULT_GEMM_CONFIG / POINTER_GEMM_CONFIG)
     # A and B tiles through tensor descriptors (TMA on sm_90+; needs K % 16 == 0, else the pointer kernel), and
     # with persistent=True one program per SM walking the tiles. tma on since 2026-12-06 (H100, M = 32760, same
     # process, ms pointers -> descriptors, 128x256x128 w8 s3): fp8 1536->8960 0.913 -> 0.889, 8960->1536 0.687 ->
@@ -244,7 +244,18 @@ class GemmConfig:
     warp_spec: bool = False  # descriptor kernel only: the K loop warp-specialized (tl.range(warp_specialize=True))
 
 
+# The default where tiles come through tensor descriptors (sm_90+): 4 stages. H100, M = 32760, ms at 3 -> 4 stages
+# (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up 0.977 -> 0.947, down 0.726 -> 0.702
+# (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736). Elsewhere (the a100, rtx4090 targets) the pointer kernel
+# keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
 DEFAULT_GEMM_CONFIG = GemmConfig()
+POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False)
+
+
+def default_gemm_config(t: torch.Tensor) -> GemmConfig:
+    """The GEMM configuration when the caller names none: DEFAULT_GEMM_CONFIG where descriptors run, else
+    POINTER_GEMM_CONFIG."""
+    return DEFAULT_GEMM_CONFIG if descriptors_supported(t) else POINTER_GEMM_CONFIG
 
 
 def _num_sms(device: torch.device) -> int:
@@ -338,7 +349,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             raise ValueError("backend='scaled_mm' needs float8_e4m3fn operands (use 'triton' for int8)")
         if x_q.is_cuda and K % 16 == 0 and N % 16 == 0:
             return _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    cfg = DEFAULT_GEMM_CONFIG if config is None else config
+    cfg = default_gemm_config(x_q) if config is None else config
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     out = torch.empty(M, N, dtype=QDTYPE[out_quant] if out_quant else out_dtype, device=x_q.device)
@@ -408,7 +419,7 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
         return w8a8_matmul_static_input_reference(x, act_scale, w_q, w_scale, bias, out_dtype, activation=activation)
     M, K = x.shape
     N = w_q.shape[0]
-    cfg = DEFAULT_GEMM_CONFIG if config is None else config
+    cfg = POINTER_GEMM_CONFIG if config is None else config  # the pointer kernel (A quantized in its loop)
     x = x if x.stride(-1) == 1 else x.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     out = torch.empty(M, N, dtype=out_dtype, device=x.device)
@@ -427,5 +438,6 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
     return out
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "FP8_BACKEND", "GemmConfig", "gate_rows_of", "gelu_tanh_reference", "w8a8_matmul",
+__all__ = ["ACTIVATIONS", "BACKENDS", "DEFAULT_GEMM_CONFIG", "FP8_BACKEND", "GemmConfig", "POINTER_GEMM_CONFIG",
+           "default_gemm_config", "gate_rows_of", "gelu_tanh_reference", "w8a8_matmul",
            "w8a8_matmul_reference", "w8a8_matmul_static_input", "w8a8_matmul_static_input_reference"]

@@ -12,7 +12,10 @@ correlation id is that op's id), and that op's chain of parents decides the clas
                per-token quantization and fp8/int8 GEMM kernels
     other      the rest: norms, modulation, RoPE, GELU, residual adds, patchify, casts, copies
 
-Kernels that the profiler did not link to a CPU op are classified by kernel name (`name_class`).
+Kernels that the profiler did not link to a CPU op, or linked to one outside every scope, are classified by
+kernel name (`name_class`): the runtime's fused paths (a block's residual added in the output projection's
+GEMM, the norm + quantization pass feeding q, k, v) skip the Linear's forward and so its scope; the hooks are
+marked `profiler_scope` so that those paths still run while profiling.
 The scopes themselves also appear on the GPU timeline (user annotations spanning their kernels);
 they are not kernels and are left out (counting them charged each span twice: the 2026-12-04 run's
 negative `other`). Times are summed kernel time on the GPU; `split_wall` turns them into seconds
@@ -72,10 +75,12 @@ def profiler_scopes(model: nn.Module):
             rf = torch.profiler.record_function(ATTENTION_SCOPE if kind == "attention" else LINEAR_SCOPE)
             rf.__enter__()
             stack.append(rf)
+        hook.profiler_scope = True  # not a data hook: the runtime keeps its fused paths (quant.has_data_hooks)
         return hook
 
     def post(module, args, output):
         stack.pop().__exit__(None, None, None)
+    post.profiler_scope = True
 
     for name, m in model.named_modules():
         kind = module_kind(name, m)

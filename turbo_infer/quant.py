@@ -203,6 +203,15 @@ class W8A8GeluFFN(nn.Sequential):
                              use, residual, gate)
 
 
+def has_data_hooks(module: nn.Module) -> bool:
+    """Whether forward (pre-)hooks that read the module's tensors are registered on it (calibration's probes): the
+    fused paths that skip the module's forward must not run then. Hooks with a true `profiler_scope` attribute
+    (tools/e2e_breakdown.py: they only open and close a profiler range) do not count, so a profiled run takes
+    the path a timed one does."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return any(not getattr(h, "profiler_scope", False) for h in hooks)
+
+
 def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor,
                          consumers: list) -> "QuantizedActivation | None":
     """LayerNorm(x)·(1 + scale) + shift, quantized in one pass for W8A8 consumers that would each quantize
@@ -211,7 +220,7 @@ def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tenso
     fallback, and no hooks on them (hooks expect the tensor; calibration's probes are such).
     x (B, L, C); shift, scale (B, C) fp32 or None (no modulation). None where that does not hold (the
     caller normalizes as usual)."""
-    if any(c._forward_hooks or c._forward_pre_hooks for c in consumers):
+    if any(has_data_hooks(c) for c in consumers):
         return None
     layers = [c[0] if isinstance(c, W8A8GeluFFN) else c for c in consumers]
     if not layers or not all(isinstance(m, W8A8Linear) and m.smooth_inv is None for m in layers):

@@ -348,6 +348,22 @@ def test_block_residuals_are_added_in_the_w8a8_epilogues(fuse_ffn, monkeypatch):
     with torch.enable_grad():
         model(x, t, ctx)
     assert not calls  # gradients: the formula, not the fused op
+    o = model.blocks[0].self_attn.o
+    scope = o.register_forward_pre_hook(lambda m, a: None)
+    with torch.no_grad():
+        model(x, t, ctx)
+    assert len(calls) == len(per_block) * len(model.blocks) - 1  # a hook that reads the input: that layer unfused
+    scope.remove()
+    calls.clear()
+
+    def marked(m, a):
+        return None
+    marked.profiler_scope = True  # tools/e2e_breakdown's scope hooks: the fused path stays
+    scope = o.register_forward_pre_hook(marked)
+    with torch.no_grad():
+        model(x, t, ctx)
+    scope.remove()
+    assert calls == per_block * len(model.blocks)
 
 
 @pytest.mark.parametrize("op", ["linear", "gelu_ffn"])

@@ -31,7 +31,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from turbo_infer.layers.attention import SPARSE_BACKENDS, make_attention
 from turbo_infer.models.token_order import TOKEN_TILE, check_token_tile, inverse_permutation, tile_permutation
-from turbo_infer.quant import norm_quantized_input
+from turbo_infer.quant import has_data_hooks, norm_quantized_input
 
 
 # ----------------------------------------------------------------------------- config
@@ -270,8 +270,7 @@ def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: to
     if residual is None:
         return linear(h)
     fused = getattr(linear, "forward_residual", None)
-    if (fused is not None and EPILOGUE_RESIDUALS and not torch.is_grad_enabled()
-            and not (linear._forward_hooks or linear._forward_pre_hooks)):
+    if fused is not None and EPILOGUE_RESIDUALS and not torch.is_grad_enabled() and not has_data_hooks(linear):
         return fused(h, residual, gate)
     if gate is None:
         return residual + linear(h)

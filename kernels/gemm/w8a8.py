@@ -102,8 +102,19 @@ if triton is not None:
         c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if RESIDUAL:
             if HAS_GATE:
-                g_ptrs = G + (offs_m // gate_rows).to(tl.int64)[:, None] * N + offs_n[None, :]
-                y = y * tl.load(g_ptrs, mask=c_mask, other=0.0)
+                # a tile's rows mostly belong to one or two gate rows (a video's tokens): then two (BLOCK_N,) loads
+                # and a select per row, instead of a (BLOCK_M, BLOCK_N) gather
+                n_ok = offs_n < N
+                g_row = tl.minimum(offs_m, M - 1) // gate_rows
+                g_first = tl.min(g_row, 0)
+                g_last = tl.max(g_row, 0)
+                if g_last - g_first <= 1:
+                    g0 = tl.load(G + g_first.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
+                    g1 = tl.load(G + g_last.to(tl.int64) * N + offs_n, mask=n_ok, other=0.0)
+                    y = y * tl.where((g_row == g_first)[:, None], g0[None, :], g1[None, :])
+                else:
+                    g_ptrs = G + g_row.to(tl.int64)[:, None] * N + offs_n[None, :]
+                    y = y * tl.load(g_ptrs, mask=c_mask, other=0.0)
             r_ptrs = R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
             y = tl.load(r_ptrs, mask=c_mask, other=0.0).to(tl.float32) + y
         if OUT_QUANT:

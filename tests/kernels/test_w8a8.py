@@ -171,12 +171,14 @@ def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-@pytest.mark.parametrize("gate_shape", [None, (72,), (2, 72)], ids=["no-gate", "one-gate", "gate-per-half"])
+@pytest.mark.parametrize("gate_shape", [None, (72,), (2, 72), (4, 72)],
+                         ids=["no-gate", "one-gate", "gate-per-half", "four-gates-per-tile"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
 def test_gemm_gated_residual_epilogue(mode, gate_shape, tma):
     """residual + gate·y in the epilogue: the reference's fp32 sum, then one rounding to the residual's dtype
     (bf16: the interpreter truncates where a GPU rounds, one ulp, as the module docstring says); a gate row
-    per M // G output rows (a DiT batch of G videos, each its own gate)."""
+    per M // G output rows (a DiT batch of G videos, each its own gate; tiles spanning one or two gate rows take
+    the two-vector path, more the gathered one)."""
     M, K, N = 40, 64, 72
     x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
     res = (torch.randn(M, N) * 4).to(torch.bfloat16)

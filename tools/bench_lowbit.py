@@ -465,8 +465,14 @@ def bench_residual(h: Harness, M=32760, dim=1536, ffn=8960):
         t_gemm = h.measure(case, "w8a8_fp8_gemm", "fwd", lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias))
         t_formula = h.measure(case, "w8a8_fp8_gemm+torch_residual", "fwd", lambda: (
             resid.float() + W.w8a8_matmul(xq, xs, wq, ws, lin.bias).float() * gate).to(BF16))
+        add = torch.compile(lambda y: (resid.float() + y.float() * gate).to(BF16))  # what Inductor makes of it
+        t_ind = h.measure(case, "w8a8_fp8_gemm+inductor_residual", "fwd",
+                          lambda: add(W.w8a8_matmul(xq, xs, wq, ws, lin.bias)))
         t_epi = h.measure(case, "w8a8_fp8_gemm_residual_epilogue", "fwd",
                           lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, residual=resid, gate=gate))
+        h.measure(case, "w8a8_fp8_gemm_residual_epilogue_no_gate", "fwd",
+                  lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, residual=resid))
+        h.figure(f"w8a8_fp8_residual_epilogue_vs_inductor_{case}", t_ind / t_epi)
         fused = W.w8a8_matmul(xq, xs, wq, ws, lin.bias, residual=resid, gate=gate).float()
         formula = resid.float() + W.w8a8_matmul(xq, xs, wq, ws, lin.bias).float() * gate
         h.figure(f"w8a8_fp8_residual_epilogue_vs_torch_{case}", t_formula / t_epi)

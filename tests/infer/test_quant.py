@@ -339,6 +339,17 @@ def test_block_residuals_are_added_in_the_w8a8_epilogues(fuse_ffn, monkeypatch):
     per_block = ["W8A8Linear", "W8A8Linear"] + (["W8A8GeluFFN"] if fuse_ffn else [])  # a Sequential FFN: formula
     assert calls == per_block * len(model.blocks)
     calls.clear()
+    with torch.no_grad(), monkeypatch.context() as m:  # compiling: Inductor fuses the formula, unless "always"
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        model(x, t, ctx)
+        assert not calls
+        m.setattr(wan, "EPILOGUE_RESIDUALS", "always")
+        model(x, t, ctx)
+        assert calls == per_block * len(model.blocks)
+        m.setattr(wan, "EPILOGUE_RESIDUALS", "sometimes")
+        with pytest.raises(ValueError, match="EPILOGUE_RESIDUALS must be one of"):
+            model(x, t, ctx)
+    calls.clear()
     with torch.no_grad(), monkeypatch.context() as m:  # the unfused formula, as a float model runs it
         m.setattr(wan, "gated_residual", lambda lin, h, r, g: r + lin(h) if g is None else
                   (r.float() + lin(h).float() * g[:, None]).to(r.dtype))

@@ -256,21 +256,30 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
     return t.is_cuda and not torch.is_grad_enabled() and fwAD.unpack_dual(t).tangent is None
 
 
-# whether gated_residual may hand the residual to a layer's epilogue (tools/bench_e2e.py times both; torch.compile
-# guards on it, so flipping it recompiles)
-EPILOGUE_RESIDUALS = True
+# where gated_residual hands the residual to a W8A8 layer's GEMM epilogue: "eager" (the default: in eager runs; a
+# compiled block keeps the formula, which Inductor fuses into one elementwise kernel — on an H200 the compiled
+# 4-step DiT ran 0.776 s that way against 0.793 s with the epilogue, while eager the epilogue replaces torch's
+# unfused formula: 0.39 against 0.80 ms after an attention output projection), "always" or "never".
+# tools/bench_e2e.py times the others; torch.compile guards on it, so changing it recompiles.
+EPILOGUE_RESIDUALS = "eager"
+EPILOGUE_RESIDUAL_MODES = ("eager", "always", "never")
 
 
 def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: torch.Tensor | None):
     """residual + gate[:, None]·linear(h) in the residual's dtype (gate (B, dim) fp32 or None), or linear(h)
-    without a residual. In inference a layer with `forward_residual` (the W8A8 layers) adds it in its GEMM's
-    epilogue, in fp32 and rounded once, so the product never round-trips through memory; elsewhere (training,
-    float layers, hooked layers such as calibration's probes) the block's own formula runs: the sum in fp32
-    where there is a gate, in the residual's dtype where there is none (Wan's cross-attention residual)."""
+    without a residual. In eager inference a layer with `forward_residual` (the W8A8 layers) adds it in its
+    GEMM's epilogue, in fp32 and rounded once, so the product never round-trips through memory
+    (EPILOGUE_RESIDUALS); elsewhere (compiled blocks, training, float layers, hooked layers such as
+    calibration's probes) the block's own formula runs: the sum in fp32 where there is a gate, in the
+    residual's dtype where there is none (Wan's cross-attention residual)."""
     if residual is None:
         return linear(h)
     fused = getattr(linear, "forward_residual", None)
-    if fused is not None and EPILOGUE_RESIDUALS and not torch.is_grad_enabled() and not has_data_hooks(linear):
+    mode = EPILOGUE_RESIDUALS
+    if mode not in EPILOGUE_RESIDUAL_MODES:
+        raise ValueError(f"EPILOGUE_RESIDUALS must be one of {EPILOGUE_RESIDUAL_MODES}, got {mode!r}")
+    wanted = mode == "always" or (mode == "eager" and not torch.compiler.is_compiling())
+    if fused is not None and wanted and not torch.is_grad_enabled() and not has_data_hooks(linear):
         return fused(h, residual, gate)
     if gate is None:
         return residual + linear(h)

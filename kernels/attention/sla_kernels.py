@@ -438,6 +438,15 @@ if triton is not None:
                  mask=mask_qd)
 
     @triton.jit
+    def _key_block_queries(KV_OFF, KV_QIDX, pid_bh, num_kb, inv_len, kblk):
+        """The key-major (CSR) table's entry for key block kblk of (batch, head) pid_bh: a pointer to its ascending
+        list of selecting query blocks, and their count."""
+        off_ptr = KV_OFF + pid_bh.to(tl.int64) * (num_kb + 1) + kblk
+        first = tl.load(off_ptr)
+        count = tl.load(off_ptr + 1) - first
+        return KV_QIDX + pid_bh.to(tl.int64) * inv_len + first, count
+
+    @triton.jit
     def _sla_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, KV_OFF, KV_QIDX, DH, DZ,
                              sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sdb, sdh, sdl,
                              sgb, sgh, sgl, H, Lq, Lk, D, num_kb, inv_len, qk_scale, sm_scale, inv_lk,
@@ -466,10 +475,7 @@ if triton is not None:
         LSE += pid_bh.to(tl.int64) * Lq
         DELTA += pid_bh.to(tl.int64) * Lq
         kblk = (pid_n * BLOCK_N) // MAP_BK
-        off_ptr = KV_OFF + pid_bh.to(tl.int64) * (num_kb + 1) + kblk
-        first = tl.load(off_ptr)
-        count = tl.load(off_ptr + 1) - first
-        qidx = KV_QIDX + pid_bh.to(tl.int64) * inv_len + first
+        qidx, count = _key_block_queries(KV_OFF, KV_QIDX, pid_bh, num_kb, inv_len, kblk)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in range(0, count * MAP_BQ, BLOCK_M):

@@ -23,7 +23,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.attention.sla_kernels import _dkdv_step, _dq_step, _fwd_step
+    from turbo_kernels.attention.sla_kernels import _dkdv_step, _dq_step, _fwd_step, _key_block_queries
 except ImportError:  # CPU-only install: sla.py uses the torch reference
     triton = None
 
@@ -52,6 +52,12 @@ def token_descriptor(x: torch.Tensor, view: tuple[int, int, int, int, int], bloc
 
 
 if triton is not None:
+
+    @triton.jit
+    def _view_origin(b, h, rb, rh, ch):
+        """(row, column) of (batch b, head h)'s first token in a descriptor's 2-D token view (`token_view`'s
+        row strides rb, rh and column offset ch per head)."""
+        return b * rb + h * rh, h * ch
 
     @triton.jit
     def _tma_tile(acc, l_i, m_i, q, k_desc, v_desc, k_row, k_col, v_row, v_col, t0, Lk, qk_scale,
@@ -84,10 +90,8 @@ if triton is not None:
         hq = h.to(tl.int64)
         q = tl.load(Q + bq * sqb + hq * sqh + offs_m[:, None] * sql + offs_d[None, :],
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        k_row = b * k_rb + h * k_rh
-        k_col = h * k_ch
-        v_row = b * v_rb + h * v_rh
-        v_col = h * v_ch
+        k_row, k_col = _view_origin(b, h, k_rb, k_rh, k_ch)
+        v_row, v_col = _view_origin(b, h, v_rb, v_rh, v_ch)
         lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -139,10 +143,8 @@ if triton is not None:
         do = tl.load(DO + bq * sdb + hq * sdh + offs_m[:, None] * sdl + offs_d[None, :], mask=mask_qd, other=0.0)
         lse = tl.load(LSE + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         delta = tl.load(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        k_row = b * k_rb + h * k_rh
-        k_col = h * k_ch
-        v_row = b * v_rb + h * v_rh
-        v_col = h * v_ch
+        k_row, k_col = _view_origin(b, h, k_rb, k_rh, k_ch)
+        v_row, v_col = _view_origin(b, h, v_rb, v_rh, v_ch)
         lut = LUT + (pid_bh.to(tl.int64) * num_qb + (pid_m * BLOCK_M) // MAP_BQ) * n_sel
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         n_even = n_sel * MAP_BK if EVEN_N else (n_sel - 1) * MAP_BK
@@ -180,15 +182,9 @@ if triton is not None:
         v = tl.load(V + bq * svb + hq * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask_kd, other=0.0)
         LSE += pid_bh.to(tl.int64) * Lq
         DELTA += pid_bh.to(tl.int64) * Lq
-        q_row = b * q_rb + h * q_rh
-        q_col = h * q_ch
-        d_row = b * d_rb + h * d_rh
-        d_col = h * d_ch
-        kblk = (pid_n * BLOCK_N) // MAP_BK
-        off_ptr = KV_OFF + pid_bh.to(tl.int64) * (num_kb + 1) + kblk
-        first = tl.load(off_ptr)
-        count = tl.load(off_ptr + 1) - first
-        qidx = KV_QIDX + pid_bh.to(tl.int64) * inv_len + first
+        q_row, q_col = _view_origin(b, h, q_rb, q_rh, q_ch)
+        d_row, d_col = _view_origin(b, h, d_rb, d_rh, d_ch)
+        qidx, count = _key_block_queries(KV_OFF, KV_QIDX, pid_bh, num_kb, inv_len, (pid_n * BLOCK_N) // MAP_BK)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for start in tl.range(0, count * MAP_BQ, BLOCK_M):

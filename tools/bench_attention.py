@@ -113,9 +113,9 @@ DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2)]
 DKDV_VARIANTS = [(64, 64, 4, 2), (64, 64, 4, 3)]
 
 
-def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
+def sweep(h: Harness, tag="1.3b", topk=0.1, fwd_only: bool = False) -> SLAKernelConfig:
     """Time kernel variants (sparse forward; whole backward with the linear branch) and return the
-    fastest of each kernel as a config."""
+    fastest of each kernel as a config (fwd_only: the sparse forward's variants alone)."""
     print(f"== sweep at {tag} topk {topk}", flush=True)
     q, k, v = make_qkv(*SHAPES[tag])
     W, _ = make_proj(q.shape[-1])
@@ -150,6 +150,9 @@ def sweep(h: Harness, tag="1.3b", topk=0.1) -> SLAKernelConfig:
             print(f"  fwd_tma failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     run("fwd", TMA_VARIANTS, ("fwd_tma", "fwd_warp_spec", "fwd_stages"),
         lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
+    if fwd_only:
+        print(f"  tuned config (forward variants only): {best}", flush=True)
+        return best
     hm, zm, _ = _linear_state(q, k, v, bm, "softmax", W, best)
     o, lse, o_s = _sparse_forward(q, k, v, bm, best, store_os=True)
     do = torch.randn_like(o)
@@ -300,6 +303,8 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="small GPU correctness checks first")
     p.add_argument("--sweep", action="store_true",
                    help="time kernel variants at the 1.3B shape; the main runs use the fastest of each")
+    p.add_argument("--sweep-fwd-only", action="store_true",
+                   help="with --sweep: the sparse forward's variants only (no backward or whole-forward ones)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     h = Harness("attention")
@@ -314,7 +319,7 @@ def main() -> None:
     steps += [("check", check)] if args.check else []  # last: the figures are written first
     if args.sweep:
         try:  # the main runs then use the fastest variant of each kernel (printed)
-            cfg = sweep(h)
+            cfg = sweep(h, fwd_only=args.sweep_fwd_only)
         except Exception:  # noqa: BLE001
             print(f"!! sweep failed:\n{traceback.format_exc()}", flush=True)
     for name, step in steps:

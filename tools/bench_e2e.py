@@ -400,20 +400,24 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
                     notes["compiled_norm"] = "headline compiled run without the fused norm inputs (faster)"
                 else:
                     model.fuse_norm_quant(True)
-            if not args.skip_residual_compare and clock_ok("compiled with the residuals in the GEMM epilogues"):
-                # the blocks' residual adds after the W8A8 output projections, fused by Inductor (the compiled
-                # default) against the sum in the GEMMs' epilogues (what eager runs): same run, both compiled
+            if not args.skip_residual_compare and clock_ok("compiled, the other residual placement"):
+                # the blocks' residual adds after the W8A8 output projections: in the GEMMs' epilogues ("always",
+                # the default since session 29) or as the block's formula, which Inductor fuses ("eager": the
+                # epilogue only in eager runs); same run, both compiled
                 from turbo_infer.models import wan as wan_mod
                 default = wan_mod.EPILOGUE_RESIDUALS
-                wan_mod.EPILOGUE_RESIDUALS = "always"
+                other = "eager" if default == "always" else "always"
+                wan_mod.EPILOGUE_RESIDUALS = other
                 try:
                     dit()  # recompiles (the setting is guarded)
-                    epi = statistics.median(timed(dit, device, args.reps, warmup=0))
+                    alt = statistics.median(timed(dit, device, args.reps, warmup=0))
                 finally:
                     wan_mod.EPILOGUE_RESIDUALS = default
-                fig[f"e2e_{TAG}_turbo_compiled_residual_epilogue_s"] = epi
-                log(f"turbo DiT compiled, residuals added in the GEMM epilogues: {epi:.3f} s (vs {compiled:.3f} s "
-                    f"with Inductor's fused formula, the default)")
+                where = {"always": "added in the GEMM epilogues", "eager": "added by Inductor's fused formula"}
+                name = "residual_epilogue" if other == "always" else "residual_formula"
+                fig[f"e2e_{TAG}_turbo_compiled_{name}_s"] = alt
+                log(f"turbo DiT compiled, residuals {where[other]}: {alt:.3f} s (vs {compiled:.3f} s "
+                    f"{where.get(default, default)}, the default)")
                 dit()  # back to the default's graphs
         except Exception as e:  # a compile failure must not lose the eager figures
             log(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); keeping eager")
@@ -920,7 +924,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend (default: inductor; --tiny: eager, i.e. dynamo only)")
     p.add_argument("--skip-residual-compare", action="store_true",
-                   help="do not time the compiled DiT with the blocks' residuals added in the W8A8 GEMM epilogues")
+                   help="do not time the compiled DiT with the blocks' residuals placed the other way (GEMM "
+                        "epilogue or Inductor's formula, whichever is not turbo_infer.models.wan.EPILOGUE_RESIDUALS)")
     p.add_argument("--skip-static-scales", action="store_true",
                    help="do not time the DiT with static activation scales (a calibrated bundle's fused FFN path)")
     p.add_argument("--compile-mode", default=None,

@@ -339,13 +339,18 @@ def test_block_residuals_are_added_in_the_w8a8_epilogues(fuse_ffn, monkeypatch):
     per_block = ["W8A8Linear", "W8A8Linear"] + (["W8A8GeluFFN"] if fuse_ffn else [])  # a Sequential FFN: formula
     assert calls == per_block * len(model.blocks)
     calls.clear()
-    with torch.no_grad(), monkeypatch.context() as m:  # compiling: Inductor fuses the formula, unless "always"
+    with torch.no_grad(), monkeypatch.context() as m:  # compiling: the epilogue by default, the formula with "eager"
         m.setattr(torch.compiler, "is_compiling", lambda: True)
         model(x, t, ctx)
-        assert not calls
-        m.setattr(wan, "EPILOGUE_RESIDUALS", "always")
-        model(x, t, ctx)
         assert calls == per_block * len(model.blocks)
+        calls.clear()
+        m.setattr(wan, "EPILOGUE_RESIDUALS", "eager")
+        model(x, t, ctx)
+        assert not calls
+        m.setattr(wan, "EPILOGUE_RESIDUALS", "never")
+        m.setattr(torch.compiler, "is_compiling", lambda: False)
+        model(x, t, ctx)
+        assert not calls
         m.setattr(wan, "EPILOGUE_RESIDUALS", "sometimes")
         with pytest.raises(ValueError, match="EPILOGUE_RESIDUALS must be one of"):
             model(x, t, ctx)

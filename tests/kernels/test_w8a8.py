@@ -171,15 +171,20 @@ def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-@pytest.mark.parametrize("gate_shape", [None, (72,), (2, 72), (4, 72)],
-                         ids=["no-gate", "one-gate", "gate-per-half", "four-gates-per-tile"])
+@pytest.mark.parametrize("M,gate_shape,gate_path", [(40, None, 0), (40, (72,), 1), (64, (2, 72), 1), (80, (2, 72), 2),
+                                                    (40, (4, 72), 3)],
+                         ids=["no-gate", "one-gate", "gate-rows-on-tile-edges", "two-gates-per-tile",
+                              "four-gates-per-tile"])
 @pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
-def test_gemm_gated_residual_epilogue(mode, gate_shape, tma):
+def test_gemm_gated_residual_epilogue(mode, M, gate_shape, gate_path, tma):
     """residual + gate·y in the epilogue: the reference's fp32 sum, then one rounding to the residual's dtype
     (bf16: the interpreter truncates where a GPU rounds, one ulp, as the module docstring says); a gate row
-    per M // G output rows (a DiT batch of G videos, each its own gate; tiles spanning one or two gate rows take
-    the two-vector path, more the gathered one)."""
-    M, K, N = 40, 64, 72
+    per M // G output rows (a DiT batch of G videos, each its own gate). With 32-row tiles each of the kernel's
+    gate paths runs (`gate_mode`): 1 every tile inside one gate row (the gate folded into the scale and bias
+    vectors), 2 at most two per tile (two loads, a select per row), 3 a gather."""
+    K, N = 64, 72
+    if gate_shape is not None:
+        assert W.gate_mode(M, W.gate_rows_of(M, N, torch.empty(gate_shape)), SMALL.block_m) == gate_path
     x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
     res = (torch.randn(M, N) * 4).to(torch.bfloat16)
     gate = None if gate_shape is None else torch.randn(gate_shape)

@@ -807,6 +807,8 @@ def run(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     out_dir = work / "results" if args.tiny else REPO / "benchmarks"
     fig, notes = {}, {"weights": "all weights random at the real configs (speed only)"}
+    if args.set:
+        notes["settings"] = "tuning constants set for this run (--set): " + ", ".join(args.set)
     log(f"{'tiny CPU smoke run' if args.tiny else torch.cuda.get_device_name()}: work dir {work}")
 
     def clock_ok(what: str) -> bool:
@@ -902,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=float, default=0.1, help="SLA topk of the checkpoint (default 0.1)")
     p.add_argument("--attention", choices=("sdpa", "sla", "sage", "sagesla"), default=None,
                    help="bundle attention backend (default: the h100 target's, sla for an SLA checkpoint)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=VALUE",
+                   help="set a tuning constant before the run, e.g. turbo_kernels.gemm.norm_quant:NUM_WARPS=2 "
+                        "(VALUE a Python literal; the module must already define NAME); repeatable, logged")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="past this many seconds, optional parts (attention comparison, compile, 14B) are skipped")
     for name, what in (("baseline", "the 50-step CFG baseline"), ("text", "the umT5 text encoder (random context)"),
@@ -967,6 +972,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_setting(spec: str) -> tuple[str, str, object]:
+    """--set MODULE:NAME=VALUE: assign a literal to an existing module-level constant (kernel tuning knobs)."""
+    import ast
+    import importlib
+
+    try:
+        target, value = spec.split("=", 1)
+        module_name, name = target.split(":", 1)
+        value = ast.literal_eval(value)
+    except ValueError as e:
+        raise SystemExit(f"--set {spec!r}: expected MODULE:NAME=VALUE with a Python literal VALUE ({e})")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise SystemExit(f"--set {spec!r}: {module_name} has no {name}")
+    setattr(module, name, value)
+    log(f"--set {module_name}.{name} = {value!r}")
+    return module_name, name, value
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -976,6 +1000,8 @@ def main(argv=None) -> int:
         return ttfv_child(args)
     if args.reps < 1 or args.reps_14b < 1 or args.ttfv_runs < 1:
         raise SystemExit("--reps, --reps-14b and --ttfv-runs must be >= 1")
+    for spec in args.set:
+        apply_setting(spec)
     run(args)
     return 0
 

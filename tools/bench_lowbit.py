@@ -480,10 +480,53 @@ def bench_residual(h: Harness, M=32760, dim=1536, ffn=8960):
         h.figure(f"w8a8_fp8_residual_epilogue_relerr_{case}", rel(fused, formula))
 
 
+def bench_rows(h: Harness, M=32760, dim=1536, heads=12):
+    """The row kernels around the DiT's GEMMs, one token row per program, at the 1.3B shape: the fused LayerNorm +
+    modulation + fp8 quantization (q/k/v and FFN inputs), the fused q/k RMSNorm + RoPE (stride-2 channel pairs or
+    contiguous tiles split in registers) and the per-token fp8 quantization of a 1536-wide input (the output
+    projections'), each at several warp counts; prints GB/s of compulsory traffic (read once, written once)."""
+    from turbo_kernels.attention import qk_norm_rope as QR
+    print("== row kernels (norm + modulation + quantization, q/k norm + RoPE, per-token quantization)", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(7)
+    x = torch.randn(1, M, dim, device=DEV, generator=g, dtype=BF16)
+    shift = 0.1 * torch.randn(1, dim, device=DEV, generator=g)
+    scale = 0.1 * torch.randn(1, dim, device=DEV, generator=g)
+    gbps = lambda nbytes, ms: nbytes / ms / 1e6  # noqa: E731
+
+    def sweep(case, nbytes, default_warps, make, check):
+        times, ref = {}, check(make(None))
+        for w in (1, 2, 4, 8, 16):
+            try:
+                times[w] = h.measure(case, f"warps{w}", "fwd", lambda w=w: make(w))
+                h.figure(f"rows_{case}_rel_diff_warps{w}", rel(check(make(w)), ref))
+            except Exception as e:  # noqa: BLE001  (a count may not fit the tile)
+                print(f"  {case} warps {w} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        t_def = h.measure(case, f"default (warps {default_warps})", "fwd", lambda: make(None))
+        best = min(times, key=times.get)
+        h.figure(f"rows_{case}_default_ms", t_def)
+        h.figure(f"rows_{case}_best_ms", times[best])
+        h.figure(f"rows_{case}_best_warps", best)
+        print(f"  {case}: default {t_def:.4f} ms ({gbps(nbytes, t_def):.0f} GB/s), best warps {best} "
+              f"{times[best]:.4f} ms ({gbps(nbytes, times[best]):.0f} GB/s)", flush=True)
+
+    sweep("norm_modulate_quant_fp8", M * dim * 3 + M * 4, min(16, max(4, 2048 // 256)),
+          lambda w: NQ.norm_modulate_quant(x, shift, scale, quant="fp8", num_warps=w),
+          lambda r: Q.dequantize(*r).float())
+    wq = 1 + 0.1 * torch.randn(dim, device=DEV, generator=g, dtype=BF16)
+    ang = torch.rand(M, dim // heads // 2, device=DEV, generator=g) * 6.3
+    cos, sin = ang.cos(), ang.sin()
+    for split in (False, True):
+        sweep(f"qk_norm_rope_{'split' if split else 'stride2'}", M * dim * 4, 8,
+              lambda w, split=split: QR.qk_norm_rope(x, wq, cos, sin, heads, num_warps=w, split=split),
+              lambda r: r.float())
+    sweep("quantize_rows_fp8_1536", M * dim * 3 + M * 4, 4, lambda w: Q.quantize_rows(x, "fp8", num_warps=w),
+          lambda r: Q.dequantize(*r).float())
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweeps, no 14B shape")
-    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual")
+    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows")
     args = ap.parse_args()
     print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), flush=True)
     import triton
@@ -506,6 +549,8 @@ def main():
         guarded("w8a8", lambda: bench_w8a8(h))
     if "residual" in only:
         guarded("residual", lambda: bench_residual(h))
+    if "rows" in only:
+        guarded("rows", lambda: bench_rows(h))
     h.print_table()
     h.write()
 

@@ -68,32 +68,57 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kernel(X, W, Cos, Sin, Out, L, C, half_d, stride_xm, stride_cl, stride_sl, eps,
-                             BLOCK_P: tl.constexpr):
-        """One program = one token row; the row's C/2 channel pairs fit one tile (C/2 ≤ BLOCK_P)."""
+                             BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
+        """One program = one token row; the row's C/2 channel pairs fit one tile (C/2 ≤ BLOCK_P). SPLIT: the row
+        is read and written as contiguous (BLOCK_P, 2) tiles, split into even / odd channels in registers
+        (tl.split / tl.join), instead of two stride-2 loads and stores."""
         row = tl.program_id(0).to(tl.int64)
         pos = row % L
         p = tl.arange(0, BLOCK_P)  # pair index along the row: channels 2p, 2p + 1
         ok = p < C // 2
-        xe = tl.load(X + row * stride_xm + 2 * p, mask=ok, other=0.0).to(tl.float32)
-        xo = tl.load(X + row * stride_xm + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
+        if SPLIT:
+            ch = 2 * p[:, None] + tl.arange(0, 2)[None, :]  # (BLOCK_P, 2): channel 2p + j
+            ok2 = ch < C
+            xe, xo = tl.split(tl.load(X + row * stride_xm + ch, mask=ok2, other=0.0).to(tl.float32))
+            we, wo = tl.split(tl.load(W + ch, mask=ok2, other=0.0).to(tl.float32))
+        else:
+            xe = tl.load(X + row * stride_xm + 2 * p, mask=ok, other=0.0).to(tl.float32)
+            xo = tl.load(X + row * stride_xm + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
+            we = tl.load(W + 2 * p, mask=ok, other=0.0).to(tl.float32)
+            wo = tl.load(W + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
         r = tl.math.rsqrt((tl.sum(xe * xe, 0) + tl.sum(xo * xo, 0)) / C + eps)
-        xe = xe * r * tl.load(W + 2 * p, mask=ok, other=0.0).to(tl.float32)
-        xo = xo * r * tl.load(W + 2 * p + 1, mask=ok, other=0.0).to(tl.float32)
+        xe = xe * r * we
+        xo = xo * r * wo
         i = p % half_d  # frequency index within the head
         c = tl.load(Cos + pos * stride_cl + i, mask=ok, other=0.0).to(tl.float32)
         s = tl.load(Sin + pos * stride_sl + i, mask=ok, other=0.0).to(tl.float32)
-        tl.store(Out + row * C + 2 * p, (xe * c - xo * s).to(Out.dtype.element_ty), mask=ok)
-        tl.store(Out + row * C + 2 * p + 1, (xe * s + xo * c).to(Out.dtype.element_ty), mask=ok)
+        ye = (xe * c - xo * s).to(Out.dtype.element_ty)
+        yo = (xe * s + xo * c).to(Out.dtype.element_ty)
+        if SPLIT:
+            tl.store(Out + row * C + ch, tl.join(ye, yo), mask=ok2)
+        else:
+            tl.store(Out + row * C + 2 * p, ye, mask=ok)
+            tl.store(Out + row * C + 2 * p + 1, yo, mask=ok)
 
 
 # ----------------------------------------------------------------------------------------------
 # host launcher
 # ----------------------------------------------------------------------------------------------
+# contiguous row tiles split into channel pairs in registers (True) or stride-2 loads and stores (False), and the
+# warps per row program (None: one per 256 channel pairs of the padded row, 1 to 16). H100, M = 32760, C = 1536
+# (bench_lowbit --only rows, 2026-12-06), ms by warps 1 / 2 / 4 / 8 / 16: stride-2 0.113 / 0.109 / 0.114 / 0.135 (the
+# earlier default) / 0.178; split 0.094 / 0.095 / 0.093 / 0.107 / 0.181. In the 4-step DiT's profile the kernel's
+# total went 30.0 -> 21.1 ms.
+SPLIT_PAIRS = True
+NUM_WARPS: int | None = None
+
+
 def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
-                 eps: float = 1e-6, num_warps: int | None = None) -> torch.Tensor:
+                 eps: float = 1e-6, num_warps: int | None = None, split: bool | None = None) -> torch.Tensor:
     """Fused RMSNorm(x)·weight + RoPE: x (B, L, C), weight (C,), cos/sin (L, D/2) with D = C/num_heads
     -> (B, L, H, D) contiguous, x's dtype. No autograd (inference); CPU tensors without the Triton
-    interpreter take the reference. num_warps: tuning (default scales with C)."""
+    interpreter take the reference. num_warps, split (contiguous row tiles split into channel pairs in
+    registers instead of stride-2 accesses; default SPLIT_PAIRS): tuning (num_warps default scales with C)."""
     _check(x, weight, cos, sin, num_heads)
     if triton is None or not use_triton(x, weight, cos, sin):
         return qk_norm_rope_reference(x, weight, cos, sin, num_heads, eps)
@@ -109,7 +134,8 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: 
         block_p = next_power_of_2(C // 2)
         _qk_norm_rope_kernel[(B * L,)](x2, weight, cos, sin, out, L, C, C // num_heads // 2, x2.stride(0),
                                        cos.stride(0), sin.stride(0), eps, BLOCK_P=block_p,
-                                       num_warps=num_warps or min(8, max(1, block_p // 128)))
+                                       SPLIT=SPLIT_PAIRS if split is None else bool(split),
+                                       num_warps=num_warps or NUM_WARPS or min(16, max(1, block_p // 256)))
     return out
 
 

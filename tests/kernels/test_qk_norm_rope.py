@@ -28,11 +28,13 @@ def make(B, L, H, D, dtype, seed=0, scale=3.0):
     return x, w, ang.cos(), ang.sin()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["stride2", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,L,H,D", [(1, 7, 2, 8), (2, 13, 3, 10), (1, 1, 1, 2)])  # odd L, non-power-of-2 C, one token
-def test_kernel_matches_reference(dtype, B, L, H, D):
+def test_kernel_matches_reference(dtype, B, L, H, D, split):
+    """Both ways of reaching the channel pairs (stride-2 accesses, or contiguous tiles split in registers)."""
     x, w, cos, sin = make(B, L, H, D, dtype)
-    got = qk_norm_rope(x, w, cos, sin, H, eps=1e-6)
+    got = qk_norm_rope(x, w, cos, sin, H, eps=1e-6, split=split)
     ref = qk_norm_rope_reference(x, w, cos, sin, H, eps=1e-6)
     assert got.shape == (B, L, H, D) and got.dtype == dtype and got.is_contiguous()
     torch.testing.assert_close(got, ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
@@ -43,7 +45,9 @@ def test_strided_rows_and_zero_rows():
     wide = torch.zeros(2, 5, 24)
     wide[..., 4:20] = x  # x as a non-contiguous slice of a wider tensor
     assert not wide[..., 4:20].is_contiguous()
-    torch.testing.assert_close(qk_norm_rope(wide[..., 4:20], w, cos, sin, 2), qk_norm_rope_reference(x, w, cos, sin, 2))
+    for split in (False, True):
+        torch.testing.assert_close(qk_norm_rope(wide[..., 4:20], w, cos, sin, 2, split=split),
+                                   qk_norm_rope_reference(x, w, cos, sin, 2))
     zero = torch.zeros(1, 3, 16)
     out = qk_norm_rope(zero, w, cos[:3], sin[:3], 2)
     assert torch.equal(out, torch.zeros(1, 3, 2, 8))  # rsqrt(0 + eps) * 0: no NaN

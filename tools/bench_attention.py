@@ -108,6 +108,8 @@ TAU_VARIANTS = [(0.0,), (8.0,)]
 TMA_VARIANTS = [(False, False, 2), (True, False, 2), (True, False, 3), (True, False, 4), (True, True, 2),
                 (True, True, 3)]
 # the backward's dQ (K/V tiles) and dK/dV (Q/dO tiles) kernels through descriptors: (bwd_tma, dq_stages, dkdv_stages)
+# the linear branch's state kernel: (state_blocks, state_warps), timed as the whole inference state (kernel + GEMMs)
+STATE_VARIANTS = [(1, 8), (2, 8), (4, 8), (8, 8), (4, 4)]
 BWD_TMA_VARIANTS = [(False, 2, 2), (True, 2, 2), (True, 3, 2), (True, 2, 3), (True, 3, 3)]
 DQ_VARIANTS = [(64, 64, 4, 2), (128, 64, 8, 2)]
 DKDV_VARIANTS = [(64, 64, 4, 2), (64, 64, 4, 3)]
@@ -129,7 +131,7 @@ def sweep(h: Harness, tag="1.3b", topk=0.1, fwd_only: bool = False) -> SLAKernel
             cfg = replace(best, **dict(zip(fields, var)))
             try:
                 times[var] = h.measure(tag, f"{kind} " + " ".join(f"{f.split('_')[-1][0]}{x}" for f, x in zip(fields, var)),
-                                       "bwd" if kind != "fwd" else "fwd", make_fn(cfg))
+                                       "fwd" if kind in ("fwd", "state") else "bwd", make_fn(cfg))
             except Exception as e:  # noqa: BLE001  (a variant may not fit in shared memory)
                 print(f"  {kind} variant {var} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
         if times:
@@ -150,6 +152,13 @@ def sweep(h: Harness, tag="1.3b", topk=0.1, fwd_only: bool = False) -> SLAKernel
             print(f"  fwd_tma failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
     run("fwd", TMA_VARIANTS, ("fwd_tma", "fwd_warp_spec", "fwd_stages"),
         lambda cfg: (lambda: _sparse_forward(q, k, v, bm, cfg)))
+    with torch.no_grad():  # several key blocks per state program must give the same sums
+        one = _linear_state(q, k, v, bm, "softmax", W, replace(best, state_blocks=1), fold=True)[0]
+        many = _linear_state(q, k, v, bm, "softmax", W, replace(best, state_blocks=4), fold=True)[0]
+        print(f"  state_blocks 4 vs 1: max abs difference {(many.float() - one.float()).abs().max().item():.2e}",
+              flush=True)
+        run("state", STATE_VARIANTS, ("state_blocks", "state_warps"),
+            lambda cfg: (lambda: _linear_state(q, k, v, bm, "softmax", W, cfg, fold=True)))
     if fwd_only:
         print(f"  tuned config (forward variants only): {best}", flush=True)
         return best

@@ -15,6 +15,7 @@ launchers take them from SLAKernelConfig's defaults):
     dq_unfused  dQ backward kernel, sparse branch alone (the default backward since 2026-12-03)
     dq_fused    dQ backward kernel with the linear branch's dQ part fused in
     dkdv_unfused, dkdv_fused  the dK/dV backward kernel without / with the linear branch's part
+    lin_state, lin_state_b4  the linear branch's state kernel (proj_l folded in), one / four key blocks per program
     lin_fwd, lin_bwd_q, lin_bwd_kv  the separate linear-branch kernels (fuse_linear[_bwd] = False)
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
 the main loop's length, spills and global loads (LDGSTS...128 = 16-byte asynchronous copies), and the
@@ -41,6 +42,8 @@ VARIANTS = {
     "dq_fused": ("_sla_bwd_dq_kernel", dict(LINEAR=True)),
     "dkdv_unfused": ("_sla_bwd_dkdv_kernel", dict(LINEAR=False)),
     "dkdv_fused": ("_sla_bwd_dkdv_kernel", dict(LINEAR=True)),
+    "lin_state": ("_sla_lin_state_kernel", dict(FOLD_W=True, BLOCKS=1)),
+    "lin_state_b4": ("_sla_lin_state_kernel", dict(FOLD_W=True, BLOCKS=4)),
     "lin_fwd": ("_sla_lin_fwd_kernel", dict(HAS_BIAS=True, FOLDED=True)),
     "lin_bwd_q": ("_sla_lin_bwd_q_kernel", dict()),
     "lin_bwd_kv": ("_sla_lin_bwd_kv_kernel", dict()),
@@ -51,6 +54,7 @@ LAUNCH_FIELDS = {
     "_sla_fwd_kernel": ("fwd_block_m", "fwd_block_n", "fwd_warps", "fwd_stages"),
     "_sla_bwd_dq_kernel": ("dq_block_m", "dq_block_n", "dq_warps", "dq_stages"),
     "_sla_bwd_dkdv_kernel": ("dkdv_block_m", "dkdv_block_n", "dkdv_warps", "dkdv_stages"),
+    "_sla_lin_state_kernel": (None, None, "state_warps", None),
     "_sla_lin_fwd_kernel": ("fwd_block_m", None, "lin_warps", None),
     "_sla_lin_bwd_q_kernel": ("dq_block_m", None, "lin_warps", None),
     "_sla_lin_bwd_kv_kernel": (None, "dkdv_block_n", "lin_warps", None),

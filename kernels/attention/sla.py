@@ -260,6 +260,10 @@ class SLAKernelConfig:
     dkdv_warps: int = 4
     dkdv_stages: int = 2
     state_warps: int = 8
+    # key blocks per program of the linear branch's state kernel (W^T loaded once per program, the blocks a pipelined
+    # loop). 1 = one block per program, as timed so far (0.30-0.33 ms at the 1.3B shape, its memory floor ~0.13 ms);
+    # larger values are in bench_attention's sweep, not yet timed
+    state_blocks: int = 1
     # warps of the separate linear-branch kernels (forward epilogue, backward dQ and dK/dV parts): one
     # 64- or 128-row tile each with D x D products; at 4 warps the backward ones spill (sm_90, dQ part
     # 1 400 stack bytes; 8 warps: 496, dK/dV part 40 -> 0; tools/kernel_resources.py), not yet timed
@@ -310,6 +314,8 @@ class SLAKernelConfig:
             raise ValueError(f"config.fwd_rescale_tau must be in [0, 8] (P <= 2^tau), got {self.fwd_rescale_tau!r}")
         if self.map_select not in SELECTS:
             raise ValueError(f"config.map_select must be one of {SELECTS}, got {self.map_select!r}")
+        if not isinstance(self.state_blocks, int) or isinstance(self.state_blocks, bool) or self.state_blocks < 1:
+            raise ValueError(f"config.state_blocks must be an int >= 1, got {self.state_blocks!r}")
         return replace(self, fwd_block_m=min(self.fwd_block_m, block_q), dq_block_m=min(self.dq_block_m, block_q),
                        dkdv_block_n=min(self.dkdv_block_n, block_k))
 
@@ -440,10 +446,11 @@ def _state_sums(k, v, Nk: int, block_k: int, feature_map: str, wt: torch.Tensor,
     """h_j (B*H, Nk, D, D) and z_j (B*H, Nk, D) per key block into hs, zs (one read of K and V; h_j from
     V_j W^T when fold)."""
     B, H, Lk, D = k.shape
-    _sla_lin_state_kernel[(Nk, B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D, Nk, 1.0 / Lk,
-                                       MAP_BK=block_k, BLOCK_D=_block_d(D),
-                                       FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,
-                                       num_warps=cfg.state_warps)
+    blocks = max(1, min(cfg.state_blocks, Nk))
+    _sla_lin_state_kernel[(triton.cdiv(Nk, blocks), B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D,
+                                                             Nk, 1.0 / Lk, MAP_BK=block_k, BLOCK_D=_block_d(D),
+                                                             FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,
+                                                             BLOCKS=blocks, num_warps=cfg.state_warps)
 
 
 def _linear_state(q, k, v, bm: BlockMap, feature_map: str, proj_weight: torch.Tensor, cfg: SLAKernelConfig,

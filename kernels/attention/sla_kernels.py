@@ -59,36 +59,55 @@ if triton is not None:
         return dx
 
     @triton.jit
-    def _sla_lin_state_kernel(K, V, WT, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
-                              MAP_BK: tl.constexpr, BLOCK_D: tl.constexpr, FEATURE: tl.constexpr,
-                              FOLD_W: tl.constexpr):
-        # Per key block j of one (batch, head): h_j = phi(K_j)^T V_j / Lk  (D x D, fp32 accumulate)
-        # and z_j = phi(K_j)^T 1 / Lk (D). Rows past Lk are zeroed after phi. Stored in the GEMM
-        # operand dtype (that of V): HS (BH, Nk, D, D), ZS (BH, Nk, D). FOLD_W (inference): h_j W^T =
-        # phi(K_j)^T (V_j W^T), proj_l folded in here on the V tile (WT: W^T, D x D, V's dtype) instead
-        # of a GEMM pass over the (Nq, D, D) marginal sums afterwards.
-        pid_j = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)
-        h = (pid_bh % H).to(tl.int64)
-        offs_n = pid_j * MAP_BK + tl.arange(0, MAP_BK)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
+    def _lin_state_block(K, V, wt, HS, ZS, b, h, pid_bh, j, skb, skh, skl, svb, svh, svl, Lk, D, num_kb, inv_lk,
+                         offs_d, mask_d, MAP_BK: tl.constexpr, FEATURE: tl.constexpr, FOLD_W: tl.constexpr):
+        # Key block j of one (batch, head): h_j = phi(K_j)^T V_j / Lk  (D x D, fp32 accumulate) and
+        # z_j = phi(K_j)^T 1 / Lk (D). Rows past Lk are zeroed after phi; a block past the last (j >= num_kb, the
+        # tail of a multi-block program) loads nothing and stores nothing. Stored in the GEMM operand dtype (that
+        # of V): HS (BH, Nk, D, D), ZS (BH, Nk, D). FOLD_W (inference): h_j W^T = phi(K_j)^T (V_j W^T), proj_l
+        # folded in here on the V tile (wt: W^T, D x D, V's dtype) instead of a GEMM pass over the (Nq, D, D)
+        # marginal sums afterwards.
+        offs_n = j * MAP_BK + tl.arange(0, MAP_BK)
         mask = (offs_n[:, None] < Lk) & mask_d[None, :]
         k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :], mask=mask, other=0.0)
         v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :], mask=mask, other=0.0)
         fk = _phi(k.to(tl.float32), mask_d, FEATURE) * inv_lk
         fk = tl.where(offs_n[:, None] < Lk, fk, 0.0)
         if FOLD_W:
-            wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_d[:, None] & mask_d[None, :],
-                         other=0.0)
             v = tl.dot(v, wt).to(wt.dtype)  # (MAP_BK, BLOCK_D): V_j W^T
         hj = tl.dot(tl.trans(fk.to(v.dtype)), v)  # (BLOCK_D, BLOCK_D)
         zj = tl.sum(fk, axis=0)
-        base = pid_bh.to(tl.int64) * num_kb + pid_j
+        base = pid_bh.to(tl.int64) * num_kb + j
+        ok = mask_d & ((offs_d * 0 + j) < num_kb)  # a vector: the interpreter refuses a scalar in a mask
         tl.store(HS + base * D * D + offs_d[:, None] * D + offs_d[None, :], hj.to(HS.dtype.element_ty),
-                 mask=mask_d[:, None] & mask_d[None, :])
-        tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=mask_d)
+                 mask=ok[:, None] & mask_d[None, :])
+        tl.store(ZS + base * D + offs_d, zj.to(ZS.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _sla_lin_state_kernel(K, V, WT, HS, ZS, skb, skh, skl, svb, svh, svl, H, Lk, D, num_kb, inv_lk,
+                              MAP_BK: tl.constexpr, BLOCK_D: tl.constexpr, FEATURE: tl.constexpr,
+                              FOLD_W: tl.constexpr, BLOCKS: tl.constexpr):
+        # BLOCKS consecutive key blocks of one (batch, head) per program (`_lin_state_block`): W^T is loaded once,
+        # and with BLOCKS > 1 the blocks run as a pipelined loop (the next block's K and V are fetched while this
+        # one's products run).
+        pid_j = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        if FOLD_W:
+            wt = tl.load(WT + offs_d[:, None] * D + offs_d[None, :], mask=mask_d[:, None] & mask_d[None, :],
+                         other=0.0)
+        else:
+            wt = WT
+        if BLOCKS == 1:
+            _lin_state_block(K, V, wt, HS, ZS, b, h, pid_bh, pid_j, skb, skh, skl, svb, svh, svl, Lk, D, num_kb,
+                             inv_lk, offs_d, mask_d, MAP_BK, FEATURE, FOLD_W)
+        else:
+            for jj in tl.range(0, BLOCKS):
+                _lin_state_block(K, V, wt, HS, ZS, b, h, pid_bh, pid_j * BLOCKS + jj, skb, skh, skl, svb, svh, svl,
+                                 Lk, D, num_kb, inv_lk, offs_d, mask_d, MAP_BK, FEATURE, FOLD_W)
 
     @triton.jit
     def _lin_fwd_tile(q, HM, ZM, WT, qblock, D, offs_d, mask_d, lin_eps, FEATURE: tl.constexpr,

@@ -114,6 +114,29 @@ def test_sparse_forward_grouped_tiles(block_n, Lk, topk):
     assert_close(o_s, ref_s, torch.float32, f"O_s (n={bm.n}, block_n={block_n}, Lk={Lk})")
 
 
+@pytest.mark.parametrize("blocks", [2, 3, 16])
+@pytest.mark.parametrize("fold", [False, True], ids=["state", "state-folded"])
+def test_linear_state_blocks_per_program(blocks, fold):
+    """state_blocks: several key blocks per program of the state kernel (W^T loaded once, a loop over the blocks),
+    including a last program with blocks past the end (10 key blocks of 16 with a ragged 8-token tail; 3 and 16 do
+    not divide 10): the same h_j, z_j as one block per program, bit for bit (each block's arithmetic is unchanged)."""
+    from turbo_kernels.attention.sla import _state_sums
+
+    q, k, v = make_inputs(torch.float16, Lq=96, Lk=152)
+    Nk = 10
+    wt = (torch.randn(k.shape[-1], k.shape[-1]) / 8).to(torch.float16)
+    outs = []
+    for cfg in (CFG_EQUAL, replace(CFG_EQUAL, state_blocks=blocks)):
+        hs = torch.full((2, Nk, 32, 32), float("nan"), dtype=torch.float16)
+        zs = torch.full((2, Nk, 32), float("nan"), dtype=torch.float16)
+        _state_sums(k, v, Nk, 16, "softmax", wt, cfg.clamp(32, 16), fold, hs, zs)
+        outs.append((hs, zs))
+    assert torch.isfinite(outs[1][0]).all() and torch.isfinite(outs[1][1]).all()  # every block written
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ValueError, match="config.state_blocks"):
+        replace(CFG_EQUAL, state_blocks=0).clamp(32, 16)
+
+
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_linear_branch_matches_reference(feature_map, dtype):

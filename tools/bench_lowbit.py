@@ -480,6 +480,48 @@ def bench_residual(h: Harness, M=32760, dim=1536, ffn=8960):
         h.figure(f"w8a8_fp8_residual_epilogue_relerr_{case}", rel(fused, formula))
 
 
+def bench_group(h: Harness, M=32760, dim=1536, ffn=8960, group=128):
+    """A dynamic (uncalibrated) FFN's hidden state, two ways, fp8 and int8: per token (the up GEMM writes bf16 with
+    GELU, a quantization pass, the down GEMM) against scales per token and group of `group` channels (the up GEMM's
+    epilogue quantizes, the down GEMM's K loop applies them: `compile_ops.FFN_HIDDEN_GROUP`); the down GEMMs alone
+    too (what the per-step scaling costs), and the errors against the bf16 FFN."""
+    print(f"== dynamic FFN hidden state: per-token vs groups of {group}", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(8)
+    up = torch.nn.Linear(dim, ffn, device=DEV, dtype=BF16)
+    down = torch.nn.Linear(ffn, dim, device=DEV, dtype=BF16)
+    x = torch.randn(M, dim, device=DEV, generator=g, dtype=BF16)
+    ref = down(F.gelu(up(x), approximate="tanh")).float()
+    t_b = h.measure("ffn_dyn", "bf16_up+gelu+down", "fwd", lambda: down(F.gelu(up(x), approximate="tanh")))
+    for mode in ("fp8", "int8"):
+        wu, su = Q.quantize_weight(up.weight, mode)
+        wd, sd = Q.quantize_weight(down.weight, mode)
+        xq, xs = Q.quantize_rows(x, mode)
+
+        def per_token(mode=mode, wu=wu, su=su, wd=wd, sd=sd, xq=xq, xs=xs):
+            hb = W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh")
+            hq, hs = Q.quantize_rows(hb, mode)
+            return W.w8a8_matmul(hq, hs, wd, sd, down.bias)
+
+        def grouped(mode=mode, wu=wu, su=su, wd=wd, sd=sd, xq=xq, xs=xs):
+            hq, hs = W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh", out_quant=mode, out_group=group)
+            return W.w8a8_matmul(hq, hs, wd, sd, down.bias)
+        t_tok = h.measure("ffn_dyn", f"w8a8_{mode}_per_token", "fwd", per_token)
+        t_grp = h.measure("ffn_dyn", f"w8a8_{mode}_groups{group}", "fwd", grouped)
+        h.figure(f"w8a8_{mode}_ffn_dynamic_per_token_ms", t_tok)
+        h.figure(f"w8a8_{mode}_ffn_dynamic_groups_ms", t_grp)
+        h.figure(f"w8a8_{mode}_ffn_dynamic_groups_vs_per_token", t_tok / t_grp)
+        h.figure(f"w8a8_{mode}_ffn_dynamic_groups_speedup_vs_bf16", t_b / t_grp)
+        h.figure(f"w8a8_{mode}_ffn_dynamic_per_token_relerr", rel(per_token(), ref))
+        h.figure(f"w8a8_{mode}_ffn_dynamic_groups_relerr", rel(grouped(), ref))
+        hb = W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh")
+        tq, ts = Q.quantize_rows(hb, mode)
+        gq, gs = W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh", out_quant=mode, out_group=group)
+        h.figure(f"w8a8_{mode}_down_gemm_per_row_ms", h.measure("ffn_down", f"w8a8_{mode}_per_row", "fwd",
+                                                                 lambda: W.w8a8_matmul(tq, ts, wd, sd, down.bias)))
+        h.figure(f"w8a8_{mode}_down_gemm_groups_ms", h.measure("ffn_down", f"w8a8_{mode}_groups{group}", "fwd",
+                                                                lambda: W.w8a8_matmul(gq, gs, wd, sd, down.bias)))
+
+
 def bench_rows(h: Harness, M=32760, dim=1536, heads=12):
     """The row kernels around the DiT's GEMMs, one token row per program, at the 1.3B shape: the fused LayerNorm +
     modulation + fp8 quantization (q/k/v and FFN inputs), the fused q/k RMSNorm + RoPE (stride-2 channel pairs or
@@ -526,7 +568,7 @@ def bench_rows(h: Harness, M=32760, dim=1536, heads=12):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweeps, no 14B shape")
-    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows")
+    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows,group")
     args = ap.parse_args()
     print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), flush=True)
     import triton
@@ -551,6 +593,8 @@ def main():
         guarded("residual", lambda: bench_residual(h))
     if "rows" in only:
         guarded("rows", lambda: bench_rows(h))
+    if "group" in only:
+        guarded("group", lambda: bench_group(h))
     h.print_table()
     h.write()
 

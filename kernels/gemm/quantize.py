@@ -74,6 +74,24 @@ def quantize_rows_reference(x: torch.Tensor, mode: str, static_scale: float | No
     return q, scale
 
 
+def quantize_groups_reference(x: torch.Tensor, mode: str, group: int):
+    """Dynamic quantization of x (M, K) per row and group of `group` consecutive columns (K % group == 0):
+    (x_q (M, K), scales (K // group, M) fp32, group-major as the GEMM's K loop reads them), each group as
+    `quantize_rows_reference` quantizes a row."""
+    if x.dim() != 2 or not isinstance(group, int) or group <= 0 or x.shape[1] % group:
+        raise ValueError(f"x must be (M, K) with K a multiple of group, got {tuple(x.shape)} and group {group!r}")
+    M, K = x.shape
+    q, s = quantize_rows_reference(x.reshape(M, K // group, group), mode)
+    return q.reshape(M, K), s.t().contiguous()
+
+
+def dequantize_groups(x_q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x_q (M, K) with group scales (K // G, M) → fp32."""
+    M, K = x_q.shape
+    G = K // scales.shape[0]
+    return (x_q.float().view(M, K // G, G) * scales.t()[:, :, None]).view(M, K)
+
+
 def quantize_weight(weight: torch.Tensor, mode: str):
     """Per-output-channel quantization of a Linear weight (N, K) → (w_q (N, K), scale (N,) fp32)."""
     check_float_dtype("weight", weight)
@@ -219,5 +237,6 @@ def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None,
     return out, scale
 
 
-__all__ = ["MODES", "QDTYPE", "QMAX", "dequantize", "quantize_rows", "quantize_rows_reference", "quantize_weight",
+__all__ = ["MODES", "QDTYPE", "QMAX", "dequantize", "dequantize_groups", "quantize_groups_reference", "quantize_rows",
+           "quantize_rows_reference", "quantize_weight",
            "round_half_away", "static_inv_scale"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_rows_reference, static_inv_scale
+from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_groups_reference, quantize_rows_reference, static_inv_scale
 from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
@@ -66,17 +66,28 @@ def gate_mode(M: int, gate_rows: int, block_m: int) -> int:
 def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16, *,
                           activation: str | None = None, out_quant: str | None = None,
                           out_scale: float | None = None, residual: torch.Tensor | None = None,
-                          gate: torch.Tensor | None = None):
+                          gate: torch.Tensor | None = None, out_group: int | None = None):
     """Dequantized product, with the kernel's epilogue order: residual + gate·act((acc·s_x)·s_w + bias).
 
     acc is computed in float64, exact for int8 (|acc| < 2⁵³) and for fp8 products (rounding only
     in the kernel's fp32 sum); then rounded to fp32 like the kernel's int32→fp32 conversion.
+    x_scale (M,) per row, or (K // G, M) per row and group of G columns of K (the kernel's K loop scales each
+    group's fp32 partial product by its scales and sums them in fp32, in this order).
     out_quant ("int8" | "fp8") with a static out_scale returns (y_q, scale (M,)) instead: the next
-    W8A8 layer's input, quantized in the epilogue. residual (M, N) (and gate (N,) or (G, N), one row per
-    M // G consecutive output rows): the block's gated residual add, in fp32 before the output cast.
+    W8A8 layer's input, quantized in the epilogue; with out_group G instead of a static scale, dynamic scales per
+    row and group of G output columns: (y_q, scales (N // G, M)). residual (M, N) (and gate (N,) or (G, N), one
+    row per M // G consecutive output rows): the block's gated residual add, in fp32 before the output cast.
     """
-    acc = (x_q.double() @ w_q.double().t()).float()  # (M, N)
-    y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
+    if x_scale.dim() == 2:  # group scales
+        G = x_q.shape[1] // x_scale.shape[0]
+        acc = torch.zeros(x_q.shape[0], w_q.shape[0], dtype=torch.float32, device=x_q.device)
+        for g in range(x_scale.shape[0]):
+            part = (x_q[:, g * G:(g + 1) * G].double() @ w_q[:, g * G:(g + 1) * G].double().t()).float()
+            acc = acc + part * x_scale[g].float()[:, None]
+        y = acc * w_scale.float()[None, :]
+    else:
+        acc = (x_q.double() @ w_q.double().t()).float()  # (M, N)
+        y = acc * x_scale.float()[:, None] * w_scale.float()[None, :]
     if bias is not None:
         y = y + bias.float()[None, :]
     if activation == "gelu_tanh":
@@ -86,6 +97,8 @@ def w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch
             y = y * gate.float().reshape(-1, y.shape[1]).repeat_interleave(gate_rows_of(*y.shape, gate), dim=0)
         y = residual.float() + y
     if out_quant is not None:
+        if out_group is not None:
+            return quantize_groups_reference(y, out_quant, out_group)
         return quantize_rows_reference(y, out_quant, out_scale)
     return y.to(out_dtype)
 
@@ -116,14 +129,32 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _store_groups(y, c_ptrs, c_mask, S, offs_m, offs_n, col0, M, N, OUT_FP8: tl.constexpr,
+                      EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
+        """The tile quantized with dynamic scales per row and group of GROUP columns (the next layer's input with
+        group scales): each (row, group)'s amax -> scale = amax / qmax, stored group-major into S (N // GROUP, M)."""
+        NG: tl.constexpr = BLOCK_N // GROUP
+        y = tl.where((offs_n < N)[None, :], y, 0.0)  # wrapped or padded columns must not enter an amax
+        amax = tl.max(tl.abs(tl.reshape(y, (BLOCK_M, NG, GROUP))), axis=2)  # (BLOCK_M, NG)
+        qmax = 448.0 if OUT_FP8 else 127.0
+        inv = tl.where(amax > 0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)
+        inv = tl.reshape(tl.broadcast_to(inv[:, :, None], (BLOCK_M, NG, GROUP)), (BLOCK_M, BLOCK_N))
+        tl.store(c_ptrs, quantize_tile(y, inv, OUT_FP8, EXACT_CAST), mask=c_mask)
+        offs_g = col0 // GROUP + tl.arange(0, NG)
+        tl.store(S + offs_g.to(tl.int64)[None, :] * M + offs_m[:, None], tl.math.div_rn(amax, qmax),
+                 mask=(offs_m < M)[:, None] & (offs_g < N // GROUP)[None, :])
+
+    @triton.jit
     def _store_output(y, C, row0, offs_m, offs_n, M, N, stride_cm, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
                       OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr, R, stride_rm, G, gate_rows,
-                      RESIDUAL: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr):
+                      RESIDUAL: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, S, col0,
+                      OUT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
         """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh), optional gated residual
         (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows rows),
         then the (BLOCK_M, BLOCK_N) tile stored in C's dtype, or quantized with the static per-tensor scale (the
-        next layer's input, 1 byte per element), rows < M and columns < N. row0: the tile's first row
-        (offs_m = row0 + arange(BLOCK_M))."""
+        next layer's input, 1 byte per element), or with OUT_GROUP > 0 with dynamic scales per row and group of
+        OUT_GROUP columns into S (`_store_groups`); rows < M and columns < N. row0, col0: the tile's first row and
+        column (offs_m = row0 + arange(BLOCK_M))."""
         if GELU:
             u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
             y = y / (1.0 + tl.exp(-u))
@@ -152,7 +183,11 @@ if triton is not None:
             r_ptrs = R + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :]
             y = tl.load(r_ptrs, mask=c_mask, other=0.0).to(tl.float32) + y
         if OUT_QUANT:
-            tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
+            if OUT_GROUP > 0:
+                _store_groups(y, c_ptrs, c_mask, S, offs_m, offs_n, col0, M, N, OUT_FP8, EXACT_CAST, BLOCK_M, BLOCK_N,
+                              OUT_GROUP)
+            else:
+                tl.store(c_ptrs, quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST), mask=c_mask)
         else:
             tl.store(c_ptrs, y.to(C.dtype.element_ty), mask=c_mask)
 
@@ -163,11 +198,14 @@ if triton is not None:
                           EVEN_K: tl.constexpr, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
                           OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr,
                           A_QUANT: tl.constexpr, a_inv, a_scale, R, stride_rm, G, gate_rows,
-                          RESIDUAL: tl.constexpr, GATE: tl.constexpr):
+                          RESIDUAL: tl.constexpr, GATE: tl.constexpr, A_GROUP: tl.constexpr, S,
+                          OUT_GROUP: tl.constexpr):
         """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse.
         A_QUANT: A is the float activation itself, quantized tile by tile in the K loop with the static
         per-tensor scale (a_inv = 1/a_scale), so that no quantized copy of it is written and read back;
-        AS is then unused and every row's scale is a_scale."""
+        AS is then unused and every row's scale is a_scale. A_GROUP > 0: A has scales per row and group of
+        A_GROUP columns, AS (K // A_GROUP, M): each K step's partial product is scaled by its group's row scales
+        before it joins the fp32 accumulator (A_GROUP a multiple of BLOCK_K)."""
         pid = tl.program_id(0)
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -185,7 +223,7 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = A + offs_am[:, None] * stride_am + offs_k[None, :]  # (BLOCK_M, BLOCK_K)
         b_ptrs = B + offs_bn[None, :] * stride_bn + offs_k[:, None]  # (BLOCK_K, BLOCK_N), K-major
-        if INT8:
+        if INT8 and A_GROUP == 0:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -201,7 +239,13 @@ if triton is not None:
                     a = quantize_tile(a.to(tl.float32), a_inv, not INT8, EXACT_CAST)
                 else:  # the GPU's fp32->e4m3 cast is cvt.rn.satfinite (saturates at +-448): no clamp needed
                     a = (a.to(tl.float32) * a_inv).to(tl.float8e4nv)
-            if INT8:
+            if A_GROUP > 0:
+                sa_k = tl.load(AS + (k0 // A_GROUP) * M + offs_am)  # (BLOCK_M,) this group's scales
+                if INT8:
+                    acc += tl.dot(a, b, out_dtype=tl.int32).to(tl.float32) * sa_k[:, None]
+                else:
+                    acc += tl.dot(a, b) * sa_k[:, None]
+            elif INT8:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
                 acc = tl.dot(a, b, acc)
@@ -210,12 +254,15 @@ if triton is not None:
         # epilogue: dequantize, add bias, cast
         if A_QUANT:
             sa = a_scale
+        elif A_GROUP > 0:
+            sa = 1.0  # applied per K step
         else:
             sa = tl.load(AS + offs_am)[:, None]
         FOLD: tl.constexpr = RESIDUAL and GATE == 1 and not GELU
         y = _dequantize(acc, sa, BS, Bias, offs_bn, offs_bn < N, N, HAS_BIAS, G, pid_m * BLOCK_M, gate_rows, FOLD)
         _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
-                      out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M)
+                      out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M, S,
+                      pid_n * BLOCK_N, OUT_GROUP, BLOCK_N)
 
 
     @triton.jit
@@ -224,7 +271,8 @@ if triton is not None:
                               GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, INT8: tl.constexpr,
                               GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
                               EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr, R, stride_rm, G, gate_rows,
-                              RESIDUAL: tl.constexpr, GATE: tl.constexpr, WS: tl.constexpr):
+                              RESIDUAL: tl.constexpr, GATE: tl.constexpr, WS: tl.constexpr, S,
+                              OUT_GROUP: tl.constexpr):
         """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
         sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
         NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
@@ -259,7 +307,8 @@ if triton is not None:
             FOLD: tl.constexpr = RESIDUAL and GATE == 1 and not GELU
             y = _dequantize(acc, sa[:, None], BS, Bias, offs_n, n_ok, N, HAS_BIAS, G, pid_m * BLOCK_M, gate_rows, FOLD)
             _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
-                          out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M)
+                          out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M, S,
+                          pid_n * BLOCK_N, OUT_GROUP, BLOCK_N)
 
 # ----------------------------------------------------------------------------------------------
 # host launcher
@@ -291,6 +340,10 @@ class GemmConfig:
 # keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
 DEFAULT_GEMM_CONFIG = GemmConfig()
 POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False)
+# A with scales per row and group of columns (x_scale (K // G, M)): the pointer kernel, whose K loop scales each
+# step's partial product; 128-wide N tiles, since the partial product is a second accumulator-sized tile in
+# registers beside the accumulator. Not yet timed on a GPU.
+GROUPED_GEMM_CONFIG = GemmConfig(block_n=128, num_stages=3, tma=False)
 
 
 def default_gemm_config(t: torch.Tensor) -> GemmConfig:
@@ -321,8 +374,16 @@ def _check_operands(x_q, x_scale, w_q, w_scale, bias):
     if w_q.dtype != x_q.dtype:
         raise TypeError(f"w_q dtype {w_q.dtype} must match x_q dtype {x_q.dtype}")
     _check_weight(x_q, "x_q", w_q, w_scale, bias)
-    if x_scale.shape != (x_q.shape[0],):
-        raise ValueError(f"x_scale must have shape ({x_q.shape[0]},), got {tuple(x_scale.shape)}")
+    M, K = x_q.shape
+    grouped = x_scale.dim() == 2 and x_scale.shape[1] == M and x_scale.shape[0] > 0 and K % x_scale.shape[0] == 0
+    if x_scale.shape != (M,) and not grouped:
+        raise ValueError(f"x_scale must have shape ({M},) (per row) or (K // G, {M}) (per row and group of G of the "
+                         f"K = {K} columns), got {tuple(x_scale.shape)}")
+
+
+def a_group_of(x_q: torch.Tensor, x_scale: torch.Tensor) -> int:
+    """The column group of x_q's scales: 0 for one scale per row, else K // x_scale.shape[0]."""
+    return 0 if x_scale.dim() == 1 else x_q.shape[1] // x_scale.shape[0]
 
 
 def _check_residual(M: int, N: int, residual, gate, out_quant) -> int:
@@ -354,14 +415,17 @@ def _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype):
 def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat16, backend: str = "auto",
                 config: GemmConfig | None = None, activation: str | None = None, out_quant: str | None = None,
                 out_scale: float | None = None, residual: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None):
+                gate: torch.Tensor | None = None, out_group: int | None = None):
     """(M, K) × (N, K)ᵀ → (M, N) in out_dtype. backend: auto | triton | scaled_mm (fp8 on CUDA only).
 
     activation: None or "gelu_tanh" (fused in the epilogue). out_quant: None, or "int8"/"fp8" with a
     static out_scale (> 0, from calibration): the epilogue writes the quantized next-layer input
-    and the call returns (y_q (M, N), scale (M,)). residual (M, N) with an optional gate ((N,) or (G, N),
-    one gate row per M // G rows): returns residual + gate·y, added in fp32 in the epilogue (a DiT
-    block's gated residual; the product never exists on its own). Epilogue options force the Triton kernel.
+    and the call returns (y_q (M, N), scale (M,)); or, with out_group G instead of out_scale, dynamic scales per
+    row and group of G output columns, (y_q, scales (N // G, M)) — the input of a GEMM whose x_scale is such
+    a (K // G, M) array (its K loop scales each group's partial product; the pointer kernel, G a multiple of its
+    block_k). residual (M, N) with an optional gate ((N,) or (G, N), one gate row per M // G rows): returns
+    residual + gate·y, added in fp32 in the epilogue (a DiT block's gated residual; the product never exists on
+    its own). Epilogue options and group scales force the Triton kernel.
     """
     _check_operands(x_q, x_scale, w_q, w_scale, bias)
     gate_rows = _check_residual(x_q.shape[0], w_q.shape[0], residual, gate, out_quant)
@@ -369,32 +433,46 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    M, K = x_q.shape
+    N = w_q.shape[0]
+    a_group = a_group_of(x_q, x_scale)
+    cfg = (GROUPED_GEMM_CONFIG if a_group else default_gemm_config(x_q)) if config is None else config
+    if a_group and a_group % cfg.block_k:
+        raise ValueError(f"x_scale's column group {a_group} must be a multiple of config.block_k = {cfg.block_k}")
     if out_quant is not None:
         if out_quant not in MODES:
             raise ValueError(f"out_quant must be None or one of {MODES}, got {out_quant!r}")
-        if out_scale is None:
-            raise ValueError("out_quant needs a static out_scale (per-token scales cannot be formed in one tile)")
-        out_inv, out_s = static_inv_scale(out_scale)
+        if (out_scale is None) == (out_group is None):
+            raise ValueError("out_quant needs either a static out_scale or an out_group (dynamic scales per row and "
+                             "group of out_group columns; one row's scale cannot be formed in one tile)")
+        if out_group is not None and (not isinstance(out_group, int) or out_group <= 0 or N % out_group
+                                      or cfg.block_n % out_group):
+            raise ValueError(f"out_group must be a positive int dividing N = {N} and config.block_n = {cfg.block_n}, "
+                             f"got {out_group!r}")
+        out_inv, out_s = static_inv_scale(out_scale) if out_scale is not None else (1.0, 1.0)
+    elif out_group is not None:
+        raise ValueError("out_group needs out_quant")
     if triton is None or not use_triton(x_q, w_q):
         return w8a8_matmul_reference(x_q, x_scale, w_q, w_scale, bias, out_dtype, activation=activation,
-                                     out_quant=out_quant, out_scale=out_scale, residual=residual, gate=gate)
-    M, K = x_q.shape
-    N = w_q.shape[0]
+                                     out_quant=out_quant, out_scale=out_scale, residual=residual, gate=gate,
+                                     out_group=out_group)
     fp8 = x_q.dtype == torch.float8_e4m3fn
     if backend == "auto":
         backend = FP8_BACKEND if fp8 else "triton"
-    if activation is not None or out_quant is not None or residual is not None:
+    if activation is not None or out_quant is not None or residual is not None or a_group:
         backend = "triton"
     if backend == "scaled_mm":
         if not fp8:
             raise ValueError("backend='scaled_mm' needs float8_e4m3fn operands (use 'triton' for int8)")
         if x_q.is_cuda and K % 16 == 0 and N % 16 == 0:
             return _scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
-    cfg = default_gemm_config(x_q) if config is None else config
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     out = torch.empty(M, N, dtype=QDTYPE[out_quant] if out_quant else out_dtype, device=x_q.device)
+    group_scales = torch.empty(N // out_group if out_group else 0, M, dtype=torch.float32, device=x_q.device)
     if M == 0:
+        if out_group:
+            return out, group_scales
         return (out, torch.empty(0, device=x_q.device)) if out_quant else out
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     if residual is not None:
@@ -402,8 +480,9 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         gate = None if gate is None else gate.float().contiguous()
     res = dict(R=residual if residual is not None else out, stride_rm=residual.stride(0) if residual is not None else 0,
                G=gate if gate is not None else out, gate_rows=gate_rows, RESIDUAL=residual is not None,
-               GATE=gate_mode(x_q.shape[0], gate_rows, cfg.block_m) if gate is not None else 0)
-    if cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
+               GATE=gate_mode(x_q.shape[0], gate_rows, cfg.block_m) if gate is not None else 0,
+               S=group_scales if out_group else out, OUT_GROUP=out_group or 0)
+    if not a_group and cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
             and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
         programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
         _w8a8_gemm_tma_kernel[(programs,)](
@@ -423,7 +502,10 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
             GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
             out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
-            A_QUANT=False, a_inv=1.0, a_scale=1.0, **res, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            A_QUANT=False, a_inv=1.0, a_scale=1.0, **res, A_GROUP=a_group, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
+    if out_group:
+        return out, group_scales
     if out_quant:
         return out, torch.full((M,), out_s, dtype=torch.float32, device=x_q.device)
     return out
@@ -475,10 +557,11 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
         HAS_BIAS=bias is not None, INT8=w_q.dtype == torch.int8, EVEN_K=K % cfg.block_k == 0,
         GELU=activation == "gelu_tanh", OUT_QUANT=False, OUT_FP8=False, out_inv=1.0,
         EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s, R=out, stride_rm=0, G=out,
-        gate_rows=1, RESIDUAL=False, GATE=0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        gate_rows=1, RESIDUAL=False, GATE=0, A_GROUP=0, S=out, OUT_GROUP=0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "DEFAULT_GEMM_CONFIG", "FP8_BACKEND", "GemmConfig", "POINTER_GEMM_CONFIG",
+__all__ = ["ACTIVATIONS", "BACKENDS", "DEFAULT_GEMM_CONFIG", "FP8_BACKEND", "GROUPED_GEMM_CONFIG", "GemmConfig",
+           "POINTER_GEMM_CONFIG", "a_group_of",
            "default_gemm_config", "gate_mode", "gate_rows_of", "gelu_tanh_reference", "w8a8_matmul",
            "w8a8_matmul_reference", "w8a8_matmul_static_input", "w8a8_matmul_static_input_reference"]

@@ -209,6 +209,45 @@ def test_gelu_ffn_fused_equals_the_sequential(mode_up, mode_down, static):
     assert err < 1e-4, f"fused vs sequential rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_gelu_ffn_hidden_group_scales(mode, monkeypatch):
+    """FFN_HIDDEN_GROUP: a dynamic FFN's hidden state quantized by the up GEMM's epilogue with scales per token and
+    group of channels, applied by the down GEMM's K loop (CPU fallback, the references of both kernels): close to
+    the per-token path (finer scales: at least as accurate against the float FFN), the fallback for widths the
+    group does not divide, and static or smoothed down layers unaffected."""
+    from turbo_infer.layers import compile_ops
+    from turbo_infer.quant import W8A8GeluFFN
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, 64)
+    seq = _ffn(mode, mode)
+    up = nn.Linear(64, 256)
+    up.weight.data, up.bias.data = seq[0].dequantized_weight(), seq[0].bias.detach().clone()
+    exact = nn.functional.linear(nn.functional.gelu(up(x), approximate="tanh"), seq[2].dequantized_weight(),
+                                 seq[2].bias)
+    fused = W8A8GeluFFN(*seq)
+    per_token = fused(x)
+    calls = []
+    real = compile_ops.w8a8_matmul_reference
+    monkeypatch.setattr(compile_ops, "w8a8_matmul_reference",
+                        lambda *a, **k: (calls.append(k.get("out_group")), real(*a, **k))[1])
+    monkeypatch.setattr(compile_ops, "FFN_HIDDEN_GROUP", 64)
+    grouped = fused(x)
+    assert calls[0] == 64  # the up GEMM quantized its output in groups of 64 channels
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(grouped, per_token) < (0.03 if mode == "int8" else 0.08)
+    assert rel(grouped, exact) <= rel(per_token, exact) * 1.05
+    calls.clear()
+    monkeypatch.setattr(compile_ops, "FFN_HIDDEN_GROUP", 96)  # does not divide 256: the per-token path
+    torch.testing.assert_close(fused(x), per_token)
+    assert calls == [None, None]
+    calls.clear()
+    monkeypatch.setattr(compile_ops, "FFN_HIDDEN_GROUP", 64)
+    static = W8A8GeluFFN(*_ffn(mode, mode, down_scale=0.01))
+    static(x)
+    assert calls == [None, None]  # a calibrated down layer keeps its static scale
+
+
 def test_gelu_ffn_with_smoothing_on_down_and_what_is_not_fused():
     from turbo_infer.quant import W8A8GeluFFN, fuse_gelu_ffns
 

@@ -31,6 +31,10 @@ from turbo_kernels.gemm import w8a8 as W
 
 # the pointer kernel at interpreter-sized tiles; the descriptor kernel (the default's tma=True) is tied to it bit for
 # bit by test_gemm_tma_kernel_computes_what_the_pointer_kernel_does
+def F_gelu(y):
+    return torch.nn.functional.gelu(y, approximate="tanh")
+
+
 SMALL = W.GemmConfig(block_m=32, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1, tma=False)
 
 
@@ -171,6 +175,41 @@ def test_gemm_gelu_and_static_quant_epilogue(mode, out_quant):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptors"])
+def test_gemm_group_scaled_output_feeds_a_group_scaled_gemm(mode, tma):
+    """An up projection whose epilogue applies GELU and quantizes with dynamic scales per row and group of 32
+    output columns (out_group), feeding a down projection whose K loop scales each 32-column step by those scales
+    (x_scale (K // 32, M)): both kernels against the references (odd M, a ragged last tile of rows; N not a multiple
+    of the 64-column tiles, so the padded columns must not enter a group's amax), the group scales equal to the
+    reference's, and the pair against the float FFN (group scales: the int8 / fp8 error bounds of the module)."""
+    M, K, F, N = 45, 64, 96, 40
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(M, K, generator=g)
+    w1, b1 = torch.randn(F, K, generator=g) / K ** 0.5, 0.1 * torch.randn(F, generator=g)
+    w2, b2 = torch.randn(N, F, generator=g) / F ** 0.5, 0.1 * torch.randn(N, generator=g)
+    xq, xs = Q.quantize_rows(x, mode)
+    w1q, w1s = Q.quantize_weight(w1, mode)
+    w2q, w2s = Q.quantize_weight(w2, mode)
+    up_cfg = W.GemmConfig(block_m=16, block_n=64, block_k=32, group_m=2, num_warps=4, num_stages=1, tma=tma)
+    hq, hs = W.w8a8_matmul(xq, xs, w1q, w1s, b1, config=up_cfg, activation="gelu_tanh", out_quant=mode, out_group=32)
+    rq, rs = W.w8a8_matmul_reference(xq, xs, w1q, w1s, b1, activation="gelu_tanh", out_quant=mode, out_group=32)
+    assert hq.dtype == Q.QDTYPE[mode] and hs.shape == (F // 32, M) and hs.dtype == torch.float32
+    torch.testing.assert_close(hs, rs, rtol=1e-6, atol=0)  # the same amax of the same fp32 values
+    mismatch = (hq.float() != rq.float()).float().mean()
+    assert mismatch <= 0.01  # exp() rounding can move a value across a rounding boundary
+    down_cfg = W.GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1, tma=False)
+    y = W.w8a8_matmul(rq, rs, w2q, w2s, b2, out_dtype=torch.float32, config=down_cfg)
+    ref = W.w8a8_matmul_reference(rq, rs, w2q, w2s, b2, out_dtype=torch.float32)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
+    assert W.a_group_of(rq, rs) == 32
+    exact = F_gelu(x @ w1.t() + b1) @ w2.t() + b2
+    err = ((ref - exact).norm() / exact.norm()).item()
+    assert err < (0.02 if mode == "int8" else 0.06), err
+    with pytest.raises(ValueError, match="must be a multiple of config.block_k"):
+        W.w8a8_matmul(rq, rs, w2q, w2s, b2, config=replace(down_cfg, block_k=64))
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("M,gate_shape,gate_path", [(40, None, 0), (40, (72,), 1), (64, (2, 72), 1), (80, (2, 72), 2),
                                                     (40, (4, 72), 3)],
                          ids=["no-gate", "one-gate", "gate-rows-on-tile-edges", "two-gates-per-tile",
@@ -257,8 +296,16 @@ def test_gemm_bad_inputs():
         W.w8a8_matmul(xq, xs, wq, ws, torch.zeros(3))
     with pytest.raises(ValueError, match="backend must be one of"):
         W.w8a8_matmul(xq, xs, wq, ws, backend="cublas")
-    with pytest.raises(ValueError, match="needs a static out_scale"):
+    with pytest.raises(ValueError, match="needs either a static out_scale or an out_group"):
         W.w8a8_matmul(xq, xs, wq, ws, out_quant="int8")
+    with pytest.raises(ValueError, match="needs either a static out_scale or an out_group"):
+        W.w8a8_matmul(xq, xs, wq, ws, out_quant="int8", out_scale=0.1, out_group=16)
+    with pytest.raises(ValueError, match="out_group must be a positive int dividing N"):
+        W.w8a8_matmul(xq, xs, wq, ws, out_quant="int8", out_group=7)
+    with pytest.raises(ValueError, match="out_group needs out_quant"):
+        W.w8a8_matmul(xq, xs, wq, ws, out_group=16)
+    with pytest.raises(ValueError, match=r"x_scale must have shape .* or \(K // G"):
+        W.w8a8_matmul(xq, torch.ones(3, xq.shape[0]), wq, ws)  # 3 groups do not divide K
     with pytest.raises(ValueError, match="mode must be one of"):
         Q.quantize_rows(torch.randn(2, 4), "int4")
     with pytest.raises(ValueError, match="static act_scale must be > 0"):

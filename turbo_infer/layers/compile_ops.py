@@ -30,7 +30,7 @@ from turbo_kernels.attention.sla import DEFAULT_CONFIG, add_linear_branch, sla_a
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.norm_quant import norm_modulate_quant, norm_modulate_quant_reference
 from turbo_kernels.gemm.quantize import QDTYPE, quantize_rows, quantize_rows_reference
-from turbo_kernels.gemm.w8a8 import w8a8_matmul, w8a8_matmul_reference
+from turbo_kernels.gemm.w8a8 import GROUPED_GEMM_CONFIG, default_gemm_config, w8a8_matmul, w8a8_matmul_reference
 from turbo_kernels.utils import as_heads_output, heads_output_like
 
 
@@ -159,15 +159,37 @@ def _(x, weight_q, weight_scale, bias, smooth_inv, act_scale, mode, use_kernels,
     return x.new_empty((*x.shape[:-1], weight_q.shape[0]), dtype=_out_dtype(x.dtype, residual))
 
 
+# Dynamic (uncalibrated) FFNs: None quantizes the GELU output per token in a pass of its own (it reads the bf16
+# hidden state the up GEMM wrote); an int G instead has the up GEMM's epilogue quantize it with scales per token and
+# group of G hidden channels, which the down GEMM's K loop applies step by step (`w8a8_matmul(out_group=G)`, x_scale
+# (K // G, M)), so the hidden state is written once in 8 bits and the pass is gone. Used where G divides the hidden
+# width and the up GEMM's N tile and is a multiple of the down GEMM's K tile. Not yet timed on a GPU: off.
+FFN_HIDDEN_GROUP: Optional[int] = None
+
+
+def _hidden_group(q: Tensor, hidden: int, use_kernels: bool) -> Optional[int]:
+    """FFN_HIDDEN_GROUP where the GEMM tiles allow it (see there), else None."""
+    G = FFN_HIDDEN_GROUP
+    if not G or hidden % G:
+        return None
+    if use_kernels and (default_gemm_config(q).block_n % G or G % GROUPED_GEMM_CONFIG.block_k):
+        return None
+    return G
+
+
 def _gelu_ffn_tail(q: Tensor, s: Tensor, up_wq, up_ws, up_b, down_wq, down_ws, down_b, down_smooth_inv,
                    down_act_scale, down_mode: str, out_dtype: torch.dtype, use_kernels: bool, residual=None,
                    gate=None) -> Tensor:
     """(M, N) = down(gelu_tanh(up(q·s))) from the up layer's quantized input (see w8a8_gelu_ffn); with a
     residual: residual + gate·that, in the down GEMM's epilogue."""
     mm = w8a8_matmul if use_kernels else w8a8_matmul_reference
+    group = _hidden_group(q, up_wq.shape[0], use_kernels) if down_smooth_inv is None else None
     if down_act_scale is not None and down_smooth_inv is None:
         hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh", out_quant=down_mode,
                     out_scale=down_act_scale)
+    elif group is not None:
+        hq, hs = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh", out_quant=down_mode,
+                    out_group=group)
     else:
         h = mm(q, s, up_wq, up_ws, up_b, out_dtype=out_dtype, activation="gelu_tanh")
         hq, hs = quantize_activation(h, down_mode, down_act_scale, down_smooth_inv, use_kernels)

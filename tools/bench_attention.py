@@ -157,8 +157,17 @@ def sweep(h: Harness, tag="1.3b", topk=0.1, fwd_only: bool = False) -> SLAKernel
         many = _linear_state(q, k, v, bm, "softmax", W, replace(best, state_blocks=4), fold=True)[0]
         print(f"  state_blocks 4 vs 1: max abs difference {(many.float() - one.float()).abs().max().item():.2e}",
               flush=True)
+        base = replace(best, state_blocks=1)
+        t_one = h.measure(tag, "state b1 (reference)", "fwd", lambda: _linear_state(q, k, v, bm, "softmax", W, base,
+                                                                                   fold=True))
         run("state", STATE_VARIANTS, ("state_blocks", "state_warps"),
             lambda cfg: (lambda: _linear_state(q, k, v, bm, "softmax", W, cfg, fold=True)))
+        t_best = h.measure(tag, f"state b{best.state_blocks} w{best.state_warps} (best)", "fwd",
+                           lambda: _linear_state(q, k, v, bm, "softmax", W, best, fold=True))
+        h.figure(f"sla_state_best_blocks_{tag}_topk{topk}", best.state_blocks)
+        h.figure(f"sla_state_best_warps_{tag}_topk{topk}", best.state_warps)
+        h.figure(f"sla_state_ms_one_block_{tag}_topk{topk}", t_one)
+        h.figure(f"sla_state_ms_best_{tag}_topk{topk}", t_best)
     if fwd_only:
         print(f"  tuned config (forward variants only): {best}", flush=True)
         return best

@@ -973,8 +973,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def apply_setting(spec: str) -> tuple[str, str, object]:
-    """--set MODULE:NAME=VALUE: assign a literal to an existing module-level constant (kernel tuning knobs)."""
+    """--set MODULE:NAME=VALUE: assign a literal to an existing module-level constant (kernel tuning knobs);
+    MODULE:NAME.FIELD=VALUE replaces one field of a module-level dataclass instance (a kernel config default)."""
     import ast
+    import dataclasses
     import importlib
 
     try:
@@ -984,10 +986,17 @@ def apply_setting(spec: str) -> tuple[str, str, object]:
     except ValueError as e:
         raise SystemExit(f"--set {spec!r}: expected MODULE:NAME=VALUE with a Python literal VALUE ({e})")
     module = importlib.import_module(module_name)
+    name, _, field = name.partition(".")
     if not hasattr(module, name):
         raise SystemExit(f"--set {spec!r}: {module_name} has no {name}")
-    setattr(module, name, value)
-    log(f"--set {module_name}.{name} = {value!r}")
+    if field:
+        current = getattr(module, name)
+        if not dataclasses.is_dataclass(current) or field not in {f.name for f in dataclasses.fields(current)}:
+            raise SystemExit(f"--set {spec!r}: {module_name}.{name} is not a dataclass with a field {field!r}")
+        setattr(module, name, dataclasses.replace(current, **{field: value}))
+    else:
+        setattr(module, name, value)
+    log(f"--set {module_name}.{name}{'.' + field if field else ''} = {value!r}")
     return module_name, name, value
 
 

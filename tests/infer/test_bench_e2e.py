@@ -261,3 +261,26 @@ def test_first_kernel_calls_times_each_kernels_first_launch_only(monkeypatch):
     assert calls == ["k1", "k1", "k2"] and set(first.first) == {"k1", "k2"}
     assert first.first["k1"] >= 0.015 and first.seconds == pytest.approx(sum(first.first.values()))
     assert JITFunction.run is fake_run  # restored
+
+
+def test_set_option_assigns_constants_and_config_fields(monkeypatch):
+    """bench_e2e --set: a module constant, a field of a module-level config dataclass (replaced, not mutated),
+    and errors that name what is wrong; the values are literals."""
+    import bench_e2e
+
+    from turbo_kernels.attention import qk_norm_rope as qr
+    from turbo_kernels.attention import sla
+
+    monkeypatch.setattr(qr, "NUM_WARPS", qr.NUM_WARPS)  # restored after the test
+    monkeypatch.setattr(sla, "DEFAULT_CONFIG", sla.DEFAULT_CONFIG)
+    before = sla.DEFAULT_CONFIG
+    bench_e2e.apply_setting("turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2")
+    assert qr.NUM_WARPS == 2
+    bench_e2e.apply_setting("turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=4")
+    assert sla.DEFAULT_CONFIG.state_blocks == 4 and before.state_blocks == 1  # a new instance
+    for bad, match in (("turbo_kernels.attention.sla:NOPE=1", "has no NOPE"),
+                       ("turbo_kernels.attention.sla:DEFAULT_CONFIG.nope=1", "not a dataclass with a field 'nope'"),
+                       ("turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=four", "Python literal"),
+                       ("no_colon=1", "MODULE:NAME=VALUE")):
+        with pytest.raises(SystemExit, match=match):
+            bench_e2e.apply_setting(bad)

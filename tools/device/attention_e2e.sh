@@ -10,7 +10,7 @@ set -o pipefail
 mkdir -p "$OUT/b"
 timeout "${ATT_LIMIT:-150}" python3 tools/bench_attention.py --sweep --sweep-fwd-only --shapes 1.3b --topks 0.1 \
   > "$OUT/attention.log" 2>&1; echo "attention rc $?"
-grep -E "fwd |state |tuned|topk 0.1:|failed" "$OUT/attention.log" | tail -40
+grep -E "fwd |state|tuned|topk 0.1:|failed" "$OUT/attention.log" | tail -40
 cp benchmarks/attention.json "$OUT/b/attention.json" 2>/dev/null
 if [ "${SKIP_E2E:-0}" != 1 ]; then
   LOWBIT_ONLY=residual GEMM_LIMIT=${GEMM_LIMIT:-80} E2E_LIMIT=${E2E_LIMIT:-330} E2E_BUDGET=${E2E_BUDGET:-280} \

@@ -5,13 +5,9 @@
 # end-to-end run with the winners set for that run (bench_e2e --set; a winner must beat the current default by
 # > 3 % for the state, > 2 % for the FFN; the defaults in the code are changed by hand afterwards):
 #   run(command="bash tools/device/tune_e2e.sh", carry=[".carry/whl", ".carry/whl_e2e"])
+SKIP_E2E=1 bash tools/device/attention_e2e.sh  # the attention sweep (state variants included), its figures
 source tools/device/env.sh
 set -o pipefail
-mkdir -p "$OUT/b"
-timeout "${ATT_LIMIT:-150}" python3 tools/bench_attention.py --sweep --sweep-fwd-only --shapes 1.3b --topks 0.1 \
-  > "$OUT/attention.log" 2>&1; echo "attention rc $?"
-grep -E "state|tuned|topk 0.1:|failed" "$OUT/attention.log" | tail -20
-cp benchmarks/attention.json "$OUT/b/attention.json" 2>/dev/null
 timeout "${GROUP_LIMIT:-150}" python3 tools/bench_lowbit.py --only group > "$OUT/group.log" 2>&1; echo "group rc $?"
 grep -E "ffn_dyn|ffn_down|failed|vs_per_token|relerr" "$OUT/group.log" | tail -24
 cp benchmarks/lowbit.json "$OUT/b/lowbit_group.json" 2>/dev/null

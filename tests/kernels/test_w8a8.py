@@ -197,6 +197,12 @@ def test_gemm_group_scaled_output_feeds_a_group_scaled_gemm(mode, tma):
     torch.testing.assert_close(hs, rs, rtol=1e-6, atol=0)  # the same amax of the same fp32 values
     mismatch = (hq.float() != rq.float()).float().mean()
     assert mismatch <= 0.01  # exp() rounding can move a value across a rounding boundary
+    hidden = W.w8a8_matmul_reference(xq, xs, w1q, w1s, b1, out_dtype=torch.float32, activation="gelu_tanh")
+    step = hs.t().repeat_interleave(32, dim=1)  # each value's quantization step (int8) / scale (fp8)
+    # int8: half a step of rounding; fp8 e4m3: 3 mantissa bits, half a unit in the last place ≤ 2^-4 of the value,
+    # and at most half of the smallest subnormal step (2^-9 of the scale) below the normal range
+    bound = 0.5 * step if mode == "int8" else hidden.abs() / 16 + step / 512
+    assert ((Q.dequantize_groups(rq, rs) - hidden).abs() <= bound + 1e-6).all()
     down_cfg = W.GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2, num_warps=4, num_stages=1, tma=False)
     y = W.w8a8_matmul(rq, rs, w2q, w2s, b2, out_dtype=torch.float32, config=down_cfg)
     ref = W.w8a8_matmul_reference(rq, rs, w2q, w2s, b2, out_dtype=torch.float32)

@@ -42,6 +42,8 @@ class BlockMap:
     num_q_blocks: ceil(q_len / block_q);  num_k_blocks: ceil(k_len / block_k).
     block_q, block_k: tokens per query / key block.
     q_len, k_len: sequence lengths the map was built for (ragged tails are partial blocks).
+    k_mean:       (B, H, D) fp32 token mean of K that the map smoothed with (None for maps built elsewhere):
+                  sagesla's K quantization smooths with the same mean instead of another pass over K.
     """
 
     lut: torch.Tensor
@@ -53,6 +55,7 @@ class BlockMap:
     q_len: int
     k_len: int
     _inverse: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    k_mean: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -150,7 +153,7 @@ def _topk_sorted(logits: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block_k: int,
-            q_len: int, k_len: int, select: str = "torch") -> BlockMap:
+            q_len: int, k_len: int, select: str = "torch", k_mean: torch.Tensor | None = None) -> BlockMap:
     """Top-n selection on pooled (B, H, N, D) float32 blocks; shared by both paths. select: "torch"
     (torch.topk + sort) or "triton" (`topk_select`, one kernel; ties broken towards lower indices)."""
     D = pq.shape[-1]
@@ -169,17 +172,18 @@ def _select(pq: torch.Tensor, pk: torch.Tensor, topk: float, block_q: int, block
     else:
         idx = _topk_sorted(logits, n)
     return BlockMap(lut=idx.to(torch.int32).contiguous(), n=n, num_q_blocks=Nq, num_k_blocks=Nk,
-                    block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len)
+                    block_q=block_q, block_k=block_k, q_len=q_len, k_len=k_len, k_mean=k_mean)
 
 
 def sla_block_map_reference(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 128,
                             block_k: int = 64) -> BlockMap:
     """Pure-torch block map, literally as in the module docstring. q, k: (B, H, L, D)."""
     check_qk(q, k, topk, block_q, block_k)
-    k_smooth = k.float() - k.float().mean(dim=2, keepdim=True)  # (B, H, Lk, D)
+    k_mean = k.float().mean(dim=2)  # (B, H, D)
+    k_smooth = k.float() - k_mean[:, :, None]  # (B, H, Lk, D)
     pq = pool_blocks_reference(q, block_q)  # (B, H, Nq, D)
     pk = pool_blocks_reference(k_smooth, block_k)  # (B, H, Nk, D)
-    return _select(pq, pk, topk, block_q, block_k, q.shape[2], k.shape[2])
+    return _select(pq, pk, topk, block_q, block_k, q.shape[2], k.shape[2], k_mean=k_mean)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,4 +301,4 @@ def sla_block_map(q: torch.Tensor, k: torch.Tensor, topk: float, block_q: int = 
         counts = torch.full((Nk, 1), float(block_k), device=k.device)
         counts[-1] = Lk - (Nk - 1) * block_k
         k_mean = (pk * counts).sum(dim=2, keepdim=True) / Lk
-    return _select(pq, pk - k_mean, topk, block_q, block_k, q.shape[2], Lk, select)
+    return _select(pq, pk - k_mean, topk, block_q, block_k, q.shape[2], Lk, select, k_mean[:, :, 0].contiguous())

@@ -79,14 +79,16 @@ def quantize_blocks_int8_reference(x: torch.Tensor, block: int, mul: float = 1.0
     return x_i8, amax / 127.0
 
 
-def quantize_qk_reference(q, k, sm_scale: float | None = None, block_q: int = QUANT_BLOCK_Q, block_k: int = QUANT_BLOCK_K):
+def quantize_qk_reference(q, k, sm_scale: float | None = None, block_q: int = QUANT_BLOCK_Q, block_k: int = QUANT_BLOCK_K,
+                          k_mean: torch.Tensor | None = None):
     """Smooth K and quantize Q (×sm_scale·log2 e) and K to per-block int8.
 
+    k_mean: K's token mean (B, H, D) fp32 when already known (a block map's), else computed here.
     Returns (q_i8, q_scale (B, H, cdiv(Lq, block_q)), k_i8, k_scale (B, H, cdiv(Lk, block_k)),
     k_mean (B, H, D) fp32).
     """
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    k_mean = k.mean(dim=2, dtype=torch.float32)  # (B, H, D)
+    k_mean = k.mean(dim=2, dtype=torch.float32) if k_mean is None else _checked_mean(k_mean, k)  # (B, H, D)
     q_i8, q_scale = quantize_blocks_int8_reference(q, block_q, mul=sm_scale * LOG2E)
     k_i8, k_scale = quantize_blocks_int8_reference(k, block_k, mean=k_mean)
     return q_i8, q_scale, k_i8, k_scale, k_mean
@@ -473,11 +475,21 @@ def _check_qkv(q, k, v, pv):
         raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
 
 
+def _checked_mean(k_mean: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A given K token mean must be (B, H, D) fp32 on K's device; returned contiguous."""
+    B, H, _, D = k.shape
+    if k_mean.shape != (B, H, D) or k_mean.dtype != torch.float32 or k_mean.device != k.device:
+        raise ValueError(f"k_mean must be a float32 ({B}, {H}, {D}) tensor on {k.device}, got "
+                         f"{k_mean.dtype} {tuple(k_mean.shape)} on {k_mean.device}")
+    return k_mean.contiguous()
+
+
 def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, block_q: int = QUANT_BLOCK_Q,
-                 block_k: int = QUANT_BLOCK_K) -> QuantizedQKV:
+                 block_k: int = QUANT_BLOCK_K, k_mean: torch.Tensor | None = None) -> QuantizedQKV:
     """Launch the quantization kernels (smooth K, int8 Q/K per block, fp8/fp16 V per channel).
 
-    block_q / block_k: tokens per Q / K scale (powers of two in [16, 128]).
+    block_q / block_k: tokens per Q / K scale (powers of two in [16, 128]). k_mean: K's token mean (B, H, D) fp32
+    when known (a block map's, `BlockMap.k_mean`): the smoothing then needs no pass of its own over K.
     """
     _check_qkv(q, k, v, pv)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
@@ -488,7 +500,7 @@ def quantize_qkv(q, k, v, *, pv: str = "fp8", sm_scale: float | None = None, blo
     sm_scale = D ** -0.5 if sm_scale is None else float(sm_scale)
     Lq_pad, Lk_pad = cdiv(Lq, PAD) * PAD, cdiv(Lk, PAD) * PAD  # PAD is a multiple of every block size
     dev = q.device
-    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous()  # (B, H, D), one read of K
+    k_mean = k.mean(dim=2, dtype=torch.float32).contiguous() if k_mean is None else _checked_mean(k_mean, k)
     q_i8 = torch.empty(B, H, Lq_pad, D, dtype=torch.int8, device=dev)
     k_i8 = torch.empty(B, H, Lk_pad, D, dtype=torch.int8, device=dev)
     q_scale = torch.empty(B, H, Lq_pad // block_q, dtype=torch.float32, device=dev)

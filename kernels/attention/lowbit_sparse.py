@@ -59,7 +59,7 @@ def sagesla_sparse_reference(q, k, v, block_map: BlockMap, *, pv: str = "fp8", s
     _check_qkv(q, k, v, pv)
     _check_map(q, k, block_map)
     bq, bk = block_map.block_q, block_map.block_k
-    q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale, block_q=bq, block_k=bk)
+    q_i8, q_s, k_i8, k_s, _ = quantize_qk_reference(q, k, sm_scale, block_q=bq, block_k=bk, k_mean=block_map.k_mean)
     v_q, v_s = quantize_v_reference(v, pv)
     return attention_core_reference(q_i8, q_s, k_i8, k_s, v_q, v_s, block_map.lut, tile=bk, block_q=bq, block_k=bk,
                                     out_dtype=q.dtype, group=group, i2f=i2f, rescale_tau=rescale_tau)
@@ -279,7 +279,8 @@ def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: f
         group = key_group(config, block_map.block_k, pv == "fp8")
         return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f,
                                         rescale_tau=config.rescale_tau)
-    qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k)
+    qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k,
+                       k_mean=block_map.k_mean)  # the map's smoothing mean: no pass of its own over K
     with torch.no_grad():
         return sagesla_sparse_quantized(qkv, block_map, heads_output_like(q), config)
 

@@ -327,6 +327,34 @@ def test_sparse_full_map_equals_dense():
     assert_attn_close(got, dense, "fp8", "full map")
 
 
+def test_sparse_smooths_with_the_block_maps_k_mean():
+    """A block map carries the token mean of K it smoothed with (`BlockMap.k_mean`), and sagesla's K quantization
+    reuses it instead of another pass over K: both maps' means agree with K's mean; kernel and reference take the
+    map's mean alike (a map without one: each computes it); any per-head constant smooths exactly (softmax is shift
+    invariant), so even a zero mean gives the same attention up to the int8 range it wastes; a mean of the wrong
+    shape is refused by name."""
+    from dataclasses import replace as dc_replace
+
+    from turbo_kernels.attention.blockmap import sla_block_map
+
+    q, k, v = qkv(Lq=100, Lk=200, D=32, k_offset=0.3)
+    bm = sla_block_map(q, k, 0.3, block_q=32, block_k=16)  # ragged last key block: the count-weighted mean
+    bm_ref = sla_block_map_reference(q, k, 0.3, block_q=32, block_k=16)
+    want = k.float().mean(dim=2)
+    torch.testing.assert_close(bm.k_mean, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bm_ref.k_mean, want, rtol=1e-6, atol=1e-7)
+    cfg = LS.SparseLowbitConfig(block_m=32, group=2, num_warps=4)
+    group = LS.key_group(cfg, 16, True)
+    got = LS.sagesla_sparse(q, k, v, bm_ref, pv="fp8", config=cfg)
+    assert_attn_close(got, LS.sagesla_sparse_reference(q, k, v, bm_ref, pv="fp8", group=group), "fp8", "map mean")
+    plain = dc_replace(bm_ref, k_mean=None)  # a map from elsewhere: the mean is computed as before
+    assert_attn_close(LS.sagesla_sparse(q, k, v, plain, pv="fp8", config=cfg), got, "fp8", "own mean")
+    zero = dc_replace(bm_ref, k_mean=torch.zeros_like(bm_ref.k_mean))
+    assert cos(LS.sagesla_sparse(q, k, v, zero, pv="fp8", config=cfg), got) >= 0.999
+    with pytest.raises(ValueError, match="k_mean must be a float32"):
+        LS.sagesla_sparse(q, k, v, dc_replace(bm_ref, k_mean=bm_ref.k_mean[:, :1]), pv="fp8", config=cfg)
+
+
 def test_sparse_bad_map_raises():
     q, k, v = qkv(Lq=64, Lk=64)
     bm = sla_block_map_reference(q[:, :, :32], k[:, :, :32], 0.5, block_q=16, block_k=16)

@@ -1,4 +1,4 @@
-"""Registers, spills and SASS instruction mix of the SLA forward and dQ kernels for a GPU, compiled here.
+"""Registers, spills and SASS instruction mix of the SLA, W8A8 and row kernels for a GPU, compiled here.
 
     python tools/kernel_resources.py [--arch 90] [--variants fused,folded,dq_fused,...] [--warps N] [--stages N]
 
@@ -17,6 +17,17 @@ launchers take them from SLAKernelConfig's defaults):
     dkdv_unfused, dkdv_fused  the dK/dV backward kernel without / with the linear branch's part
     lin_state, lin_state_b4  the linear branch's state kernel (proj_l folded in), one / four key blocks per program
     lin_fwd, lin_bwd_q, lin_bwd_kv  the separate linear-branch kernels (fuse_linear[_bwd] = False)
+W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps; `kernels/gemm/w8a8.py`):
+    w8a8_tma          the descriptor kernel, 128x256x128, the FFN down's gated residual in the epilogue (gate path 1)
+    w8a8_tma_gate2, w8a8_tma_gate3  the same with a gate row that changes inside a tile (select) / per row (gather)
+    w8a8_tma_group_out  the FFN up: GELU, output quantized per row and group of 128 columns (out_group)
+    w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
+Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
+fp8 quantization, 1 warp).
+The device machine's Triton may be older than this one's: to compile with its version, run the tool from a venv,
+e.g. python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 &&
+/tmp/t36/bin/python tools/kernel_resources.py --variants w8a8_tma,w8a8_ptr_group_a (a compiler assertion aborts
+the process: one variant per run then says which).
 Prints per variant: registers, stack bytes, instructions, spill loads/stores, wgmma (HGMMA) count,
 the main loop's length, spills and global loads (LDGSTS...128 = 16-byte asynchronous copies), and the
 most frequent opcodes. Arguments get the specialization a real launch gives them (16-byte aligned
@@ -67,6 +78,74 @@ MMA = ("HGMMA", "IGMMA", "QGMMA")  # Hopper warpgroup matrix instructions (bf16/
 ADDR = re.compile(r"/\*([0-9a-f]{4,})\*/")
 
 
+def _w8a8_signature(name: str, c: dict) -> str:
+    """Argument types of the W8A8 GEMM kernels for the constexprs c (int8 or fp8 operands, an fp8 output when
+    the epilogue quantizes, descriptors of the A and B tiles)."""
+    q = "i8" if c["INT8"] else "fp8e4nv"
+    if name in ("A", "B"):
+        return f"*{q}"
+    if name == "a_desc":
+        return f"tensordesc<{q}[{c['BLOCK_M']}, {c['BLOCK_K']}]>"
+    if name == "b_desc":
+        return f"tensordesc<{q}[{c['BLOCK_N']}, {c['BLOCK_K']}]>"
+    if name in ("AS", "BS", "G", "S"):
+        return "*fp32"
+    if name == "C":
+        return "*fp8e4nv" if c["OUT_QUANT"] else "*bf16"
+    if name in ("R", "Bias"):
+        return "*bf16"
+    return "fp32" if name in ("out_inv", "a_inv", "a_scale") else "i32"
+
+
+_W8A8_BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, HAS_BIAS=True, INT8=False, EVEN_K=True,
+                  EXACT_CAST=False, A_QUANT=False, RESIDUAL=False, GATE=0, NUM_PROGRAMS=1024, WS=False, GELU=False,
+                  OUT_QUANT=False, OUT_FP8=False, OUT_GROUP=0, A_GROUP=0)
+# variant -> (module, kernel, constexprs, signature function (name, constexprs) -> type, warps, stages)
+OTHER_VARIANTS = {
+    "w8a8_tma": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(RESIDUAL=True, GATE=1), _w8a8_signature, 8, 4),
+    "w8a8_tma_gate2": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(RESIDUAL=True, GATE=2),
+                       _w8a8_signature, 8, 4),
+    "w8a8_tma_gate3": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(RESIDUAL=True, GATE=3),
+                       _w8a8_signature, 8, 4),
+    "w8a8_tma_group_out": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
+                           dict(GELU=True, OUT_QUANT=True, OUT_FP8=True, OUT_GROUP=128), _w8a8_signature, 8, 4),
+    "w8a8_ptr_group_a": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_kernel",
+                         dict(BLOCK_N=128, A_GROUP=128, RESIDUAL=True, GATE=1), _w8a8_signature, 8, 3),
+    "w8a8_ptr_int8_group_a": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_kernel",
+                              dict(BLOCK_N=128, A_GROUP=128, INT8=True, RESIDUAL=True, GATE=1), _w8a8_signature, 8, 3),
+    "rope_split": ("turbo_kernels.attention.qk_norm_rope", "_qk_norm_rope_kernel", dict(BLOCK_P=1024, SPLIT=True),
+                   lambda n, c: "*bf16" if n in ("X", "Out", "W") else "*fp32" if n in ("Cos", "Sin")
+                   else "fp32" if n == "eps" else "i32", 4, 3),
+    "norm_quant": ("turbo_kernels.gemm.norm_quant", "_norm_modulate_quant_kernel",
+                   dict(BLOCK_C=2048, RMS=False, HAS_W=False, HAS_B=False, HAS_SCALE=True, HAS_SHIFT=True, QUANT=True,
+                        STATIC=False, FP8=True, EXACT_CAST=False),
+                   lambda n, c: "*bf16" if n in ("X", "W", "Bv") else "*fp8e4nv" if n == "Out"
+                   else "*fp32" if n in ("Shift", "Scale", "OutScale")
+                   else "fp32" if n in ("eps", "static_inv", "static_scale") else "i32", 1, 3),
+}
+NOT_DIV16_OTHER = {"M", "L", "gate_rows"}  # 32 760 rows, not a multiple of 16
+
+
+def _compile_other(variant: str, arch: int, warps: int = 0, stages: int = 0):
+    """Compile an OTHER_VARIANTS entry (W8A8 GEMMs, row kernels) with a launch's specialization."""
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, kernel, extra, signature, w, st = OTHER_VARIANTS[variant]
+    fn = getattr(importlib.import_module(module), kernel)
+    const = {**_W8A8_BASE, **extra} if module.endswith("w8a8") else dict(extra)
+    const = {k: v for k, v in const.items() if k in fn.arg_names}
+    sig = {n: "constexpr" if n in const else signature(n, const) for n in fn.arg_names}
+    aligned = [i for i, n in enumerate(fn.arg_names) if n not in const and n not in NOT_DIV16_OTHER
+               and (sig[n].startswith("*") or sig[n] == "i32")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    return triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps or w, num_stages=stages or st))
+
+
 def compile_variant(variant: str, arch: int, warps: int = 0, stages: int = 0, block_n: int = 0):
     """Compile one VARIANTS entry at the Wan-1.3B settings (128x64 map blocks, D = 128, bf16) for
     compute capability arch/10, here on the CPU, with the tiles, warps and stages its launcher takes
@@ -77,6 +156,8 @@ def compile_variant(variant: str, arch: int, warps: int = 0, stages: int = 0, bl
 
     from turbo_kernels.attention import sla, sla_kernels
 
+    if variant in OTHER_VARIANTS:
+        return _compile_other(variant, arch, warps, stages)
     name, extra = VARIANTS[variant]
     fn = getattr(sla_kernels, name)
     f_m, f_n, f_w, f_s = (getattr(sla.DEFAULT_CONFIG, f) if f else None for f in LAUNCH_FIELDS[name])
@@ -169,16 +250,17 @@ def inspect(kernel) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: Hopper)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated among {list(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated among {[*VARIANTS, *OTHER_VARIANTS]} (default: the SLA ones)")
     p.add_argument("--warps", type=int, default=0, help="warps per program (default: the launcher's config)")
     p.add_argument("--stages", type=int, default=0, help="pipeline stages (default: the launcher's config)")
     p.add_argument("--block-n", type=int, default=0, help="key tile of the kernels that take one (default: config)")
     p.add_argument("--json", action="store_true", help="print {variant: figures} as JSON instead of the table")
     a = p.parse_args(argv)
     names = [v for v in a.variants.split(",") if v]
-    bad = [v for v in names if v not in VARIANTS]
+    bad = [v for v in names if v not in VARIANTS and v not in OTHER_VARIANTS]
     if bad:
-        p.error(f"unknown variant(s) {bad}; choose among {list(VARIANTS)}")
+        p.error(f"unknown variant(s) {bad}; choose among {[*VARIANTS, *OTHER_VARIANTS]}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         p.error("unset TRITON_INTERPRET: the interpreter does not compile kernels")
     results = {}

@@ -43,3 +43,17 @@ def test_bad_requests_are_refused():
     assert r.returncode == 2 and "nope" in r.stderr
     r = run("--variants", "unfused", interpret="1")
     assert r.returncode == 2 and "TRITON_INTERPRET" in r.stderr
+
+
+def test_the_w8a8_and_row_kernel_variants_compile():
+    """The W8A8 GEMM paths that the default runtime and the prepared options use (a gated residual in the descriptor
+    kernel's epilogue, the up projection quantizing its output per group of columns, the group-scaled down GEMM) and
+    the row kernels compile for sm_90; the group-scaled down GEMM's K loop keeps its wgmma and spills nothing."""
+    r = run("--variants", "w8a8_tma,w8a8_tma_group_out,w8a8_ptr_group_a,rope_split,norm_quant", "--json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    for v in ("w8a8_tma", "w8a8_tma_group_out", "w8a8_ptr_group_a"):
+        assert got[v]["hgmma"] > 0, v
+    assert got["w8a8_ptr_group_a"]["main_loop_spills"] == 0 and got["w8a8_ptr_group_a"]["spill_loads"] == 0
+    for v in ("rope_split", "norm_quant"):
+        assert got[v]["spill_loads"] == got[v]["spill_stores"] == 0 and got[v]["instructions"] > 100, v

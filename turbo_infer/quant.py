@@ -145,8 +145,7 @@ class W8A8Linear(nn.Module):
         out_features) fp32 or None: one op, the sum in fp32 in the GEMM's epilogue, rounded once to the
         residual's dtype (`gated_residual` calls it in inference)."""
         self._check_input(x)
-        if residual.shape != (*x.shape[:-1], self.out_features):
-            raise ValueError(f"residual shape {tuple(residual.shape)} != {(*x.shape[:-1], self.out_features)}")
+        _check_residual_shape(residual, tuple(x.shape), self.out_features)
         return w8a8_linear(x, self.weight_q, self.weight_scale, self.bias, self.smooth_inv, self.static_scale,
                            self.mode, self._use_kernels(x), residual, gate)
 
@@ -179,9 +178,8 @@ class W8A8GeluFFN(nn.Sequential):
     def forward_residual(self, x: "torch.Tensor | QuantizedActivation", residual: torch.Tensor,
                          gate: torch.Tensor | None) -> torch.Tensor:
         """residual + gate·self(x) (see W8A8Linear.forward_residual), the sum in the down GEMM's epilogue."""
-        shape = x.shape if isinstance(x, QuantizedActivation) else tuple(x.shape)
-        if residual.shape != (*shape[:-1], self[2].out_features):
-            raise ValueError(f"residual shape {tuple(residual.shape)} != {(*shape[:-1], self[2].out_features)}")
+        _check_residual_shape(residual, x.shape if isinstance(x, QuantizedActivation) else tuple(x.shape),
+                              self[2].out_features)
         return self._run(x, residual, gate)
 
     def _run(self, x, residual, gate):
@@ -201,6 +199,13 @@ class W8A8GeluFFN(nn.Sequential):
         return w8a8_gelu_ffn(x, up.weight_q, up.weight_scale, up.bias, up.smooth_inv, up.static_scale, up.mode,
                              down.weight_q, down.weight_scale, down.bias, down.smooth_inv, down.static_scale, down.mode,
                              use, residual, gate)
+
+
+def _check_residual_shape(residual: torch.Tensor, x_shape: tuple, out_features: int) -> None:
+    """A forward_residual's residual must be shaped like the layer's output for an input of x_shape."""
+    want = (*x_shape[:-1], out_features)
+    if residual.shape != want:
+        raise ValueError(f"residual shape {tuple(residual.shape)} != {want}")
 
 
 def has_data_hooks(module: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from turbo_kernels.utils import cdiv, check_float_dtype, heads_output_like, inte
 try:  # Triton is optional: without it only the references run (CPU runtime).
     import triton
     import triton.language as tl
-    from turbo_kernels.gemm.quantize import quantize_tile, round_to_fp8_grid
+    from turbo_kernels.gemm.quantize import dynamic_scale, quantize_tile, round_to_fp8_grid
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
@@ -243,10 +243,10 @@ if triton is not None:
             x = tl.where(row_ok[:, None], x - mean[None, :], 0.0)
         x = x * mul
         amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
+        inv, scale = dynamic_scale(amax, False)
         y = quantize_tile(x, inv, False, False)  # int8, round half away from zero
         tl.store(Out + bh * L_pad * D + offs_l[:, None] * D + offs_d[None, :], y)
-        tl.store(Scale + bh * n_blk + pid, tl.math.div_rn(amax, 127.0))
+        tl.store(Scale + bh * n_blk + pid, scale)
 
     @triton.jit
     def _quant_v_kernel(X, Inv, Out, stride_xb, stride_xh, stride_xl, stride_xd, H, L, L_pad,

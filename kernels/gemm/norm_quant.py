@@ -23,7 +23,7 @@ try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.gemm.quantize import quantize_tile
+    from turbo_kernels.gemm.quantize import dynamic_scale, quantize_tile
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -118,14 +118,11 @@ if triton is not None:
         if HAS_SHIFT:
             xn = xn + tl.load(Shift + b * stride_hb + l * stride_hl + offs, mask=ok, other=0.0).to(tl.float32)
         if QUANT:
-            qmax = 448.0 if FP8 else 127.0
             if STATIC:
                 inv = static_inv
                 s = static_scale
             else:
-                amax = tl.max(tl.where(ok, tl.abs(xn), 0.0), 0)
-                inv = tl.where(amax > 0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)
-                s = tl.math.div_rn(amax, qmax)
+                inv, s = dynamic_scale(tl.max(tl.where(ok, tl.abs(xn), 0.0), 0), FP8)
             tl.store(Out + row * C + offs, quantize_tile(xn, inv, FP8, EXACT_CAST), mask=ok)
             tl.store(OutScale + row, s)
         else:

@@ -126,6 +126,13 @@ if triton is not None:
         return tl.where(tl.abs(x) < 0.015625, sub, normal)
 
     @triton.jit
+    def dynamic_scale(amax, FP8: tl.constexpr):
+        """(inv, scale) of a dynamic quantization from an amax (any shape): inv = qmax / amax (0 for an all-zero
+        group, which then quantizes to zeros), scale = amax / qmax, both IEEE divisions as the references do."""
+        qmax = 448.0 if FP8 else 127.0
+        return tl.where(amax > 0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0), tl.math.div_rn(amax, qmax)
+
+    @triton.jit
     def quantize_tile(y, inv, FP8: tl.constexpr, EXACT_CAST: tl.constexpr):
         """y·inv → int8 (round half away, saturate at ±127) or fp8 e4m3 (RNE, saturate at ±448)."""
         y = y * inv
@@ -149,7 +156,6 @@ if triton is not None:
         """
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_K)
-        qmax = 448.0 if FP8 else 127.0
         if ONE_PASS:
             x = tl.load(X + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
             if SMOOTH:
@@ -158,9 +164,7 @@ if triton is not None:
                 inv = static_inv
                 scale = static_scale
             else:
-                amax_s = tl.max(tl.abs(x), 0)
-                inv = tl.where(amax_s > 0, tl.math.div_rn(qmax, tl.maximum(amax_s, 1e-30)), 0.0)
-                scale = tl.math.div_rn(amax_s, qmax)
+                inv, scale = dynamic_scale(tl.max(tl.abs(x), 0), FP8)
             tl.store(Out + row * K + offs, quantize_tile(x, inv, FP8, EXACT_CAST), mask=offs < K)
             tl.store(Scale + row, scale)
             return
@@ -174,9 +178,7 @@ if triton is not None:
                 if SMOOTH:
                     x = x * tl.load(SI + k0 + offs, mask=k0 + offs < K, other=0.0)
                 amax = tl.maximum(amax, tl.abs(x))
-            amax_s = tl.max(amax, 0)
-            inv = tl.where(amax_s > 0, tl.math.div_rn(qmax, tl.maximum(amax_s, 1e-30)), 0.0)
-            scale = tl.math.div_rn(amax_s, qmax)
+            inv, scale = dynamic_scale(tl.max(amax, 0), FP8)
         for k0 in range(0, K, BLOCK_K):  # second read of the row hits L2
             x = tl.load(X + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
             if SMOOTH:

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from turbo_kernels.gemm.quantize import MODES, QDTYPE, quantize_groups_reference, quantize_rows_reference, static_inv_scale
+from turbo_kernels.gemm.quantize import (MODES, QDTYPE, quantize_groups_reference, quantize_rows_reference,
+                                        static_inv_scale)
 from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
 
 try:
     import triton
     import triton.language as tl
 
-    from turbo_kernels.gemm.quantize import quantize_tile
+    from turbo_kernels.gemm.quantize import dynamic_scale, quantize_tile
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -136,12 +137,11 @@ if triton is not None:
         NG: tl.constexpr = BLOCK_N // GROUP
         y = tl.where((offs_n < N)[None, :], y, 0.0)  # wrapped or padded columns must not enter an amax
         amax = tl.max(tl.abs(tl.reshape(y, (BLOCK_M, NG, GROUP))), axis=2)  # (BLOCK_M, NG)
-        qmax = 448.0 if OUT_FP8 else 127.0
-        inv = tl.where(amax > 0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)
+        inv, scale = dynamic_scale(amax, OUT_FP8)
         inv = tl.reshape(tl.broadcast_to(inv[:, :, None], (BLOCK_M, NG, GROUP)), (BLOCK_M, BLOCK_N))
         tl.store(c_ptrs, quantize_tile(y, inv, OUT_FP8, EXACT_CAST), mask=c_mask)
         offs_g = col0 // GROUP + tl.arange(0, NG)
-        tl.store(S + offs_g.to(tl.int64)[None, :] * M + offs_m[:, None], tl.math.div_rn(amax, qmax),
+        tl.store(S + offs_g.to(tl.int64)[None, :] * M + offs_m[:, None], scale,
                  mask=(offs_m < M)[:, None] & (offs_g < N // GROUP)[None, :])
 
     @triton.jit
@@ -336,8 +336,8 @@ class GemmConfig:
 
 # The default where tiles come through tensor descriptors (sm_90+): 4 stages. H100, M = 32760, ms at 3 -> 4 stages
 # (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up 0.977 -> 0.947, down 0.726 -> 0.702
-# (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the a100, rtx4090 targets) the pointer kernel
-# keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
+# (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the
+# a100, rtx4090 targets) the pointer kernel keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
 DEFAULT_GEMM_CONFIG = GemmConfig()
 POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False)
 # A with scales per row and group of columns (x_scale (K // G, M)): the pointer kernel, whose K loop scales each
@@ -469,7 +469,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
     w_q = w_q if w_q.stride(-1) == 1 else w_q.contiguous()
     out = torch.empty(M, N, dtype=QDTYPE[out_quant] if out_quant else out_dtype, device=x_q.device)
-    group_scales = torch.empty(N // out_group if out_group else 0, M, dtype=torch.float32, device=x_q.device)
+    group_scales = torch.empty(N // out_group, M, dtype=torch.float32, device=x_q.device) if out_group else None
     if M == 0:
         if out_group:
             return out, group_scales
@@ -480,7 +480,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
         gate = None if gate is None else gate.float().contiguous()
     res = dict(R=residual if residual is not None else out, stride_rm=residual.stride(0) if residual is not None else 0,
                G=gate if gate is not None else out, gate_rows=gate_rows, RESIDUAL=residual is not None,
-               GATE=gate_mode(x_q.shape[0], gate_rows, cfg.block_m) if gate is not None else 0,
+               GATE=gate_mode(M, gate_rows, cfg.block_m) if gate is not None else 0,
                S=group_scales if out_group else out, OUT_GROUP=out_group or 0)
     if not a_group and cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
             and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
@@ -557,7 +557,8 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
         HAS_BIAS=bias is not None, INT8=w_q.dtype == torch.int8, EVEN_K=K % cfg.block_k == 0,
         GELU=activation == "gelu_tanh", OUT_QUANT=False, OUT_FP8=False, out_inv=1.0,
         EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s, R=out, stride_rm=0, G=out,
-        gate_rows=1, RESIDUAL=False, GATE=0, A_GROUP=0, S=out, OUT_GROUP=0, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        gate_rows=1, RESIDUAL=False, GATE=0, A_GROUP=0, S=out, OUT_GROUP=0, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out
 
 

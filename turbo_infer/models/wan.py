@@ -269,10 +269,10 @@ EPILOGUE_RESIDUAL_MODES = ("eager", "always", "never")
 
 def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: torch.Tensor | None):
     """residual + gate[:, None]·linear(h) in the residual's dtype (gate (B, dim) fp32 or None), or linear(h)
-    without a residual. In eager inference a layer with `forward_residual` (the W8A8 layers) adds it in its
+    without a residual. In inference a layer with `forward_residual` (the W8A8 layers) adds it in its
     GEMM's epilogue, in fp32 and rounded once, so the product never round-trips through memory
-    (EPILOGUE_RESIDUALS); elsewhere (compiled blocks, training, float layers, hooked layers such as
-    calibration's probes) the block's own formula runs: the sum in fp32 where there is a gate, in the
+    (EPILOGUE_RESIDUALS: eager and compiled runs by default); elsewhere (compiled blocks under "eager", "never",
+    training, float layers, hooked layers such as calibration's probes) the block's own formula runs: the sum in fp32 where there is a gate, in the
     residual's dtype where there is none (Wan's cross-attention residual)."""
     if residual is None:
         return linear(h)

@@ -565,10 +565,69 @@ def bench_rows(h: Harness, M=32760, dim=1536, heads=12):
           lambda r: Q.dequantize(*r).float())
 
 
+def bench_gelu_flatten(h: Harness, M=32760, dim=1536, ffn=8960):
+    """fp8 FFN GEMMs as the DiT runs them (up: GELU in the epilogue, bf16 or group-quantized fp8 out; down: bf16 out),
+    with the epilogue's GELU from the hardware tanh (`w8a8.GELU_APPROX`, default) or exp + division, and with the
+    descriptor kernel's tile loop as one program per tile (default), persistent, or persistent with the tile and K
+    loops flattened into one pipelined loop (`GemmConfig.flatten`). Figures `gemm_*_ms`, the approximation's error
+    against the exact GELU's output, and the best variant against the default."""
+    from dataclasses import replace
+
+    print("== fp8 FFN GEMMs: GELU approximation, flattened persistent loops", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(9)
+    up = torch.nn.Linear(dim, ffn, device=DEV, dtype=BF16)
+    down = torch.nn.Linear(ffn, dim, device=DEV, dtype=BF16)
+    x = torch.randn(M, dim, device=DEV, generator=g, dtype=BF16)
+    wu, su = Q.quantize_weight(up.weight, "fp8")
+    wd, sd = Q.quantize_weight(down.weight, "fp8")
+    xq, xs = Q.quantize_rows(x, "fp8")
+    hq, hs = Q.quantize_rows(F.gelu(up(x), approximate="tanh"), "fp8")
+    base = W.DEFAULT_GEMM_CONFIG
+    configs = {"default": base, "persistent": replace(base, persistent=True),
+               "flat_s4": replace(base, persistent=True, flatten=True),
+               "flat_s3": replace(base, persistent=True, flatten=True, num_stages=3)}
+    saved = W.GELU_APPROX
+    try:
+        outs = {}
+        for approx in (False, True):
+            W.GELU_APPROX = approx
+            gel = "approx" if approx else "exact"
+            outs[gel] = W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh").float()
+            for tag, cfg in configs.items():
+                for out, kw in (("bf16", {}), ("group128", dict(out_quant="fp8", out_group=128))):
+                    t = guarded(f"up {gel} {tag} {out}", lambda cfg=cfg, kw=kw: h.measure(
+                        "ffn_up_gelu", f"fp8_{gel}_{tag}_{out}", "fwd",
+                        lambda: W.w8a8_matmul(xq, xs, wu, su, up.bias, activation="gelu_tanh", config=cfg, **kw)))
+                    if t is not None:
+                        h.figure(f"gemm_fp8_ffn_up_gelu_{gel}_{tag}_{out}_ms", t)
+        h.figure("gelu_approx_relerr_vs_exact_ffn_up", rel(outs["approx"], outs["exact"]))
+        ref = F.gelu(up(x).float(), approximate="tanh")
+        for gel, o in outs.items():
+            h.figure(f"gelu_{gel}_relerr_vs_bf16_ffn_up", rel(o, ref))
+    finally:
+        W.GELU_APPROX = saved
+    for tag, cfg in configs.items():
+        t = guarded(f"down {tag}", lambda cfg=cfg: h.measure("ffn_down", f"fp8_{tag}", "fwd", lambda: W.w8a8_matmul(
+            hq, hs, wd, sd, down.bias, config=cfg)))
+        if t is not None:
+            h.figure(f"gemm_fp8_ffn_down_{tag}_ms", t)
+    f = h.figures
+    for case in ("ffn_up_gelu_approx", "ffn_up_gelu_exact"):
+        for out in ("bf16", "group128"):
+            times = {t: f.get(f"gemm_fp8_{case}_{t}_{out}_ms") for t in configs}
+            times = {t: v for t, v in times.items() if v}
+            if times.get("default"):
+                best = min(times, key=times.get)
+                print(f"  {case} {out}: best {best} {times[best]:.3f} ms vs default {times['default']:.3f}")
+    if f.get("gemm_fp8_ffn_up_gelu_exact_default_bf16_ms") and f.get("gemm_fp8_ffn_up_gelu_approx_default_bf16_ms"):
+        h.figure("gelu_approx_speedup_ffn_up", f["gemm_fp8_ffn_up_gelu_exact_default_bf16_ms"]
+                 / f["gemm_fp8_ffn_up_gelu_approx_default_bf16_ms"])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweeps, no 14B shape")
-    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows,group")
+    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows,group,gelu")
     args = ap.parse_args()
     print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), flush=True)
     import triton
@@ -595,6 +654,8 @@ def main():
         guarded("rows", lambda: bench_rows(h))
     if "group" in only:
         guarded("group", lambda: bench_group(h))
+    if "gelu" in only:
+        guarded("gelu", lambda: bench_gelu_flatten(h))
     h.print_table()
     h.write()
 

@@ -21,6 +21,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
     w8a8_tma          the descriptor kernel, 128x256x128, the FFN down's gated residual in the epilogue (gate path 1)
     w8a8_tma_gate2, w8a8_tma_gate3  the same with a gate row that changes inside a tile (select) / per row (gather)
     w8a8_tma_group_out  the FFN up: GELU, output quantized per row and group of 128 columns (out_group)
+    w8a8_tma_persist, w8a8_tma_flat, w8a8_tma_flat_gelu  persistent grid (132 programs), bf16 out: the tile loop as
+                      it is / flattened with the K loop into one pipelined loop (GemmConfig.flatten), + GELU
     w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
 Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
 fp8 quantization, 1 warp).
@@ -99,7 +101,8 @@ def _w8a8_signature(name: str, c: dict) -> str:
 
 _W8A8_BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, HAS_BIAS=True, INT8=False, EVEN_K=True,
                   EXACT_CAST=False, A_QUANT=False, RESIDUAL=False, GATE=0, NUM_PROGRAMS=1024, WS=False, GELU=False,
-                  OUT_QUANT=False, OUT_FP8=False, OUT_GROUP=0, A_GROUP=0)
+                  OUT_QUANT=False, OUT_FP8=False, OUT_GROUP=0, A_GROUP=0, FLATTEN=False,
+                  FAST_GELU=True)
 # variant -> (module, kernel, constexprs, signature function (name, constexprs) -> type, warps, stages)
 OTHER_VARIANTS = {
     "w8a8_tma": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(RESIDUAL=True, GATE=1), _w8a8_signature, 8, 4),
@@ -109,6 +112,12 @@ OTHER_VARIANTS = {
                        _w8a8_signature, 8, 4),
     "w8a8_tma_group_out": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                            dict(GELU=True, OUT_QUANT=True, OUT_FP8=True, OUT_GROUP=128), _w8a8_signature, 8, 4),
+    "w8a8_tma_flat": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132, FLATTEN=True),
+                      _w8a8_signature, 8, 4),
+    "w8a8_tma_flat_gelu": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
+                           dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True), _w8a8_signature, 8, 4),
+    "w8a8_tma_persist": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132), _w8a8_signature,
+                         8, 4),
     "w8a8_ptr_group_a": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_kernel",
                          dict(BLOCK_N=128, A_GROUP=128, RESIDUAL=True, GATE=1), _w8a8_signature, 8, 3),
     "w8a8_ptr_int8_group_a": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_kernel",

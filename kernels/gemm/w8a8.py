@@ -34,6 +34,9 @@ ACTIVATIONS = (None, "gelu_tanh")
 #   1536→8960: Triton 128×256×128 0.910 ms, torch._scaled_mm row-wise 0.915 ms (bf16 1.363);
 #   8960→1536: Triton 0.708 ms, torch._scaled_mm 0.908 ms (bf16 1.262). So our kernel.
 FP8_BACKEND = "triton"
+# The GEMM epilogue's GELU with the GPU's tanh.approx (`_gelu_tanh`) instead of exp + division. Not yet timed on a
+# GPU; bench_lowbit --only gelu times both (and the interpreter always takes the exact form).
+GELU_APPROX = True
 GELU_C = 1.5957691216057308  # 2·sqrt(2/π): gelu_tanh(x) = x·sigmoid(2·sqrt(2/π)·(x + 0.044715x³))
 
 
@@ -130,6 +133,22 @@ if triton is not None:
         return y
 
     @triton.jit
+    def _gelu_tanh(y, FAST: tl.constexpr):
+        """GELU (tanh form) of an fp32 tile. On the GPU 0.5·y·(1 + tanh(√(2/π)(y + 0.044715y³))) with the hardware
+        tanh (tanh.approx.f32, max. relative error ~2^-11, below the bf16 / 8-bit rounding of the output that
+        follows): one MUFU and five multiply(-add)s per element; the exp + IEEE division form took ~20
+        instructions with two MUFUs per element, as long as the 128x256 tile's K loop at K = 1536 (sm_90 listing,
+        tools/kernel_resources.py w8a8_tma_flat_gelu). FAST False (the interpreter, which cannot run PTX; or
+        GELU_APPROX off): the exp form, as `gelu_tanh_reference` (the same function)."""
+        if not FAST:
+            return y / (1.0 + tl.exp(-1.5957691216057308 * (y + 0.044715 * y * y * y)))
+        inner = y * (0.7978845608028654 + 0.03567740813636141 * (y * y))
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [inner], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+        h = 0.5 * y
+        return h + h * t
+
+    @triton.jit
     def _store_groups(y, c_ptrs, c_mask, S, offs_m, offs_n, col0, M, N, OUT_FP8: tl.constexpr,
                       EXACT_CAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
         """The tile quantized with dynamic scales per row and group of GROUP columns (the next layer's input with
@@ -148,16 +167,15 @@ if triton is not None:
     def _store_output(y, C, row0, offs_m, offs_n, M, N, stride_cm, GELU: tl.constexpr, OUT_QUANT: tl.constexpr,
                       OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr, R, stride_rm, G, gate_rows,
                       RESIDUAL: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, S, col0,
-                      OUT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh), optional gated residual
-        (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows rows),
+                      OUT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, FAST_GELU: tl.constexpr):
+        """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh) (`_gelu_tanh`), optional gated
+        residual (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows rows),
         then the (BLOCK_M, BLOCK_N) tile stored in C's dtype, or quantized with the static per-tensor scale (the
         next layer's input, 1 byte per element), or with OUT_GROUP > 0 with dynamic scales per row and group of
         OUT_GROUP columns into S (`_store_groups`); rows < M and columns < N. row0, col0: the tile's first row and
         column (offs_m = row0 + arange(BLOCK_M))."""
         if GELU:
-            u = 1.5957691216057308 * (y + 0.044715 * y * y * y)
-            y = y / (1.0 + tl.exp(-u))
+            y = _gelu_tanh(y, FAST_GELU)
         c_ptrs = C + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
         c_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         if RESIDUAL:
@@ -199,7 +217,7 @@ if triton is not None:
                           OUT_FP8: tl.constexpr, out_inv, EXACT_CAST: tl.constexpr,
                           A_QUANT: tl.constexpr, a_inv, a_scale, R, stride_rm, G, gate_rows,
                           RESIDUAL: tl.constexpr, GATE: tl.constexpr, A_GROUP: tl.constexpr, S,
-                          OUT_GROUP: tl.constexpr):
+                          OUT_GROUP: tl.constexpr, FAST_GELU: tl.constexpr):
         """One program = one (BLOCK_M, BLOCK_N) output tile; tiles grouped along M for L2 reuse.
         A_QUANT: A is the float activation itself, quantized tile by tile in the K loop with the static
         per-tensor scale (a_inv = 1/a_scale), so that no quantized copy of it is written and read back;
@@ -262,7 +280,7 @@ if triton is not None:
         y = _dequantize(acc, sa, BS, Bias, offs_bn, offs_bn < N, N, HAS_BIAS, G, pid_m * BLOCK_M, gate_rows, FOLD)
         _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
                       out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M, S,
-                      pid_n * BLOCK_N, OUT_GROUP, BLOCK_N)
+                      pid_n * BLOCK_N, OUT_GROUP, BLOCK_N, FAST_GELU)
 
 
     @triton.jit
@@ -272,17 +290,20 @@ if triton is not None:
                               GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
                               EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr, R, stride_rm, G, gate_rows,
                               RESIDUAL: tl.constexpr, GATE: tl.constexpr, WS: tl.constexpr, S,
-                              OUT_GROUP: tl.constexpr):
+                              OUT_GROUP: tl.constexpr, FLATTEN: tl.constexpr, FAST_GELU: tl.constexpr):
         """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
         sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
         NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
         kernel's. NUM_PROGRAMS = the number of tiles gives one tile per program. WS: Triton's automatic warp
-        specialization of the K loop (producer warps issue the copies, consumer warps the MMAs)."""
+        specialization of the K loop (producer warps issue the copies, consumer warps the MMAs). FLATTEN (persistent
+        grids): the tile loop and the K loop fused into one software-pipelined loop (tl.range(flatten=True)), so that
+        the next tile's first A / B copies are in flight during this tile's epilogue instead of the pipeline
+        refilling after it (at K = 1536 a tile has only 12 K steps)."""
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_pid_m * num_pid_n
         num_pid_in_group = GROUP_M * num_pid_n
-        for tile in range(tl.program_id(0), num_tiles, NUM_PROGRAMS):
+        for tile in tl.range(tl.program_id(0), num_tiles, NUM_PROGRAMS, flatten=FLATTEN):
             group_id = tile // num_pid_in_group
             first_pid_m = group_id * GROUP_M
             group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
@@ -308,7 +329,7 @@ if triton is not None:
             y = _dequantize(acc, sa[:, None], BS, Bias, offs_n, n_ok, N, HAS_BIAS, G, pid_m * BLOCK_M, gate_rows, FOLD)
             _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
                           out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M, S,
-                          pid_n * BLOCK_N, OUT_GROUP, BLOCK_N)
+                          pid_n * BLOCK_N, OUT_GROUP, BLOCK_N, FAST_GELU)
 
 # ----------------------------------------------------------------------------------------------
 # host launcher
@@ -332,6 +353,9 @@ class GemmConfig:
     tma: bool = True
     persistent: bool = False
     warp_spec: bool = False  # descriptor kernel only: the K loop warp-specialized (tl.range(warp_specialize=True))
+    # persistent descriptor kernel only: tile loop and K loop flattened into one pipelined loop (next tile's copies
+    # overlap this tile's epilogue). Not yet timed on a GPU.
+    flatten: bool = False
 
 
 # The default where tiles come through tensor descriptors (sm_90+): 4 stages. H100, M = 32760, ms at 3 -> 4 stages
@@ -350,6 +374,11 @@ def default_gemm_config(t: torch.Tensor) -> GemmConfig:
     """The GEMM configuration when the caller names none: DEFAULT_GEMM_CONFIG where descriptors run, else
     POINTER_GEMM_CONFIG."""
     return DEFAULT_GEMM_CONFIG if descriptors_supported(t) else POINTER_GEMM_CONFIG
+
+
+def _fast_gelu() -> bool:
+    """FAST_GELU of the kernels: the hardware tanh where PTX runs (not the interpreter) and GELU_APPROX is on."""
+    return GELU_APPROX and not interpreter_enabled()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -492,7 +521,8 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             M, N, K, out.stride(0), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
             OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
-            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, WS=cfg.warp_spec, num_warps=cfg.num_warps,
+            EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, WS=cfg.warp_spec, FAST_GELU=_fast_gelu(),
+            FLATTEN=cfg.flatten and cfg.persistent, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     else:
         _w8a8_gemm_kernel[(tiles,)](
@@ -501,7 +531,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             HAS_BIAS=bias is not None, INT8=not fp8, EVEN_K=K % cfg.block_k == 0,
             GELU=activation == "gelu_tanh", OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8",
-            out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(),
+            out_inv=out_inv if out_quant else 1.0, EXACT_CAST=interpreter_enabled(), FAST_GELU=_fast_gelu(),
             A_QUANT=False, a_inv=1.0, a_scale=1.0, **res, A_GROUP=a_group, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
     if out_group:
@@ -556,8 +586,8 @@ def w8a8_matmul_static_input(x, act_scale: float, w_q, w_scale, bias=None, *, ou
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         HAS_BIAS=bias is not None, INT8=w_q.dtype == torch.int8, EVEN_K=K % cfg.block_k == 0,
         GELU=activation == "gelu_tanh", OUT_QUANT=False, OUT_FP8=False, out_inv=1.0,
-        EXACT_CAST=interpreter_enabled(), A_QUANT=True, a_inv=a_inv, a_scale=a_s, R=out, stride_rm=0, G=out,
-        gate_rows=1, RESIDUAL=False, GATE=0, A_GROUP=0, S=out, OUT_GROUP=0, num_warps=cfg.num_warps,
+        EXACT_CAST=interpreter_enabled(), FAST_GELU=_fast_gelu(), A_QUANT=True, a_inv=a_inv, a_scale=a_s, R=out,
+        stride_rm=0, G=out, gate_rows=1, RESIDUAL=False, GATE=0, A_GROUP=0, S=out, OUT_GROUP=0, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out
 

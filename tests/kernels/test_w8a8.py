@@ -123,18 +123,20 @@ def test_gemm_kernel_matches_reference(mode, M, K, N):
 
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-@pytest.mark.parametrize("persistent,warp_spec", [(False, False), (True, False), (False, True)],
-                         ids=["one-tile", "persistent", "warp-specialized"])
+@pytest.mark.parametrize("persistent,warp_spec,flatten", [(False, False, False), (True, False, False),
+                                                          (False, True, False), (True, False, True)],
+                         ids=["one-tile", "persistent", "warp-specialized", "persistent-flattened"])
 @pytest.mark.parametrize("M,K,N", [(37, 80, 50), (64, 64, 96), (1, 32, 8)], ids=["ragged-K", "even-K", "one-token"])
-def test_gemm_tma_kernel_computes_what_the_pointer_kernel_does(mode, persistent, warp_spec, M, K, N):
+def test_gemm_tma_kernel_computes_what_the_pointer_kernel_does(mode, persistent, warp_spec, flatten, M, K, N):
     """tma=True: A and B tiles through tensor descriptors (zero-filled past M, N and K instead of wrapped and
-    masked), one program per tile or a persistent grid (4 programs on the CPU) walking several tiles each: the
-    same products and epilogue as the pointer kernel, so the same result bit for bit, GELU + quantized output
-    included. K = 80 is not a multiple of the 32-deep K tile: its last tile reads 16 columns past K as zeros."""
+    masked), one program per tile or a persistent grid (4 programs on the CPU) walking several tiles each (its tile
+    and K loops flattened into one or not: a compiler hint the interpreter runs as written): the same products and
+    epilogue as the pointer kernel, so the same result bit for bit, GELU + quantized output included. K = 80 is not
+    a multiple of the 32-deep K tile: its last tile reads 16 columns past K as zeros."""
     x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
     xq, xs = Q.quantize_rows(x, mode)
     wq, ws = Q.quantize_weight(w, mode)
-    tma = replace(SMALL, tma=True, persistent=persistent, warp_spec=warp_spec)
+    tma = replace(SMALL, tma=True, persistent=persistent, warp_spec=warp_spec, flatten=flatten)
     for kw in (dict(out_dtype=torch.float32), dict(activation="gelu_tanh", out_quant=mode, out_scale=0.01)):
         got = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=tma, **kw)
         want = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=SMALL, **kw)

@@ -427,6 +427,14 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
             model.uncompile_blocks()
     use_compiled = compiled is not None and compiled < eager
     turbo = compiled if use_compiled else eager
+    how = f"torch.compile per block ({args.compile_backend})" if use_compiled else "eager"
+    if args.ab and clock_ok("A/B variants"):
+        bench_ab(args, dit, device, fig, notes, "compiled" if use_compiled else "eager")
+    if not args.skip_cuda_graph and device.type == "cuda" and clock_ok("CUDA graph"):
+        graphed = bench_cuda_graph(args, model, sampler, steps, noise, context, uncond, d, pipe, device, fig,
+                                   "compiled" if use_compiled else "eager")
+        if graphed is not None and graphed < turbo:
+            turbo, how = graphed, how + ", replayed from one CUDA graph per forward (GraphedDiT)"
     fig[f"e2e_{TAG}_turbo_s"] = turbo
     if not args.skip_static_scales and clock_ok("static activation scales"):
         bench_static_scales(args, model, dit, device, use_compiled, fig, notes)
@@ -436,7 +444,6 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
     prec = {}
     for e in pipe.manifest["linears"].values():
         prec[e["precision"]] = prec.get(e["precision"], 0) + 1
-    how = f"torch.compile per block ({args.compile_backend})" if use_compiled else "eager"
     notes["turbo"] = (f"h100 bundle (attention {att}, linears {prec}, {pipe.manifest['dtype']}) loaded with "
                       f"TurboPipeline.from_bundle; wall time of the bundle's {d['sampler']} sampler, {steps} DiT "
                       f"forwards at batch 1 (no CFG) incl. its noise draws, median of {args.reps}; headline "
@@ -455,6 +462,82 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
 
 
 @torch.no_grad()
+def bench_cuda_graph(args, model, sampler, steps, noise, context, uncond, d, pipe, device, fig, how: str):
+    """The same sampler over `GraphedDiT(model)` (each forward one CUDA graph replay): recording time (first call),
+    wall time (median of --reps) and one forward's relative difference from the model's own. Returns the wall time,
+    or None when recording failed (the forwards then ran eagerly)."""
+    from turbo_infer.cuda_graph import GraphedDiT
+
+    graphed = GraphedDiT(model)
+
+    def dit_graph():
+        return sampler.sample(graphed, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
+                              dtype=pipe.dtype, generators=pipe.generators(1, 0))
+    t = time.perf_counter()
+    dit_graph()
+    sync(device)
+    first = time.perf_counter() - t
+    if graphed.num_graphs == 0:
+        log("CUDA graph: recording failed, see the warning above; no figure")
+        return None
+    wall = statistics.median(timed(dit_graph, device, args.reps, warmup=0))
+    x = noise.to(pipe.dtype)
+    ts = torch.full((1,), 900.0, device=device)
+    ref = model(x, ts, context)
+    rel = ((graphed(x, ts, context) - ref).float().norm() / ref.float().norm()).item()
+    fig[f"e2e_{TAG}_turbo_cuda_graph_s"] = wall
+    fig[f"e2e_{TAG}_turbo_cuda_graph_record_s"] = first
+    log(f"turbo DiT ({how}) replayed from CUDA graphs ({graphed.num_graphs} recorded): first call {first:.1f} s, "
+        f"then {wall:.3f} s; graph vs direct forward relative difference {rel:.2e}")
+    graphed.reset()
+    return wall
+
+
+def parse_ab(spec: str) -> tuple[str, list[str]]:
+    """--ab NAME=SETTING[;SETTING...] -> (NAME, [SETTING, ...]), each SETTING as --set takes it."""
+    name, sep, rest = spec.partition("=")
+    settings = [x for x in rest.split(";") if x]
+    if not sep or not name or not settings or not all(":" in x and "=" in x for x in settings):
+        raise SystemExit(f"--ab {spec!r}: expected NAME=MODULE:NAME[.FIELD]=VALUE[;MODULE:...=VALUE]")
+    return name, settings
+
+
+def bench_ab(args, dit, device, fig, notes, how: str) -> None:
+    """The DiT with each --ab variant's settings against the code's own, interleaved round by round (default, then
+    each variant, --ab-rounds times; the settings are module constants the kernels' launchers read at call time, so
+    compiled graphs need no recompile), so that a machine whose speed drifts over the run (seen on some lent hosts:
+    ±15 % between runs of one process) charges the drift to all of them alike. Figures: per variant the minimum and
+    the median of its rounds, and min(variant) / min(default). A first, untimed round runs every variant once."""
+    import importlib
+
+    variants = [("default", [])] + [parse_ab(spec) for spec in args.ab]
+    times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for r in range(args.ab_rounds + 1):  # round 0 untimed: a variant's first run may compile its kernels
+        for name, settings in variants:
+            saved = []
+            try:
+                for spec in settings:
+                    saved.append(apply_setting(spec, quiet=True))
+                t = timed(dit, device, 1, warmup=0)
+                if r:
+                    times[name] += t
+            finally:
+                for module_name, attr, old in reversed(saved):
+                    setattr(importlib.import_module(module_name), attr, old)
+    base = min(times["default"])
+    for name, ts in times.items():
+        fig[f"e2e_{TAG}_ab_{name}_min_s"] = min(ts)
+        fig[f"e2e_{TAG}_ab_{name}_median_s"] = statistics.median(ts)
+        if name != "default":
+            fig[f"e2e_{TAG}_ab_{name}_vs_default"] = min(ts) / base
+        log(f"A/B ({how}) {name}: min {min(ts):.3f} s, median {statistics.median(ts):.3f} s over {len(ts)} rounds "
+            f"[{', '.join(f'{t:.3f}' for t in ts)}]" + ("" if name == "default" else f"; min vs default "
+                                                          f"{min(ts) / base:.3f}"))
+    notes["ab"] = (f"A/B of the DiT ({how}), interleaved over {args.ab_rounds} rounds, one timed 4-step run per "
+                   f"variant and round: " + "; ".join(f"{n}: {', '.join(s) or 'the code as committed'}"
+                                                       for n, s in variants))
+
+
 def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:
     """The turbo DiT as a calibrated bundle runs it: static per-tensor activation scales (here from one
     forward's input amax, `set_static_scales`) let the up GEMM of every feed-forward block write the down
@@ -907,6 +990,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="MODULE:NAME=VALUE",
                    help="set a tuning constant before the run, e.g. turbo_kernels.gemm.norm_quant:NUM_WARPS=2 "
                         "(VALUE a Python literal; the module must already define NAME); repeatable, logged")
+    p.add_argument("--ab", action="append", default=[], metavar="NAME=MODULE:NAME[.FIELD]=VALUE[;...]",
+                   help="a tuning variant of the DiT timed interleaved with the code's defaults after the headline "
+                        "run (repeatable; settings as --set, ';'-separated; read by the kernels at call time)")
+    p.add_argument("--ab-rounds", type=int, default=5, help="interleaved rounds of --ab (default 5)")
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="past this many seconds, optional parts (attention comparison, compile, 14B) are skipped")
     for name, what in (("baseline", "the 50-step CFG baseline"), ("text", "the umT5 text encoder (random context)"),
@@ -914,7 +1001,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("profile", "the profiler breakdown"), ("ttfv", "the fresh-process time to first video"),
                        ("attention-compare", "timing the other sparse backend"),
                        ("gemm-compare", "timing the DiT with the W8A8 GEMMs' tensor-descriptor variants"),
-                       ("channels-last", "the VAE decode with the other Conv3d weight layout")):
+                       ("channels-last", "the VAE decode with the other Conv3d weight layout"),
+                       ("cuda-graph", "timing the DiT replayed from CUDA graphs (turbo_infer.cuda_graph)")):
         p.add_argument(f"--skip-{name}", action="store_true", help=f"skip {what}")
     p.add_argument("--skip-turbo", action="store_true",
                    help="skip the checkpoint, bundle, turbo DiT, full pipeline and first video (e.g. a 14B-only run)")
@@ -972,9 +1060,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def apply_setting(spec: str) -> tuple[str, str, object]:
+def apply_setting(spec: str, quiet: bool = False) -> tuple[str, str, object]:
     """--set MODULE:NAME=VALUE: assign a literal to an existing module-level constant (kernel tuning knobs);
-    MODULE:NAME.FIELD=VALUE replaces one field of a module-level dataclass instance (a kernel config default)."""
+    MODULE:NAME.FIELD=VALUE replaces one field of a module-level dataclass instance (a kernel config default).
+    Returns (MODULE, NAME, the value NAME had before), for undoing it."""
     import ast
     import dataclasses
     import importlib
@@ -989,6 +1078,7 @@ def apply_setting(spec: str) -> tuple[str, str, object]:
     name, _, field = name.partition(".")
     if not hasattr(module, name):
         raise SystemExit(f"--set {spec!r}: {module_name} has no {name}")
+    before = getattr(module, name)
     if field:
         current = getattr(module, name)
         if not dataclasses.is_dataclass(current) or field not in {f.name for f in dataclasses.fields(current)}:
@@ -996,8 +1086,9 @@ def apply_setting(spec: str) -> tuple[str, str, object]:
         setattr(module, name, dataclasses.replace(current, **{field: value}))
     else:
         setattr(module, name, value)
-    log(f"--set {module_name}.{name}{'.' + field if field else ''} = {value!r}")
-    return module_name, name, value
+    if not quiet:
+        log(f"--set {module_name}.{name}{'.' + field if field else ''} = {value!r}")
+    return module_name, name, before
 
 
 def main(argv=None) -> int:
@@ -1011,6 +1102,8 @@ def main(argv=None) -> int:
         raise SystemExit("--reps, --reps-14b and --ttfv-runs must be >= 1")
     for spec in args.set:
         apply_setting(spec)
+    for spec in args.ab:
+        parse_ab(spec)  # a malformed variant fails before the run, not after the baseline
     run(args)
     return 0
 

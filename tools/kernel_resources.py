@@ -22,7 +22,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
     w8a8_tma_gate2, w8a8_tma_gate3  the same with a gate row that changes inside a tile (select) / per row (gather)
     w8a8_tma_group_out  the FFN up: GELU, output quantized per row and group of 128 columns (out_group)
     w8a8_tma_persist, w8a8_tma_flat, w8a8_tma_flat_gelu  persistent grid (132 programs), bf16 out: the tile loop as
-                      it is / flattened with the K loop into one pipelined loop (GemmConfig.flatten), + GELU
+                      it is / flattened with the K loop into one pipelined loop (GemmConfig.flatten), + GELU;
+    w8a8_tma_flat_res  flattened, the FFN down's gated residual in the epilogue (gate path 1)
     w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
 Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
 fp8 quantization, 1 warp).
@@ -116,6 +117,8 @@ OTHER_VARIANTS = {
                       _w8a8_signature, 8, 4),
     "w8a8_tma_flat_gelu": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                            dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True), _w8a8_signature, 8, 4),
+    "w8a8_tma_flat_res": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
+                          dict(NUM_PROGRAMS=132, FLATTEN=True, RESIDUAL=True, GATE=1), _w8a8_signature, 8, 4),
     "w8a8_tma_persist": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132), _w8a8_signature,
                          8, 4),
     "w8a8_ptr_group_a": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_kernel",

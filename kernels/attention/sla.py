@@ -261,9 +261,9 @@ class SLAKernelConfig:
     dkdv_stages: int = 2
     state_warps: int = 8
     # key blocks per program of the linear branch's state kernel (W^T loaded once per program, the blocks a pipelined
-    # loop). 1 = one block per program, as timed so far (0.30-0.33 ms at the 1.3B shape, its memory floor ~0.13 ms);
-    # larger values are in bench_attention's sweep, not yet timed
-    state_blocks: int = 1
+    # loop). H100, 2026-12-06, 1.3B, topk 0.1, the inference state (kernel + marginal GEMMs), bench_attention --sweep,
+    # blocks / warps: 1/8 0.478 ms, 2/8 0.426, 4/8 0.412, 8/8 0.405, 4/4 0.420 (same sums bit for bit)
+    state_blocks: int = 8
     # warps of the separate linear-branch kernels (forward epilogue, backward dQ and dK/dV parts): one
     # 64- or 128-row tile each with D x D products; at 4 warps the backward ones spill (sm_90, dQ part
     # 1 400 stack bytes; 8 warps: 496, dK/dV part 40 -> 0; tools/kernel_resources.py), not yet timed

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,7 +181,8 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TRITON_INTERPRET="1")
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_e2e.py"), "--tiny", "--workdir",
-                           str(tmp_path), "--with-14b", "--reps", "1"], env=env, capture_output=True, text=True,
+                           str(tmp_path), "--with-14b", "--reps", "1", "--ab-rounds", "1",
+                           "--ab", "w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "e2e.json").read_text())
@@ -190,6 +192,7 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     assert fig["e2e_1.3b_480p_speedup"] == pytest.approx(fig["e2e_1.3b_480p_baseline_s"]
                                                          / fig["e2e_1.3b_480p_turbo_s"])
     assert "EXTRAPOLATED" in doc["notes"]["baseline"] and "--tiny" in doc["command"]
+    assert fig["e2e_1.3b_480p_ab_w2_min_s"] > 0 and fig["e2e_1.3b_480p_ab_default_min_s"] > 0
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "results" / "e2e_breakdown.png").stat().st_size > 0
@@ -276,11 +279,48 @@ def test_set_option_assigns_constants_and_config_fields(monkeypatch):
     before = sla.DEFAULT_CONFIG
     bench_e2e.apply_setting("turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2")
     assert qr.NUM_WARPS == 2
-    bench_e2e.apply_setting("turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=4")
-    assert sla.DEFAULT_CONFIG.state_blocks == 4 and before.state_blocks == 1  # a new instance
+    bench_e2e.apply_setting("turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=3")
+    assert sla.DEFAULT_CONFIG.state_blocks == 3 and before.state_blocks != 3  # a new instance
     for bad, match in (("turbo_kernels.attention.sla:NOPE=1", "has no NOPE"),
                        ("turbo_kernels.attention.sla:DEFAULT_CONFIG.nope=1", "not a dataclass with a field 'nope'"),
                        ("turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=four", "Python literal"),
                        ("no_colon=1", "MODULE:NAME=VALUE")):
         with pytest.raises(SystemExit, match=match):
             bench_e2e.apply_setting(bad)
+
+
+def test_ab_variants_interleave_and_restore(monkeypatch):
+    """bench_e2e --ab: each round runs the default, then each variant with its settings applied, and restores the
+    module constants after every run (also when the run fails); malformed specs fail before anything runs."""
+    import bench_e2e
+
+    from turbo_kernels.attention import qk_norm_rope as qr
+    from turbo_kernels.attention import sla
+
+    monkeypatch.setattr(qr, "NUM_WARPS", 4)
+    monkeypatch.setattr(sla, "DEFAULT_CONFIG", sla.DEFAULT_CONFIG)
+    seen = []
+
+    def dit():
+        seen.append((qr.NUM_WARPS, sla.DEFAULT_CONFIG.state_blocks))
+
+    args = SimpleNamespace(ab=["w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2",
+                               "both=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=1;"
+                               "turbo_kernels.attention.sla:DEFAULT_CONFIG.state_blocks=3"], ab_rounds=2)
+    fig, notes = {}, {}
+    blocks = sla.DEFAULT_CONFIG.state_blocks
+    bench_e2e.bench_ab(args, dit, torch.device("cpu"), fig, notes, "eager")
+    assert seen == [(4, blocks), (2, blocks), (1, 3)] * 3  # an untimed round, then two timed
+    assert qr.NUM_WARPS == 4 and sla.DEFAULT_CONFIG.state_blocks == blocks
+    assert {"e2e_1.3b_480p_ab_w2_vs_default", "e2e_1.3b_480p_ab_both_median_s"} <= set(fig)
+    assert "state_blocks=3" in notes["ab"]
+
+    def failing():  # the variant's run fails
+        if qr.NUM_WARPS == 2:
+            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError):
+        bench_e2e.bench_ab(SimpleNamespace(ab=args.ab[:1], ab_rounds=1), failing, torch.device("cpu"), {}, {}, "eager")
+    assert qr.NUM_WARPS == 4
+    for bad in ("nameonly", "x=", "x=no_colon_or_value"):
+        with pytest.raises(SystemExit, match="--ab"):
+            bench_e2e.parse_ab(bad)

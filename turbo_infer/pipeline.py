@@ -93,6 +93,7 @@ class TurboPipeline:
         self.sample_defaults = {"sampler": "euler", "steps": 50, "guidance": 5.0}
         self.manifest = None  # a bundle's manifest (from_bundle), else None
         self.load_times: dict[str, float] = {}  # seconds per loaded part (from_bundle)
+        self.graphed = None  # GraphedDiT over the transformer once use_cuda_graphs() turned it on
         cfg = getattr(transformer, "config", None)
         self.patch_size = tuple(getattr(cfg, "patch_size", (1, 1, 1)))
         if cfg is not None:
@@ -267,6 +268,19 @@ class TurboPipeline:
         compile (about 7 s for the Wan-1.3B h100 bundle on an H200, about 4 s with Inductor's on-disk
         cache warm) and later ones run faster (4-step DiT 0.80 s vs 1.00 s eager there). Returns self."""
         self.transformer.compile_blocks(backend, mode)
+        if self.graphed is not None:
+            self.graphed.reset()  # graphs recorded before hold the eager kernels
+        return self
+
+    def use_cuda_graphs(self, enabled: bool = True) -> "TurboPipeline":
+        """Run the DiT's forwards from CUDA graphs (`turbo_infer.cuda_graph.GraphedDiT`): the first generate() of each
+        video size and batch records one (two eager warm-up forwards, then the recording), later ones replay it with
+        one launch per forward instead of the host launching every kernel. Pays off where the host cannot keep the
+        GPU busy (BENCHMARKS.md, end to end); off the GPU it changes nothing. Combines with compile() (call either
+        first). Returns self."""
+        from turbo_infer.cuda_graph import GraphedDiT
+
+        self.graphed = GraphedDiT(self.transformer) if enabled else None
         return self
 
     # ------------------------------------------------------------------ generation
@@ -301,7 +315,7 @@ class TurboPipeline:
         gens = self.generators(len(prompts), seed)
         noise = batch_randn(self.vae.latent_shape(num_frames, height, width), gens, self.device)  # (B, C, F, H, W)
         return get_sampler(sampler, **(sampler_options or {})).sample(
-                                           self.transformer, noise, context, uncond=uncond, guidance=guidance,
+                                           self.graphed or self.transformer, noise, context, uncond=uncond, guidance=guidance,
                                            steps=steps, shift=shift, progress=progress, dtype=self.dtype,
                                            generators=gens)
 

@@ -136,6 +136,31 @@ def test_compile_flag_compiles_before_generating(toy_ckpt, tmp_path, monkeypatch
     assert len(calls) == 1 and out.is_file()
 
 
+def test_cuda_graphs_flag_hands_the_sampler_the_graphed_dit(toy_ckpt, tmp_path, monkeypatch):
+    """--cuda-graphs: the sampler gets GraphedDiT (on the CPU it runs the model itself: same video as without);
+    with --num-gpus it is refused."""
+    from turbo_infer import samplers
+    from turbo_infer.cuda_graph import GraphedDiT
+    from turbo_infer.video_io import read_video
+
+    seen = []
+    real = samplers.FlowEulerSampler.sample
+
+    def spy(self, model, *a, **k):
+        seen.append(model)
+        return real(self, model, *a, **k)
+
+    monkeypatch.setattr(samplers.FlowEulerSampler, "sample", spy)
+    args = ["--checkpoint", str(toy_ckpt), "--prompt", "a", "--frames", "2", "--height", "32", "--width", "32",
+            "--steps", "1", "--no-progress", "--sampler", "euler"]
+    assert main(args + ["--out", str(tmp_path / "g.gif"), "--cuda-graphs"]) == 0
+    assert main(args + ["--out", str(tmp_path / "p.gif")]) == 0
+    assert isinstance(seen[0], GraphedDiT) and not isinstance(seen[1], GraphedDiT)
+    assert (read_video(tmp_path / "g.gif") == read_video(tmp_path / "p.gif")).all()
+    with pytest.raises(SystemExit):
+        main(args + ["--out", str(tmp_path / "x.gif"), "--cuda-graphs", "--num-gpus", "2", "--device", "cpu"])
+
+
 def test_rcm_mid_times_reach_the_sampler(toy_ckpt, tmp_path, monkeypatch):
     from turbo_infer import samplers
 

@@ -341,13 +341,16 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
             restore_attention(model, old)
 
     if not args.skip_gemm_compare and device.type == "cuda" and clock_ok("GEMM comparison"):
-        # the W8A8 GEMMs with tensor-descriptor tiles (and a persistent grid) instead of pointer loads: the DiT
-        # eager with each, the module default swapped for the call and restored
+        # the W8A8 GEMMs' other tile paths (pointer loads; descriptor tiles with one program per tile; the default:
+        # descriptors on a persistent grid with flattened loops): the DiT eager with each, the module default
+        # swapped for the call and restored (--ab times such variants interleaved, which a drifting host needs)
         import dataclasses
 
         import turbo_kernels.gemm.w8a8 as w8a8_mod
         default = w8a8_mod.DEFAULT_GEMM_CONFIG
-        for tag, change in (("gemm_tma", dict(tma=True)), ("gemm_tma_persistent", dict(tma=True, persistent=True))):
+        for tag, change in (("gemm_pointers", dict(tma=False)),
+                            ("gemm_tma_one_tile", dict(tma=True, persistent=False, flatten=False)),
+                            ("gemm_tma_flat", dict(tma=True, persistent=True, flatten=True))):
             if dataclasses.replace(default, **change) == default:
                 continue  # that is the default, timed above
             w8a8_mod.DEFAULT_GEMM_CONFIG = dataclasses.replace(default, **change)

@@ -263,22 +263,25 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
 # 0.950; 128x256x64 w8 s4 0.978 (scaled_mm 0.915). fp8 8960→1536: 0.708 / 0.805 / 0.765 / 0.761 (scaled_mm
 # 0.908). int8 up: 1.034 / 1.229 / 1.018 / 1.170 (_int_mm 1.464); int8 down: 0.817 / 0.933 / 0.837 / 0.980.
 GEMM_CONFIGS = [
-    W.GemmConfig(128, 256, 128, 8, 8, 3),
-    W.GemmConfig(256, 128, 128, 8, 8, 3),
-    # A/B tiles through tensor descriptors (TMA), one program per tile or a persistent grid (one per SM)
-    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True),
-    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True),
-    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True),
-    W.GemmConfig(256, 128, 128, 8, 8, 3, tma=True),
-    W.GemmConfig(128, 128, 128, 8, 8, 4, tma=True, persistent=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=False),
+    W.GemmConfig(256, 128, 128, 8, 8, 3, tma=False),
+    # A/B tiles through tensor descriptors (TMA), one program per tile or a persistent grid (one per SM), its tile and
+    # K loops flattened into one (the default since session 30) or not
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=False, flatten=False),
+    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True, persistent=False, flatten=False),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True, flatten=False),
+    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True, persistent=True, flatten=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True, flatten=True),
+    W.GemmConfig(256, 128, 128, 8, 8, 3, tma=True, persistent=False, flatten=False),
+    W.GemmConfig(128, 128, 128, 8, 8, 4, tma=True, persistent=True, flatten=False),
     # Triton's automatic warp specialization of the K loop (producer / consumer warps)
-    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, warp_spec=True),
-    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True, warp_spec=True),
-    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True, warp_spec=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=False, flatten=False, warp_spec=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 4, tma=True, persistent=False, flatten=False, warp_spec=True),
+    W.GemmConfig(128, 256, 128, 8, 8, 3, tma=True, persistent=True, flatten=False, warp_spec=True),
 ]
 # the GEMM with the activation quantized in its K loop reads A in 16 bits: twice the shared memory per A
 # stage (128x128 bf16 = 32 KiB), so fewer stages or a shorter K step; tiles that do not fit are skipped
-STATIC_FUSED_CONFIGS = [
+STATIC_FUSED_CONFIGS = [  # the pointer kernel (its launcher ignores tma / persistent)
     W.GemmConfig(128, 256, 128, 8, 8, 3),
     W.GemmConfig(128, 256, 128, 8, 8, 2),
     W.GemmConfig(128, 256, 64, 8, 8, 4),
@@ -322,7 +325,8 @@ def bench_w8a8(h: Harness, M=32760, dim=1536, ffn=8960):
             tb, cb = float("inf"), None
             for cfg in GEMM_CONFIGS:
                 tag = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}" + \
-                    ("tma" if cfg.tma else "") + ("p" if cfg.persistent else "") + ("ws" if cfg.warp_spec else "")
+                    ("tma" if cfg.tma else "") + ("p" if cfg.tma and cfg.persistent else "") + \
+                    ("f" if cfg.tma and cfg.persistent and cfg.flatten else "") + ("ws" if cfg.warp_spec else "")
                 t = guarded(tag, lambda: h.measure(case, f"triton_{mode}_{tag}", "fwd",
                                                    lambda: W.w8a8_matmul(xq, xs, wq, ws, lin.bias, backend="triton",
                                                                          config=cfg)))
@@ -568,8 +572,8 @@ def bench_rows(h: Harness, M=32760, dim=1536, heads=12):
 def bench_gelu_flatten(h: Harness, M=32760, dim=1536, ffn=8960):
     """fp8 FFN GEMMs as the DiT runs them (up: GELU in the epilogue, bf16 or group-quantized fp8 out; down: bf16 out),
     with the epilogue's GELU from the hardware tanh (`w8a8.GELU_APPROX`, default) or exp + division, and with the
-    descriptor kernel's tile loop as one program per tile (default), persistent, or persistent with the tile and K
-    loops flattened into one pipelined loop (`GemmConfig.flatten`). Figures `gemm_*_ms`, the approximation's error
+    descriptor kernel's tile loop as the default config has it, one program per tile, persistent, or persistent with
+    the tile and K loops flattened into one pipelined loop (`GemmConfig.flatten`; the default since session 30). Figures `gemm_*_ms`, the approximation's error
     against the exact GELU's output, and the best variant against the default."""
     from dataclasses import replace
 
@@ -583,8 +587,9 @@ def bench_gelu_flatten(h: Harness, M=32760, dim=1536, ffn=8960):
     xq, xs = Q.quantize_rows(x, "fp8")
     hq, hs = Q.quantize_rows(F.gelu(up(x), approximate="tanh"), "fp8")
     base = W.DEFAULT_GEMM_CONFIG
-    configs = {"default": base, "persistent": replace(base, persistent=True),
-               "flat_s4": replace(base, persistent=True, flatten=True),
+    configs = {"default": base, "one_tile": replace(base, persistent=False, flatten=False),
+               "persistent": replace(base, persistent=True, flatten=False),
+               "flat_s4": replace(base, persistent=True, flatten=True, num_stages=4),
                "flat_s3": replace(base, persistent=True, flatten=True, num_stages=3)}
     saved = W.GELU_APPROX
     try:

@@ -351,23 +351,26 @@ class GemmConfig:
     # 0.686; int8 1.031 -> 0.979, 0.819 -> 0.747. Persistent: fp8 up 0.873, down 0.712; int8 0.952 / 0.747: mixed,
     # off. Quantizing A inside the K loop (`w8a8_matmul_static_input`) keeps the pointer kernel.
     tma: bool = True
-    persistent: bool = False
+    # persistent + flatten on since 2026-12-06 (session 30, H100, fp8, M = 32760, ms one tile per program ->
+    # persistent -> persistent with the tile and K loops flattened: up with GELU 0.973 -> 0.938 -> 0.824, down 0.693
+    # -> 0.686 -> 0.678; the compiled 4-step DiT, timed interleaved with the old default, 0.701 vs 0.726 s)
+    persistent: bool = True
     warp_spec: bool = False  # descriptor kernel only: the K loop warp-specialized (tl.range(warp_specialize=True))
-    # persistent descriptor kernel only: tile loop and K loop flattened into one pipelined loop (next tile's copies
-    # overlap this tile's epilogue). Not yet timed on a GPU.
-    flatten: bool = False
+    # persistent descriptor kernel only: tile loop and K loop flattened into one pipelined loop (the next tile's copies
+    # are in flight during this tile's epilogue)
+    flatten: bool = True
 
 
-# The default where tiles come through tensor descriptors (sm_90+): 4 stages. H100, M = 32760, ms at 3 -> 4 stages
+# The default where tiles come through tensor descriptors (sm_90+): 4 stages, persistent, flattened (above). H100, M = 32760, ms at 3 -> 4 stages
 # (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up 0.977 -> 0.947, down 0.726 -> 0.702
 # (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the
 # a100, rtx4090 targets) the pointer kernel keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
 DEFAULT_GEMM_CONFIG = GemmConfig()
-POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False)
+POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False, persistent=False, flatten=False)
 # A with scales per row and group of columns (x_scale (K // G, M)): the pointer kernel, whose K loop scales each
 # step's partial product; 128-wide N tiles, since the partial product is a second accumulator-sized tile in
 # registers beside the accumulator. Not yet timed on a GPU.
-GROUPED_GEMM_CONFIG = GemmConfig(block_n=128, num_stages=3, tma=False)
+GROUPED_GEMM_CONFIG = GemmConfig(block_n=128, num_stages=3, tma=False, persistent=False, flatten=False)
 
 
 def default_gemm_config(t: torch.Tensor) -> GemmConfig:

@@ -27,8 +27,8 @@ if groups:
     out.append("--set turbo_infer.layers.compile_ops:FFN_HIDDEN_GROUP=128")
 # the GEMM tile loop: the FFN's up (GELU, the output the FFN path above takes) + down GEMMs per variant
 up = "group128" if groups else "bf16"
-loops = {"persistent": "persistent=True", "flat_s4": "persistent=True flatten=True",
-         "flat_s3": "persistent=True flatten=True num_stages=3"}
+loops = {"one_tile": "persistent=False flatten=False", "persistent": "persistent=True flatten=False",
+         "flat_s4": "persistent=True flatten=True num_stages=4", "flat_s3": "persistent=True flatten=True num_stages=3"}
 pair = {t: (f.get(f"gemm_fp8_ffn_up_gelu_approx_{t}_{up}_ms"), f.get(f"gemm_fp8_ffn_down_{t}_ms"))
         for t in ["default", *loops]}
 pair = {t: a + b for t, (a, b) in pair.items() if a and b}

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT block by block before generating: ~7 s once (~4 s with Inductor's cache "
-                        "warm), then 0.80 vs 1.00 s per 4-step Wan-1.3B DiT pass on an H200; pays off over many prompts")
+                        "warm), then 0.70 vs 0.77 s per 4-step Wan-1.3B DiT pass on an H100; pays off over many prompts")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the DiT's forwards from CUDA graphs (recorded during the first video of each size): "
                         "removes the host's kernel-launch time, which bounds the 4-step DiT on slower hosts; "

@@ -21,7 +21,7 @@ def linear_args(mode="int8", act_scale=None):
     return m, (torch.randn(3, 5, 32), m.weight_q, m.weight_scale, m.bias, m.smooth_inv, m.static_scale, mode, False)
 
 
-@pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static", "norm_rope"])
+@pytest.mark.parametrize("name", ["sla", "sage", "sagesla", "w8a8_int8", "w8a8_fp8_static", "norm_rope", "rms_norm"])
 def test_fake_implementation_agrees_with_the_real_one(name):
     q, k, v = qkv()
     W, b = torch.randn(32, 32) * 0.1, torch.randn(32) * 0.1
@@ -33,6 +33,7 @@ def test_fake_implementation_agrees_with_the_real_one(name):
         "w8a8_fp8_static": (ops.w8a8_linear, linear_args("fp8", act_scale=0.05)[1]),
         "norm_rope": (ops.norm_rope, (torch.randn(2, 6, 24), torch.rand(24) + 0.5, torch.rand(6, 4), torch.rand(6, 4),
                                       3, 1e-6)),
+        "rms_norm": (ops.rms_norm, (torch.randn(2, 6, 24), torch.rand(24) + 0.5, 1e-6)),
     }
     op, args = cases[name]
     # test_schema compares the inputs before and after with ops that the CPU lacks for float8 (an fp8
@@ -89,7 +90,6 @@ def test_sagesla_kernel_path_equals_its_references(pv, monkeypatch):
                                    i2f=DEFAULT_SPARSE_CONFIG.i2f)
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch linear branch
     ref = add_linear_branch(o_s, q, k, v, bm, W, b)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(ops, "_fast_lowbit", lambda t, p: (True, p))
     got = ops.sagesla_forward(q, k, v, W, b, 0.3, 16, 16, "softmax", pv)
     assert got.dtype == torch.float16 and got.is_contiguous()
@@ -120,3 +120,42 @@ def test_attention_ops_answer_token_major_inputs_token_major(name, kernels, monk
     assert got.transpose(1, 2).reshape(B, L, H * D).data_ptr() == got.data_ptr()  # the DiT's reshape is a view
     if not kernels:
         torch.library.opcheck(op.op, (tq, tk, tv, *rest[name]), test_utils=("test_faketensor",))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rms_norm_kernel_matches_the_models_rmsnorm(dtype):
+    """turbo::rms_norm (the Triton norm kernel with norm="rms", in the interpreter) computes what WanModel's
+    RMSNorm does in torch: fp32 math, the same rounding back to x's dtype up to the sum's order (one ulp of fp16;
+    fp32 within 1e-5 relative)."""
+    from turbo_infer.models.wan import RMSNorm
+
+    norm = RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    x = (torch.randn(2, 7, 48) * 3).to(dtype)
+    want = norm(x)  # the torch chain (CPU tensors never take the kernel)
+    got = ops.rms_norm(x, norm.weight.to(dtype), 1e-6)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_rmsnorm_takes_the_kernel_where_its_placement_says(monkeypatch):
+    """RMSNorm routes to turbo::rms_norm when fused kernels apply (CUDA inference; faked here) and
+    FUSED_RMS_NORM allows it: "eager" and "always" outside torch.compile, never under "never"; a bad placement is
+    refused with the setting's name."""
+    from turbo_infer.models import wan
+
+    calls = []
+    monkeypatch.setattr(wan, "fused_norm_rope_applies", lambda t: True)
+    monkeypatch.setattr(ops, "rms_norm", lambda x, w, eps: calls.append(eps) or x)
+    norm = wan.RMSNorm(8, 1e-5)
+    x = torch.randn(2, 8)
+    for mode, used in (("eager", True), ("always", True), ("never", False)):
+        monkeypatch.setattr(wan, "FUSED_RMS_NORM", mode)
+        calls.clear()
+        norm(x)
+        assert bool(calls) == used, mode
+    monkeypatch.setattr(wan, "FUSED_RMS_NORM", "sometimes")
+    with pytest.raises(ValueError, match="FUSED_RMS_NORM"):
+        norm(x)

@@ -265,6 +265,19 @@ def _(x, weight, bias, eps, shift, scale, mode, act_scale, use_kernels):
     return x.new_empty((M, x.shape[-1]), dtype=QDTYPE[mode]), x.new_empty((M,), dtype=torch.float32)
 
 
+@_custom_op("turbo::rms_norm")
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim in fp32, times weight, back in x's dtype, in one pass over x (turbo_kernels
+    norm_quant with norm="rms", no modulation, no quantization): x (..., C) -> like x."""
+    with torch.no_grad():
+        return norm_modulate_quant(x, norm="rms", weight=weight, eps=eps, quant=None)
+
+
+@rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
 @_custom_op("turbo::norm_rope")
 def norm_rope(x: Tensor, weight: Tensor, cos: Tensor, sin: Tensor, num_heads: int, eps: float) -> Tensor:
     """Fused q/k RMSNorm + RoPE: x (B, L, C) -> (B, L, H, D) in x's dtype (turbo_kernels qk_norm_rope)."""
@@ -278,5 +291,5 @@ def _(x, weight, cos, sin, num_heads, eps):
     return x.new_empty((B, L, num_heads, C // num_heads))
 
 
-__all__ = ["norm_rope", "quantize_activation", "quantized_product", "sage_forward", "sagesla_forward", "sla_forward",
+__all__ = ["norm_rope", "quantize_activation", "rms_norm", "quantized_product", "sage_forward", "sagesla_forward", "sla_forward",
            "w8a8_linear"]

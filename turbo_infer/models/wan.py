@@ -184,6 +184,15 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+# Where RMSNorm (the cross-attention's q / k norms; self-attention's go through the fused norm + RoPE kernel) runs as
+# one Triton pass (`compile_ops.rms_norm`) on CUDA in inference: "eager" (outside torch.compile; a compiled block
+# leaves it to Inductor, which fuses the chain itself), "always" or "never". Eager, the torch chain (fp32 copy, pow,
+# mean, rsqrt, two products, cast) makes ~7 passes over the (L, dim) tensor: on the 4-step Wan-1.3B DiT's profile
+# ~80 ms per video of elementwise kernels on an H100 (BENCHMARKS.md, end to end). torch.compile guards on it.
+FUSED_RMS_NORM = "eager"
+RMS_NORM_PLACEMENTS = ("eager", "always", "never")
+
+
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32 (Wan normalizes q/k across all heads)."""
 
@@ -193,6 +202,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused_rms_norm(x):
+            from turbo_infer.layers.compile_ops import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -247,6 +260,16 @@ class RoPE3D(nn.Module):
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+def _fused_rms_norm(x: torch.Tensor) -> bool:
+    """Whether RMSNorm takes the one-pass kernel for x (FUSED_RMS_NORM, CUDA inference, as fused_norm_rope_applies)."""
+    mode = FUSED_RMS_NORM
+    if mode not in RMS_NORM_PLACEMENTS:
+        raise ValueError(f"FUSED_RMS_NORM must be one of {RMS_NORM_PLACEMENTS}, got {mode!r}")
+    if mode == "never" or (mode == "eager" and torch.compiler.is_compiling()):
+        return False
+    return fused_norm_rope_applies(x)
 
 
 def fused_norm_rope_applies(t: torch.Tensor) -> bool:

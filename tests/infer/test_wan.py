@@ -213,8 +213,8 @@ def test_keep_attention_checkpointing_recomputes_no_attention(dtype):
 
 
 def test_fused_norm_rope_path_gives_the_eager_outputs(monkeypatch):
-    """The inference path through turbo::norm_rope (the Triton kernel, here in the CPU interpreter)
-    equals the eager RMSNorm + RoPE path; CPU tensors never take it on their own."""
+    """The inference path through turbo::norm_rope and turbo::rms_norm (the Triton kernels, here in the CPU
+    interpreter) equals the eager RMSNorm + RoPE path; CPU tensors never take it on their own."""
     import turbo_infer.models.wan as wan
 
     torch.manual_seed(0)
@@ -229,7 +229,7 @@ def test_fused_norm_rope_path_gives_the_eager_outputs(monkeypatch):
         eager = m(x, t, ctx)
         monkeypatch.setattr(wan, "fused_norm_rope_applies", lambda t: calls.append(1) or not torch.is_grad_enabled())
         fused = m(x, t, ctx)
-    assert len(calls) == TINY["num_layers"]
+    assert len(calls) == 3 * TINY["num_layers"]  # self-attention's q/k kernel, cross-attention's q and k norms
     torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(wan, "fused_norm_rope_applies", real)
 

@@ -265,8 +265,9 @@ class TurboPipeline:
 
     def compile(self, backend: str = "inductor", mode: str | None = None) -> "TurboPipeline":
         """torch.compile the DiT block by block (`WanModel.compile_blocks`); the next generate() pays the
-        compile (about 7 s for the Wan-1.3B h100 bundle on an H200, about 4 s with Inductor's on-disk
-        cache warm) and later ones run faster (4-step DiT 0.80 s vs 1.00 s eager there). Returns self."""
+        compile (2-7 s for the Wan-1.3B h100 bundle, less with Inductor's on-disk cache warm). Since the eager
+        runtime fuses the same work in its own kernels, the h100 bundle on an H100 runs as fast eager (4-step
+        DiT 0.690 s eager, 0.691 s compiled; BENCHMARKS.md). Returns self."""
         self.transformer.compile_blocks(backend, mode)
         if self.graphed is not None:
             self.graphed.reset()  # graphs recorded before hold the eager kernels

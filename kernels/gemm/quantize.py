@@ -14,6 +14,8 @@ the attention kernels (see its docstring for why).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from turbo_kernels.utils import check_float_dtype, interpreter_enabled, next_power_of_2, use_triton
@@ -191,12 +193,36 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # host launcher
 # ----------------------------------------------------------------------------------------------
-def static_inv_scale(static_scale: float) -> tuple[float, float]:
-    """(1/s, s) rounded to fp32 exactly as the reference computes them."""
+# one-element scale tensor -> ((its version, storage address), (1/s, s)): a static scale held as a tensor (a W8A8
+# layer's calibrated activation scale, a 0-d CPU tensor) is converted once, not at every call (the conversion builds
+# two small tensors: host time on every quantized layer of every step; were the tensor on a GPU, float() would also
+# wait for the device). An in-place change (a new version) or new storage converts again.
+_HOST_SCALES: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _scale_key(t: torch.Tensor) -> tuple:
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter: its address alone
+        version = None
+    return version, t.data_ptr()
+
+
+def static_inv_scale(static_scale) -> tuple[float, float]:
+    """(1/s, s) rounded to fp32 exactly as the reference computes them; static_scale a number or a one-element
+    tensor (read once per tensor version, see _HOST_SCALES)."""
+    cached = isinstance(static_scale, torch.Tensor)
+    if cached:
+        hit = _HOST_SCALES.get(static_scale)
+        if hit is not None and hit[0] == _scale_key(static_scale):
+            return hit[1]
     s = torch.tensor(float(static_scale), dtype=torch.float32)
     if not s > 0:
         raise ValueError(f"static act_scale must be > 0, got {static_scale}")
-    return float(torch.tensor(1.0) / s), float(s)
+    out = float(torch.tensor(1.0) / s), float(s)
+    if cached:
+        _HOST_SCALES[static_scale] = (_scale_key(static_scale), out)
+    return out
 
 
 def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None, *,

@@ -383,3 +383,19 @@ def test_descriptor_kernels_only_where_they_were_timed(monkeypatch):
     wq, ws = Q.quantize_weight(w, "int8")
     got = W.w8a8_matmul(xq, xs, wq, ws, out_dtype=torch.float32, config=replace(SMALL, tma=True))
     assert torch.equal(got, W.w8a8_matmul(xq, xs, wq, ws, out_dtype=torch.float32, config=SMALL))
+
+
+def test_static_scale_tensor_is_read_once_per_version():
+    """A static activation scale held as a tensor (W8A8Linear.static_scale) is converted to floats once and reused;
+    an in-place update or a new storage is read again, a bad value refused as before."""
+    t = torch.tensor([0.5])
+    assert Q.static_inv_scale(t) == (2.0, 0.5)
+    assert Q._HOST_SCALES[t][1] == (2.0, 0.5)
+    Q._HOST_SCALES[t] = (Q._scale_key(t), (7.0, 7.0))  # a cached entry is what the next call returns
+    assert Q.static_inv_scale(t) == (7.0, 7.0)
+    t.fill_(0.25)  # in place: a new version
+    assert Q.static_inv_scale(t) == (4.0, 0.25)
+    t.data = torch.tensor([0.125])  # new storage behind the same tensor object
+    assert Q.static_inv_scale(t) == (8.0, 0.125)
+    with pytest.raises(ValueError, match="act_scale must be > 0"):
+        Q.static_inv_scale(torch.tensor([0.0]))

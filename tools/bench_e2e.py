@@ -515,8 +515,11 @@ def bench_ab(args, dit, device, fig, notes, how: str) -> None:
 
     variants = [("default", [])] + [parse_ab(spec) for spec in args.ab]
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
+    failed: dict[str, str] = {}
     for r in range(args.ab_rounds + 1):  # round 0 untimed: a variant's first run may compile its kernels
         for name, settings in variants:
+            if name in failed:
+                continue
             saved = []
             try:
                 for spec in settings:
@@ -524,9 +527,15 @@ def bench_ab(args, dit, device, fig, notes, how: str) -> None:
                 t = timed(dit, device, 1, warmup=0)
                 if r:
                     times[name] += t
+            except Exception as e:  # noqa: BLE001  (a variant's kernels may not fit the device): drop it
+                if name == "default":
+                    raise
+                failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
+                log(f"A/B variant {name} failed, dropped: {failed[name]}")
             finally:
                 for module_name, attr, old in reversed(saved):
                     setattr(importlib.import_module(module_name), attr, old)
+    times = {name: ts for name, ts in times.items() if name not in failed}
     base = min(times["default"])
     for name, ts in times.items():
         fig[f"e2e_{TAG}_ab_{name}_min_s"] = min(ts)
@@ -538,7 +547,8 @@ def bench_ab(args, dit, device, fig, notes, how: str) -> None:
                                                           f"{min(ts) / base:.3f}"))
     notes["ab"] = (f"A/B of the DiT ({how}), interleaved over {args.ab_rounds} rounds, one timed 4-step run per "
                    f"variant and round: " + "; ".join(f"{n}: {', '.join(s) or 'the code as committed'}"
-                                                       for n, s in variants))
+                                                       for n, s in variants)
+                   + "".join(f"; {n} failed: {err}" for n, err in failed.items()))
 
 
 def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:

@@ -315,12 +315,16 @@ def test_ab_variants_interleave_and_restore(monkeypatch):
     assert {"e2e_1.3b_480p_ab_w2_vs_default", "e2e_1.3b_480p_ab_both_median_s"} <= set(fig)
     assert "state_blocks=3" in notes["ab"]
 
-    def failing():  # the variant's run fails
+    def failing():  # the variant's run fails: dropped (settings restored), the others timed
         if qr.NUM_WARPS == 2:
             raise RuntimeError("boom")
+    fig, notes = {}, {}
+    bench_e2e.bench_ab(SimpleNamespace(ab=args.ab, ab_rounds=1), failing, torch.device("cpu"), fig, notes, "eager")
+    assert qr.NUM_WARPS == 4 and "e2e_1.3b_480p_ab_both_min_s" in fig and "e2e_1.3b_480p_ab_w2_min_s" not in fig
+    assert "w2 failed: RuntimeError: boom" in notes["ab"]
+    monkeypatch.setattr(qr, "NUM_WARPS", 2)  # the default itself failing ends the run
     with pytest.raises(RuntimeError):
-        bench_e2e.bench_ab(SimpleNamespace(ab=args.ab[:1], ab_rounds=1), failing, torch.device("cpu"), {}, {}, "eager")
-    assert qr.NUM_WARPS == 4
+        bench_e2e.bench_ab(SimpleNamespace(ab=args.ab[1:], ab_rounds=1), failing, torch.device("cpu"), {}, {}, "eager")
     for bad in ("nameonly", "x=", "x=no_colon_or_value"):
         with pytest.raises(SystemExit, match="--ab"):
             bench_e2e.parse_ab(bad)

@@ -573,8 +573,9 @@ def bench_gelu_flatten(h: Harness, M=32760, dim=1536, ffn=8960):
     """fp8 FFN GEMMs as the DiT runs them (up: GELU in the epilogue, bf16 or group-quantized fp8 out; down: bf16 out),
     with the epilogue's GELU from the hardware tanh (`w8a8.GELU_APPROX`, default) or exp + division, and with the
     descriptor kernel's tile loop as the default config has it, one program per tile, persistent, or persistent with
-    the tile and K loops flattened into one pipelined loop (`GemmConfig.flatten`; the default since session 30). Figures `gemm_*_ms`, the approximation's error
-    against the exact GELU's output, and the best variant against the default."""
+    the tile and K loops flattened into one pipelined loop (`GemmConfig.flatten`; the default since session 30).
+    Figures `gemm_*_ms`, the approximation's error against the exact GELU's output, and the best variant against
+    the default."""
     from dataclasses import replace
 
     print("== fp8 FFN GEMMs: GELU approximation, flattened persistent loops", flush=True)

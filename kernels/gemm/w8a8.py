@@ -34,8 +34,9 @@ ACTIVATIONS = (None, "gelu_tanh")
 #   1536→8960: Triton 128×256×128 0.910 ms, torch._scaled_mm row-wise 0.915 ms (bf16 1.363);
 #   8960→1536: Triton 0.708 ms, torch._scaled_mm 0.908 ms (bf16 1.262). So our kernel.
 FP8_BACKEND = "triton"
-# The GEMM epilogue's GELU with the GPU's tanh.approx (`_gelu_tanh`) instead of exp + division. Not yet timed on a
-# GPU; bench_lowbit --only gelu times both (and the interpreter always takes the exact form).
+# The GEMM epilogue's GELU with the GPU's tanh.approx (`_gelu_tanh`) instead of exp + division (the interpreter always
+# takes the exact form). H100, fp8 up GEMM 32760 x 1536 -> 8960 with GELU, bf16 out: 1.145 -> 0.973 ms; the compiled
+# 4-step DiT with the exact form measured 1.029x slower interleaved (bench_lowbit --only gelu, bench_e2e --ab).
 GELU_APPROX = True
 GELU_C = 1.5957691216057308  # 2·sqrt(2/π): gelu_tanh(x) = x·sigmoid(2·sqrt(2/π)·(x + 0.044715x³))
 
@@ -169,8 +170,8 @@ if triton is not None:
                       RESIDUAL: tl.constexpr, GATE: tl.constexpr, BLOCK_M: tl.constexpr, S, col0,
                       OUT_GROUP: tl.constexpr, BLOCK_N: tl.constexpr, FAST_GELU: tl.constexpr):
         """The GEMMs' epilogue after dequantization and bias: optional GELU(tanh) (`_gelu_tanh`), optional gated
-        residual (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows rows),
-        then the (BLOCK_M, BLOCK_N) tile stored in C's dtype, or quantized with the static per-tensor scale (the
+        residual (y = R + G·y: R (M, N) in any float dtype, G (M // gate_rows, N) fp32, one gate row per gate_rows
+        rows), then the (BLOCK_M, BLOCK_N) tile stored in C's dtype, or quantized with the static per-tensor scale (the
         next layer's input, 1 byte per element), or with OUT_GROUP > 0 with dynamic scales per row and group of
         OUT_GROUP columns into S (`_store_groups`); rows < M and columns < N. row0, col0: the tile's first row and
         column (offs_m = row0 + arange(BLOCK_M))."""
@@ -361,15 +362,16 @@ class GemmConfig:
     flatten: bool = True
 
 
-# The default where tiles come through tensor descriptors (sm_90+): 4 stages, persistent, flattened (above). H100, M = 32760, ms at 3 -> 4 stages
-# (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up 0.977 -> 0.947, down 0.726 -> 0.702
-# (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the
+# The default where tiles come through tensor descriptors (sm_90+): 4 stages, persistent, flattened (above). H100,
+# M = 32760, ms at 3 -> 4 stages (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up
+# 0.977 -> 0.947, down 0.726 -> 0.702 (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the
 # a100, rtx4090 targets) the pointer kernel keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
 DEFAULT_GEMM_CONFIG = GemmConfig()
 POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False, persistent=False, flatten=False)
 # A with scales per row and group of columns (x_scale (K // G, M)): the pointer kernel, whose K loop scales each
 # step's partial product; 128-wide N tiles, since the partial product is a second accumulator-sized tile in
-# registers beside the accumulator. Not yet timed on a GPU.
+# registers beside the accumulator. H100 (session 30): twice the per-row GEMM's time at the FFN down shape (fp8
+# 1.347 vs 0.701 ms), so the runtime does not use it (compile_ops.FFN_HIDDEN_GROUP off).
 GROUPED_GEMM_CONFIG = GemmConfig(block_n=128, num_stages=3, tma=False, persistent=False, flatten=False)
 
 

@@ -315,8 +315,9 @@ class TurboPipeline:
         uncond = self.text_encoder.empty_embedding().to(self.device) if guidance != 1.0 else None  # (1, L, D)
         gens = self.generators(len(prompts), seed)
         noise = batch_randn(self.vae.latent_shape(num_frames, height, width), gens, self.device)  # (B, C, F, H, W)
+        model = self.graphed if self.graphed is not None else self.transformer
         return get_sampler(sampler, **(sampler_options or {})).sample(
-                                           self.graphed or self.transformer, noise, context, uncond=uncond, guidance=guidance,
+                                           model, noise, context, uncond=uncond, guidance=guidance,
                                            steps=steps, shift=shift, progress=progress, dtype=self.dtype,
                                            generators=gens)
 

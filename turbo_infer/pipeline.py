@@ -278,9 +278,14 @@ class TurboPipeline:
         video size and batch records one (two eager warm-up forwards, then the recording), later ones replay it with
         one launch per forward instead of the host launching every kernel. Pays off where the host cannot keep the
         GPU busy (BENCHMARKS.md, end to end); off the GPU it changes nothing. Combines with compile() (call either
-        first). Returns self."""
+        first). A two-expert DiT (BoundaryExperts) picks its expert on the host from the timesteps' values, which a
+        recorded graph would freeze: refused. Returns self."""
         from turbo_infer.cuda_graph import GraphedDiT
+        from turbo_infer.models.experts import BoundaryExperts
 
+        if enabled and isinstance(self.transformer, BoundaryExperts):
+            raise ValueError("CUDA graphs need a single DiT: this pipeline switches between two experts on the host "
+                             "(BoundaryExperts) by timestep; run it without use_cuda_graphs / --cuda-graphs")
         self.graphed = GraphedDiT(self.transformer) if enabled else None
         return self
 

@@ -49,3 +49,18 @@ def test_replay_matches_the_model_and_records_once_per_signature():
         assert g.num_graphs == 1
         g(torch.randn(4, 3, device="cuda"), torch.zeros(4, device="cuda"), torch.zeros(1, 2, device="cuda"))
         assert g.num_graphs == 2
+
+
+def test_pipeline_refuses_graphs_for_two_experts(tmp_path):
+    """A BoundaryExperts DiT chooses its expert on the host from the timesteps: use_cuda_graphs refuses it with a
+    message that says why; a single DiT is wrapped, and enabled=False unwraps."""
+    from turbo_infer.models.experts import BoundaryExperts
+    from turbo_infer.models.wan import WanConfig, WanModel
+    from turbo_infer.pipeline import TurboPipeline
+
+    pipe = TurboPipeline.toy(dtype=torch.float32)
+    assert isinstance(pipe.use_cuda_graphs().graphed, GraphedDiT) and pipe.use_cuda_graphs(False).graphed is None
+    dit = pipe.transformer
+    pipe.transformer = BoundaryExperts(dit, WanModel(WanConfig.from_dict(dit.config.to_dict())), 0.9)
+    with pytest.raises(ValueError, match="two experts"):
+        pipe.use_cuda_graphs()

@@ -43,6 +43,18 @@ def descriptors_supported(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
+def smem_per_block(device) -> int:
+    """The most shared memory (bytes) a block may opt into on this CUDA device; where torch does not report it, by
+    compute capability (the sm_90 / sm_100 data-center parts 227 KiB, the others taken as 99 KiB, an RTX 4090's /
+    5090's). Kernel configurations sized for an H100 check against it before launching."""
+    props = torch.cuda.get_device_properties(device)
+    for name in ("shared_memory_per_block_optin", "shared_memory_per_multiprocessor"):
+        value = getattr(props, name, None)
+        if value:
+            return int(value)
+    return 232_448 if props.major in (9, 10) else 101_376
+
+
 def token_major(t: torch.Tensor) -> bool:
     """Whether t (B, H, L, D) is the per-head view t.transpose(1, 2) of contiguous (B, L, H, D) tokens (the
     DiT's layout after its q/k/v projections)."""

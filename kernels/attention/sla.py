@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from turbo_kernels.attention.blockmap import (SELECTS, BlockMap, check_qk, num_selected, sla_block_map,
                                               sla_block_map_reference)
 from turbo_kernels.utils import (check_block, check_float_dtype, descriptors_supported, heads_output_like,
-                                 next_power_of_2, token_major, use_triton)
+                                 next_power_of_2, smem_per_block, token_major, use_triton)
 
 __all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
            "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
@@ -441,12 +441,27 @@ def _query_features(q: torch.Tensor, feature_map: str) -> torch.Tensor:
     return feature_map_fn(q, feature_map).to(q.dtype)
 
 
+# Shared memory the state kernel needs with several key blocks per program (its loop pipelined, Triton's default 3
+# stages; D = 128, bf16): 147 456 bytes on sm_90, 131 072 on sm_89 / sm_120 (one block per program: 49 152); where a
+# block may have less, one block per program.
+STATE_BLOCKS_SMEM = 147_456
+
+
+def _state_blocks(cfg: SLAKernelConfig, Nk: int, k) -> int:
+    """Key blocks per state-kernel program: cfg.state_blocks (at most Nk), or 1 on a CUDA device whose blocks cannot
+    have STATE_BLOCKS_SMEM of shared memory (an RTX 4090 / 5090)."""
+    blocks = max(1, min(cfg.state_blocks, Nk))
+    if blocks > 1 and k.is_cuda and smem_per_block(k.device) < STATE_BLOCKS_SMEM:
+        return 1
+    return blocks
+
+
 def _state_sums(k, v, Nk: int, block_k: int, feature_map: str, wt: torch.Tensor, cfg: SLAKernelConfig, fold: bool,
                 hs: torch.Tensor, zs: torch.Tensor) -> None:
     """h_j (B*H, Nk, D, D) and z_j (B*H, Nk, D) per key block into hs, zs (one read of K and V; h_j from
     V_j W^T when fold)."""
     B, H, Lk, D = k.shape
-    blocks = max(1, min(cfg.state_blocks, Nk))
+    blocks = _state_blocks(cfg, Nk, k)
     _sla_lin_state_kernel[(triton.cdiv(Nk, blocks), B * H)](k, v, wt, hs, zs, *_strides(k), *_strides(v), H, Lk, D,
                                                              Nk, 1.0 / Lk, MAP_BK=block_k, BLOCK_D=_block_d(D),
                                                              FEATURE=FEATURE_MAPS.index(feature_map), FOLD_W=fold,

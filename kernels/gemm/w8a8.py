@@ -17,7 +17,8 @@ import torch
 
 from turbo_kernels.gemm.quantize import (MODES, QDTYPE, quantize_groups_reference, quantize_rows_reference,
                                         static_inv_scale)
-from turbo_kernels.utils import TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, use_triton
+from turbo_kernels.utils import (TensorDescriptor, cdiv, descriptors_supported, interpreter_enabled, smem_per_block,
+                                 use_triton)
 
 try:
     import triton
@@ -375,10 +376,22 @@ POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False, persistent=False, flat
 GROUPED_GEMM_CONFIG = GemmConfig(block_n=128, num_stages=3, tma=False, persistent=False, flatten=False)
 
 
+# Shared memory per block the descriptor default needs: 4 stages of 128x256x128 8-bit tiles plus the flattened loop's
+# epilogue scratch, 229 408 bytes on sm_90 and 213 040 on sm_100 (Triton 3.6 / 3.9 builds, tools/kernel_resources.py).
+# GPUs with less (the rtx5090's sm_120: 101 376 bytes per block, where the same kernel needs 155 672) take the
+# pointer kernel, whose 3 stages need 98 304 bytes on sm_89 and sm_120 (2 of its 3 stages are buffered).
+DESCRIPTOR_CONFIG_SMEM = 229_408
+
+
 def default_gemm_config(t: torch.Tensor) -> GemmConfig:
-    """The GEMM configuration when the caller names none: DEFAULT_GEMM_CONFIG where descriptors run, else
-    POINTER_GEMM_CONFIG."""
-    return DEFAULT_GEMM_CONFIG if descriptors_supported(t) else POINTER_GEMM_CONFIG
+    """The GEMM configuration when the caller names none: DEFAULT_GEMM_CONFIG where descriptors run and its stages
+    fit the device's shared memory (DESCRIPTOR_CONFIG_SMEM: sm_90 / sm_100), else POINTER_GEMM_CONFIG (the a100,
+    rtx4090 and rtx5090 targets)."""
+    if not descriptors_supported(t):
+        return POINTER_GEMM_CONFIG
+    if t.is_cuda and smem_per_block(t.device) < DESCRIPTOR_CONFIG_SMEM:
+        return POINTER_GEMM_CONFIG
+    return DEFAULT_GEMM_CONFIG
 
 
 def _fast_gelu() -> bool:

@@ -126,7 +126,7 @@ def test_linear_state_blocks_per_program(blocks, fold):
     Nk = 10
     wt = (torch.randn(k.shape[-1], k.shape[-1]) / 8).to(torch.float16)
     outs = []
-    for cfg in (CFG_EQUAL, replace(CFG_EQUAL, state_blocks=blocks)):
+    for cfg in (replace(CFG_EQUAL, state_blocks=1), replace(CFG_EQUAL, state_blocks=blocks)):
         hs = torch.full((2, Nk, 32, 32), float("nan"), dtype=torch.float16)
         zs = torch.full((2, Nk, 32), float("nan"), dtype=torch.float16)
         _state_sums(k, v, Nk, 16, "softmax", wt, cfg.clamp(32, 16), fold, hs, zs)
@@ -135,6 +135,22 @@ def test_linear_state_blocks_per_program(blocks, fold):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     with pytest.raises(ValueError, match="config.state_blocks"):
         replace(CFG_EQUAL, state_blocks=0).clamp(32, 16)
+
+
+def test_state_blocks_fall_back_to_one_where_shared_memory_is_short(monkeypatch):
+    """Several key blocks per state program need ~144 KiB of shared memory: on a CUDA device with less (an RTX 4090 /
+    5090, ~99 KiB per block) one block per program; at most as many blocks as there are; the CPU keeps the setting."""
+    from types import SimpleNamespace
+
+    from turbo_kernels.attention import sla
+
+    cfg = replace(CFG_EQUAL, state_blocks=8)
+    cuda_k = SimpleNamespace(is_cuda=True, device="cuda:0")
+    for smem, want in ((232_448, 8), (166_912, 8), (101_376, 1)):
+        monkeypatch.setattr(sla, "smem_per_block", lambda device, smem=smem: smem)
+        assert sla._state_blocks(cfg, 512, cuda_k) == want
+    assert sla._state_blocks(cfg, 3, torch.zeros(1)) == 3
+    assert sla._state_blocks(replace(cfg, state_blocks=1), 512, cuda_k) == 1
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])

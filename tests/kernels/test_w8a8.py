@@ -399,3 +399,26 @@ def test_static_scale_tensor_is_read_once_per_version():
     assert Q.static_inv_scale(t) == (8.0, 0.125)
     with pytest.raises(ValueError, match="act_scale must be > 0"):
         Q.static_inv_scale(torch.tensor([0.0]))
+
+
+def test_default_config_fits_the_devices_shared_memory(monkeypatch):
+    """The descriptor default (4 stages of 128x256x128 tiles, ~224 KiB) only where the device lets a block have that
+    much shared memory (H100 / B200); GPUs with descriptors but ~99 KiB per block (RTX 5090) get the pointer config,
+    as do GPUs without descriptors."""
+    from types import SimpleNamespace
+
+    from turbo_kernels import utils
+
+    fake = SimpleNamespace(is_cuda=True, device="cuda:0")
+    monkeypatch.setattr(W, "descriptors_supported", lambda t: True)
+    for smem, want in ((232_448, W.DEFAULT_GEMM_CONFIG), (101_376, W.POINTER_GEMM_CONFIG)):
+        monkeypatch.setattr(W, "smem_per_block", lambda device, smem=smem: smem)
+        assert W.default_gemm_config(fake) == want
+    monkeypatch.setattr(W, "descriptors_supported", lambda t: False)
+    assert W.default_gemm_config(fake) == W.POINTER_GEMM_CONFIG
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(major=12, minor=0, shared_memory_per_block_optin=None))
+    assert utils.smem_per_block("cuda:0") == 101_376  # not reported: by capability
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(major=9, minor=0, shared_memory_per_block_optin=232_448))
+    assert utils.smem_per_block("cuda:0") == 232_448

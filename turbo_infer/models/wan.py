@@ -190,7 +190,16 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 # mean, rsqrt, two products, cast) makes ~7 passes over the (L, dim) tensor: on the 4-step Wan-1.3B DiT's profile
 # ~80 ms per video of elementwise kernels on an H100 (BENCHMARKS.md, end to end). torch.compile guards on it.
 FUSED_RMS_NORM = "eager"
-RMS_NORM_PLACEMENTS = ("eager", "always", "never")
+# the placements FUSED_RMS_NORM and EPILOGUE_RESIDUALS take (`_placement_wanted`)
+PLACEMENTS = ("eager", "always", "never")
+
+
+def _placement_wanted(name: str, mode: str) -> bool:
+    """Whether a fused path with placement `mode` (the module constant `name`) runs here: "always", "eager" outside
+    torch.compile, "never" not; any other value is refused naming the constant."""
+    if mode not in PLACEMENTS:
+        raise ValueError(f"{name} must be one of {PLACEMENTS}, got {mode!r}")
+    return mode == "always" or (mode == "eager" and not torch.compiler.is_compiling())
 
 
 class RMSNorm(nn.Module):
@@ -264,12 +273,7 @@ class RoPE3D(nn.Module):
 
 def _fused_rms_norm(x: torch.Tensor) -> bool:
     """Whether RMSNorm takes the one-pass kernel for x (FUSED_RMS_NORM, CUDA inference, as fused_norm_rope_applies)."""
-    mode = FUSED_RMS_NORM
-    if mode not in RMS_NORM_PLACEMENTS:
-        raise ValueError(f"FUSED_RMS_NORM must be one of {RMS_NORM_PLACEMENTS}, got {mode!r}")
-    if mode == "never" or (mode == "eager" and torch.compiler.is_compiling()):
-        return False
-    return fused_norm_rope_applies(x)
+    return _placement_wanted("FUSED_RMS_NORM", FUSED_RMS_NORM) and fused_norm_rope_applies(x)
 
 
 def fused_norm_rope_applies(t: torch.Tensor) -> bool:
@@ -287,7 +291,6 @@ def fused_norm_rope_applies(t: torch.Tensor) -> bool:
 # 0.793 against 0.776 s on an H200.) tools/bench_e2e.py times the other placement; torch.compile guards on it,
 # so changing it recompiles.
 EPILOGUE_RESIDUALS = "always"
-EPILOGUE_RESIDUAL_MODES = ("eager", "always", "never")
 
 
 def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: torch.Tensor | None):
@@ -295,15 +298,12 @@ def gated_residual(linear: nn.Module, h, residual: torch.Tensor | None, gate: to
     without a residual. In inference a layer with `forward_residual` (the W8A8 layers) adds it in its
     GEMM's epilogue, in fp32 and rounded once, so the product never round-trips through memory
     (EPILOGUE_RESIDUALS: eager and compiled runs by default); elsewhere (compiled blocks under "eager", "never",
-    training, float layers, hooked layers such as calibration's probes) the block's own formula runs: the sum in fp32 where there is a gate, in the
-    residual's dtype where there is none (Wan's cross-attention residual)."""
+    training, float layers, hooked layers such as calibration's probes) the block's own formula runs: the sum in fp32
+    where there is a gate, in the residual's dtype where there is none (Wan's cross-attention residual)."""
     if residual is None:
         return linear(h)
     fused = getattr(linear, "forward_residual", None)
-    mode = EPILOGUE_RESIDUALS
-    if mode not in EPILOGUE_RESIDUAL_MODES:
-        raise ValueError(f"EPILOGUE_RESIDUALS must be one of {EPILOGUE_RESIDUAL_MODES}, got {mode!r}")
-    wanted = mode == "always" or (mode == "eager" and not torch.compiler.is_compiling())
+    wanted = _placement_wanted("EPILOGUE_RESIDUALS", EPILOGUE_RESIDUALS)
     if fused is not None and wanted and not torch.is_grad_enabled() and not has_data_hooks(linear):
         return fused(h, residual, gate)
     if gate is None:

@@ -14,7 +14,8 @@ the attention kernels (see its docstring for why).
 """
 from __future__ import annotations
 
-import weakref
+import math
+import struct
 
 import torch
 
@@ -193,36 +194,25 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------
 # host launcher
 # ----------------------------------------------------------------------------------------------
-# one-element scale tensor -> ((its version, storage address), (1/s, s)): a static scale held as a tensor (a W8A8
-# layer's calibrated activation scale, a 0-d CPU tensor) is converted once, not at every call (the conversion builds
-# two small tensors: host time on every quantized layer of every step; were the tensor on a GPU, float() would also
-# wait for the device). An in-place change (a new version) or new storage converts again.
-_HOST_SCALES: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
-
-
-def _scale_key(t: torch.Tensor) -> tuple:
+def _f32(x: float) -> float:
+    """x rounded to the nearest fp32 value (as torch.tensor(x, dtype=torch.float32) does; past fp32's range: inf)."""
     try:
-        version = t._version
-    except RuntimeError:  # an inference tensor keeps no version counter: its address alone
-        version = None
-    return version, t.data_ptr()
+        return struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return math.copysign(math.inf, x)
 
 
 def static_inv_scale(static_scale) -> tuple[float, float]:
-    """(1/s, s) rounded to fp32 exactly as the reference computes them; static_scale a number or a one-element
-    tensor (read once per tensor version, see _HOST_SCALES)."""
-    cached = isinstance(static_scale, torch.Tensor)
-    if cached:
-        hit = _HOST_SCALES.get(static_scale)
-        if hit is not None and hit[0] == _scale_key(static_scale):
-            return hit[1]
-    s = torch.tensor(float(static_scale), dtype=torch.float32)
+    """(1/s, s) rounded to fp32 exactly as the reference computes them (fp32 s, then fp32 1/s); static_scale a number
+    or a one-element tensor. Plain float arithmetic, no tensors: it runs on every statically quantized layer call.
+    1/s in double rounded once to fp32 is the correctly rounded fp32 quotient (double carries > 2·24 + 2 bits)."""
+    s = float(static_scale)
     if not s > 0:
         raise ValueError(f"static act_scale must be > 0, got {static_scale}")
-    out = float(torch.tensor(1.0) / s), float(s)
-    if cached:
-        _HOST_SCALES[static_scale] = (_scale_key(static_scale), out)
-    return out
+    s = _f32(s)
+    if s == 0.0:  # below fp32's range: the reference's fp32 tensor would be 0 too
+        raise ValueError(f"static act_scale must be > 0, got {static_scale}")
+    return _f32(1.0 / s), s
 
 
 def quantize_rows(x: torch.Tensor, mode: str, static_scale: float | None = None, *,

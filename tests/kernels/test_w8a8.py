@@ -385,20 +385,23 @@ def test_descriptor_kernels_only_where_they_were_timed(monkeypatch):
     assert torch.equal(got, W.w8a8_matmul(xq, xs, wq, ws, out_dtype=torch.float32, config=SMALL))
 
 
-def test_static_scale_tensor_is_read_once_per_version():
-    """A static activation scale held as a tensor (W8A8Linear.static_scale) is converted to floats once and reused;
-    an in-place update or a new storage is read again, a bad value refused as before."""
-    t = torch.tensor([0.5])
-    assert Q.static_inv_scale(t) == (2.0, 0.5)
-    assert Q._HOST_SCALES[t][1] == (2.0, 0.5)
-    Q._HOST_SCALES[t] = (Q._scale_key(t), (7.0, 7.0))  # a cached entry is what the next call returns
-    assert Q.static_inv_scale(t) == (7.0, 7.0)
-    t.fill_(0.25)  # in place: a new version
-    assert Q.static_inv_scale(t) == (4.0, 0.25)
-    t.data = torch.tensor([0.125])  # new storage behind the same tensor object
-    assert Q.static_inv_scale(t) == (8.0, 0.125)
-    with pytest.raises(ValueError, match="act_scale must be > 0"):
-        Q.static_inv_scale(torch.tensor([0.0]))
+def test_static_inv_scale_is_torchs_fp32_arithmetic():
+    """static_inv_scale (plain float arithmetic, on every statically quantized call) gives exactly what fp32 tensors
+    give: s rounded to fp32, then the fp32 quotient 1/s, for numbers and one-element tensors, across fp32's range
+    (subnormal scales whose inverse overflows to inf included); scales <= 0, NaN or below fp32's range refused."""
+    def torch_fp32(x):
+        s = torch.tensor(float(x), dtype=torch.float32)
+        return float(torch.tensor(1.0) / s), float(s)
+
+    g = torch.Generator().manual_seed(0)
+    values = (torch.rand(2000, generator=g, dtype=torch.float64) * 190 - 100).exp().tolist()  # e^-100 .. e^90
+    values += [0.5, 0.017, 3.4028234663852886e38, 1.4e-45, 2.9e-39, float("inf")]
+    for x in values:
+        assert Q.static_inv_scale(x) == torch_fp32(x), x
+    assert Q.static_inv_scale(torch.tensor([0.25])) == (4.0, 0.25)
+    for bad in (0.0, -1.0, float("nan"), 1e-50, torch.tensor([0.0])):
+        with pytest.raises(ValueError, match="act_scale must be > 0"):
+            Q.static_inv_scale(bad)
 
 
 def test_default_config_fits_the_devices_shared_memory(monkeypatch):

@@ -316,9 +316,12 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
     uncond = pipe.text_encoder.empty_embedding() if d["guidance"] != 1.0 else None
     noise = batch_randn(pipe.vae.latent_shape(shape.frames, shape.height, shape.width), pipe.generators(1, 0), device)
 
-    def dit():
-        return sampler.sample(pipe.transformer, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
+    def sample(model):  # the bundle's sampler over `model` (the DiT, or GraphedDiT around it)
+        return sampler.sample(model, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
                               dtype=pipe.dtype, generators=pipe.generators(1, 0))
+
+    def dit():
+        return sample(pipe.transformer)
 
     model = pipe.transformer
     att = pipe.manifest["attention"]
@@ -434,7 +437,7 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
     if args.ab and clock_ok("A/B variants"):
         bench_ab(args, dit, device, fig, notes, "compiled" if use_compiled else "eager")
     if not args.skip_cuda_graph and device.type == "cuda" and clock_ok("CUDA graph"):
-        graphed = bench_cuda_graph(args, model, sampler, steps, noise, context, uncond, d, pipe, device, fig,
+        graphed = bench_cuda_graph(args, model, sample, noise.to(pipe.dtype), context, device, fig,
                                    "compiled" if use_compiled else "eager")
         if graphed is not None and graphed < turbo:
             turbo, how = graphed, how + ", replayed from one CUDA graph per forward (GraphedDiT)"
@@ -465,17 +468,16 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
 
 
 @torch.no_grad()
-def bench_cuda_graph(args, model, sampler, steps, noise, context, uncond, d, pipe, device, fig, how: str):
-    """The same sampler over `GraphedDiT(model)` (each forward one CUDA graph replay): recording time (first call),
-    wall time (median of --reps) and one forward's relative difference from the model's own. Returns the wall time,
-    or None when recording failed (the forwards then ran eagerly)."""
+def bench_cuda_graph(args, model, sample, x, context, device, fig, how: str):
+    """`sample` (the bundle's sampler, given the model to run) over `GraphedDiT(model)` (each forward one CUDA graph
+    replay): recording time (first call), wall time (median of --reps) and the relative difference of one forward on
+    x from the model's own. Returns the wall time, or None when recording failed (the forwards then ran eagerly)."""
     from turbo_infer.cuda_graph import GraphedDiT
 
     graphed = GraphedDiT(model)
 
     def dit_graph():
-        return sampler.sample(graphed, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
-                              dtype=pipe.dtype, generators=pipe.generators(1, 0))
+        return sample(graphed)
     t = time.perf_counter()
     dit_graph()
     sync(device)
@@ -484,7 +486,6 @@ def bench_cuda_graph(args, model, sampler, steps, noise, context, uncond, d, pip
         log("CUDA graph: recording failed, see the warning above; no figure")
         return None
     wall = statistics.median(timed(dit_graph, device, args.reps, warmup=0))
-    x = noise.to(pipe.dtype)
     ts = torch.full((1,), 900.0, device=device)
     ref = model(x, ts, context)
     rel = ((graphed(x, ts, context) - ref).float().norm() / ref.float().norm()).item()
@@ -1093,10 +1094,9 @@ def apply_setting(spec: str, quiet: bool = False) -> tuple[str, str, object]:
         raise SystemExit(f"--set {spec!r}: {module_name} has no {name}")
     before = getattr(module, name)
     if field:
-        current = getattr(module, name)
-        if not dataclasses.is_dataclass(current) or field not in {f.name for f in dataclasses.fields(current)}:
+        if not dataclasses.is_dataclass(before) or field not in {f.name for f in dataclasses.fields(before)}:
             raise SystemExit(f"--set {spec!r}: {module_name}.{name} is not a dataclass with a field {field!r}")
-        setattr(module, name, dataclasses.replace(current, **{field: value}))
+        setattr(module, name, dataclasses.replace(before, **{field: value}))
     else:
         setattr(module, name, value)
     if not quiet:

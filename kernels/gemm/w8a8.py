@@ -365,8 +365,9 @@ class GemmConfig:
 
 # The default where tiles come through tensor descriptors (sm_90+): 4 stages, persistent, flattened (above). H100,
 # M = 32760, ms at 3 -> 4 stages (2026-12-06, one process): fp8 up 0.885 -> 0.886, down 0.673 -> 0.664; int8 up
-# 0.977 -> 0.947, down 0.726 -> 0.702 (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the one shape it lost). Elsewhere (the
-# a100, rtx4090 targets) the pointer kernel keeps 3 stages (144 KiB; 4 would not fit an A100's 164 KiB).
+# 0.977 -> 0.947, down 0.726 -> 0.702 (session 27: int8 0.979 -> 0.951, 0.747 -> 0.736; fp8 up 0.889 -> 0.916, the
+# one shape it lost). Elsewhere (the a100, rtx4090, rtx5090 targets; `default_gemm_config`) the pointer kernel keeps
+# 3 stages (98 304 bytes of shared memory on sm_89 and sm_120: its cp.async pipeline buffers 2 of them).
 DEFAULT_GEMM_CONFIG = GemmConfig()
 POINTER_GEMM_CONFIG = GemmConfig(num_stages=3, tma=False, persistent=False, flatten=False)
 # A with scales per row and group of columns (x_scale (K // G, M)): the pointer kernel, whose K loop scales each

@@ -435,7 +435,7 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
     turbo = compiled if use_compiled else eager
     how = f"torch.compile per block ({args.compile_backend})" if use_compiled else "eager"
     if args.ab and clock_ok("A/B variants"):
-        bench_ab(args, dit, device, fig, notes, "compiled" if use_compiled else "eager")
+        bench_ab(args, dit, device, fig, notes, "compiled" if use_compiled else "eager", model, use_compiled)
     if not args.skip_cuda_graph and device.type == "cuda" and clock_ok("CUDA graph"):
         graphed = bench_cuda_graph(args, model, sample, noise.to(pipe.dtype), context, device, fig,
                                    "compiled" if use_compiled else "eager")
@@ -497,74 +497,125 @@ def bench_cuda_graph(args, model, sample, x, context, device, fig, how: str):
     return wall
 
 
+# --ab settings that change the model instead of a module constant: "@static" gives every W8A8 layer the static
+# per-tensor activation scale of a calibrated bundle (`set_static_scales`, recorded once before the rounds)
+MODEL_SETTINGS = ("@static",)
+
+
 def parse_ab(spec: str) -> tuple[str, list[str]]:
-    """--ab NAME=SETTING[;SETTING...] -> (NAME, [SETTING, ...]), each SETTING as --set takes it."""
+    """--ab NAME=SETTING[;SETTING...] -> (NAME, [SETTING, ...]), each SETTING as --set takes it or one of
+    MODEL_SETTINGS."""
     name, sep, rest = spec.partition("=")
     settings = [x for x in rest.split(";") if x]
-    if not sep or not name or not settings or not all(":" in x and "=" in x for x in settings):
-        raise SystemExit(f"--ab {spec!r}: expected NAME=MODULE:NAME[.FIELD]=VALUE[;MODULE:...=VALUE]")
+    if not sep or not name or not settings or not all(x in MODEL_SETTINGS or (":" in x and "=" in x)
+                                                      for x in settings):
+        raise SystemExit(f"--ab {spec!r}: expected NAME=MODULE:NAME[.FIELD]=VALUE[;MODULE:...=VALUE] or "
+                         f"NAME={'|'.join(MODEL_SETTINGS)}")
     return name, settings
 
 
-def bench_ab(args, dit, device, fig, notes, how: str) -> None:
-    """The DiT with each --ab variant's settings against the code's own, interleaved round by round (default, then
-    each variant, --ab-rounds times; the settings are module constants the kernels' launchers read at call time, so
-    compiled graphs need no recompile), so that a machine whose speed drifts over the run (seen on some lent hosts:
-    ±15 % between runs of one process) charges the drift to all of them alike. Figures: per variant the minimum and
-    the median of its rounds, and min(variant) / min(default). A first, untimed round runs every variant once."""
+def record_static_scales(args, model, dit, use_compiled: bool) -> dict:
+    """{W8A8 layer name: static activation scale} from one forward's input amax (`set_static_scales`); the model
+    keeps its own scales (the blocks eager while recording when they were compiled)."""
+    if use_compiled:
+        model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
+    try:
+        old = set_static_scales(model, dit)
+        static = {n: model.get_submodule(n).act_scale for n in old}
+        restore_scales(model, old)
+    finally:
+        if use_compiled:
+            model.compile_blocks(args.compile_backend, args.compile_mode)
+    return static
+
+
+def _apply_ab(spec: str, model, static: dict | None):
+    """Apply one --ab setting; returns the function that undoes it."""
     import importlib
 
+    if spec == "@static":
+        old = {n: model.get_submodule(n).act_scale for n in static}
+        for n, s in static.items():
+            model.get_submodule(n).act_scale = s
+        return lambda: restore_scales(model, old)
+    module_name, attr, before = apply_setting(spec, quiet=True)
+    return lambda: setattr(importlib.import_module(module_name), attr, before)
+
+
+def _rel_diff(a, b) -> float | None:
+    """Relative L2 difference of two sampler outputs (None where they are not tensors)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return None
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bench_ab(args, dit, device, fig, notes, how: str, model=None, use_compiled: bool = False) -> None:
+    """The DiT with each --ab variant's settings against the code's own, interleaved round by round (default, then
+    each variant, --ab-rounds times; the settings are module constants the kernels' launchers read at call time, so
+    compiled graphs need no recompile; "@static" swaps in static activation scales, whose compiled branch the
+    untimed round compiles), so that a machine whose speed drifts over the run (seen on some lent hosts: ±15 %
+    between runs of one process) charges the drift to all of them alike. Figures: per variant the minimum and the
+    median of its rounds, min(variant) / min(default), and the relative difference of its untimed round's output
+    from the default's (the same noise: 0 for pure tuning knobs). A first, untimed round runs every variant once."""
     variants = [("default", [])] + [parse_ab(spec) for spec in args.ab]
+    static = None
+    if any(s == "@static" for _, settings in variants for s in settings):
+        if model is None:
+            raise SystemExit("--ab @static needs the model")
+        static = record_static_scales(args, model, dit, use_compiled)
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     failed: dict[str, str] = {}
+    first: dict[str, object] = {}
     for r in range(args.ab_rounds + 1):  # round 0 untimed: a variant's first run may compile its kernels
         for name, settings in variants:
             if name in failed:
                 continue
-            saved = []
+            undo = []
             try:
                 for spec in settings:
-                    saved.append(apply_setting(spec, quiet=True))
-                t = timed(dit, device, 1, warmup=0)
+                    undo.append(_apply_ab(spec, model, static))
                 if r:
-                    times[name] += t
+                    times[name] += timed(dit, device, 1, warmup=0)
+                else:
+                    first[name] = dit()
+                    sync(device)
             except Exception as e:  # noqa: BLE001  (a variant's kernels may not fit the device): drop it
                 if name == "default":
                     raise
                 failed[name] = f"{type(e).__name__}: {str(e)[:200]}"
                 log(f"A/B variant {name} failed, dropped: {failed[name]}")
             finally:
-                for module_name, attr, old in reversed(saved):
-                    setattr(importlib.import_module(module_name), attr, old)
+                for restore in reversed(undo):
+                    restore()
     times = {name: ts for name, ts in times.items() if name not in failed}
     base = min(times["default"])
     for name, ts in times.items():
         fig[f"e2e_{TAG}_ab_{name}_min_s"] = min(ts)
         fig[f"e2e_{TAG}_ab_{name}_median_s"] = statistics.median(ts)
+        diff = None if name == "default" else _rel_diff(first.get(name), first.get("default"))
         if name != "default":
             fig[f"e2e_{TAG}_ab_{name}_vs_default"] = min(ts) / base
+            if diff is not None:
+                fig[f"e2e_{TAG}_ab_{name}_rel_diff"] = diff
         log(f"A/B ({how}) {name}: min {min(ts):.3f} s, median {statistics.median(ts):.3f} s over {len(ts)} rounds "
             f"[{', '.join(f'{t:.3f}' for t in ts)}]" + ("" if name == "default" else f"; min vs default "
-                                                          f"{min(ts) / base:.3f}"))
+                                                          f"{min(ts) / base:.3f}")
+            + ("" if diff is None else f"; output vs default rel. diff {diff:.2e}"))
     notes["ab"] = (f"A/B of the DiT ({how}), interleaved over {args.ab_rounds} rounds, one timed 4-step run per "
                    f"variant and round: " + "; ".join(f"{n}: {', '.join(s) or 'the code as committed'}"
                                                        for n, s in variants)
-                   + "".join(f"; {n} failed: {err}" for n, err in failed.items()))
+                   + "".join(f"; {n} failed: {err}" for n, err in failed.items())
+                   + ("; @static = every W8A8 layer with the static activation scale amax / QMAX of its input over "
+                      "one forward (a stand-in for calibration on random weights)" if static is not None else ""))
 
 
 def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:
     """The turbo DiT as a calibrated bundle runs it: static per-tensor activation scales (here from one
-    forward's input amax, `set_static_scales`) let the up GEMM of every feed-forward block write the down
+    forward's input amax, `record_static_scales`) let the up GEMM of every feed-forward block write the down
     layer's fp8 input in its epilogue, and no per-token amax pass runs anywhere. Timed in the headline's
     mode (compiled once more for the static branch; the scale values are graph inputs), then the bundle's
     dynamic scales come back."""
-    if use_compiled:
-        model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
-    try:
-        old = set_static_scales(model, dit)
-    finally:
-        if use_compiled:
-            model.compile_blocks(args.compile_backend, args.compile_mode)
+    restore = _apply_ab("@static", model, record_static_scales(args, model, dit, use_compiled))
     try:
         dit()  # compile / JIT the static-scale branch
         sync(device)
@@ -576,7 +627,7 @@ def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes
                                   "stand-in for calibration on random weights), as a calibrated bundle runs; "
                                   f"{'compiled' if use_compiled else 'eager'}, median of {args.reps}")
     finally:
-        restore_scales(model, old)  # the compiled blocks' dynamic branch is still cached
+        restore()  # the compiled blocks' dynamic branch is still cached
 
 
 @torch.no_grad()

@@ -182,7 +182,8 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_e2e.py"), "--tiny", "--workdir",
                            str(tmp_path), "--with-14b", "--reps", "1", "--ab-rounds", "1",
-                           "--ab", "w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2"], env=env, capture_output=True, text=True,
+                           "--ab", "w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2", "--ab", "static=@static"],
+                          env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "results" / "e2e.json").read_text())
@@ -193,6 +194,10 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
                                                          / fig["e2e_1.3b_480p_turbo_s"])
     assert "EXTRAPOLATED" in doc["notes"]["baseline"] and "--tiny" in doc["command"]
     assert fig["e2e_1.3b_480p_ab_w2_min_s"] > 0 and fig["e2e_1.3b_480p_ab_default_min_s"] > 0
+    # a tuning knob leaves the output as it was; static activation scales change the rounding only
+    assert fig["e2e_1.3b_480p_ab_w2_rel_diff"] == 0.0
+    assert 0.0 < fig["e2e_1.3b_480p_ab_static_rel_diff"] < 0.05
+    assert "@static = every W8A8 layer" in doc["notes"]["ab"]
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "results" / "e2e_breakdown.png").stat().st_size > 0
@@ -216,6 +221,7 @@ def test_static_scales_stand_in_for_calibration_and_restore():
     restore_scales brings the dynamic scales back."""
     from dataclasses import replace
 
+    import bench_e2e
     from e2e_setup import restore_scales, set_static_scales
 
     from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, fuse_gelu_ffns, quantizable_linears, quantize_model
@@ -239,6 +245,13 @@ def test_static_scales_stand_in_for_calibration_and_restore():
         assert ((static - dynamic).norm() / dynamic.norm()).item() < 2e-2
         restore_scales(model, old)
         assert all(m.act_scale is None for m in layers)
+        torch.testing.assert_close(model(x, t, ctx), dynamic)
+        # bench_e2e's "@static" A/B variant: recorded once (the model keeps its scales), applied and undone per run
+        scales = bench_e2e.record_static_scales(None, model, lambda: model(x, t, ctx), use_compiled=False)
+        assert all(m.act_scale is None for m in layers) and set(scales) == set(old)
+        undo = bench_e2e._apply_ab("@static", model, scales)
+        torch.testing.assert_close(model(x, t, ctx), static)
+        undo()
         torch.testing.assert_close(model(x, t, ctx), dynamic)
 
 

@@ -160,25 +160,22 @@ def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
 @torch.no_grad()
 def set_static_scales(model, forward) -> dict:
     """A stand-in for calibration on random weights: one `forward()` records the input amax of every
-    W8A8Linear of the DiT, then each gets the static per-tensor scale amax / QMAX (what a calibrated
-    bundle carries), with the feed-forward blocks re-formed around them and the fused norm inputs as they
-    were. Returns {name: the previous act_scale} for `restore_scales`."""
-    from torch import nn
-
-    from turbo_infer.quant import W8A8GeluFFN, W8A8Linear, fuse_gelu_ffns
+    W8A8Linear of the DiT (probe hooks: the runtime's fused paths step aside for hooked layers,
+    `turbo_infer.quant.has_data_hooks`), then each gets the static per-tensor scale amax / QMAX (what a calibrated
+    bundle carries). Returns {name: the previous act_scale} for `restore_scales`."""
+    from turbo_infer.quant import W8A8Linear
     from turbo_kernels.gemm.quantize import QMAX
 
-    fused_norm = model.blocks[0].fused_norm_quant
-    for block in model.blocks:  # the down layer's input must be seen as a tensor
-        if isinstance(block.ffn, W8A8GeluFFN):
-            block.ffn = nn.Sequential(*block.ffn)
-    model.fuse_norm_quant(False)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
-    amax = dict.fromkeys(layers, 0.0)
+    amax = dict.fromkeys(layers)
 
     def hook(name):
         def record(mod, args):
-            amax[name] = max(amax[name], float(args[0].detach().abs().max()))
+            x = args[0]
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name}: the probe got {type(x).__name__}, not the input tensor (a fused path "
+                                "skipped the hooked layer)")
+            amax[name] = max(amax[name] or 0.0, float(x.detach().abs().max()))
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
@@ -187,11 +184,12 @@ def set_static_scales(model, forward) -> dict:
     finally:
         for h in handles:
             h.remove()
+    unseen = [n for n, a in amax.items() if a is None]
+    if unseen:
+        raise RuntimeError(f"no input reached {len(unseen)} W8A8 layers during the forward: {unseen[:5]}")
     old = {n: m.act_scale for n, m in layers.items()}
     for n, m in layers.items():
         m.act_scale = max(amax[n], 1e-6) / QMAX[m.mode]
-    fuse_gelu_ffns(model)
-    model.fuse_norm_quant(fused_norm)
     return old
 
 

@@ -177,13 +177,16 @@ class W8A8GeluFFN(nn.Sequential):
 
     def forward_residual(self, x: "torch.Tensor | QuantizedActivation", residual: torch.Tensor,
                          gate: torch.Tensor | None) -> torch.Tensor:
-        """residual + gate·self(x) (see W8A8Linear.forward_residual), the sum in the down GEMM's epilogue."""
+        """residual + gate·self(x) (see W8A8Linear.forward_residual), the sum in the down GEMM's epilogue. A fused
+        op like W8A8Linear.forward_residual: hooks on up / down do not run (`wan.gated_residual` checks for them)."""
         _check_residual_shape(residual, x.shape if isinstance(x, QuantizedActivation) else tuple(x.shape),
                               self[2].out_features)
         return self._run(x, residual, gate)
 
     def _run(self, x, residual, gate):
         up, down = self[0], self[2]
+        if residual is None and has_data_hooks(self):  # probes on up / down see their inputs: the plain Sequential
+            return down(self[1](up(x)))
         if isinstance(x, QuantizedActivation):
             if x.data.dtype != up.weight_q.dtype:
                 raise TypeError(f"activation dtype {x.data.dtype} does not match the up layer's mode {up.mode!r}")
@@ -209,12 +212,15 @@ def _check_residual_shape(residual: torch.Tensor, x_shape: tuple, out_features: 
 
 
 def has_data_hooks(module: nn.Module) -> bool:
-    """Whether forward (pre-)hooks that read the module's tensors are registered on it (calibration's probes): the
-    fused paths that skip the module's forward must not run then. Hooks with a true `profiler_scope` attribute
-    (tools/e2e_breakdown.py: they only open and close a profiler range) do not count, so a profiled run takes
-    the path a timed one does."""
-    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return any(not getattr(h, "profiler_scope", False) for h in hooks)
+    """Whether forward (pre-)hooks that read tensors are registered on the module or any module inside it
+    (calibration's probes; a W8A8GeluFFN's up or down layer): the fused paths that skip those modules' forwards
+    must not run then. Hooks with a true `profiler_scope` attribute (tools/e2e_breakdown.py: they only open and
+    close a profiler range) do not count, so a profiled run takes the path a timed one does."""
+    for m in module.modules():
+        hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+        if any(not getattr(h, "profiler_scope", False) for h in hooks):
+            return True
+    return False
 
 
 def norm_quantized_input(x: torch.Tensor, norm: nn.LayerNorm, shift: torch.Tensor, scale: torch.Tensor,

@@ -630,10 +630,53 @@ def bench_gelu_flatten(h: Harness, M=32760, dim=1536, ffn=8960):
                  / f["gemm_fp8_ffn_up_gelu_approx_default_bf16_ms"])
 
 
+def bench_store(h: Harness, M=32760, dim=1536, ffn=8960):
+    """fp8 GEMMs of the DiT whose output is a plain tile, stored per thread (the default) or through a tensor
+    descriptor (`GemmConfig.store_desc`: TMA stores, whole tiles or two half-width subtiles, 4 or 3 stages): the FFN
+    up with GELU, bf16 out and fp8 out with a static scale (a calibrated bundle's path); the FFN down and the fused
+    q/k/v projection (1536 -> 4608), bf16 out. Figures `gemm_store_*_ms`, each variant's output against the
+    default's (bit for bit: `*_equal`), and the best variant per GEMM against the default."""
+    from dataclasses import replace
+
+    print("== fp8 GEMMs: output tiles through tensor descriptors", flush=True)
+    g = torch.Generator(device=DEV).manual_seed(11)
+    x = torch.randn(M, dim, device=DEV, generator=g, dtype=BF16)
+    xq, xs = Q.quantize_rows(x, "fp8")
+    wu, su = Q.quantize_weight(torch.randn(ffn, dim, device=DEV, generator=g, dtype=BF16) / dim ** 0.5, "fp8")
+    wd, sd = Q.quantize_weight(torch.randn(dim, ffn, device=DEV, generator=g, dtype=BF16) / ffn ** 0.5, "fp8")
+    wqkv, sqkv = Q.quantize_weight(torch.randn(3 * dim, dim, device=DEV, generator=g, dtype=BF16) / dim ** 0.5, "fp8")
+    bu = torch.randn(ffn, device=DEV, dtype=BF16)
+    hq, hs = Q.quantize_rows(F.gelu(x.float() @ (wu.float() * su[:, None]).t(), approximate="tanh").to(BF16), "fp8")
+    base = W.DEFAULT_GEMM_CONFIG
+    configs = {"default": base, "store_sub_s4": replace(base, store_desc=True, store_subtile=True),
+               "store_whole_s4": replace(base, store_desc=True, store_subtile=False),
+               "store_sub_s3": replace(base, store_desc=True, store_subtile=True, num_stages=3)}
+    cases = {"ffn_up_gelu_bf16": lambda cfg: W.w8a8_matmul(xq, xs, wu, su, bu, activation="gelu_tanh", config=cfg),
+             "ffn_up_gelu_fp8_static": lambda cfg: W.w8a8_matmul(xq, xs, wu, su, bu, activation="gelu_tanh",
+                                                                  out_quant="fp8", out_scale=0.01, config=cfg)[0],
+             "ffn_down_bf16": lambda cfg: W.w8a8_matmul(hq, hs, wd, sd, None, config=cfg),
+             "qkv_bf16": lambda cfg: W.w8a8_matmul(xq, xs, wqkv, sqkv, None, config=cfg)}
+    for case, fn in cases.items():
+        ref = fn(base)
+        times = {}
+        for tag, cfg in configs.items():
+            t = guarded(f"{case} {tag}", lambda cfg=cfg: h.measure(case, f"fp8_{tag}", "fwd", lambda: fn(cfg)))
+            if t is None:
+                continue
+            times[tag] = t
+            h.figure(f"gemm_store_{case}_{tag}_ms", t)
+            if tag != "default":
+                h.figure(f"gemm_store_{case}_{tag}_equal", float(torch.equal(fn(cfg).float(), ref.float())))
+        if times.get("default"):
+            best = min(times, key=times.get)
+            h.figure(f"gemm_store_{case}_best_vs_default", times["default"] / times[best])
+            print(f"  {case}: best {best} {times[best]:.3f} ms vs default {times['default']:.3f}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="no tile sweeps, no 14B shape")
-    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows,group,gelu")
+    ap.add_argument("--only", default="check,dense,sparse,w8a8,residual,rows,group,gelu,store")
     args = ap.parse_args()
     print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), flush=True)
     import triton
@@ -662,6 +705,8 @@ def main():
         guarded("group", lambda: bench_group(h))
     if "gelu" in only:
         guarded("gelu", lambda: bench_gelu_flatten(h))
+    if "store" in only:
+        guarded("store", lambda: bench_store(h))
     h.print_table()
     h.write()
 

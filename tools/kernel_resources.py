@@ -24,6 +24,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
     w8a8_tma_persist, w8a8_tma_flat, w8a8_tma_flat_gelu  persistent grid (132 programs), bf16 out: the tile loop as
                       it is / flattened with the K loop into one pipelined loop (GemmConfig.flatten), + GELU;
     w8a8_tma_flat_res  flattened, the FFN down's gated residual in the epilogue (gate path 1)
+    w8a8_tma_flat_gelu_store, w8a8_tma_flat_gelu_fp8_store  flattened + GELU, the output (bf16 / fp8 with a static
+                      scale) stored through a tensor descriptor in two half-width subtiles (GemmConfig.store_desc)
     w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
 Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
 fp8 quantization, 1 warp).
@@ -91,6 +93,9 @@ def _w8a8_signature(name: str, c: dict) -> str:
         return f"tensordesc<{q}[{c['BLOCK_M']}, {c['BLOCK_K']}]>"
     if name == "b_desc":
         return f"tensordesc<{q}[{c['BLOCK_N']}, {c['BLOCK_K']}]>"
+    if name == "c_desc":  # STORE_DESC: the output tile (or half of it) through a descriptor
+        out = "fp8e4nv" if c["OUT_QUANT"] else "bf16"
+        return f"tensordesc<{out}[{c['BLOCK_M']}, {c['BLOCK_N'] // (2 if c['SUBTILE'] else 1)}]>"
     if name in ("AS", "BS", "G", "S"):
         return "*fp32"
     if name == "C":
@@ -103,7 +108,7 @@ def _w8a8_signature(name: str, c: dict) -> str:
 _W8A8_BASE = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, HAS_BIAS=True, INT8=False, EVEN_K=True,
                   EXACT_CAST=False, A_QUANT=False, RESIDUAL=False, GATE=0, NUM_PROGRAMS=1024, WS=False, GELU=False,
                   OUT_QUANT=False, OUT_FP8=False, OUT_GROUP=0, A_GROUP=0, FLATTEN=False,
-                  FAST_GELU=True)
+                  FAST_GELU=True, c_desc=None, STORE_DESC=False, SUBTILE=False)
 # variant -> (module, kernel, constexprs, signature function (name, constexprs) -> type, warps, stages)
 OTHER_VARIANTS = {
     "w8a8_tma": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(RESIDUAL=True, GATE=1), _w8a8_signature, 8, 4),
@@ -117,6 +122,12 @@ OTHER_VARIANTS = {
                       _w8a8_signature, 8, 4),
     "w8a8_tma_flat_gelu": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                            dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True), _w8a8_signature, 8, 4),
+    "w8a8_tma_flat_gelu_store": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
+                                 dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True, STORE_DESC=True, SUBTILE=True),
+                                 _w8a8_signature, 8, 3),
+    "w8a8_tma_flat_gelu_fp8_store": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
+                                     dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True, OUT_QUANT=True, OUT_FP8=True,
+                                          STORE_DESC=True, SUBTILE=True), _w8a8_signature, 8, 3),
     "w8a8_tma_flat_res": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                           dict(NUM_PROGRAMS=132, FLATTEN=True, RESIDUAL=True, GATE=1), _w8a8_signature, 8, 4),
     "w8a8_tma_persist": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132), _w8a8_signature,
@@ -149,6 +160,8 @@ def _compile_other(variant: str, arch: int, warps: int = 0, stages: int = 0):
     module, kernel, extra, signature, w, st = OTHER_VARIANTS[variant]
     fn = getattr(importlib.import_module(module), kernel)
     const = {**_W8A8_BASE, **extra} if module.endswith("w8a8") else dict(extra)
+    if const.get("STORE_DESC"):
+        del const["c_desc"]  # an argument then, not the constexpr None
     const = {k: v for k, v in const.items() if k in fn.arg_names}
     sig = {n: "constexpr" if n in const else signature(n, const) for n in fn.arg_names}
     aligned = [i for i, n in enumerate(fn.arg_names) if n not in const and n not in NOT_DIV16_OTHER

@@ -292,7 +292,8 @@ if triton is not None:
                               GELU: tl.constexpr, OUT_QUANT: tl.constexpr, OUT_FP8: tl.constexpr, out_inv,
                               EXACT_CAST: tl.constexpr, NUM_PROGRAMS: tl.constexpr, R, stride_rm, G, gate_rows,
                               RESIDUAL: tl.constexpr, GATE: tl.constexpr, WS: tl.constexpr, S,
-                              OUT_GROUP: tl.constexpr, FLATTEN: tl.constexpr, FAST_GELU: tl.constexpr):
+                              OUT_GROUP: tl.constexpr, FLATTEN: tl.constexpr, FAST_GELU: tl.constexpr,
+                              c_desc, STORE_DESC: tl.constexpr, SUBTILE: tl.constexpr):
         """`_w8a8_gemm_kernel` with the A (M, K) and B (N, K) tiles fetched by tensor descriptors (TMA on
         sm_90+; out-of-range rows and K columns arrive as zeros, so no wrap or mask), and a persistent grid:
         NUM_PROGRAMS programs walk the output tiles in the grouped order, each tile's epilogue as the pointer
@@ -300,7 +301,10 @@ if triton is not None:
         specialization of the K loop (producer warps issue the copies, consumer warps the MMAs). FLATTEN (persistent
         grids): the tile loop and the K loop fused into one software-pipelined loop (tl.range(flatten=True)), so that
         the next tile's first A / B copies are in flight during this tile's epilogue instead of the pipeline
-        refilling after it (at K = 1536 a tile has only 12 K steps)."""
+        refilling after it (at K = 1536 a tile has only 12 K steps). STORE_DESC (plain outputs: no residual, no group
+        scales): the finished tile goes out through the output's tensor descriptor c_desc (a TMA store from shared
+        memory, rows past M clipped by the copy engine) instead of per-thread stores; SUBTILE: as two (BLOCK_M,
+        BLOCK_N / 2) halves, half the staging buffer."""
         num_pid_m = tl.cdiv(M, BLOCK_M)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         num_tiles = num_pid_m * num_pid_n
@@ -329,9 +333,24 @@ if triton is not None:
             sa = tl.load(AS + offs_m, mask=m_ok, other=0.0)
             FOLD: tl.constexpr = RESIDUAL and GATE == 1 and not GELU
             y = _dequantize(acc, sa[:, None], BS, Bias, offs_n, n_ok, N, HAS_BIAS, G, pid_m * BLOCK_M, gate_rows, FOLD)
-            _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
-                          out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M, S,
-                          pid_n * BLOCK_N, OUT_GROUP, BLOCK_N, FAST_GELU)
+            if STORE_DESC:
+                if GELU:
+                    y = _gelu_tanh(y, FAST_GELU)
+                if OUT_QUANT:
+                    t = quantize_tile(y, out_inv, OUT_FP8, EXACT_CAST)
+                else:
+                    t = y.to(C.dtype.element_ty)
+                if SUBTILE:
+                    halves = tl.permute(tl.reshape(t, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                    t0, t1 = tl.split(halves)
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], t0)
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], t1)
+                else:
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], t)
+            else:
+                _store_output(y, C, pid_m * BLOCK_M, offs_m, offs_n, M, N, stride_cm, GELU, OUT_QUANT, OUT_FP8,
+                              out_inv, EXACT_CAST, R, stride_rm, G, gate_rows, RESIDUAL, 0 if FOLD else GATE, BLOCK_M,
+                              S, pid_n * BLOCK_N, OUT_GROUP, BLOCK_N, FAST_GELU)
 
 # ----------------------------------------------------------------------------------------------
 # host launcher
@@ -361,6 +380,10 @@ class GemmConfig:
     # persistent descriptor kernel only: tile loop and K loop flattened into one pipelined loop (the next tile's copies
     # are in flight during this tile's epilogue)
     flatten: bool = True
+    # descriptor kernel, plain outputs (no residual, no group scales; N % 16 == 0): the output tile stored through a
+    # tensor descriptor (TMA), as two half-width subtiles with store_subtile
+    store_desc: bool = False
+    store_subtile: bool = True
 
 
 # The default where tiles come through tensor descriptors (sm_90+): 4 stages, persistent, flattened (above). H100,
@@ -533,6 +556,11 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     if not a_group and cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
             and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
         programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
+        store_desc = (cfg.store_desc and residual is None and not out_group and N % 16 == 0 and out.data_ptr() % 16 == 0
+                      and cfg.block_n % 32 == 0)
+        sub_n = cfg.block_n // 2 if cfg.store_subtile else cfg.block_n
+        c_desc = TensorDescriptor(out, shape=[M, N], strides=[N, 1], block_shape=[cfg.block_m, sub_n]) \
+            if store_desc else None
         _w8a8_gemm_tma_kernel[(programs,)](
             TensorDescriptor(x_q, shape=[M, K], strides=[K, 1], block_shape=[cfg.block_m, cfg.block_k]),
             TensorDescriptor(w_q, shape=[N, K], strides=[K, 1], block_shape=[cfg.block_n, cfg.block_k]),
@@ -541,8 +569,8 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
             OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
             EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, WS=cfg.warp_spec, FAST_GELU=_fast_gelu(),
-            FLATTEN=cfg.flatten and cfg.persistent, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+            FLATTEN=cfg.flatten and cfg.persistent, c_desc=c_desc, STORE_DESC=store_desc,
+            SUBTILE=store_desc and cfg.store_subtile, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _w8a8_gemm_kernel[(tiles,)](
             x_q, w_q, out, x_scale.float().contiguous(), w_scale.float().contiguous(), bias if bias is not None else out,

@@ -144,6 +144,42 @@ def test_gemm_tma_kernel_computes_what_the_pointer_kernel_does(mode, persistent,
             assert g.dtype == r.dtype and torch.equal(g.float(), r.float())
 
 
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("subtile", [False, True], ids=["whole-tile", "two-halves"])
+@pytest.mark.parametrize("M,K,N", [(37, 80, 96), (64, 64, 64)], ids=["ragged-M", "even"])
+def test_gemm_descriptor_store_computes_what_the_pointer_stores_do(mode, subtile, M, K, N, monkeypatch):
+    """store_desc: the descriptor kernel's plain outputs (float, or quantized with a static scale) leave through a
+    tensor descriptor of the output, whole or as two half-width subtiles; rows past M are clipped by the store.
+    The same tiles as the per-thread stores, bit for bit. A residual output keeps the pointer stores (two
+    descriptors made, not three)."""
+    made = []
+
+    class Spy(W.TensorDescriptor):
+        def __init__(self, *a, **k):
+            made.append(k.get("block_shape"))
+            super().__init__(*a, **k)
+    monkeypatch.setattr(W, "TensorDescriptor", Spy)
+    x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
+    xq, xs = Q.quantize_rows(x, mode)
+    wq, ws = Q.quantize_weight(w, mode)
+    flat = replace(SMALL, block_k=64, tma=True, persistent=True, flatten=True)  # no A / B descriptor looks like C's
+    store = replace(flat, store_desc=True, store_subtile=subtile)
+    for kw in (dict(out_dtype=torch.float32), dict(out_dtype=torch.float16, activation="gelu_tanh"),
+               dict(activation="gelu_tanh", out_quant=mode, out_scale=0.01)):
+        made.clear()
+        got = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=store, **kw)
+        assert len(made) == 3 and [SMALL.block_m, SMALL.block_n // 2 if subtile else SMALL.block_n] in made
+        want = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=flat, **kw)
+        for g, r in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+            assert g.dtype == r.dtype and torch.equal(g.float(), r.float())
+    made.clear()
+    res = torch.randn(M, N)
+    got = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=store, out_dtype=torch.float32, residual=res)
+    assert len(made) == 2
+    want = W.w8a8_matmul(xq, xs, wq, ws, b, backend="triton", config=flat, out_dtype=torch.float32, residual=res)
+    assert torch.equal(got, want)
+
+
 def test_gemm_outlier_channels_error():
     x, w = torch.randn(64, 1536), torch.randn(128, 1536) / 1536 ** 0.5
     x[:, :4] *= 20

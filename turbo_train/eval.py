@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rest (turbo_infer.models.experts; e.g. tools/caption_layout_probe.py --flow-min-time)")
     p.add_argument("--expert-boundary", type=float, default=0.9, metavar="S",
                    help="flow time where --high-noise-expert hands over (default 0.9)")
+    p.add_argument("--allow-reference", action="store_true",
+                   help="with --bundle: evaluate a bundle whose GPU kernels this device lacks (an h100 bundle on the "
+                        "CPU) through the torch references, which emulate its int8 / fp8 arithmetic (slow)")
     p.add_argument("--judge", type=Path, default=None, help="judge safetensors (default: the shipped judge)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), help="default: euler (a bundle: its own)")
     p.add_argument("--steps", type=int, default=None, help="default: 50 (a bundle: its own)")
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bundle brings its own weights and attention: drop --checkpoint / --attention")
     if a.bundle is not None and not (a.bundle / "manifest.json").is_file():
         p.error(f"--bundle: no manifest.json in {a.bundle}")
+    if a.allow_reference and a.bundle is None:
+        p.error("--allow-reference: only with --bundle")
     if a.high_noise_expert is not None and a.bundle is not None:
         p.error("--high-noise-expert: not with --bundle (a bundle is one few-step model)")
     if a.high_noise_expert is not None and not a.high_noise_expert.is_file():
@@ -318,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from turbo_train.toyworld.judge import load_judge
 
     if a.bundle is not None:
-        pipe = TurboPipeline.from_bundle(a.bundle, device=a.device)
+        pipe = TurboPipeline.from_bundle(a.bundle, device=a.device, allow_reference=a.allow_reference)
     else:
         overrides = {}
         if a.attention:

@@ -62,6 +62,25 @@ def test_bundle_end_to_end_uses_the_bundles_sampler(tiny_checkpoint, tmp_path):
     assert report["checkpoint"].startswith("bundle ")
 
 
+def test_gpu_bundle_on_the_cpu_only_with_allow_reference(tiny_checkpoint, tmp_path, capsys):
+    """An h100 bundle (fp8 W8A8 linears) is refused on the CPU with the bundle to use instead; --allow-reference
+    evaluates it through the torch references (which emulate the fp8 arithmetic)."""
+    import torch
+
+    from turbo_train.export import export_bundle
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU here may run the h100 target natively")
+    bundle = export_bundle(tiny_checkpoint, "h100", tmp_path / "bundles", steps=2, progress=False)
+    with pytest.raises(Exception, match="cpu"):
+        run(["--bundle", str(bundle)], tmp_path / "refused")
+    report = run(["--bundle", str(bundle), "--allow-reference"], tmp_path / "eval")
+    assert report["settings"]["steps"] == 2 and report["checkpoint"].startswith("bundle ")
+    with pytest.raises(SystemExit):
+        main(["--allow-reference"])
+    assert "only with --bundle" in capsys.readouterr().err
+
+
 def test_cli_refusals(tiny_checkpoint, tmp_path, capsys):
     def error(args, match):
         with pytest.raises(SystemExit):

@@ -640,14 +640,23 @@ class WanModel(nn.Module):
                                     **CHECKPOINT_POLICIES[self.checkpoint_policy]())
             else:
                 tokens = block(tokens, e, ctx, rope)
+        return self.output(tokens, temb, grid, x, timestep)
+
+    def output(self, tokens: torch.Tensor, temb: torch.Tensor, grid: tuple, x: torch.Tensor,
+               timestep: torch.Tensor) -> torch.Tensor:
+        """The forward's tail: the last block's tokens (B, L, dim) (this rank's share under sequence parallelism,
+        in the attention's token order) -> the velocity (B, C_out, F, H, W), fp32: head, gather, raster order,
+        unpatchify, and for x0-prediction models the velocity that x̂0 implies for the input x at `timestep`
+        ((B,), 1000·s). Calibration runs the blocks from a captured state and finishes through it."""
         out = self.head(tokens, temb)  # (B, L, C·p)
-        if sp is not None:
-            out = sp.gather(out, dim=1)  # (B, L, C·p)
+        if self.sequence_shard is not None:
+            out = self.sequence_shard.gather(out, dim=1)  # (B, L, C·p)
+        order = self.token_order(grid, x.device)
         if order is not None:
             out = out[:, order[1]]  # back to raster order
         out = self.unpatchify(out, grid).float()
-        if cfg.prediction == "x0":  # the head's output is x̂0: return the velocity it implies
-            s = (timestep.float() / 1000.0).clamp(min=X0_MIN_S).view(B, 1, 1, 1, 1)
+        if self.config.prediction == "x0":  # the head's output is x̂0: return the velocity it implies
+            s = (timestep.float() / 1000.0).clamp(min=X0_MIN_S).view(x.shape[0], 1, 1, 1, 1)
             out = (x.float() - out) / s
         return out
 

@@ -270,8 +270,9 @@ class _Stop(Exception):
 
 
 def block_inputs(model, x, t, context):
-    """The float states entering blocks[0] for a batch: (tokens, e, ctx, rope) and the head's
-    (temb, grid), captured with hooks on a forward stopped at the first block."""
+    """The float states entering blocks[0] for a batch: (tokens, e, ctx, rope), and what the forward's tail
+    (`WanModel.output`) needs after the last block: (temb, grid, x, timestep). Captured with hooks on a forward
+    stopped at the first block."""
     got = {}
 
     def at_block(mod, args):
@@ -291,15 +292,19 @@ def block_inputs(model, x, t, context):
         h1.remove()
         h2.remove()
     grid = tuple(s // p for s, p in zip(x.shape[2:], model.config.patch_size))
-    return got["args"], got["temb"], grid
+    timestep = torch.as_tensor(t, device=x.device)
+    timestep = timestep.expand(x.shape[0]) if timestep.ndim == 0 else timestep
+    return got["args"], (got["temb"], grid, x, timestep)
 
 
-def run_from_block(model, k: int, state, temb, grid) -> torch.Tensor:
-    """Blocks k.. and the head from `state` = (tokens, e, ctx, rope) entering block k -> velocity."""
+def run_from_block(model, k: int, state, tail) -> torch.Tensor:
+    """Blocks k.. from `state` = (tokens, e, ctx, rope) entering block k, then the forward's own tail
+    (`WanModel.output`: head, raster order, unpatchify, x0 -> velocity) -> the velocity model(x, t, context)
+    returns. tail: (temb, grid, x, timestep) from `block_inputs`."""
     tokens, e, ctx, rope = state
     for block in model.blocks[k:]:
         tokens = block(tokens, e, ctx, rope)
-    return model.unpatchify(model.head(tokens, temb), grid).float()  # (B, C, F, H, W)
+    return model.output(tokens, *tail)  # (B, C, F, H, W), fp32
 
 
 @contextmanager
@@ -363,12 +368,12 @@ def layer_sensitivity(model, names: list[str], samples, formats: list[str], scal
                 with swapped(model, n, f, scale(n, f), local[n][f]):
                     num[n][f] += err(model(x, t, c), v)
                 bar.update()
-        state, temb, grid = block_inputs(model, x, t, c)
+        state, tail = block_inputs(model, x, t, c)
         for k, block in enumerate(model.blocks):
             for n in by_block[k]:
                 for f in formats:
                     with swapped(model, n, f, scale(n, f), local[n][f]):
-                        num[n][f] += err(run_from_block(model, k, state, temb, grid), v)
+                        num[n][f] += err(run_from_block(model, k, state, tail), v)
                     bar.update()
             tokens, e, ctx, rope = state
             state = (block(tokens, e, ctx, rope), e, ctx, rope)  # float states entering block k + 1

@@ -24,6 +24,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
     w8a8_tma_persist, w8a8_tma_flat, w8a8_tma_flat_gelu  persistent grid (132 programs), bf16 out: the tile loop as
                       it is / flattened with the K loop into one pipelined loop (GemmConfig.flatten), + GELU;
     w8a8_tma_flat_res  flattened, the FFN down's gated residual in the epilogue (gate path 1)
+    w8a8_tma_flat_f32out, w8a8_tma_persist_f32out  fp32 output (calibration's fp32 model): flattened (does not fit
+                      sm_90's shared memory) / the persistent loop the launcher takes for outputs wider than 2 bytes
     w8a8_tma_flat_gelu_store, w8a8_tma_flat_gelu_fp8_store  flattened + GELU, the output (bf16 / fp8 with a static
                       scale) stored through a tensor descriptor in two half-width subtiles (GemmConfig.store_desc)
     w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
@@ -122,6 +124,10 @@ OTHER_VARIANTS = {
                       _w8a8_signature, 8, 4),
     "w8a8_tma_flat_gelu": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                            dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True), _w8a8_signature, 8, 4),
+    "w8a8_tma_flat_f32out": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132, FLATTEN=True),
+                             lambda n, c: "*fp32" if n == "C" else _w8a8_signature(n, c), 8, 4),
+    "w8a8_tma_persist_f32out": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel", dict(NUM_PROGRAMS=132),
+                                lambda n, c: "*fp32" if n == "C" else _w8a8_signature(n, c), 8, 4),
     "w8a8_tma_flat_gelu_store": ("turbo_kernels.gemm.w8a8", "_w8a8_gemm_tma_kernel",
                                  dict(NUM_PROGRAMS=132, FLATTEN=True, GELU=True, STORE_DESC=True, SUBTILE=True),
                                  _w8a8_signature, 8, 3),
@@ -264,7 +270,7 @@ def inspect(kernel) -> dict:
     main = max(loops, key=lambda lp: (count(body_of(lp), *MMA), lp[1] - lp[0]), default=None)
     body = body_of(main) if main else []
     loads = collections.Counter(op for op in body if op.startswith(("LDG", "LDGSTS", "UTMALDG")))
-    return {"loop_global_loads": dict(loads),
+    return {"loop_global_loads": dict(loads), "shared_bytes": kernel.metadata.shared,
             "registers": regs, "stack_bytes": stack, "instructions": len(instrs),
             "spill_loads": count(ops.elements(), "LDL"), "spill_stores": count(ops.elements(), "STL"),
             "hgmma": count(ops.elements(), *MMA), "main_loop_instructions": len(body),

@@ -556,6 +556,11 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
     if not a_group and cfg.tma and K % 16 == 0 and x_q.data_ptr() % 16 == 0 and w_q.data_ptr() % 16 == 0 \
             and x_q.stride(0) == K and w_q.stride(0) == K and descriptors_supported(x_q):
         programs = min(tiles, _num_sms(x_q.device)) if cfg.persistent else tiles
+        # the flattened loop keeps the next tile's A / B stages in flight through the epilogue, so the epilogue's
+        # layout-conversion scratch comes on top of them: 32 KiB for 2-byte outputs, the whole 128x256 tile for fp32
+        # (calibration's fp32 model; sm_90 at 4 stages: 327 712 bytes, over the 232 448 a block may have). Outputs
+        # wider than 2 bytes take the persistent loop without flattening (196 640 bytes; tools/kernel_resources.py).
+        flatten = cfg.flatten and cfg.persistent and out.element_size() <= 2
         store_desc = (cfg.store_desc and residual is None and not out_group and N % 16 == 0 and out.data_ptr() % 16 == 0
                       and cfg.block_n % 32 == 0)
         sub_n = cfg.block_n // 2 if cfg.store_subtile else cfg.block_n
@@ -569,7 +574,7 @@ def w8a8_matmul(x_q, x_scale, w_q, w_scale, bias=None, *, out_dtype=torch.bfloat
             GROUP_M=cfg.group_m, HAS_BIAS=bias is not None, INT8=not fp8, GELU=activation == "gelu_tanh",
             OUT_QUANT=out_quant is not None, OUT_FP8=out_quant == "fp8", out_inv=out_inv if out_quant else 1.0,
             EXACT_CAST=interpreter_enabled(), NUM_PROGRAMS=programs, **res, WS=cfg.warp_spec, FAST_GELU=_fast_gelu(),
-            FLATTEN=cfg.flatten and cfg.persistent, c_desc=c_desc, STORE_DESC=store_desc,
+            FLATTEN=flatten, c_desc=c_desc, STORE_DESC=store_desc,
             SUBTILE=store_desc and cfg.store_subtile, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _w8a8_gemm_kernel[(tiles,)](

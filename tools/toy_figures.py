@@ -52,6 +52,8 @@ RATIOS = [
     # --student-bundles: the bundles of the student's own SLA fine-tune (no merge)
     ("toy_bundles", "toy_bundle_student_h100_adherence_ratio", "bundle_student_h100", "adherence"),
     ("toy_bundles", "toy_bundle_student_cpu_adherence_ratio", "bundle_student_cpu", "adherence"),
+    # --static-bundles: the merged model calibrated with static activation scales, its h100 bundle
+    ("toy_bundles", "toy_bundle_static_h100_adherence_ratio", "bundle_static_h100", "adherence"),
 ]
 
 

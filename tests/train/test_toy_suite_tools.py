@@ -79,7 +79,7 @@ def suite(tmp_path, monkeypatch, **kw):
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
                            sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[],
-                           student_sla_steps=300, student_bundles=False)
+                           student_sla_steps=300, student_bundles=False, static_bundles=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -114,6 +114,25 @@ def test_the_cpu_bundle_is_evaluated_on_the_cpu(tmp_path, monkeypatch):
     t4 = evals["eval-teacher_rcm4"]  # the undistilled teacher under the students' sampler
     assert t4[t4.index("--checkpoint") + 1] == str(toy_gpu_suite.TEACHER) and t4[t4.index("--sampler") + 1] == "rcm"
     assert t4[t4.index("--steps") + 1] == "4" and t4[t4.index("--guidance") + 1] == "1"
+
+
+def test_static_bundles_calibrate_again_with_static_scales(tmp_path, monkeypatch):
+    """--static-bundles: a second calibration of the merged model with static activation scales, its h100 bundle
+    exported to bundles_static/ and evaluated on the GPU as bundle_static_h100 (a toy figure of its own)."""
+    s, calls = suite(tmp_path, monkeypatch, static_bundles=True)
+    s.main()
+    by_name = dict(calls)
+    cal = by_name["train-calibrate_static"]
+    assert sets_of(cal)["method.calibrate.activations"] == "static"
+    assert sets_of(by_name["train-calibrate"]).get("method.calibrate.activations") is None
+    exp = by_name["export_static"]
+    assert exp[exp.index("--plan") + 1] == str(tmp_path / "calibrate_static/calibration_plan.json")
+    assert [exp[i + 1] for i, x in enumerate(exp) if x == "--target"] == ["h100"]
+    ev = by_name["eval-bundle_static_h100"]
+    assert ev[ev.index("--bundle") + 1] == str(tmp_path / "bundles_static/h100") and ev[ev.index("--device") + 1] == "cuda"
+    assert any(row[1] == "toy_bundle_static_h100_adherence_ratio" for row in toy_figures.RATIOS)
+    with pytest.raises(SystemExit):
+        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--static-bundles"])
 
 
 def test_suite_arguments_are_checked():

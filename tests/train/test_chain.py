@@ -93,6 +93,11 @@ def test_chain_runs_every_stage_and_bundles_the_sparse_student(tmp_path, sla_bas
         source = f.metadata()["turbo_source_checkpoint"]
     assert source.endswith("rcm/ema.safetensors" if sla_base == "student" else "toy_teacher.safetensors")
     assert json.loads((run / "summary.json").read_text())["config"]["sla_base"] == sla_base
+    # the plan quantizes the block layers of the x0-prediction toy models (until session 31 the block-suffix
+    # sensitivity runs compared x̂0 with the velocity: every block layer failed the budget, 2 of 62 were quantized;
+    # the README job's plan now has all 62)
+    plan = json.loads((run / "calibrate" / "calibration_plan.json").read_text())
+    assert plan["summary"]["int8"]["quantized_layers"] > len(plan["layers"]) // 2, plan["summary"]
 
 
 def test_chain_rejects_an_unknown_sla_base():

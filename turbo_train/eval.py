@@ -323,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     from turbo_train.toyworld.judge import load_judge
 
     if a.bundle is not None:
-        pipe = TurboPipeline.from_bundle(a.bundle, device=a.device, allow_reference=a.allow_reference)
+        from turbo_infer.bundle import BundleTargetError
+
+        try:
+            pipe = TurboPipeline.from_bundle(a.bundle, device=a.device, allow_reference=a.allow_reference)
+        except BundleTargetError as e:  # this device cannot run the target: say which flag evaluates it anyway
+            p.error(f"--bundle: {e} (here: turbo-eval --allow-reference)")
     else:
         overrides = {}
         if a.attention:

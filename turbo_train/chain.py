@@ -180,6 +180,30 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
     stage("W8A8 calibration", calibrate)
     stage("export", export)
     bundle = bundles / ("cpu" if "cpu" in cfg.targets else cfg.targets[0])
+    quantized = next((t for t in ("h100", "a100", "rtx4090", "rtx5090") if t in cfg.targets), None)
+    if quantized and cfg.eval_prompts:
+        # the W8A8 bundle too (the cpu bundle keeps float linears): natively where this device runs its target,
+        # else through the torch references, which emulate its 8-bit arithmetic
+        import torch
+
+        from turbo_infer.bundle import BundleTargetError, check_device, read_manifest
+
+        qdir = bundles / quantized
+        manifest = read_manifest(qdir)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            check_device(manifest, device)
+            native = True
+        except BundleTargetError:
+            native = False
+
+        def quantized_eval():
+            pipe = TurboPipeline.from_bundle(qdir, device=device, allow_reference=not native)
+            precisions = [e["precision"] for e in manifest["linears"].values()]
+            eight_bit = sum(p != "bf16" for p in precisions)
+            return {**scored(pipe, **student_kw), "artefact": f"{eight_bit} of {len(precisions)} linears 8-bit"}
+
+        stage(f"bundle eval ({quantized}{'' if native else ', reference kernels'})", quantized_eval)
 
     def video():
         pipe = TurboPipeline.from_bundle(bundle)
@@ -198,13 +222,14 @@ def run_chain(cfg: ChainConfig) -> list[dict]:
 
 def print_summary(rows: list[dict]) -> None:
     # adherence ± its standard error over the evaluated prompts (few prompts on a CPU: a wide margin)
-    print("\n{:<34} {:>9} {:>15}  {}".format("stage", "seconds", "adherence", "output"))
+    w = max([34, *(len(r["stage"]) for r in rows)])  # the stage column fits the longest name
+    print(f"\n{'stage':<{w}} {'seconds':>9} {'adherence':>15}  output")
     for r in rows:
         adh = "-"
         if "adherence" in r:
             adh = f"{r['adherence']:.3f}" + (f" ± {r['adherence_stderr']:.3f}" if "adherence_stderr" in r else "")
-        print("{:<34} {:>9.1f} {:>15}  {}".format(r["stage"], r["seconds"], adh, r.get("artefact", "")))
-    print("{:<34} {:>9.1f}".format("total", sum(r["seconds"] for r in rows)))
+        print(f"{r['stage']:<{w}} {r['seconds']:>9.1f} {adh:>15}  {r.get('artefact', '')}")
+    print(f"{'total':<{w}} {sum(r['seconds'] for r in rows):>9.1f}")
 
 
 def main(recipe: str, overrides: list[str] = (), dry_run: bool = False) -> int:

@@ -100,6 +100,31 @@ def test_chain_runs_every_stage_and_bundles_the_sparse_student(tmp_path, sla_bas
     assert plan["summary"]["int8"]["quantized_layers"] > len(plan["layers"]) // 2, plan["summary"]
 
 
+def test_chain_evaluates_the_quantized_bundle_too(tmp_path):
+    """With a GPU target among the bundles and evaluations on, the chain scores that W8A8 bundle as well (on a CPU
+    through the reference kernels, which emulate its 8-bit arithmetic), beside the cpu bundle that makes the mp4."""
+    import re
+
+    import torch
+
+    from turbo_train.chain import run_chain
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU here may run the h100 bundle natively (the stage's name differs)")
+    rcm = _shrunk(tmp_path, "rcm-cpu.yaml", {"trainer.max_steps": 1})
+    sla = _shrunk(tmp_path, "sla-cpu.yaml", {"trainer.max_steps": 1, "data.batch_size": 1})
+    cal = _shrunk(tmp_path, "calibrate.yaml", {"method.calibrate.num_prompts": 2, "method.calibrate.batch_size": 2,
+                                               "method.calibrate.sensitivity_samples": 1})
+    cfg = ChainConfig(run_dir=str(tmp_path / "run"), rcm_recipe=rcm, sla_recipe=sla, calibrate_recipe=cal,
+                      targets=["cpu", "h100"], eval_prompts=2, teacher_steps=2, sla_base="student")
+    rows = {r["stage"]: r for r in run_chain(cfg)}
+    row = rows["bundle eval (h100, reference kernels)"]
+    assert 0.0 <= row["adherence"] <= 1.0
+    eight_bit, total = map(int, re.fullmatch(r"(\d+) of (\d+) linears 8-bit", row["artefact"]).groups())
+    assert 0 < eight_bit <= total
+    assert "adherence" in rows["bundle eval + mp4 (cpu)"]
+
+
 def test_chain_rejects_an_unknown_sla_base():
     with pytest.raises(ValueError, match="chain.sla_base"):
         ChainConfig(sla_base="both")

@@ -180,6 +180,30 @@ def test_gemm_descriptor_store_computes_what_the_pointer_stores_do(mode, subtile
     assert torch.equal(got, want)
 
 
+def test_fp32_outputs_take_the_unflattened_loop(monkeypatch):
+    """The flattened persistent loop's epilogue scratch sits beside its live pipeline stages; for an fp32 output tile
+    that does not fit sm_90's shared memory (tools/kernel_resources.py, test_kernel_resources), so the launcher
+    flattens only outputs of at most 2 bytes per element. Same result either way."""
+    seen = []
+    real = W._w8a8_gemm_tma_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["FLATTEN"])
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(W, "_w8a8_gemm_tma_kernel", Spy())
+    x, w = torch.randn(40, 64), torch.randn(48, 64) / 8
+    xq, xs = Q.quantize_rows(x, "fp8")
+    wq, ws = Q.quantize_weight(w, "fp8")
+    flat = replace(SMALL, tma=True, persistent=True, flatten=True)
+    for dt, want in ((torch.float32, False), (torch.float16, True)):
+        got = W.w8a8_matmul(xq, xs, wq, ws, None, out_dtype=dt, backend="triton", config=flat)
+        ref = W.w8a8_matmul(xq, xs, wq, ws, None, out_dtype=dt, backend="triton", config=SMALL)
+        assert seen[-1] is want and torch.equal(got, ref)
+
+
 def test_gemm_outlier_channels_error():
     x, w = torch.randn(64, 1536), torch.randn(128, 1536) / 1536 ** 0.5
     x[:, :4] *= 20

@@ -206,11 +206,8 @@ def static_inv_scale(static_scale) -> tuple[float, float]:
     """(1/s, s) rounded to fp32 exactly as the reference computes them (fp32 s, then fp32 1/s); static_scale a number
     or a one-element tensor. Plain float arithmetic, no tensors: it runs on every statically quantized layer call.
     1/s in double rounded once to fp32 is the correctly rounded fp32 quotient (double carries > 2·24 + 2 bits)."""
-    s = float(static_scale)
-    if not s > 0:
-        raise ValueError(f"static act_scale must be > 0, got {static_scale}")
-    s = _f32(s)
-    if s == 0.0:  # below fp32's range: the reference's fp32 tensor would be 0 too
+    s = _f32(float(static_scale))
+    if not s > 0:  # also a positive scale below fp32's range, which the reference's fp32 tensor rounds to 0
         raise ValueError(f"static act_scale must be > 0, got {static_scale}")
     return _f32(1.0 / s), s
 

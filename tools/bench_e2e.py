@@ -76,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, FirstKernelCalls, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
-                       random_dit, random_umt5, random_wan_vae, restore_scales, set_static_scales,
+                       apply_scales, random_dit, random_umt5, random_wan_vae, restore_scales, static_scales,
                        synthetic_umt5_tokenizer, video_sink, warm_page_cache)
 
 BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
@@ -498,7 +498,7 @@ def bench_cuda_graph(args, model, sample, x, context, device, fig, how: str):
 
 
 # --ab settings that change the model instead of a module constant: "@static" gives every W8A8 layer the static
-# per-tensor activation scale of a calibrated bundle (`set_static_scales`, recorded once before the rounds)
+# per-tensor activation scale of a calibrated bundle (`static_scales`, recorded once before the rounds)
 MODEL_SETTINGS = ("@static",)
 
 
@@ -515,18 +515,15 @@ def parse_ab(spec: str) -> tuple[str, list[str]]:
 
 
 def record_static_scales(args, model, dit, use_compiled: bool) -> dict:
-    """{W8A8 layer name: static activation scale} from one forward's input amax (`set_static_scales`); the model
+    """{W8A8 layer name: static activation scale} from one forward's input amax (`static_scales`); the model
     keeps its own scales (the blocks eager while recording when they were compiled)."""
     if use_compiled:
         model.uncompile_blocks()  # record the amax eagerly (hooks, no graph breaks)
     try:
-        old = set_static_scales(model, dit)
-        static = {n: model.get_submodule(n).act_scale for n in old}
-        restore_scales(model, old)
+        return static_scales(model, dit)
     finally:
         if use_compiled:
             model.compile_blocks(args.compile_backend, args.compile_mode)
-    return static
 
 
 def _apply_ab(spec: str, model, static: dict | None):
@@ -534,9 +531,7 @@ def _apply_ab(spec: str, model, static: dict | None):
     import importlib
 
     if spec == "@static":
-        old = {n: model.get_submodule(n).act_scale for n in static}
-        for n, s in static.items():
-            model.get_submodule(n).act_scale = s
+        old = apply_scales(model, static)
         return lambda: restore_scales(model, old)
     module_name, attr, before = apply_setting(spec, quiet=True)
     return lambda: setattr(importlib.import_module(module_name), attr, before)

@@ -158,11 +158,11 @@ def in_memory_umt5_encoder(model, tokenizer, device, dtype, max_length: int):
 
 
 @torch.no_grad()
-def set_static_scales(model, forward) -> dict:
+def static_scales(model, forward) -> dict:
     """A stand-in for calibration on random weights: one `forward()` records the input amax of every
     W8A8Linear of the DiT (probe hooks: the runtime's fused paths step aside for hooked layers,
-    `turbo_infer.quant.has_data_hooks`), then each gets the static per-tensor scale amax / QMAX (what a calibrated
-    bundle carries). Returns {name: the previous act_scale} for `restore_scales`."""
+    `turbo_infer.quant.has_data_hooks`). Returns {name: the static per-tensor scale amax / QMAX} (what a calibrated
+    bundle carries); the model keeps its own scales."""
     from turbo_infer.quant import W8A8Linear
     from turbo_kernels.gemm.quantize import QMAX
 
@@ -187,16 +187,27 @@ def set_static_scales(model, forward) -> dict:
     unseen = [n for n, a in amax.items() if a is None]
     if unseen:
         raise RuntimeError(f"no input reached {len(unseen)} W8A8 layers during the forward: {unseen[:5]}")
-    old = {n: m.act_scale for n, m in layers.items()}
-    for n, m in layers.items():
-        m.act_scale = max(amax[n], 1e-6) / QMAX[m.mode]
+    return {n: max(amax[n], 1e-6) / QMAX[m.mode] for n, m in layers.items()}
+
+
+def apply_scales(model, scales: dict) -> dict:
+    """Give each named W8A8Linear the activation scale of `scales` (None: dynamic); returns {name: the previous
+    act_scale} for `restore_scales`."""
+    old = {}
+    for n, s in scales.items():
+        m = model.get_submodule(n)
+        old[n], m.act_scale = m.act_scale, s
     return old
 
 
+def set_static_scales(model, forward) -> dict:
+    """`static_scales` of one `forward()`, applied (`apply_scales`); returns the previous scales."""
+    return apply_scales(model, static_scales(model, forward))
+
+
 def restore_scales(model, old: dict) -> None:
-    """Undo `set_static_scales`."""
-    for n, s in old.items():
-        model.get_submodule(n).act_scale = s
+    """Undo `apply_scales` / `set_static_scales`."""
+    apply_scales(model, old)
 
 
 def random_wan_vae(config: dict, device):

@@ -13,8 +13,12 @@ logged with a timestamp:
                 run (time budget). A profiled forward gives its attention / linear / other split.
   2. bundle     a random SLA-layout checkpoint (topk 0.1) written with save_wan_checkpoint, exported
                 by turbo_train.export.export_bundle for target h100 (sagesla attention, every
-                quantizable linear fp8 with dynamic per-token scales: no calibration plan), loaded
-                with TurboPipeline.from_bundle on cuda (sha256 verified).
+                quantizable linear fp8), loaded with TurboPipeline.from_bundle on cuda (sha256
+                verified). --activations static (the default, as recipes/toy/calibrate.yaml): that
+                bundle (dynamic per-token scales, no plan) runs the sampler once to record each W8A8
+                layer's input amax, and the bundle is exported again with a stand-in plan carrying
+                those static scales (e2e_setup.standin_plan: random weights, nothing calibrated);
+                the headline runs that one. --activations dynamic: the first bundle is the headline.
   3. text       umT5-XXL encoder (UMT5EncoderModel at the real config, random, bf16, built on the
                 GPU) behind the project's UMT5TextEncoder code path with a synthetic 256 384-piece
                 tokenizer; encode of one prompt padded to 512 tokens (tokenization included).
@@ -76,8 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, FirstKernelCalls, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
-                       apply_scales, random_dit, random_umt5, random_wan_vae, restore_scales, static_scales,
-                       synthetic_umt5_tokenizer, video_sink, warm_page_cache)
+                       apply_scales, random_dit, random_umt5, random_wan_vae, restore_scales, standin_plan,
+                       static_scales, synthetic_umt5_tokenizer, video_sink, warm_page_cache)
 
 BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
 TAG = "1.3b_480p"
@@ -304,21 +308,30 @@ def setup_vae(args, shape, device, work: Path, fig, notes):
     return vae, vae_dir
 
 
-@torch.no_grad()
-def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
-    """The bundle's sampler over its DiT: eager, the other sparse backend, profile, compiled.
-    Returns True when the compiled blocks are kept (they were faster)."""
+def bundle_sampler(pipe, shape, device):
+    """(sample, noise, context): sample(model) runs the bundle's sampler with its defaults over `model` (the DiT, or
+    GraphedDiT around it) from fixed noise (seed 0) and PROMPT's context, as generate() would without text and VAE."""
     from turbo_infer.samplers import batch_randn, get_sampler
 
     d = pipe.sample_defaults
-    sampler, steps = get_sampler(d["sampler"]), d["steps"]
+    sampler = get_sampler(d["sampler"])
     context = pipe.text_encoder.encode([PROMPT])  # (1, L, 4096)
     uncond = pipe.text_encoder.empty_embedding() if d["guidance"] != 1.0 else None
     noise = batch_randn(pipe.vae.latent_shape(shape.frames, shape.height, shape.width), pipe.generators(1, 0), device)
 
-    def sample(model):  # the bundle's sampler over `model` (the DiT, or GraphedDiT around it)
-        return sampler.sample(model, noise, context, uncond=uncond, guidance=d["guidance"], steps=steps,
+    def sample(model):
+        return sampler.sample(model, noise, context, uncond=uncond, guidance=d["guidance"], steps=d["steps"],
                               dtype=pipe.dtype, generators=pipe.generators(1, 0))
+    return sample, noise, context
+
+
+@torch.no_grad()
+def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
+    """The bundle's sampler over its DiT: eager, the other sparse backend, profile, compiled.
+    Returns True when the compiled blocks are kept (they were faster)."""
+    d = pipe.sample_defaults
+    steps = d["steps"]
+    sample, noise, context = bundle_sampler(pipe, shape, device)
 
     def dit():
         return sample(pipe.transformer)
@@ -442,8 +455,8 @@ def bench_turbo(args, shape, device, pipe, fig, notes, clock_ok) -> bool:
         if graphed is not None and graphed < turbo:
             turbo, how = graphed, how + ", replayed from one CUDA graph per forward (GraphedDiT)"
     fig[f"e2e_{TAG}_turbo_s"] = turbo
-    if not args.skip_static_scales and clock_ok("static activation scales"):
-        bench_static_scales(args, model, dit, device, use_compiled, fig, notes)
+    if not args.skip_other_scales and clock_ok("the other activation scales"):
+        bench_other_scales(args, model, dit, device, use_compiled, fig, notes)
     if not args.skip_profile:
         for c, v in split_wall(parts, turbo, eager=not use_compiled).items():
             fig[f"e2e_{TAG}_turbo_{c}_s"] = v
@@ -498,8 +511,9 @@ def bench_cuda_graph(args, model, sample, x, context, device, fig, how: str):
 
 
 # --ab settings that change the model instead of a module constant: "@static" gives every W8A8 layer the static
-# per-tensor activation scale of a calibrated bundle (`static_scales`, recorded once before the rounds)
-MODEL_SETTINGS = ("@static",)
+# per-tensor activation scale of a calibrated bundle (`static_scales`, recorded once before the rounds), "@dynamic"
+# per-token scales (a bundle exported without a plan)
+MODEL_SETTINGS = ("@static", "@dynamic")
 
 
 def parse_ab(spec: str) -> tuple[str, list[str]]:
@@ -526,12 +540,19 @@ def record_static_scales(args, model, dit, use_compiled: bool) -> dict:
             model.compile_blocks(args.compile_backend, args.compile_mode)
 
 
+def dynamic_scales(model) -> dict:
+    """{W8A8 layer name: None}: every layer with dynamic per-token scales (`apply_scales`)."""
+    from turbo_infer.quant import W8A8Linear
+
+    return {n: None for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+
+
 def _apply_ab(spec: str, model, static: dict | None):
     """Apply one --ab setting; returns the function that undoes it."""
     import importlib
 
-    if spec == "@static":
-        old = apply_scales(model, static)
+    if spec in MODEL_SETTINGS:
+        old = apply_scales(model, static if spec == "@static" else dynamic_scales(model))
         return lambda: restore_scales(model, old)
     module_name, attr, before = apply_setting(spec, quiet=True)
     return lambda: setattr(importlib.import_module(module_name), attr, before)
@@ -554,9 +575,9 @@ def bench_ab(args, dit, device, fig, notes, how: str, model=None, use_compiled: 
     from the default's (the same noise: 0 for pure tuning knobs). A first, untimed round runs every variant once."""
     variants = [("default", [])] + [parse_ab(spec) for spec in args.ab]
     static = None
+    if any(s in MODEL_SETTINGS for _, settings in variants for s in settings) and model is None:
+        raise SystemExit("--ab @static / @dynamic need the model")
     if any(s == "@static" for _, settings in variants for s in settings):
-        if model is None:
-            raise SystemExit("--ab @static needs the model")
         static = record_static_scales(args, model, dit, use_compiled)
     times: dict[str, list[float]] = {name: [] for name, _ in variants}
     failed: dict[str, str] = {}
@@ -601,28 +622,41 @@ def bench_ab(args, dit, device, fig, notes, how: str, model=None, use_compiled: 
                                                        for n, s in variants)
                    + "".join(f"; {n} failed: {err}" for n, err in failed.items())
                    + ("; @static = every W8A8 layer with the static activation scale amax / QMAX of its input over "
-                      "one forward (a stand-in for calibration on random weights)" if static is not None else ""))
+                      "one forward (a stand-in for calibration on random weights)" if static is not None else "")
+                   + ("; @dynamic = every W8A8 layer with per-token scales"
+                      if any("@dynamic" in s for _, s in variants) else ""))
 
 
-def bench_static_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:
-    """The turbo DiT as a calibrated bundle runs it: static per-tensor activation scales (here from one
-    forward's input amax, `record_static_scales`) let the up GEMM of every feed-forward block write the down
-    layer's fp8 input in its epilogue, and no per-token amax pass runs anywhere. Timed in the headline's
-    mode (compiled once more for the static branch; the scale values are graph inputs), then the bundle's
-    dynamic scales come back."""
-    restore = _apply_ab("@static", model, record_static_scales(args, model, dit, use_compiled))
+def bench_other_scales(args, model, dit, device, use_compiled: bool, fig, notes) -> None:
+    """The turbo DiT with the activation scales the headline bundle does not carry, timed in the headline's mode
+    (compiled once more for that branch; the scale values are graph inputs), then the bundle's come back.
+    Static per-tensor scales (a calibrated bundle's; here from one run's input amax, `record_static_scales`) let the
+    up GEMM of every feed-forward block write the down layer's fp8 input in its epilogue, and no per-token amax pass
+    runs anywhere; dynamic ones are what a bundle exported without a plan runs."""
+    static = all(m is not None for m in _current_scales(model).values())
+    other = "dynamic" if static else "static"
+    restore = _apply_ab(f"@{other}", model, None if static else record_static_scales(args, model, dit, use_compiled))
+    how = "compiled" if use_compiled else "eager"
     try:
-        dit()  # compile / JIT the static-scale branch
+        dit()  # compile / JIT the other branch
         sync(device)
-        static = statistics.median(timed(dit, device, args.reps, warmup=0))
-        fig[f"e2e_{TAG}_turbo_static_scales_s"] = static
-        log(f"turbo DiT with static activation scales ({'compiled' if use_compiled else 'eager'}): {static:.3f} s")
-        notes["static_scales"] = ("e2e_1.3b_480p_turbo_static_scales_s: the same DiT with every W8A8 layer's "
-                                  "activation scale made static (amax / QMAX of its input over one forward: a "
-                                  "stand-in for calibration on random weights), as a calibrated bundle runs; "
-                                  f"{'compiled' if use_compiled else 'eager'}, median of {args.reps}")
+        wall = statistics.median(timed(dit, device, args.reps, warmup=0))
+        fig[f"e2e_{TAG}_turbo_{other}_scales_s"] = wall
+        log(f"turbo DiT with {other} activation scales ({how}): {wall:.3f} s")
+        notes[f"{other}_scales"] = (
+            f"e2e_1.3b_480p_turbo_{other}_scales_s: the same DiT with every W8A8 layer's activation scale made "
+            + ("static (amax / QMAX of its input over one forward: a stand-in for calibration on random weights), as "
+               "a calibrated bundle runs" if other == "static" else "dynamic (per token), as a bundle exported "
+               "without a calibration plan runs") + f"; {how}, median of {args.reps}")
     finally:
-        restore()  # the compiled blocks' dynamic branch is still cached
+        restore()  # the compiled blocks' branch for the bundle's scales is still cached
+
+
+def _current_scales(model) -> dict:
+    """{W8A8 layer name: its static activation scale or None}."""
+    from turbo_infer.quant import W8A8Linear
+
+    return {n: m.act_scale for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
 
 
 @torch.no_grad()
@@ -889,6 +923,44 @@ def bench_14b(args, shape, device, dtype, fig, notes) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
+def export_h100(args, ckpt, work, te_dir, vae_dir, fig, plan_path=None) -> Path:
+    """turbo-export's h100 bundle of the checkpoint into WORK/bundles/h100 (replacing one there); plan_path None:
+    every candidate linear fp8 with dynamic scales. Sets bundle_export_s."""
+    from turbo_train.export import export_bundle, summary_line
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a plan, "no calibration plan": intended (every linear fp8)
+        bundle = export_bundle(ckpt, "h100", work / "bundles", plan_path=plan_path, text_encoder=te_dir, vae=vae_dir,
+                               attention=args.attention, overwrite=True, progress=False)
+    fig["bundle_export_s"] = time.perf_counter() - t
+    log(f"exported {bundle} in {fig['bundle_export_s']:.1f} s: {summary_line(bundle)}")
+    return bundle
+
+
+def load_bundle(args, bundle, device, text, vae, fig):
+    """TurboPipeline.from_bundle (hashes verified) with the given text encoder and VAE. Sets bundle_load_s."""
+    from turbo_infer.pipeline import TurboPipeline
+
+    t = time.perf_counter()
+    pipe = TurboPipeline.from_bundle(bundle, device, text_encoder=text, vae=vae, allow_reference=args.tiny)
+    sync(device)
+    fig["bundle_load_s"] = time.perf_counter() - t
+    log(f"TurboPipeline.from_bundle (sha256 verified): {fig['bundle_load_s']:.1f} s")
+    return pipe
+
+
+@torch.no_grad()
+def standin_plan_file(pipe, shape, device, work) -> Path:
+    """WORK/standin_plan.json: static scales from one run of the bundle's sampler (`static_scales`) as a plan for
+    turbo-export (`standin_plan`)."""
+    from turbo_train.methods.calibrate import write_plan
+
+    sample, _, _ = bundle_sampler(pipe, shape, device)
+    scales = static_scales(pipe.transformer, lambda: sample(pipe.transformer))
+    return write_plan(standin_plan(pipe.transformer, scales), work / "standin_plan.json")
+
+
 def turbo_stages(args, shape, device, dtype, work, held: dict, te_dir, vae_dir, fig, notes, clock_ok) -> None:
     """Stages 2 and 5-7: checkpoint -> h100 bundle -> TurboPipeline.from_bundle -> turbo DiT,
     full pipeline -> time to first video. held: {"te": encoder or None, "vae": WanVAE or None}
@@ -898,25 +970,22 @@ def turbo_stages(args, shape, device, dtype, work, held: dict, te_dir, vae_dir, 
     log("stage 2: random SLA-layout checkpoint")
     ckpt = write_checkpoint(args, shape, device, dtype, work)
     log("stage 5: export the h100 bundle")
-    from turbo_infer.pipeline import TurboPipeline
-    from turbo_train.export import export_bundle, summary_line
-
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "no calibration plan": intended (every candidate linear fp8)
-        bundle = export_bundle(ckpt, "h100", work / "bundles", text_encoder=te_dir, vae=vae_dir,
-                               attention=args.attention, overwrite=True, progress=False)
-    fig["bundle_export_s"] = time.perf_counter() - t
-    log(f"exported {bundle} in {fig['bundle_export_s']:.1f} s: {summary_line(bundle)}")
-
-    log("stage 6: turbo DiT from the bundle")
-    t = time.perf_counter()
     text = te if te is not None else RandomContext(shape.dit_config().text_dim, shape.text_len, device, dtype)
-    pipe = TurboPipeline.from_bundle(bundle, device, text_encoder=text, vae=vae or LatentOnlyVAE(),
-                                     allow_reference=args.tiny)
-    sync(device)
-    fig["bundle_load_s"] = time.perf_counter() - t
-    log(f"TurboPipeline.from_bundle (sha256 verified): {fig['bundle_load_s']:.1f} s")
+    stand_in = vae or LatentOnlyVAE()
+    bundle = export_h100(args, ckpt, work, te_dir, vae_dir, fig)
+    pipe = load_bundle(args, bundle, device, text, stand_in, fig)
+    if args.activations == "static":
+        log("stage 5b: stand-in static activation scales from one sampler run, the bundle exported again with them")
+        plan_path = standin_plan_file(pipe, shape, device, work)
+        del pipe
+        free()
+        bundle = export_h100(args, ckpt, work, te_dir, vae_dir, fig, plan_path)
+        pipe = load_bundle(args, bundle, device, text, stand_in, fig)
+        notes["activations"] = ("the headline bundle carries static activation scales (fp8 amax / 448 of each W8A8 "
+                                "layer's input over one 4-step sampler run of the bundle exported without a plan, "
+                                "written as a stand-in calibration plan: e2e_setup.standin_plan), as bundles "
+                                "calibrated with recipes/toy/calibrate.yaml's activations: static run")
+    log("stage 6: turbo DiT from the bundle")
     compiled = bench_turbo(args, shape, device, pipe, fig, notes, clock_ok)
     if f"e2e_{TAG}_baseline_s" in fig:
         fig[f"e2e_{TAG}_speedup"] = fig[f"e2e_{TAG}_baseline_s"] / fig[f"e2e_{TAG}_turbo_s"]
@@ -924,7 +993,7 @@ def turbo_stages(args, shape, device, dtype, work, held: dict, te_dir, vae_dir, 
             f"{fig[f'e2e_{TAG}_turbo_s']:.3f} s)")
     if te is not None and vae is not None:
         bench_full(args, shape, device, pipe, fig, notes)
-    del pipe, text, te, vae
+    del pipe, text, stand_in, te, vae
     held.clear()
     free()
 
@@ -1079,8 +1148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-residual-compare", action="store_true",
                    help="do not time the compiled DiT with the blocks' residuals placed the other way (GEMM "
                         "epilogue or Inductor's formula, whichever is not turbo_infer.models.wan.EPILOGUE_RESIDUALS)")
-    p.add_argument("--skip-static-scales", action="store_true",
-                   help="do not time the DiT with static activation scales (a calibrated bundle's fused FFN path)")
+    p.add_argument("--activations", choices=("static", "dynamic"), default="static",
+                   help="the headline bundle's activation scales: static (default; the toy calibration recipe's "
+                        "setting: stand-in scales from one sampler run, exported through a plan) or dynamic "
+                        "(per-token, the bundle turbo-export writes without a plan)")
+    p.add_argument("--skip-other-scales", "--skip-static-scales", dest="skip_other_scales", action="store_true",
+                   help="do not time the DiT with the other activation scales (dynamic ones when the headline is "
+                        "static, and the reverse)")
     p.add_argument("--compile-mode", default=None,
                    help="torch.compile mode, e.g. max-autotune-no-cudagraphs or reduce-overhead (default: none)")
     p.add_argument("--ttfv-runs", type=int, default=2,

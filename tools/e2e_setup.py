@@ -210,6 +210,30 @@ def restore_scales(model, old: dict) -> None:
     apply_scales(model, old)
 
 
+def standin_plan(model, scales: dict, fmt: str = "fp8") -> dict:
+    """A calibration plan for a random-weight DiT, the `--plan` of a bundle with static activation scales: every
+    layer of `scales` ({name: static scale}, `static_scales`) in `fmt` with that scale, activations static. Nothing
+    is measured on random weights: sensitivities read 0 (every layer within the budgets) and `calibration.stand_in`
+    says where the scales came from. Passes `calibrate.validate_plan`."""
+    from turbo_train.methods.calibrate import PLAN_FORMAT, PLAN_VERSION, validate_plan
+
+    cfg = model.config.to_dict()
+    mods = dict(model.named_modules())
+    plan = {
+        "format": PLAN_FORMAT, "version": PLAN_VERSION,
+        "model": {"config": {k: v for k, v in cfg.items() if k not in ("attention", "attention_options")},
+                  "attention": cfg["attention"], "checkpoint": None, "checkpoint_sha256": {}},
+        "calibration": {"stand_in": "random weights: static scales = input amax / QMAX over one sampler run "
+                                    "(tools/e2e_setup.static_scales), sensitivities not measured"},
+        "activations": "static", "error_budget": 1e-3, "layer_error_budget": 2e-2, "formats": [fmt],
+        "summary": {}, "float_layers": [],
+        "layers": {n: {"precision": fmt, "in_features": mods[n].in_features, "out_features": mods[n].out_features,
+                       "act_scale": {fmt: float(s)}, "sensitivity": {fmt: 0.0}, "layer_error": {fmt: 0.0}}
+                   for n, s in scales.items()},
+    }
+    return validate_plan(plan, "the stand-in plan")
+
+
 def random_wan_vae(config: dict, device):
     """diffusers AutoencoderKLWan(**config) on `device`, fp32, PyTorch's default random init."""
     from diffusers import AutoencoderKLWan
@@ -349,4 +373,4 @@ def dir_bytes(path) -> int:
 
 __all__ = ["FirstKernelCalls", "LatentOnlyVAE", "OpenCVSink", "PROMPT", "RandomContext", "SHAPES", "Shape", "UMT5_XXL", "default_dtype",
            "dir_bytes", "in_memory_umt5_encoder", "random_dit", "random_umt5", "random_wan_vae", "restore_scales",
-           "set_static_scales", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache"]
+           "set_static_scales", "standin_plan", "synthetic_umt5_tokenizer", "synthetic_vocab", "video_sink", "warm_page_cache"]

@@ -182,7 +182,7 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
     env.pop("OUT", None)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_e2e.py"), "--tiny", "--workdir",
                            str(tmp_path), "--with-14b", "--reps", "1", "--ab-rounds", "1",
-                           "--ab", "w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2", "--ab", "static=@static"],
+                           "--ab", "w2=turbo_kernels.attention.qk_norm_rope:NUM_WARPS=2", "--ab", "dyn=@dynamic"],
                           env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -194,10 +194,16 @@ def test_tiny_run_writes_every_figure_outside_benchmarks(tmp_path):
                                                          / fig["e2e_1.3b_480p_turbo_s"])
     assert "EXTRAPOLATED" in doc["notes"]["baseline"] and "--tiny" in doc["command"]
     assert fig["e2e_1.3b_480p_ab_w2_min_s"] > 0 and fig["e2e_1.3b_480p_ab_default_min_s"] > 0
-    # a tuning knob leaves the output as it was; static activation scales change the rounding only
+    # a tuning knob leaves the output as it was; per-token instead of the headline's static scales change the rounding
     assert fig["e2e_1.3b_480p_ab_w2_rel_diff"] == 0.0
-    assert 0.0 < fig["e2e_1.3b_480p_ab_static_rel_diff"] < 0.05
-    assert "@static = every W8A8 layer" in doc["notes"]["ab"]
+    assert 0.0 < fig["e2e_1.3b_480p_ab_dyn_rel_diff"] < 0.05
+    assert "@dynamic = every W8A8 layer" in doc["notes"]["ab"]
+    # the headline bundle went through turbo-export with the stand-in plan: every W8A8 layer static
+    manifest = json.loads((tmp_path / "bundles" / "h100" / "manifest.json").read_text())
+    eight = [e for e in manifest["linears"].values() if e["precision"] != "bf16"]
+    assert eight and all(isinstance(e["act_scale"], float) and e["act_scale"] > 0 for e in eight)
+    assert manifest["sources"]["plan"]["path"].endswith("standin_plan.json")
+    assert fig["e2e_1.3b_480p_turbo_dynamic_scales_s"] > 0 and "static" in doc["notes"]["activations"]
     try:
         import matplotlib  # noqa: F401
         assert (tmp_path / "results" / "e2e_breakdown.png").stat().st_size > 0
@@ -253,6 +259,37 @@ def test_static_scales_stand_in_for_calibration_and_restore():
         torch.testing.assert_close(model(x, t, ctx), static)
         undo()
         torch.testing.assert_close(model(x, t, ctx), dynamic)
+
+
+def test_standin_plan_exports_a_static_bundle(tmp_path):
+    """e2e_setup.standin_plan: the recorded static scales as a valid calibration plan, which turbo-export turns into
+    a bundle whose every planned layer carries its scale (bench_e2e's headline bundle with --activations static)."""
+    from dataclasses import replace
+
+    from e2e_setup import standin_plan, static_scales
+
+    from turbo_infer.models.wan_keys import save_wan_checkpoint
+    from turbo_infer.quant import quantizable_linears, quantize_model
+    from turbo_train.export import export_bundle
+    from turbo_train.methods.calibrate import KEEP_FLOAT, load_plan, write_plan
+
+    torch.set_num_threads(1)
+    cfg = replace(SHAPES["tiny"].dit_config(), num_layers=1)
+    model = random_dit(cfg, "cpu", torch.float32)
+    save_wan_checkpoint(model, tmp_path / "dit.safetensors")
+    quantize_model(model, {n: "fp8" for n in quantizable_linears(model, KEEP_FLOAT)})  # as the exported bundle
+    x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([500.0]), torch.randn(1, 7, cfg.text_dim)
+    with torch.no_grad():
+        scales = static_scales(model, lambda: model(x, t, ctx))
+    plan = write_plan(standin_plan(model, scales), tmp_path / "plan.json")
+    loaded = load_plan(plan)
+    assert loaded["activations"] == "static" and "stand_in" in loaded["calibration"]
+    assert {n: e["act_scale"]["fp8"] for n, e in loaded["layers"].items()} == pytest.approx(scales)
+    bundle = export_bundle(tmp_path / "dit.safetensors", "h100", tmp_path / "bundles", plan_path=plan,
+                           progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {n: e["precision"] for n, e in manifest["linears"].items() if n in scales} == dict.fromkeys(scales, "fp8")
+    assert {n: e["act_scale"] for n, e in manifest["linears"].items() if n in scales} == pytest.approx(scales)
 
 
 def test_first_kernel_calls_times_each_kernels_first_launch_only(monkeypatch):

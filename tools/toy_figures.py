@@ -52,7 +52,9 @@ RATIOS = [
     # --student-bundles: the bundles of the student's own SLA fine-tune (no merge)
     ("toy_bundles", "toy_bundle_student_h100_adherence_ratio", "bundle_student_h100", "adherence"),
     ("toy_bundles", "toy_bundle_student_cpu_adherence_ratio", "bundle_student_cpu", "adherence"),
-    # --static-bundles: the merged model calibrated with static activation scales, its h100 bundle
+    # --dynamic-bundles: the merged model calibrated with per-token activation scales, its h100 bundle
+    ("toy_bundles", "toy_bundle_dynamic_h100_adherence_ratio", "bundle_dynamic_h100", "adherence"),
+    # the opposite option of session 32's suite (the recipe's scales were dynamic then): static scales
     ("toy_bundles", "toy_bundle_static_h100_adherence_ratio", "bundle_static_h100", "adherence"),
 ]
 

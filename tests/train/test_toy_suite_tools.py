@@ -79,7 +79,7 @@ def suite(tmp_path, monkeypatch, **kw):
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
                            sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[],
-                           student_sla_steps=300, student_bundles=False, static_bundles=False)
+                           student_sla_steps=300, student_bundles=False, dynamic_bundles=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -116,23 +116,24 @@ def test_the_cpu_bundle_is_evaluated_on_the_cpu(tmp_path, monkeypatch):
     assert t4[t4.index("--steps") + 1] == "4" and t4[t4.index("--guidance") + 1] == "1"
 
 
-def test_static_bundles_calibrate_again_with_static_scales(tmp_path, monkeypatch):
-    """--static-bundles: a second calibration of the merged model with static activation scales, its h100 bundle
-    exported to bundles_static/ and evaluated on the GPU as bundle_static_h100 (a toy figure of its own)."""
-    s, calls = suite(tmp_path, monkeypatch, static_bundles=True)
+def test_dynamic_bundles_calibrate_again_with_per_token_scales(tmp_path, monkeypatch):
+    """--dynamic-bundles: a second calibration of the merged model with per-token activation scales (the recipe's are
+    static), its h100 bundle exported to bundles_dynamic/ and evaluated on the GPU as bundle_dynamic_h100 (a toy
+    figure of its own)."""
+    s, calls = suite(tmp_path, monkeypatch, dynamic_bundles=True)
     s.main()
     by_name = dict(calls)
-    cal = by_name["train-calibrate_static"]
-    assert sets_of(cal)["method.calibrate.activations"] == "static"
+    cal = by_name["train-calibrate_dynamic"]
+    assert sets_of(cal)["method.calibrate.activations"] == "dynamic"
     assert sets_of(by_name["train-calibrate"]).get("method.calibrate.activations") is None
-    exp = by_name["export_static"]
-    assert exp[exp.index("--plan") + 1] == str(tmp_path / "calibrate_static/calibration_plan.json")
+    exp = by_name["export_dynamic"]
+    assert exp[exp.index("--plan") + 1] == str(tmp_path / "calibrate_dynamic/calibration_plan.json")
     assert [exp[i + 1] for i, x in enumerate(exp) if x == "--target"] == ["h100"]
-    ev = by_name["eval-bundle_static_h100"]
-    assert ev[ev.index("--bundle") + 1] == str(tmp_path / "bundles_static/h100") and ev[ev.index("--device") + 1] == "cuda"
-    assert any(row[1] == "toy_bundle_static_h100_adherence_ratio" for row in toy_figures.RATIOS)
+    ev = by_name["eval-bundle_dynamic_h100"]
+    assert ev[ev.index("--bundle") + 1] == str(tmp_path / "bundles_dynamic/h100") and ev[ev.index("--device") + 1] == "cuda"
+    assert any(row[1] == "toy_bundle_dynamic_h100_adherence_ratio" for row in toy_figures.RATIOS)
     with pytest.raises(SystemExit):
-        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--static-bundles"])
+        toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--dynamic-bundles"])
 
 
 def test_suite_arguments_are_checked():

@@ -880,11 +880,13 @@ def ttfv_child(args) -> int:
 
 @torch.no_grad()
 def bench_14b(args, shape, device, dtype, fig, notes) -> None:
-    """14B 720p: built in memory with the export's attention and precision choices for h100."""
+    """14B 720p: built in memory with the export's attention (or --attention) and precision choices for h100, fused
+    as a loaded bundle is (`bundle.build_transformer`: W8A8 feed-forward blocks as one op, normalized inputs quantized
+    once); --activations static: the scales of one sampler run applied, as the 1.3B headline bundle carries them."""
     from dataclasses import replace
 
     from turbo_infer.bundle import TARGETS
-    from turbo_infer.quant import quantize_model
+    from turbo_infer.quant import fuse_gelu_ffns, quantize_model
     from turbo_infer.samplers import get_sampler
     from turbo_train.export import SLA_DEFAULTS, choose_attention, linear_precisions
 
@@ -892,12 +894,14 @@ def bench_14b(args, shape, device, dtype, fig, notes) -> None:
     t = time.perf_counter()
     model = random_dit(cfg, device, dtype, seed=3)
     target = TARGETS["h100"]
-    backend, opts = choose_attention(cfg, {}, target)
+    backend, opts = choose_attention(cfg, {}, target, args.attention)
     set_attention(model, backend, opts)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no calibration plan": every candidate fp8, as the 1.3B bundle
         prec = linear_precisions(model, target, None)
     quantize_model(model, {n: p for n, (p, _) in prec.items() if p != "bf16"})
+    fuse_gelu_ffns(model)
+    model.fuse_norm_quant()
     free()
     log(f"14B DiT built and quantized in memory: {time.perf_counter() - t:.1f} s")
     f, h, w = (shape.big_frames - 1) // 4 + 1, shape.big_height // 8, shape.big_width // 8
@@ -909,14 +913,26 @@ def bench_14b(args, shape, device, dtype, fig, notes) -> None:
         return sampler.sample(model, noise, ctx, steps=4, dtype=dtype)
 
     t = time.perf_counter()
-    model(noise.to(dtype), torch.full((1,), 900.0, device=device), ctx)
+    if args.activations == "static":  # the first run records the inputs' amax (and JITs the kernels)
+        with torch.no_grad():
+            apply_scales(model, static_scales(model, dit))
+    else:
+        model(noise.to(dtype), torch.full((1,), 900.0, device=device), ctx)
     sync(device)
-    log(f"14B first forward (JIT): {time.perf_counter() - t:.1f} s")
-    times = timed(dit, device, args.reps_14b, warmup=0)
+    log(f"14B first {'run, recording static scales' if args.activations == 'static' else 'forward'} (JIT): "
+        f"{time.perf_counter() - t:.1f} s")
+    times = timed(dit, device, args.reps_14b, warmup=1 if args.activations == "static" else 0)
     fig["e2e_14b_720p_turbo_s"] = statistics.median(times)
-    log(f"14B 720p turbo DiT, 4 steps ({backend}, fp8): {[round(s, 2) for s in times]} s")
+    log(f"14B 720p turbo DiT, 4 steps ({backend}, fp8, {args.activations} scales): {[round(s, 2) for s in times]} s")
+    if args.activations == "static" and not args.skip_other_scales:
+        apply_scales(model, dynamic_scales(model))
+        dyn = timed(dit, device, args.reps_14b)  # the untimed run JITs the per-token branch
+        fig["e2e_14b_720p_turbo_dynamic_scales_s"] = statistics.median(dyn)
+        log(f"14B 720p turbo DiT with per-token activation scales: {[round(s, 2) for s in dyn]} s")
     notes["14b"] = (f"14B DiT built in memory (random) with turbo_train.export's h100 choices ({backend} {opts}, "
-                    f"fp8 dynamic linears), not written or loaded as a bundle; rcm 4 steps at "
+                    f"fp8 linears with {args.activations} activation scales"
+                    + (" from one sampler run's input amax" if args.activations == "static" else "")
+                    + f"; fused as from_bundle does), not written or loaded as a bundle; rcm 4 steps at "
                     f"{shape.big_frames}x{shape.big_height}x{shape.big_width}, eager, median of {args.reps_14b}")
 
 

@@ -540,11 +540,16 @@ def record_static_scales(args, model, dit, use_compiled: bool) -> dict:
             model.compile_blocks(args.compile_backend, args.compile_mode)
 
 
-def dynamic_scales(model) -> dict:
-    """{W8A8 layer name: None}: every layer with dynamic per-token scales (`apply_scales`)."""
+def current_scales(model) -> dict:
+    """{W8A8 layer name: its static activation scale, or None for per-token scales}."""
     from turbo_infer.quant import W8A8Linear
 
-    return {n: None for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+    return {n: m.act_scale for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
+
+
+def dynamic_scales(model) -> dict:
+    """{W8A8 layer name: None}: every layer with dynamic per-token scales (`apply_scales`)."""
+    return dict.fromkeys(current_scales(model))
 
 
 def _apply_ab(spec: str, model, static: dict | None):
@@ -633,7 +638,7 @@ def bench_other_scales(args, model, dit, device, use_compiled: bool, fig, notes)
     Static per-tensor scales (a calibrated bundle's; here from one run's input amax, `record_static_scales`) let the
     up GEMM of every feed-forward block write the down layer's fp8 input in its epilogue, and no per-token amax pass
     runs anywhere; dynamic ones are what a bundle exported without a plan runs."""
-    static = all(m is not None for m in _current_scales(model).values())
+    static = all(s is not None for s in current_scales(model).values())
     other = "dynamic" if static else "static"
     restore = _apply_ab(f"@{other}", model, None if static else record_static_scales(args, model, dit, use_compiled))
     how = "compiled" if use_compiled else "eager"
@@ -650,13 +655,6 @@ def bench_other_scales(args, model, dit, device, use_compiled: bool, fig, notes)
                "without a calibration plan runs") + f"; {how}, median of {args.reps}")
     finally:
         restore()  # the compiled blocks' branch for the bundle's scales is still cached
-
-
-def _current_scales(model) -> dict:
-    """{W8A8 layer name: its static activation scale or None}."""
-    from turbo_infer.quant import W8A8Linear
-
-    return {n: m.act_scale for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import traceback
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -238,6 +239,23 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
     LS.DEFAULT_SPARSE_CONFIG = best_cfg  # the module below uses the measured best
     sage = SageSparseLinearAttention(D, topk=topk, pv="fp8").to(DEV)
     t_ours = h.measure(name, f"sagesla_fp8_topk{topk}", "fwd", lambda: sage(q, k, v))
+    # the linear branch in the sparse kernel's epilogue (SparseLowbitConfig.fuse_linear, off by default until timed
+    # here) instead of SLA's epilogue kernel after it: same module, same inputs
+    with torch.no_grad():
+        out_default = sage(q, k, v).float()
+    LS.DEFAULT_SPARSE_CONFIG = replace(best_cfg, fuse_linear=not best_cfg.fuse_linear)
+    other = "unfused_linear" if best_cfg.fuse_linear else "fused_linear"
+    try:
+        t_other = guarded(other, lambda: h.measure(name, f"sagesla_fp8_{other}_topk{topk}", "fwd",
+                                                   lambda: sage(q, k, v)))
+        if t_other is not None:
+            with torch.no_grad():
+                diff = (sage(q, k, v).float() - out_default).abs().max().item()
+            h.figure(f"sagesla_{other}_speedup_vs_sla_{name}_topk{topk}", t_sla / t_other)
+            h.figure(f"sagesla_{other}_vs_default_{name}_topk{topk}", t_other / t_ours)
+            h.figure(f"sagesla_{other}_max_abs_diff_{name}_topk{topk}", diff)
+    finally:
+        LS.DEFAULT_SPARSE_CONFIG = best_cfg
     t_ours_sparse = h.measure(name, "sagesla_sparse_branch_e2e", "fwd",
                               lambda: LS.sagesla_sparse(q, k, v, bm, pv="fp8", config=best_cfg))
     h.figure(f"sagesla_speedup_vs_sla_{name}_topk{topk}", t_sla / t_ours)

@@ -31,6 +31,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
     w8a8_ptr_group_a, w8a8_ptr_int8_group_a  the FFN down with group-scaled A (128-wide N tiles, pointer kernel)
 Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
 fp8 quantization, 1 warp).
+sagesla's sparse kernel (tensor descriptors, 128x64 blocks, 4 warps, 3 stages): sagesla_tma (O_s alone),
+sagesla_tma_linear (+ the linear branch in its epilogue, SparseLowbitConfig.fuse_linear).
 The device machine's Triton may be older than this one's: to compile with its version, run the tool from a venv,
 e.g. python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 &&
 /tmp/t36/bin/python tools/kernel_resources.py --variants w8a8_tma,w8a8_ptr_group_a (a compiler assertion aborts
@@ -152,7 +154,35 @@ OTHER_VARIANTS = {
                    else "*fp32" if n in ("Shift", "Scale", "OutScale")
                    else "fp32" if n in ("eps", "static_inv", "static_scale") else "i32", 1, 3),
 }
-NOT_DIV16_OTHER = {"M", "L", "gate_rows"}  # 32 760 rows, not a multiple of 16
+_SAGESLA_BASE = dict(D=128, BLOCK_M=128, BLK_Q=128, BLK_K=64, PV_FP8=True, I2F=2, EXACT_CAST=False, TAU=0.0, SHIFT=8.0,
+                     LINEAR=False, HAS_BIAS=True, FEATURE=0, stride_od=1)  # a launch specializes the stride 1
+
+
+def _sagesla_signature(name: str, c: dict) -> str:
+    """Argument types of the sparse low-bit kernels at the Wan-1.3B settings (int8 Q/K, fp8 V, bf16 float Q/O)."""
+    if name == "k_desc":
+        return f"tensordesc<i8[{c['BLK_K']}, {c['D']}]>"
+    if name == "v_desc":
+        return f"tensordesc<fp8e4nv[{c['D']}, {c['BLK_K']}]>"
+    if name in ("Q", "K"):
+        return "*i8"
+    if name == "V":
+        return "*fp8e4nv"
+    if name in ("QS", "KS", "VS", "BIAS"):
+        return "*fp32"
+    if name == "LUT":
+        return "*i32"
+    if name in ("Out", "QF", "HM", "ZM"):
+        return "*bf16"
+    return "fp32" if name == "lin_eps" else "i32"
+
+
+_TMA_SPARSE = ("turbo_kernels.attention.lowbit_sparse", "_lowbit_sparse_fwd_tma_kernel")
+OTHER_VARIANTS.update({
+    "sagesla_tma": (*_TMA_SPARSE, dict(_SAGESLA_BASE), _sagesla_signature, 4, 3),
+    "sagesla_tma_linear": (*_TMA_SPARSE, dict(_SAGESLA_BASE, LINEAR=True), _sagesla_signature, 4, 3),
+})
+NOT_DIV16_OTHER = {"M", "L", "gate_rows", "H", "Lq", "Lk", "n"}  # 32 760 rows, 12 heads, 51 blocks: not multiples of 16
 
 
 def _compile_other(variant: str, arch: int, warps: int = 0, stages: int = 0):

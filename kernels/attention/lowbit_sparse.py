@@ -18,6 +18,7 @@ masked only on the steps that contain them. Forward only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,7 @@ try:
     import triton.language as tl
 
     from turbo_kernels.attention.lowbit import lowbit_online_step, lowbit_store_out
+    from turbo_kernels.attention.sla_kernels import _phi
 except ImportError:  # pragma: no cover
     triton = None
     tl = None
@@ -92,11 +94,46 @@ if triton is not None:
                                   PV_FP8, EXACT_CAST, MASK, TAU, SHIFT)
 
     @triton.jit
+    def _store_out(acc, l_i, VS, Out, QF, HM, ZM, BIAS, bh, b, h, qblock, offs_m, offs_d, stride_ob, stride_oh,
+                   stride_ol, stride_od, sqb, sqh, sql, Lq, lin_eps, D: tl.constexpr, LINEAR: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr):
+        """O_s (`lowbit_store_out`), or with LINEAR the whole sagesla output O = O_s + proj_l(O_l) (+ bias) of the
+        tile: O_s rounded to Out's dtype as the separate epilogue kernel reads it, then phi(q) Hm W^T / den added
+        as one tensor-core product accumulating into it (the row scaling 1/den applied to phi(q) first, which
+        commutes with the right product). QF: the float Q (B, H, Lq, D) with strides sqb, sqh, sql; HM (B·H, Nq,
+        D, D) Hm W^T and ZM (B·H, Nq, D) this query block's marginal sums at `qblock`; BIAS proj_l's (D,) fp32."""
+        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, Lq, D)
+        if LINEAR:
+            # O_s is stored first and read back (from L2) as the product's accumulator: kept in registers through
+            # phi(q) instead, it made the sm_90 build (Triton 3.6) spill 172 registers, this 68
+            tl.debug_barrier()  # the tile's O_s, written by other threads of this program, visible to all
+            rows = offs_m < Lq
+            qf = tl.load(QF + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=rows[:, None],
+                         other=0.0).to(tl.float32)
+            zm = tl.load(ZM + qblock * D + offs_d).to(tl.float32)
+            if FEATURE == 0:  # softmax: phi(q)/den = e·c per row, c = (1/Σe) / ((1/Σe)·Σ e·zm + eps), no divisions
+                e = tl.math.exp2((qf - tl.max(qf, axis=1)[:, None]) * 1.4426950408889634)
+                inv_s = 1.0 / tl.sum(e, axis=1)
+                fq = e * (inv_s / (inv_s * tl.sum(e * zm[None, :], axis=1) + lin_eps))[:, None]
+            else:
+                fq = _phi(qf, offs_d < D, FEATURE)
+                fq = fq * (1.0 / (tl.sum(fq * zm[None, :], axis=1) + lin_eps))[:, None]
+            hm = tl.load(HM + qblock * D * D + offs_d[:, None] * D + offs_d[None, :])
+            o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :] * stride_od
+            o = tl.dot(fq.to(hm.dtype), hm, tl.load(o_ptrs, mask=rows[:, None], other=0.0).to(tl.float32))
+            if HAS_BIAS:
+                o += tl.load(BIAS + offs_d)[None, :]
+            tl.debug_barrier()  # every thread's read of O_s before any overwrites it
+            tl.store(o_ptrs, o.to(Out.dtype.element_ty), mask=rows[:, None])
+
+    @triton.jit
     def _lowbit_sparse_fwd_kernel(Q, K, V, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol, stride_od,
                                   H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
+                                  QF, HM, ZM, BIAS, sqb, sqh, sql, lin_eps,
                                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr, BLK_K: tl.constexpr,
                                   GROUP: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                                  EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
+                                  EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr,
+                                  LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr):
         pid_m = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -125,8 +162,8 @@ if triton is not None:
                 acc, l_i, m_i = _sparse_tile(acc, l_i, m_i, q, qs, K_base, V_base, KS_base, lut_row, j0, n, Lk,
                                              Lk_pad, D, GROUP * BLK_K, BLK_K, PV_FP8, I2F, EXACT_CAST, False, TAU,
                                              SHIFT)
-        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
-                         Lq, D)
+        _store_out(acc, l_i, VS, Out, QF, HM, ZM, BIAS, bh, b, h, bh * n_qblk + qblk, offs_m, offs_d, stride_ob,
+                   stride_oh, stride_ol, stride_od, sqb, sqh, sql, Lq, lin_eps, D, LINEAR, HAS_BIAS, FEATURE)
 
 
     @triton.jit
@@ -148,9 +185,11 @@ if triton is not None:
     @triton.jit
     def _lowbit_sparse_fwd_tma_kernel(Q, k_desc, v_desc, QS, KS, VS, LUT, Out, stride_ob, stride_oh, stride_ol,
                                       stride_od, H, Lq, Lk, Lq_pad, Lk_pad, n_qs, n_ks, n_qblk, n,
+                                      QF, HM, ZM, BIAS, sqb, sqh, sql, lin_eps,
                                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLK_Q: tl.constexpr,
                                       BLK_K: tl.constexpr, PV_FP8: tl.constexpr, I2F: tl.constexpr,
-                                      EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr):
+                                      EXACT_CAST: tl.constexpr, TAU: tl.constexpr, SHIFT: tl.constexpr,
+                                      LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, FEATURE: tl.constexpr):
         """_lowbit_sparse_fwd_kernel for one key block per step (GROUP 1), K and V tiles fetched by tensor
         descriptors (TMA on sm_90+): k_desc over the int8 K as (B·H·Lk_pad, D), v_desc over the transposed V as
         (B·H·D, Lk_pad); zero-padded to Lk_pad, so a tile never leaves its head."""
@@ -181,8 +220,8 @@ if triton is not None:
             acc, l_i, m_i = _lowbit_tma_tile(acc, l_i, m_i, q, qs, k_desc, v_desc, k_row, v_row, KS_base,
                                              tl.load(lut_row + j) * BLK_K, Lk, BLK_K, BLK_K, PV_FP8, I2F,
                                              EXACT_CAST, True, TAU, SHIFT)
-        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
-                         Lq, D)
+        _store_out(acc, l_i, VS, Out, QF, HM, ZM, BIAS, bh, b, h, bh * n_qblk + qblk, offs_m, offs_d, stride_ob,
+                   stride_oh, stride_ol, stride_od, sqb, sqh, sql, Lq, lin_eps, D, LINEAR, HAS_BIAS, FEATURE)
 
 # ----------------------------------------------------------------------------------------------
 # host launchers
@@ -203,6 +242,11 @@ class SparseLowbitConfig:
     # not raised by key_group; elsewhere the pointer kernel). On since 2026-12-06: H100, 1.3B, topk 0.1, kernel
     # only, same process: 0.951 ms vs 1.122 (4 warps, 3 stages; 4 stages 0.956; 8 warps 1.313)
     tma: bool = True
+    # sagesla's linear branch added in the sparse kernel's epilogue (`turbo_kernels.attention.sla.
+    # sagesla_with_linear`; the layer's forward checks this flag) instead of SLA's separate epilogue kernel after it,
+    # which reads O_s, Q and the marginal state back (0.23 ms per call at the 1.3B shape, 28 ms per 4-step video in
+    # the s32 profile). Prepared, not yet timed on a GPU: off
+    fuse_linear: bool = False
 
     def __post_init__(self):
         p_shift(True, self.rescale_tau)  # validates the threshold
@@ -230,9 +274,38 @@ def key_group(config: SparseLowbitConfig, block_k: int, pv_fp8: bool) -> int:
     return group
 
 
+class LinearEpilogue(NamedTuple):
+    """SLA's linear branch for the sparse kernel's epilogue (`turbo_kernels.attention.sla.sagesla_with_linear`):
+    q the float queries (B, H, Lq, D), last dim contiguous; hm (B·H, Nq, D, D) = Hm W^T (proj_l folded in) and zm
+    (B·H, Nq, D), the marginal sums per query block, contiguous; bias (D,) fp32 or None; eps the denominator's
+    epsilon; feature the feature map's index (`sla.FEATURE_MAPS`)."""
+
+    q: torch.Tensor
+    hm: torch.Tensor
+    zm: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    feature: int
+
+
+def _linear_args(linear: LinearEpilogue | None, out: torch.Tensor) -> tuple[list, dict]:
+    """The kernels' linear-epilogue arguments (placeholders and LINEAR=False without one)."""
+    if linear is None:
+        return [out, out, out, out, 0, 0, 0, 0.0], dict(LINEAR=False, HAS_BIAS=False, FEATURE=0)
+    q = linear.q
+    if q.shape != out.shape or q.stride(-1) != 1:
+        raise ValueError(f"linear epilogue: q must be shaped like the output {tuple(out.shape)} with a contiguous "
+                         f"last dim, got {tuple(q.shape)} strides {q.stride()}")
+    bias = linear.bias if linear.bias is not None else out
+    return ([q, linear.hm, linear.zm, bias, q.stride(0), q.stride(1), q.stride(2), float(linear.eps)],
+            dict(LINEAR=True, HAS_BIAS=linear.bias is not None, FEATURE=int(linear.feature)))
+
+
 def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.Tensor,
-                             config: SparseLowbitConfig = DEFAULT_SPARSE_CONFIG) -> torch.Tensor:
-    """Run the sparse kernel on operands quantized with the map's block sizes; writes out (B, H, Lq, D)."""
+                             config: SparseLowbitConfig = DEFAULT_SPARSE_CONFIG,
+                             linear: LinearEpilogue | None = None) -> torch.Tensor:
+    """Run the sparse kernel on operands quantized with the map's block sizes; writes out (B, H, Lq, D): O_s, or
+    with `linear` the whole sagesla output O_s + proj_l(O_l) (+ bias)."""
     if (qkv.block_q, qkv.block_k) != (block_map.block_q, block_map.block_k):
         raise ValueError(f"operands were quantized with blocks ({qkv.block_q}, {qkv.block_k}), the map uses "
                          f"({block_map.block_q}, {block_map.block_k})")
@@ -244,6 +317,7 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
         block_map.lut.to(torch.int32).contiguous()
     grid = (cdiv(qkv.lq, block_m), B * H)
     pv_fp8 = qkv.v_q.dtype == torch.float8_e4m3fn
+    lin_args, lin_flags = _linear_args(linear, out)
     if config.tma and group == 1 and descriptors_supported(qkv.k_i8):
         bk = block_map.block_k
         _lowbit_sparse_fwd_tma_kernel[grid](
@@ -251,38 +325,43 @@ def sagesla_sparse_quantized(qkv: QuantizedQKV, block_map: BlockMap, out: torch.
             TensorDescriptor(qkv.v_q, shape=[B * H * D, Lk_pad], strides=[Lk_pad, 1], block_shape=[D, bk]),
             qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
             H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
-            block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=bk, PV_FP8=pv_fp8, I2F=config.i2f,
-            EXACT_CAST=interpreter_enabled(), TAU=float(config.rescale_tau), SHIFT=p_shift(pv_fp8, config.rescale_tau),
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            block_map.n, *lin_args, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=bk, PV_FP8=pv_fp8,
+            I2F=config.i2f, EXACT_CAST=interpreter_enabled(), TAU=float(config.rescale_tau),
+            SHIFT=p_shift(pv_fp8, config.rescale_tau), **lin_flags, num_warps=config.num_warps,
+            num_stages=config.num_stages)
         return out
     _lowbit_sparse_fwd_kernel[grid](
         qkv.q_i8, qkv.k_i8, qkv.v_q, qkv.q_scale, qkv.k_scale, qkv.v_scale, lut, out, *out.stride(),
         H, qkv.lq, qkv.lk, Lq_pad, Lk_pad, qkv.q_scale.shape[-1], qkv.k_scale.shape[-1], block_map.num_q_blocks,
-        block_map.n, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=block_map.block_k, GROUP=group,
-        PV_FP8=qkv.v_q.dtype == torch.float8_e4m3fn, I2F=config.i2f, EXACT_CAST=interpreter_enabled(),
-        TAU=float(config.rescale_tau), SHIFT=p_shift(qkv.v_q.dtype == torch.float8_e4m3fn, config.rescale_tau),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        block_map.n, *lin_args, D=D, BLOCK_M=block_m, BLK_Q=block_map.block_q, BLK_K=block_map.block_k, GROUP=group,
+        PV_FP8=pv_fp8, I2F=config.i2f, EXACT_CAST=interpreter_enabled(), TAU=float(config.rescale_tau),
+        SHIFT=p_shift(pv_fp8, config.rescale_tau), **lin_flags, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out
 
 
 def sagesla_sparse(q, k, v, block_map: BlockMap, *, pv: str = "fp8", sm_scale: float | None = None,
-                   config: SparseLowbitConfig | None = None) -> torch.Tensor:
+                   config: SparseLowbitConfig | None = None, linear: LinearEpilogue | None = None) -> torch.Tensor:
     """Low-bit sparse branch: softmax over each query block's critical key blocks. Forward only.
 
     q: (B, H, Lq, D), k/v: (B, H, Lk, D) → (B, H, Lq, D) in q's dtype. Triton on CUDA (and on CPU
-    under TRITON_INTERPRET=1), else the reference.
+    under TRITON_INTERPRET=1), else the reference. linear: SLA's linear branch added in the kernel's epilogue
+    (Triton only: `sla.sagesla_with_linear` builds it and falls back elsewhere).
     """
     _check_qkv(q, k, v, pv)
     _check_map(q, k, block_map)
     config = DEFAULT_SPARSE_CONFIG if config is None else config
     if triton is None or not use_triton(q, k, v):
+        if linear is not None:
+            raise ValueError("sagesla_sparse: the linear epilogue runs in the Triton kernel only")
         group = key_group(config, block_map.block_k, pv == "fp8")
         return sagesla_sparse_reference(q, k, v, block_map, pv=pv, sm_scale=sm_scale, group=group, i2f=config.i2f,
                                         rescale_tau=config.rescale_tau)
     qkv = quantize_qkv(q, k, v, pv=pv, sm_scale=sm_scale, block_q=block_map.block_q, block_k=block_map.block_k,
                        k_mean=block_map.k_mean)  # the map's smoothing mean: no pass of its own over K
     with torch.no_grad():
-        return sagesla_sparse_quantized(qkv, block_map, heads_output_like(q), config)
+        return sagesla_sparse_quantized(qkv, block_map, heads_output_like(q), config, linear)
 
 
-__all__ = ["SparseLowbitConfig", "sagesla_sparse", "sagesla_sparse_quantized", "sagesla_sparse_reference"]
+__all__ = ["LinearEpilogue", "SparseLowbitConfig", "sagesla_sparse", "sagesla_sparse_quantized",
+           "sagesla_sparse_reference"]

@@ -62,8 +62,8 @@ from turbo_kernels.attention.blockmap import (SELECTS, BlockMap, check_qk, num_s
 from turbo_kernels.utils import (check_block, check_float_dtype, descriptors_supported, heads_output_like,
                                  next_power_of_2, smem_per_block, token_major, use_triton)
 
-__all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "feature_map_fn",
-           "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
+__all__ = ["sla_reference", "sla_torch", "sla_attention", "linear_branch", "add_linear_branch", "sagesla_with_linear",
+           "feature_map_fn", "SLAKernelConfig", "sparse_attention", "FEATURE_MAPS", "LINEAR_EPS"]
 
 FEATURE_MAPS = ("softmax", "elu", "relu")
 LINEAR_EPS = 1e-5  # denominator epsilon of the linear branch (paper / public code)
@@ -657,6 +657,31 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     bias = None if proj_bias is None else proj_bias.float().contiguous()
     _linear_epilogue(q, o_s, out, linear, bias, bm, k.shape[2], cfg, feature_map)
     return out
+
+
+@torch.no_grad()
+def sagesla_with_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap, proj_weight: torch.Tensor | None,
+                        proj_bias: torch.Tensor | None, feature_map: str = "softmax", pv: str = "fp8",
+                        config: SLAKernelConfig | None = None, sparse_config=None) -> torch.Tensor:
+    """Inference sagesla, O = O_s^lowbit + O_l @ proj_weight^T + proj_bias in q's dtype, with the linear branch
+    added in the low-bit sparse kernel's epilogue: SLA's linear state (`_linear_state`, proj_l folded in) first,
+    then one sparse-kernel launch that writes O (`lowbit_sparse.LinearEpilogue`), instead of the sparse kernel
+    writing O_s and `add_linear_branch`'s epilogue kernel reading it, Q and the state back. Where that cannot run
+    (no Triton, or no linear branch: topk 1 or no proj_l) it is `sagesla_sparse` + `add_linear_branch`."""
+    from turbo_kernels.attention.lowbit_sparse import LinearEpilogue, sagesla_sparse
+
+    _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
+    _check_proj(proj_weight, proj_bias, q.shape[-1])
+    has_linear = proj_weight is not None and bm.n < bm.num_k_blocks
+    if triton is None or not use_triton(q, k, v) or not has_linear:
+        o_s = sagesla_sparse(q, k, v, bm, pv=pv, config=sparse_config)
+        return add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, config, inplace=True)
+    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    hm, zm, _ = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    linear = LinearEpilogue(q, hm, zm, bias, LINEAR_EPS / k.shape[2], FEATURE_MAPS.index(feature_map))
+    return sagesla_sparse(q, k, v, bm, pv=pv, config=sparse_config, linear=linear)
 
 
 _SIDE_STREAMS: dict = {}  # device index -> the second stream of `_overlapped_inference`

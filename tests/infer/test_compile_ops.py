@@ -72,14 +72,22 @@ def test_w8a8_module_keeps_its_errors_and_results():
     assert (m(x) - ref).abs().max() / ref.abs().max() < 2e-2  # int8 per-token: the module's own bound
 
 
+@pytest.mark.parametrize("fuse", [False, True], ids=["epilogue_kernel", "fused_linear"])
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])
-def test_sagesla_kernel_path_equals_its_references(pv, monkeypatch):
+def test_sagesla_kernel_path_equals_its_references(pv, fuse, monkeypatch):
     """The op's GPU path (low-bit sparse kernel, then SLA's linear state and epilogue kernel written over
-    its output), run here in the Triton interpreter, against the references composed the same way (the
+    its output; or with SparseLowbitConfig.fuse_linear the linear branch in the sparse kernel's epilogue), run
+    here in the Triton interpreter, against the references composed the same way (the
     sparse reference with the kernel's key grouping, the torch linear branch). The quantization is
     identical (test_lowbit checks it bitwise); what differs is summation order and, with fp8 PV, an
     occasional P rounded to the neighbouring fp8 value: fp16 outputs of O(1) -> 2e-3."""
+    from dataclasses import replace
+
+    from turbo_kernels.attention import lowbit_sparse
     from turbo_kernels.attention.blockmap import sla_block_map
+
+    monkeypatch.setattr(lowbit_sparse, "DEFAULT_SPARSE_CONFIG",
+                        replace(lowbit_sparse.DEFAULT_SPARSE_CONFIG, fuse_linear=fuse))
     from turbo_kernels.attention.lowbit_sparse import DEFAULT_SPARSE_CONFIG, key_group, sagesla_sparse_reference
     from turbo_kernels.attention.sla import add_linear_branch
 

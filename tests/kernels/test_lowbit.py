@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from turbo_kernels.attention import lowbit as LB
 from turbo_kernels.attention import lowbit_sparse as LS
 from turbo_kernels.attention.blockmap import sla_block_map_reference
-from turbo_kernels.attention.sla import sla_reference
+from turbo_kernels.attention.sla import add_linear_branch, linear_branch, sagesla_with_linear, sla_reference
 
 ATOL = {"fp8": 2e-3, "fp16": 2e-4}
 
@@ -291,6 +291,55 @@ def test_tma_sparse_kernel_computes_what_the_pointer_kernel_does(pv, Lk):
     assert torch.equal(got, LS.sagesla_sparse(q, k, v, bm, pv=pv, config=sparse))
     ref = LS.sagesla_sparse_reference(q, k, v, bm, pv=pv, group=1)
     assert_attn_close(got, ref, pv, f"sparse tma {pv}")
+
+
+@pytest.mark.parametrize("tma", [True, False])
+@pytest.mark.parametrize("feature_map, bias, dtype", [("softmax", True, torch.float32), ("relu", False, torch.float32),
+                                                      ("softmax", True, torch.float16)])
+def test_linear_epilogue_computes_what_the_separate_epilogue_kernel_does(tma, feature_map, bias, dtype):
+    """sagesla_with_linear: SLA's linear branch (+ proj_l, + bias) added in the sparse kernel's epilogue, on both
+    kernels (descriptor and pointer), with ragged query (100) and key (200) tails, equals the sparse kernel followed by
+    add_linear_branch's epilogue kernel. Both round O_s to q's dtype first; they differ in where the linear branch's
+    row scaling 1/den is applied (before the product's operand is rounded to q's dtype here, after the product
+    there): fp32 agrees to summation order (1e-5), fp16 within its rounding of that operand (2^-11 of the branch,
+    whose outputs here are O(1): 2e-3). Both stay within the low-bit bound of the torch references."""
+    torch.manual_seed(0)
+    q, k, v = (t.to(dtype) for t in qkv(Lq=100, Lk=200, D=32, k_offset=0.3))
+    bm = sla_block_map_reference(q, k, 0.3, block_q=32, block_k=32)
+    W = (torch.randn(32, 32) * 0.2).to(dtype)
+    b = torch.randn(32).to(dtype) if bias else None
+    cfg = LS.SparseLowbitConfig(block_m=32, group=1, num_warps=4, tma=tma)
+    fused = sagesla_with_linear(q, k, v, bm, W, b, feature_map, pv="fp8", sparse_config=cfg)
+    two = add_linear_branch(LS.sagesla_sparse(q, k, v, bm, pv="fp8", config=cfg), q, k, v, bm, W, b, feature_map)
+    assert fused.dtype == dtype and fused.shape == q.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(fused.float(), two.float(), atol=tol, rtol=tol)
+    lin = F.linear(linear_branch(q.float(), k.float(), v.float(), bm, feature_map), W.float())
+    ref = LS.sagesla_sparse_reference(q, k, v, bm, pv="fp8", group=1).float() + lin + (b.float() if bias else 0.0)
+    if dtype == torch.float32:
+        assert_attn_close(fused, ref, "fp8", "linear epilogue")
+    else:  # fp16 outputs of magnitude ~1-2: one rounding step is 2^-10 .. 2^-9
+        assert (fused.float() - ref).abs().max() <= 4e-3 and cos(fused, ref) >= 0.99999
+
+
+def test_linear_epilogue_without_a_linear_branch_falls_back():
+    """No proj_l (or topk 1: no marginal blocks): the plain sparse kernel plus the bias, as add_linear_branch; the
+    epilogue refuses to run without Triton rather than drop the branch."""
+    q, k, v = qkv(Lq=64, Lk=64, D=32, k_offset=0.3)
+    bm = sla_block_map_reference(q, k, 0.5, block_q=32, block_k=32)
+    b = torch.randn(32)
+    cfg = LS.SparseLowbitConfig(block_m=32, group=1, num_warps=4)
+    torch.testing.assert_close(sagesla_with_linear(q, k, v, bm, None, b, sparse_config=cfg),
+                               LS.sagesla_sparse(q, k, v, bm, config=cfg) + b)
+    lin = LS.LinearEpilogue(q, q, q, None, 1e-5, 0)
+    with pytest.raises(ValueError, match="Triton kernel only"):
+        import turbo_kernels.attention.lowbit_sparse as mod
+        old = mod.triton
+        try:
+            mod.triton = None
+            LS.sagesla_sparse(q, k, v, bm, linear=lin)
+        finally:
+            mod.triton = old
 
 
 @pytest.mark.parametrize("pv", ["fp8", "fp16"])

@@ -24,9 +24,10 @@ from torch import Tensor
 
 from turbo_kernels.attention.blockmap import sla_block_map, sla_block_map_reference
 from turbo_kernels.attention.lowbit import lowbit_attention, lowbit_attention_reference
+from turbo_kernels.attention import lowbit_sparse
 from turbo_kernels.attention.lowbit_sparse import sagesla_sparse, sagesla_sparse_reference
 from turbo_kernels.attention.qk_norm_rope import qk_norm_rope
-from turbo_kernels.attention.sla import DEFAULT_CONFIG, add_linear_branch, sla_attention
+from turbo_kernels.attention.sla import DEFAULT_CONFIG, add_linear_branch, sagesla_with_linear, sla_attention
 from turbo_kernels.capability import kernel_support
 from turbo_kernels.gemm.norm_quant import norm_modulate_quant, norm_modulate_quant_reference
 from turbo_kernels.gemm.quantize import QDTYPE, quantize_rows, quantize_rows_reference
@@ -102,6 +103,8 @@ def sagesla_forward(q: Tensor, k: Tensor, v: Tensor, proj_weight: Tensor, proj_b
     with torch.no_grad():
         if fast:
             bm = sla_block_map(q, k, topk, block_q, block_k, select=DEFAULT_CONFIG.map_select)
+            if lowbit_sparse.DEFAULT_SPARSE_CONFIG.fuse_linear:  # read at call time: bench_e2e --ab can switch it
+                return as_heads_output(sagesla_with_linear(q, k, v, bm, proj_weight, proj_bias, feature_map, pv), q)
             o_s = sagesla_sparse(q, k, v, bm, pv=pv)
         else:
             bm = sla_block_map_reference(q, k, topk, block_q, block_k)

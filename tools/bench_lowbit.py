@@ -203,7 +203,7 @@ def bench_dense(h: Harness, name: str, B, H, L, D, configs):
 # ------------------------------------------------------------------------------------------
 # 3. sagesla vs SLA
 # ------------------------------------------------------------------------------------------
-def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
+def bench_sparse(h: Harness, B, H, L, D, topk=0.1, quick: bool = False):
     from turbo_kernels.attention.blockmap import sla_block_map
     from turbo_kernels.attention.sla import sparse_attention
     from turbo_infer.layers.lowbit_attention import SageSparseLinearAttention
@@ -224,10 +224,11 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1):
     # run 3 (H100, 2026-12-06, i2f=2, pointers unless tma): g1 w4 s3 1.122; s4 1.128; s2 1.128; tau 2 1.268; tau 4
     # 1.223; tma g1 w4 s3 0.951 (now the default), s4 0.956, w8 s3 1.313
     ptr = dict(tma=False)
-    for cfg in (LS.SparseLowbitConfig(128, 1, 4, 3, **ptr), LS.SparseLowbitConfig(128, 1, 4, 4, **ptr),
-                LS.SparseLowbitConfig(128, 1, 4, 2, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0, **ptr),
-                LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, tma=True),
-                LS.SparseLowbitConfig(128, 1, 4, 4, tma=True), LS.SparseLowbitConfig(128, 1, 8, 3, tma=True)):
+    sweep = (LS.SparseLowbitConfig(128, 1, 4, 3, **ptr), LS.SparseLowbitConfig(128, 1, 4, 4, **ptr),
+             LS.SparseLowbitConfig(128, 1, 4, 2, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=2.0, **ptr),
+             LS.SparseLowbitConfig(128, 1, 4, 3, rescale_tau=4.0, **ptr), LS.SparseLowbitConfig(128, 1, 4, 3, tma=True),
+             LS.SparseLowbitConfig(128, 1, 4, 4, tma=True), LS.SparseLowbitConfig(128, 1, 8, 3, tma=True))
+    for cfg in (LS.DEFAULT_SPARSE_CONFIG,) if quick else sweep:
         tag = f"bm{cfg.block_m}g{cfg.group}w{cfg.num_warps}s{cfg.num_stages}i{cfg.i2f}" + \
             (f"t{cfg.rescale_tau:g}" if cfg.rescale_tau else "") + ("tma" if cfg.tma else "")
         t = guarded(tag, lambda: h.measure(name, f"ours_sparse_kernel_{tag}", "fwd",
@@ -711,7 +712,7 @@ def main():
             guarded("dense 14b", lambda: bench_dense(h, "14b", 1, 40, 75600, 128, [best or LB.DEFAULT_CONFIG]))
         h.write()  # partial results survive a later failure or timeout
     if "sparse" in only:
-        guarded("sparse", lambda: bench_sparse(h, 1, 12, 32760, 128))
+        guarded("sparse", lambda: bench_sparse(h, 1, 12, 32760, 128, quick=args.quick))
         h.write()
     if "w8a8" in only:
         guarded("w8a8", lambda: bench_w8a8(h))

@@ -102,10 +102,11 @@ if triton is not None:
         as one tensor-core product accumulating into it (the row scaling 1/den applied to phi(q) first, which
         commutes with the right product). QF: the float Q (B, H, Lq, D) with strides sqb, sqh, sql; HM (B·H, Nq,
         D, D) Hm W^T and ZM (B·H, Nq, D) this query block's marginal sums at `qblock`; BIAS proj_l's (D,) fp32."""
-        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od, Lq, D)
+        lowbit_store_out(acc, l_i, VS, Out, bh, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_ol, stride_od,
+                         Lq, D)
         if LINEAR:
             # O_s is stored first and read back (from L2) as the product's accumulator: kept in registers through
-            # phi(q) instead, it made the sm_90 build (Triton 3.6) spill 172 registers, this 68
+            # phi(q) instead, the sm_90 build (Triton 3.6) had 172 spill loads in this epilogue, now 56
             tl.debug_barrier()  # the tile's O_s, written by other threads of this program, visible to all
             rows = offs_m < Lq
             qf = tl.load(QF + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :], mask=rows[:, None],

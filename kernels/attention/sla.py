@@ -660,8 +660,9 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 @torch.no_grad()
-def sagesla_with_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap, proj_weight: torch.Tensor | None,
-                        proj_bias: torch.Tensor | None, feature_map: str = "softmax", pv: str = "fp8",
+def sagesla_with_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap,
+                        proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None, feature_map: str = "softmax",
+                        pv: str = "fp8",
                         config: SLAKernelConfig | None = None, sparse_config=None) -> torch.Tensor:
     """Inference sagesla, O = O_s^lowbit + O_l @ proj_weight^T + proj_bias in q's dtype, with the linear branch
     added in the low-bit sparse kernel's epilogue: SLA's linear state (`_linear_state`, proj_l folded in) first,

@@ -80,8 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_harness import REPO, Harness  # noqa: E402
 from e2e_breakdown import breakdown_chart, format_top, profile_breakdown, split_wall  # noqa: E402
 from e2e_setup import (PROMPT, SHAPES, FirstKernelCalls, LatentOnlyVAE, RandomContext, dir_bytes, in_memory_umt5_encoder,  # noqa: E402
-                       apply_scales, random_dit, random_umt5, random_wan_vae, restore_scales, standin_plan,
-                       static_scales, synthetic_umt5_tokenizer, video_sink, warm_page_cache)
+                       apply_scales, random_dit, random_umt5, random_wan_vae, restore_scales, set_static_scales,
+                       standin_plan, static_scales, synthetic_umt5_tokenizer, video_sink, warm_page_cache)
 
 BASELINE_STEPS = 50  # Wan2.1 T2V default: 50 UniPC steps, CFG 5 (each step one batch-2 forward)
 TAG = "1.3b_480p"
@@ -913,7 +913,7 @@ def bench_14b(args, shape, device, dtype, fig, notes) -> None:
     t = time.perf_counter()
     if args.activations == "static":  # the first run records the inputs' amax (and JITs the kernels)
         with torch.no_grad():
-            apply_scales(model, static_scales(model, dit))
+            set_static_scales(model, dit)
     else:
         model(noise.to(dtype), torch.full((1,), 900.0, device=device), ctx)
     sync(device)

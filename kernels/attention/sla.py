@@ -633,14 +633,12 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     fuse_linear=False path of sla_attention) — one implementation of the linear branch for `sla` and
     `sagesla`; inplace=True writes the result over O_s when it is in q's dtype and `heads_output_like(q)`'s
     layout (a temporary of the caller's). Elsewhere: `linear_branch`."""
-    _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
-    _check_proj(proj_weight, proj_bias, q.shape[-1])
+    has_linear = _check_linear(q, k, v, bm, proj_weight, proj_bias, feature_map)  # else O_l = 0: only the bias
     if o_s.shape != q.shape:
         raise ValueError(f"o_s must have q's shape {tuple(q.shape)}, got {tuple(o_s.shape)}")
     if (bm.q_len, bm.k_len, *bm.lut.shape[:2]) != (q.shape[2], k.shape[2], *q.shape[:2]):
         raise ValueError(f"block map built for (B, H, Lq, Lk) = ({bm.lut.shape[0]}, {bm.lut.shape[1]}, {bm.q_len}, "
                          f"{bm.k_len}), inputs are ({q.shape[0]}, {q.shape[1]}, {q.shape[2]}, {k.shape[2]})")
-    has_linear = proj_weight is not None and bm.n < bm.num_k_blocks  # else O_l = 0: only the bias
     if triton is None or not use_triton(q, k, v, o_s) or not has_linear:
         out = o_s.float()
         if has_linear:
@@ -648,22 +646,36 @@ def add_linear_branch(o_s: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         if proj_bias is not None:
             out = out + proj_bias.float()
         return out.to(q.dtype)
-    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v, cfg, linear, bias = _folded_linear(q, k, v, bm, proj_weight, proj_bias, feature_map, config)
     reuse = inplace and o_s.dtype == q.dtype and (token_major(o_s) if token_major(q) else o_s.is_contiguous())
     out = o_s if reuse else heads_output_like(q)
     o_s = o_s if o_s.stride() == out.stride() else o_s.contiguous()  # the kernel reads O_s with O's strides
-    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
-    bias = None if proj_bias is None else proj_bias.float().contiguous()
     _linear_epilogue(q, o_s, out, linear, bias, bm, k.shape[2], cfg, feature_map)
     return out
+
+
+def _check_linear(q, k, v, bm: BlockMap, proj_weight, proj_bias, feature_map: str) -> bool:
+    """The inference linear branch's input checks; returns whether there is a branch to add (a proj_l and marginal
+    blocks, i.e. topk < 1), else O_l = 0."""
+    _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
+    _check_proj(proj_weight, proj_bias, q.shape[-1])
+    return proj_weight is not None and bm.n < bm.num_k_blocks
+
+
+def _folded_linear(q, k, v, bm: BlockMap, proj_weight, proj_bias, feature_map: str, config: SLAKernelConfig | None):
+    """(q, k, v with contiguous last dims, the kernel config, (Hm W^T, Zm, None), proj_l's bias in fp32 or None):
+    the inference linear branch's state with proj_l folded in (`_linear_state`), for an epilogue kernel."""
+    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    linear = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
+    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    return q, k, v, cfg, linear, bias
 
 
 @torch.no_grad()
 def sagesla_with_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: BlockMap,
                         proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None, feature_map: str = "softmax",
-                        pv: str = "fp8",
-                        config: SLAKernelConfig | None = None, sparse_config=None) -> torch.Tensor:
+                        pv: str = "fp8", config: SLAKernelConfig | None = None, sparse_config=None) -> torch.Tensor:
     """Inference sagesla, O = O_s^lowbit + O_l @ proj_weight^T + proj_bias in q's dtype, with the linear branch
     added in the low-bit sparse kernel's epilogue: SLA's linear state (`_linear_state`, proj_l folded in) first,
     then one sparse-kernel launch that writes O (`lowbit_sparse.LinearEpilogue`), instead of the sparse kernel
@@ -671,16 +683,11 @@ def sagesla_with_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: B
     (no Triton, or no linear branch: topk 1 or no proj_l) it is `sagesla_sparse` + `add_linear_branch`."""
     from turbo_kernels.attention.lowbit_sparse import LinearEpilogue, sagesla_sparse
 
-    _check_inputs(q, k, v, bm.n / bm.num_k_blocks, bm.block_q, bm.block_k, feature_map)
-    _check_proj(proj_weight, proj_bias, q.shape[-1])
-    has_linear = proj_weight is not None and bm.n < bm.num_k_blocks
+    has_linear = _check_linear(q, k, v, bm, proj_weight, proj_bias, feature_map)
     if triton is None or not use_triton(q, k, v) or not has_linear:
         o_s = sagesla_sparse(q, k, v, bm, pv=pv, config=sparse_config)
         return add_linear_branch(o_s, q, k, v, bm, proj_weight, proj_bias, feature_map, config, inplace=True)
-    cfg = (config or DEFAULT_CONFIG).clamp(bm.block_q, bm.block_k)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    hm, zm, _ = _linear_state(q, k, v, bm, feature_map, proj_weight, cfg, fold=True)
-    bias = None if proj_bias is None else proj_bias.float().contiguous()
+    q, k, v, _, (hm, zm, _), bias = _folded_linear(q, k, v, bm, proj_weight, proj_bias, feature_map, config)
     linear = LinearEpilogue(q, hm, zm, bias, LINEAR_EPS / k.shape[2], FEATURE_MAPS.index(feature_map))
     return sagesla_sparse(q, k, v, bm, pv=pv, config=sparse_config, linear=linear)
 

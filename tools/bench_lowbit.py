@@ -212,6 +212,10 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1, quick: bool = False):
     print(f"== sagesla vs sla {name} topk {topk}", flush=True)
     q, k, v = qkv(B, H, L, D, seed=4)
     sla = SparseLinearAttention(D, topk=topk).to(DEV)
+    with torch.no_grad():  # a trained-like proj_l (it starts at zero), so the linear branch's output is not all zeros
+        g = torch.Generator(device="cpu").manual_seed(5)
+        sla.proj_l.weight.copy_(torch.randn(D, D, generator=g) / math.sqrt(D))
+        sla.proj_l.bias.copy_(torch.randn(D, generator=g) * 0.1)
     t_sla = h.measure(name, f"sla_bf16_topk{topk}", "fwd", lambda: sla(q, k, v))
     bm = sla_block_map(q, k, topk, 128, 64)
     t_sla_sparse = h.measure(name, "sla_bf16_sparse_branch", "fwd", lambda: sparse_attention(q, k, v, bm))
@@ -239,9 +243,10 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1, quick: bool = False):
         return
     LS.DEFAULT_SPARSE_CONFIG = best_cfg  # the module below uses the measured best
     sage = SageSparseLinearAttention(D, topk=topk, pv="fp8").to(DEV)
+    sage.proj_l.load_state_dict(sla.proj_l.state_dict())
     t_ours = h.measure(name, f"sagesla_fp8_topk{topk}", "fwd", lambda: sage(q, k, v))
-    # the linear branch in the sparse kernel's epilogue (SparseLowbitConfig.fuse_linear, off by default until timed
-    # here) instead of SLA's epilogue kernel after it: same module, same inputs
+    # the linear branch in the sparse kernel's epilogue (SparseLowbitConfig.fuse_linear, the default since session 33)
+    # against SLA's epilogue kernel after it, whichever the default is not: same module, same inputs
     with torch.no_grad():
         out_default = sage(q, k, v).float()
     LS.DEFAULT_SPARSE_CONFIG = replace(best_cfg, fuse_linear=not best_cfg.fuse_linear)

@@ -95,6 +95,26 @@ def check_correctness(h: Harness):
             d = (o.float() - r.float()).abs()
             h.note("check", f"sparse_{pv}_g{g}{'_tma' if tma else ''}", "fwd", max_abs=d.max().item(),
                    frac_gt_1e2=(d > 1e-2).float().mean().item(), cos_vs_ref=cos(o, r))
+    # the linear branch in the sparse kernel's epilogue (the default) vs the separate epilogue kernel and the
+    # references, at the Wan head dim and the toy model's (64), both kernels, a random proj_l with bias
+    from turbo_kernels.attention.sla import add_linear_branch, linear_branch, sagesla_with_linear
+    for D in (128, 64):
+        qd, kd, vd = qkv(2, 3, 1000, D, seed=3, k_offset=0.5)
+        bmd = sla_block_map(qd, kd, 0.3, 128, 64)
+        gw = torch.Generator(device=DEV).manual_seed(3)
+        W = torch.randn(D, D, device=DEV, generator=gw) / math.sqrt(D)
+        bias = torch.randn(D, device=DEV, generator=gw) * 0.1
+        ref = (LS.sagesla_sparse_reference(qd, kd, vd, bmd, pv="fp8").float() + bias
+               + F.linear(linear_branch(qd.float(), kd.float(), vd.float(), bmd, "softmax"), W))
+        for tma in (True, False):
+            cfg = LS.SparseLowbitConfig(tma=tma)
+            o = sagesla_with_linear(qd, kd, vd, bmd, W, bias, "softmax", pv="fp8", sparse_config=cfg)
+            two = add_linear_branch(LS.sagesla_sparse(qd, kd, vd, bmd, pv="fp8", config=cfg), qd, kd, vd, bmd, W, bias,
+                                    "softmax")
+            d = (o.float() - two.float()).abs()
+            h.note("check", f"sparse_linear_epilogue_d{D}{'_tma' if tma else ''}", "fwd",
+                   max_abs_vs_two_kernels=d.max().item(), frac_gt_1e2=(d > 1e-2).float().mean().item(),
+                   cos_vs_ref=cos(o, ref), cos_two_kernels_vs_ref=cos(two, ref))
     # W8A8 GEMMs, activation quantization, fused norm
     g = torch.Generator(device=DEV).manual_seed(2)
     x = torch.randn(1000, 1536, device=DEV, generator=g, dtype=BF16)

@@ -102,14 +102,14 @@ def check_correctness(h: Harness):
         qd, kd, vd = qkv(2, 3, 1000, D, seed=3, k_offset=0.5)
         bmd = sla_block_map(qd, kd, 0.3, 128, 64)
         gw = torch.Generator(device=DEV).manual_seed(3)
-        W = torch.randn(D, D, device=DEV, generator=gw) / math.sqrt(D)
+        w_l = torch.randn(D, D, device=DEV, generator=gw) / math.sqrt(D)
         bias = torch.randn(D, device=DEV, generator=gw) * 0.1
         ref = (LS.sagesla_sparse_reference(qd, kd, vd, bmd, pv="fp8").float() + bias
-               + F.linear(linear_branch(qd.float(), kd.float(), vd.float(), bmd, "softmax"), W))
+               + F.linear(linear_branch(qd.float(), kd.float(), vd.float(), bmd, "softmax"), w_l))
         for tma in (True, False):
             cfg = LS.SparseLowbitConfig(tma=tma)
-            o = sagesla_with_linear(qd, kd, vd, bmd, W, bias, "softmax", pv="fp8", sparse_config=cfg)
-            two = add_linear_branch(LS.sagesla_sparse(qd, kd, vd, bmd, pv="fp8", config=cfg), qd, kd, vd, bmd, W, bias,
+            o = sagesla_with_linear(qd, kd, vd, bmd, w_l, bias, "softmax", pv="fp8", sparse_config=cfg)
+            two = add_linear_branch(LS.sagesla_sparse(qd, kd, vd, bmd, pv="fp8", config=cfg), qd, kd, vd, bmd, w_l, bias,
                                     "softmax")
             d = (o.float() - two.float()).abs()
             h.note("check", f"sparse_linear_epilogue_d{D}{'_tma' if tma else ''}", "fwd",

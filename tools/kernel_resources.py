@@ -32,7 +32,8 @@ W8A8 GEMMs at the Wan-1.3B FFN shapes (fp8 unless named, 128-row tiles, 8 warps;
 Row kernels: rope_split (q/k RMSNorm + RoPE, contiguous pair tiles, 4 warps), norm_quant (LayerNorm + modulation +
 fp8 quantization, 1 warp).
 sagesla's sparse kernel (tensor descriptors, 128x64 blocks, 4 warps, 3 stages): sagesla_tma (O_s alone),
-sagesla_tma_linear (+ the linear branch in its epilogue, SparseLowbitConfig.fuse_linear).
+sagesla_tma_linear (+ the linear branch in its epilogue, SparseLowbitConfig.fuse_linear), sagesla_ptr_linear_toy (the
+pointer kernel at the toy model's head dim 64 and 16-token blocks).
 The device machine's Triton may be older than this one's: to compile with its version, run the tool from a venv,
 e.g. python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0 &&
 /tmp/t36/bin/python tools/kernel_resources.py --variants w8a8_tma,w8a8_ptr_group_a (a compiler assertion aborts
@@ -181,6 +182,10 @@ _TMA_SPARSE = ("turbo_kernels.attention.lowbit_sparse", "_lowbit_sparse_fwd_tma_
 OTHER_VARIANTS.update({
     "sagesla_tma": (*_TMA_SPARSE, dict(_SAGESLA_BASE), _sagesla_signature, 4, 3),
     "sagesla_tma_linear": (*_TMA_SPARSE, dict(_SAGESLA_BASE, LINEAR=True), _sagesla_signature, 4, 3),
+    # the toy model's sagesla bundle: head dim 64, 16-token blocks (pointer kernel, two key blocks per fp8 step)
+    "sagesla_ptr_linear_toy": ("turbo_kernels.attention.lowbit_sparse", "_lowbit_sparse_fwd_kernel",
+                               dict(_SAGESLA_BASE, D=64, BLOCK_M=16, BLK_Q=16, BLK_K=16, GROUP=2, LINEAR=True),
+                               _sagesla_signature, 4, 3),
 })
 NOT_DIV16_OTHER = {"M", "L", "gate_rows", "H", "Lq", "Lk", "n"}  # 32 760 rows, 12 heads, 51 blocks: not multiples of 16
 

@@ -54,6 +54,8 @@ RATIOS = [
     ("toy_bundles", "toy_bundle_student_cpu_adherence_ratio", "bundle_student_cpu", "adherence"),
     # --dynamic-bundles: the merged model calibrated with per-token activation scales, its h100 bundle
     ("toy_bundles", "toy_bundle_dynamic_h100_adherence_ratio", "bundle_dynamic_h100", "adherence"),
+    # --sagesla-bundle: the merged model's h100 bundle with low-bit sparse attention, same calibration plan
+    ("toy_bundles", "toy_bundle_sagesla_h100_adherence_ratio", "bundle_sagesla_h100", "adherence"),
     # the opposite option of session 32's suite (the recipe's scales were dynamic then): static scales
     ("toy_bundles", "toy_bundle_static_h100_adherence_ratio", "bundle_static_h100", "adherence"),
 ]

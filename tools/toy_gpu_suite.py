@@ -278,6 +278,11 @@ class Suite:
             r += calibrate_export(merged)
             if self.a.dynamic_bundles:  # the same model calibrated with per-token activation scales: its h100 bundle
                 r += calibrate_export(merged, "_dynamic", ("h100",), ("method.calibrate.activations=dynamic",))
+            if self.a.sagesla_bundle:  # the same model and plan, exported with low-bit sparse attention
+                r.append(run("export_sagesla", module_cmd("turbo_train.export") + [
+                    "--checkpoint", str(merged), "--plan", str(self.out / "calibrate/calibration_plan.json"),
+                    "--target", "h100", "--attention", "sagesla", "--out", str(self.out / "bundles_sagesla"),
+                    "--steps", "4", "--overwrite", "--no-progress"], self.out, [merged]))
             if self.a.student_bundles:  # the student's own SLA fine-tune, bundled the same way
                 r += calibrate_export(self.exported("sla_student"), "_student")
             return r
@@ -326,6 +331,8 @@ class Suite:
             final.append((self.evaluate, "bundle_h100", ["--bundle", str(bundles / "h100")]))
             if self.a.dynamic_bundles:
                 final.append((self.evaluate, "bundle_dynamic_h100", ["--bundle", str(self.out / "bundles_dynamic/h100")]))
+            if self.a.sagesla_bundle:
+                final.append((self.evaluate, "bundle_sagesla_h100", ["--bundle", str(self.out / "bundles_sagesla/h100")]))
         # the cpu bundle where it is meant to run: the host's cores, torch reference kernels
         final.append((self.evaluate, "bundle_cpu", ["--bundle", str(bundles / "cpu")], "cpu"))
         if self.a.student_bundles:
@@ -482,6 +489,10 @@ def main(argv=None) -> int:
                    help="also calibrate the merged model with per-token activation scales (method.calibrate."
                         "activations=dynamic; the recipe's are static, which the fp8 W8A8 path runs ~6 %% faster on an "
                         "H100) and evaluate its h100 bundle as bundle_dynamic_h100, paired with bundle_h100")
+    p.add_argument("--sagesla-bundle", action="store_true",
+                   help="also export the merged model's h100 bundle with sagesla attention (int8 Q K^T, fp8 P V inside "
+                        "the sparse branch; the h100 target's default is bf16 SLA) from the same calibration plan and "
+                        "evaluate it on the GPU as bundle_sagesla_h100, paired with bundle_h100")
     p.add_argument("--rcm-only", action="store_true",
                    help="only the rCM trainings (main, ablations, variants) and the teacher: no SLA, merge or bundles")
     p.add_argument("--teacher", type=Path, default=TEACHER,
@@ -512,6 +523,8 @@ def main(argv=None) -> int:
                 "--rcm-only does not")
     if a.dynamic_bundles and a.rcm_only:
         p.error("--dynamic-bundles makes bundles, which --rcm-only does not")
+    if a.sagesla_bundle and (a.rcm_only or a.device == "cpu"):
+        p.error("--sagesla-bundle makes an h100 bundle evaluated on the GPU: not with --rcm-only or --device cpu")
     if a.student_sla_steps < 1:
         p.error("--student-sla-steps must be >= 1")
     if a.bundle_sla is not None and a.rcm_only:

@@ -79,7 +79,8 @@ def suite(tmp_path, monkeypatch, **kw):
                            eval_width=4, device="cuda", smoke=False, sla_variant=[], rcm_variant=[],
                            skip_ablations=False, rcm_only=False, teacher=toy_gpu_suite.TEACHER, snapshots=0,
                            sla_on_student=False, rcm_times=[], bundle_sla=None, lean=False, ema_widths=[],
-                           student_sla_steps=300, student_bundles=False, dynamic_bundles=False)
+                           student_sla_steps=300, student_bundles=False, dynamic_bundles=False,
+                           sagesla_bundle=False)
     vars(a).update(kw)
     return toy_gpu_suite.Suite(a), calls
 
@@ -134,6 +135,29 @@ def test_dynamic_bundles_calibrate_again_with_per_token_scales(tmp_path, monkeyp
     assert any(row[1] == "toy_bundle_dynamic_h100_adherence_ratio" for row in toy_figures.RATIOS)
     with pytest.raises(SystemExit):
         toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--rcm-only", "--dynamic-bundles"])
+
+
+def test_sagesla_bundle_exports_the_same_plan_with_low_bit_sparse_attention(tmp_path, monkeypatch):
+    """--sagesla-bundle: the merged model's h100 bundle again, from the main calibration plan, with --attention sagesla,
+    to bundles_sagesla/, evaluated on the GPU as bundle_sagesla_h100 (a toy figure of its own); refused where no GPU
+    bundle can be evaluated."""
+    s, calls = suite(tmp_path, monkeypatch, sagesla_bundle=True)
+    s.main()
+    by_name = dict(calls)
+    exp = by_name["export_sagesla"]
+    assert exp[exp.index("--plan") + 1] == str(tmp_path / "calibrate/calibration_plan.json")
+    assert exp[exp.index("--checkpoint") + 1] == str(tmp_path / "merged.safetensors")
+    assert exp[exp.index("--attention") + 1] == "sagesla"
+    assert [exp[i + 1] for i, x in enumerate(exp) if x == "--target"] == ["h100"]
+    ev = by_name["eval-bundle_sagesla_h100"]
+    assert ev[ev.index("--bundle") + 1] == str(tmp_path / "bundles_sagesla/h100") and ev[ev.index("--device") + 1] == "cuda"
+    plain, plain_calls = suite(tmp_path / "off", monkeypatch)
+    plain.main()
+    assert not any(name in ("export_sagesla", "eval-bundle_sagesla_h100") for name, _ in plain_calls)
+    assert any(row[1] == "toy_bundle_sagesla_h100_adherence_ratio" for row in toy_figures.RATIOS)
+    for extra in (["--rcm-only"], ["--device", "cpu"]):
+        with pytest.raises(SystemExit):
+            toy_gpu_suite.main(["--out", str(tmp_path / "x"), "--sagesla-bundle", *extra])
 
 
 def test_suite_arguments_are_checked():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call for issue 4's high-noise expert (recipes/toy/README.md, "Where the direction is
 # decided"), after tools/device/prep.sh:
-#   run(command="bash tools/device/expert.sh", carry=[".carry/whl", ".carry/minilm"])
+#   run(command="bash tools/device/expert.sh", carry=[".carry/whl", ".carry/minilm_xz"])
 # Trains the expert from teacher v6 on s in [BOUNDARY, 1) (clean s = 1 caption means mixed with high-noise flow
 # matching, tools/caption_layout_probe.py), reads its first prediction's drift, then evaluates v6 with the expert
 # above BOUNDARY on 256 prompts (turbo-eval --high-noise-expert). Everything lands under $OUT.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call for issue 4's high-noise expert trained by its recipe (recipes/toy/teacher-high-noise.yaml;
 # recipes/toy/README.md, "The high-noise expert on a GPU"), after tools/device/prep.sh:
-#   run(command="bash tools/device/expert_recipe.sh", carry=[".carry/whl", ".carry/minilm"])
+#   run(command="bash tools/device/expert_recipe.sh", carry=[".carry/whl", ".carry/minilm_xz"])
 # Trains the expert for MIN minutes (default 6.5: at ~0.16 s a step on an H100 the recipe's 2 300 steps take ~6.2, so the
 # schedule ends before the cap, and the call stays under the tool's 600 s; the device has no `turbo-train` on PATH, so the
 # CLI runs as a module), reads its first prediction's drift, then evaluates v6 with the expert above 0.9 on

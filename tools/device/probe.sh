@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-tool call for the direction probe (issue 4), after tools/device/prep.sh:
-#   run(command="MIN=4 bash tools/device/probe.sh", carry=[".carry/whl", ".carry/minilm"])
+#   run(command="MIN=4 bash tools/device/probe.sh", carry=[".carry/whl", ".carry/minilm_xz"])
 # Both variants train MIN minutes each from a prerendered bank (--prerender, rendered by a process pool once),
 # then sample and track the square; results, contact sheets and the log land under $OUT/direction.
 source tools/device/env.sh

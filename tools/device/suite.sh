@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call for the toy-world figures (issues 7, 8, 9), after tools/device/prep.sh:
 #   run(command="MIN=4 EXTRA='--rcm-only --skip-ablations --rcm-variant seed1:trainer.seed=1' bash tools/device/suite.sh",
-#       carry=[".carry/whl", ".carry/minilm"])
+#       carry=[".carry/whl", ".carry/minilm_xz"])
 # The digest lands in $OUT/summary.json; tools/toy_figures.py turns it into benchmarks/*.json here.
 source tools/device/env.sh
 set -o pipefail

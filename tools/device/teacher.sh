@@ -4,7 +4,7 @@
 # CHECKPOINT=... anneals one), then the motion probe (time-reversal gap, direction word, sign of the motion)
 # and a 256-prompt turbo-eval, all under the call's 600 s:
 #   run(command="OVERRIDES='{prediction: x0, frame_embed_len: 8}' MIN=5.5 bash tools/device/teacher.sh",
-#       carry=[".carry/whl", ".carry/minilm"])
+#       carry=[".carry/whl", ".carry/minilm_xz"])
 # OVERRIDES: model.overrides, replacing the recipe's whole mapping (keep prediction: x0 in it); network fields such as
 # patch_size, frame_embed_len; MIN: training minutes;
 # EXTRA: more --set arguments; DEVICE (cuda), PROMPTS (256) and PROBE (more toy_motion_probe flags) for a CPU smoke.

@@ -3,7 +3,7 @@
 # SLA fine-tune of the toy teacher? Two fine-tunes of recipes/toy/sla.yaml side by side on one GPU, same settings and
 # time cap, raster vs TILE order, at TOPK; each fine-tuned teacher evaluated at 50 steps with CFG on 256 prompts (the
 # suite's teacher settings, so the per-video scores pair with a suite digest's teacher), reports under $OUT.
-#   run(command="TOPK=0.1 MIN=2 bash tools/device/tile_order.sh", carry=[".carry/whl", ".carry/minilm"])
+#   run(command="TOPK=0.1 MIN=2 bash tools/device/tile_order.sh", carry=[".carry/whl", ".carry/minilm_xz"])
 source tools/device/env.sh
 set -o pipefail
 R=runs/tile_order

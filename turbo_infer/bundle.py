@@ -15,11 +15,11 @@ Targets (DESIGN.md table; `TARGETS`):
     rtx5090   int8         sagesla / sage                         bf16      12.0
     cpu       float only   sla / sdpa (torch references)          fp32      none (runs anywhere)
 
-The h100 sparse default is our bf16 SLA, not sagesla (DESIGN.md's table). Speed alone no longer decides it: on
-an H100 (2026-12-06, benchmarks/lowbit.json and e2e.json, `*_h100_s27`) the sagesla module runs 1.12x bf16 SLA at
-the 1.3B shape, topk 0.1, and the eager 4-step 1.3B DiT 1.047 s against 1.066 s; but the toy bundles' adherence was
-measured with sla, and sagesla's fp8 P.V has not been evaluated in a bundle on a GPU. The Ada/Blackwell targets keep
-sagesla (unmeasured there). Loading order (`load_transformer`):
+The h100 sparse default is our bf16 SLA, not sagesla (DESIGN.md's table); `turbo-export --attention sagesla` gives
+the low-bit sparse branch, which the end-to-end benchmark times. On an H100 (session 33, benchmarks/lowbit.json,
+toy_bundles.json) the sagesla module runs 1.24x bf16 SLA at the 1.3B shape, topk 0.1, and a toy h100 bundle with
+sagesla scores 0.988x the teacher's adherence against 0.991x with sla (paired -0.002 +- 0.005, 256 prompts). The
+Ada/Blackwell targets keep sagesla (unmeasured there). Loading order (`load_transformer`):
 read and validate the manifest -> check that this device can run the target (a refusal names the
 bundle to use instead) -> sha256 of every file against the manifest (in a thread, while the model is
 built on the meta device; a file recorded as checked in its current state is not hashed again,

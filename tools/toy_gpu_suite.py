@@ -37,6 +37,8 @@ steps (rcm4_step000250, ...): where a distillation peaks and whether it decays, 
 (calibrate_dynamic/; the recipe's calibration writes static ones) and evaluates that h100 bundle (bundles_dynamic/) as
 bundle_dynamic_h100, paired with bundle_h100. (Session 32's run of the opposite option, when the recipe was dynamic,
 named its bundle bundle_static_h100.)
+--sagesla-bundle exports the merged model's h100 bundle a second time, from the same plan, with sagesla attention
+(bundles_sagesla/) and evaluates it as bundle_sagesla_h100, paired with bundle_h100 (bf16 SLA, the target's default).
 
 --smoke runs the same path with a few steps and prompts (CPU, minutes): a check of the plumbing.
 """
@@ -282,7 +284,8 @@ class Suite:
                 r.append(run("export_sagesla", module_cmd("turbo_train.export") + [
                     "--checkpoint", str(merged), "--plan", str(self.out / "calibrate/calibration_plan.json"),
                     "--target", "h100", "--attention", "sagesla", "--out", str(self.out / "bundles_sagesla"),
-                    "--steps", "4", "--overwrite", "--no-progress"], self.out, [merged]))
+                    "--steps", "4", "--overwrite", "--no-progress"], self.out,
+                    [merged, self.out / "calibrate/calibration_plan.json"]))
             if self.a.student_bundles:  # the student's own SLA fine-tune, bundled the same way
                 r += calibrate_export(self.exported("sla_student"), "_student")
             return r

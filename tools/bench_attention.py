@@ -13,7 +13,6 @@ tile/warp/stage variants at the 1.3B shape. Writes benchmarks/attention.json (an
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import traceback
 from dataclasses import replace
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_harness import Harness, backward_fn, time_ms  # noqa: E402
+from bench_harness import Harness, backward_fn, make_proj, time_ms  # noqa: E402
 
 from turbo_kernels.attention.blockmap import BlockMap, sla_block_map  # noqa: E402
 from turbo_kernels.attention.sla import SLAKernelConfig  # noqa: E402
@@ -55,12 +54,6 @@ def make_qkv(B, H, L, D, dtype=torch.bfloat16, requires_grad=False, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     return [torch.randn(B, H, L, D, device="cuda", dtype=dtype, generator=g).requires_grad_(requires_grad)
             for _ in range(3)]
-
-
-def make_proj(D, seed=1):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    w = torch.randn(D, D, device="cuda", generator=g) / math.sqrt(D)
-    return w, 0.1 * torch.randn(D, device="cuda", generator=g)
 
 
 # ---------------------------------------------------------------------------- correctness

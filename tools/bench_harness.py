@@ -17,6 +17,7 @@ calls so that repeated runs do not measure the L2 cache.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import statistics
 import sys
@@ -65,6 +66,14 @@ def peak_mib(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def make_proj(D: int, seed: int = 1, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    """A trained-like SLA proj_l (weight (D, D) / sqrt(D), bias 0.1 N(0, 1)), fp32: a fresh layer's is zero, which
+    would leave the linear branch's output all zeros."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(D, D, device=device, generator=g) / math.sqrt(D)
+    return w, 0.1 * torch.randn(D, device=device, generator=g)
 
 
 def backward_fn(forward: Callable[[], torch.Tensor], inputs: Iterable[torch.Tensor], seed: int = 0) -> Callable[[], None]:

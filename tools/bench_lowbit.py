@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_harness import Harness  # noqa: E402
+from bench_harness import Harness, make_proj  # noqa: E402
 
 from turbo_kernels.attention import lowbit as LB  # noqa: E402
 from turbo_kernels.attention import lowbit_sparse as LS  # noqa: E402
@@ -101,9 +101,7 @@ def check_correctness(h: Harness):
     for D in (128, 64):
         qd, kd, vd = qkv(2, 3, 1000, D, seed=3, k_offset=0.5)
         bmd = sla_block_map(qd, kd, 0.3, 128, 64)
-        gw = torch.Generator(device=DEV).manual_seed(3)
-        w_l = torch.randn(D, D, device=DEV, generator=gw) / math.sqrt(D)
-        bias = torch.randn(D, device=DEV, generator=gw) * 0.1
+        w_l, bias = make_proj(D, seed=3, device=DEV)
         ref = (LS.sagesla_sparse_reference(qd, kd, vd, bmd, pv="fp8").float() + bias
                + F.linear(linear_branch(qd.float(), kd.float(), vd.float(), bmd, "softmax"), w_l))
         for tma in (True, False):
@@ -233,9 +231,9 @@ def bench_sparse(h: Harness, B, H, L, D, topk=0.1, quick: bool = False):
     q, k, v = qkv(B, H, L, D, seed=4)
     sla = SparseLinearAttention(D, topk=topk).to(DEV)
     with torch.no_grad():  # a trained-like proj_l (it starts at zero), so the linear branch's output is not all zeros
-        g = torch.Generator(device="cpu").manual_seed(5)
-        sla.proj_l.weight.copy_(torch.randn(D, D, generator=g) / math.sqrt(D))
-        sla.proj_l.bias.copy_(torch.randn(D, generator=g) * 0.1)
+        w_l, b_l = make_proj(D, seed=5, device=DEV)
+        sla.proj_l.weight.copy_(w_l)
+        sla.proj_l.bias.copy_(b_l)
     t_sla = h.measure(name, f"sla_bf16_topk{topk}", "fwd", lambda: sla(q, k, v))
     bm = sla_block_map(q, k, topk, 128, 64)
     t_sla_sparse = h.measure(name, "sla_bf16_sparse_branch", "fwd", lambda: sparse_attention(q, k, v, bm))

@@ -261,6 +261,13 @@ class Suite:
                 "--teacher", str(self.a.teacher),
                 "--out", str(out)], self.out, [self.exported("rcm"), self.exported(sla_run)])
 
+        def export(model: Path, cal_plan: Path, tag: str, targets, extra=()) -> dict:
+            # turbo-export of model with cal_plan into bundles{tag}/
+            return run(f"export{tag}", module_cmd("turbo_train.export") + [
+                "--checkpoint", str(model), "--plan", str(cal_plan), *(x for t in targets for x in ("--target", t)),
+                *extra, "--out", str(self.out / f"bundles{tag}"), "--steps", "4", "--overwrite", "--no-progress"],
+                self.out, [model, cal_plan])
+
         def calibrate_export(model: Path, tag: str = "", targets=("h100", "cpu"), sets=()) -> list[dict]:
             # tag "": calibrate/, bundles/ (the merge); "_student": calibrate_student/, bundles_student/; "_dynamic":
             # calibrate_dynamic/, bundles_dynamic/ (--dynamic-bundles: per-token activation scales)
@@ -269,11 +276,7 @@ class Suite:
                                ["--set", f"model.checkpoint={model}", "--set", f"method.calibrate.plan_path={cal_plan}",
                                 "--set", f"trainer.accelerator={'cpu' if self.a.device == 'cpu' else 'gpu'}",
                                 "--set", "trainer.precision=32-true", *(x for kv in sets for x in ("--set", kv))]),
-                    run(f"export{tag}", module_cmd("turbo_train.export") + [
-                        "--checkpoint", str(model), "--plan", str(cal_plan),
-                        *(x for t in targets for x in ("--target", t)),
-                        "--out", str(self.out / f"bundles{tag}"), "--steps", "4", "--overwrite", "--no-progress"],
-                        self.out, [model, cal_plan])]
+                    export(model, cal_plan, tag, targets)]
 
         def merge_calibrate_export():
             r = [merge("sla", merged_of(None))] + [merge(f"sla_{v}", merged_of(v)) for v in sla_variants]
@@ -281,11 +284,8 @@ class Suite:
             if self.a.dynamic_bundles:  # the same model calibrated with per-token activation scales: its h100 bundle
                 r += calibrate_export(merged, "_dynamic", ("h100",), ("method.calibrate.activations=dynamic",))
             if self.a.sagesla_bundle:  # the same model and plan, exported with low-bit sparse attention
-                r.append(run("export_sagesla", module_cmd("turbo_train.export") + [
-                    "--checkpoint", str(merged), "--plan", str(self.out / "calibrate/calibration_plan.json"),
-                    "--target", "h100", "--attention", "sagesla", "--out", str(self.out / "bundles_sagesla"),
-                    "--steps", "4", "--overwrite", "--no-progress"], self.out,
-                    [merged, self.out / "calibrate/calibration_plan.json"]))
+                r.append(export(merged, self.out / "calibrate/calibration_plan.json", "_sagesla", ("h100",),
+                                ("--attention", "sagesla")))
             if self.a.student_bundles:  # the student's own SLA fine-tune, bundled the same way
                 r += calibrate_export(self.exported("sla_student"), "_student")
             return r
